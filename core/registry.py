@@ -1,0 +1,208 @@
+"""Typed name -> object registries, filled once per process by the ``plugrl_register_*`` hooks.
+
+The loop never goes through pluggy to call a plugin: it resolves a name here and calls the object.
+Unknown and duplicate names are loud errors that say what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+# kind -> the hook that fills it; the kind is also the word used in messages and `--kind`.
+KINDS = {
+    "reward": "plugrl_register_rewards",
+    "advantage_estimator": "plugrl_register_advantage_estimators",
+    "filter": "plugrl_register_filters",
+    "buffer_policy": "plugrl_register_buffer_policies",
+    "placement": "plugrl_register_placements",
+    "train_backend": "plugrl_register_train_backends",
+    "rollout_backend": "plugrl_register_rollout_backends",
+    "reward_post_processor": "plugrl_register_reward_post_processors",
+}
+
+# The config flag that selects each kind, for error messages.
+SELECTING_FLAG = {
+    "reward": "--rm-type",
+    "advantage_estimator": "--advantage-estimator",
+    "filter": "--dynamic-sampling-filter",
+    "buffer_policy": "--buffer-filter",
+    "placement": "--placement",
+    "train_backend": "--train-backend",
+    "rollout_backend": "--rollout-backend",
+    "reward_post_processor": "--reward-post-process",
+}
+
+
+class PluginError(Exception):
+    """Base class of plugin loading and selection errors."""
+
+
+class UnknownPluginError(PluginError, LookupError):
+    pass
+
+
+class DuplicatePluginError(PluginError):
+    pass
+
+
+class UnavailablePluginError(PluginError):
+    pass
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """A plugin (entry point or built-in module) that could not be imported or registered."""
+
+    plugin: str
+    distribution: str | None
+    error: str
+
+    def describe(self) -> str:
+        dist = f" (distribution {self.distribution})" if self.distribution else ""
+        return f"plugin '{self.plugin}'{dist} failed to load: {self.error}"
+
+
+@dataclass
+class Entry:
+    kind: str
+    name: str
+    obj: Any  # the callable/class, or a "module:attr" factory string for lazy backends
+    plugin: str
+    builtin: bool
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return tuple(self.metadata.get("requires", ()))
+
+    def missing_requirements(self) -> list[str]:
+        missing = []
+        for module in self.requires:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                missing.append(module)
+        return missing
+
+    @property
+    def status(self) -> str:
+        missing = self.missing_requirements()
+        if missing:
+            extra = self.metadata.get("extra")
+            hint = f" (pip install plugrl[{extra}])" if extra else ""
+            return f"unavailable: {', '.join(missing)} not importable{hint}"
+        return "ok"
+
+    def load(self) -> Any:
+        """The registered object; a ``"module:attr"`` string is imported now (lazy backends)."""
+        if isinstance(self.obj, str):
+            missing = self.missing_requirements()
+            if missing:
+                raise UnavailablePluginError(
+                    f"{self.kind} '{self.name}' needs {', '.join(missing)}, which is not importable. {self.status}"
+                )
+            return import_object(self.obj)
+        return self.obj
+
+
+def import_object(path: str) -> Any:
+    """Import ``module:attr`` or ``module.attr`` (slime's ``--*-path`` form)."""
+    if ":" in path:
+        module_name, _, attr = path.partition(":")
+    else:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"'{path}' is not an import path; write it as module:attr or module.attr")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"cannot import module '{module_name}' of '{path}': {exc}") from exc
+    obj = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise ImportError(f"module '{module_name}' has no attribute '{attr}' (from '{path}')") from exc
+    return obj
+
+
+class Registry:
+    """Names of one kind; ``failures`` is shared so that an unknown name can mention broken plugins."""
+
+    def __init__(self, kind: str, failures: list[LoadFailure] | None = None):
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+        self.duplicates: list[str] = []
+        self.failures = failures if failures is not None else []
+
+    def add(self, name: str, obj: Any, *, plugin: str, builtin: bool, replace: bool = False, **metadata) -> None:
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin '{plugin}' registered a {self.kind} with an invalid name {name!r}")
+        if name in self._entries and not replace:
+            first = self._entries[name].plugin
+            message = f"{self.kind} '{name}' is registered by both '{first}' and '{plugin}'"
+            self.duplicates.append(message)
+            raise DuplicatePluginError(message + "; uninstall or block one of them (PLUGRL_DISABLE_PLUGINS)")
+        self._entries[name] = Entry(self.kind, name, obj, plugin, builtin, dict(metadata))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __iter__(self):
+        return iter(self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entry(self, name: str) -> Entry:
+        if name in self._entries:
+            return self._entries[name]
+        raise UnknownPluginError(self.unknown_message(name))
+
+    def get(self, name: str) -> Any:
+        """Resolve a name to its object (imports lazy factories)."""
+        return self.entry(name).load()
+
+    def unknown_message(self, name: str) -> str:
+        names = self.names()
+        parts = [f"unknown {self.kind} '{name}'."]
+        parts.append(f"Available: {', '.join(names) if names else '(none)'}.")
+        close = difflib.get_close_matches(name, names, n=1)
+        if close:
+            parts.append(f"Did you mean '{close[0]}'?")
+        for failure in self.failures:
+            parts.append(f"Note: {failure.describe()}.")
+        parts.append("Run `plugrl plugins list` to see every plugin.")
+        return " ".join(parts)
+
+
+class Registries:
+    """All kinds of one plugin manager."""
+
+    def __init__(self, failures: list[LoadFailure] | None = None):
+        self.failures: list[LoadFailure] = failures if failures is not None else []
+        self.by_kind = {kind: Registry(kind, self.failures) for kind in KINDS}
+
+    def __getitem__(self, kind: str) -> Registry:
+        return self.by_kind[kind]
+
+    def all_entries(self) -> Iterable[Entry]:
+        for registry in self.by_kind.values():
+            yield from registry
+
+    @property
+    def duplicates(self) -> list[str]:
+        return [d for r in self.by_kind.values() for d in r.duplicates]
+
+    # Convenience accessors used by the loop.
+    def resolve(self, kind: str, name: str) -> Any:
+        return self.by_kind[kind].get(name)
