@@ -26,10 +26,10 @@ ENV_VARS = ("PLUGRL_DISABLE_PLUGINS", "PLUGRL_LOAD_PLUGINS", "PLUGRL_STRICT_PLUG
 
 BUILTIN_PLUGINS = (
     "plugrl.plugins.rewards.deepscaler",
-    "plugrl.plugins.rewards.math",
+    "plugrl.plugins.rewards.math_answer",
     "plugrl.plugins.rewards.dapo",
     "plugrl.plugins.rewards.remote_rm",
-    "plugrl.plugins.rewards.math_verify",
+    "plugrl.plugins.rewards.math_verify_reward",
     "plugrl.plugins.estimators.grpo",
     "plugrl.plugins.estimators.gspo",
     "plugrl.plugins.estimators.reinforce",
