@@ -1,0 +1,282 @@
+"""``plugrl score``: score the rows of a JSONL file with a reward plugin, outside any training run.
+
+Runs on the driver machine, in one process: async rewards run concurrently on one event loop, sync
+ones in a thread pool (their CPU-heavy graders use guarded worker processes, see ``timeouts.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import functools
+import inspect
+import json
+import math
+import sys
+from typing import Any, Callable
+
+from .types import Sample
+
+DESCRIPTION = """\
+Score each row of a JSONL file with a reward plugin and print count, mean and errors.
+
+Each row is a JSON object; its response and label (keys set by --response-key/--label-key) and
+optional "prompt" and "metadata" become a Sample. With --output, every scored row is written there
+with a "reward" field added (dict rewards are written as dicts). Rows that are malformed or whose
+reward raised are reported on stderr as FILE:LINE: reason and left out; the others are still scored.
+
+exit status: 0 every row was scored; 1 some row was malformed or failed; 2 usage error (unknown
+reward name, unreadable input, bad --custom-rm-path).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plugrl score", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rm-type", help="registered reward name (see `plugrl plugins list --kind reward`)")
+    parser.add_argument("--custom-rm-path", help="module:attr or module.attr of a reward function: slime's "
+                        "`async def rm(args, sample, **kw)` (first parameter named args) or `fn(sample, **options)`")
+    parser.add_argument("--rm-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="reward option, repeatable; VALUE is parsed as JSON when it can be (timeout=5 -> 5)")
+    parser.add_argument("--input", required=True, help="JSONL file of rows to score")
+    parser.add_argument("--output", help="write the scored rows here (JSONL, with a reward field)")
+    parser.add_argument("--response-key", default="response")
+    parser.add_argument("--label-key", default="label")
+    parser.add_argument("--reward-key", help="key of the scalar in dict rewards (e.g. score for dapo)")
+    parser.add_argument("--concurrency", type=int, default=64, help="rows scored at once (default 64)")
+    return parser
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--rm-opt expects KEY=VALUE, got '{pair}'")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        options[key.strip()] = value
+    return options
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving the reward
+# --------------------------------------------------------------------------------------------------
+
+
+class Reward:
+    """A reward function with its calling convention made uniform: ``await reward(samples)``."""
+
+    def __init__(self, fn: Callable, options: dict, *, batched: bool = False, slime_args: Any = None):
+        self.fn, self.options, self.batched, self.slime_args = fn, options, batched, slime_args
+
+    def _call(self, arg):
+        if self.slime_args is not None:
+            return self.fn(self.slime_args, arg)
+        return self.fn(arg, **self.options)
+
+    async def _run(self, arg, executor):
+        if inspect.iscoroutinefunction(self.fn):
+            result = await self._call(arg)
+        else:
+            result = await asyncio.get_running_loop().run_in_executor(executor, self._call, arg)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def close(self) -> None:
+        closer = getattr(self.fn, "aclose", None)
+        if closer is not None:
+            await closer()
+
+
+def _is_slime_signature(fn: Callable) -> bool:
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and params[0] == "args"
+
+
+def resolve_reward(args: argparse.Namespace, options: dict) -> Reward:
+    """The reward named by ``--custom-rm-path`` or ``--rm-type``; raises ``PluginError``/``ImportError``."""
+    if args.custom_rm_path:
+        from .registry import import_object
+
+        fn = import_object(args.custom_rm_path)
+        if not callable(fn):
+            raise ImportError(f"--custom-rm-path {args.custom_rm_path} is not callable")
+        if _is_slime_signature(fn):
+            # slime functions read their settings from args: expose the CLI flags and --rm-opt there.
+            slime_args = argparse.Namespace(**{**vars(args), **options})
+            return Reward(fn, options, slime_args=slime_args)
+        return Reward(fn, options)
+    from .plugins import load_plugins
+
+    plugin_set = load_plugins()
+    entry = plugin_set.entry("reward", args.rm_type)
+    return Reward(entry.load(), options, batched=bool(entry.metadata.get("batched")))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading rows and scoring them
+# --------------------------------------------------------------------------------------------------
+
+
+def read_rows(path: str, response_key: str, label_key: str, errors: list) -> list[tuple[int, dict, Sample]]:
+    """(line number, row, sample) for each usable line; (line number, message) in ``errors`` for the others."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                errors.append((lineno, f"invalid JSON: {exc.msg} (column {exc.colno})"))
+                continue
+            if not isinstance(row, dict):
+                errors.append((lineno, f"expected a JSON object, got {type(row).__name__}"))
+                continue
+            missing = [key for key in (response_key, label_key) if key not in row]
+            if missing:
+                errors.append((lineno, f"missing key {', '.join(repr(k) for k in missing)}"))
+                continue
+            metadata = row.get("metadata") or {}
+            if not isinstance(metadata, dict):
+                errors.append((lineno, f"metadata must be an object, got {type(metadata).__name__}"))
+                continue
+            sample = Sample(prompt=row.get("prompt", ""), response=row[response_key], label=row[label_key],
+                            metadata=metadata)
+            rows.append((lineno, row, sample))
+    return rows
+
+
+def _check_reward(value: Any) -> Any:
+    if isinstance(value, dict) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, bool):
+        return int(value)
+    raise TypeError(f"a reward must be a number or a dict, got {type(value).__name__}: {value!r}")
+
+
+async def score_rows(reward: Reward, rows, concurrency: int, errors: list) -> list:
+    """The reward of each row (None where it failed; the failure is added to ``errors``)."""
+    results: list = [None] * len(rows)
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="reward")
+    try:
+        if reward.batched:
+            try:
+                values = await reward._run([sample for _, _, sample in rows], executor)
+                if len(values) != len(rows):
+                    raise ValueError(f"batched reward returned {len(values)} values for {len(rows)} rows")
+            except Exception as exc:
+                errors.append((0, f"batched reward failed: {type(exc).__name__}: {exc}"))
+                return results
+            for i, value in enumerate(values):
+                try:
+                    results[i] = _check_reward(value)
+                except TypeError as exc:
+                    errors.append((rows[i][0], str(exc)))
+            return results
+
+        gate = asyncio.Semaphore(max(1, concurrency))
+
+        async def one(i: int) -> None:
+            lineno, _, sample = rows[i]
+            async with gate:
+                try:
+                    results[i] = _check_reward(await reward._run(sample, executor))
+                except Exception as exc:
+                    errors.append((lineno, f"reward failed: {type(exc).__name__}: {exc}"))
+
+        await asyncio.gather(*(one(i) for i in range(len(rows))))
+        return results
+    finally:
+        await reward.close()
+        executor.shutdown(wait=True)
+
+
+def _scalar(value: Any, reward_key: str | None) -> float | None:
+    if isinstance(value, dict):
+        if reward_key is None:
+            return None
+        return float(value[reward_key])
+    return float(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.rm_type and not args.custom_rm_path:
+        parser.print_usage(sys.stderr)
+        print("plugrl score: give --rm-type NAME or --custom-rm-path module:attr", file=sys.stderr)
+        return 2
+    try:
+        options = parse_options(args.rm_opt)
+    except ValueError as exc:
+        print(f"plugrl score: {exc}", file=sys.stderr)
+        return 2
+
+    from .registry import PluginError
+
+    try:
+        reward = resolve_reward(args, options)
+    except (PluginError, ImportError, ValueError) as exc:
+        print(f"plugrl score: {exc}", file=sys.stderr)
+        return 2
+
+    errors: list[tuple[int, str]] = []  # (line number or 0, message)
+    try:
+        rows = read_rows(args.input, args.response_key, args.label_key, errors)
+    except OSError as exc:
+        print(f"plugrl score: cannot read {args.input}: {exc}", file=sys.stderr)
+        return 2
+
+    rewards = asyncio.run(score_rows(reward, rows, args.concurrency, errors))
+
+    scalars = []
+    dict_without_key = False
+    for (lineno, _, _), value in zip(rows, rewards):
+        if value is None:
+            continue
+        try:
+            scalar = _scalar(value, args.reward_key)
+        except (KeyError, TypeError, ValueError) as exc:
+            errors.append((lineno, f"reward {value!r} has no usable --reward-key {args.reward_key!r}: "
+                                   f"{type(exc).__name__}: {exc}"))
+            continue
+        if scalar is None:
+            dict_without_key = True
+        else:
+            scalars.append(scalar)
+
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as out:
+            for (_, row, _), value in zip(rows, rewards):
+                if value is not None:
+                    out.write(json.dumps({**row, "reward": value}, ensure_ascii=False) + "\n")
+
+    for lineno, message in sorted(errors, key=lambda e: e[0]):
+        where = f"{args.input}:{lineno}" if lineno else args.input
+        print(f"{where}: {message}", file=sys.stderr)
+    scored = sum(value is not None for value in rewards)
+    print(f"count: {scored}")
+    if dict_without_key:
+        print("mean: n/a (dict rewards: pass --reward-key to choose the scalar)")
+    else:
+        print(f"mean: {math.fsum(scalars) / len(scalars):.6g}" if scalars else "mean: n/a (no rows scored)")
+    print(f"errors: {len(errors)}")
+    timeouts_module = sys.modules.get(f"{__package__}.timeouts")
+    if timeouts_module is not None:
+        stats = timeouts_module.grader_stats()
+        if stats["calls"]:
+            print(f"grader timeouts: {stats['timeouts']} of {stats['calls']} guarded grades")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

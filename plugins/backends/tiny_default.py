@@ -1,0 +1,142 @@
+"""The embedded default run's assets: a tiny Qwen3-architecture checkpoint with a real HF tokenizer
+and chat template, built locally (no model hub is reachable), and the bundled toy math data.
+
+Built once on the driver and cached under ``$PLUGRL_CACHE`` (default ``~/.cache/plugrl``); the
+directory is an ordinary HF checkpoint that ``AutoModelForCausalLM`` and ``AutoTokenizer`` load.
+
+The toy task: "What is a + b - b?" with a in 0..9. The answer is one digit, so a policy that only
+knows the output format guesses right 10% of the time; learning to read ``a`` off the prompt is
+what GRPO has to discover. The supervised warm-up teaches the format with *random* digits, so it
+cannot teach the answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+TINY_VERSION = "tiny-qwen3-v1"
+DATA_DIR = Path(__file__).parent / "data"
+TRAIN_FILE = DATA_DIR / "toy_math_train.jsonl"
+EVAL_FILE = DATA_DIR / "toy_math_eval.jsonl"
+SFT_FILE = DATA_DIR / "toy_math_format_sft.jsonl"
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+# Qwen-style ChatML template; a string prompt becomes one user message before rendering.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+INSTRUCTION = "Put the final answer in \\boxed{}."
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PLUGRL_CACHE", Path.home() / ".cache" / "plugrl"))
+
+
+def toy_question(a: int, b: int) -> str:
+    return f"What is {a} + {b} - {b}? {INSTRUCTION}"
+
+
+def format_response(answer: int | str) -> str:
+    """The response shape deepscaler grades: reasoning closed by ``</think>``, then ``\\boxed{}``."""
+    return f"<think>\n</think>\n\\boxed{{{answer}}}<|im_end|>"
+
+
+def toy_rows(seed: int = 0, num_eval: int = 100) -> tuple[list[dict], list[dict]]:
+    """All (a, b) with a in 0..9 and b in 0..99, split into train and a held-out eval set."""
+    pairs = [(a, b) for a in range(10) for b in range(100)]
+    random.Random(seed).shuffle(pairs)
+    rows = [{"prompt": toy_question(a, b), "label": str(a)} for a, b in pairs]
+    return rows[num_eval:], rows[:num_eval]
+
+
+def format_sft_rows(train_rows: list[dict], seed: int = 1) -> list[dict]:
+    """Warm-up data: the prompts with a uniformly *random* digit as the answer (format only)."""
+    rng = random.Random(seed)
+    return [{"prompt": r["prompt"], "response": format_response(rng.randrange(10))} for r in train_rows]
+
+
+def write_bundled_data(directory: Path = DATA_DIR) -> None:
+    """Regenerate the bundled files (they are committed; this documents how they were made)."""
+    train, evaluation = toy_rows()
+    directory.mkdir(parents=True, exist_ok=True)
+    for path, rows in ((TRAIN_FILE, train), (EVAL_FILE, evaluation), (SFT_FILE, format_sft_rows(train))):
+        with open(directory / path.name, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+def _corpus(train_rows: list[dict]) -> list[str]:
+    texts = [r["prompt"] for r in train_rows] + [format_response(d) for d in range(10)]
+    return texts + ["user", "assistant", "system", "The answer is 0123456789."]
+
+
+def build_tokenizer(train_rows: list[dict]):
+    """A byte-level BPE tokenizer trained on the toy corpus; digits are always single tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_corpus(train_rows), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
+        additional_special_tokens=["<|im_start|>", "<think>", "</think>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(vocab_size: int, eos_token_id: int, pad_token_id: int, **overrides):
+    from transformers import Qwen3Config
+
+    values = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, bos_token_id=None, torch_dtype="float32",
+    )
+    values.update(overrides)
+    return Qwen3Config(**values)
+
+
+def build_tiny_checkpoint(path: str | Path, *, seed: int = 0, **config_overrides) -> Path:
+    """Write a random-init tiny Qwen3 checkpoint + tokenizer to ``path`` (a normal HF directory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    train_rows, _ = toy_rows()
+    tokenizer = build_tokenizer(train_rows)
+    config = tiny_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, **config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path) if not path.exists() else None
+    return path
+
+
+def default_checkpoint() -> Path:
+    """The cached default checkpoint, built on first use (a few seconds)."""
+    path = cache_root() / TINY_VERSION
+    if not (path / "config.json").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build_tiny_checkpoint(path)
+    return path
+
+
+if __name__ == "__main__":  # python -m plugrl.plugins.backends.tiny_default  regenerates the data files
+    write_bundled_data()

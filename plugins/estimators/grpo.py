@@ -1,0 +1,81 @@
+"""GRPO: group-normalised scalar rewards, the same advantage for every response token.
+
+Rollout side (``shape_rewards``, in the rollout manager): within each group of ``n`` samples of one
+prompt, ``r ← r − mean``; then, unless ``--disable-grpo-std-normalization`` (Dr.GRPO) or ``n == 1``,
+``r ← r / (std + 1e-6)`` with the unbiased (N−1) std taken after centering.
+``--disable-rewards-normalization`` skips all of it.
+Train side (``compute``, in the train actors): ``A_t = R_t = r`` for every response token; the
+reward-shaping KL (``--kl-coef``) never enters GRPO advantages (use ``--use-kl-loss``).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from plugrl.core import hookimpl
+from plugrl.core.protocols import AdvantageEstimator, AdvantageInputs
+
+STD_EPS = 1e-6
+
+
+def as_groups(rewards):
+    """``rewards`` as a float32 ``[n_groups, n]`` tensor; a 1-D input is one group."""
+    import torch
+
+    r = torch.as_tensor(rewards, dtype=torch.float32)
+    return r.reshape(1, -1) if r.dim() == 1 else r
+
+
+def group_normalize(rewards, std_normalize: bool):
+    """Center each row of ``rewards[n_groups, n]`` on its mean and, if ``std_normalize`` and
+    ``n > 1``, divide by its unbiased std + 1e-6. Returns a new float32 tensor of the input's shape
+    (a 1-D input is one group)."""
+    import torch
+
+    shape = torch.as_tensor(rewards).shape
+    r = as_groups(rewards)
+    centered = r - r.mean(dim=-1, keepdim=True)
+    if std_normalize and r.shape[-1] > 1:
+        centered = centered / (centered.std(dim=-1, unbiased=True, keepdim=True) + STD_EPS)
+    return centered.reshape(shape)
+
+
+def constant_per_token(inputs: AdvantageInputs) -> tuple[list, list]:
+    """``A_t = R_t = rewards[i]`` over each sample's ``response_lengths[i]`` tokens."""
+    import torch
+
+    advantages = []
+    for i, (reward, length) in enumerate(zip(inputs.rewards, inputs.response_lengths)):
+        device = inputs.loss_masks[i].device if inputs.loss_masks else None
+        advantages.append(torch.full((int(length),), float(reward), dtype=torch.float32, device=device))
+    return advantages, [a.clone() for a in advantages]
+
+
+class GRPOEstimator(AdvantageEstimator):
+    name: ClassVar[str] = "grpo"
+    normalizes_group_rewards: ClassVar[bool] = True
+    # The trainer uses ``getattr(estimator, "sequence_level_ratio", False)`` to pick the PPO ratio.
+    sequence_level_ratio: ClassVar[bool] = False
+
+    def std_normalize(self, group_size: int) -> bool:
+        if self.option("disable_grpo_std_normalization", False):
+            return False
+        return int(self.option("n_samples_per_prompt", group_size)) > 1 and group_size > 1
+
+    def shape_rewards(self, rewards):
+        if self.option("disable_rewards_normalization", False):
+            return rewards
+        groups = as_groups(rewards)
+        return group_normalize(rewards, self.std_normalize(groups.shape[-1]))
+
+    def compute(self, inputs: AdvantageInputs):
+        return constant_per_token(inputs)
+
+
+@hookimpl
+def plugrl_register_advantage_estimators(register):
+    register(
+        "grpo",
+        GRPOEstimator,
+        description="GRPO: group mean/std-normalised reward for every token (Dr.GRPO with --disable-grpo-std-normalization)",
+    )

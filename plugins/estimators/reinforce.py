@@ -1,0 +1,104 @@
+"""REINFORCE++ and REINFORCE++-baseline.
+
+``reinforce_plus_plus`` (no reward shaping on the rollout side). Train side: token rewards
+``ρ_t = −kl_coef · kl_t · m_t``, the scalar reward added at the last trainable token, discounted
+returns ``G_t = Σ_{k≥t} γ^{k−t} ρ_k`` (``--gamma``), ``A = R = G``.
+
+``reinforce_plus_plus_baseline``. Rollout side: rewards centred on their group mean (no std; skipped
+with ``--disable-rewards-normalization``). Train side: ``A_t = R_t = r_centred − kl_coef · kl_t · m_t``.
+
+Both require ``--normalize-advantages`` (the trainer whitens the advantages over the whole batch with
+``returns.whiten_advantages``). ``needs_ref_log_probs`` is set on the *instance* when ``--kl-coef`` is
+non-zero: only then does ``compute`` need the per-token KL (old vs ref), so only then must the
+trainer run the reference model for the estimator.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from plugrl.core import hookimpl
+from plugrl.core.protocols import AdvantageEstimator, AdvantageInputs
+
+from .returns import discounted_returns, kl_shaped_token_rewards
+
+
+def check_kl_options(args: Any) -> None:
+    """Reward-shaping KL and KL loss are alternatives; slime refuses both at once."""
+    kl_coef = float(getattr(args, "kl_coef", 0.0) or 0.0)
+    kl_loss_coef = float(getattr(args, "kl_loss_coef", 0.0) or 0.0)
+    if kl_coef != 0.0 and kl_loss_coef != 0.0:
+        raise ValueError("--kl-coef and --kl-loss-coef may not both be non-zero; keep one of them")
+
+
+def check_unit_interval(args: Any, key: str, flag: str) -> None:
+    value = getattr(args, key, None)
+    if value is not None and not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{flag} must be in [0, 1], got {value}")
+
+
+class _ReinforceBase(AdvantageEstimator):
+    sequence_level_ratio: ClassVar[bool] = False
+
+    def __init__(self, args: Any = None):
+        super().__init__(args)
+        self.kl_coef = float(self.option("kl_coef", 0.0))
+        self.needs_ref_log_probs = self.kl_coef != 0.0
+
+    @classmethod
+    def check_config(cls, args: Any) -> None:
+        if not getattr(args, "normalize_advantages", False):
+            raise ValueError(f"--advantage-estimator {cls.name} requires --normalize-advantages")
+        check_kl_options(args)
+        check_unit_interval(args, "gamma", "--gamma")
+
+
+class ReinforcePlusPlusEstimator(_ReinforceBase):
+    name: ClassVar[str] = "reinforce_plus_plus"
+
+    def compute(self, inputs: AdvantageInputs):
+        token_rewards = kl_shaped_token_rewards(
+            inputs.rewards, inputs.kl, inputs.loss_masks, inputs.response_lengths, self.kl_coef
+        )
+        returns = discounted_returns(token_rewards, float(self.option("gamma", 1.0)))
+        return [g.clone() for g in returns], returns
+
+
+class ReinforcePlusPlusBaselineEstimator(_ReinforceBase):
+    name: ClassVar[str] = "reinforce_plus_plus_baseline"
+    normalizes_group_rewards: ClassVar[bool] = True
+
+    def shape_rewards(self, rewards):
+        from .grpo import group_normalize
+
+        if self.option("disable_rewards_normalization", False):
+            return rewards
+        return group_normalize(rewards, std_normalize=False)
+
+    def compute(self, inputs: AdvantageInputs):
+        import torch
+
+        if inputs.kl is None and self.kl_coef != 0.0:
+            raise ValueError("--kl-coef is non-zero but no per-token KL was provided (the ref model must run)")
+        advantages = []
+        for i, (reward, length) in enumerate(zip(inputs.rewards, inputs.response_lengths)):
+            mask = torch.as_tensor(inputs.loss_masks[i]).reshape(-1).to(torch.float32)
+            adv = torch.full((int(length),), float(reward), dtype=torch.float32, device=mask.device)
+            if self.kl_coef != 0.0:
+                adv = adv - self.kl_coef * torch.as_tensor(inputs.kl[i]).to(adv) * mask
+            advantages.append(adv)
+        return advantages, [a.clone() for a in advantages]
+
+
+@hookimpl
+def plugrl_register_advantage_estimators(register):
+    register(
+        "reinforce_plus_plus",
+        ReinforcePlusPlusEstimator,
+        description="REINFORCE++: KL-shaped token rewards, discounted returns (needs --normalize-advantages)",
+    )
+    register(
+        "reinforce_plus_plus_baseline",
+        ReinforcePlusPlusBaselineEstimator,
+        description="REINFORCE++-baseline: group-mean-centred reward minus per-token KL (needs --normalize-advantages)",
+    )

@@ -1,0 +1,50 @@
+"""Dynamic-sampling filters ``nonzero_std`` and ``nonzero_std_with_fallback`` (DAPO's dynamic sampling).
+
+A group whose rewards are all equal gives every sample a zero advantage under group normalisation,
+so it costs a training step and teaches nothing. Called in the rollout manager once per finished
+group; semantics follow slime's ``check_reward_nonzero_std`` (float64, unbiased std, threshold 1e-6,
+reason ``zero_std_<round(rewards[0], 1)>``).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from plugrl.core import FilterDecision, hookimpl
+from plugrl.core.types import Sample
+
+STD_THRESHOLD = 1e-6
+
+
+def group_rewards(group: list[Sample], reward_key: str | None = None) -> list[float]:
+    """The scalar rewards of a group as Python floats (IEEE float64)."""
+    return [float(sample.get_reward_value(reward_key=reward_key)) for sample in group]
+
+
+def _unbiased_std(values: list[float]) -> float:
+    # torch.std's default (Bessel-corrected); a single sample has no spread, like an all-equal group.
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def nonzero_std(group: list[Sample], reward_key: str | None = None) -> FilterDecision:
+    """Keep the group iff the unbiased std of its rewards exceeds 1e-6."""
+    rewards = group_rewards(group, reward_key)
+    if rewards and _unbiased_std(rewards) > STD_THRESHOLD:
+        return FilterDecision(keep=True)
+    first = round(rewards[0], 1) if rewards else None
+    return FilterDecision(keep=False, reason=f"zero_std_{first}")
+
+
+def nonzero_std_with_fallback(group: list[Sample], reward_key: str | None = None) -> FilterDecision:
+    """Like ``nonzero_std``, but a zero-std group is accepted when dropping it would force another
+    over-sampling round (``keep_when_insufficient``)."""
+    decision = nonzero_std(group, reward_key=reward_key)
+    return FilterDecision(keep=decision.keep, reason=decision.reason, keep_when_insufficient=True)
+
+
+@hookimpl
+def plugrl_register_filters(register):
+    register("nonzero_std", nonzero_std,
+             description="drop groups whose rewards all agree (std <= 1e-6); option reward_key")
+    register("nonzero_std_with_fallback", nonzero_std_with_fallback,
+             description="nonzero_std, but keep zero-std groups rather than over-sample again")

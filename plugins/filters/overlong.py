@@ -1,0 +1,64 @@
+"""Reward post-processor ``overlong_penalty``: DAPO's soft overlong punishment.
+
+DAPO (Yu et al. 2025, arXiv:2503.14476, "Soft Overlong Punishment") adds a length-aware penalty to the rule reward, with
+``L_max = --rollout-max-response-len`` and a buffer ``L_cache = --overlong-buffer-len``:
+
+    R_length(y) = 0                                  if |y| <= L_max - L_cache
+                = ((L_max - L_cache) - |y|) / L_cache  if L_max - L_cache < |y| <= L_max
+                = -1                                 if |y| > L_max
+
+scaled by ``--overlong-penalty-factor`` (verl's ``overlong_buffer.penalty_factor``, default 1.0).
+verl's DAPO reward manager computes the middle branch for every length as
+``min(-(|y| - (L_max - L_cache)) / L_cache * factor, 0)``; a response cannot exceed ``L_max`` there,
+so the two agree. Here the overshoot is capped at ``L_cache`` so the paper's ``-1`` (times the factor)
+also holds for a response longer than ``L_max`` (possible after a partial-rollout continuation).
+``|y|`` is ``sample.response_length``. Default buffer: ``L_max // 4``.
+
+Runs in the rollout manager after the reward function and before the estimator's ``shape_rewards``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from plugrl.core import hookimpl
+
+
+def overlong_penalty_value(response_length: int, max_len: int, buffer_len: int, factor: float = 1.0) -> float:
+    """The (non-positive) penalty DAPO adds for a response of ``response_length`` tokens."""
+    if buffer_len <= 0 or buffer_len > max_len:
+        raise ValueError(f"--overlong-buffer-len must be in 1..{max_len} (--rollout-max-response-len), got {buffer_len}")
+    expected_len = max_len - buffer_len
+    exceed_len = min(response_length - expected_len, buffer_len)
+    return min(-exceed_len / buffer_len * factor, 0.0)
+
+
+def overlong_penalty(samples, args: Any) -> None:
+    """Add the soft overlong penalty to each sample's scalar reward, in place.
+
+    Dict rewards get it on ``reward[args.reward_key]``. Samples without a reward (aborted) are left alone.
+    """
+    max_len = getattr(args, "rollout_max_response_len", None)
+    if not max_len:
+        raise ValueError("overlong_penalty needs --rollout-max-response-len")
+    buffer_len = getattr(args, "overlong_buffer_len", None)
+    buffer_len = max_len // 4 if buffer_len is None else buffer_len
+    factor = getattr(args, "overlong_penalty_factor", None)
+    factor = 1.0 if factor is None else float(factor)
+    reward_key = getattr(args, "reward_key", None)
+    for sample in samples:
+        if sample.reward is None:
+            continue
+        penalty = overlong_penalty_value(sample.response_length, max_len, buffer_len, factor)
+        if isinstance(sample.reward, dict):
+            if not reward_key:
+                raise ValueError(f"reward is a dict with keys {sorted(sample.reward)}; pass --reward-key")
+            sample.reward[reward_key] = sample.reward[reward_key] + penalty
+        else:
+            sample.reward = sample.reward + penalty
+
+
+@hookimpl
+def plugrl_register_reward_post_processors(register):
+    register("overlong_penalty", overlong_penalty,
+             description="DAPO soft overlong punishment (--overlong-buffer-len, --overlong-penalty-factor)")

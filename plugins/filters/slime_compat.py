@@ -1,0 +1,96 @@
+"""Run a slime user's filter functions unchanged (``--dynamic-sampling-filter-path``,
+``--buffer-filter-path``), adapted to plugrl's filter and buffer-policy contracts.
+
+slime's contracts (reference §10):
+  dynamic-sampling filter  ``fn(args, samples, **kw) -> DynamicFilterOutput | bool``
+  buffer filter            ``fn(args, rollout_id, buffer, num_samples) -> list[group]``; it pops
+                           what it returns from ``buffer`` itself
+Used in the rollout manager; ``args`` is the run config namespace the slime function expects.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+from plugrl.core import FilterDecision
+from plugrl.core.registry import import_object
+
+from .fifo import FifoBuffer
+
+DYNAMIC_SAMPLING = "dynamic_sampling"
+BUFFER = "buffer"
+
+
+def _resolve(fn_or_path: Callable | str) -> Callable:
+    # slime writes paths as module.attr; plugrl also accepts module:attr.
+    return import_object(fn_or_path) if isinstance(fn_or_path, str) else fn_or_path
+
+
+def _guess_kind(fn: Callable) -> str:
+    """A buffer filter takes four positional parameters, a dynamic-sampling filter two."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return DYNAMIC_SAMPLING
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                  and p.default is p.empty]
+    return BUFFER if len(positional) == 4 else DYNAMIC_SAMPLING
+
+
+class SlimeBufferPolicy(FifoBuffer):
+    """A buffer policy whose ``take`` is a slime buffer filter; storage and state are FIFO's list."""
+
+    name = "slime_buffer_filter"
+
+    def __init__(self, fn: Callable, args: Any, n_samples_per_prompt: int | None = None, **options):
+        super().__init__(n_samples_per_prompt, **options)
+        self.fn = fn
+        self.args = args
+
+    def take(self, n: int, rollout_id: int | None = None) -> list:
+        before = len(self._groups)
+        groups = list(self.fn(self.args, rollout_id, self._groups, n))
+        if len(self._groups) != before - len(groups):
+            # slime's contract: the function pops what it returns; otherwise groups would repeat.
+            raise RuntimeError(
+                f"buffer filter {getattr(self.fn, '__qualname__', self.fn)!r} returned {len(groups)} groups "
+                f"but removed {before - len(self._groups)} from the buffer; it must pop what it returns"
+            )
+        return groups
+
+
+def slime_dynamic_sampling_filter(fn_or_path: Callable | str, args: Any) -> Callable:
+    """Our filter ``fn(group, **options) -> FilterDecision`` around slime's ``fn(args, samples, **kw)``."""
+    fn = _resolve(fn_or_path)
+
+    @functools.wraps(fn)
+    def plugrl_filter(group, **options):
+        return FilterDecision.coerce(fn(args, group, **options))
+
+    return plugrl_filter
+
+
+def slime_buffer_policy(fn_or_path: Callable | str, args: Any, n_samples_per_prompt: int | None = None,
+                        **options) -> SlimeBufferPolicy:
+    """A buffer policy object whose ``take`` calls slime's ``fn(args, rollout_id, buffer, num_samples)``."""
+    return SlimeBufferPolicy(_resolve(fn_or_path), args, n_samples_per_prompt, **options)
+
+
+def slime_filter_adapter(fn_or_path: Callable | str, args: Any, kind: str | None = None, **options):
+    """Adapt a slime filter given as a function or a ``module:attr`` / ``module.attr`` path.
+
+    ``kind`` is ``"dynamic_sampling"`` (returns a filter function) or ``"buffer"`` (returns a buffer
+    policy object); when omitted it is read from the signature (four positional parameters = buffer).
+    ``options`` go to the buffer policy's constructor (``n_samples_per_prompt``).
+    """
+    fn = _resolve(fn_or_path)
+    kind = kind or _guess_kind(fn)
+    if kind == BUFFER:
+        return slime_buffer_policy(fn, args, **options)
+    if kind == DYNAMIC_SAMPLING:
+        if options:
+            raise TypeError(f"a dynamic-sampling filter takes no constructor options, got {sorted(options)}")
+        return slime_dynamic_sampling_filter(fn, args)
+    raise ValueError(f"unknown slime filter kind {kind!r}; use '{DYNAMIC_SAMPLING}' or '{BUFFER}'")

@@ -1,0 +1,157 @@
+"""``plugrl score``: rows in, rewards out; malformed rows reported by line; exit codes; custom rewards."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from plugrl.core.score import main
+
+GOOD_AND_BAD = [
+    json.dumps({"response": "<think>hm</think> so \\boxed{\\frac12}", "label": "0.5", "id": "a"}),  # 1
+    json.dumps({"response": "</think> \\boxed{3}", "label": 4, "id": "b"}),  # 0
+    '{"response": "</think> \\\\boxed{1}", "label": ',  # line 3: truncated JSON
+    json.dumps({"label": "1", "id": "d"}),  # line 4: no response
+    "",  # blank lines are not rows
+    json.dumps({"response": "</think>\\boxed{7}", "label": "7", "prompt": "p", "metadata": {"k": 1}, "id": "e"}),  # 1
+    "[1, 2]",  # line 7: not an object
+]
+
+
+@pytest.fixture
+def rows_file(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(GOOD_AND_BAD) + "\n")
+    return path
+
+
+def _summary(out: str) -> dict:
+    return dict(line.split(": ", 1) for line in out.splitlines() if line.split(": ", 1)[0] in ("count", "mean", "errors"))
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_scores_good_rows_and_reports_bad_ones_by_line(rows_file, tmp_path, capsys):
+    out_path = tmp_path / "out.jsonl"
+    code = main(["--rm-type", "deepscaler", "--input", str(rows_file), "--output", str(out_path)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert _summary(captured.out) == {"count": "3", "mean": "0.666667", "errors": "3"}
+    assert f"{rows_file}:3: invalid JSON" in captured.err
+    assert f"{rows_file}:4: missing key 'response'" in captured.err
+    assert f"{rows_file}:7: expected a JSON object, got list" in captured.err
+    assert ":6:" not in captured.err and ":5:" not in captured.err
+    rows = _read_jsonl(out_path)
+    assert [(r["id"], r["reward"]) for r in rows] == [("a", 1), ("b", 0), ("e", 1)]
+    assert rows[2]["metadata"] == {"k": 1} and rows[2]["prompt"] == "p"
+
+
+def test_all_rows_good_exits_zero_and_prints_no_rows(tmp_path, capsys):
+    path = tmp_path / "good.jsonl"
+    path.write_text("\n".join([GOOD_AND_BAD[0], GOOD_AND_BAD[1]]) + "\n")
+    assert main(["--rm-type", "deepscaler", "--input", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[:3] == ["count: 2", "mean: 0.5", "errors: 0"]
+    assert captured.err == ""
+
+
+def test_custom_keys_and_options(tmp_path, capsys):
+    path = tmp_path / "keys.jsonl"
+    path.write_text(json.dumps({"completion": "\\boxed{4}", "answer": "4"}) + "\n")
+    code = main(["--rm-type", "math", "--rm-opt", "timeout=0", "--input", str(path),
+                 "--response-key", "completion", "--label-key", "answer"])
+    assert code == 0
+    assert _summary(capsys.readouterr().out)["mean"] == "1"
+
+
+def test_dict_rewards_with_and_without_reward_key(tmp_path, capsys):
+    path = tmp_path / "dapo.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"response": "Answer: 42", "label": 42},
+        {"response": "\\boxed{42}", "label": 42},
+        {"response": "Answer: 7", "label": "7"},
+    ]) + "\n")
+    out_path = tmp_path / "out.jsonl"
+    assert main(["--rm-type", "dapo", "--reward-key", "score", "--input", str(path), "--output", str(out_path)]) == 0
+    assert _summary(capsys.readouterr().out) == {"count": "3", "mean": "0.333333", "errors": "0"}
+    assert _read_jsonl(out_path)[1]["reward"] == {"score": -1.0, "acc": False, "pred": "[INVALID]"}
+
+    assert main(["--rm-type", "dapo", "--input", str(path)]) == 0
+    assert "mean: n/a (dict rewards: pass --reward-key" in capsys.readouterr().out
+
+
+def test_unknown_reward_suggests_a_close_match(rows_file, capsys):
+    assert main(["--rm-type", "deepscalr", "--input", str(rows_file)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown reward 'deepscalr'" in err
+    assert "Did you mean 'deepscaler'?" in err
+
+
+def test_help_documents_exit_codes(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "exit status: 0 every row was scored; 1 some row was malformed or failed" in " ".join(out.split())
+
+
+@pytest.fixture
+def custom_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        async def slime_rm(args, sample, **kwargs):
+            # slime's signature: settings come from args (here --rm-opt bonus=...)
+            return len(sample.response) + args.bonus
+
+        def plain(sample, scale=1):
+            if sample.label == "boom":
+                raise RuntimeError("cannot grade this one")
+            return scale * float(sample.label)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps(r) for r in [
+        {"response": "abc", "label": "1"},
+        {"response": "hello", "label": "boom"},
+        {"response": "z", "label": "2.5"},
+    ]) + "\n")
+    return rows
+
+
+def test_custom_rm_path_with_slime_signature(custom_module, tmp_path, capsys):
+    out_path = tmp_path / "out.jsonl"
+    code = main(["--custom-rm-path", "my_rewards:slime_rm", "--rm-opt", "bonus=10", "--input", str(custom_module),
+                 "--output", str(out_path)])
+    assert code == 0
+    assert [r["reward"] for r in _read_jsonl(out_path)] == [13, 15, 11]
+    assert _summary(capsys.readouterr().out)["mean"] == "13"
+
+
+def test_custom_rm_path_plain_function_and_a_failing_row(custom_module, capsys):
+    code = main(["--custom-rm-path", "my_rewards.plain", "--rm-opt", "scale=2", "--input", str(custom_module)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert _summary(captured.out) == {"count": "2", "mean": "3.5", "errors": "1"}
+    assert f"{custom_module}:2: reward failed: RuntimeError: cannot grade this one" in captured.err
+
+
+def test_custom_rm_path_that_does_not_import(custom_module, capsys):
+    assert main(["--custom-rm-path", "my_rewards:missing", "--input", str(custom_module)]) == 2
+    assert "has no attribute 'missing'" in capsys.readouterr().err
+
+
+def test_console_script(rows_file, tmp_path):
+    script = Path(sys.executable).with_name("plugrl")
+    out_path = tmp_path / "cli.jsonl"
+    env = {**os.environ, "PLUGRL_GRADER_WORKERS": "1"}
+    proc = subprocess.run([str(script), "score", "--rm-type", "deepscaler", "--input", str(rows_file),
+                           "--output", str(out_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert _summary(proc.stdout) == {"count": "3", "mean": "0.666667", "errors": "3"}
+    assert f"{rows_file}:7:" in proc.stderr
+    assert [r["reward"] for r in _read_jsonl(out_path)] == [1, 0, 1]
