@@ -9,7 +9,6 @@ Environment (forwarded to every Ray worker so all processes load the same set):
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.metadata
 import os
@@ -100,7 +99,23 @@ def _load_entry_points(pm: pluggy.PluginManager, failures: list[LoadFailure], di
         except Exception as exc:  # a broken plugin must never take the others down
             failures.append(LoadFailure(ep.name, dist, f"{type(exc).__name__}: {exc}"))
             continue
+        unknown = _unknown_hooks(pm, plugin)
+        if unknown:  # a misspelled hook in one package must not make check_pending() fail for all
+            pm.unregister(plugin)
+            failures.append(LoadFailure(ep.name, dist, f"unknown hook(s) {', '.join(unknown)} (misspelled?)"))
+            continue
         distributions[ep.name] = dist or ""
+
+
+def _unknown_hooks(pm: pluggy.PluginManager, plugin) -> list[str]:
+    names = []
+    for caller in pm.get_hookcallers(plugin) or []:
+        if caller.has_spec():
+            continue
+        impls = [i for i in caller.get_hookimpls() if i.plugin is plugin]
+        if not any(i.hookimpl_opts.get("optionalhook") for i in impls):
+            names.append(caller.name)
+    return names
 
 
 def _register_builtins(pm: pluggy.PluginManager, modules, failures: list[LoadFailure]) -> set[str]:
@@ -118,6 +133,19 @@ def _register_builtins(pm: pluggy.PluginManager, modules, failures: list[LoadFai
     return names
 
 
+def _tolerant_register(registry, plugin_name: str, builtin: bool):
+    """The ``register`` callback a plugin receives: a duplicate name is recorded (and reported by
+    ``plugins check``) without stopping the plugin's other registrations."""
+
+    def register(name, obj, *, replace: bool = False, **metadata):
+        try:
+            registry.add(name, obj, plugin=plugin_name, builtin=builtin, replace=replace, **metadata)
+        except DuplicatePluginError:
+            pass
+
+    return register
+
+
 def _fill_registries(plugin_set: PluginSet) -> None:
     """Call every registration hook implementation separately, so each entry records its plugin."""
     pm = plugin_set.pm
@@ -125,13 +153,9 @@ def _fill_registries(plugin_set: PluginSet) -> None:
         registry = plugin_set.registries[kind]
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             plugin_name = impl.plugin_name
-            register = functools.partial(
-                registry.add, plugin=plugin_name, builtin=plugin_name in plugin_set.builtin_names
-            )
+            register = _tolerant_register(registry, plugin_name, plugin_name in plugin_set.builtin_names)
             try:
                 impl.function(register=register)
-            except DuplicatePluginError:
-                continue  # recorded in registry.duplicates; the first registration stays
             except Exception as exc:
                 plugin_set.failures.append(
                     LoadFailure(plugin_name, plugin_set.distributions.get(plugin_name),

@@ -4,7 +4,7 @@ and chat template, built locally (no model hub is reachable), and the bundled to
 Built once on the driver and cached under ``$PLUGRL_CACHE`` (default ``~/.cache/plugrl``); the
 directory is an ordinary HF checkpoint that ``AutoModelForCausalLM`` and ``AutoTokenizer`` load.
 
-The toy task: "What is a + b - b?" with a in 0..9. The answer is one digit, so a policy that only
+The toy task: "What is b - b + a?" with a in 0..9 and b in 10..99. The answer is one digit, so a policy that only
 knows the output format guesses right 10% of the time; learning to read ``a`` off the prompt is
 what GRPO has to discover. The supervised warm-up teaches the format with *random* digits, so it
 cannot teach the answers.
@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
-TINY_VERSION = "tiny-qwen3-v1"
+TINY_VERSION = "tiny-qwen3-v2"
 DATA_DIR = Path(__file__).parent / "data"
 TRAIN_FILE = DATA_DIR / "toy_math_train.jsonl"
 EVAL_FILE = DATA_DIR / "toy_math_eval.jsonl"
@@ -39,7 +41,7 @@ def cache_root() -> Path:
 
 
 def toy_question(a: int, b: int) -> str:
-    return f"What is {a} + {b} - {b}? {INSTRUCTION}"
+    return f"What is {b} - {b} + {a}? {INSTRUCTION}"
 
 
 def format_response(answer: int | str) -> str:
@@ -48,8 +50,8 @@ def format_response(answer: int | str) -> str:
 
 
 def toy_rows(seed: int = 0, num_eval: int = 100) -> tuple[list[dict], list[dict]]:
-    """All (a, b) with a in 0..9 and b in 0..99, split into train and a held-out eval set."""
-    pairs = [(a, b) for a in range(10) for b in range(100)]
+    """All (a, b) with a in 0..9 and b in 10..99, split into train and a held-out eval set."""
+    pairs = [(a, b) for a in range(10) for b in range(10, 100)]
     random.Random(seed).shuffle(pairs)
     rows = [{"prompt": toy_question(a, b), "label": str(a)} for a, b in pairs]
     return rows[num_eval:], rows[:num_eval]
@@ -122,10 +124,18 @@ def build_tiny_checkpoint(path: str | Path, *, seed: int = 0, **config_overrides
     config = tiny_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    tmp = path.with_name(path.name + ".tmp")
+    # Build next to the target and rename: concurrent builders (tests, Ray workers) never see a
+    # half-written directory, and the first finished build wins.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, path) if not path.exists() else None
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process finished first (or the directory exists)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (path / "config.json").exists():
+            raise
     return path
 
 

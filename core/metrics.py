@@ -1,0 +1,303 @@
+"""What a user sees during ``plugrl train``: the metrics log, TensorBoard/wandb scalars, the console line.
+
+Runs in the **driver** process only: train actors and the rollout manager return metric dicts over
+Ray and the driver logs them here, so there is exactly one writer per run directory.
+
+Files under the run's output directory:
+
+* ``metrics.jsonl``: one JSON object per (rollout, phase) — ``{"rollout_id", "phase", "time",
+  **metrics}`` — flushed line by line, so a killed run keeps everything logged so far;
+  :func:`read_metrics` reads it back (and ``plugrl report`` plots it).
+* ``config.yaml``: the resolved run configuration (:meth:`MetricsLogger.write_config`).
+* ``tensorboard/``: event files when ``--use-tensorboard``.
+
+Metric names the console line and the report know about (producers use these names):
+
+* ``rollout/raw_reward`` mean reward before group normalisation; ``rollout/response_len`` mean
+  response length in tokens; ``rollout/truncated`` fraction truncated.
+* ``train/loss``, ``train/pg_loss``, ``train/pg_clipfrac`` (fraction of tokens clipped),
+  ``train/kl_loss`` (KL to the reference model), ``train/entropy_loss``, ``train/ppo_kl``,
+  ``train/grad_norm``.
+* ``eval/{dataset}/pass@1``, ``eval/{dataset}/mean_reward`` (see :mod:`plugrl.core.eval_metrics`).
+* ``perf/{what}_time`` wall seconds of a phase: ``perf/rollout_time`` (generation + reward),
+  ``perf/train_time``, ``perf/update_weights_time`` (weight sync), ``perf/eval_time``,
+  ``perf/save_time``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+# (metric name, console label) in display order; the console line shows those present.
+CONSOLE_KEYS: tuple[tuple[str, str], ...] = (
+    ("rollout/raw_reward", "reward"),
+    ("rollout/response_len", "resp_len"),
+    ("rollout/truncated", "trunc"),
+    ("train/loss", "loss"),
+    ("train/kl_loss", "kl"),
+    ("train/entropy_loss", "entropy"),
+    ("train/pg_clipfrac", "clipfrac"),
+    ("train/grad_norm", "grad_norm"),
+)
+
+# Short console names for the common ``perf/*_time`` metrics; other ``perf/X_time`` show as ``X``.
+TIME_LABELS: dict[str, str] = {
+    "perf/rollout_time": "gen",
+    "perf/train_time": "train",
+    "perf/update_weights_time": "sync",
+    "perf/eval_time": "eval",
+    "perf/save_time": "save",
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------------
+
+
+def format_number(value: float) -> str:
+    """Compact human formatting: 3 significant digits, no exponent for ordinary magnitudes."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    if magnitude >= 1000:
+        return f"{value:.0f}"
+    if magnitude < 1e-4:
+        return f"{value:.1e}"
+    return f"{value:.3g}"
+
+
+def _format_seconds(value: float) -> str:
+    value = float(value)
+    if value >= 100:
+        return f"{value:.0f}s"
+    if value >= 10:
+        return f"{value:.1f}s"
+    return f"{value:.2g}s"
+
+
+def console_line(
+    rollout_id: int,
+    metrics: Mapping[str, Any],
+    keys: Sequence[tuple[str, str]] | None = None,
+) -> str:
+    """One compact line per rollout for the terminal, printed by the driver after each step.
+
+    Example: ``rollout 3 | reward 0.41 | math500 acc 0.38 | resp_len 9.8 | loss -0.012 | kl 0.0003 |
+    clipfrac 0 | gen 1.2s train 0.8s sync 0.05s``.
+
+    ``keys`` is a sequence of ``(metric name, label)`` pairs (default :data:`CONSOLE_KEYS`); missing
+    metrics are skipped. Eval accuracy (``eval/{name}/pass@1``) follows the reward as
+    ``{name} acc``, and every ``perf/*_time`` metric is appended as a duration.
+    """
+    keys = CONSOLE_KEYS if keys is None else keys
+    parts = [f"rollout {rollout_id}"]
+    accuracies = [
+        f"{name[len('eval/') : -len('/pass@1')]} acc {format_number(value)}"
+        for name, value in metrics.items()
+        if name.startswith("eval/") and name.endswith("/pass@1") and _is_number(value)
+    ]
+    for index, (name, label) in enumerate(keys):
+        value = metrics.get(name)
+        if _is_number(value):
+            parts.append(f"{label} {format_number(value)}")
+        if index == 0:
+            # Accuracy right after the headline reward, where the eye looks for progress.
+            parts.extend(accuracies)
+            accuracies = []
+    parts.extend(accuracies)
+
+    times = []
+    ordered = [n for n in TIME_LABELS if n in metrics] + sorted(
+        n for n in metrics if n.startswith("perf/") and n.endswith("_time") and n not in TIME_LABELS
+    )
+    for name in ordered:
+        value = metrics[name]
+        if _is_number(value):
+            label = TIME_LABELS.get(name) or name[len("perf/") : -len("_time")]
+            times.append(f"{label} {_format_seconds(value)}")
+    if times:
+        parts.append(" ".join(times))
+    return " | ".join(parts)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _to_scalar(value: Any) -> Any:
+    """Plain Python number for ints/floats, 0-d tensors and numpy scalars; anything else unchanged."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)):
+        return value
+    item = getattr(value, "item", None)  # torch / numpy scalars, without importing either
+    if callable(item):
+        try:
+            result = item()
+        except (ValueError, RuntimeError):  # a tensor with more than one element
+            return value
+        if isinstance(result, (int, float)):
+            return result
+    return value
+
+
+def _yaml_safe(value: Any) -> Any:
+    # safe_dump only takes plain containers and scalars; paths, enums, dataclasses become strings.
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _yaml_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+        return [_yaml_safe(v) for v in items]
+    return str(value)
+
+
+def write_config(output_dir: str | os.PathLike, config: Mapping[str, Any]) -> Path:
+    """Write ``output_dir/config.yaml``: the resolved config, non-serialisable values stringified."""
+    import yaml
+
+    path = Path(output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(_yaml_safe(dict(config)), sort_keys=False, allow_unicode=True))
+    return path
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Read a ``metrics.jsonl`` back into a list of dicts.
+
+    A truncated last line (the run was killed mid-write) is ignored; a corrupt line elsewhere is an
+    error naming the line, since that means the file was damaged rather than cut short.
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON line ({exc.msg})") from exc
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# The logger
+# ---------------------------------------------------------------------------------------------------
+
+
+class MetricsLogger:
+    """The driver's sink for every metric of a run: JSONL always, TensorBoard and wandb on request.
+
+    ``log(step, metrics, phase=...)`` is called by the driver loop once per phase of a rollout
+    (``"rollout"``, ``"train"``, ``"eval"``, ...); ``step`` is the rollout id. wandb is imported
+    lazily; ``wandb_mode="offline"`` (or ``WANDB_MODE=offline`` in the environment) works without a
+    network. Every value is logged against the ``rollout_id`` axis in wandb, so phases logged out of
+    order (the async loop finishes generation of k+1 before training on k) are not dropped.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        *,
+        use_tensorboard: bool = False,
+        use_wandb: bool = False,
+        wandb_project: str | None = None,
+        wandb_group: str | None = None,
+        wandb_mode: str | None = None,
+        run_name: str | None = None,
+        config: dict | None = None,
+    ):
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self._tb = None
+        self._wandb_run = None
+        if use_wandb:
+            # Fail before anything is written, with the fix in the message.
+            try:
+                import wandb
+            except ImportError as exc:
+                raise RuntimeError(
+                    "--use-wandb was given but wandb is not installed: pip install wandb "
+                    "(or drop --use-wandb; metrics.jsonl and --use-tensorboard need nothing extra)"
+                ) from exc
+        if config is not None:
+            self.write_config(config)
+        # Append: a resumed run continues the same file.
+        self._file = open(self.metrics_path, "a", encoding="utf-8")
+        if use_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+        if use_wandb:
+            kwargs: dict[str, Any] = {
+                "project": wandb_project or "plugrl",
+                "group": wandb_group,
+                "name": run_name,
+                "dir": str(self.output_dir),
+                "config": _yaml_safe(config) if config is not None else None,
+            }
+            if wandb_mode:
+                kwargs["mode"] = wandb_mode
+            self._wandb_run = wandb.init(**kwargs)
+            self._wandb_run.define_metric("rollout_id")
+            self._wandb_run.define_metric("*", step_metric="rollout_id")
+
+    def write_config(self, config: Mapping[str, Any]) -> Path:
+        """Write ``output_dir/config.yaml`` (see :func:`write_config`)."""
+        return write_config(self.output_dir, config)
+
+    def log(self, step: int, metrics: Mapping[str, Any], *, phase: str) -> dict:
+        """Record one phase's metrics for rollout ``step``; returns the JSON row written."""
+        if self._file is None:
+            raise RuntimeError("MetricsLogger.log called after close()")
+        values = {str(k): _to_scalar(v) for k, v in metrics.items()}
+        row = {"rollout_id": int(step), "phase": phase, "time": time.time(), **values}
+        self._file.write(json.dumps(row, default=str) + "\n")
+        self._file.flush()
+        numeric = {k: float(v) for k, v in values.items() if _is_number(v)}
+        if self._tb is not None:
+            for name, value in numeric.items():
+                self._tb.add_scalar(name, value, global_step=int(step))
+            self._tb.flush()
+        if self._wandb_run is not None and numeric:
+            self._wandb_run.log({"rollout_id": int(step), **numeric})
+        return row
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -1,0 +1,230 @@
+"""The rollout manager: turns prompts into rewarded, filtered groups and then into train data.
+
+Runs inside one Ray actor (``RolloutManagerActor`` in ``actors.py``), which owns the data source, the
+partial-rollout buffer, the rollout engine, the reward, the filters and the estimator's reward
+shaping. All generation runs on one asyncio event loop living in a background thread, so the engine's
+batching sees every in-flight request and sync rewards can run in a thread pool beside it.
+
+Rules (slime reference §2.4-§2.7): one semaphore permit per sample; a rollout keeps exactly
+``--rollout-batch-size`` groups; when drops make that target unreachable another
+``--over-sampling-batch-size`` prompts are submitted; the rest is aborted at the end, and with
+``--partial-rollout`` the groups still in flight go back to the buffer policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .types import FilterDecision, Group, Sample, Status
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RolloutResult:
+    groups: list[Group]
+    metrics: dict = field(default_factory=dict)
+
+
+class EventLoopThread:
+    """A private asyncio loop in a daemon thread; ``run(coro)`` blocks the caller until it finishes."""
+
+    def __init__(self, name: str = "plugrl-rollout-loop"):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+def sampling_params_from_args(args: Any, *, evaluation: bool = False) -> dict:
+    """SGLang-style sampling params (slime §2.4); eval values fall back to the rollout ones."""
+    def pick(name):
+        value = getattr(args, f"eval_{name}", None) if evaluation else None
+        return getattr(args, f"rollout_{name}") if value is None else value
+
+    return {
+        "temperature": pick("temperature"),
+        "top_p": pick("top_p"),
+        "top_k": pick("top_k"),
+        "max_new_tokens": pick("max_response_len"),
+        "stop": getattr(args, "rollout_stop", None) or None,
+        "stop_token_ids": getattr(args, "rollout_stop_token_ids", None) or None,
+        "skip_special_tokens": bool(getattr(args, "rollout_skip_special_tokens", False)),
+        "no_stop_trim": True,
+    }
+
+
+class RewardError(RuntimeError):
+    pass
+
+
+class SampleGenerator:
+    """Generates and rewards single samples and groups; shared by training rollouts and eval."""
+
+    def __init__(self, args, engine, tokenizer, reward, *, concurrency: int):
+        self.args = args
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.reward = reward
+        self.semaphore = asyncio.Semaphore(concurrency)
+        self.aborted = False
+        self.reward_errors = 0
+        self.reward_error_policy = getattr(args, "reward_error", "zero") or "zero"
+        self.reward_timeout = getattr(args, "reward_timeout", None)
+
+    def prompt_ids(self, sample: Sample) -> list[int]:
+        if sample.tokens:  # a partial rollout continues from prompt + partial response
+            return list(sample.tokens)
+        if isinstance(sample.prompt, list):
+            ids = self.tokenizer.apply_chat_template(sample.prompt, tokenize=True, add_generation_prompt=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return self.tokenizer.encode(sample.prompt, add_special_tokens=False)
+
+    async def generate_sample(self, sample: Sample, sampling_params: dict, *, evaluation: bool = False) -> Sample:
+        args = self.args
+        if (not evaluation and getattr(args, "partial_rollout", False)
+                and getattr(args, "mask_offpolicy_in_partial_rollout", False) and sample.response_length > 0):
+            sample.loss_mask = [0] * sample.response_length  # the old-policy part is not trained
+        if sample.status in (Status.COMPLETED, Status.TRUNCATED):
+            return sample  # finished in an earlier rollout (from the buffer): keep its reward
+        async with self.semaphore:
+            if self.aborted:
+                sample.status = Status.ABORTED
+                return sample
+            ids = self.prompt_ids(sample)
+            if not sample.tokens:
+                sample.tokens = list(ids)
+            params = dict(sampling_params)
+            params["max_new_tokens"] = params["max_new_tokens"] - sample.response_length
+            if params["max_new_tokens"] <= 0:
+                sample.status = Status.TRUNCATED
+            else:
+                started = time.perf_counter()
+                out = await self.engine.generate(ids, params)
+                sample.metadata.setdefault("generation_time", 0.0)
+                sample.metadata["generation_time"] += time.perf_counter() - started
+                finish = out["finish_reason"]
+                sample.append_response_tokens(
+                    out["tokens"], out["log_probs"], text=out.get("text", ""),
+                    finish_reason=finish["type"] if isinstance(finish, dict) else finish,
+                    weight_version=out.get("weight_version"),
+                )
+        if sample.status != Status.ABORTED and sample.reward is None and not getattr(args, "group_rm", False):
+            sample.reward = (await self.score([sample]))[0]
+        return sample
+
+    async def score(self, samples: list[Sample]) -> list:
+        """Rewards for ``samples``, under ``--reward-error`` (zero: count and score 0; raise: stop)."""
+        try:
+            coro = self.reward(samples)
+            if self.reward_timeout:
+                return await asyncio.wait_for(coro, self.reward_timeout)
+            return await coro
+        except Exception as exc:  # includes asyncio.TimeoutError
+            if self.reward_error_policy == "raise":
+                raise RewardError(f"reward failed on sample {samples[0].index}: {type(exc).__name__}: {exc}") from exc
+            self.reward_errors += len(samples)
+            logger.warning("reward failed (%s: %s); scoring %d sample(s) 0 (--reward-error zero)",
+                           type(exc).__name__, exc, len(samples))
+            return [0.0] * len(samples)
+
+    async def generate_group(self, group: Group, sampling_params: dict, *, evaluation: bool = False) -> Group:
+        if self.aborted:
+            return group
+        await asyncio.gather(*(self.generate_sample(s, sampling_params, evaluation=evaluation) for s in group))
+        if getattr(self.args, "group_rm", False) and not self.aborted and not evaluation:
+            rewards = await self.score(group)
+            for sample, reward in zip(group, rewards):
+                sample.reward = reward
+        return group
+
+
+def scalar_reward(sample: Sample, reward_key: str | None) -> float:
+    value = sample.get_reward_value(reward_key=reward_key)
+    return 0.0 if value is None else float(value)
+
+
+async def generate_rollout(
+    generator: SampleGenerator, data_source, buffer, *, rollout_id: int, rollout_batch_size: int,
+    over_sampling_batch_size: int, sampling_params: dict, sample_filter=None, filter_name: str = "filter",
+    partial_rollout: bool = False,
+) -> RolloutResult:
+    """One training rollout with dynamic sampling (slime §2.6): exactly ``rollout_batch_size`` kept groups."""
+    target = rollout_batch_size
+    kept: list[Group] = []
+    drops: Counter = Counter()
+    remaining = 0  # submitted - dropped: kept groups stay counted
+    pending: set[asyncio.Task] = set()
+    submitted_groups = 0
+    started = time.perf_counter()
+    while len(kept) < target:
+        while remaining < target:
+            groups = buffer.take(over_sampling_batch_size, rollout_id=rollout_id) if len(buffer) else []
+            if len(groups) < over_sampling_batch_size:
+                groups += data_source.next_groups(over_sampling_batch_size - len(groups))
+            for group in groups:
+                pending.add(asyncio.ensure_future(generator.generate_group(group, sampling_params)))
+            remaining += len(groups)
+            submitted_groups += len(groups)
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            group = task.result()
+            if sample_filter is None:
+                decision = FilterDecision(True)
+            else:
+                decision = FilterDecision.coerce(sample_filter(group))
+            drop = not decision.keep and not (decision.keep_when_insufficient and remaining <= target)
+            if drop:
+                drops[decision.reason or "dropped"] += 1
+                remaining -= 1
+            elif len(kept) < target:
+                kept.append(group)
+    leftovers = await abort_and_drain(generator, pending)
+    if partial_rollout:
+        for group in leftovers:
+            for sample in group:
+                if sample.response_length > 0 and "start_rollout_id" not in sample.metadata:
+                    sample.metadata["start_rollout_id"] = rollout_id
+        if leftovers:
+            buffer.add(leftovers)
+    kept.sort(key=lambda g: g[0].index if g[0].index is not None else 0)
+    metrics = {
+        "rollout/submitted_groups": submitted_groups,
+        "rollout/aborted_groups": len(leftovers),
+        "rollout/buffer_size": len(buffer),
+        "perf/generate_time": time.perf_counter() - started,
+    }
+    for reason, count in drops.items():
+        metrics[f"rollout/{filter_name}/drop_{reason}"] = count
+    return RolloutResult(kept, metrics)
+
+
+async def abort_and_drain(generator: SampleGenerator, pending: set) -> list[Group]:
+    """Abort in-flight generation and collect the groups it returns (partial outputs included)."""
+    if not pending:
+        return []
+    generator.aborted = True
+    try:
+        await generator.engine.abort_all()
+        results = await asyncio.gather(*pending, return_exceptions=True)
+    finally:
+        generator.aborted = False
+    groups = []
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+        groups.append(result)
+    return groups
+
+
+def deep_copy_groups(groups: list[Group]) -> list[Group]:
+    return [copy.deepcopy(g) for g in groups]

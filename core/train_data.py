@@ -1,0 +1,67 @@
+"""From rewarded groups to the train data dict shipped to the train actors (slime §2.9, §4.1).
+
+Runs in the rollout manager. Reward post-processors (e.g. ``overlong_penalty``) edit raw rewards
+first, then the advantage estimator's ``shape_rewards`` sees them as ``[n_groups, n]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from .types import Group, Sample, Status
+
+
+def shaped_rewards(groups: Sequence[Group], estimator, reward_key: str | None) -> tuple[list[float], list[float]]:
+    """(raw, shaped) scalar rewards in sample order; shaping sees the ``[n_groups, n]`` table."""
+    import torch
+
+    samples = [s for g in groups for s in g]
+    raw = [float(s.get_reward_value(reward_key=reward_key) or 0.0) for s in samples]
+    sizes = {len(g) for g in groups}
+    if len(sizes) == 1:
+        table = torch.tensor(raw, dtype=torch.float32).view(len(groups), sizes.pop())
+    else:  # slime's fallback: unequal groups are normalised as one group
+        table = torch.tensor(raw, dtype=torch.float32).view(1, -1)
+    shaped = estimator.shape_rewards(table).reshape(-1).tolist()
+    return raw, shaped
+
+
+def samples_to_train_data(
+    groups: Sequence[Group], estimator, *, reward_key: str | None = None,
+    post_processors: Sequence[Callable[[list[Sample], Any], None]] = (), args: Any = None,
+) -> dict:
+    """Flatten groups into per-sample lists; every sample is its own rollout unless it has a rollout_id."""
+    samples = [s for g in groups for s in g]
+    for post_process in post_processors:
+        post_process(samples, args)
+    raw, shaped = shaped_rewards(groups, estimator, reward_key)
+    rollout_ids, next_id, taken = [], 0, {s.rollout_id for s in samples if s.rollout_id is not None}
+    for s in samples:
+        if s.rollout_id is not None:
+            rollout_ids.append(s.rollout_id)
+            continue
+        while next_id in taken:
+            next_id += 1
+        rollout_ids.append(next_id)
+        taken.add(next_id)
+    loss_masks = []
+    for s in samples:
+        mask = list(s.loss_mask) if s.loss_mask is not None else [1] * s.response_length
+        if s.remove_sample:
+            mask = [0] * s.response_length
+        loss_masks.append(mask)
+    mask_totals: dict[int, int] = {}
+    for rid, mask in zip(rollout_ids, loss_masks):
+        mask_totals[rid] = mask_totals.get(rid, 0) + sum(mask)
+    return {
+        "tokens": [list(s.tokens) for s in samples],
+        "response_lengths": [s.response_length for s in samples],
+        "rewards": shaped,
+        "raw_reward": [float(s.metadata.get("raw_reward", r)) for s, r in zip(samples, raw)],
+        "truncated": [1 if s.status == Status.TRUNCATED else 0 for s in samples],
+        "loss_masks": loss_masks,
+        "rollout_log_probs": [list(s.rollout_log_probs or [0.0] * s.response_length) for s in samples],
+        "sample_indices": [s.index for s in samples],
+        "rollout_ids": rollout_ids,
+        "rollout_mask_sums": [mask_totals[rid] for rid in rollout_ids],
+    }
