@@ -22,7 +22,7 @@ from .metrics import format_number, read_metrics
 _PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("reward", ("rollout/raw_reward",)),
     ("response length (tokens)", ("rollout/response_len",)),
-    ("KL to reference", ("train/kl_loss", "train/ppo_kl")),
+    ("KL (kl_loss: to reference, ppo_kl: to rollout policy)", ("train/kl_loss", "train/ppo_kl")),
     ("entropy", ("train/entropy_loss",)),
     ("clip fraction", ("train/pg_clipfrac",)),
 )
@@ -35,7 +35,10 @@ _SUMMARY_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("lr", ("lr", "learning_rate")),
 )
 
-# Metrics where lower is better for the "best" column; everything else is best at its maximum.
+# Direction of the "best" column, by name fragment; metrics matching neither (entropy, response length,
+# counts) have no best, since a rise or a fall can be healthy or a symptom depending on the run.
+_NO_DIRECTION = ("entropy", "response_len", "num_")
+_HIGHER_IS_BETTER = ("reward", "pass@", "acc")
 _LOWER_IS_BETTER = ("loss", "kl", "clipfrac", "truncat", "_time", "grad_norm")
 
 _NON_METRIC_KEYS = {"rollout_id", "phase", "time"}
@@ -116,11 +119,15 @@ def _panels(series: Mapping[str, list]) -> list[tuple[str, list[str]]]:
     return panels
 
 
-def _best(name: str, points: list[tuple[int, float]]) -> tuple[int, float]:
-    lower = any(marker in name for marker in _LOWER_IS_BETTER)
-    if lower:
+def _best(name: str, points: list[tuple[int, float]]) -> tuple[int, float] | None:
+    """(rollout id, value) of the best point, the earliest on ties; None where no direction is known."""
+    if any(marker in name for marker in _NO_DIRECTION):
+        return None
+    if any(marker in name for marker in _HIGHER_IS_BETTER):
+        return max(points, key=lambda p: (p[1], -p[0]))
+    if any(marker in name for marker in _LOWER_IS_BETTER):
         return min(points, key=lambda p: (p[1], p[0]))
-    return max(points, key=lambda p: (p[1], -p[0]))
+    return None
 
 
 def _plot(path: Path, series: Mapping[str, list], panels: list[tuple[str, list[str]]], title: str) -> None:
@@ -128,6 +135,7 @@ def _plot(path: Path, series: Mapping[str, list], panels: list[tuple[str, list[s
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     count = max(1, len(panels))
     cols = 1 if count == 1 else 2
@@ -140,8 +148,9 @@ def _plot(path: Path, series: Mapping[str, list], panels: list[tuple[str, list[s
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=name)
         ax.set_title(panel_title)
         ax.set_xlabel("rollout")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if len(names) > 1:
+        if len(names) > 1 or names[0].startswith("eval/"):
             ax.legend(fontsize="small")
     if not panels:
         flat_axes[0].text(0.5, 0.5, "no plottable metrics yet", ha="center", va="center")
@@ -160,16 +169,20 @@ def _markdown(run_dir: Path, summary: str, series: Mapping[str, list], image: st
     if last_step is not None:
         lines.append(f"Rollouts logged: up to rollout {last_step}")
     lines += ["", f"![metrics]({image})", ""]
-    lines.append("Best is the minimum for losses, KL, clip fraction, truncation, times and grad norm, else the maximum.")
+    lines.append(
+        "Best: the maximum for rewards and accuracies, the minimum for losses, KL, clip fraction, truncation, "
+        "times and grad norm; '-' where neither direction is better."
+    )
     lines.append("")
     lines.append("| metric | first | last | best | best at rollout | points |")
     lines.append("|---|---|---|---|---|---|")
     for name in sorted(series):
         points = series[name]
-        best_step, best_value = _best(name, points)
+        best = _best(name, points)
+        best_value, best_step = (format_number(best[1]), str(best[0])) if best else ("-", "-")
         lines.append(
             f"| {name} | {format_number(points[0][1])} | {format_number(points[-1][1])} | "
-            f"{format_number(best_value)} | {best_step} | {len(points)} |"
+            f"{best_value} | {best_step} | {len(points)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -299,28 +298,30 @@ class TorchTrainBackend:
                         state[k] = v.to(self.device)
 
     # ---- supervised warm-up -----------------------------------------------------------------------
-    def sft_step(self, token_lists: list[list[int]], loss_masks: list[list[int]], prompt_loss_weight: float = 0.0) -> float:
-        """One supervised step (``--loss-type sft_loss`` semantics: per-sample mean of −log p over
-        masked tokens). ``prompt_loss_weight`` > 0 also trains on prompt tokens (plain LM loss)."""
+    def sft_warmup(self, batches, *, lr: float, prompt_loss_weight: float = 0.0) -> list[float]:
+        """Supervised steps before RL (``--loss-type sft_loss`` semantics: per-sample mean of −log p
+        over response tokens). ``prompt_loss_weight`` > 0 also trains on prompt tokens as plain
+        language modelling. Uses its own AdamW so the RL optimizer starts fresh."""
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0)
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        inputs = packed_inputs(token_lists, self.device)
-        logits = self.model(**inputs).logits[0]
-        total, offset = 0.0, 0
-        loss = torch.zeros((), device=self.device)
-        for tokens, mask in zip(token_lists, loss_masks):
-            n = len(tokens)
-            weights = torch.tensor([prompt_loss_weight if m == 0 else 1.0 for m in mask[1:]], device=self.device)
-            lp = losses.log_probs_from_logits(logits[offset:offset + n - 1], inputs["input_ids"][0][offset + 1:offset + n])
-            loss = loss - (lp * weights).sum() / weights.sum().clamp(min=1.0)
-            offset += n
-        loss = loss / len(token_lists)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(_opt(self.args, "clip_grad", 1.0)))
-        self.optimizer.step()
-        total = float(loss)
-        return total
-
-
-def args_namespace(config: dict) -> SimpleNamespace:
-    return SimpleNamespace(**config)
+        history = []
+        for token_lists, response_lengths in batches:
+            optimizer.zero_grad(set_to_none=True)
+            inputs = packed_inputs(token_lists, self.device)
+            logits = self.model(**inputs).logits[0]
+            loss = torch.zeros((), device=self.device)
+            offset = 0
+            for tokens, response_length in zip(token_lists, response_lengths):
+                n = len(tokens)
+                weights = torch.full((n - 1,), float(prompt_loss_weight), device=self.device)
+                weights[n - 1 - response_length:] = 1.0
+                targets = inputs["input_ids"][0][offset + 1:offset + n]
+                lp = losses.log_probs_from_logits(logits[offset:offset + n - 1], targets)
+                loss = loss - (lp * weights).sum() / weights.sum().clamp(min=1.0)
+                offset += n
+            loss = loss / len(token_lists)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(_opt(self.args, "clip_grad", 1.0)))
+            optimizer.step()
+            history.append(float(loss))
+        return history

@@ -1,0 +1,235 @@
+"""The driver: starts Ray actors where the placement plan says and runs the training loop.
+
+Sync loop order (slime ``train.py``, reference §1.2): push weights once before step 0; per rollout:
+generate (+reward, filter) -> [colocated GPU: release engine memory, onload trainer] -> train ->
+save? -> [colocated GPU: offload trainer, resume engine weights then KV] -> push weights -> eval?.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from .checkpoint import find_latest_checkpoint, write_checkpoint_atomically
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    first_eval: dict = field(default_factory=dict)
+    last_eval: dict = field(default_factory=dict)
+    rollouts: int = 0
+    output_dir: str = ""
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+class Cluster:
+    """Ray actors for one run: a rollout manager and a train worker, placed by the placement plan."""
+
+    def __init__(self, args, plugin_set, total_optimizer_steps: int):
+        import ray
+
+        from .plugins import forwarded_env
+        from .protocols import PlacementRequest
+        from .rollout_manager import RolloutManager
+        from .train_worker import TrainWorker
+
+        self.args = args
+        use_gpu = args.device in (None, "auto", "cuda") and _cuda_available()
+        self.use_gpu = use_gpu
+        if not ray.is_initialized():
+            env = {**forwarded_env(), "TOKENIZERS_PARALLELISM": "false"}
+            init_kwargs = dict(runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=True,
+                               configure_logging=True, logging_level=logging.WARNING)
+            if args.ray_address:
+                ray.init(address=args.ray_address, **init_kwargs)
+            else:
+                ray.init(num_cpus=max(2, os.cpu_count() or 2), **init_kwargs)
+        config = vars(args)
+        device = "cuda" if use_gpu else "cpu"
+        train_options: dict = {"num_cpus": 1}
+        rollout_options: dict = {"num_cpus": 1}
+        self.placement_group = None
+        if use_gpu:
+            from ray.util.placement_group import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            placement = plugin_set.get("placement", args.placement)
+            plan = placement(PlacementRequest(
+                actor_num_nodes=args.actor_num_nodes, actor_num_gpus_per_node=args.actor_num_gpus_per_node,
+                rollout_num_gpus=args.rollout_num_gpus, rollout_num_gpus_per_engine=args.rollout_num_gpus_per_engine,
+                num_gpus_per_node=args.num_gpus_per_node,
+            ))
+            self.plan = plan
+            self.placement_group = placement_group([{"GPU": 1, "CPU": 1}] * plan.num_bundles, strategy="PACK")
+            ray.get(self.placement_group.ready())
+
+            def pinned(bundle):
+                return PlacementGroupSchedulingStrategy(placement_group=self.placement_group,
+                                                        placement_group_bundle_index=bundle)
+
+            # Fractions let the trainer and the engine share a GPU when the plan colocates them.
+            train_options = {"num_cpus": 0.4, "num_gpus": 0.4, "scheduling_strategy": pinned(plan.actor_bundles[0])}
+            rollout_options = {"num_cpus": 0.2, "num_gpus": 0.2, "scheduling_strategy": pinned(plan.rollout_bundles[0])}
+        worker_config = {**config, "device": device, "rollout_device": device}
+        self.rollout = ray.remote(_threads(RolloutManager)).options(**rollout_options).remote(worker_config)
+        self.train = ray.remote(_threads(TrainWorker)).options(**train_options).remote(worker_config, total_optimizer_steps)
+        ray.get([self.rollout.__ray_ready__.remote(), self.train.__ray_ready__.remote()])
+        self.colocated_gpu = use_gpu and plan.colocated
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in (getattr(self, "rollout", None), getattr(self, "train", None)):
+            if actor is not None:
+                ray.kill(actor)
+        if self.placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement_group)
+
+
+def _threads(cls):
+    """Subclass that lets torch use every core: in the sync loop generation and training take
+    turns, so neither actor needs to leave cores to the other (Ray pins OMP_NUM_THREADS to 1)."""
+
+    class WithThreads(cls):
+        def __init__(self, *a, **kw):
+            import torch
+
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+            super().__init__(*a, **kw)
+
+    WithThreads.__name__ = cls.__name__
+    WithThreads.__qualname__ = cls.__qualname__
+    return WithThreads
+
+
+def _due(interval, rollout_id: int, last: bool) -> bool:
+    return bool(interval) and ((rollout_id + 1) % interval == 0 or last)
+
+
+def run_training(args, plugin_set, *, logger_=None, on_phase=None) -> RunSummary:
+    """Run the whole job described by ``args`` (a validated config namespace)."""
+    import ray
+
+    from .metrics import MetricsLogger, console_line
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    metrics_logger = logger_ or MetricsLogger(
+        args.output_dir, use_tensorboard=bool(args.use_tensorboard), use_wandb=bool(args.use_wandb),
+        wandb_project=getattr(args, "wandb_project", None), wandb_group=getattr(args, "wandb_group", None),
+        wandb_mode=getattr(args, "wandb_mode", None), config=vars(args),
+    )
+    phase = on_phase or (lambda name, rollout_id: None)
+    steps_per_rollout = max(1, (args.rollout_batch_size * args.n_samples_per_prompt) // args.global_batch_size)
+    cluster = None
+    summary = RunSummary(output_dir=args.output_dir)
+    try:
+        phase("starting actors", -1)
+        cluster = Cluster(args, plugin_set, total_optimizer_steps=max(1, args.num_rollout) * steps_per_rollout)
+        start_rollout = 0
+        if args.load and find_latest_checkpoint(args.load):
+            start_rollout = _restore(cluster, args.load) + 1
+            logger.warning("resumed from %s at rollout %d", args.load, start_rollout)
+        elif getattr(args, "sft_warmup_steps", 0) and args.sft_warmup_data:
+            phase("format warm-up", -1)
+            history = ray.get(cluster.train.sft_warmup.remote(
+                args.sft_warmup_data, steps=int(args.sft_warmup_steps), batch_size=int(args.sft_warmup_batch_size),
+                lr=float(args.sft_warmup_lr), prompt_loss_weight=float(args.sft_warmup_prompt_loss_weight),
+                seed=int(args.seed)))
+            metrics_logger.log(-1, {"sft/loss_first": history[0], "sft/loss_last": history[-1]}, phase="sft")
+        version = start_rollout
+        phase("sync", start_rollout)
+        _push_weights(cluster, args, version)
+        if args.eval_interval and start_rollout == 0 and args.eval_prompt_data:
+            phase("eval", -1)
+            summary.first_eval = ray.get(cluster.rollout.evaluate.remote(-1))
+            metrics_logger.log(-1, summary.first_eval, phase="eval")
+        last_rollout = args.num_rollout - 1
+        for rollout_id in range(start_rollout, args.num_rollout):
+            step_started = time.perf_counter()
+            phase("generate", rollout_id)
+            data, metrics = ray.get(cluster.rollout.generate.remote(rollout_id))
+            if cluster.colocated_gpu:
+                ray.get(cluster.rollout.release_memory.remote())
+                ray.get(cluster.train.onload.remote())
+            phase("train", rollout_id)
+            train_started = time.perf_counter()
+            metrics.update(ray.get(cluster.train.train.remote(rollout_id, data)))
+            metrics["perf/train_time"] = time.perf_counter() - train_started
+            if args.save and _due(args.save_interval, rollout_id, rollout_id == last_rollout):
+                phase("save", rollout_id)
+                _save(cluster, args, rollout_id)
+            if cluster.colocated_gpu:
+                ray.get(cluster.train.offload.remote())
+                ray.get(cluster.rollout.resume_memory.remote(["weights"]))
+            phase("sync", rollout_id)
+            sync_started = time.perf_counter()
+            if (rollout_id + 1) % max(1, int(args.update_weights_interval)) == 0:
+                _push_weights(cluster, args, rollout_id + 1)
+            if cluster.colocated_gpu:
+                ray.get(cluster.rollout.resume_memory.remote(["kv_cache"]))
+            metrics["perf/weight_sync_time"] = time.perf_counter() - sync_started
+            if args.eval_prompt_data and _due(args.eval_interval, rollout_id, rollout_id == last_rollout):
+                phase("eval", rollout_id)
+                summary.last_eval = ray.get(cluster.rollout.evaluate.remote(rollout_id))
+                metrics.update(summary.last_eval)
+            metrics["perf/step_time"] = time.perf_counter() - step_started
+            for extra in plugin_set.pm.hook.plugrl_on_train_step_end(rollout_id=rollout_id, metrics=metrics):
+                metrics.update(extra or {})
+            metrics_logger.log(rollout_id, metrics, phase="train")
+            print(console_line(rollout_id, metrics), flush=True)
+            summary.rollouts += 1
+        if args.save_hf:
+            ray.get(cluster.train.save_hf.remote(args.save_hf))
+    finally:
+        metrics_logger.close()
+        if cluster is not None:
+            cluster.shutdown()
+    return summary
+
+
+def _push_weights(cluster, args, version: int) -> None:
+    import ray
+
+    buckets = cluster.train.export_weights.remote(int(args.update_weight_buffer_size))
+    ray.get(cluster.rollout.update_weights.remote(buckets, version))
+
+
+def _save(cluster, args, rollout_id: int) -> None:
+    import ray
+
+    def write(tmp_dir: str) -> None:
+        ray.get(cluster.train.save.remote(tmp_dir))
+        with open(os.path.join(tmp_dir, "rollout_state.json"), "w") as f:
+            json.dump(ray.get(cluster.rollout.state_dict.remote()), f)
+        with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
+            json.dump({"rollout_id": rollout_id, "config": {k: v for k, v in vars(args).items()
+                                                           if isinstance(v, (str, int, float, bool, list, dict, type(None)))}}, f)
+
+    write_checkpoint_atomically(args.save, rollout_id, write)
+
+
+def _restore(cluster, load_dir: str) -> int:
+    import ray
+
+    path = find_latest_checkpoint(load_dir)
+    with open(os.path.join(path, "meta.json")) as f:
+        rollout_id = json.load(f)["rollout_id"]
+    ray.get(cluster.train.load.remote(path))
+    with open(os.path.join(path, "rollout_state.json")) as f:
+        ray.get(cluster.rollout.load_state_dict.remote(json.load(f)))
+    return rollout_id

@@ -1,0 +1,183 @@
+"""``RolloutManager``: the body of the rollout Ray actor (plain Python, so tests can drive it directly).
+
+Owns the data source, the buffer policy, the rollout engine, the reward, the dynamic-sampling filter,
+reward post-processors and the estimator's reward shaping. The driver calls ``generate``, ``evaluate``,
+``update_weights``, ``state_dict`` / ``load_state_dict`` on it, one call at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from types import SimpleNamespace
+from typing import Any
+
+from .rollout import EventLoopThread, SampleGenerator, generate_rollout, sampling_params_from_args, scalar_reward
+from .train_data import samples_to_train_data
+from .types import Sample, Status
+
+logger = logging.getLogger(__name__)
+
+
+def _build_filter(args, plugin_set):
+    if getattr(args, "dynamic_sampling_filter_path", None):
+        from plugrl.plugins.filters.slime_compat import slime_dynamic_sampling_filter
+
+        return slime_dynamic_sampling_filter(args.dynamic_sampling_filter_path, args), "dynamic_filter"
+    name = getattr(args, "dynamic_sampling_filter", None)
+    if not name:
+        return None, "dynamic_filter"
+    fn = plugin_set.get("filter", name)
+    options = dict(getattr(args, "filter_opt", None) or {})
+    if getattr(args, "reward_key", None) and "reward_key" not in options:
+        options["reward_key"] = args.reward_key
+    return (lambda group: fn(group, **options)), "dynamic_filter"
+
+
+def _build_buffer(args, plugin_set):
+    n = int(args.n_samples_per_prompt)
+    if getattr(args, "buffer_filter_path", None):
+        from plugrl.plugins.filters.slime_compat import slime_buffer_policy
+
+        return slime_buffer_policy(args.buffer_filter_path, args, n)
+    return plugin_set.get("buffer_policy", getattr(args, "buffer_filter", None) or "fifo")(n)
+
+
+class RolloutManager:
+    def __init__(self, config: dict):
+        from transformers import AutoTokenizer
+
+        from .data import PromptDataSource, load_eval_datasets, load_prompt_dataset
+        from .plugins import load_plugins
+        from .reward_call import resolve_reward
+
+        self.args = args = SimpleNamespace(**config)
+        plugin_set = load_plugins()
+        self.tokenizer = AutoTokenizer.from_pretrained(args.hf_checkpoint)
+        data_kwargs = dict(
+            apply_chat_template=bool(args.apply_chat_template), tokenizer=self.tokenizer,
+            apply_chat_template_kwargs=getattr(args, "apply_chat_template_kwargs", None) or None,
+            metadata_key=args.metadata_key, tool_key=getattr(args, "tool_key", "tools"),
+            skip_bad_rows=bool(getattr(args, "skip_bad_rows", False)),
+        )
+        dataset = None
+        if args.prompt_data:
+            dataset = load_prompt_dataset(args.prompt_data, input_key=args.input_key, label_key=args.label_key,
+                                          max_prompt_len=getattr(args, "rollout_max_prompt_len", None), **data_kwargs)
+        self.data_source = PromptDataSource(dataset, int(args.n_samples_per_prompt),
+                                            shuffle=bool(args.rollout_shuffle), seed=int(args.rollout_seed))
+        self.num_prompts = len(dataset) if dataset is not None else 0
+        self.eval_datasets = load_eval_datasets(
+            getattr(args, "eval_prompt_data", None),
+            input_key=getattr(args, "eval_input_key", None) or args.input_key,
+            label_key=getattr(args, "eval_label_key", None) or args.label_key, **data_kwargs,
+        )
+        self.buffer = _build_buffer(args, plugin_set)
+        self.sample_filter, self.filter_name = _build_filter(args, plugin_set)
+        self.estimator = plugin_set.get("advantage_estimator", args.advantage_estimator)(args)
+        self.post_processors = [plugin_set.get("reward_post_processor", name)
+                                for name in (getattr(args, "reward_post_process", None) or [])]
+        engine_cls = plugin_set.get("rollout_backend", args.rollout_backend)
+        self.engine = engine_cls(args.hf_checkpoint, device=getattr(args, "rollout_device", None),
+                                 seed=int(args.rollout_seed), max_batch_size=int(getattr(args, "rollout_max_batch_size", 256) or 256))
+        reward = resolve_reward(SimpleNamespace(**{**config, "rm_type": args.rm_type}), dict(args.rm_opt or {}))
+        self.loop = EventLoopThread()
+        concurrency = int(getattr(args, "rollout_concurrency", None) or 512)
+        self.generator = self.loop.run(self._make_generator(reward, concurrency))
+
+    async def _make_generator(self, reward, concurrency):
+        # The semaphore must be created on the loop that uses it.
+        return SampleGenerator(self.args, self.engine, self.tokenizer, reward, concurrency=concurrency)
+
+    # ---- training rollouts ------------------------------------------------------------------------
+    def generate(self, rollout_id: int) -> tuple[dict, dict]:
+        """One rollout: ``(train_data, metrics)``; runs dynamic sampling and partial rollout."""
+        args = self.args
+        started = time.perf_counter()
+        rewards_before = self.generator.reward_errors
+        result = self.loop.run(generate_rollout(
+            self.generator, self.data_source, self.buffer, rollout_id=rollout_id,
+            rollout_batch_size=int(args.rollout_batch_size),
+            over_sampling_batch_size=int(getattr(args, "over_sampling_batch_size", None) or args.rollout_batch_size),
+            sampling_params=sampling_params_from_args(args), sample_filter=self.sample_filter,
+            filter_name=self.filter_name, partial_rollout=bool(getattr(args, "partial_rollout", False)),
+        ))
+        for group in result.groups:
+            for sample in group:
+                sample.rollout_id = None  # every sample is its own rollout (slime's default)
+        data = samples_to_train_data(result.groups, self.estimator, reward_key=getattr(args, "reward_key", None),
+                                     post_processors=self.post_processors, args=args)
+        metrics = dict(result.metrics)
+        metrics.update(self._sample_metrics([s for g in result.groups for s in g], getattr(args, "reward_key", None)))
+        metrics["rollout/reward_errors"] = self.generator.reward_errors - rewards_before
+        metrics["perf/rollout_time"] = time.perf_counter() - started
+        return data, metrics
+
+    @staticmethod
+    def _sample_metrics(samples: list[Sample], reward_key) -> dict:
+        rewards = [scalar_reward(s, reward_key) for s in samples]
+        lengths = [s.response_length for s in samples]
+        n = max(1, len(samples))
+        return {
+            "rollout/raw_reward": statistics.fmean(rewards) if rewards else 0.0,
+            "rollout/response_len": statistics.fmean(lengths) if lengths else 0.0,
+            "rollout/truncated_ratio": sum(s.status == Status.TRUNCATED for s in samples) / n,
+            "rollout/num_samples": len(samples),
+        }
+
+    # ---- eval -------------------------------------------------------------------------------------
+    def evaluate(self, rollout_id: int) -> dict:
+        """Every ``--eval-prompt-data`` set with ``--n-samples-per-eval-prompt`` samples per prompt."""
+        return self.loop.run(self._evaluate(rollout_id))
+
+    async def _evaluate(self, rollout_id: int) -> dict:
+        import asyncio
+        import copy
+
+        from .eval_metrics import eval_metrics
+
+        args = self.args
+        n = int(getattr(args, "n_samples_per_eval_prompt", 1) or 1)
+        params = sampling_params_from_args(args, evaluation=True)
+        metrics: dict[str, float] = {}
+        reward_key = getattr(args, "eval_reward_key", None) or getattr(args, "reward_key", None)
+        for name, dataset in self.eval_datasets.items():
+            groups = [[copy.deepcopy(s) for _ in range(n)] for s in dataset.samples]
+            index = 0
+            for group in groups:
+                for sample in group:
+                    sample.index = index
+                    index += 1
+            started = time.perf_counter()
+            await asyncio.gather(*(self.generator.generate_group(g, params, evaluation=True) for g in groups))
+            rewards = [[scalar_reward(s, reward_key) for s in g] for g in groups]
+            truncated = [[s.status == Status.TRUNCATED for s in g] for g in groups]
+            lengths = [[s.response_length for s in g] for g in groups]
+            metrics.update(eval_metrics(name, rewards, truncated, lengths))
+            metrics[f"eval/{name}/time"] = time.perf_counter() - started
+        return metrics
+
+    # ---- weights, memory, state ---------------------------------------------------------------------
+    def update_weights(self, buckets: list, version: int) -> None:
+        self.engine.update_weights(buckets, version)
+
+    def release_memory(self) -> None:
+        self.engine.release_memory()
+
+    def resume_memory(self, tags=None) -> None:
+        self.engine.resume_memory(tags)
+
+    def num_rollout_per_epoch(self) -> int:
+        return self.data_source.num_rollout_per_epoch(int(self.args.rollout_batch_size))
+
+    def state_dict(self) -> dict:
+        return {"data_source": self.data_source.state_dict(), "buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.data_source.load_state_dict(state["data_source"])
+        self.buffer.load_state_dict(state["buffer"])
+
+    def engine_log_probs(self, sequences, response_lengths, temperature: float = 1.0) -> Any:
+        """Teacher-forced log-probs from the engine's current weights (weight-push checks)."""
+        return self.engine.log_probs_of(sequences, response_lengths, temperature)

@@ -1,0 +1,102 @@
+"""``plugrl train``: parse and validate the config on the driver, then run the loop.
+
+With no data or checkpoint given, it runs the embedded default: the tiny Qwen3 checkpoint (built once
+and cached), the bundled toy math data, a short format warm-up, then GRPO with the deepscaler reward.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+DEFAULT_RECIPE = "tiny-default"
+
+
+def tiny_default_values() -> dict:
+    """The embedded default run (about 5 minutes on 2 CPU cores): see ``tiny_default.py`` for the task."""
+    from plugrl.plugins.backends import tiny_default as tiny
+
+    return {
+        "prompt_data": str(tiny.TRAIN_FILE), "input_key": "prompt", "label_key": "label",
+        "apply_chat_template": True, "rollout_shuffle": True,
+        "eval_prompt_data": ["toy_math", str(tiny.EVAL_FILE)], "eval_interval": 25,
+        "n_samples_per_eval_prompt": 4,
+        "rm_type": "deepscaler", "advantage_estimator": "grpo",
+        "rollout_batch_size": 32, "n_samples_per_prompt": 8, "num_rollout": 150,
+        "rollout_max_response_len": 16, "rollout_temperature": 1.0,
+        "global_batch_size": 256, "micro_batch_size": 64,
+        "lr": 1e-3, "adam_beta1": 0.9, "adam_beta2": 0.98, "weight_decay": 0.0, "clip_grad": 1.0,
+        "sft_warmup_steps": 300, "sft_warmup_lr": 3e-3, "sft_warmup_batch_size": 32,
+        "sft_warmup_prompt_loss_weight": 1.0, "sft_warmup_data": str(tiny.SFT_FILE),
+    }
+
+
+def _uses_default_run(argv: list[str]) -> bool:
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    return not given & {"--prompt-data", "--hf-checkpoint", "--recipe", "--config"}
+
+
+def main(argv: list[str]) -> int:
+    from .config import ConfigError, config_to_dict, parse_config, validate_config
+    from .plugins import load_plugins
+    from .registry import PluginError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    plugin_set = load_plugins()
+    if _uses_default_run(argv) and not any(a in ("-h", "--help") for a in argv):
+        argv = ["--recipe", DEFAULT_RECIPE, *argv]
+    try:
+        args = parse_config(argv, plugin_set)
+        if getattr(args, "recipe", None) == DEFAULT_RECIPE and not args.hf_checkpoint:
+            from plugrl.plugins.backends.tiny_default import default_checkpoint
+
+            args.hf_checkpoint = str(default_checkpoint())
+        validate_config(args, plugin_set)
+    except (ConfigError, PluginError) as exc:
+        print(f"plugrl train: error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(args), sort_keys=True))
+        return 0
+    from .loop import run_training
+    from .metrics import MetricsLogger
+
+    metrics_logger = MetricsLogger(args.output_dir, use_tensorboard=bool(args.use_tensorboard),
+                                   use_wandb=bool(args.use_wandb), wandb_project=args.wandb_project,
+                                   wandb_group=args.wandb_group, wandb_mode=args.wandb_mode, config=config_to_dict(args))
+    metrics_logger.write_config(config_to_dict(args))
+    started = time.time()
+    print(f"plugrl train: {args.num_rollout} rollouts, output in {args.output_dir}", flush=True)
+    summary = run_training(args, plugin_set, logger_=metrics_logger, on_phase=_phase_printer())
+    elapsed = time.time() - started
+    print(f"done in {elapsed:.0f}s: {summary.rollouts} rollouts; metrics in {args.output_dir}/metrics.jsonl")
+    for key in sorted(k for k in summary.last_eval if k.endswith("/pass@1")):
+        first = summary.first_eval.get(key)
+        last = summary.last_eval[key]
+        if first is not None:
+            print(f"{key}: first eval {first:.3f} -> last eval {last:.3f} ({last - first:+.3f})")
+        else:
+            print(f"{key}: last eval {last:.3f}")
+    return 0
+
+
+def _phase_printer():
+    """One progress bar over rollouts whose label shows the phase being run."""
+    from tqdm import tqdm
+
+    state = {"bar": None}
+
+    def on_phase(name: str, rollout_id: int) -> None:
+        if rollout_id < 0:
+            print(f"[{name}]", flush=True)
+            return
+        bar = state["bar"]
+        if bar is None:
+            bar = state["bar"] = tqdm(unit="rollout", dynamic_ncols=True, leave=False, file=sys.stderr)
+        bar.n = rollout_id
+        bar.set_description(name)
+
+    return on_phase
