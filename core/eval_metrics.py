@@ -14,7 +14,7 @@ every deepscaler answer as correct. Rewards of a graded continuous scale need th
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

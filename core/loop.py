@@ -137,6 +137,7 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None) -> RunSummary
     steps_per_rollout = max(1, (args.rollout_batch_size * args.n_samples_per_prompt) // args.global_batch_size)
     cluster = None
     summary = RunSummary(output_dir=args.output_dir)
+    plugin_set.pm.hook.plugrl_configure.call_historic(kwargs={"config": args})
     try:
         phase("starting actors", -1)
         cluster = Cluster(args, plugin_set, total_optimizer_steps=max(1, args.num_rollout) * steps_per_rollout)
@@ -157,12 +158,14 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None) -> RunSummary
         if args.eval_interval and start_rollout == 0 and args.eval_prompt_data:
             phase("eval", -1)
             summary.first_eval = ray.get(cluster.rollout.evaluate.remote(-1))
+            _observe(plugin_set.pm.hook.plugrl_on_eval_end, -1, summary.first_eval)
             metrics_logger.log(-1, summary.first_eval, phase="eval")
         last_rollout = args.num_rollout - 1
         for rollout_id in range(start_rollout, args.num_rollout):
             step_started = time.perf_counter()
             phase("generate", rollout_id)
             data, metrics = ray.get(cluster.rollout.generate.remote(rollout_id))
+            _observe(plugin_set.pm.hook.plugrl_on_rollout_end, rollout_id, metrics)
             if cluster.colocated_gpu:
                 ray.get(cluster.rollout.release_memory.remote())
                 ray.get(cluster.train.onload.remote())
@@ -186,10 +189,10 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None) -> RunSummary
             if args.eval_prompt_data and _due(args.eval_interval, rollout_id, rollout_id == last_rollout):
                 phase("eval", rollout_id)
                 summary.last_eval = ray.get(cluster.rollout.evaluate.remote(rollout_id))
+                _observe(plugin_set.pm.hook.plugrl_on_eval_end, rollout_id, summary.last_eval)
                 metrics.update(summary.last_eval)
             metrics["perf/step_time"] = time.perf_counter() - step_started
-            for extra in plugin_set.pm.hook.plugrl_on_train_step_end(rollout_id=rollout_id, metrics=metrics):
-                metrics.update(extra or {})
+            _observe(plugin_set.pm.hook.plugrl_on_train_step_end, rollout_id, metrics)
             metrics_logger.log(rollout_id, metrics, phase="train")
             print(console_line(rollout_id, metrics), flush=True)
             summary.rollouts += 1
@@ -200,6 +203,12 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None) -> RunSummary
         if cluster is not None:
             cluster.shutdown()
     return summary
+
+
+def _observe(hook, rollout_id: int, metrics: dict) -> None:
+    """Call an observer hook; the dicts plugins return are merged into ``metrics``."""
+    for extra in hook(rollout_id=rollout_id, metrics=dict(metrics)):
+        metrics.update(extra or {})
 
 
 def _push_weights(cluster, args, version: int) -> None:

@@ -30,8 +30,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Self
 
 # (metric name, console label) in display order; the console line shows those present.
 CONSOLE_KEYS: tuple[tuple[str, str], ...] = (
@@ -244,8 +245,8 @@ class MetricsLogger:
                 ) from exc
         if config is not None:
             self.write_config(config)
-        # Append: a resumed run continues the same file.
-        self._file = open(self.metrics_path, "a", encoding="utf-8")
+        # Append: a resumed run continues the same file. Held open for the run, closed by close().
+        self._file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -296,7 +297,7 @@ class MetricsLogger:
             self._wandb_run.finish()
             self._wandb_run = None
 
-    def __enter__(self) -> "MetricsLogger":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:

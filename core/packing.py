@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 # The quadratic (attention) term of the default micro-batch cost. For a transformer with hidden size h
 # the per-token linear FLOPs are ~24·h² per layer and the attention-score FLOPs ~4·h·L per token, so

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .metrics import format_number, read_metrics
 
@@ -22,7 +23,7 @@ from .metrics import format_number, read_metrics
 _PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("reward", ("rollout/raw_reward",)),
     ("response length (tokens)", ("rollout/response_len",)),
-    ("KL (kl_loss: to reference, ppo_kl: to rollout policy)", ("train/kl_loss", "train/ppo_kl")),
+    ("KL (kl_loss: to reference; ppo_kl: to rollout policy)", ("train/kl_loss", "train/ppo_kl")),
     ("entropy", ("train/entropy_loss",)),
     ("clip fraction", ("train/pg_clipfrac",)),
 )
@@ -150,8 +151,7 @@ def _plot(path: Path, series: Mapping[str, list], panels: list[tuple[str, list[s
         ax.set_xlabel("rollout")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if len(names) > 1 or names[0].startswith("eval/"):
-            ax.legend(fontsize="small")
+        ax.legend(fontsize="small")  # the metric names say exactly what is plotted
     if not panels:
         flat_axes[0].text(0.5, 0.5, "no plottable metrics yet", ha="center", va="center")
     for ax in flat_axes[len(panels) or 1 :]:

@@ -1,4 +1,4 @@
-"""Meta-tests: every hook is documented (docstring and docs/hooks.md) and exercised by a test."""
+"""Meta-tests: every hook is documented (docstring and README.md) and exercised by a test."""
 
 import inspect
 import re
@@ -26,7 +26,7 @@ def test_hook_has_docstring(hook):
 
 def _hooks_table():
     rows = {}
-    for line in (ROOT / "docs" / "hooks.md").read_text().splitlines():
+    for line in (ROOT / "README.md").read_text().splitlines():
         match = re.match(r"\|\s*`(plugrl_\w+)\(([^)]*)\)`\s*\|(.*)\|\s*$", line)
         if match:
             rows[match.group(1)] = (match.group(2), [cell.strip() for cell in re.split(r"(?<!\\)\|", match.group(3))])
@@ -34,14 +34,14 @@ def _hooks_table():
 
 
 def test_hooks_table_has_the_expected_columns():
-    text = (ROOT / "docs" / "hooks.md").read_text()
+    text = (ROOT / "README.md").read_text()
     assert "| hook | when | where (process) | contract |" in text
 
 
 @pytest.mark.parametrize("hook", HOOKS)
 def test_hook_is_in_the_docs_table_with_its_arguments(hook):
     rows = _hooks_table()
-    assert hook in rows, f"docs/hooks.md has no table row for {hook}"
+    assert hook in rows, f"README.md has no table row for {hook}"
     args, cells = rows[hook]
     spec_args = list(inspect.signature(getattr(hookspecs, hook)).parameters)
     assert [a.strip() for a in args.split(",") if a.strip()] == spec_args

@@ -215,7 +215,7 @@ def test_summarize_eval_hand_example():
 
 def test_summarize_eval_k_limited_by_smallest_prompt_and_threshold():
     summary = summarize_eval([[1, 0, 1], [0.4, 0.6]], [[False] * 3, [False] * 2], [[1] * 3, [1] * 2], correct_above=0.5)
-    assert set(k for k in summary if k.startswith("pass@")) == {"pass@1", "pass@2"}
+    assert {k for k in summary if k.startswith("pass@")} == {"pass@1", "pass@2"}
     assert summary["pass@1"] == pytest.approx((2 / 3 + 1 / 2) / 2)
     single = summarize_eval([[1.0], [0.0]], [[False], [True]], [[3], [5]])
     assert single["pass@1"] == 0.5 and "pass@2" not in single

@@ -232,7 +232,7 @@ def test_every_sample_exactly_once_across_ranks_and_micro_batches():
         n = rng.randint(dp, 40)
         lengths = [rng.choice([rng.randint(1, 50), rng.randint(50, 400)]) for _ in range(n)]
         dynamic = rng.random() < 0.6
-        kwargs = dict(dp_size=dp, balance_data=rng.random() < 0.5)
+        kwargs = {"dp_size": dp, "balance_data": rng.random() < 0.5}
         if dynamic:
             kwargs.update(use_dynamic_batch_size=True, max_tokens_per_gpu=rng.choice([64, 200, 500]))
         else:

@@ -41,6 +41,7 @@ class Request:
     log_probs: list[float] = field(default_factory=list)
     finish: dict | None = None
     cancelled: bool = False
+    running: bool = False  # admitted to the decode batch and not answered yet
 
     def banned_tokens(self, ctx: StopContext) -> list[int]:
         """min_new_tokens: EOS and stop ids cannot be sampled yet (SGLang's MinNewTokensPenalizer)."""

@@ -277,7 +277,8 @@ class HFRolloutEngine:
                         admit = []
                         while self._pending and len(admit) + len(batch or ()) < self.max_batch_size:
                             admit.append(self._pending.popleft())
-                        self._num_running = len(admit) + len(batch or ())
+                            admit[-1].running = True
+                        self._num_running += len(admit)
                     for r in dropped:
                         self._finish_abort(r)
                     if batch is not None:
@@ -289,8 +290,6 @@ class HFRolloutEngine:
                             self._finish_abort(r)
                         return
                     batch = self._work(batch, admit)
-                    with self._cond:
-                        self._num_running = len(batch or ())
         except BaseException as exc:  # a bug in the loop itself: fail loudly, never hang callers
             self._error = exc
             logger.exception("hf engine decode thread died")
@@ -299,7 +298,7 @@ class HFRolloutEngine:
                 self._pending.clear()
                 self._abort_waiters = []
             for r in stranded:
-                r.deliver(RuntimeError(f"hf engine decode thread died: {exc!r}"))
+                self._complete(r, RuntimeError(f"hf engine decode thread died: {exc!r}"))
             for waiter in waiters:
                 waiter.set_result(None)
 
@@ -328,7 +327,7 @@ class HFRolloutEngine:
             failed = {id(r): r for r in admit + (batch.requests if batch else [])}
             for r in failed.values():
                 if r.finish is None:
-                    r.deliver(exc)
+                    self._complete(r, exc)
             return None
 
     def _prefill_chunks(self, requests: list[Request]):
@@ -349,14 +348,14 @@ class HFRolloutEngine:
             banned=[r.banned_tokens(self._ctx) for r in rows],
         )
         batch.advance(tokens)
-        for r, token, lp in zip(rows, tokens.tolist(), log_probs.tolist()):
-            if r.observe(token, lp, self._ctx):
-                r.deliver(r.result(self._ctx, self._weight_version))
-        with self._cond:
+        with self._cond:  # before any answer goes out, so callers never see stale counters
             key = "prefill_forwards" if prefill else "decode_steps"
             self._stats[key] += 1
             self._stats["max_rows_per_step"] = max(self._stats["max_rows_per_step"], len(rows))
             self._stats["generated_tokens"] += len(rows)
+        for r, token, lp in zip(rows, tokens.tolist(), log_probs.tolist()):
+            if r.observe(token, lp, self._ctx):
+                self._complete(r, r.result(self._ctx, self._weight_version))
 
     def _drop(self, batch: DecodeBatch, gone) -> DecodeBatch | None:
         """Remove rows for which ``gone(request)``; aborted/cancelled ones are answered here."""
@@ -370,7 +369,15 @@ class HFRolloutEngine:
         return batch if keep else None
 
     def _finish_abort(self, request: Request) -> None:
-        if request.cancelled:
-            return
         request.abort("aborted by abort_all" if not self._stop else "engine closed")
-        request.deliver(request.result(self._ctx, self._weight_version))
+        self._complete(request, request.result(self._ctx, self._weight_version))
+
+    def _complete(self, request: Request, result) -> None:
+        """Every request leaves through here: it stops counting as running *before* its caller
+        sees the answer, so ``load_stats`` is never stale for a caller that awaited its results."""
+        with self._cond:
+            if request.running:
+                request.running = False
+                self._num_running -= 1
+        if not request.cancelled:
+            request.deliver(result)

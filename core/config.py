@@ -1,0 +1,599 @@
+"""The run configuration of ``plugrl train``: flags, ``--config`` YAML, ``--recipe`` presets, derived
+defaults and validation. Runs on the driver only, before any Ray actor or GPU is touched.
+
+Precedence: flag defaults < recipe < YAML < command line. ``parse_config`` returns the resolved
+``argparse.Namespace`` (slime's flag names as dests); ``validate_config`` checks it against the
+plugin registries and raises one ``ConfigError`` listing every problem, each naming the flag and the
+fix; ``config_to_dict`` gives the YAML/JSON form, which ``--config`` reads back.
+
+With no ``--prompt-data`` and no ``--recipe`` the run is the embedded default run: the ``default``
+recipe applies and ``args.default_run`` is True (the caller fills in the toy data and checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .flags import (
+    META_KEYS,
+    ConfigError,
+    Layer,
+    PlugrlArgumentParser,
+    ReplaceAppendAction,
+    add_core_flags,
+    canonical_flag,
+    check_reserved,
+    cli_flags,
+    passthrough_words,
+    read_layer,
+    read_yaml,
+)
+from .registry import SELECTING_FLAG, PluginError
+
+__all__ = [
+    "RECIPES",
+    "ConfigError",
+    "build_parser",
+    "config_to_dict",
+    "parse_config",
+    "resolve_defaults",
+    "resolve_owned_flags",
+    "validate_config",
+]
+
+
+# name -> flag values (dests). "default" is the embedded default run: the toy math task with the
+# deepscaler reward; its backends are the resolved defaults (torch, hf, colocate) so that backend flags
+# can still select others. Paths, checkpoint and run length are filled in by the caller.
+RECIPES: dict[str, dict] = {
+    "default": {
+        "rm_type": "deepscaler",
+        "advantage_estimator": "grpo",
+        "input_key": "prompt",
+        "label_key": "label",
+        "apply_chat_template": True,
+        "rollout_shuffle": True,
+        "rollout_batch_size": 16,
+        "n_samples_per_prompt": 8,
+        "rollout_max_response_len": 32,
+        "rollout_temperature": 1.0,
+    },
+}
+
+DEFAULT_BACKENDS = {"train_backend": "torch", "rollout_backend": "hf"}
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "lr_decay_style": ("constant", "linear", "cosine"),
+    "reward_error": ("zero", "raise"),
+    "loss_type": ("policy_loss", "sft_loss", "custom_loss"),
+    "kl_loss_type": ("k1", "k2", "k3", "low_var_kl"),
+    "wandb_mode": ("online", "offline", "disabled"),
+}
+PATH_FLAGS = (
+    "custom_rm_path",
+    "dynamic_sampling_filter_path",
+    "buffer_filter_path",
+    "custom_generate_function_path",
+    "custom_reward_post_process_path",
+    "custom_advantage_function_path",
+    "custom_loss_function_path",
+    "custom_pg_loss_reducer_function_path",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------------
+
+
+def _default_plugin_set():
+    from .plugins import load_plugins
+
+    return load_plugins()
+
+
+def build_parser(plugin_set=None) -> PlugrlArgumentParser:
+    """Every flag: core groups, then each plugin's groups (``plugrl_add_options``)."""
+    plugin_set = plugin_set or _default_plugin_set()
+    parser = PlugrlArgumentParser(
+        prog="plugrl train",
+        usage="plugrl train [--config RUN.YAML] [--recipe NAME] [--FLAG VALUE ...]",
+        description="RL post-training (GRPO and relatives). Flags are slime's; --config YAML and --recipe "
+        "presets set the same values (command line > YAML > recipe > defaults).",
+    )
+    add_core_flags(parser)
+    try:
+        plugin_set.pm.hook.plugrl_add_options(parser=parser)
+    except argparse.ArgumentError as exc:
+        raise ConfigError(f"a plugin's plugrl_add_options defines a flag twice: {exc}") from exc
+    return parser
+
+
+def _recipe_layer(parser: PlugrlArgumentParser, name: str) -> Layer:
+    if name not in RECIPES:
+        close = difflib.get_close_matches(name, list(RECIPES), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"--recipe: unknown recipe '{name}'. Available: {', '.join(sorted(RECIPES))}.{hint}")
+    return read_layer(parser, RECIPES[name], f"recipe '{name}'", f"recipe:{name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# parse_config
+# --------------------------------------------------------------------------------------------------
+
+
+def _pre_parse(argv: list[str]) -> argparse.Namespace:
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    pre.add_argument("--recipe")
+    return pre.parse_known_args(argv)[0]
+
+
+def parse_config(argv: list[str], plugin_set=None) -> argparse.Namespace:
+    """Flags + ``--config`` YAML + ``--recipe`` -> the resolved namespace (driver; never touches GPUs).
+
+    Raises ``ConfigError`` for unknown YAML keys or flags, and for flags of a plugin other than the
+    one selected; argparse itself exits on ``--help`` and on malformed flag values.
+    """
+    argv = list(argv)
+    plugin_set = plugin_set or _default_plugin_set()
+    parser = build_parser(plugin_set)
+    pre = _pre_parse(argv)
+    yaml_raw = read_yaml(pre.config, "--config") if pre.config else {}
+    yaml_layer = read_layer(parser, yaml_raw, pre.config or "", f"yaml:{pre.config}")
+    given = cli_flags(parser, argv)
+
+    recipe = pre.recipe or yaml_raw.get("recipe")
+    has_data = "--prompt-data" in given or yaml_layer.values.get("prompt_data") is not None
+    if recipe is None and not has_data:
+        recipe = "default"
+    layers = ([_recipe_layer(parser, recipe)] if recipe else []) + [yaml_layer]
+    for layer in layers:
+        parser.set_defaults(**layer.values)
+
+    args, extras = parser.parse_known_args(argv)
+    cli_passthrough, unknown = passthrough_words(parser, extras)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0].split("=")[0], parser.all_flag_names(), n=1)
+        hint = f" Did you mean {close[0]}?" if close else " See `plugrl train --help`."
+        raise ConfigError(f"unrecognized arguments: {' '.join(unknown)}.{hint}")
+
+    sources: dict[str, str] = {}
+    passthrough: dict[str, dict] = {spec.dest: {} for spec in parser.passthroughs}
+    cli_layer = Layer("cli", flags=given, passthrough=cli_passthrough)
+    for layer in layers + [cli_layer]:
+        sources.update(dict.fromkeys(layer.flags, layer.source))
+        for dest, values in layer.passthrough.items():
+            passthrough[dest].update(values)
+            prefix = next(s.prefix for s in parser.passthroughs if s.dest == dest)
+            sources.update({prefix + k.replace("_", "-"): layer.source for k in values})
+    check_reserved(parser, passthrough)
+    for dest, values in passthrough.items():
+        setattr(args, dest, values)
+
+    args.recipe = recipe
+    args.default_run = recipe == "default" and args.prompt_data is None
+    args._sources = sources
+    args._flag_dests = sorted({a.dest for a in parser.flag_actions()} | set(passthrough))
+    if args.custom_config_path:
+        _set_extra(args, read_yaml(args.custom_config_path, "--custom-config-path"), "--custom-config-path")
+    _set_extra(args, yaml_layer.extra, f"{pre.config}: extra")
+    resolve_owned_flags(parser, args)
+    resolve_defaults(args)
+    return args
+
+
+def _set_extra(args: argparse.Namespace, values: dict, where: str) -> None:
+    """Extra attributes for custom functions (slime's ``--custom-config-path``); flags are refused."""
+    for key, value in values.items():
+        if key in args._flag_dests or key in META_KEYS:
+            raise ConfigError(f"{where}: '{key}' is a flag; set it with --config or on the command line")
+        setattr(args, key, value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolution
+# --------------------------------------------------------------------------------------------------
+
+
+def _kind_word(kind: str) -> str:
+    return "backend" if kind.endswith("_backend") else kind.replace("_", " ")
+
+
+def _is_set(action: argparse.Action, value: Any) -> bool:
+    return value is not None and not (action.nargs == 0 and value is False)
+
+
+def resolve_owned_flags(parser: PlugrlArgumentParser, args: argparse.Namespace) -> None:
+    """Plugin-owned flags select their plugin (Megatron flags -> ``--train-backend megatron``); with
+    another plugin selected they are an error. Records ``args._implied = {kind: [flags]}``."""
+    used: dict[tuple[str, str], list[str]] = {}
+    for action, owner in parser.owned_actions().items():
+        flag = canonical_flag(action)
+        if flag in args._sources and _is_set(action, getattr(args, action.dest, None)):
+            used.setdefault(owner, []).append(flag)
+    for spec in parser.passthroughs:
+        if spec.kind and spec.name:
+            for key in getattr(args, spec.dest) or {}:
+                used.setdefault((spec.kind, spec.name), []).append(spec.prefix + key.replace("_", "-"))
+    by_kind: dict[str, dict[str, list[str]]] = {}
+    for (kind, name), flags in used.items():
+        by_kind.setdefault(kind, {})[name] = flags
+    args._implied = {}
+    for kind, names in by_kind.items():
+        selecting = SELECTING_FLAG.get(kind, "--" + kind.replace("_", "-"))
+        action = parser.action_for_option(selecting)
+        if action is None:
+            continue
+        dest, selected = action.dest, getattr(args, action.dest, None)
+        if isinstance(action, ReplaceAppendAction):  # a list of names (--reward-post-process): add them
+            setattr(args, dest, list(selected or []) + [n for n in names if n not in (selected or [])])
+            args._implied[kind] = [flag for flags in names.values() for flag in flags]
+            continue
+        if selected is None and len(names) > 1:
+            described = "; ".join(f"{', '.join(f)} ({n})" for n, f in names.items())
+            raise ConfigError(
+                f"flags of different {_kind_word(kind)}s were given: {described}; choose one with {selecting}"
+            )
+        if selected is None:
+            name, flags = next(iter(names.items()))
+            setattr(args, dest, name)
+            args._implied[kind] = flags
+            continue
+        for name, flags in names.items():
+            if name != selected:
+                verb = "belongs" if len(flags) == 1 else "belong"
+                raise ConfigError(
+                    f"{', '.join(flags)} {verb} to the {name} {_kind_word(kind)}; "
+                    f"drop {'it' if len(flags) == 1 else 'them'} or use {selecting} {name}"
+                )
+
+
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Derived defaults (slime's rules); idempotent, leaves inconsistent values for validation."""
+    if not args.output_dir:
+        args.output_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    args.rm_opt = dict(args.rm_opt or {})
+    if args.rm_url:
+        args.rm_opt.setdefault("url", args.rm_url)
+    args.filter_opt = dict(args.filter_opt or {})
+    args.apply_chat_template_kwargs = dict(args.apply_chat_template_kwargs or {})
+    args.reward_post_process = list(args.reward_post_process or [])
+    args.rollout_sample_hook_path = list(args.rollout_sample_hook_path or [])
+    for dest, default in DEFAULT_BACKENDS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+    if args.actor_num_gpus_per_node is None:
+        args.actor_num_gpus_per_node = 1
+    if args.placement is None:
+        decoupled = args.rollout_num_gpus is not None and not args.colocate
+        args.placement = "decoupled" if decoupled else "colocate"
+    if args.rollout_num_gpus is None and (args.colocate or args.placement == "colocate"):
+        args.rollout_num_gpus = args.actor_num_nodes * args.actor_num_gpus_per_node
+    offload = bool(args.colocate or args.offload)
+    for dest in ("offload_train", "offload_rollout"):
+        if getattr(args, dest) is None:
+            setattr(args, dest, offload)
+    if args.eps_clip_high is None:
+        args.eps_clip_high = args.eps_clip
+    for eval_dest, dest in (
+        ("eval_max_response_len", "rollout_max_response_len"),
+        ("eval_temperature", "rollout_temperature"),
+        ("eval_top_p", "rollout_top_p"),
+        ("eval_top_k", "rollout_top_k"),
+        ("eval_input_key", "input_key"),
+        ("eval_label_key", "label_key"),
+        ("eval_reward_key", "reward_key"),
+    ):
+        if getattr(args, eval_dest) is None:
+            setattr(args, eval_dest, getattr(args, dest))
+    if args.over_sampling_batch_size is None:
+        args.over_sampling_batch_size = args.rollout_batch_size
+    if args.rollout_max_prompt_len is None and args.rollout_max_context_len is not None:
+        args.rollout_max_prompt_len = args.rollout_max_context_len - 1
+    if args.sft_warmup_lr is None:
+        args.sft_warmup_lr = args.lr
+    _resolve_batch(args)
+
+
+def _resolve_batch(args: argparse.Namespace) -> None:
+    """``global_batch_size = B·n // num_steps_per_rollout`` (one step per rollout when neither is given)."""
+    if not args.rollout_batch_size or not args.n_samples_per_prompt:
+        return
+    total = args.rollout_batch_size * args.n_samples_per_prompt
+    steps, size = args.num_steps_per_rollout, args.global_batch_size
+    if steps is None and size is None:
+        args.num_steps_per_rollout, args.global_batch_size = 1, total
+    elif size is None and steps > 0 and total % steps == 0:
+        args.global_batch_size = total // steps
+    elif steps is None and size > 0 and total % size == 0:
+        args.num_steps_per_rollout = total // size
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+def validate_config(args: argparse.Namespace, plugin_set=None) -> None:
+    """Every check that needs no GPU (driver); raises one ``ConfigError`` listing all problems."""
+    plugin_set = plugin_set or _default_plugin_set()
+    problems: list[str] = []
+    _check_plugins(args, plugin_set, problems)
+    _check_choices(args, problems)
+    _check_rollout(args, problems)
+    _check_algorithm(args, plugin_set, problems)
+    _check_paths(args, problems)
+    _check_cluster(args, plugin_set, problems)
+    if problems:
+        head = (
+            problems[0]
+            if len(problems) == 1
+            else f"{len(problems)} problems in the run config:\n  - " + "\n  - ".join(problems)
+        )
+        raise ConfigError(head, problems)
+
+
+def _selected_names(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(kind, flag, name) of every plugin the config selects by name."""
+    picks = [
+        ("train_backend", args.train_backend),
+        ("rollout_backend", args.rollout_backend),
+        ("placement", args.placement),
+        ("advantage_estimator", args.advantage_estimator),
+        ("reward", args.rm_type),
+        ("filter", args.dynamic_sampling_filter),
+    ]
+    if not args.buffer_filter_path:
+        picks.append(("buffer_policy", args.buffer_filter))
+    picks += [("reward_post_processor", name) for name in args.reward_post_process]
+    return [(kind, SELECTING_FLAG[kind], name) for kind, name in picks if name]
+
+
+def _check_plugins(args, plugin_set, problems: list[str]) -> None:
+    for kind, flag, name in _selected_names(args):
+        registry = plugin_set.registries[kind]
+        if name not in registry:
+            problems.append(f"{flag}: {registry.unknown_message(name)}")
+            continue
+        if (kind == "train_backend" and args.debug_rollout_only) or (
+            kind == "rollout_backend" and args.debug_train_only
+        ):
+            continue
+        entry = plugin_set.entry(kind, name)
+        missing = entry.missing_requirements()
+        if not missing:
+            continue
+        extra = entry.metadata.get("extra")
+        install = f"pip install plugrl[{extra}]" if extra else f"pip install {' '.join(missing)}"
+        implied = args._implied.get(kind) if hasattr(args, "_implied") else None
+        shown = ", ".join(implied[:3]) + (f" and {len(implied) - 3} more" if implied and len(implied) > 3 else "")
+        because = f" (implied by {shown})" if implied else ""
+        what = f"the {name} backend" if kind.endswith("_backend") else f"{', '.join(missing)}"
+        verb = "is" if len(missing) == 1 else "are"
+        problems.append(
+            f"{flag} {name}{because} requires {what} ({install}): {', '.join(missing)} {verb} not importable"
+        )
+    if args.dynamic_sampling_filter and args.dynamic_sampling_filter_path:
+        problems.append("--dynamic-sampling-filter and --dynamic-sampling-filter-path both given; keep one")
+    if not (args.rm_type or args.custom_rm_path) and args.loss_type == "policy_loss" and not args.debug_train_only:
+        problems.append(
+            "--rm-type is required (or --custom-rm-path); `plugrl plugins list --kind reward` lists rewards"
+        )
+    for dest in PATH_FLAGS + ("rollout_sample_hook_path",):
+        values = getattr(args, dest)
+        for value in values if isinstance(values, list) else [values]:
+            if value and not ("." in value or ":" in value):
+                problems.append(f"--{dest.replace('_', '-')} {value}: write it as module.attr or module:attr")
+
+
+def _check_choices(args, problems: list[str]) -> None:
+    for dest, allowed in CHOICES.items():
+        value = getattr(args, dest)
+        if value is not None and value not in allowed:
+            problems.append(f"--{dest.replace('_', '-')} {value}: choose one of {', '.join(allowed)}")
+
+
+def _positive(args, problems: list[str], *dests: str, minimum: int = 1) -> None:
+    for dest in dests:
+        value = getattr(args, dest)
+        if value is not None and value < minimum:
+            problems.append(f"--{dest.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def _check_rollout(args, problems: list[str]) -> None:
+    _positive(
+        args,
+        problems,
+        "rollout_batch_size",
+        "n_samples_per_prompt",
+        "over_sampling_batch_size",
+        "n_samples_per_eval_prompt",
+        "update_weights_interval",
+        "rollout_concurrency",
+        "micro_batch_size",
+        "num_epoch",
+        "save_interval",
+        "eval_interval",
+        "log_interval",
+        "rollout_max_response_len",
+        "global_batch_size",
+        "num_steps_per_rollout",
+        "max_tokens_per_gpu",
+    )
+    _positive(args, problems, "num_rollout", "sft_warmup_steps", minimum=0)
+    if args.rollout_batch_size is None and not args.default_run:
+        problems.append("--rollout-batch-size is required (prompts per rollout)")
+    if args.rollout_temperature is None or args.rollout_temperature <= 0:
+        problems.append(f"--rollout-temperature must be > 0, got {args.rollout_temperature}")
+    if args.rollout_top_p is None or not 0 < args.rollout_top_p <= 1:
+        problems.append(f"--rollout-top-p must be in (0, 1], got {args.rollout_top_p}")
+    if (
+        args.rollout_batch_size
+        and args.over_sampling_batch_size
+        and args.over_sampling_batch_size < args.rollout_batch_size
+    ):
+        problems.append(
+            f"--over-sampling-batch-size ({args.over_sampling_batch_size}) must be >= "
+            f"--rollout-batch-size ({args.rollout_batch_size})"
+        )
+    if args.prompt_data and args.num_rollout is None and args.num_epoch is None:
+        problems.append("give --num-rollout or --num-epoch (how long to train)")
+    if args.save_interval is not None and not args.save:
+        problems.append("--save-interval needs --save DIR (where to save)")
+    if args.eval_interval is not None and not args.eval_prompt_data and not args.default_run:
+        problems.append("--eval-interval needs --eval-prompt-data NAME PATH (what to evaluate)")
+    if args.use_dynamic_batch_size and not args.max_tokens_per_gpu:
+        problems.append("--use-dynamic-batch-size needs --max-tokens-per-gpu (the packing capacity)")
+    if args.overlong_buffer_len is not None and "overlong_penalty" not in args.reward_post_process:
+        problems.append("--overlong-buffer-len has no effect without --reward-post-process overlong_penalty")
+    if "overlong_penalty" in args.reward_post_process and not args.rollout_max_response_len:
+        problems.append("--reward-post-process overlong_penalty needs --rollout-max-response-len")
+    _check_batch(args, problems)
+
+
+def _check_batch(args, problems: list[str]) -> None:
+    if not args.rollout_batch_size or not args.n_samples_per_prompt:
+        return
+    total = args.rollout_batch_size * args.n_samples_per_prompt
+    steps, size = args.num_steps_per_rollout, args.global_batch_size
+    product = f"--rollout-batch-size × --n-samples-per-prompt = {total}"
+    if steps and total % steps:
+        problems.append(f"--num-steps-per-rollout {steps} does not divide {product}; change one of them")
+    elif size and total % size:
+        problems.append(f"{product} must be divisible by --global-batch-size ({size}); change one of them")
+    elif steps and size and steps * size != total:
+        problems.append(
+            f"--global-batch-size {size} × --num-steps-per-rollout {steps} must equal {product}; give only one"
+        )
+
+
+def _check_algorithm(args, plugin_set, problems: list[str]) -> None:
+    if args.kl_coef and args.kl_loss_coef:
+        problems.append("--kl-coef and --kl-loss-coef may not both be non-zero; keep one of them")
+    if args.use_rollout_logprobs and args.use_tis:
+        problems.append(
+            "--use-rollout-logprobs and --use-tis exclude each other (TIS corrects recomputed "
+            "log-probs towards the rollout's); keep one"
+        )
+    if args.eps_clip_c is not None and args.eps_clip_c <= 1:
+        problems.append(f"--eps-clip-c must be > 1, got {args.eps_clip_c}")
+    if args.loss_type == "custom_loss" and not args.custom_loss_function_path:
+        problems.append("--loss-type custom_loss needs --custom-loss-function-path")
+    if args.advantage_estimator in plugin_set.registries["advantage_estimator"]:
+        try:
+            estimator = plugin_set.get("advantage_estimator", args.advantage_estimator)
+            estimator.check_config(args)
+        except (ValueError, PluginError, ImportError) as exc:
+            problem = str(exc)
+            if problem not in problems:
+                problems.append(problem)
+
+
+def _data_path_problem(flag: str, spec: str) -> str | None:
+    path = str(spec).split("@[", 1)[0]
+    if Path(path).exists():
+        return None
+    head, sep, _ = path.rpartition(":")
+    if sep and head and Path(head).is_dir():  # dir:split of a saved DatasetDict
+        return None
+    return f"{flag}: {path} does not exist"
+
+
+def _check_paths(args, problems: list[str]) -> None:
+    for flag, spec in (("--prompt-data", args.prompt_data), ("--sft-warmup-data", args.sft_warmup_data)):
+        problem = spec and _data_path_problem(flag, spec)
+        if problem:
+            problems.append(problem)
+    pairs = list(args.eval_prompt_data or [])
+    if len(pairs) > 1 and len(pairs) % 2:
+        problems.append(f"--eval-prompt-data takes NAME PATH pairs (or one PATH), got {len(pairs)} values")
+    else:
+        for spec in pairs[-1:] if len(pairs) == 1 else pairs[1::2]:
+            problem = _data_path_problem("--eval-prompt-data", spec)
+            if problem:
+                problems.append(problem)
+    if args.sft_warmup_steps and not args.sft_warmup_data and not args.default_run:
+        problems.append("--sft-warmup-steps needs --sft-warmup-data (prompt/response JSONL)")
+    if args.hf_checkpoint:
+        path = Path(args.hf_checkpoint)
+        if not path.is_dir():
+            problems.append(f"--hf-checkpoint {path} is not a directory (give a Hugging Face model directory)")
+        elif not (path / "config.json").is_file():
+            problems.append(f"--hf-checkpoint {path} has no config.json (it must be a Hugging Face model directory)")
+
+
+def _check_cluster(args, plugin_set, problems: list[str]) -> None:
+    if args.async_train and args.colocate:
+        problems.append(
+            "--async with --colocate: colocated async cannot keep weights fixed during generation; "
+            "drop --colocate or --async"
+        )
+    if args.colocate and args.placement != "colocate":
+        problems.append(f"--colocate conflicts with --placement {args.placement}; drop one")
+    if args.debug_train_only and args.debug_rollout_only:
+        problems.append("--debug-train-only and --debug-rollout-only exclude each other")
+    if args.device == "cuda":
+        import torch  # only here: parsing must not import torch
+
+        if not torch.cuda.is_available():
+            problems.append(
+                "--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); "
+                "use --device cpu or auto"
+            )
+    registry = plugin_set.registries["placement"]
+    if args.placement in registry and not registry.entry(args.placement).missing_requirements():
+        from .protocols import PlacementRequest
+
+        request = PlacementRequest(
+            args.actor_num_nodes,
+            args.actor_num_gpus_per_node,
+            args.rollout_num_gpus,
+            args.rollout_num_gpus_per_engine,
+            args.num_gpus_per_node,
+        )
+        try:
+            plugin_set.get("placement", args.placement)(request)
+        except ValueError as exc:
+            problems.append(f"--placement {args.placement}: {exc}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Serialisation
+# --------------------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+        return [_plain(v) for v in items]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value)
+
+
+def config_to_dict(args: argparse.Namespace) -> dict:
+    """The resolved config as plain YAML/JSON types; ``--config`` reads it back (``config`` itself is
+    left out; attributes that are not flags go under ``extra``)."""
+    flag_dests = set(getattr(args, "_flag_dests", ()) or ())
+    out: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in sorted(vars(args).items()):
+        if key.startswith("_") or key == "config":
+            continue
+        if flag_dests and key not in flag_dests and key not in META_KEYS:
+            extra[key] = _plain(value)
+        else:
+            out[key] = _plain(value)
+    if extra:
+        out["extra"] = extra
+    return out

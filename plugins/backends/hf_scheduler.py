@@ -1,0 +1,225 @@
+"""The decode thread of the embedded ``hf`` rollout engine (inside the rollout manager actor).
+
+One thread owns the model's forward passes: it takes queued requests (up to ``max_batch_size`` rows;
+new rows are prefilled and merged into the running batch between decode steps, so batching is
+continuous), decodes one token per step for every row, and answers each request on its caller's
+event loop as soon as it finishes. Callers' event loops therefore never run a forward. Other users
+of the model (weight push, memory release, teacher forcing) take it between two steps through
+``exclusive()``: a turnstile in front of the model lock, so the busy decode loop cannot starve them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+from collections import deque
+from typing import Callable
+
+import torch
+
+from .hf_batch import DecodeBatch, Request, StopContext
+from .hf_sampling import sample_tokens
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeScheduler:
+    def __init__(self, model, device: torch.device, ctx: StopContext, generator: torch.Generator, *,
+                 max_batch_size: int, max_prefill_tokens: int, weight_version: Callable[[], str]):
+        self.model, self.device, self._ctx, self._generator = model, device, ctx, generator
+        self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
+        self._weight_version = weight_version
+        self._cond = threading.Condition()  # guards the queue, counters and flags below
+        self._pending: deque[Request] = deque()
+        self._seq = 0
+        self._abort_upto = 0  # requests with seq <= this are aborted
+        self._abort_waiters: list[concurrent.futures.Future] = []
+        self._num_running = 0
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._stats = {"decode_steps": 0, "prefill_forwards": 0, "max_rows_per_step": 0, "generated_tokens": 0}
+        self._turnstile = threading.Lock()
+        self._model_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ called from other threads
+    def submit(self, request: Request) -> None:
+        with self._cond:
+            if self._stop:
+                raise RuntimeError("hf engine is closed")
+            self._seq += 1
+            request.seq = self._seq
+            self._pending.append(request)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="plugrl-hf-engine", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    async def abort_all(self) -> None:
+        with self._cond:
+            self._abort_upto = self._seq
+            if self._thread is None or not self._thread.is_alive():
+                return
+            waiter: concurrent.futures.Future = concurrent.futures.Future()
+            self._abort_waiters.append(waiter)
+            self._cond.notify()
+        await asyncio.wrap_future(waiter)
+
+    def load_stats(self) -> dict:
+        with self._cond:
+            return {"num_running": self._num_running, "num_waiting": len(self._pending)}
+
+    def stats(self) -> dict:
+        with self._cond:
+            return dict(self._stats)
+
+    def healthy(self) -> bool:
+        thread_ok = self._thread is None or self._thread.is_alive()
+        return not self._stop and self._error is None and thread_ok
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """The model, between two decode steps (holding the turnstile parks the decode thread)."""
+        with self._turnstile, self._model_lock:
+            yield
+
+    # ------------------------------------------------------------------ the decode thread
+    @contextlib.contextmanager
+    def _model_turn(self):
+        with self._turnstile:
+            pass
+        with self._model_lock:
+            yield
+
+    def _run(self) -> None:
+        batch: DecodeBatch | None = None
+        try:
+            with torch.inference_mode():  # thread-local: covers every tensor the batch creates
+                while True:
+                    with self._cond:
+                        while not (self._stop or self._pending or batch or self._abort_waiters):
+                            self._cond.wait()
+                        stop, upto = self._stop, self._abort_upto
+                        if stop:
+                            upto = self._seq
+                        dropped = [r for r in self._pending if r.seq <= upto or r.cancelled]
+                        for r in dropped:
+                            self._pending.remove(r)
+                        waiters, self._abort_waiters = self._abort_waiters, []
+                        admit = []
+                        while self._pending and len(admit) + len(batch or ()) < self.max_batch_size:
+                            admit.append(self._pending.popleft())
+                            admit[-1].running = True
+                        self._num_running += len(admit)
+                    for r in dropped:
+                        self._finish_abort(r)
+                    if batch is not None:
+                        batch = self._drop(batch, lambda r: r.seq <= upto or r.cancelled)
+                    for waiter in waiters:
+                        waiter.set_result(None)
+                    if stop:
+                        for r in admit:
+                            self._finish_abort(r)
+                        return
+                    batch = self._work(batch, admit)
+        except BaseException as exc:  # a bug in the loop itself: fail loudly, never hang callers
+            self._error = exc
+            logger.exception("hf engine decode thread died")
+            with self._cond:
+                stranded, waiters = list(self._pending) + (batch.requests if batch else []), self._abort_waiters
+                self._pending.clear()
+                self._abort_waiters = []
+            for r in stranded:
+                self._complete(r, RuntimeError(f"hf engine decode thread died: {exc!r}"))
+            for waiter in waiters:
+                waiter.set_result(None)
+
+    def _work(self, batch: DecodeBatch | None, admit: list[Request]) -> DecodeBatch | None:
+        """Prefill the admitted requests into the batch, then run one decode step. A failing forward
+        (e.g. out of memory) fails the requests involved, not the engine."""
+        try:
+            for chunk in self._prefill_chunks(admit):
+                with self._model_turn():
+                    new, logits = DecodeBatch.prefill(self.model, chunk, self.device)
+                    self._sample_into(new, logits, prefill=True)
+                new = self._drop(new, lambda r: r.finish is not None)
+                if new is not None:
+                    if batch is None:
+                        batch = new
+                    else:
+                        batch.merge(new)
+            if batch is not None:
+                with self._model_turn():
+                    logits = batch.decode(self.model)
+                    self._sample_into(batch, logits, prefill=False)
+                batch = self._drop(batch, lambda r: r.finish is not None)
+            return batch
+        except Exception as exc:
+            logger.exception("hf engine forward failed; failing %d requests", len(admit) + len(batch or ()))
+            failed = {id(r): r for r in admit + (batch.requests if batch else [])}
+            for r in failed.values():
+                if r.finish is None:
+                    self._complete(r, exc)
+            return None
+
+    def _prefill_chunks(self, requests: list[Request]):
+        chunk: list[Request] = []
+        for r in requests:
+            width = max([len(r.prompt)] + [len(c.prompt) for c in chunk])
+            if chunk and width * (len(chunk) + 1) > self.max_prefill_tokens:
+                yield chunk
+                chunk = []
+            chunk.append(r)
+        if chunk:
+            yield chunk
+
+    def _sample_into(self, batch: DecodeBatch, logits: torch.Tensor, *, prefill: bool) -> None:
+        rows = batch.requests
+        tokens, log_probs = sample_tokens(
+            logits, [r.params for r in rows], [len(r.tokens) for r in rows], self._generator,
+            banned=[r.banned_tokens(self._ctx) for r in rows],
+        )
+        batch.advance(tokens)
+        with self._cond:  # before any answer goes out, so callers never see stale counters
+            key = "prefill_forwards" if prefill else "decode_steps"
+            self._stats[key] += 1
+            self._stats["max_rows_per_step"] = max(self._stats["max_rows_per_step"], len(rows))
+            self._stats["generated_tokens"] += len(rows)
+        for r, token, lp in zip(rows, tokens.tolist(), log_probs.tolist()):
+            if r.observe(token, lp, self._ctx):
+                self._complete(r, r.result(self._ctx, self._weight_version()))
+
+    def _drop(self, batch: DecodeBatch, gone) -> DecodeBatch | None:
+        """Remove rows for which ``gone(request)``; aborted/cancelled ones are answered here."""
+        keep = []
+        for i, r in enumerate(batch.requests):
+            if not gone(r):
+                keep.append(i)
+            elif r.finish is None:
+                self._finish_abort(r)
+        batch.keep(keep)
+        return batch if keep else None
+
+    def _finish_abort(self, request: Request) -> None:
+        request.abort("aborted by abort_all" if not self._stop else "engine closed")
+        self._complete(request, request.result(self._ctx, self._weight_version()))
+
+    def _complete(self, request: Request, result) -> None:
+        """Every request leaves through here: it stops counting as running *before* its caller
+        sees the answer, so ``load_stats`` is never stale for a caller that awaited its results."""
+        with self._cond:
+            if request.running:
+                request.running = False
+                self._num_running -= 1
+        if not request.cancelled:
+            request.deliver(result)

@@ -1,0 +1,111 @@
+"""The megatron train backend's flags (slime's Megatron flags of the Qwen3-4B guide, ``--megatron-*``).
+
+Runs on the driver while ``plugrl train`` builds its parser; imports nothing from megatron, so the
+flags parse on any laptop and the run then stops with "requires the megatron backend" if
+megatron-core is missing. Every flag defaults to ``None`` (= Megatron's own default, or derived from
+the HF checkpoint's config by the backend); giving any of them selects ``--train-backend megatron``.
+``--megatron-<flag> [value]`` flags that are not defined here are collected into
+``args.megatron_passthrough`` (``{"flag_name": value}``) for Megatron's own argument parser.
+"""
+
+from __future__ import annotations
+
+from plugrl.core import hookimpl
+
+# Architecture flags: the backend derives them from --hf-checkpoint's config.json; explicit values
+# override, and a mismatch with the checkpoint is an error (slime's _hf_validate_args).
+MODEL_FLAGS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "group_query_attention",
+    "num_query_groups",
+    "kv_channels",
+    "use_rotary_position_embeddings",
+    "disable_bias_linear",
+    "normalization",
+    "norm_epsilon",
+    "qk_layernorm",
+    "swiglu",
+    "untie_embeddings_and_output_weights",
+    "vocab_size",
+    "rotary_base",
+)
+
+
+def given_model_flags(args) -> dict:
+    """The architecture flags the user set (not None), by dest."""
+    return {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name, None) is not None}
+
+
+def _switch(group, flag: str, help_text: str | None = None) -> None:
+    group.add_argument(flag, action="store_true", default=None, help=help_text)
+
+
+@hookimpl
+def plugrl_add_options(parser):
+    g = parser.add_plugin_group(
+        "megatron backend",
+        "Owned by --train-backend megatron (requires plugrl[megatron]); any of them selects it. "
+        "Unset = Megatron's default, or derived from the --hf-checkpoint config. "
+        "Any other --megatron-<flag> [value] is passed to Megatron as --<flag> [value].",
+        kind="train_backend",
+        name="megatron",
+    )
+    # parallelism
+    g.add_argument("--tensor-model-parallel-size", type=int, metavar="TP")
+    _switch(g, "--sequence-parallel")
+    g.add_argument("--pipeline-model-parallel-size", type=int, metavar="PP")
+    g.add_argument("--context-parallel-size", type=int, metavar="CP")
+    g.add_argument("--expert-model-parallel-size", type=int, metavar="EP")
+    g.add_argument("--expert-tensor-parallel-size", type=int, metavar="ETP")
+    # recompute and numerics
+    g.add_argument("--recompute-granularity", metavar="{full,selective}")
+    g.add_argument("--recompute-method", metavar="{uniform,block}")
+    g.add_argument("--recompute-num-layers", type=int)
+    g.add_argument("--attention-dropout", type=float)
+    g.add_argument("--hidden-dropout", type=float)
+    _switch(g, "--accumulate-allreduce-grads-in-fp32")
+    _switch(g, "--attention-softmax-in-fp32")
+    g.add_argument("--attention-backend", metavar="{flash,fused,unfused,local,auto}")
+    _switch(g, "--no-gradient-accumulation-fusion")
+    # model architecture (scripts/models/qwen3-4B.sh)
+    g.add_argument("--rotary-base", type=int)
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    _switch(g, "--group-query-attention")
+    g.add_argument("--num-query-groups", type=int)
+    g.add_argument("--kv-channels", type=int)
+    _switch(g, "--use-rotary-position-embeddings")
+    _switch(g, "--disable-bias-linear")
+    g.add_argument("--normalization", metavar="{LayerNorm,RMSNorm}")
+    g.add_argument("--norm-epsilon", type=float)
+    _switch(g, "--qk-layernorm")
+    _switch(g, "--swiglu")
+    _switch(g, "--untie-embeddings-and-output-weights")
+    g.add_argument("--vocab-size", type=int)
+    g.add_argument("--seq-length", type=int)
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--make-vocab-size-divisible-by", type=int)
+    # runtime
+    g.add_argument(
+        "--data-pad-size-multiplier", type=int, help="pad packed batches to TP x this (Megatron default 128)"
+    )
+    g.add_argument("--distributed-backend", metavar="{nccl,gloo}")
+    _switch(g, "--use-distributed-optimizer")
+    # slime's Megatron escape hatches (reference §10)
+    g.add_argument("--megatron-config-path", metavar="YAML", help="per-role Megatron overrides (actor/critic)")
+    g.add_argument("--custom-model-provider-path", metavar="MODULE.ATTR")
+    g.add_argument("--custom-megatron-init-path", metavar="MODULE.ATTR")
+    g.add_argument("--custom-megatron-before-log-prob-hook-path", metavar="MODULE.ATTR")
+    g.add_argument("--custom-megatron-before-train-step-hook-path", metavar="MODULE.ATTR")
+    parser.add_passthrough(
+        "--megatron-",
+        "megatron_passthrough",
+        kind="train_backend",
+        name="megatron",
+        target="Megatron's argument parser",
+    )

@@ -1,0 +1,122 @@
+"""The sglang rollout backend's flags (``--sglang-*``, ``--router-*``, slime's router/engine flags).
+
+Runs on the driver while ``plugrl train`` builds its parser; imports nothing from sglang. Giving any
+of these flags selects ``--rollout-backend sglang``. As in slime (reference §6.1), every SGLang server
+flag is accepted with a ``--sglang-`` prefix: the ones defined here get their own dest
+(``args.sglang_mem_fraction_static``); any other ``--sglang-<flag> [value]`` lands in
+``args.sglang_passthrough`` (``{"flag_name": True | "value" | ["v1", "v2"]}``) and goes to
+``sglang.launch_server`` as ``--<flag> [value]``. Unclaimed ``--router-<flag>`` words land in
+``args.router_passthrough`` for the router. Flags plugrl sets per engine itself are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from plugrl.core import hookimpl
+
+# ServerArgs fields slime computes per engine (reference §6.1/§6.2); giving them is an error.
+RESERVED_SERVER_FLAGS = {
+    "model-path": "it is --hf-checkpoint",
+    "config": "use --sglang-config for server groups",
+    "trust-remote-code": "plugrl always sets it",
+    "random-seed": "it is derived from --seed per engine",
+    "enable-memory-saver": "it follows --offload-rollout",
+    "tp-size": "it is --rollout-num-gpus-per-engine",
+    "port": "plugrl allocates ports per engine",
+    "nnodes": "it follows --rollout-num-gpus-per-engine and --num-gpus-per-node",
+    "node-rank": "plugrl sets it per engine",
+    "dist-init-addr": "plugrl allocates it per engine",
+    "gpu-id-step": "plugrl sets it per engine",
+    "base-gpu-id": "it follows the placement",
+    "nccl-port": "plugrl allocates ports per engine",
+    "skip-server-warmup": "plugrl sets it",
+}
+
+# Server flags with their own dests here (the rest pass through): dest -> ServerArgs field.
+SERVER_FIELDS = {
+    "sglang_mem_fraction_static": "mem_fraction_static",
+    "sglang_cuda_graph_bs": "cuda_graph_bs",
+    "sglang_enable_deterministic_inference": "enable_deterministic_inference",
+    "sglang_speculative_algorithm": "speculative_algorithm",
+}
+
+# slime's router defaults (applied by the backend when the flag is unset).
+ROUTER_DEFAULTS = {"router_balance_abs_threshold": 10, "router_balance_rel_threshold": 1.2, "router_log_level": "warn"}
+
+
+def server_overrides(args) -> dict:
+    """``ServerArgs`` field -> value from the flags the user gave (own dests, then passthrough)."""
+    values = {
+        field: getattr(args, dest)
+        for dest, field in SERVER_FIELDS.items()
+        if getattr(args, dest, None) not in (None, False)
+    }
+    values.update(getattr(args, "sglang_passthrough", None) or {})
+    return values
+
+
+def router_settings(args) -> dict:
+    """Router setting -> value: slime's defaults, the ``--router-*`` flags, then passthrough words."""
+    values = {}
+    for dest, default in ROUTER_DEFAULTS.items():
+        value = getattr(args, dest, None)
+        values[dest.removeprefix("router_")] = default if value is None else value
+    if getattr(args, "router_policy", None) is not None:
+        values["policy"] = args.router_policy
+    values.update(getattr(args, "router_passthrough", None) or {})
+    return values
+
+
+@hookimpl
+def plugrl_add_options(parser):
+    g = parser.add_plugin_group(
+        "sglang backend",
+        "Owned by --rollout-backend sglang (requires plugrl[sglang]); any of them selects it. "
+        "Any other --sglang-<flag> [value] is passed to sglang.launch_server as --<flag> [value]; "
+        "any other --router-<flag> [value] goes to the router.",
+        kind="rollout_backend",
+        name="sglang",
+    )
+    g.add_argument(
+        "--sglang-mem-fraction-static",
+        type=float,
+        metavar="FRACTION",
+        help="GPU memory fraction for weights + KV cache (SGLang default: auto)",
+    )
+    g.add_argument("--sglang-cuda-graph-bs", type=int, nargs="+", metavar="BS", help="CUDA-graph batch sizes")
+    g.add_argument("--sglang-enable-deterministic-inference", action="store_true", default=None)
+    g.add_argument("--sglang-speculative-algorithm", metavar="NAME")
+    g.add_argument(
+        "--sglang-server-concurrency",
+        dest="rollout_concurrency",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="in-flight samples per engine (slime's spelling of --rollout-concurrency, default 512)",
+    )
+    g.add_argument("--sglang-config", metavar="YAML", help="server groups (slime's --sglang-config)")
+    g.add_argument("--sglang-router-ip", help="use this running router (default: launch one)")
+    g.add_argument("--sglang-router-port", type=int)
+    g.add_argument("--sglang-router-request-timeout-secs", type=int, help="(default 14400)")
+    g.add_argument("--router-policy", metavar="NAME", help="router load-balancing policy")
+    g.add_argument("--router-balance-abs-threshold", type=int, help="(slime default 10)")
+    g.add_argument("--router-balance-rel-threshold", type=float, help="(slime default 1.2)")
+    g.add_argument("--router-log-level", help="(slime default warn)")
+    g.add_argument(
+        "--rollout-external-engine-addrs",
+        nargs="+",
+        metavar="HOST:PORT",
+        help="use these running SGLang servers instead of launching engines",
+    )
+    g.add_argument("--prefill-num-servers", type=int, help="prefill servers for PD disaggregation")
+    parser.add_passthrough(
+        "--sglang-",
+        "sglang_passthrough",
+        kind="rollout_backend",
+        name="sglang",
+        target="sglang.launch_server",
+        reserved=RESERVED_SERVER_FLAGS,
+    )
+    parser.add_passthrough(
+        "--router-", "router_passthrough", kind="rollout_backend", name="sglang", target="the sglang router"
+    )

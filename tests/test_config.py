@@ -1,0 +1,773 @@
+"""``plugrl train``'s run configuration: flags, YAML, recipes, resolution, validation, serialisation."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+from plugrl.core import config as config_module
+from plugrl.core import hookimpl as core_hookimpl
+from plugrl.core.config import (
+    RECIPES,
+    ConfigError,
+    build_parser,
+    config_to_dict,
+    parse_config,
+    validate_config,
+)
+from plugrl.core.flags import parse_size
+from plugrl.core.plugins import BUILTIN_PLUGINS, make_plugin_manager
+from plugrl.plugins.backends import megatron_options, sglang_options
+
+OPTION_MODULES = {
+    "plugrl.plugins.backends.megatron_options": megatron_options,
+    "plugrl.plugins.backends.sglang_options": sglang_options,
+}
+
+
+@pytest.fixture(scope="module")
+def ps():
+    """Built-ins plus the two backend option modules (registered here until they are built-ins)."""
+    extra = {name: module for name, module in OPTION_MODULES.items() if name not in BUILTIN_PLUGINS}
+    return make_plugin_manager(entry_points=False, extra_plugins=extra)
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A prompt file, an eval file and an HF-looking checkpoint directory."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1+1?", "label": "2"}\n')
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text('{"prompt": "2+2?", "label": "4"}\n')
+    ckpt = tmp_path / "model"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    return {"prompts": str(prompts), "eval": str(evals), "ckpt": str(ckpt), "dir": tmp_path}
+
+
+@pytest.fixture
+def base(files):
+    """A complete, valid non-default run on the embedded backends."""
+    return [
+        "--prompt-data",
+        files["prompts"],
+        "--hf-checkpoint",
+        files["ckpt"],
+        "--rm-type",
+        "deepscaler",
+        "--rollout-batch-size",
+        "4",
+        "--n-samples-per-prompt",
+        "2",
+        "--num-rollout",
+        "3",
+    ]
+
+
+def problems_of(argv, ps):
+    args = parse_config(argv, ps)
+    with pytest.raises(ConfigError) as info:
+        validate_config(args, ps)
+    return str(info.value)
+
+
+def write_yaml(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Defaults and resolution
+# --------------------------------------------------------------------------------------------------
+
+
+def test_default_run_resolves_and_validates(ps):
+    args = parse_config([], ps)
+    assert args.default_run and args.recipe == "default"
+    assert (args.train_backend, args.rollout_backend, args.placement) == ("torch", "hf", "colocate")
+    assert args.rm_type == "deepscaler" and args.advantage_estimator == "grpo" and args.buffer_filter == "fifo"
+    assert args.seed == 1234 and args.rollout_seed == 42 and args.lr == 1e-6
+    assert args.actor_num_gpus_per_node == 1 and args.rollout_num_gpus == 1
+    assert args.offload_train is False and args.offload_rollout is False  # no --colocate
+    assert args.eps_clip_high == args.eps_clip == 0.2
+    assert args.over_sampling_batch_size == args.rollout_batch_size
+    assert args.global_batch_size == args.rollout_batch_size * args.n_samples_per_prompt
+    assert args.num_steps_per_rollout == 1
+    assert args.eval_max_response_len == args.rollout_max_response_len
+    assert args.eval_input_key == args.input_key == "prompt"
+    assert args.update_weight_buffer_size == 512 * 1024**2
+    assert args.output_dir.startswith("runs/")
+    assert args.rm_opt == {} and args.reward_post_process == [] and args.sglang_passthrough == {}
+    validate_config(args, ps)
+
+
+def test_prompt_data_means_no_default_recipe(ps, files):
+    args = parse_config(["--prompt-data", files["prompts"]], ps)
+    assert not args.default_run and args.recipe is None
+    assert args.rollout_batch_size is None and args.input_key == "input"
+    message = problems_of(["--prompt-data", files["prompts"]], ps)
+    assert "--rollout-batch-size is required" in message
+    assert "--num-rollout or --num-epoch" in message
+    assert "--rm-type is required" in message
+
+
+def test_valid_base_run(ps, base):
+    args = parse_config(base, ps)
+    validate_config(args, ps)
+    assert args.global_batch_size == 8 and args.eval_label_key is None
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("512MiB", 512 * 1024**2),
+        ("1GB", 10**9),
+        ("1GiB", 2**30),
+        ("1.5gib", 3 * 2**29),
+        ("1048576", 1048576),
+        ("64 kb", 64000),
+        (4096, 4096),
+    ],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "1XB", "-1MiB", True])
+def test_parse_size_rejects(text):
+    with pytest.raises(Exception, match="size"):
+        parse_size(text)
+
+
+def test_buffer_size_flag(ps):
+    assert parse_config(["--update-weight-buffer-size", "1GiB"], ps).update_weight_buffer_size == 2**30
+
+
+def test_colocate_and_placement_resolution(ps):
+    args = parse_config(["--colocate", "--actor-num-gpus-per-node", "4"], ps)
+    assert args.placement == "colocate" and args.rollout_num_gpus == 4
+    assert args.offload_train is True and args.offload_rollout is True
+    args = parse_config(["--colocate", "--actor-num-gpus-per-node", "4", "--no-offload-train"], ps)
+    assert args.offload_train is False and args.offload_rollout is True
+    args = parse_config(["--actor-num-gpus-per-node", "2", "--rollout-num-gpus", "6"], ps)
+    assert args.placement == "decoupled" and args.rollout_num_gpus == 6 and args.offload_train is False
+    args = parse_config(["--offload"], ps)
+    assert args.offload_train is True and args.offload_rollout is True
+    args = parse_config(["--actor-num-nodes", "2", "--actor-num-gpus-per-node", "8", "--colocate"], ps)
+    assert args.rollout_num_gpus == 16
+
+
+def test_eval_defaults_follow_rollout_and_explicit_values_win(ps):
+    args = parse_config(
+        [
+            "--rollout-temperature",
+            "0.7",
+            "--rollout-top-p",
+            "0.9",
+            "--rollout-top-k",
+            "20",
+            "--eval-top-p",
+            "1.0",
+            "--reward-key",
+            "score",
+        ],
+        ps,
+    )
+    assert (args.eval_temperature, args.eval_top_p, args.eval_top_k) == (0.7, 1.0, 20)
+    assert args.eval_reward_key == "score"
+
+
+def test_misc_resolution(ps):
+    args = parse_config(
+        [
+            "--rm-url",
+            "http://h/rm",
+            "--rm-opt",
+            "timeout=5",
+            "--rollout-max-context-len",
+            "1024",
+            "--eps-clip",
+            "0.1",
+            "--rm-opt",
+            "flags=[1, 2]",
+            "--lr",
+            "2e-5",
+        ],
+        ps,
+    )
+    assert args.rm_opt == {"timeout": 5, "flags": [1, 2], "url": "http://h/rm"}
+    assert args.rollout_max_prompt_len == 1023
+    assert args.eps_clip_high == 0.1
+    assert args.sft_warmup_lr == 2e-5
+    assert parse_config(["--async"], ps).async_train is True
+
+
+@pytest.mark.parametrize(
+    "argv, global_batch, steps",
+    [
+        ([], 32, 1),
+        (["--num-steps-per-rollout", "4"], 8, 4),
+        (["--global-batch-size", "16"], 16, 2),
+        (["--global-batch-size", "8", "--num-steps-per-rollout", "4"], 8, 4),
+    ],
+)
+def test_global_batch_size_resolution(ps, base, argv, global_batch, steps):
+    argv = base[:] + ["--rollout-batch-size", "8", "--n-samples-per-prompt", "4"] + argv
+    args = parse_config(argv, ps)
+    assert (args.global_batch_size, args.num_steps_per_rollout) == (global_batch, steps)
+    validate_config(args, ps)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--num-steps-per-rollout", "3"], "--num-steps-per-rollout 3 does not divide"),
+        (["--global-batch-size", "5"], "must be divisible by --global-batch-size (5)"),
+        (["--global-batch-size", "4", "--num-steps-per-rollout", "4"], "must equal"),
+    ],
+)
+def test_global_batch_size_inconsistent(ps, base, argv, expected):
+    message = problems_of(base + ["--rollout-batch-size", "8", "--n-samples-per-prompt", "4"] + argv, ps)
+    assert expected in message and "--rollout-batch-size × --n-samples-per-prompt = 32" in message
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML and recipes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_yaml_values_and_cli_precedence(ps, base, files):
+    path = write_yaml(
+        files["dir"] / "run.yaml",
+        {
+            "rollout-batch-size": 8,  # dashed key
+            "n_samples_per_prompt": 4,  # underscore key
+            "lr": 1e-5,
+            "update-weight-buffer-size": "1GB",
+            "rm_opt": {"timeout": 3, "mode": "strict"},
+            "reward_post_process": ["overlong_penalty"],
+            "rollout_max_response_len": 64,
+            "async": True,  # the flag name of dest async_train
+            "rollout_stop_token_ids": [1, 2],
+        },
+    )
+    args = parse_config(
+        base[:-6]
+        + [
+            "--num-rollout",
+            "3",
+            "--config",
+            path,
+            "--lr",
+            "2e-5",
+            "--rm-opt",
+            "timeout=9",
+            "--reward-post-process",
+            "overlong_penalty",
+        ],
+        ps,
+    )
+    assert args.rollout_batch_size == 8 and args.n_samples_per_prompt == 4
+    assert args.lr == 2e-5  # CLI over YAML
+    assert args.update_weight_buffer_size == 10**9
+    assert args.rm_opt == {"timeout": 9, "mode": "strict"}  # CLI keys override YAML keys
+    assert args.reward_post_process == ["overlong_penalty"]  # CLI replaces, does not extend
+    assert args.async_train is True and args.rollout_stop_token_ids == [1, 2]
+    assert args._sources["--lr"] == "cli" and args._sources["--rollout-batch-size"] == f"yaml:{path}"
+    validate_config(args, ps)
+
+
+def test_yaml_unknown_key_suggests(ps, files):
+    path = write_yaml(files["dir"] / "run.yaml", {"rollout-batch-sise": 8})
+    with pytest.raises(ConfigError) as info:
+        parse_config(["--config", path], ps)
+    message = str(info.value)
+    assert path in message and "'rollout-batch-sise'" in message and "Did you mean 'rollout-batch-size'?" in message
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"colocate": "yes"}, "is a switch"),
+        ({"rollout_batch_size": "many"}, "invalid value"),
+        ({"rollout_batch_size": 2.5}, "expects an integer"),
+        ({"seed": [1, 2]}, "takes one value"),
+        ({"config": "other.yaml"}, "cannot name another config file"),
+    ],
+)
+def test_yaml_bad_values(ps, files, data, expected):
+    path = write_yaml(files["dir"] / "run.yaml", data)
+    with pytest.raises(ConfigError, match=expected) as info:
+        parse_config(["--config", path], ps)
+    assert path in str(info.value)
+
+
+def test_yaml_not_a_mapping_or_missing(ps, files):
+    path = files["dir"] / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        parse_config(["--config", str(path)], ps)
+    with pytest.raises(ConfigError, match="file not found"):
+        parse_config(["--config", str(files["dir"] / "nope.yaml")], ps)
+
+
+def test_recipe_precedence(ps, files, monkeypatch):
+    monkeypatch.setitem(RECIPES, "test-recipe", {"seed": 1, "lr": 1e-3, "eps_clip": 0.3, "rollout_top_k": 5})
+    path = write_yaml(files["dir"] / "run.yaml", {"lr": 1e-4, "eps_clip": 0.25})
+    args = parse_config(["--recipe", "test-recipe", "--config", path, "--eps-clip", "0.15"], ps)
+    assert args.recipe == "test-recipe" and not args.default_run
+    assert args.rollout_top_k == 5  # recipe over default
+    assert args.seed == 1  # recipe over default
+    assert args.lr == 1e-4  # YAML over recipe
+    assert args.eps_clip == 0.15  # CLI over YAML
+    assert args.micro_batch_size == 1  # untouched default
+    assert args._sources["--seed"] == "recipe:test-recipe"
+    # a recipe named in the YAML applies too; --recipe on the command line overrides it
+    path = write_yaml(files["dir"] / "run2.yaml", {"recipe": "test-recipe"})
+    assert parse_config(["--config", path], ps).rollout_top_k == 5
+    assert parse_config(["--config", path, "--recipe", "default"], ps).rollout_top_k == -1
+
+
+def test_unknown_recipe(ps):
+    with pytest.raises(ConfigError, match=r"unknown recipe 'defualt'.*Did you mean 'default'\?"):
+        parse_config(["--recipe", "defualt"], ps)
+
+
+def test_recipes_only_name_real_flags(ps):
+    parser = build_parser(ps)
+    for name, values in RECIPES.items():
+        for key in values:
+            assert parser.action_for_key(key) is not None, f"recipe {name}: {key} is not a flag"
+
+
+def test_custom_config_path_sets_attributes(ps, files):
+    path = write_yaml(files["dir"] / "custom.yaml", {"my_threshold": 0.5, "my_list": [1, 2]})
+    args = parse_config(["--custom-config-path", path], ps)
+    assert args.my_threshold == 0.5 and args.my_list == [1, 2]
+    assert config_to_dict(args)["extra"] == {"my_threshold": 0.5, "my_list": [1, 2]}
+    path = write_yaml(files["dir"] / "bad.yaml", {"lr": 0.1})
+    with pytest.raises(ConfigError, match="'lr' is a flag"):
+        parse_config(["--custom-config-path", path], ps)
+
+
+def test_unrecognized_flag_suggests(ps):
+    with pytest.raises(
+        ConfigError, match=r"unrecognized arguments: --rollout-batch-sise 4.*Did you mean --rollout-batch-size\?"
+    ):
+        parse_config(["--rollout-batch-sise", "4"], ps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: every rule names its flag
+# --------------------------------------------------------------------------------------------------
+
+
+VALIDATION_CASES = [
+    (["--rollout-temperature", "0"], "--rollout-temperature must be > 0"),
+    (["--rollout-top-p", "1.5"], "--rollout-top-p must be in (0, 1]"),
+    (["--over-sampling-batch-size", "2"], "--over-sampling-batch-size (2) must be >= --rollout-batch-size (4)"),
+    (["--save-interval", "5"], "--save-interval needs --save"),
+    (["--eval-interval", "5"], "--eval-interval needs --eval-prompt-data"),
+    (["--use-rollout-logprobs", "--use-tis"], "--use-rollout-logprobs and --use-tis exclude each other"),
+    (["--kl-coef", "0.1", "--kl-loss-coef", "0.1"], "--kl-coef and --kl-loss-coef may not both be non-zero"),
+    (["--eps-clip-c", "1.0"], "--eps-clip-c must be > 1"),
+    (["--use-dynamic-batch-size"], "--use-dynamic-batch-size needs --max-tokens-per-gpu"),
+    (["--advantage-estimator", "reinforce_plus_plus"], "requires --normalize-advantages"),
+    (["--advantage-estimator", "rloo", "--n-samples-per-prompt", "1"], "--n-samples-per-prompt >= 2"),
+    (
+        ["--colocate", "--async"],
+        "colocated async cannot keep weights fixed during generation; drop --colocate or --async",
+    ),
+    (["--lr-decay-style", "exponential"], "--lr-decay-style exponential: choose one of constant, linear, cosine"),
+    (["--reward-error", "ignore"], "--reward-error ignore: choose one of zero, raise"),
+    (["--kl-loss-type", "k4"], "--kl-loss-type k4: choose one of"),
+    (["--loss-type", "custom_loss"], "--loss-type custom_loss needs --custom-loss-function-path"),
+    (["--debug-train-only", "--debug-rollout-only"], "--debug-train-only and --debug-rollout-only"),
+    (["--placement", "decoupled"], "--placement decoupled: decoupled placement needs --rollout-num-gpus"),
+    (
+        ["--colocate", "--placement", "decoupled", "--rollout-num-gpus", "2"],
+        "--colocate conflicts with --placement decoupled",
+    ),
+    (
+        ["--rollout-num-gpus-per-engine", "3", "--colocate", "--actor-num-gpus-per-node", "4"],
+        "--rollout-num-gpus (4) must be divisible by --rollout-num-gpus-per-engine (3)",
+    ),
+    (
+        ["--overlong-buffer-len", "8"],
+        "--overlong-buffer-len has no effect without --reward-post-process overlong_penalty",
+    ),
+    (["--reward-post-process", "overlong_penalty"], "overlong_penalty needs --rollout-max-response-len"),
+    (["--n-samples-per-prompt", "0"], "--n-samples-per-prompt must be >= 1"),
+    (["--custom-rm-path", "justaname"], "--custom-rm-path justaname: write it as module.attr"),
+    (
+        ["--dynamic-sampling-filter", "nonzero_std", "--dynamic-sampling-filter-path", "m.f"],
+        "--dynamic-sampling-filter and --dynamic-sampling-filter-path both given",
+    ),
+    (["--eval-prompt-data", "aime"], "--eval-prompt-data: aime does not exist"),
+    (["--eval-prompt-data", "a", "b", "c"], "--eval-prompt-data takes NAME PATH pairs"),
+    (["--sft-warmup-steps", "5"], "--sft-warmup-steps needs --sft-warmup-data"),
+]
+
+
+@pytest.mark.parametrize("extra, expected", VALIDATION_CASES, ids=[c[0][0] for c in VALIDATION_CASES])
+def test_validation_rule(ps, base, extra, expected):
+    assert expected in problems_of(base + extra, ps)
+
+
+def test_run_length_required_with_prompt_data(ps, base):
+    argv = [a for i, a in enumerate(base) if a != "--num-rollout" and base[i - 1] != "--num-rollout"]
+    assert "give --num-rollout or --num-epoch" in problems_of(argv, ps)
+    validate_config(parse_config(argv + ["--num-epoch", "2"], ps), ps)
+
+
+def test_paths_checked(ps, base, files):
+    missing = str(files["dir"] / "missing.jsonl")
+    assert f"--prompt-data: {missing} does not exist" in problems_of(base + ["--prompt-data", missing + "@[0:10]"], ps)
+    validate_config(parse_config(base + ["--prompt-data", files["prompts"] + "@[0:10]"], ps), ps)
+    empty = files["dir"] / "empty_model"
+    empty.mkdir()
+    assert "--hf-checkpoint" in problems_of(base + ["--hf-checkpoint", str(empty)], ps)
+    assert "has no config.json" in problems_of(base + ["--hf-checkpoint", str(empty)], ps)
+    assert "is not a directory" in problems_of(base + ["--hf-checkpoint", missing], ps)
+    validate_config(parse_config(base + ["--eval-prompt-data", "toy", files["eval"], "--eval-interval", "2"], ps), ps)
+    validate_config(parse_config(base + ["--eval-prompt-data", files["eval"], "--eval-interval", "2"], ps), ps)
+
+
+def test_device_cuda_without_cuda(ps, base, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "--device cuda: no CUDA device is visible" in problems_of(base + ["--device", "cuda"], ps)
+    assert "--device gpu: choose one of auto, cpu, cuda" in problems_of(base + ["--device", "gpu"], ps)
+
+
+def test_all_problems_reported_together(ps, base):
+    args = parse_config(
+        base + ["--rollout-temperature", "0", "--eps-clip-c", "0.5", "--use-tis", "--use-rollout-logprobs"], ps
+    )
+    with pytest.raises(ConfigError) as info:
+        validate_config(args, ps)
+    assert len(info.value.problems) == 3 and str(info.value).startswith("3 problems in the run config")
+
+
+@pytest.mark.parametrize(
+    "flag, name, kind",
+    [
+        ("--rm-type", "deepscaller", "reward"),
+        ("--advantage-estimator", "grpoo", "advantage_estimator"),
+        ("--train-backend", "torhc", "train_backend"),
+        ("--rollout-backend", "hff", "rollout_backend"),
+        ("--placement", "colocated", "placement"),
+        ("--buffer-filter", "fifoo", "buffer_policy"),
+        ("--dynamic-sampling-filter", "nonzero-std", "filter"),
+        ("--reward-post-process", "overlong", "reward_post_processor"),
+    ],
+)
+def test_unknown_plugin_names(ps, base, flag, name, kind):
+    message = problems_of(base + [flag, name], ps)
+    assert f"{flag}: {ps.registries[kind].unknown_message(name)}" in message
+    assert "Did you mean" in message
+
+
+# --------------------------------------------------------------------------------------------------
+# Backend-owned flags: implied backends, conflicts, requirements, sglang passthrough
+# --------------------------------------------------------------------------------------------------
+
+QWEN3_MODEL_ARGS = """
+--swiglu --num-layers 36 --hidden-size 2560 --ffn-hidden-size 9728 --num-attention-heads 32
+--group-query-attention --num-query-groups 8 --use-rotary-position-embeddings --disable-bias-linear
+--normalization RMSNorm --norm-epsilon 1e-6 --rotary-base 1000000 --vocab-size 151936 --kv-channels 128
+--qk-layernorm
+"""
+# slime's scripts/run-qwen3-4B.sh (reference §9) plus the guide's doc-only flags.
+QWEN3_RUN_ARGS = """
+--actor-num-nodes 1 --actor-num-gpus-per-node 8 --colocate
+--hf-checkpoint {ckpt} --ref-load /root/Qwen3-4B_torch_dist --load /root/Qwen3-4B_slime/
+--save /root/Qwen3-4B_slime/ --save-interval 20
+--prompt-data {prompts} --input-key prompt --label-key label --apply-chat-template --rollout-shuffle
+--rm-type deepscaler --num-rollout 3000 --rollout-batch-size 32 --n-samples-per-prompt 8
+--rollout-max-response-len 8192 --rollout-temperature 1 --global-batch-size 256 --balance-data
+--over-sampling-batch-size 64
+--dynamic-sampling-filter-path slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std
+--eval-interval 20 --eval-prompt-data aime {eval} --n-samples-per-eval-prompt 16
+--eval-max-response-len 16384 --eval-top-p 1
+--tensor-model-parallel-size 2 --sequence-parallel --pipeline-model-parallel-size 1 --context-parallel-size 1
+--expert-model-parallel-size 1 --expert-tensor-parallel-size 1
+--recompute-granularity full --recompute-method uniform --recompute-num-layers 1
+--use-dynamic-batch-size --max-tokens-per-gpu 9216
+--advantage-estimator grpo --use-kl-loss --kl-loss-coef 0.00 --kl-loss-type low_var_kl --entropy-coef 0.00
+--eps-clip 0.2 --eps-clip-high 0.28
+--optimizer adam --lr 1e-6 --lr-decay-style constant --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.98
+--rollout-num-gpus-per-engine 2 --sglang-mem-fraction-static 0.7 --sglang-server-concurrency 160
+--sglang-cuda-graph-bs 1 2 4 8 16 24 32 40 48 56 64 72 80 88 96 104 112 120 128 136 144 152 160 168 176 184 192 200 208 216 224 232 240 248 256
+--attention-dropout 0.0 --hidden-dropout 0.0 --accumulate-allreduce-grads-in-fp32 --attention-softmax-in-fp32
+--attention-backend flash
+"""
+
+
+def qwen3_argv(files):
+    return (QWEN3_MODEL_ARGS + QWEN3_RUN_ARGS.format(**files)).split()
+
+
+def test_slime_qwen3_4b_flags_parse_and_fail_fast_on_megatron(ps, files):
+    args = parse_config(qwen3_argv(files), ps)  # no "unrecognized arguments"
+    assert args.train_backend == "megatron" and args.rollout_backend == "sglang"
+    assert "--tensor-model-parallel-size" in args._implied["train_backend"]
+    assert args.tensor_model_parallel_size == 2 and args.sequence_parallel is True and args.num_layers == 36
+    assert args.normalization == "RMSNorm" and args.rotary_base == 1000000 and args.norm_epsilon == 1e-6
+    assert args.sglang_mem_fraction_static == 0.7 and args.rollout_concurrency == 160
+    assert args.sglang_cuda_graph_bs[:5] == [1, 2, 4, 8, 16] and args.sglang_cuda_graph_bs[-1] == 256
+    assert args.placement == "colocate" and args.rollout_num_gpus == 8
+    assert args.offload_train is True and args.offload_rollout is True
+    assert args.eps_clip_high == 0.28 and args.num_steps_per_rollout == 1
+    assert args.eval_prompt_data == ["aime", files["eval"]] and args.eval_top_p == 1.0
+    assert megatron_options.given_model_flags(args)["kv_channels"] == 128
+    assert sglang_options.server_overrides(args)["mem_fraction_static"] == 0.7
+
+    missing = ps.entry("train_backend", "megatron").missing_requirements()
+    if not missing:
+        pytest.skip("megatron-core is importable here")
+    args_error = pytest.raises(ConfigError)
+    with args_error as info:
+        validate_config(args, ps)
+    message = str(info.value)
+    assert "unrecognized" not in message
+    assert "--train-backend megatron (implied by --tensor-model-parallel-size, --sequence-parallel" in message
+    assert "requires the megatron backend (pip install plugrl[megatron]): megatron.core is not importable" in message
+    other = [p for p in info.value.problems if "megatron" not in p and "sglang" not in p]
+    assert other == []  # everything else of the recipe is valid
+
+
+def test_sglang_requirement_message(ps, base):
+    if not ps.entry("rollout_backend", "sglang").missing_requirements():
+        pytest.skip("sglang backend requirements are importable here")
+    message = problems_of(base + ["--sglang-mem-fraction-static", "0.5"], ps)
+    assert (
+        "--rollout-backend sglang (implied by --sglang-mem-fraction-static) requires the sglang backend "
+        "(pip install plugrl[sglang])" in message
+    )
+
+
+def test_sglang_passthrough_collection(ps):
+    args = parse_config(
+        [
+            "--sglang-foo-bar",
+            "3",
+            "--seed",
+            "7",
+            "--sglang-enable-metrics",
+            "--sglang-qux=1",
+            "--sglang-list",
+            "1",
+            "2",
+            "--sglang-neg",
+            "-1",
+            "--sglang-mem-fraction-static",
+            "0.6",
+            "--router-prometheus-port",
+            "9000",
+            "--megatron-moe-router-topk",
+            "2",
+        ],
+        ps,
+    )
+    assert args.sglang_passthrough == {
+        "foo_bar": "3",
+        "enable_metrics": True,
+        "qux": "1",
+        "list": ["1", "2"],
+        "neg": "-1",
+    }
+    assert args.sglang_mem_fraction_static == 0.6 and args.seed == 7
+    assert args.router_passthrough == {"prometheus_port": "9000"}
+    assert args.megatron_passthrough == {"moe_router_topk": "2"}
+    assert args.rollout_backend == "sglang" and args.train_backend == "megatron"
+    assert "--sglang-foo-bar" in args._implied["rollout_backend"]
+    overrides = sglang_options.server_overrides(args)
+    assert overrides["foo_bar"] == "3" and overrides["mem_fraction_static"] == 0.6
+
+
+def test_sglang_passthrough_from_yaml(ps, files):
+    path = write_yaml(
+        files["dir"] / "run.yaml", {"sglang-chunked-prefill-size": 4096, "sglang_passthrough": {"enable_metrics": True}}
+    )
+    args = parse_config(["--config", path, "--sglang-chunked-prefill-size", "8192"], ps)
+    assert args.sglang_passthrough == {"chunked_prefill_size": "8192", "enable_metrics": True}
+    assert args.rollout_backend == "sglang"
+
+
+def test_sglang_reserved_flags_refused(ps):
+    with pytest.raises(ConfigError, match=r"--sglang-tp-size is set by plugrl \(it is --rollout-num-gpus-per-engine\)"):
+        parse_config(["--sglang-tp-size", "2"], ps)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["--train-backend", "torch", "--tensor-model-parallel-size", "2"],
+            "--tensor-model-parallel-size belongs to the megatron backend; drop it or use --train-backend megatron",
+        ),
+        (
+            ["--train-backend", "torch", "--sequence-parallel", "--num-layers", "4"],
+            "--sequence-parallel, --num-layers belong to the megatron backend; drop them or use --train-backend megatron",
+        ),
+        (
+            ["--rollout-backend", "hf", "--sglang-mem-fraction-static", "0.5"],
+            "--sglang-mem-fraction-static belongs to the sglang backend; drop it or use --rollout-backend sglang",
+        ),
+        (["--rollout-backend", "hf", "--sglang-anything", "1"], "--sglang-anything belongs to the sglang backend"),
+        (
+            ["--rollout-backend", "hf", "--sglang-server-concurrency", "8"],
+            "--sglang-server-concurrency belongs to the sglang backend",
+        ),
+    ],
+)
+def test_backend_flag_conflicts(ps, argv, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_config(argv, ps)
+    assert expected in str(info.value)
+
+
+class ThirdPartyOptions:
+    """A third-party reward and post-processor that own their flags, like the backends do."""
+
+    @core_hookimpl
+    def plugrl_register_rewards(self, register):
+        register("myrm", lambda sample, **options: 1.0)
+
+    @core_hookimpl
+    def plugrl_register_reward_post_processors(self, register):
+        register("clip_rewards", lambda samples, args: None)
+
+    @core_hookimpl
+    def plugrl_add_options(self, parser):
+        group = parser.add_plugin_group("myrm reward", kind="reward", name="myrm")
+        group.add_argument("--myrm-threshold", type=float)
+        group = parser.add_plugin_group(
+            "clip_rewards post-processor", kind="reward_post_processor", name="clip_rewards"
+        )
+        group.add_argument("--clip-rewards-max", type=float)
+
+
+def test_third_party_plugins_own_flags_too(base):
+    extra = {name: module for name, module in OPTION_MODULES.items() if name not in BUILTIN_PLUGINS}
+    ps = make_plugin_manager(entry_points=False, extra_plugins={**extra, "third": ThirdPartyOptions()})
+    argv = [a for a in base if a not in ("--rm-type", "deepscaler")]
+    args = parse_config(argv + ["--myrm-threshold", "0.5", "--clip-rewards-max", "1"], ps)
+    assert args.rm_type == "myrm" and args.myrm_threshold == 0.5
+    assert args.reward_post_process == ["clip_rewards"]
+    validate_config(args, ps)
+    args = parse_config(
+        argv
+        + ["--reward-post-process", "overlong_penalty", "--clip-rewards-max", "1", "--rollout-max-response-len", "16"],
+        ps,
+    )
+    assert args.reward_post_process == ["overlong_penalty", "clip_rewards"]
+    with pytest.raises(ConfigError, match="--myrm-threshold belongs to the myrm reward; drop it or use --rm-type myrm"):
+        parse_config(argv + ["--rm-type", "deepscaler", "--myrm-threshold", "0.5"], ps)
+    assert "\nmyrm reward:" in build_parser(ps).format_help()
+
+
+def test_generic_flags_do_not_imply_backends(ps):
+    args = parse_config(["--rollout-concurrency", "8", "--lr", "1e-5", "--optimizer", "adam", "--clip-grad", "0.5"], ps)
+    assert (args.train_backend, args.rollout_backend) == ("torch", "hf") and args.rollout_concurrency == 8
+
+
+def test_debug_modes_skip_the_unused_backend_requirement(ps, base):
+    if not ps.entry("train_backend", "megatron").missing_requirements():
+        pytest.skip("megatron-core is importable here")
+    validate_config(parse_config(base + ["--train-backend", "megatron", "--debug-rollout-only"], ps), ps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Help, serialisation, import hygiene
+# --------------------------------------------------------------------------------------------------
+
+
+def test_help_lists_every_group(ps, capsys):
+    text = build_parser(ps).format_help()
+    for title in (
+        "run and cluster",
+        "plugins",
+        "checkpoints",
+        "data",
+        "rollout",
+        "eval",
+        "algorithm",
+        "training (all backends)",
+        "logging",
+        "custom functions (slime --*-path)",
+        "megatron backend",
+        "sglang backend",
+    ):
+        assert f"\n{title}:" in text, title
+    assert "(requires plugrl[megatron])" in text and "(requires plugrl[sglang])" in text
+    assert "--tensor-model-parallel-size" in text and "--sglang-mem-fraction-static" in text
+    with pytest.raises(SystemExit) as info:
+        parse_config(["--help"], ps)
+    assert info.value.code == 0 and "megatron backend" in capsys.readouterr().out
+
+
+def test_config_to_dict_round_trip(ps, base, files):
+    argv = base + [
+        "--rm-opt",
+        "timeout=3",
+        "--reward-post-process",
+        "overlong_penalty",
+        "--rollout-max-response-len",
+        "64",
+        "--rollout-stop",
+        "</s>",
+        "<|im_end|>",
+        "--apply-chat-template-kwargs",
+        '{"enable_thinking": false}',
+        "--async",
+        "--rollout-num-gpus",
+        "1",
+        "--sglang-enable-metrics",
+        "--sglang-mem-fraction-static",
+        "0.5",
+    ]
+    args = parse_config(argv, ps)
+    data = config_to_dict(args)
+    assert json.loads(json.dumps(data)) == data
+    assert yaml.safe_load(yaml.safe_dump(data)) == data
+    assert not any(key.startswith("_") for key in data) and "config" not in data
+    path = write_yaml(files["dir"] / "resolved.yaml", data)
+    again = parse_config(["--config", path], ps)
+    assert config_to_dict(again) == data
+    assert again.rollout_backend == "sglang" and again.sglang_passthrough == {"enable_metrics": True}
+
+
+def test_config_to_dict_round_trip_default_run(ps, files):
+    data = config_to_dict(parse_config([], ps))
+    path = write_yaml(files["dir"] / "resolved.yaml", data)
+    again = parse_config(["--config", path], ps)
+    assert again.default_run and config_to_dict(again) == data
+
+
+def test_parsing_and_validation_do_not_import_torch_or_backends(tmp_path):
+    code = textwrap.dedent("""
+        import sys
+        from plugrl.core.config import parse_config, validate_config
+        from plugrl.core.plugins import make_plugin_manager
+        from plugrl.plugins.backends import megatron_options, sglang_options
+        ps = make_plugin_manager(entry_points=False, extra_plugins={"m": megatron_options, "s": sglang_options})
+        validate_config(parse_config([], ps), ps)
+        try:
+            validate_config(parse_config(["--tensor-model-parallel-size", "2", "--sglang-foo", "1"], ps), ps)
+        except ValueError:
+            pass
+        heavy = [m for m in ("torch", "megatron", "sglang", "sglang_router", "transformers") if m in sys.modules]
+        assert not heavy, heavy
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+    assert config_module.ConfigError is ConfigError
