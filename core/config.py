@@ -6,8 +6,8 @@ Precedence: flag defaults < recipe < YAML < command line. ``parse_config`` retur
 plugin registries and raises one ``ConfigError`` listing every problem, each naming the flag and the
 fix; ``config_to_dict`` gives the YAML/JSON form, which ``--config`` reads back.
 
-With no ``--prompt-data`` and no ``--recipe`` the run is the embedded default run: the ``default``
-recipe applies and ``args.default_run`` is True (the caller fills in the toy data and checkpoint).
+The embedded default run is the ``tiny-default`` recipe (``plugrl train`` with no data adds
+``--recipe tiny-default``; see ``plugrl.core.train_cli``).
 """
 
 from __future__ import annotations
@@ -33,36 +33,27 @@ from .flags import (
     read_layer,
     read_yaml,
 )
-from .registry import SELECTING_FLAG, PluginError
+from .registry import SELECTING_FLAG, PluginError, import_object
 
 __all__ = [
+    "DEFAULT_RECIPE",
     "RECIPES",
     "ConfigError",
     "build_parser",
     "config_to_dict",
     "parse_config",
+    "recipe_values",
     "resolve_defaults",
     "resolve_owned_flags",
     "validate_config",
 ]
 
 
-# name -> flag values (dests). "default" is the embedded default run: the toy math task with the
-# deepscaler reward; its backends are the resolved defaults (torch, hf, colocate) so that backend flags
-# can still select others. Paths, checkpoint and run length are filled in by the caller.
-RECIPES: dict[str, dict] = {
-    "default": {
-        "rm_type": "deepscaler",
-        "advantage_estimator": "grpo",
-        "input_key": "prompt",
-        "label_key": "label",
-        "apply_chat_template": True,
-        "rollout_shuffle": True,
-        "rollout_batch_size": 16,
-        "n_samples_per_prompt": 8,
-        "rollout_max_response_len": 32,
-        "rollout_temperature": 1.0,
-    },
+# name -> flag values (dests), or a zero-argument callable returning them, or the "module:attr" path of
+# one (imported only when the recipe is used, so recipes may compute paths of bundled files).
+DEFAULT_RECIPE = "tiny-default"
+RECIPES: dict[str, Any] = {
+    DEFAULT_RECIPE: "plugrl.core.train_cli:tiny_default_values",
 }
 
 DEFAULT_BACKENDS = {"train_backend": "torch", "rollout_backend": "hf"}
@@ -74,6 +65,11 @@ CHOICES = {
     "kl_loss_type": ("k1", "k2", "k3", "low_var_kl"),
     "wandb_mode": ("online", "offline", "disabled"),
 }
+# integer flags that must be >= 1 when given
+POSITIVE_FLAGS = ("rollout_batch_size", "n_samples_per_prompt", "over_sampling_batch_size", "n_samples_per_eval_prompt",
+                  "update_weights_interval", "rollout_concurrency", "micro_batch_size", "num_epoch", "save_interval",
+                  "eval_interval", "log_interval", "rollout_max_response_len", "global_batch_size",
+                  "num_steps_per_rollout", "max_tokens_per_gpu", "sft_warmup_batch_size")
 PATH_FLAGS = (
     "custom_rm_path",
     "dynamic_sampling_filter_path",
@@ -114,12 +110,24 @@ def build_parser(plugin_set=None) -> PlugrlArgumentParser:
     return parser
 
 
-def _recipe_layer(parser: PlugrlArgumentParser, name: str) -> Layer:
+def recipe_values(name: str) -> dict:
+    """The flag values of recipe ``name`` (a dict, a callable returning one, or its import path)."""
     if name not in RECIPES:
         close = difflib.get_close_matches(name, list(RECIPES), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"--recipe: unknown recipe '{name}'. Available: {', '.join(sorted(RECIPES))}.{hint}")
-    return read_layer(parser, RECIPES[name], f"recipe '{name}'", f"recipe:{name}")
+    values = RECIPES[name]
+    if isinstance(values, str):
+        values = import_object(values)
+    if callable(values):
+        values = values()
+    if not isinstance(values, dict):
+        raise ConfigError(f"--recipe {name}: the recipe must give a dict of flag values, got {type(values).__name__}")
+    return values
+
+
+def _recipe_layer(parser: PlugrlArgumentParser, name: str) -> Layer:
+    return read_layer(parser, recipe_values(name), f"recipe '{name}'", f"recipe:{name}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,9 +157,6 @@ def parse_config(argv: list[str], plugin_set=None) -> argparse.Namespace:
     given = cli_flags(parser, argv)
 
     recipe = pre.recipe or yaml_raw.get("recipe")
-    has_data = "--prompt-data" in given or yaml_layer.values.get("prompt_data") is not None
-    if recipe is None and not has_data:
-        recipe = "default"
     layers = ([_recipe_layer(parser, recipe)] if recipe else []) + [yaml_layer]
     for layer in layers:
         parser.set_defaults(**layer.values)
@@ -177,7 +182,6 @@ def parse_config(argv: list[str], plugin_set=None) -> argparse.Namespace:
         setattr(args, dest, values)
 
     args.recipe = recipe
-    args.default_run = recipe == "default" and args.prompt_data is None
     args._sources = sources
     args._flag_dests = sorted({a.dest for a in parser.flag_actions()} | set(passthrough))
     if args.custom_config_path:
@@ -298,6 +302,8 @@ def resolve_defaults(args: argparse.Namespace) -> None:
         args.rollout_max_prompt_len = args.rollout_max_context_len - 1
     if args.sft_warmup_lr is None:
         args.sft_warmup_lr = args.lr
+    if args.sft_warmup_batch_size is None:
+        args.sft_warmup_batch_size = args.rollout_batch_size
     _resolve_batch(args)
 
 
@@ -407,27 +413,9 @@ def _positive(args, problems: list[str], *dests: str, minimum: int = 1) -> None:
 
 
 def _check_rollout(args, problems: list[str]) -> None:
-    _positive(
-        args,
-        problems,
-        "rollout_batch_size",
-        "n_samples_per_prompt",
-        "over_sampling_batch_size",
-        "n_samples_per_eval_prompt",
-        "update_weights_interval",
-        "rollout_concurrency",
-        "micro_batch_size",
-        "num_epoch",
-        "save_interval",
-        "eval_interval",
-        "log_interval",
-        "rollout_max_response_len",
-        "global_batch_size",
-        "num_steps_per_rollout",
-        "max_tokens_per_gpu",
-    )
+    _positive(args, problems, *POSITIVE_FLAGS)
     _positive(args, problems, "num_rollout", "sft_warmup_steps", minimum=0)
-    if args.rollout_batch_size is None and not args.default_run:
+    if args.rollout_batch_size is None:
         problems.append("--rollout-batch-size is required (prompts per rollout)")
     if args.rollout_temperature is None or args.rollout_temperature <= 0:
         problems.append(f"--rollout-temperature must be > 0, got {args.rollout_temperature}")
@@ -446,7 +434,7 @@ def _check_rollout(args, problems: list[str]) -> None:
         problems.append("give --num-rollout or --num-epoch (how long to train)")
     if args.save_interval is not None and not args.save:
         problems.append("--save-interval needs --save DIR (where to save)")
-    if args.eval_interval is not None and not args.eval_prompt_data and not args.default_run:
+    if args.eval_interval is not None and not args.eval_prompt_data:
         problems.append("--eval-interval needs --eval-prompt-data NAME PATH (what to evaluate)")
     if args.use_dynamic_batch_size and not args.max_tokens_per_gpu:
         problems.append("--use-dynamic-batch-size needs --max-tokens-per-gpu (the packing capacity)")
@@ -518,7 +506,7 @@ def _check_paths(args, problems: list[str]) -> None:
             problem = _data_path_problem("--eval-prompt-data", spec)
             if problem:
                 problems.append(problem)
-    if args.sft_warmup_steps and not args.sft_warmup_data and not args.default_run:
+    if args.sft_warmup_steps and not args.sft_warmup_data:
         problems.append("--sft-warmup-steps needs --sft-warmup-data (prompt/response JSONL)")
     if args.hf_checkpoint:
         path = Path(args.hf_checkpoint)

@@ -506,6 +506,10 @@ def _training(p: PlugrlArgumentParser) -> None:
     )
     g.add_argument("--sft-warmup-data", metavar="PATH", help="JSONL of prompt/response rows for the warm-up")
     g.add_argument("--sft-warmup-lr", type=float, help="(default: --lr)")
+    g.add_argument("--sft-warmup-batch-size", type=int, help="rows per warm-up step (default: --rollout-batch-size)")
+    g.add_argument(
+        "--sft-warmup-prompt-loss-weight", type=float, default=0.0, help="weight of prompt tokens in the warm-up loss"
+    )
 
 
 def _logging(p: PlugrlArgumentParser) -> None:
@@ -563,7 +567,7 @@ class ConfigError(ValueError):
         self.problems = list(problems or [message])
 
 
-META_KEYS = ("recipe", "default_run")  # config keys that are not flags
+META_KEYS = ("recipe",)  # config keys read before the flags (--recipe named in a YAML)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -648,7 +652,11 @@ def read_layer(parser: PlugrlArgumentParser, raw: dict, where: str, source: str)
             continue
         action = parser.action_for_key(bare)
         if action is not None:
-            layer.values[action.dest] = coerce_value(action, value, where, key)
+            value = coerce_value(action, value, where, key)
+            negated = "--" + bare.replace("_", "-") != canonical_flag(action) and bare.replace("_", "-")[:3] == "no-"
+            if isinstance(action, argparse.BooleanOptionalAction) and negated and value is not None:
+                value = not value  # `no-offload-train: true` means offload_train = False
+            layer.values[action.dest] = value
             layer.flags.add(canonical_flag(action))
             continue
         if bare.replace("-", "_") in passthrough_dests and isinstance(value, dict):

@@ -39,6 +39,8 @@ BUILTIN_PLUGINS = (
     "plugrl.plugins.filters.overlong",
     "plugrl.plugins.backends.placement",
     "plugrl.plugins.backends.registrations",
+    "plugrl.plugins.backends.megatron_options",
+    "plugrl.plugins.backends.sglang_options",
 )
 
 

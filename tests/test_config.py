@@ -10,11 +10,13 @@ import yaml
 from plugrl.core import config as config_module
 from plugrl.core import hookimpl as core_hookimpl
 from plugrl.core.config import (
+    DEFAULT_RECIPE,
     RECIPES,
     ConfigError,
     build_parser,
     config_to_dict,
     parse_config,
+    recipe_values,
     validate_config,
 )
 from plugrl.core.flags import parse_size
@@ -83,29 +85,48 @@ def write_yaml(path, data):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_default_run_resolves_and_validates(ps):
+def test_flag_defaults(ps):
     args = parse_config([], ps)
-    assert args.default_run and args.recipe == "default"
+    assert args.recipe is None
     assert (args.train_backend, args.rollout_backend, args.placement) == ("torch", "hf", "colocate")
-    assert args.rm_type == "deepscaler" and args.advantage_estimator == "grpo" and args.buffer_filter == "fifo"
-    assert args.seed == 1234 and args.rollout_seed == 42 and args.lr == 1e-6
-    assert args.actor_num_gpus_per_node == 1 and args.rollout_num_gpus == 1
+    assert args.rm_type is None and args.advantage_estimator == "grpo" and args.buffer_filter == "fifo"
+    assert args.seed == 1234 and args.rollout_seed == 42 and args.lr == 1e-6 and args.adam_beta2 == 0.999
+    assert args.input_key == "input" and args.metadata_key == "metadata" and args.tool_key == "tools"
+    assert args.n_samples_per_prompt == 1 and args.rollout_top_k == -1 and args.rollout_concurrency == 512
+    assert args.actor_num_gpus_per_node == 1 and args.rollout_num_gpus == 1 and args.num_gpus_per_node == 8
     assert args.offload_train is False and args.offload_rollout is False  # no --colocate
     assert args.eps_clip_high == args.eps_clip == 0.2
-    assert args.over_sampling_batch_size == args.rollout_batch_size
-    assert args.global_batch_size == args.rollout_batch_size * args.n_samples_per_prompt
-    assert args.num_steps_per_rollout == 1
-    assert args.eval_max_response_len == args.rollout_max_response_len
-    assert args.eval_input_key == args.input_key == "prompt"
+    assert args.rollout_batch_size is None and args.global_batch_size is None
+    assert args.eval_input_key == args.input_key and args.eval_top_k == -1
     assert args.update_weight_buffer_size == 512 * 1024**2
     assert args.output_dir.startswith("runs/")
     assert args.rm_opt == {} and args.reward_post_process == [] and args.sglang_passthrough == {}
+    assert args.sft_warmup_steps == 0 and args.sft_warmup_prompt_loss_weight == 0.0
+
+
+def test_tiny_default_recipe_validates(ps, files):
+    args = parse_config(["--recipe", DEFAULT_RECIPE, "--hf-checkpoint", files["ckpt"]], ps)
+    assert args.recipe == DEFAULT_RECIPE and args.prompt_data and args.rm_type
+    assert args.global_batch_size % args.n_samples_per_prompt == 0
     validate_config(args, ps)
 
 
-def test_prompt_data_means_no_default_recipe(ps, files):
+def test_recipe_forms(ps, monkeypatch, tmp_path):
+    (tmp_path / "my_recipes.py").write_text("VALUES = {'seed': 9}\ndef make():\n    return {'seed': 7}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(RECIPES, "as-callable", lambda: {"seed": 5})
+    monkeypatch.setitem(RECIPES, "as-dict-path", "my_recipes:VALUES")
+    monkeypatch.setitem(RECIPES, "as-function-path", "my_recipes:make")
+    monkeypatch.setitem(RECIPES, "broken", lambda: ["seed", 1])
+    assert parse_config(["--recipe", "as-callable"], ps).seed == 5
+    assert parse_config(["--recipe", "as-dict-path"], ps).seed == 9
+    assert parse_config(["--recipe", "as-function-path"], ps).seed == 7
+    with pytest.raises(ConfigError, match="must give a dict of flag values"):
+        recipe_values("broken")
+
+
+def test_prompt_data_run_needs_its_settings(ps, files):
     args = parse_config(["--prompt-data", files["prompts"]], ps)
-    assert not args.default_run and args.recipe is None
     assert args.rollout_batch_size is None and args.input_key == "input"
     message = problems_of(["--prompt-data", files["prompts"]], ps)
     assert "--rollout-batch-size is required" in message
@@ -279,6 +300,13 @@ def test_yaml_values_and_cli_precedence(ps, base, files):
     validate_config(args, ps)
 
 
+def test_yaml_negated_switch(ps, files):
+    path = write_yaml(files["dir"] / "run.yaml", {"colocate": True, "no-offload-train": True, "offload_rollout": False})
+    args = parse_config(["--config", path], ps)
+    assert args.colocate and args.offload_train is False and args.offload_rollout is False
+    assert parse_config(["--config", path, "--offload-train"], ps).offload_train is True
+
+
 def test_yaml_unknown_key_suggests(ps, files):
     path = write_yaml(files["dir"] / "run.yaml", {"rollout-batch-sise": 8})
     with pytest.raises(ConfigError) as info:
@@ -317,7 +345,7 @@ def test_recipe_precedence(ps, files, monkeypatch):
     monkeypatch.setitem(RECIPES, "test-recipe", {"seed": 1, "lr": 1e-3, "eps_clip": 0.3, "rollout_top_k": 5})
     path = write_yaml(files["dir"] / "run.yaml", {"lr": 1e-4, "eps_clip": 0.25})
     args = parse_config(["--recipe", "test-recipe", "--config", path, "--eps-clip", "0.15"], ps)
-    assert args.recipe == "test-recipe" and not args.default_run
+    assert args.recipe == "test-recipe"
     assert args.rollout_top_k == 5  # recipe over default
     assert args.seed == 1  # recipe over default
     assert args.lr == 1e-4  # YAML over recipe
@@ -327,18 +355,19 @@ def test_recipe_precedence(ps, files, monkeypatch):
     # a recipe named in the YAML applies too; --recipe on the command line overrides it
     path = write_yaml(files["dir"] / "run2.yaml", {"recipe": "test-recipe"})
     assert parse_config(["--config", path], ps).rollout_top_k == 5
-    assert parse_config(["--config", path, "--recipe", "default"], ps).rollout_top_k == -1
+    monkeypatch.setitem(RECIPES, "other", {"rollout_top_k": 7})
+    assert parse_config(["--config", path, "--recipe", "other"], ps).rollout_top_k == 7
 
 
 def test_unknown_recipe(ps):
-    with pytest.raises(ConfigError, match=r"unknown recipe 'defualt'.*Did you mean 'default'\?"):
-        parse_config(["--recipe", "defualt"], ps)
+    with pytest.raises(ConfigError, match=r"unknown recipe 'tiny-defualt'.*Did you mean 'tiny-default'\?"):
+        parse_config(["--recipe", "tiny-defualt"], ps)
 
 
 def test_recipes_only_name_real_flags(ps):
     parser = build_parser(ps)
-    for name, values in RECIPES.items():
-        for key in values:
+    for name in RECIPES:
+        for key in recipe_values(name):
             assert parser.action_for_key(key) is not None, f"recipe {name}: {key} is not a flag"
 
 
@@ -742,11 +771,12 @@ def test_config_to_dict_round_trip(ps, base, files):
     assert again.rollout_backend == "sglang" and again.sglang_passthrough == {"enable_metrics": True}
 
 
-def test_config_to_dict_round_trip_default_run(ps, files):
-    data = config_to_dict(parse_config([], ps))
+def test_config_to_dict_round_trip_tiny_default(ps, files):
+    data = config_to_dict(parse_config(["--recipe", DEFAULT_RECIPE, "--hf-checkpoint", files["ckpt"]], ps))
     path = write_yaml(files["dir"] / "resolved.yaml", data)
     again = parse_config(["--config", path], ps)
-    assert again.default_run and config_to_dict(again) == data
+    assert again.recipe == DEFAULT_RECIPE and config_to_dict(again) == data
+    validate_config(again, ps)
 
 
 def test_parsing_and_validation_do_not_import_torch_or_backends(tmp_path):
@@ -756,7 +786,7 @@ def test_parsing_and_validation_do_not_import_torch_or_backends(tmp_path):
         from plugrl.core.plugins import make_plugin_manager
         from plugrl.plugins.backends import megatron_options, sglang_options
         ps = make_plugin_manager(entry_points=False, extra_plugins={"m": megatron_options, "s": sglang_options})
-        validate_config(parse_config([], ps), ps)
+        validate_config(parse_config(["--rollout-batch-size", "2", "--rm-type", "deepscaler"], ps), ps)
         try:
             validate_config(parse_config(["--tensor-model-parallel-size", "2", "--sglang-foo", "1"], ps), ps)
         except ValueError:

@@ -337,3 +337,57 @@ def test_same_seed_same_samples(ckpt):
         outs.append(run(eng.generate([5, 6, 7], {"max_new_tokens": 12, "top_p": 0.9, "ignore_eos": True})))
         eng.close()
     assert outs[0]["tokens"] == outs[1]["tokens"]
+
+
+def test_update_weights_waits_for_the_decode_step(fresh_engine):
+    """A push during generation lands between two decode steps; later tokens report the new version."""
+    state = {k: v.clone() for k, v in fresh_engine.model.state_dict().items()}
+
+    async def main():
+        task = asyncio.ensure_future(fresh_engine.generate([5, 6], {"max_new_tokens": 150, "ignore_eos": True}))
+        while fresh_engine.stats()["decode_steps"] < 5:
+            await asyncio.sleep(0.002)
+        fresh_engine.update_weights(state, version="v2")  # same values: generation continues unchanged
+        return await task
+
+    out = run(main())
+    assert len(out["tokens"]) == 150 and out["weight_version"] == "v2"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_engine(ckpt):
+    ref = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).cuda().eval()
+    eng = HFRolloutEngine(str(ckpt), device="cuda", dtype="float32")
+    try:
+        specs = [(prompt_of(i, 3 + 2 * i), [0.7, 1.0, 0.0][i % 3], 10 + i) for i in range(6)]
+
+        async def main():
+            return await asyncio.gather(*[
+                eng.generate(p, {"max_new_tokens": n, "temperature": t, "ignore_eos": True}) for p, t, n in specs
+            ])
+
+        for (prompt, temp, n), out in zip(specs, run(main())):
+            ids = torch.tensor([prompt + out["tokens"]], device="cuda")
+            with torch.no_grad():
+                logits = ref(input_ids=ids).logits[0, len(prompt) - 1: -1].float() / (temp or 1.0)
+            expected = torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):].unsqueeze(1)).squeeze(1)
+            assert torch.allclose(expected.cpu(), torch.tensor(out["log_probs"]), atol=1e-4)
+        before = torch.cuda.memory_allocated()
+        eng.release_memory()
+        assert torch.cuda.memory_allocated() < before
+        with pytest.raises(RuntimeError, match="released"):
+            run(eng.generate([5, 6], {"max_new_tokens": 2}))
+        eng.resume_memory(["weights"])
+        eng.resume_memory(["kv_cache", "cuda_graph"])
+        assert next(eng.model.parameters()).is_cuda
+        assert len(run(eng.generate([5, 6], {"max_new_tokens": 3, "ignore_eos": True}))["tokens"]) == 3
+    finally:
+        eng.close()
+    bf16 = HFRolloutEngine(str(ckpt))  # defaults on a GPU machine: cuda + bfloat16
+    try:
+        assert next(bf16.model.parameters()).dtype == torch.bfloat16
+        out = run(bf16.generate([5, 6, 7], {"max_new_tokens": 8, "temperature": 0.8, "ignore_eos": True}))
+        assert len(out["log_probs"]) == 8 and all(lp <= 0 for lp in out["log_probs"])
+    finally:
+        bf16.close()

@@ -117,9 +117,10 @@ class DecodeScheduler:
                             self._pending.remove(r)
                         waiters, self._abort_waiters = self._abort_waiters, []
                         admit = []
-                        while self._pending and len(admit) + len(batch or ()) < self.max_batch_size:
-                            admit.append(self._pending.popleft())
-                            admit[-1].running = True
+                        if self._admitting(len(batch or ())):
+                            while self._pending and len(admit) + len(batch or ()) < self.max_batch_size:
+                                admit.append(self._pending.popleft())
+                                admit[-1].running = True
                         self._num_running += len(admit)
                     for r in dropped:
                         self._finish_abort(r)
@@ -140,9 +141,17 @@ class DecodeScheduler:
                 self._pending.clear()
                 self._abort_waiters = []
             for r in stranded:
-                self._complete(r, RuntimeError(f"hf engine decode thread died: {exc!r}"))
+                if r.finish is None:
+                    self._complete(r, RuntimeError(f"hf engine decode thread died: {exc!r}"))
             for waiter in waiters:
                 waiter.set_result(None)
+
+    def _admitting(self, running: int) -> bool:
+        """Whether to prefill queued requests now. Joining a running batch costs a prefill forward
+        and a copy of the batch's KV cache, so while the batch is busy wait until an eighth of it
+        (or every queued request) fits."""
+        free = self.max_batch_size - running
+        return running == 0 or free >= min(len(self._pending), max(1, self.max_batch_size // 8))
 
     def _work(self, batch: DecodeBatch | None, admit: list[Request]) -> DecodeBatch | None:
         """Prefill the admitted requests into the batch, then run one decode step. A failing forward

@@ -1,0 +1,114 @@
+"""Throughput of the embedded ``hf`` rollout engine: generated tokens per second at several batch sizes.
+
+Runs anywhere (CPU or one GPU); builds a random-init Qwen3 checkpoint locally (no hub):
+  tiny   the default test model (2 layers, hidden 64)
+  0.6b   Qwen3-0.6B shape (28 layers, hidden 1024, vocab 151936)
+  4b     Qwen3-4B shape (36 layers, hidden 2560, vocab 151936), as in shared/MEASURED.md
+Each batch size submits that many concurrent ``generate`` calls (random prompts, ``ignore_eos`` so
+every request runs to ``--new-tokens``) and times them end to end. ``--compare-generate`` also times
+``model.generate`` on the same batch (left-padded, sampling, same lengths) as a reference.
+
+    python benchmarks/hf_engine_throughput.py --model tiny --batch-sizes 1,64,256
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from plugrl.plugins.backends.hf_engine import HFRolloutEngine
+from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
+
+SHAPES = {
+    "tiny": {},
+    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960),
+    "4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960),
+}
+
+
+def build(shape: str, directory: Path) -> Path:
+    # Random init directly in bf16 for the large shapes: half the memory and disk of fp32.
+    previous = torch.get_default_dtype()
+    if shape != "tiny":
+        torch.set_default_dtype(torch.bfloat16)
+    try:
+        return build_tiny_checkpoint(directory / shape, **SHAPES[shape])
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def prompts(batch: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(10, 300) for _ in range(length)] for _ in range(batch)]
+
+
+async def time_engine(engine, batch, prompt_len, new_tokens, temperature) -> float:
+    params = {"max_new_tokens": new_tokens, "temperature": temperature, "ignore_eos": True}
+    start = time.perf_counter()
+    outs = await asyncio.gather(*[engine.generate(p, params) for p in prompts(batch, prompt_len, batch)])
+    elapsed = time.perf_counter() - start
+    return sum(len(o["tokens"]) for o in outs) / elapsed
+
+
+def time_generate(engine, batch, prompt_len, new_tokens, temperature) -> float:
+    model, device = engine.model, engine.device
+    ids = torch.tensor(prompts(batch, prompt_len, batch), device=device)
+    mask = torch.ones_like(ids)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+                             pad_token_id=engine.tokenizer.pad_token_id)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (out.shape[1] - prompt_len) * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--checkpoint", help="an existing HF checkpoint instead of --model")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--batch-sizes", default="1,64,256")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--compare-generate", action="store_true", help="also time model.generate")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.checkpoint or build(args.model, Path(tmp))
+        engine = HFRolloutEngine(str(path), device=args.device, dtype=args.dtype, max_batch_size=max(batches))
+        try:
+            asyncio.run(time_engine(engine, 2, args.prompt_len, 4, args.temperature))  # warm-up
+            dtype = next(engine.model.parameters()).dtype
+            name = args.checkpoint or args.model
+            print(f"model={name} device={engine.device} dtype={dtype} threads={torch.get_num_threads()} "
+                  f"prompt={args.prompt_len} new={args.new_tokens} T={args.temperature}")
+            header = f"{'batch':>6} {'engine tok/s':>13}" + (f" {'generate tok/s':>15}" if args.compare_generate else "")
+            print(header)
+            for batch in batches:
+                row = f"{batch:>6} {asyncio.run(time_engine(engine, batch, args.prompt_len, args.new_tokens, args.temperature)):>13,.0f}"
+                if args.compare_generate:
+                    row += f" {time_generate(engine, batch, args.prompt_len, args.new_tokens, args.temperature):>15,.0f}"
+                print(row, flush=True)
+        finally:
+            engine.close()
+
+
+if __name__ == "__main__":
+    main()
