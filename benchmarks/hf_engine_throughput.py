@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from plugrl.plugins.backends.hf_engine import HFRolloutEngine
-from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
+from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint, build_tokenizer, tiny_config, toy_rows
 
 SHAPES = {
     "tiny": {},
@@ -35,14 +35,26 @@ SHAPES = {
 
 
 def build(shape: str, directory: Path) -> Path:
-    # Random init directly in bf16 for the large shapes: half the memory and disk of fp32.
+    """The tiny test checkpoint, or a random Qwen3 of the given shape with the tiny tokenizer (its
+    ids are a subset of the large vocabulary, so prompts and decoding work)."""
+    if shape == "tiny":
+        return build_tiny_checkpoint(directory / shape)
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer(toy_rows()[0])
+    overrides = dict(SHAPES[shape])
+    config = tiny_config(overrides.pop("vocab_size"), tokenizer.eos_token_id, tokenizer.pad_token_id,
+                         torch_dtype="bfloat16", **overrides)
     previous = torch.get_default_dtype()
-    if shape != "tiny":
-        torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(torch.bfloat16)  # random init directly in bf16: half the memory and disk
     try:
-        return build_tiny_checkpoint(directory / shape, **SHAPES[shape])
+        model = AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(previous)
+    path = directory / shape
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def prompts(batch: int, length: int, seed: int) -> list[list[int]]:

@@ -12,7 +12,6 @@ import inspect
 from typing import Any, Callable
 
 
-
 class Reward:
     """A reward function with its calling convention made uniform: ``await reward(samples)``."""
 
@@ -32,6 +31,26 @@ class Reward:
         if inspect.isawaitable(result):
             result = await result
         return result
+
+    async def __call__(self, samples: list) -> list:
+        """Rewards of ``samples`` in order: one batched call, or one call per sample concurrently."""
+        if self.batched:
+            values = list(await self._run(list(samples), self._executor()))
+            if len(values) != len(samples):
+                raise ValueError(f"batched reward returned {len(values)} values for {len(samples)} samples")
+            return values
+        executor = self._executor()
+        return list(await asyncio.gather(*(self._run(sample, executor) for sample in samples)))
+
+    def _executor(self):
+        # One pool per reward object, shared by every call: graders are CPU-bound and short.
+        if getattr(self, "_pool", None) is None:
+            import concurrent.futures
+            import os
+
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="reward")
+        return self._pool
 
     async def close(self) -> None:
         closer = getattr(self.fn, "aclose", None)

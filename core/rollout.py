@@ -132,9 +132,10 @@ class SampleGenerator:
         except Exception as exc:  # includes asyncio.TimeoutError
             if self.reward_error_policy == "raise":
                 raise RewardError(f"reward failed on sample {samples[0].index}: {type(exc).__name__}: {exc}") from exc
+            if not self.reward_errors:  # once per run: the count goes into the metrics
+                logger.warning("reward failed (%s: %s); scoring 0 under --reward-error zero (counted in "
+                               "rollout/reward_errors; --reward-error raise stops instead)", type(exc).__name__, exc)
             self.reward_errors += len(samples)
-            logger.warning("reward failed (%s: %s); scoring %d sample(s) 0 (--reward-error zero)",
-                           type(exc).__name__, exc, len(samples))
             return [0.0] * len(samples)
 
     async def generate_group(self, group: Group, sampling_params: dict, *, evaluation: bool = False) -> Group:

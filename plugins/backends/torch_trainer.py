@@ -323,5 +323,5 @@ class TorchTrainBackend:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(_opt(self.args, "clip_grad", 1.0)))
             optimizer.step()
-            history.append(float(loss))
+            history.append(float(loss.detach()))
         return history

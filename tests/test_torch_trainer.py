@@ -1,0 +1,111 @@
+"""The embedded torch trainer: packed micro-batches, LR schedules, the objective's split invariance."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
+from plugrl.plugins.backends.torch_trainer import TorchTrainBackend, lr_lambda_factory, packed_inputs, response_slices
+from plugrl.plugins.estimators.grpo import GRPOEstimator
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return str(build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny"))
+
+
+def make_args(checkpoint, **overrides):
+    values = dict(hf_checkpoint=checkpoint, device="cpu", lr=1e-3, weight_decay=0.0, adam_beta1=0.9,
+                  adam_beta2=0.98, adam_eps=1e-8, clip_grad=1e9, seed=0, rollout_temperature=1.0,
+                  micro_batch_size=1, use_dynamic_batch_size=False, max_tokens_per_gpu=None,
+                  global_batch_size=None, eps_clip=0.2, eps_clip_high=0.28, loss_type="policy_loss",
+                  kl_coef=0.0, use_kl_loss=False, entropy_coef=0.0, n_samples_per_prompt=2)
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+def random_sequences(seed=0, count=5):
+    gen = torch.Generator().manual_seed(seed)
+    seqs, resp = [], []
+    for i in range(count):
+        prompt_len = 3 + i
+        response_len = 2 + (i * 3) % 5
+        seqs.append(torch.randint(5, 300, (prompt_len + response_len,), generator=gen).tolist())
+        resp.append(response_len)
+    return seqs, resp
+
+
+def test_packed_log_probs_equal_one_sample_at_a_time(checkpoint):
+    backend = TorchTrainBackend(make_args(checkpoint), estimator=GRPOEstimator(None))
+    seqs, resp = random_sequences()
+    with torch.no_grad():
+        packed, _ = backend._forward_response(backend.model, seqs, resp, with_entropy=False)
+        alone = torch.cat([backend._forward_response(backend.model, [s], [r], with_entropy=False)[0]
+                           for s, r in zip(seqs, resp)])
+        # Independent reference: the plain HF forward of each sequence, log-softmax, gather.
+        reference = []
+        for s, r in zip(seqs, resp):
+            logits = backend.model(input_ids=torch.tensor([s])).logits[0]
+            lp = torch.log_softmax(logits.float(), -1)
+            reference += [lp[p - 1, s[p]].item() for p in range(len(s) - r, len(s))]
+    assert packed.shape == alone.shape == (sum(resp),)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed, torch.tensor(reference), atol=1e-5, rtol=0)
+
+
+def test_packed_mask_blocks_attention_across_samples():
+    inputs = packed_inputs([[1, 2, 3], [4, 5]], "cpu")
+    mask = inputs["attention_mask"][0, 0]
+    assert inputs["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert mask[3, :3].sum() == 0 and mask[4, 3] and not mask[3, 4] and mask[2, 0]
+    assert response_slices([[1, 2, 3], [4, 5]], [1, 1]) == [(1, 2), (3, 4)]
+
+
+@pytest.mark.parametrize("style", ["constant", "linear", "cosine"])
+def test_lr_schedule_closed_forms(style):
+    import math
+
+    args = SimpleNamespace(lr=1.0, min_lr=0.1, lr_warmup_iters=2, lr_decay_style=style, lr_decay_iters=None,
+                           lr_warmup_fraction=None)
+    f = lr_lambda_factory(args, total_steps=12)
+    assert f(0) == pytest.approx(0.5) and f(1) == pytest.approx(1.0)  # linear warmup over 2 steps
+    progress = (7 - 2) / (12 - 2)
+    expected = {"constant": 1.0, "linear": 0.1 + 0.9 * (1 - progress),
+                "cosine": 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))}[style]
+    assert f(7) == pytest.approx(expected)
+    assert f(12) == pytest.approx(1.0 if style == "constant" else 0.1)
+
+
+def _train_data(seqs, resp, rewards):
+    return {
+        "tokens": seqs, "response_lengths": resp, "rewards": rewards, "raw_reward": rewards,
+        "loss_masks": [[1] * r for r in resp], "rollout_log_probs": [[0.0] * r for r in resp],
+        "rollout_ids": list(range(len(seqs))), "rollout_mask_sums": list(resp), "truncated": [0] * len(seqs),
+        "sample_indices": list(range(len(seqs))),
+    }
+
+
+def _grads_after_one_step(checkpoint, **overrides):
+    args = make_args(checkpoint, lr=0.0, **overrides)  # lr 0: the step leaves weights unchanged
+    backend = TorchTrainBackend(args, estimator=GRPOEstimator(args))
+    seqs, resp = random_sequences(seed=1, count=4)
+    metrics = backend.train(0, _train_data(seqs, resp, [1.0, -1.0, 0.5, -0.5]))
+    return {n: p.grad.clone() for n, p in backend.model.named_parameters() if p.grad is not None}, metrics
+
+
+def test_objective_does_not_depend_on_micro_batch_split(checkpoint):
+    one_by_one, m1 = _grads_after_one_step(checkpoint, micro_batch_size=1)
+    all_at_once, m4 = _grads_after_one_step(checkpoint, micro_batch_size=4)
+    dynamic, md = _grads_after_one_step(checkpoint, use_dynamic_batch_size=True, max_tokens_per_gpu=20)
+    for name, grad in one_by_one.items():
+        torch.testing.assert_close(all_at_once[name], grad, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(dynamic[name], grad, atol=1e-6, rtol=1e-4)
+    assert m1["train/pg_loss"] == pytest.approx(m4["train/pg_loss"], abs=1e-7)
+
+
+def test_sft_warmup_lowers_the_loss(checkpoint):
+    backend = TorchTrainBackend(make_args(checkpoint), estimator=GRPOEstimator(None))
+    seqs, resp = random_sequences(seed=2, count=4)
+    history = backend.sft_warmup([(seqs, resp)] * 30, lr=3e-3)
+    assert history[-1] < 0.5 * history[0]
