@@ -129,7 +129,7 @@ def test_timeout_inside_a_ray_worker():
     finally:
         ray.shutdown()
     assert hostile == 0
-    assert elapsed < 15
+    assert elapsed < 60  # a hang check, not a speed test: unguarded, this power tower never finishes
     assert normal == 1
     assert stats["timeouts"] == 1
     assert stats["calls"] == 2
