@@ -62,12 +62,14 @@ def prompts(batch: int, length: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(10, 300) for _ in range(length)] for _ in range(batch)]
 
 
-async def time_engine(engine, batch, prompt_len, new_tokens, temperature) -> float:
+async def time_engine(engine, batch, prompt_len, new_tokens, temperature) -> tuple[float, int]:
+    """-> (generated tokens per second, decode steps taken)."""
     params = {"max_new_tokens": new_tokens, "temperature": temperature, "ignore_eos": True}
+    steps = engine.stats()["decode_steps"]
     start = time.perf_counter()
     outs = await asyncio.gather(*[engine.generate(p, params) for p in prompts(batch, prompt_len, batch)])
     elapsed = time.perf_counter() - start
-    return sum(len(o["tokens"]) for o in outs) / elapsed
+    return sum(len(o["tokens"]) for o in outs) / elapsed, engine.stats()["decode_steps"] - steps
 
 
 def time_generate(engine, batch, prompt_len, new_tokens, temperature) -> float:
@@ -111,10 +113,11 @@ def main() -> None:
             name = args.checkpoint or args.model
             print(f"model={name} device={engine.device} dtype={dtype} threads={torch.get_num_threads()} "
                   f"prompt={args.prompt_len} new={args.new_tokens} T={args.temperature}")
-            header = f"{'batch':>6} {'engine tok/s':>13}" + (f" {'generate tok/s':>15}" if args.compare_generate else "")
-            print(header)
+            header = f"{'batch':>6} {'engine tok/s':>13} {'steps':>6}"
+            print(header + (f" {'generate tok/s':>15}" if args.compare_generate else ""))
             for batch in batches:
-                row = f"{batch:>6} {asyncio.run(time_engine(engine, batch, args.prompt_len, args.new_tokens, args.temperature)):>13,.0f}"
+                rate, steps = asyncio.run(time_engine(engine, batch, args.prompt_len, args.new_tokens, args.temperature))
+                row = f"{batch:>6} {rate:>13,.0f} {steps:>6}"
                 if args.compare_generate:
                     row += f" {time_generate(engine, batch, args.prompt_len, args.new_tokens, args.temperature):>15,.0f}"
                 print(row, flush=True)

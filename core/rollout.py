@@ -14,7 +14,6 @@ Rules (slime reference §2.4-§2.7): one semaphore permit per sample; a rollout 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import threading
 import time
@@ -156,7 +155,7 @@ def scalar_reward(sample: Sample, reward_key: str | None) -> float:
 
 async def generate_rollout(
     generator: SampleGenerator, data_source, buffer, *, rollout_id: int, rollout_batch_size: int,
-    over_sampling_batch_size: int, sampling_params: dict, sample_filter=None, filter_name: str = "filter",
+    over_sampling_batch_size: int, sampling_params: dict, sample_filter=None, filter_name: str = "dynamic_filter",
     partial_rollout: bool = False,
 ) -> RolloutResult:
     """One training rollout with dynamic sampling (slime §2.6): exactly ``rollout_batch_size`` kept groups."""
@@ -177,6 +176,10 @@ async def generate_rollout(
             remaining += len(groups)
             submitted_groups += len(groups)
         done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        failed = [t for t in done if t.exception() is not None]
+        if failed:  # e.g. --reward-error raise: stop everything else before reporting
+            await cancel_all(generator, pending)
+            raise failed[0].exception()
         for task in done:
             group = task.result()
             if sample_filter is None:
@@ -227,5 +230,12 @@ async def abort_and_drain(generator: SampleGenerator, pending: set) -> list[Grou
     return groups
 
 
-def deep_copy_groups(groups: list[Group]) -> list[Group]:
-    return [copy.deepcopy(g) for g in groups]
+async def cancel_all(generator: SampleGenerator, pending: set) -> None:
+    generator.aborted = True
+    try:
+        await generator.engine.abort_all()
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    finally:
+        generator.aborted = False

@@ -138,6 +138,7 @@ class DecodeBatch:
         self.mask = mask  # [B, L] long, 0 on left padding
         self.next_pos = next_pos  # [B] long
         self.next_tokens = next_tokens  # [B] long
+        self.sampling = None  # hf_sampling.RowSampling of these rows, built by the decode loop
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -177,6 +178,7 @@ class DecodeBatch:
         """Drop every row not in ``indices``, then cut columns that are padding for all rows left."""
         if len(indices) == len(self):
             return
+        self.sampling = None
         self.requests = [self.requests[i] for i in indices]
         if not indices:
             self.cache = None
@@ -203,3 +205,4 @@ class DecodeBatch:
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
         self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
         self.requests = self.requests + other.requests
+        self.sampling = None

@@ -122,48 +122,60 @@ def _truncate(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
-def sample_tokens(
-    logits: torch.Tensor,
-    params: Sequence[SamplingParams],
-    steps: Sequence[int],
-    generator: torch.Generator | None,
-    banned: Sequence[Sequence[int]] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row of ``logits`` ``[B, V]``; returns ``(tokens[B], log_probs[B])``.
+class RowSampling:
+    """The per-row sampling tensors of one batch composition. Building them copies host lists to
+    the device, which synchronises a GPU, so the decode loop rebuilds them only when rows join or
+    leave, not every step."""
 
-    ``steps[i]`` is how many tokens row i has generated (keys per-request seeds); ``banned[i]`` are
-    token ids masked to -inf first (``min_new_tokens``). Sampling is an exponential race
-    (``argmax(p / E)``, ``E ~ Exp(1)``), which draws exactly from ``p`` and lets every row use its own
-    random stream.
-    """
-    logits = logits.float()
-    if banned is not None and any(banned):
-        logits = logits.clone()
-        for i, ids in enumerate(banned):
-            if ids:
-                logits[i, list(ids)] = float("-inf")
-    device, vocab = logits.device, logits.shape[-1]
-    temps = torch.tensor([p.effective_temperature for p in params], device=device).unsqueeze(1)
-    log_probs = torch.log_softmax(logits / temps, dim=-1)
-    greedy_tokens = logits.argmax(dim=-1)
-    greedy = [p.greedy for p in params]
-    if all(greedy):
-        tokens = greedy_tokens
-    else:
-        probs = log_probs.exp()
+    def __init__(self, params: Sequence[SamplingParams], device: torch.device, vocab: int):
+        self.params = list(params)
+        self.vocab = vocab
+        self.temps = torch.tensor([p.effective_temperature for p in params], device=device).unsqueeze(1)
+        greedy = [p.greedy for p in params]
+        self.all_greedy = all(greedy)
+        self.greedy = torch.tensor(greedy, device=device) if any(greedy) and not self.all_greedy else None
+        self.truncation = None
         if any(p.top_k not in (-1, 1) or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
-            top_p = torch.tensor([p.top_p for p in params], device=device)
-            min_p = torch.tensor([p.min_p for p in params], device=device)
-            probs = _truncate(probs, top_k, top_p, min_p)
-        noise = torch.empty_like(probs)
-        shared = [i for i, p in enumerate(params) if p.sampling_seed is None]
-        if shared:
-            noise[shared] = torch.empty((len(shared), vocab), device=device).exponential_(generator=generator)
-        for i, p in enumerate(params):
-            if p.sampling_seed is not None:
-                noise[i].exponential_(generator=_seeded_generator(device, p.sampling_seed, steps[i]))
-        # Exp(1) draws can be exactly 0 (u = 0 in -log(1 - u)); 0/0 would be NaN and win the argmax.
-        tokens = (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
-        tokens = torch.where(torch.tensor(greedy, device=device), greedy_tokens, tokens)
-    return tokens, log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+            self.truncation = (
+                torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device),
+                torch.tensor([p.top_p for p in params], device=device),
+                torch.tensor([p.min_p for p in params], device=device),
+            )
+        self.seeded = [i for i, p in enumerate(params) if p.sampling_seed is not None]
+
+    def sample(self, logits: torch.Tensor, steps: Sequence[int], generator: torch.Generator | None,
+               banned: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row of ``logits`` ``[B, V]`` -> ``(tokens[B], log_probs[B])``.
+
+        ``steps[i]``: tokens row i has generated (keys per-request seeds); ``banned[i]``: ids masked
+        to -inf first (``min_new_tokens``). Sampling is an exponential race (``argmax(p / E)``,
+        ``E ~ Exp(1)``): an exact draw from ``p`` in which every row can have its own random stream.
+        """
+        logits = logits.float()
+        if banned is not None and any(banned):
+            logits = logits.clone()
+            for i, ids in enumerate(banned):
+                if ids:
+                    logits[i, list(ids)] = float("-inf")
+        log_probs = torch.log_softmax(logits / self.temps, dim=-1)
+        greedy_tokens = logits.argmax(dim=-1)
+        if self.all_greedy:
+            tokens = greedy_tokens
+        else:
+            probs = log_probs.exp()
+            if self.truncation is not None:
+                probs = _truncate(probs, *self.truncation)
+            noise = torch.empty_like(probs).exponential_(generator=generator)
+            for i in self.seeded:
+                noise[i].exponential_(generator=_seeded_generator(probs.device, self.params[i].sampling_seed, steps[i]))
+            # Exp(1) draws can be exactly 0 (u = 0 in -log(1 - u)); 0/0 would be NaN and win the argmax.
+            tokens = (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
+            if self.greedy is not None:
+                tokens = torch.where(self.greedy, greedy_tokens, tokens)
+        return tokens, log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+
+
+def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequence[int],
+                  generator: torch.Generator | None, banned: Sequence[Sequence[int]] | None = None):
+    """One-off ``RowSampling(params).sample(...)``."""
+    return RowSampling(params, logits.device, logits.shape[-1]).sample(logits, steps, generator, banned)

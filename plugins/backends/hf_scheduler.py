@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from .hf_batch import DecodeBatch, Request, StopContext
-from .hf_sampling import sample_tokens
+from .hf_sampling import RowSampling
 
 logger = logging.getLogger(__name__)
 
@@ -194,9 +194,10 @@ class DecodeScheduler:
 
     def _sample_into(self, batch: DecodeBatch, logits: torch.Tensor, *, prefill: bool) -> None:
         rows = batch.requests
-        tokens, log_probs = sample_tokens(
-            logits, [r.params for r in rows], [len(r.tokens) for r in rows], self._generator,
-            banned=[r.banned_tokens(self._ctx) for r in rows],
+        if batch.sampling is None:
+            batch.sampling = RowSampling([r.params for r in rows], logits.device, logits.shape[-1])
+        tokens, log_probs = batch.sampling.sample(
+            logits, [len(r.tokens) for r in rows], self._generator, banned=[r.banned_tokens(self._ctx) for r in rows],
         )
         batch.advance(tokens)
         with self._cond:  # before any answer goes out, so callers never see stale counters
