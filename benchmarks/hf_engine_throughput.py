@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from plugrl.plugins.backends.hf_engine import HFRolloutEngine
+from plugrl.plugins.backends.hf_engine import HFRolloutEngine, _attention_backends
 from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint, build_tokenizer, tiny_config, toy_rows
 
 SHAPES = {
@@ -72,14 +72,15 @@ async def time_engine(engine, batch, prompt_len, new_tokens, temperature) -> tup
     return sum(len(o["tokens"]) for o in outs) / elapsed, engine.stats()["decode_steps"] - steps
 
 
-def time_generate(engine, batch, prompt_len, new_tokens, temperature) -> float:
+def time_generate(engine, batch, prompt_len, new_tokens, temperature, engine_cudnn: bool) -> float:
     model, device = engine.model, engine.device
     ids = torch.tensor(prompts(batch, prompt_len, batch), device=device)
     mask = torch.ones_like(ids)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    with torch.inference_mode():
+    # same SDPA backends as the engine, so the two columns differ only in the decode loop
+    with torch.inference_mode(), _attention_backends(engine_cudnn)():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
                              pad_token_id=engine.tokenizer.pad_token_id)
@@ -100,18 +101,21 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--compare-generate", action="store_true", help="also time model.generate")
+    parser.add_argument("--cudnn-attention", action="store_true", help="let SDPA use cuDNN (engine option)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint or build(args.model, Path(tmp))
-        engine = HFRolloutEngine(str(path), device=args.device, dtype=args.dtype, max_batch_size=max(batches))
+        engine = HFRolloutEngine(str(path), device=args.device, dtype=args.dtype, max_batch_size=max(batches),
+                                 cudnn_attention=args.cudnn_attention)
         try:
             asyncio.run(time_engine(engine, 2, args.prompt_len, 4, args.temperature))  # warm-up
             dtype = next(engine.model.parameters()).dtype
             name = args.checkpoint or args.model
             print(f"model={name} device={engine.device} dtype={dtype} threads={torch.get_num_threads()} "
+                  f"cudnn_attention={args.cudnn_attention} "
                   f"prompt={args.prompt_len} new={args.new_tokens} T={args.temperature}")
             header = f"{'batch':>6} {'engine tok/s':>13} {'steps':>6}"
             print(header + (f" {'generate tok/s':>15}" if args.compare_generate else ""))
@@ -119,7 +123,7 @@ def main() -> None:
                 rate, steps = asyncio.run(time_engine(engine, batch, args.prompt_len, args.new_tokens, args.temperature))
                 row = f"{batch:>6} {rate:>13,.0f} {steps:>6}"
                 if args.compare_generate:
-                    row += f" {time_generate(engine, batch, args.prompt_len, args.new_tokens, args.temperature):>15,.0f}"
+                    row += f" {time_generate(engine, batch, args.prompt_len, args.new_tokens, args.temperature, args.cudnn_attention):>15,.0f}"
                 print(row, flush=True)
         finally:
             engine.close()

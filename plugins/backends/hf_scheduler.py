@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from typing import Callable
 
@@ -28,10 +29,12 @@ logger = logging.getLogger(__name__)
 
 class DecodeScheduler:
     def __init__(self, model, device: torch.device, ctx: StopContext, generator: torch.Generator, *,
-                 max_batch_size: int, max_prefill_tokens: int, weight_version: Callable[[], str]):
+                 max_batch_size: int, max_prefill_tokens: int, weight_version: Callable[[], str],
+                 forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         self.model, self.device, self._ctx, self._generator = model, device, ctx, generator
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self._weight_version = weight_version
+        self._forward_context = forward_context  # entered around every forward (attention backends)
         self._cond = threading.Condition()  # guards the queue, counters and flags below
         self._pending: deque[Request] = deque()
         self._seq = 0
@@ -98,8 +101,23 @@ class DecodeScheduler:
     def _model_turn(self):
         with self._turnstile:
             pass
-        with self._model_lock:
+        with self._model_lock, self._forward_context():
             yield
+
+    def _collect(self) -> None:
+        """Called with ``_cond`` held when an idle engine gets work: requests submitted together
+        (``asyncio.gather`` over a group) arrive one by one, so wait until none has come for 2 ms
+        (at most 20 ms) and start them as one batch. Rows that start together share a cache width,
+        which avoids padding and KV copies from merging stragglers into the batch."""
+        deadline = time.monotonic() + 0.02
+        while len(self._pending) < self.max_batch_size and not self._stop:
+            seen = len(self._pending)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(min(0.002, left))
+            if len(self._pending) == seen:
+                return
 
     def _run(self) -> None:
         batch: DecodeBatch | None = None
@@ -109,6 +127,8 @@ class DecodeScheduler:
                     with self._cond:
                         while not (self._stop or self._pending or batch or self._abort_waiters):
                             self._cond.wait()
+                        if batch is None and self._pending:
+                            self._collect()
                         stop, upto = self._stop, self._abort_upto
                         if stop:
                             upto = self._seq

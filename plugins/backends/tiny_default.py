@@ -4,10 +4,10 @@ and chat template, built locally (no model hub is reachable), and the bundled to
 Built once on the driver and cached under ``$PLUGRL_CACHE`` (default ``~/.cache/plugrl``); the
 directory is an ordinary HF checkpoint that ``AutoModelForCausalLM`` and ``AutoTokenizer`` load.
 
-The toy task: "What is b - b + a?" with a in 0..9 and b in 10..99. The answer is one digit, so a policy that only
-knows the output format guesses right 10% of the time; learning to read ``a`` off the prompt is
-what GRPO has to discover. The supervised warm-up teaches the format with *random* digits, so it
-cannot teach the answers.
+The toy task: "What is b - b + a?" with a in 0..9 and b in 10..99; the answer is the digit a. The
+supervised warm-up teaches the output format and to answer with a digit picked at *random* among
+those the question shows (b's two digits and a), so it cannot teach which one is right: after it a
+policy is right about a third of the time at best. Learning that a is the answer is GRPO's job.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -57,10 +58,22 @@ def toy_rows(seed: int = 0, num_eval: int = 100) -> tuple[list[dict], list[dict]
     return rows[num_eval:], rows[:num_eval]
 
 
+def question_digits(question: str) -> list[str]:
+    """The digits a toy question shows: both digits of b, then a."""
+    match = re.search(r"What is (\d+) - \d+ \+ (\d+)\?", question)
+    if match is None:
+        raise ValueError(f"not a toy question: {question!r}")
+    return [*match.group(1), match.group(2)]
+
+
 def format_sft_rows(train_rows: list[dict], seed: int = 1) -> list[dict]:
-    """Warm-up data: the prompts with a uniformly *random* digit as the answer (format only)."""
+    """Warm-up data: the prompts answered with a digit picked uniformly at *random* among the digits
+    the question shows (b's two digits and a). It teaches the format and that an answer is read off
+    the question, not which digit: a random pick is right about a third of the time, and GRPO has
+    to learn that a is the one."""
     rng = random.Random(seed)
-    return [{"prompt": r["prompt"], "response": format_response(rng.randrange(10))} for r in train_rows]
+    return [{"prompt": r["prompt"], "response": format_response(rng.choice(question_digits(r["prompt"])))}
+            for r in train_rows]
 
 
 def write_bundled_data(directory: Path = DATA_DIR) -> None:
