@@ -6,7 +6,9 @@ Runs anywhere (CPU or one GPU); builds a random-init Qwen3 checkpoint locally (n
   4b     Qwen3-4B shape (36 layers, hidden 2560, vocab 151936), as in shared/MEASURED.md
 Each batch size submits that many concurrent ``generate`` calls (random prompts, ``ignore_eos`` so
 every request runs to ``--new-tokens``) and times them end to end. ``--compare-generate`` also times
-``model.generate`` on the same batch (left-padded, sampling, same lengths) as a reference.
+``model.generate`` on the same batch (sampling, same lengths, same SDPA backends) as a reference.
+``--cudnn-attention`` lets SDPA use cuDNN, which re-plans for every new KV length: on an H100 with
+torch 2.11 that made every decode step ~30 ms slower per layer call (engine and generate alike).
 
     python benchmarks/hf_engine_throughput.py --model tiny --batch-sizes 1,64,256
 """

@@ -184,7 +184,7 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None) -> RunSummary
             if (rollout_id + 1) % max(1, int(args.update_weights_interval)) == 0:
                 _push_weights(cluster, args, rollout_id + 1)
             if cluster.colocated_gpu:
-                ray.get(cluster.rollout.resume_memory.remote(["kv_cache"]))
+                ray.get(cluster.rollout.resume_memory.remote(None))  # KV cache (and the rest) after the weights
             metrics["perf/weight_sync_time"] = time.perf_counter() - sync_started
             if args.eval_prompt_data and _due(args.eval_interval, rollout_id, rollout_id == last_rollout):
                 phase("eval", rollout_id)

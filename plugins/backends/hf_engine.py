@@ -104,10 +104,11 @@ class HFRolloutEngine:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(int(seed))
         self._ctx = StopContext(self.tokenizer, _eos_ids(self.tokenizer, config, self.model.generation_config))
+        self._forward_context = _attention_backends(bool(options.get("cudnn_attention", False)))
         self._scheduler = DecodeScheduler(
             self.model, self.device, self._ctx, generator, max_batch_size=self.max_batch_size,
             max_prefill_tokens=self.max_prefill_tokens, weight_version=lambda: self._weight_version,
-            forward_context=_attention_backends(bool(options.get("cudnn_attention", False))),
+            forward_context=self._forward_context,
         )
 
     # ------------------------------------------------------------------ generation API (any loop)
@@ -215,7 +216,7 @@ class HFRolloutEngine:
             if not 0 <= n < len(seq):
                 raise ValueError(f"response length {n} does not fit a sequence of {len(seq)} tokens")
         out = []
-        with self._scheduler.exclusive(), torch.inference_mode():
+        with self._scheduler.exclusive(), self._forward_context(), torch.inference_mode():
             device = next(self.model.parameters()).device
             for seq, n in zip(sequences, response_lengths):
                 ids = torch.tensor([seq], dtype=torch.long, device=device)
