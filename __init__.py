@@ -1,6 +1,6 @@
 """plugrl: plugin-extensible RL post-training of LLMs. The public face for plugin authors."""
 
-from .core import (
+from plugrl.core import (  # absolute: pytest imports this file as the rootdir package too
     DuplicatePluginError,
     FilterDecision,
     Group,
