@@ -68,7 +68,7 @@ CHOICES = {
 # integer flags that must be >= 1 when given
 POSITIVE_FLAGS = ("rollout_batch_size", "n_samples_per_prompt", "over_sampling_batch_size", "n_samples_per_eval_prompt",
                   "update_weights_interval", "rollout_concurrency", "micro_batch_size", "num_epoch", "save_interval",
-                  "eval_interval", "log_interval", "rollout_max_response_len", "global_batch_size",
+                  "log_interval", "rollout_max_response_len", "global_batch_size",
                   "num_steps_per_rollout", "max_tokens_per_gpu", "sft_warmup_batch_size")
 PATH_FLAGS = (
     "custom_rm_path",
@@ -434,7 +434,9 @@ def _check_rollout(args, problems: list[str]) -> None:
         problems.append("give --num-rollout or --num-epoch (how long to train)")
     if args.save_interval is not None and not args.save:
         problems.append("--save-interval needs --save DIR (where to save)")
-    if args.eval_interval is not None and not args.eval_prompt_data:
+    if args.eval_interval is not None and args.eval_interval < 0:
+        problems.append(f"--eval-interval must be >= 0 (0 turns eval off), got {args.eval_interval}")
+    if args.eval_interval and not args.eval_prompt_data:
         problems.append("--eval-interval needs --eval-prompt-data NAME PATH (what to evaluate)")
     if args.use_dynamic_batch_size and not args.max_tokens_per_gpu:
         problems.append("--use-dynamic-batch-size needs --max-tokens-per-gpu (the packing capacity)")

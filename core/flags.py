@@ -437,7 +437,7 @@ def _rollout(p: PlugrlArgumentParser) -> None:
 
 def _eval(p: PlugrlArgumentParser) -> None:
     g = p.add_argument_group("eval")
-    g.add_argument("--eval-interval", type=int, metavar="N", help="evaluate before training and every N rollouts")
+    g.add_argument("--eval-interval", type=int, metavar="N", help="evaluate before training and every N rollouts (0: never)")
     g.add_argument(
         "--eval-prompt-data", nargs="+", metavar="NAME PATH", help="NAME PATH pairs (a single PATH is named aime)"
     )

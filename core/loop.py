@@ -161,10 +161,15 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None) -> RunSummary
             _observe(plugin_set.pm.hook.plugrl_on_eval_end, -1, summary.first_eval)
             metrics_logger.log(-1, summary.first_eval, phase="eval")
         last_rollout = args.num_rollout - 1
+        rollouts = Prefetcher(cluster, args.num_rollout) if args.async_train else None
         for rollout_id in range(start_rollout, args.num_rollout):
             step_started = time.perf_counter()
             phase("generate", rollout_id)
-            data, metrics = ray.get(cluster.rollout.generate.remote(rollout_id))
+            if rollouts is not None:  # --async: rollout k+1 generates while k trains
+                data, metrics = rollouts.take(rollout_id)
+            else:
+                data, metrics = ray.get(cluster.rollout.generate.remote(rollout_id))
+            metrics["perf/wait_rollout_time"] = time.perf_counter() - step_started
             _observe(plugin_set.pm.hook.plugrl_on_rollout_end, rollout_id, metrics)
             if cluster.colocated_gpu:
                 ray.get(cluster.rollout.release_memory.remote())
@@ -182,6 +187,8 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None) -> RunSummary
             phase("sync", rollout_id)
             sync_started = time.perf_counter()
             if (rollout_id + 1) % max(1, int(args.update_weights_interval)) == 0:
+                if rollouts is not None:
+                    rollouts.finish_in_flight()  # never change weights mid-generation
                 _push_weights(cluster, args, rollout_id + 1)
             if cluster.colocated_gpu:
                 ray.get(cluster.rollout.resume_memory.remote(None))  # KV cache (and the rest) after the weights
@@ -205,6 +212,39 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None) -> RunSummary
     return summary
 
 
+class Prefetcher:
+    """The async loop's one-step overlap (slime ``train_async.py``): taking rollout k launches the
+    generation of k + 1, which then runs while k trains; ``finish_in_flight`` waits for it before a
+    weight push, so rollout k + 1 is generated entirely with the weights after step k - 1."""
+
+    def __init__(self, cluster, num_rollout: int):
+        self.cluster = cluster
+        self.num_rollout = num_rollout
+        self.in_flight = None  # (rollout_id, ObjectRef)
+        self.ready: dict[int, tuple] = {}
+
+    def _launch(self, rollout_id: int) -> None:
+        if rollout_id < self.num_rollout:
+            self.in_flight = (rollout_id, self.cluster.rollout.generate.remote(rollout_id))
+
+    def finish_in_flight(self) -> None:
+        import ray
+
+        if self.in_flight is not None:
+            rollout_id, ref = self.in_flight
+            self.ready[rollout_id] = ray.get(ref)
+            self.in_flight = None
+
+    def take(self, rollout_id: int):
+        if rollout_id not in self.ready:
+            if self.in_flight is None or self.in_flight[0] != rollout_id:
+                self._launch(rollout_id)
+            self.finish_in_flight()
+        result = self.ready.pop(rollout_id)
+        self._launch(rollout_id + 1)
+        return result
+
+
 def _observe(hook, rollout_id: int, metrics: dict) -> None:
     """Call an observer hook; the dicts plugins return are merged into ``metrics``."""
     for extra in hook(rollout_id=rollout_id, metrics=dict(metrics)):
@@ -224,7 +264,7 @@ def _save(cluster, args, rollout_id: int) -> None:
     def write(tmp_dir: str) -> None:
         ray.get(cluster.train.save.remote(tmp_dir))
         with open(os.path.join(tmp_dir, "rollout_state.json"), "w") as f:
-            json.dump(ray.get(cluster.rollout.state_dict.remote()), f)
+            json.dump(ray.get(cluster.rollout.state_dict.remote(before_rollout=rollout_id + 1)), f)
         with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
             json.dump({"rollout_id": rollout_id, "config": {k: v for k, v in vars(args).items()
                                                            if isinstance(v, (str, int, float, bool, list, dict, type(None)))}}, f)

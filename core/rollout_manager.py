@@ -96,6 +96,9 @@ class RolloutManager:
         args = self.args
         started = time.perf_counter()
         rewards_before = self.generator.reward_errors
+        # The async loop saves a checkpoint while the next rollout generates: it needs the cursor and
+        # buffer as they were before that rollout started.
+        self._state_before = {rollout_id: self.state_dict()}
         result = self.loop.run(generate_rollout(
             self.generator, self.data_source, self.buffer, rollout_id=rollout_id,
             rollout_batch_size=int(args.rollout_batch_size),
@@ -119,7 +122,10 @@ class RolloutManager:
         rewards = [scalar_reward(s, reward_key) for s in samples]
         lengths = [s.response_length for s in samples]
         n = max(1, len(samples))
+        versions = [int(v) for s in samples for v in s.weight_versions if str(v).lstrip("-").isdigit()]
         return {
+            "rollout/weight_version_min": min(versions) if versions else -1,
+            "rollout/weight_version_max": max(versions) if versions else -1,
             "rollout/raw_reward": statistics.fmean(rewards) if rewards else 0.0,
             "rollout/response_len": statistics.fmean(lengths) if lengths else 0.0,
             "rollout/truncated_ratio": sum(s.status == Status.TRUNCATED for s in samples) / n,
@@ -171,7 +177,12 @@ class RolloutManager:
     def num_rollout_per_epoch(self) -> int:
         return self.data_source.num_rollout_per_epoch(int(self.args.rollout_batch_size))
 
-    def state_dict(self) -> dict:
+    def state_dict(self, before_rollout: int | None = None) -> dict:
+        """Data cursor and buffer; with ``before_rollout``, as they were before that rollout began
+        (if it has begun), so a checkpoint taken mid-generation resumes without skipping prompts."""
+        saved = getattr(self, "_state_before", {})
+        if before_rollout is not None and before_rollout in saved:
+            return saved[before_rollout]
         return {"data_source": self.data_source.state_dict(), "buffer": self.buffer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:

@@ -75,3 +75,22 @@ def test_report_from_the_run(trained_run, env):
     assert result.returncode == 0, result.stderr
     assert (run_dir / "report.png").stat().st_size > 1000
     assert "raw_reward" in (run_dir / "report.md").read_text()
+
+
+def test_async_loop_generates_each_rollout_with_weights_one_step_old(tmp_path, env):
+    """--async: rollout k + 1 is generated while k trains, with the weights pushed after step k - 1
+    (the sync loop uses the weights after step k - 1 for rollout k, i.e. version k)."""
+    args = ["train", "--async", "--num-rollout", "5", "--sft-warmup-steps", "20", "--rollout-batch-size", "4",
+            "--n-samples-per-prompt", "4", "--global-batch-size", "16", "--eval-interval", "0"]
+    rows = {}
+    for mode in ("async", "sync"):
+        out = tmp_path / mode
+        command = [a for a in args if mode == "async" or a != "--async"] + ["--output-dir", str(out)]
+        result = run_plugrl(command, env)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        rows[mode] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                      if json.loads(line)["phase"] == "train"]
+    versions = {mode: [(r["rollout/weight_version_min"], r["rollout/weight_version_max"]) for r in rs]
+                for mode, rs in rows.items()}
+    assert versions["sync"] == [(k, k) for k in range(5)]
+    assert versions["async"] == [(0, 0)] + [(k - 1, k - 1) for k in range(1, 5)]
