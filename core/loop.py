@@ -35,6 +35,23 @@ def _cuda_available() -> bool:
         return False
 
 
+class ActorDiedError(RuntimeError):
+    """A rollout or train actor process died (engine crash, out of memory, killed)."""
+
+
+def _death_message(exc, args) -> str:
+    which = "actor"
+    text = str(exc)
+    if "RolloutManager" in text:
+        which = "rollout manager (it owns the rollout engine)"
+    elif "TrainWorker" in text:
+        which = "train worker"
+    resume = (f"checkpoints so far are in {args.save}; resume with --load {args.save}" if args.save
+              else "pass --save DIR --save-interval N to be able to resume after such a failure")
+    return f"the {which} process died: {text.splitlines()[0] if text else type(exc).__name__}. " \
+           f"Metrics so far are in {args.output_dir}/metrics.jsonl; {resume}."
+
+
 class Cluster:
     """Ray actors for one run: a rollout manager and a train worker, placed by the placement plan."""
 
@@ -205,6 +222,8 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None) -> RunSummary
             summary.rollouts += 1
         if args.save_hf:
             ray.get(cluster.train.save_hf.remote(args.save_hf))
+    except ray.exceptions.RayActorError as exc:
+        raise ActorDiedError(_death_message(exc, args)) from exc
     finally:
         metrics_logger.close()
         if cluster is not None:

@@ -70,7 +70,14 @@ def main(argv: list[str]) -> int:
     metrics_logger.write_config(config_to_dict(args))
     started = time.time()
     print(f"plugrl train: {args.num_rollout} rollouts, output in {args.output_dir}", flush=True)
-    summary = run_training(args, plugin_set, logger_=metrics_logger, on_phase=_phase_printer())
+    from .loop import ActorDiedError
+    from .rollout import RewardError
+
+    try:
+        summary = run_training(args, plugin_set, logger_=metrics_logger, on_phase=_phase_printer())
+    except (ActorDiedError, RewardError) as exc:
+        print(f"\nplugrl train: error: {exc}", file=sys.stderr)
+        return 1
     elapsed = time.time() - started
     print(f"done in {elapsed:.0f}s: {summary.rollouts} rollouts; metrics in {args.output_dir}/metrics.jsonl")
     for key in sorted(k for k in summary.last_eval if k.endswith("/pass@1")):

@@ -94,3 +94,29 @@ def test_async_loop_generates_each_rollout_with_weights_one_step_old(tmp_path, e
                 for mode, rs in rows.items()}
     assert versions["sync"] == [(k, k) for k in range(5)]
     assert versions["async"] == [(0, 0)] + [(k - 1, k - 1) for k in range(1, 5)]
+
+
+def test_a_dying_engine_gives_a_clear_error_and_keeps_what_was_produced(tmp_path, env):
+    """The rollout manager process (which owns the engine) dies in rollout 3: the run stops with a
+    message naming it, and the metrics and checkpoints written before stay."""
+    (tmp_path / "dying_reward.py").write_text(
+        "import os\n"
+        "def reward(sample):\n"
+        "    if sample.group_index is not None and sample.group_index >= 12:\n"
+        "        os._exit(3)  # the whole rollout-manager process goes away, as in an engine crash\n"
+        "    return float(sample.index % 2)\n"
+    )
+    out = tmp_path / "run"
+    result = run_plugrl(
+        ["train", "--num-rollout", "6", "--sft-warmup-steps", "5", "--rollout-batch-size", "4",
+         "--n-samples-per-prompt", "2", "--global-batch-size", "8", "--eval-interval", "0",
+         "--custom-rm-path", "dying_reward:reward", "--output-dir", str(out), "--save", str(out / "ckpt"),
+         "--save-interval", "1"],
+        {**env, "PYTHONPATH": f"{tmp_path}{os.pathsep}{env.get('PYTHONPATH', '')}"})
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "rollout manager" in result.stderr and "process died" in result.stderr
+    assert f"--load {out / 'ckpt'}" in result.stderr
+    train_rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(line)["phase"] == "train"]
+    assert [r["rollout_id"] for r in train_rows] == [0, 1, 2]
+    assert (out / "ckpt" / "latest").read_text().strip() == "rollout_000002"
