@@ -13,22 +13,15 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from plugrl.core import hookimpl
-from plugrl.core.protocols import AdvantageEstimator, AdvantageInputs
+from plugrl.core.protocols import AdvantageInputs
 
-from .reinforce import check_kl_options, check_unit_interval
+from .reinforce import KLShapedEstimator, check_kl_options, check_unit_interval
 from .returns import gae, kl_shaped_token_rewards
 
 
-class PPOEstimator(AdvantageEstimator):
+class PPOEstimator(KLShapedEstimator):
     name: ClassVar[str] = "ppo"
     needs_critic: ClassVar[bool] = True
-    sequence_level_ratio: ClassVar[bool] = False
-
-    def __init__(self, args: Any = None):
-        super().__init__(args)
-        self.kl_coef = float(self.option("kl_coef", 0.0))
-        # Per instance: the reference model is needed for the reward KL only when --kl-coef != 0.
-        self.needs_ref_log_probs = self.kl_coef != 0.0
 
     @classmethod
     def check_config(cls, args: Any) -> None:

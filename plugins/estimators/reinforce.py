@@ -37,13 +37,19 @@ def check_unit_interval(args: Any, key: str, flag: str) -> None:
         raise ValueError(f"{flag} must be in [0, 1], got {value}")
 
 
-class _ReinforceBase(AdvantageEstimator):
+class KLShapedEstimator(AdvantageEstimator):
+    """Estimators whose token rewards carry ``−kl_coef · kl_t`` (reinforce++ variants, ppo)."""
+
     sequence_level_ratio: ClassVar[bool] = False
 
     def __init__(self, args: Any = None):
         super().__init__(args)
         self.kl_coef = float(self.option("kl_coef", 0.0))
+        # Per instance: the reference model is needed for the reward KL only when --kl-coef != 0.
         self.needs_ref_log_probs = self.kl_coef != 0.0
+
+
+class _ReinforceBase(KLShapedEstimator):
 
     @classmethod
     def check_config(cls, args: Any) -> None:
