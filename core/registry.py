@@ -80,14 +80,9 @@ class Entry:
         return tuple(self.metadata.get("requires", ()))
 
     def missing_requirements(self) -> list[str]:
-        missing = []
-        for module in self.requires:
-            try:
-                found = importlib.util.find_spec(module) is not None
-            except (ImportError, ValueError):
-                found = False
-            if not found:
-                missing.append(module)
+        missing = _unimportable(self.requires)
+        if not missing and isinstance(self.obj, str):  # then the lazy factory's own module must exist
+            missing = _unimportable([self.obj.partition(":")[0]])
         return missing
 
     @property
@@ -109,6 +104,18 @@ class Entry:
                 )
             return import_object(self.obj)
         return self.obj
+
+
+def _unimportable(modules) -> list[str]:
+    missing = []
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(module)
+    return missing
 
 
 def import_object(path: str) -> Any:
