@@ -101,8 +101,8 @@ class Cluster:
             train_options = {"num_cpus": 0.4, "num_gpus": 0.4, "scheduling_strategy": pinned(plan.actor_bundles[0])}
             rollout_options = {"num_cpus": 0.2, "num_gpus": 0.2, "scheduling_strategy": pinned(plan.rollout_bundles[0])}
         worker_config = {**config, "device": device, "rollout_device": device}
-        self.rollout = ray.remote(_threads(RolloutManager)).options(**rollout_options).remote(worker_config)
-        self.train = ray.remote(_threads(TrainWorker)).options(**train_options).remote(worker_config, total_optimizer_steps)
+        self.rollout = _remote(RolloutManager).options(**rollout_options).remote(worker_config)
+        self.train = _remote(TrainWorker).options(**train_options).remote(worker_config, total_optimizer_steps)
         ray.get([self.rollout.__ray_ready__.remote(), self.train.__ray_ready__.remote()])
         self.colocated_gpu = use_gpu and plan.colocated
 
@@ -118,9 +118,17 @@ class Cluster:
             remove_placement_group(self.placement_group)
 
 
+def _remote(cls):
+    import ray
+
+    return ray.remote(concurrency_groups={"progress": 1})(_threads(cls))
+
+
 def _threads(cls):
     """Subclass that lets torch use every core: in the sync loop generation and training take
     turns, so neither actor needs to leave cores to the other (Ray pins OMP_NUM_THREADS to 1)."""
+
+    import ray
 
     class WithThreads(cls):
         def __init__(self, *a, **kw):
@@ -128,6 +136,12 @@ def _threads(cls):
 
             torch.set_num_threads(max(1, os.cpu_count() or 1))
             super().__init__(*a, **kw)
+
+        # Its own concurrency group: the driver polls it while generate/train run in the default
+        # group, whose calls keep their one-at-a-time order.
+        @ray.method(concurrency_group="progress")
+        def progress(self) -> dict:
+            return cls.progress(self)
 
     WithThreads.__name__ = cls.__name__
     WithThreads.__qualname__ = cls.__qualname__
@@ -138,7 +152,7 @@ def _due(interval, rollout_id: int, last: bool) -> bool:
     return bool(interval) and ((rollout_id + 1) % interval == 0 or last)
 
 
-def run_training(args, plugin_set, *, logger_=None, on_phase=None) -> RunSummary:
+def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=None) -> RunSummary:
     """Run the whole job described by ``args`` (a validated config namespace)."""
     import ray
 
@@ -151,6 +165,16 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None) -> RunSummary
         wandb_mode=getattr(args, "wandb_mode", None), config=vars(args),
     )
     phase = on_phase or (lambda name, rollout_id: None)
+
+    def watch(ref, actor):
+        """``ray.get(ref)``, reporting the actor's progress every half second while it runs."""
+        if on_progress is None:
+            return ray.get(ref)
+        while True:
+            ready, _ = ray.wait([ref], timeout=0.5)
+            on_progress(ray.get(actor.progress.remote()))
+            if ready:
+                return ray.get(ref)
     steps_per_rollout = max(1, (args.rollout_batch_size * args.n_samples_per_prompt) // args.global_batch_size)
     cluster = None
     summary = RunSummary(output_dir=args.output_dir)
@@ -185,7 +209,7 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None) -> RunSummary
             if rollouts is not None:  # --async: rollout k+1 generates while k trains
                 data, metrics = rollouts.take(rollout_id)
             else:
-                data, metrics = ray.get(cluster.rollout.generate.remote(rollout_id))
+                data, metrics = watch(cluster.rollout.generate.remote(rollout_id), cluster.rollout)
             metrics["perf/wait_rollout_time"] = time.perf_counter() - step_started
             _observe(plugin_set.pm.hook.plugrl_on_rollout_end, rollout_id, metrics)
             if cluster.colocated_gpu:
@@ -193,7 +217,7 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None) -> RunSummary
                 ray.get(cluster.train.onload.remote())
             phase("train", rollout_id)
             train_started = time.perf_counter()
-            metrics.update(ray.get(cluster.train.train.remote(rollout_id, data)))
+            metrics.update(watch(cluster.train.train.remote(rollout_id, data), cluster.train))
             metrics["perf/train_time"] = time.perf_counter() - train_started
             if args.save and _due(args.save_interval, rollout_id, rollout_id == last_rollout):
                 phase("save", rollout_id)
@@ -218,6 +242,7 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None) -> RunSummary
             metrics["perf/step_time"] = time.perf_counter() - step_started
             _observe(plugin_set.pm.hook.plugrl_on_train_step_end, rollout_id, metrics)
             metrics_logger.log(rollout_id, metrics, phase="train")
+            phase("log", rollout_id + 1)  # closes this rollout's progress bars before its line
             print(console_line(rollout_id, metrics), flush=True)
             summary.rollouts += 1
         if args.save_hf:

@@ -77,6 +77,8 @@ class SampleGenerator:
         self.semaphore = asyncio.Semaphore(concurrency)
         self.aborted = False
         self.reward_errors = 0
+        self.generated = 0  # progress counters, read by the driver while a rollout runs
+        self.rewarded = 0
         self.reward_error_policy = getattr(args, "reward_error", "zero") or "zero"
         self.reward_timeout = getattr(args, "reward_timeout", None)
 
@@ -117,8 +119,10 @@ class SampleGenerator:
                     finish_reason=finish["type"] if isinstance(finish, dict) else finish,
                     weight_version=out.get("weight_version"),
                 )
+                self.generated += 1
         if sample.status != Status.ABORTED and sample.reward is None and not getattr(args, "group_rm", False):
             sample.reward = (await self.score([sample]))[0]
+            self.rewarded += 1
         return sample
 
     async def score(self, samples: list[Sample]) -> list:

@@ -99,6 +99,8 @@ class RolloutManager:
         # The async loop saves a checkpoint while the next rollout generates: it needs the cursor and
         # buffer as they were before that rollout started.
         self._state_before = {rollout_id: self.state_dict()}
+        self.generator.generated = self.generator.rewarded = 0
+        self._progress_total = int(args.rollout_batch_size) * int(args.n_samples_per_prompt)
         result = self.loop.run(generate_rollout(
             self.generator, self.data_source, self.buffer, rollout_id=rollout_id,
             rollout_batch_size=int(args.rollout_batch_size),
@@ -131,6 +133,11 @@ class RolloutManager:
             "rollout/truncated_ratio": sum(s.status == Status.TRUNCATED for s in samples) / n,
             "rollout/num_samples": len(samples),
         }
+
+    def progress(self) -> dict:
+        """Samples generated and rewarded so far in the running rollout (polled by the driver)."""
+        total = getattr(self, "_progress_total", 0)
+        return {"generate": (self.generator.generated, total), "reward": (self.generator.rewarded, total)}
 
     # ---- eval -------------------------------------------------------------------------------------
     def evaluate(self, rollout_id: int) -> dict:

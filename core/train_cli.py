@@ -74,7 +74,10 @@ def main(argv: list[str]) -> int:
     from .rollout import RewardError
 
     try:
-        summary = run_training(args, plugin_set, logger_=metrics_logger, on_phase=_phase_printer())
+        progress = ProgressBars()
+        summary = run_training(args, plugin_set, logger_=metrics_logger, on_phase=progress.on_phase,
+                               on_progress=progress.on_progress)
+        progress.close()
     except (ActorDiedError, RewardError) as exc:
         print(f"\nplugrl train: error: {exc}", file=sys.stderr)
         return 1
@@ -90,20 +93,36 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _phase_printer():
-    """One progress bar over rollouts whose label shows the phase being run."""
-    from tqdm import tqdm
+class ProgressBars:
+    """Driver-side progress: one bar per phase of the running rollout (generate, reward, train),
+    fed by the actors' ``progress()`` while they work; closed when the rollout's line is printed."""
 
-    state = {"bar": None}
+    def __init__(self):
+        self.bars: dict = {}
+        self.rollout_id = None
 
-    def on_phase(name: str, rollout_id: int) -> None:
+    def on_phase(self, name: str, rollout_id: int) -> None:
+        if rollout_id != self.rollout_id:
+            self.close()
+            self.rollout_id = rollout_id
         if rollout_id < 0:
             print(f"[{name}]", flush=True)
-            return
-        bar = state["bar"]
-        if bar is None:
-            bar = state["bar"] = tqdm(unit="rollout", dynamic_ncols=True, leave=False, file=sys.stderr)
-        bar.n = rollout_id
-        bar.set_description(name)
 
-    return on_phase
+    def on_progress(self, counters: dict) -> None:
+        from tqdm import tqdm
+
+        for name, (done, total) in counters.items():
+            if not total:
+                continue
+            bar = self.bars.get(name)
+            if bar is None:
+                bar = self.bars[name] = tqdm(total=total, desc=f"rollout {self.rollout_id} {name}", leave=False,
+                                             dynamic_ncols=True, file=sys.stderr, position=len(self.bars))
+            bar.total = total
+            bar.n = min(done, total)
+            bar.refresh()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars = {}

@@ -23,6 +23,10 @@ class TrainWorker:
     def train(self, rollout_id: int, data: dict) -> dict:
         return self.backend.train(rollout_id, data)
 
+    def progress(self) -> dict:
+        """Micro-batches done in the running ``train`` call (polled by the driver)."""
+        return {"train": getattr(self.backend, "progress", (0, 0))}
+
     def export_weights(self, bucket_bytes: int | None = None) -> list:
         return self.backend.export_weights(bucket_bytes)
 

@@ -111,6 +111,7 @@ class TorchTrainBackend:
         total = total_optimizer_steps or 1
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda_factory(args, total))
         self.optimizer_steps = 0
+        self.progress = (0, 0)  # (micro-batches done, planned) of the running train call
 
     # ---- setup helpers -------------------------------------------------------------------------
     def _needs_ref(self) -> bool:
@@ -193,12 +194,14 @@ class TorchTrainBackend:
         sequence_level = bool(getattr(self.estimator, "sequence_level_ratio", False))
         totals: dict[str, float] = {}
         self.model.train()
-        for positions in step_positions:
+        planned = [self._micro_batches(list(positions), lengths) for positions in step_positions]
+        self.progress = (0, sum(len(p) for p in planned))
+        for positions, micro_batches in zip(step_positions, planned):
             step_rollouts = len({data["rollout_ids"][p] for p in positions})
             step_tokens = sum(float(loss_masks[p].sum()) for p in positions)
             self.optimizer.zero_grad(set_to_none=True)
             step_metrics: dict[str, float] = {}
-            for mb in self._micro_batches(list(positions), lengths):
+            for mb in micro_batches:
                 mb_tokens = [tokens[i] for i in mb]
                 mb_resp = [response_lengths[i] for i in mb]
                 log_probs, entropy = self._forward_response(self.model, mb_tokens, mb_resp, with_entropy=True)
@@ -218,6 +221,7 @@ class TorchTrainBackend:
                 (loss * scale).backward()
                 for key, value in metrics.items():
                     step_metrics[key] = step_metrics.get(key, 0.0) + value * scale
+                self.progress = (self.progress[0] + 1, self.progress[1])
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(_opt(args, "clip_grad", 1.0)))
             self.optimizer.step()
             self.scheduler.step()
