@@ -134,18 +134,25 @@ class RolloutEngine(Protocol):
     """One generation engine (embedded ``hf`` or an SGLang server): the calls the rollout manager makes."""
 
     async def generate(self, input_ids: list[int], sampling_params: dict) -> dict:
-        """-> ``{"tokens": [...], "log_probs": [...], "finish_reason": "stop"|"length"|"abort",
-        "text": str, "weight_version": str}``"""
+        """SGLang ``/generate`` semantics (field names and defaults) ->
+        ``{"tokens": [...], "log_probs": [...], "text": str, "finish_reason": {"type": "stop" |
+        "length" | "abort", "matched": ...}, "prompt_tokens": int, "completion_tokens": int,
+        "weight_version": str}``; log-probs are ``log_softmax(logits / temperature)`` of each token."""
 
-    async def abort_all(self) -> None: ...
+    async def abort_all(self) -> None:
+        """Answer every in-flight request with its partial output and ``finish_reason`` abort."""
 
-    def update_weights(self, named_tensors: Any, version: int) -> None: ...
+    def update_weights(self, named_tensors: Any, version: int) -> None:
+        """HF-named tensors (dict, pairs or buckets) between two decode steps; sets ``weight_version``."""
 
-    def release_memory(self) -> None: ...
+    def release_memory(self, tags: Sequence[str] | None = None) -> None: ...
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> None: ...
 
     def health(self) -> bool: ...
+
+    def load_stats(self) -> dict:
+        """``{"num_running": int, "num_waiting": int}``"""
 
 
 class TrainBackend(Protocol):
