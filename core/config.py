@@ -417,6 +417,9 @@ def _check_rollout(args, problems: list[str]) -> None:
     _positive(args, problems, "num_rollout", "sft_warmup_steps", minimum=0)
     if args.rollout_batch_size is None:
         problems.append("--rollout-batch-size is required (prompts per rollout)")
+    if args.use_fault_tolerance:
+        problems.append("--use-fault-tolerance (engine restarts) is not implemented yet: a dying engine stops "
+                        "the run with a message naming it; resume with --load from the last --save checkpoint")
     if args.rollout_temperature is None or args.rollout_temperature <= 0:
         problems.append(f"--rollout-temperature must be > 0, got {args.rollout_temperature}")
     if args.rollout_top_p is None or not 0 < args.rollout_top_p <= 1:

@@ -421,7 +421,7 @@ def _rollout(p: PlugrlArgumentParser) -> None:
         default=512,
         help="in-flight samples per engine (--sglang-server-concurrency is its sglang spelling)",
     )
-    g.add_argument("--use-fault-tolerance", action="store_true", help="restart engines that fail health checks")
+    g.add_argument("--use-fault-tolerance", action="store_true", help="restart engines that fail health checks (not implemented yet: refused)")
     g.add_argument(
         "--overlong-buffer-len",
         type=int,
