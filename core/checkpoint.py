@@ -25,9 +25,13 @@ def write_checkpoint_atomically(root: str, rollout_id: int, write: Callable[[str
     tmp = tempfile.mkdtemp(prefix=f".rollout_{rollout_id:06d}.", dir=root)
     try:
         write(tmp)
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        old = None
+        if os.path.exists(final):  # move aside first: at every instant one complete copy exists
+            old = tempfile.mkdtemp(prefix=f".old_rollout_{rollout_id:06d}.", dir=root)
+            os.rename(final, os.path.join(old, "checkpoint"))
         os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -219,9 +219,6 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
             train_started = time.perf_counter()
             metrics.update(watch(cluster.train.train.remote(rollout_id, data), cluster.train))
             metrics["perf/train_time"] = time.perf_counter() - train_started
-            if args.save and _due(args.save_interval, rollout_id, rollout_id == last_rollout):
-                phase("save", rollout_id)
-                _save(cluster, args, rollout_id)
             if cluster.colocated_gpu:
                 ray.get(cluster.train.offload.remote())
                 ray.get(cluster.rollout.resume_memory.remote(["weights"]))
@@ -242,6 +239,10 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
             metrics["perf/step_time"] = time.perf_counter() - step_started
             _observe(plugin_set.pm.hook.plugrl_on_train_step_end, rollout_id, metrics)
             metrics_logger.log(rollout_id, metrics, phase="train")
+            # Saved after its metrics line, so a kill never leaves a checkpoint whose line is missing.
+            if args.save and _due(args.save_interval, rollout_id, rollout_id == last_rollout):
+                phase("save", rollout_id)
+                _save(cluster, args, rollout_id)
             phase("log", rollout_id + 1)  # closes this rollout's progress bars before its line
             print(console_line(rollout_id, metrics), flush=True)
             summary.rollouts += 1

@@ -207,6 +207,17 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _drop_partial_last_line(path: Path) -> None:
+    """A run killed mid-write leaves a cut-off last line; drop it so a resumed run appends whole lines."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        f.truncate(data.rfind(b"\n") + 1)
+
+
 class MetricsLogger:
     """The driver's sink for every metric of a run: JSONL always, TensorBoard and wandb on request.
 
@@ -246,6 +257,7 @@ class MetricsLogger:
         if config is not None:
             self.write_config(config)
         # Append: a resumed run continues the same file. Held open for the run, closed by close().
+        _drop_partial_last_line(self.metrics_path)
         self._file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -106,6 +106,11 @@ class SampleGenerator:
                 sample.tokens = list(ids)
             params = dict(sampling_params)
             params["max_new_tokens"] = params["max_new_tokens"] - sample.response_length
+            if evaluation and "sampling_seed" not in params:
+                # Eval draws from its own per-sample streams: it is reproducible, and it leaves the
+                # engine's training sampling state (part of the checkpoint) untouched.
+                seed = int(getattr(args, "rollout_seed", 42) or 42)
+                params["sampling_seed"] = (seed * 1_000_003 + int(sample.index or 0)) % (2**31)
             if params["max_new_tokens"] <= 0:
                 sample.status = Status.TRUNCATED
             else:

@@ -190,11 +190,16 @@ class RolloutManager:
         saved = getattr(self, "_state_before", {})
         if before_rollout is not None and before_rollout in saved:
             return saved[before_rollout]
-        return {"data_source": self.data_source.state_dict(), "buffer": self.buffer.state_dict()}
+        state = {"data_source": self.data_source.state_dict(), "buffer": self.buffer.state_dict()}
+        if callable(getattr(self.engine, "state_dict", None)):
+            state["engine"] = self.engine.state_dict()  # its sampling RNG: resumed generation == uninterrupted
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.data_source.load_state_dict(state["data_source"])
         self.buffer.load_state_dict(state["buffer"])
+        if "engine" in state and callable(getattr(self.engine, "load_state_dict", None)):
+            self.engine.load_state_dict(state["engine"])
 
     def engine_log_probs(self, sequences, response_lengths, temperature: float = 1.0) -> Any:
         """Teacher-forced log-probs from the engine's current weights (weight-push checks)."""

@@ -241,3 +241,15 @@ def test_eval_metrics_keys_and_grouping():
     assert all(math.isfinite(v) for v in metrics.values())
     with pytest.raises(ValueError, match="--n-samples-per-eval-prompt 4"):
         group_per_prompt([1, 2, 3], 4)
+
+
+def test_resumed_logger_drops_a_cut_off_last_line(tmp_path):
+    from plugrl.core.metrics import MetricsLogger, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"rollout_id": 0, "phase": "train", "x": 1}\n{"rollout_id": 1, "pha')
+    logger = MetricsLogger(tmp_path)
+    logger.log(1, {"x": 2}, phase="train")
+    logger.close()
+    rows = read_metrics(path)
+    assert [(r["rollout_id"], r["x"]) for r in rows] == [(0, 1), (1, 2)]

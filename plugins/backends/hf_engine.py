@@ -15,6 +15,7 @@ steps.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 
 import torch
@@ -103,6 +104,7 @@ class HFRolloutEngine:
         self._released: set[str] = set()
         generator = torch.Generator(device=self.device)
         generator.manual_seed(int(seed))
+        self._generator = generator  # the sampling RNG; checkpointed by state_dict()
         self._ctx = StopContext(self.tokenizer, _eos_ids(self.tokenizer, config, self.model.generation_config))
         self._forward_context = _attention_backends(bool(options.get("cudnn_attention", False)))
         self._scheduler = DecodeScheduler(
@@ -163,6 +165,22 @@ class HFRolloutEngine:
     def close(self) -> None:
         """Stop the decode thread; queued and running requests finish with "abort"."""
         self._scheduler.close()
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        """The sampling RNG (JSON-safe): restored on resume, generation continues exactly as an
+        uninterrupted run's would (unseeded requests all draw from this one generator)."""
+        with self._scheduler.exclusive():
+            state = self._generator.get_state()
+        return {"device": self.device.type,
+                "generator": base64.b64encode(state.cpu().numpy().tobytes()).decode("ascii")}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("device") != self.device.type:  # a CPU state does not fit a CUDA generator
+            return
+        raw = torch.frombuffer(bytearray(base64.b64decode(state["generator"])), dtype=torch.uint8)
+        with self._scheduler.exclusive():
+            self._generator.set_state(raw)
 
     # ------------------------------------------------------------------ weights and memory
     @property

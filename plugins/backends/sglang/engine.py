@@ -1,0 +1,351 @@
+"""``SGLangRolloutBackend``: the rollout manager's engine contract (``core.protocols.RolloutEngine``)
+over HTTP, through the real ``sglang_router`` in front of N SGLang engines.
+
+Runs inside the rollout manager. It either launches the engines (``python -m sglang.launch_server``
+with per-engine flags, or any command with the same flags: ``launch_command`` /
+``$PLUGRL_SGLANG_LAUNCH_COMMAND``, e.g. ``plugrl serve``) or uses running ones
+(``external_engine_addrs``), waits for ``/health_generate``, starts the router and registers every
+engine with ``POST /workers``. ``generate`` is async (called on the rollout manager's event loop);
+weight, memory and health calls are sync (called from the actor thread), as for the ``hf`` engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from typing import Any
+
+from . import launch
+from .weights import DistributedPusher, push_tensor
+
+logger = logging.getLogger(__name__)
+
+_OPTIONS = {
+    "num_engines", "gpus_per_engine", "external_engine_addrs", "launch_command", "host", "router_url",
+    "router_settings", "router_request_timeout_secs", "server_overrides", "memory_saver",
+    "weight_transport", "update_weight_buffer_size", "startup_timeout", "request_retries",
+    "retry_interval", "abort_poll_interval", "engine_env", "keep_logs", "args",
+}
+
+
+def _options_from_args(args) -> dict:
+    """The run-config values this backend reads (slime's flag names)."""
+    from plugrl.plugins.backends.sglang_options import router_settings, server_overrides
+
+    per_engine = int(getattr(args, "rollout_num_gpus_per_engine", 1) or 1)
+    total = getattr(args, "rollout_num_gpus", None)
+    values = {
+        "gpus_per_engine": per_engine,
+        "num_engines": max(1, int(total) // per_engine) if total else None,
+        "external_engine_addrs": getattr(args, "rollout_external_engine_addrs", None),
+        "router_settings": router_settings(args),
+        "server_overrides": server_overrides(args),
+        "memory_saver": bool(getattr(args, "offload_rollout", False) or getattr(args, "colocate", False)),
+        # slime §7.5: colocated runs push tensors, decoupled ones broadcast over a process group.
+        "weight_transport": "tensor" if getattr(args, "colocate", False) else "distributed",
+        "router_request_timeout_secs": getattr(args, "sglang_router_request_timeout_secs", None),
+        "update_weight_buffer_size": getattr(args, "update_weight_buffer_size", None),
+    }
+    if getattr(args, "sglang_router_ip", None) and getattr(args, "sglang_router_port", None):
+        values["router_url"] = f"http://{args.sglang_router_ip}:{args.sglang_router_port}"
+    return {k: v for k, v in values.items() if v is not None}
+
+
+class SGLangRolloutBackend:
+    """See the module docstring. Options (keyword; ``args`` = the run config fills the rest):
+    ``num_engines`` (default 1), ``gpus_per_engine`` (SGLang tp size, default 1),
+    ``external_engine_addrs`` (``host:port`` list: launch nothing), ``launch_command``,
+    ``host`` (default 127.0.0.1), ``router_url`` (use a running router), ``router_settings``
+    (router flags without ``--``/``router-``), ``router_request_timeout_secs`` (14400),
+    ``server_overrides`` (extra ServerArgs fields), ``memory_saver`` (colocated: SGLang's
+    ``--enable-memory-saver``), ``weight_transport`` (``tensor`` | ``distributed``),
+    ``update_weight_buffer_size`` (bytes per bucket, 512 MiB), ``startup_timeout`` (s),
+    ``request_retries`` (60, 1 s apart, as slime), ``abort_poll_interval`` (s), ``engine_env``,
+    ``keep_logs`` (keep the engine/router logs under ``log_dir`` after ``close``; kept anyway when
+    startup fails)."""
+
+    # The rollout manager may pass the run config as ``args=`` (HFRolloutEngine takes no such option).
+    accepts_run_config = True
+
+    def __init__(self, hf_checkpoint: str, *, device: str | None = None, seed: int = 0,
+                 max_batch_size: int = 256, **options):
+        unknown = sorted(set(options) - _OPTIONS)
+        if unknown:
+            raise TypeError(f"SGLangRolloutBackend: unknown options {unknown}; known: {sorted(_OPTIONS)}")
+        args = options.pop("args", None)
+        if args is not None:
+            options = {**_options_from_args(args), **options}
+        import httpx
+
+        self.hf_checkpoint, self.device, self.seed = hf_checkpoint, device, int(seed)
+        self.max_batch_size = int(max_batch_size)
+        self.host = options.get("host", "127.0.0.1")
+        self.retries = int(options.get("request_retries", 60))
+        self.retry_interval = float(options.get("retry_interval", 1.0))
+        self.abort_poll_interval = float(options.get("abort_poll_interval", 0.2))
+        self.buffer_size = int(options.get("update_weight_buffer_size", 512 << 20))
+        self.transport = options.get("weight_transport", "tensor")
+        if self.transport not in ("tensor", "distributed"):
+            raise ValueError(f"weight_transport must be 'tensor' or 'distributed', got {self.transport!r}")
+        self._options = options
+        self._children: list[launch.Child] = []
+        self._router: launch.Child | None = None
+        self._pusher: DistributedPusher | None = None
+        self._async_clients: dict[int, Any] = {}  # one AsyncClient per event loop
+        self._weight_version = "default"
+        self.log_dir = launch.new_log_dir()
+        self._keep_logs = bool(options.get("keep_logs", False))
+        self.client = httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0), trust_env=False)
+        try:
+            self.worker_urls = self._start_engines()
+            self.router_url = self._start_router()
+        except BaseException:
+            self._keep_logs = True  # the error names a log in there
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ startup
+    def _start_engines(self) -> list[str]:
+        external = self._options.get("external_engine_addrs")
+        timeout = float(self._options.get("startup_timeout", 300))
+        if external:
+            urls = [a if a.startswith("http") else f"http://{a}" for a in external]
+            for url in urls:
+                launch.wait_until(lambda u=url: self._ok(u + "/health_generate"), timeout=timeout,
+                                  interval=0.5, what=f"external engine {url}")
+            return urls
+        prefix = launch.launch_prefix(self._options.get("launch_command"))
+        n, per = int(self._options.get("num_engines", 1)), int(self._options.get("gpus_per_engine", 1))
+        for i in range(n):
+            port = launch.free_port(self.host)
+            values = launch.server_args(
+                model_path=self.hf_checkpoint, host=self.host, port=port, tp_size=per, base_gpu_id=i * per,
+                seed=self.seed + i * per, memory_saver=bool(self._options.get("memory_saver", False)),
+                device=self.device, overrides=self._options.get("server_overrides"))
+            child = launch.start(f"engine{i}", [*prefix, *launch.flag_words(values)], log_dir=self.log_dir,
+                                 env=self._options.get("engine_env"))
+            child.url = f"http://{self.host}:{port}"
+            self._children.append(child)
+        for child in self._children:  # they load in parallel; wait for each
+            launch.wait_until(lambda c=child: self._ok(c.url + "/health_generate"), timeout=timeout,
+                              interval=0.5, what=f"{child.name} /health_generate", child=child)
+        return [c.url for c in self._children]
+
+    def _start_router(self) -> str:
+        url = self._options.get("router_url")
+        if url is None:
+            port = launch.free_port(self.host)
+            argv = launch.router_argv(
+                host=self.host, port=port, settings=dict(self._options.get("router_settings") or {}),
+                request_timeout_secs=int(self._options.get("router_request_timeout_secs", 14400)),
+                prometheus_port=launch.free_port(self.host))
+            self._router = launch.start("router", argv, log_dir=self.log_dir)
+            url = f"http://{self.host}:{port}"
+            launch.wait_until(lambda: self._ok(url + "/workers"), timeout=60, interval=0.2,
+                              what="the router", child=self._router)
+        for worker in self.worker_urls:
+            response = self.client.post(url + "/workers", json={"url": worker, "worker_type": "regular"})
+            if response.status_code >= 300:
+                raise RuntimeError(f"router refused worker {worker}: {response.status_code} {response.text}")
+        launch.wait_until(lambda: set(self.worker_urls) <= set(self._router_workers(url)), timeout=60,
+                          interval=0.2, what="the router to list every worker", child=self._router)
+        return url
+
+    def _router_workers(self, url: str | None = None) -> list[str]:
+        body = self.client.get((url or self.router_url) + "/workers").json()
+        return [w["url"] for w in body.get("workers", []) if isinstance(w, dict) and "url" in w]
+
+    def _ok(self, url: str) -> bool:
+        import httpx
+
+        try:
+            return self.client.get(url, timeout=30).status_code == 200
+        except httpx.HTTPError:  # not up yet, or gone
+            return False
+
+    # ------------------------------------------------------------------ generation (event loop)
+    def _async_client(self):
+        import httpx
+
+        loop = asyncio.get_running_loop()
+        client = self._async_clients.get(id(loop))
+        if client is None:
+            limits = httpx.Limits(max_connections=max(64, self.max_batch_size * len(self.worker_urls)))
+            client = httpx.AsyncClient(timeout=None, limits=limits, trust_env=False)
+            self._async_clients[id(loop)] = client
+        return client
+
+    async def generate(self, input_ids: list[int], sampling_params: dict) -> dict:
+        """POST the router's ``/generate`` (retried like slime's ``post``) -> the ``hf`` engine's dict."""
+        payload = {"input_ids": [int(t) for t in input_ids], "sampling_params": dict(sampling_params),
+                   "return_logprob": True}
+        body = await self._post_router("/generate", payload)
+        meta = body["meta_info"]
+        pairs = meta.get("output_token_logprobs") or []
+        return {
+            "tokens": [int(p[1]) for p in pairs],
+            "log_probs": [float(p[0]) for p in pairs],
+            "text": body.get("text", ""),
+            "finish_reason": dict(meta["finish_reason"]),
+            "prompt_tokens": meta.get("prompt_tokens", len(input_ids)),
+            "completion_tokens": meta.get("completion_tokens", len(pairs)),
+            "cached_tokens": meta.get("cached_tokens", 0),
+            "weight_version": str(meta.get("weight_version", "")),
+        }
+
+    async def _post_router(self, path: str, payload: dict) -> dict:
+        import httpx
+
+        client, last = self._async_client(), None
+        for attempt in range(self.retries):
+            try:
+                response = await client.post(self.router_url + path, json=payload)
+                if response.status_code == 200:
+                    return response.json()
+                last = f"HTTP {response.status_code}: {response.text[:500]}"
+                if response.status_code < 500:  # a bad request does not get better by retrying
+                    break
+            except (httpx.HTTPError, ValueError) as exc:  # refused/reset/bad body: router or engine down
+                last = repr(exc)
+            if attempt + 1 < self.retries:
+                await asyncio.sleep(self.retry_interval)
+        raise RuntimeError(f"sglang router {self.router_url}{path} failed after {self.retries} attempt(s): {last}; "
+                           f"engine health: {self.engine_health()}")
+
+    async def abort_all(self) -> None:
+        """slime's abort: every worker the router lists gets ``abort_request {abort_all}`` until its
+        ``/v1/loads`` counts no request; then every in-flight ``generate`` has its partial answer."""
+        await asyncio.gather(*(self._abort_worker(url) for url in self.worker_urls))
+
+    async def _abort_worker(self, url: str) -> None:
+        import httpx
+
+        client = self._async_client()
+        while True:
+            await client.post(url + "/abort_request", json={"abort_all": True})
+            try:
+                response = await client.get(url + "/v1/loads", params={"include": "core"})
+                count = _count_requests(response.json())
+            except (httpx.HTTPError, ValueError) as exc:  # as slime: a failing load query ends the retries
+                logger.warning("abort: %s/v1/loads failed: %r", url, exc)
+                return
+            if count == 0:
+                return
+            await asyncio.sleep(self.abort_poll_interval)
+
+    # ------------------------------------------------------------------ weights, memory (actor thread)
+    @property
+    def weight_version(self) -> str:
+        return self._weight_version
+
+    def update_weights(self, named_tensors, version: int | str) -> None:
+        """pause -> flush -> push buckets (``update_weight_buffer_size`` each) -> continue."""
+        from plugrl.plugins.backends.hf_weights import flatten_named_tensors
+
+        from .wire import bucket_by_size
+
+        pairs = flatten_named_tensors(named_tensors)
+        buckets = bucket_by_size(pairs, self.buffer_size)
+        version = str(version)
+        self._each("/pause_generation", {})
+        try:
+            self._flush()
+            if self.transport == "tensor":
+                push_tensor(self.client, self.worker_urls, buckets, version)
+            else:
+                if self._pusher is None:
+                    on_cuda = any(t.is_cuda for _, t in pairs)
+                    self._pusher = DistributedPusher(self.client, self.worker_urls, host=self.host,
+                                                     port=launch.free_port(self.host),
+                                                     backend="nccl" if on_cuda else "gloo")
+                self._pusher.push(buckets, version)
+        finally:
+            self._each("/continue_generation", {})
+        self._weight_version = version
+
+    def _flush(self) -> None:
+        # slime retries flush_cache until 200 (it is refused while requests are in flight).
+        for url in self.worker_urls:
+            launch.wait_until(lambda u=url: self.client.post(u + "/flush_cache").status_code == 200,
+                              timeout=60, interval=0.2, what=f"{url}/flush_cache")
+
+    def release_memory(self, tags=None) -> None:
+        self._flush()
+        self._each("/release_memory_occupation", {"tags": list(tags) if tags else None})
+
+    def resume_memory(self, tags=None) -> None:
+        self._each("/resume_memory_occupation", {"tags": [tags] if isinstance(tags, str) else (list(tags) if tags else None)})
+
+    def _each(self, path: str, payload: dict) -> None:
+        for url in self.worker_urls:
+            response = self.client.post(url + path, json=payload)
+            if response.status_code != 200:
+                raise RuntimeError(f"{url}{path} failed ({response.status_code}): {response.text[:500]}")
+
+    def log_probs_of(self, sequences, response_lengths, temperature: float = 1.0, *, worker: int = 0):
+        """Teacher-forced log-probs of the last ``response_lengths[i]`` tokens from one engine
+        (SGLang: ``/generate`` with ``max_new_tokens=0``, ``logprob_start_len`` and
+        ``meta_info.input_token_logprobs``)."""
+        if isinstance(response_lengths, int):
+            response_lengths = [response_lengths] * len(sequences)
+        out = []
+        for seq, n in zip(sequences, response_lengths):
+            payload = {"input_ids": list(seq), "return_logprob": True, "logprob_start_len": len(seq) - n,
+                       "sampling_params": {"max_new_tokens": 0, "temperature": temperature}}
+            response = self.client.post(self.worker_urls[worker] + "/generate", json=payload)
+            response.raise_for_status()
+            pairs = response.json()["meta_info"]["input_token_logprobs"]
+            out.append([float(p[0]) for p in pairs[-n:]] if n else [])
+        return out
+
+    # ------------------------------------------------------------------ status
+    def engine_health(self) -> dict:
+        return {url: self._ok(url + "/health") for url in self.worker_urls}
+
+    def health(self) -> bool:
+        return all(self.engine_health().values())
+
+    def load_stats(self) -> dict:
+        running = waiting = 0
+        for url in self.worker_urls:
+            for load in self.client.get(url + "/v1/loads", params={"include": "core"}).json().get("loads", []):
+                running += int(load.get("num_running_reqs") or 0)
+                waiting += int(load.get("num_waiting_reqs") or 0)
+        return {"num_running": running, "num_waiting": waiting}
+
+    def close(self) -> None:
+        """Kill what this backend started (engines, router); external engines stay up."""
+        if self._pusher is not None:
+            self._pusher.close()
+            self._pusher = None
+        for child in [*self._children, *([self._router] if self._router else [])]:
+            child.stop()
+        self._children, self._router = [], None
+        self.client.close()
+        # AsyncClients belong to their event loops (aclose must run there); their sockets close
+        # when collected, and the servers they point at are gone now anyway.
+        self._async_clients.clear()
+        if not self._keep_logs:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def __del__(self):
+        try:
+            for child in [*self._children, *([self._router] if self._router else [])]:
+                child.stop(timeout=2.0)
+        except (OSError, AttributeError, TypeError):  # interpreter shutdown / half-built object
+            return
+
+
+def _count_requests(body: dict) -> int:
+    """Requests still in an engine, from ``/v1/loads`` (slime's reading: ``num_reqs`` /
+    ``num_total_reqs`` / ``total_reqs`` if present, else running + waiting, summed over ``loads``)."""
+    total = 0
+    for load in body.get("loads", [body]):
+        for key in ("num_reqs", "num_total_reqs", "total_reqs"):
+            if key in load:
+                total += int(load[key] or 0)
+                break
+        else:
+            total += int(load.get("num_running_reqs") or 0) + int(load.get("num_waiting_reqs") or 0)
+    return total

@@ -1,0 +1,374 @@
+"""``plugrl serve``: an HTTP server speaking the part of SGLang's native API that RL uses, around the
+embedded ``HFRolloutEngine``. Runs as its own process (one per rollout engine), started by the
+``sglang`` backend in place of ``python -m sglang.launch_server`` where SGLang is not installed
+(CPU machines, tests), or by hand. Field names and defaults follow SGLang's
+``GenerateReqInput`` / ``*ReqInput`` structs and ``http_server.py`` (see ``sglang_names.json``).
+
+Differences from SGLang, all deliberate:
+  * one prompt per ``/generate`` (no batch lists), no streaming, no per-``rid`` abort (the hf engine
+    aborts everything at once: ``{"abort_all": true}``, which is what slime sends);
+  * ``/update_weights_from_tensor`` takes ``load_format == "plugrl_torch"`` (see ``wire.py``), not
+    CUDA IPC handles;
+  * ``/init_weights_update_group`` builds a stateless gloo group (TCPStore + ProcessGroupGloo), so
+    ``backend`` must be ``gloo``; the server holds one rank (``rank_offset``);
+  * ``/pause_generation`` supports SGLang's default mode ``abort`` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import logging
+import time
+import uuid
+
+from aiohttp import web
+
+from . import wire
+
+logger = logging.getLogger(__name__)
+VERSION = "plugrl-hf"
+
+
+def _error(message: str, status: int = 400) -> web.Response:
+    # SGLang's _create_error_response shape.
+    return web.json_response({"error": {"message": str(message)}}, status=status)
+
+
+async def _json(request: web.Request) -> dict:
+    if not request.can_read_body:
+        return {}
+    body = await request.json()
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise TypeError("request body must be a JSON object")
+    return body
+
+
+class EngineServer:
+    """Routes of one engine. ``engine`` is an ``HFRolloutEngine``; ``model_path`` is reported by
+    ``/get_server_info``."""
+
+    def __init__(self, engine, *, model_path: str, device: str, tp_size: int = 1):
+        self.engine, self.model_path, self.device, self.tp_size = engine, model_path, device, tp_size
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self._paused_waiting = 0
+        self._groups: dict[str, tuple] = {}  # group_name -> (store, process group, rank)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1 << 31)  # weight buckets are large
+        r = app.router
+        r.add_route("POST", "/generate", self.generate)
+        r.add_route("PUT", "/generate", self.generate)
+        r.add_post("/abort_request", self.abort_request)
+        r.add_route("*", "/flush_cache", self.flush_cache)
+        r.add_get("/health", self.health)
+        r.add_get("/health_generate", self.health_generate)
+        r.add_get("/get_server_info", self.server_info)
+        r.add_get("/get_model_info", self.model_info)
+        r.add_get("/v1/loads", self.loads)
+        r.add_post("/pause_generation", self.pause)
+        r.add_post("/continue_generation", self.resume)
+        r.add_post("/update_weights_from_tensor", self.update_from_tensor)
+        r.add_post("/init_weights_update_group", self.init_group)
+        r.add_post("/destroy_weights_update_group", self.destroy_group)
+        r.add_post("/update_weights_from_distributed", self.update_from_distributed)
+        r.add_route("*", "/release_memory_occupation", self.release_memory)
+        r.add_route("*", "/resume_memory_occupation", self.resume_memory)
+        r.add_get("/get_weight_version", self.weight_version)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _cleanup(self, _app) -> None:
+        self._groups.clear()
+        await asyncio.to_thread(self.engine.close)
+
+    # ------------------------------------------------------------------ generation
+    async def generate(self, request: web.Request) -> web.Response:
+        try:
+            body = await _json(request)
+            prompt = self._prompt(body)
+            if body.get("stream"):
+                raise ValueError("stream=true is not supported by plugrl serve")
+            params = body.get("sampling_params") or {}
+            if not isinstance(params, dict):
+                raise TypeError("sampling_params must be one object (batch requests are not supported)")
+            params = {"max_new_tokens": 128, **params}  # SGLang's SamplingParams default
+        except (ValueError, TypeError) as exc:
+            return _error(exc)
+        started = time.perf_counter()
+        if not self._resumed.is_set():  # paused: new requests wait for /continue_generation
+            self._paused_waiting += 1
+            try:
+                await self._resumed.wait()
+            finally:
+                self._paused_waiting -= 1
+        try:
+            out = await self.engine.generate(prompt, params)
+        except (ValueError, RuntimeError) as exc:
+            return _error(exc)
+        meta = {
+            "id": body.get("rid") or uuid.uuid4().hex,
+            "finish_reason": {k: v for k, v in out["finish_reason"].items() if v is not None or k == "matched"},
+            "prompt_tokens": out["prompt_tokens"],
+            "completion_tokens": out["completion_tokens"],
+            "cached_tokens": out.get("cached_tokens", 0),
+            "weight_version": out["weight_version"],
+            "e2e_latency": time.perf_counter() - started,
+        }
+        if body.get("return_logprob"):
+            # SGLang: one (logprob, token_id, text) triple per output token; text is None unless
+            # return_text_in_logprobs.
+            meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(out["log_probs"], out["tokens"])]
+            start = body.get("logprob_start_len")
+            if start is not None and start >= 0:
+                meta["input_token_logprobs"] = await self._input_logprobs(prompt, int(start), params)
+        return web.json_response({"text": out["text"], "output_ids": out["tokens"], "meta_info": meta})
+
+    async def _input_logprobs(self, prompt: list[int], start: int, params: dict) -> list:
+        """SGLang's ``input_token_logprobs`` from ``logprob_start_len``: one triple per prompt
+        position from ``start``; the first prompt token has no log-prob (None)."""
+        n = len(prompt) - max(start, 1)
+        temperature = float(params.get("temperature") if params.get("temperature") is not None else 1.0)
+        if temperature < 1e-6:  # greedy requests score with T = 1 (SGLang turns them into top_k = 1)
+            temperature = 1.0
+        lps = (await asyncio.to_thread(self.engine.log_probs_of, [prompt], [n], temperature))[0] if n > 0 else []
+        head = [[None, prompt[0], None]] if start == 0 else []
+        return head + [[lp, tok, None] for lp, tok in zip(lps, prompt[len(prompt) - n:])]
+
+    def _prompt(self, body: dict) -> list[int]:
+        ids, text = body.get("input_ids"), body.get("text")
+        if ids is not None:
+            if not isinstance(ids, list) or (ids and isinstance(ids[0], list)):
+                raise ValueError("input_ids must be one list of ints (batch requests are not supported)")
+            return [int(t) for t in ids]
+        if isinstance(text, str):
+            return self.engine.tokenizer.encode(text)
+        raise ValueError("give input_ids (list of ints) or text (string)")
+
+    async def abort_request(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        if not body.get("abort_all"):
+            return _error("plugrl serve aborts all requests at once; send {\"abort_all\": true}")
+        await self.engine.abort_all()
+        return web.Response(status=200)
+
+    async def loads(self, request: web.Request) -> web.Response:
+        stats = self.engine.load_stats()
+        load = {"dp_rank": 0, "timestamp": time.time(), "num_running_reqs": stats["num_running"],
+                "num_waiting_reqs": stats["num_waiting"] + self._paused_waiting}
+        return web.json_response({"timestamp": datetime.datetime.now(datetime.UTC).isoformat(),
+                                  "version": VERSION, "accelerator": self.device,
+                                  "num_accelerators": self.tp_size, "loads": [load]})
+
+    async def pause(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        mode = body.get("mode", "abort")
+        if mode != "abort":
+            return _error(f"pause mode {mode!r} is not supported by plugrl serve (only 'abort')")
+        self._resumed.clear()
+        await self.engine.abort_all()
+        return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
+
+    async def resume(self, request: web.Request) -> web.Response:
+        self._resumed.set()
+        return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
+
+    def _busy(self) -> int:
+        stats = self.engine.load_stats()
+        return stats["num_running"] + stats["num_waiting"]
+
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        # The hf engine keeps no prefix cache; like SGLang, refuse while requests are in flight.
+        ok = self._busy() == 0
+        return web.Response(text="Cache flushed.\n" if ok else "Cache not flushed: requests in flight.\n",
+                            status=200 if ok else 400)
+
+    # ------------------------------------------------------------------ status
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.engine.health() else 503)
+
+    async def health_generate(self, request: web.Request) -> web.Response:
+        # SGLang generates one token unless the server is busy; same here (skip while busy/paused).
+        if not self.engine.health():
+            return web.Response(status=503)
+        if self._busy() or not self._resumed.is_set() or getattr(self.engine, "_released", None):
+            return web.Response(status=200)
+        try:
+            await asyncio.wait_for(self.engine.generate([0], {"max_new_tokens": 1, "temperature": 0.0}), 20)
+        except (TimeoutError, ValueError, RuntimeError) as exc:  # any failure means unhealthy
+            logger.warning("health_generate failed: %r", exc)
+            return web.Response(status=503)
+        return web.Response(status=200)
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "model_path": self.model_path, "tokenizer_path": self.model_path, "tp_size": self.tp_size,
+            "dp_size": 1, "device": self.device, "weight_version": self.engine.weight_version,
+            "context_length": self.engine.context_length, "max_running_requests": self.engine.max_batch_size,
+            "max_prefill_tokens": self.engine.max_prefill_tokens, "internal_states": [], "version": VERSION,
+        })
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        return web.json_response({"model_path": self.model_path, "tokenizer_path": self.model_path,
+                                  "is_generation": True, "weight_version": self.engine.weight_version})
+
+    async def weight_version(self, request: web.Request) -> web.Response:
+        return web.json_response({"weight_version": self.engine.weight_version})
+
+    # ------------------------------------------------------------------ weights and memory
+    async def _load(self, pairs, body: dict) -> web.Response:
+        if body.get("abort_all_requests"):
+            await self.engine.abort_all()
+        version = body.get("weight_version")
+        try:
+            # update_weights waits for the decode thread to park: keep it off the event loop.
+            await asyncio.to_thread(self.engine.update_weights, pairs,
+                                    self.engine.weight_version if version is None else version)
+        except (ValueError, TypeError, KeyError) as exc:
+            return web.json_response({"success": False, "message": str(exc)}, status=400)
+        message = "Succeeded to update model weights."
+        if version is not None:
+            message += f" Weight version updated to {version}."
+        return web.json_response({"success": True, "message": message})
+
+    async def update_from_tensor(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        if body.get("load_format") != wire.LOAD_FORMAT:
+            return web.json_response({"success": False, "message": (
+                f"plugrl serve takes load_format={wire.LOAD_FORMAT!r} (torch.save'd tensors), "
+                f"got {body.get('load_format')!r}")}, status=400)
+        try:
+            pairs = [p for entry in body["serialized_named_tensors"] for p in wire.decode_named_tensors(entry)]
+        except (KeyError, ValueError, TypeError) as exc:
+            return web.json_response({"success": False, "message": f"bad serialized_named_tensors: {exc}"}, status=400)
+        return await self._load(pairs, body)
+
+    async def init_group(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        name = body.get("group_name", "weight_update_group")
+        if body.get("backend", "nccl") != "gloo":
+            return web.json_response({"success": False, "message": "plugrl serve joins gloo groups only "
+                                      f"(backend={body.get('backend', 'nccl')!r})"}, status=400)
+        try:
+            rank = int(body["rank_offset"])
+            group = await asyncio.to_thread(_join_gloo, body["master_address"], int(body["master_port"]),
+                                            rank, int(body["world_size"]))
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # bad body, or rendezvous failed
+            return web.json_response({"success": False, "message": f"init_weights_update_group failed: {exc!r}"},
+                                     status=400)
+        self._groups[name] = (*group, rank)
+        return web.json_response({"success": True, "message": "Succeeded to initialize custom process group."})
+
+    async def destroy_group(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        name = body.get("group_name", "weight_update_group")
+        found = self._groups.pop(name, None) is not None
+        return web.json_response({"success": found, "message": "destroyed" if found else f"no group {name!r}"},
+                                 status=200 if found else 400)
+
+    async def update_from_distributed(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        name = body.get("group_name", "weight_update_group")
+        if name not in self._groups:
+            return web.json_response({"success": False, "message": f"no weights update group {name!r}"}, status=400)
+        _store, group, _rank = self._groups[name]
+        try:
+            specs = list(zip(body["names"], body["dtypes"], body["shapes"], strict=True))
+            pairs = await asyncio.to_thread(_receive, group, specs)
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # bad specs, or the group broke
+            return web.json_response({"success": False, "message": f"broadcast failed: {exc!r}"}, status=400)
+        return await self._load(pairs, body)
+
+    async def release_memory(self, request: web.Request) -> web.Response:
+        return await self._memory(request, self.engine.release_memory)
+
+    async def resume_memory(self, request: web.Request) -> web.Response:
+        return await self._memory(request, self.engine.resume_memory)
+
+    async def _memory(self, request: web.Request, fn) -> web.Response:
+        body = await _json(request) if request.method != "GET" else {}
+        try:
+            await asyncio.to_thread(fn, body.get("tags"))
+        except (ValueError, RuntimeError) as exc:
+            return _error(exc)
+        return web.Response(status=200)
+
+
+def _join_gloo(address: str, port: int, rank: int, world_size: int):
+    """A stateless gloo group (no ``init_process_group``: the trainer side lives in processes that
+    may already have a default group)."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore(address, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=120))
+    return store, dist.ProcessGroupGloo(store, rank, world_size)
+
+
+def _receive(group, specs) -> list:
+    """Receive each tensor of ``specs`` [(name, dtype, shape)] by broadcast from rank 0, in order."""
+    import torch
+    import torch.distributed as dist
+
+    pairs = []
+    for name, dtype, shape in specs:
+        tensor = torch.empty([int(s) for s in shape], dtype=wire.torch_dtype(dtype))
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        group.broadcast([tensor], opts).wait()
+        pairs.append((name, tensor))
+    return pairs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """SGLang's spelling for every flag the backend passes to ``sglang.launch_server``, so the
+    backend can start this server through the same code path; SGLang-only knobs are accepted and
+    ignored (they tune GPU kernels the hf engine does not have)."""
+    p = argparse.ArgumentParser(prog="plugrl serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-path", "--hf-checkpoint", dest="model_path", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--random-seed", "--seed", dest="random_seed", type=int, default=0)
+    p.add_argument("--tp-size", type=int, default=1)
+    p.add_argument("--base-gpu-id", type=int, default=0)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--context-length", type=int, default=None)
+    p.add_argument("--max-running-requests", type=int, default=256)
+    p.add_argument("--max-prefill-tokens", type=int, default=16384)
+    p.add_argument("--weight-version", default="default")
+    p.add_argument("--trust-remote-code", action="store_true")
+    for flag in ("--skip-server-warmup", "--enable-memory-saver"):
+        p.add_argument(flag, action="store_true", help="accepted for SGLang compatibility")
+    for flag in ("--gpu-id-step", "--mem-fraction-static", "--log-level"):
+        p.add_argument(flag, help="accepted for SGLang compatibility; ignored")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.tp_size != 1:
+        raise SystemExit("plugrl serve runs one device per engine (--tp-size 1)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from plugrl.plugins.backends.hf_engine import HFRolloutEngine
+
+    device = args.device
+    if device == "cuda":
+        device = f"cuda:{args.base_gpu_id}"
+    options = {"weight_version": args.weight_version, "max_prefill_tokens": args.max_prefill_tokens,
+               "trust_remote_code": args.trust_remote_code}
+    if args.context_length:
+        options["context_length"] = args.context_length
+    engine = HFRolloutEngine(args.model_path, device=device, dtype=args.dtype, seed=args.random_seed,
+                             max_batch_size=args.max_running_requests, **options)
+    server = EngineServer(engine, model_path=args.model_path, device=str(engine.device), tp_size=1)
+    with contextlib.suppress(KeyboardInterrupt):
+        web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

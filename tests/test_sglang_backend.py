@@ -1,0 +1,170 @@
+"""The ``sglang`` rollout backend end to end on CPU: the real ``sglang_router`` in front of two
+``plugrl serve`` engines, started through the backend's launch path (``launch_command``)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sglang_router")
+pytest.importorskip("aiohttp")
+httpx = pytest.importorskip("httpx")
+torch = pytest.importorskip("torch")
+
+from plugrl.plugins.backends.sglang.engine import SGLangRolloutBackend, _count_requests, _options_from_args
+
+SERVE = f"{sys.executable} -m plugrl.plugins.backends.sglang.server"
+PROMPT = [5, 17, 42, 9]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
+
+    return str(build_tiny_checkpoint(tmp_path_factory.mktemp("sgb") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def backend(checkpoint):
+    b = SGLangRolloutBackend(checkpoint, device="cpu", seed=0, num_engines=2, launch_command=SERVE,
+                             startup_timeout=180, request_retries=3, retry_interval=0.2,
+                             update_weight_buffer_size=64 << 10, router_settings={"log_level": "warn"})
+    try:
+        yield b
+    finally:
+        b.close()  # kills engines and router even when a test failed
+        assert all(not c.alive() for c in b._children)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    from plugrl.plugins.backends.hf_engine import HFRolloutEngine
+
+    engine = HFRolloutEngine(checkpoint, device="cpu", seed=0)
+    yield engine
+    engine.close()
+
+
+def _per_engine_logprobs(backend, seq, n):
+    return [backend.log_probs_of([seq], [n], worker=i)[0] for i in range(len(backend.worker_urls))]
+
+
+def test_launch_flags_and_router_registration(backend):
+    assert len(backend.worker_urls) == 2
+    argv = backend._children[0].process.args
+    for flag in ("--model-path", "--port", "--tp-size", "--base-gpu-id", "--random-seed", "--trust-remote-code",
+                 "--skip-server-warmup", "--device"):
+        assert flag in argv
+    assert "--enable-memory-saver" not in argv  # not colocated
+    workers = httpx.get(backend.router_url + "/workers", trust_env=False).json()
+    assert {w["url"] for w in workers["workers"]} == set(backend.worker_urls)
+    assert backend.health()
+
+
+def test_generate_through_router(backend, reference):
+    async def many():
+        params = {"max_new_tokens": 5, "temperature": 1.0}
+        return await asyncio.gather(*(backend.generate(PROMPT, params) for _ in range(6)))
+
+    outs = asyncio.run(many())
+    for out in outs:
+        assert set(out) >= {"tokens", "log_probs", "text", "finish_reason", "prompt_tokens", "completion_tokens",
+                            "weight_version"}
+        assert len(out["tokens"]) == len(out["log_probs"]) == out["completion_tokens"] <= 5
+        assert out["prompt_tokens"] == len(PROMPT) and out["finish_reason"]["type"] in ("stop", "length")
+        seq = PROMPT + out["tokens"]
+        assert out["log_probs"] == pytest.approx(reference.log_probs_of([seq], [len(out["tokens"])])[0], abs=1e-4)
+    assert backend.load_stats() == {"num_running": 0, "num_waiting": 0}
+
+
+def test_abort_all_returns_partial_outputs(backend):
+    async def run():
+        params = {"max_new_tokens": 240, "ignore_eos": True}
+        tasks = [asyncio.ensure_future(backend.generate(PROMPT, params)) for _ in range(4)]
+        while backend.load_stats()["num_running"] < 2:  # both engines are decoding
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        await backend.abort_all()
+        return await asyncio.gather(*tasks)
+
+    outs = asyncio.run(run())
+    assert all(o["finish_reason"]["type"] == "abort" for o in outs)
+    assert all(len(o["tokens"]) < 240 and len(o["tokens"]) == len(o["log_probs"]) for o in outs)
+    assert backend.load_stats() == {"num_running": 0, "num_waiting": 0}
+    assert _count_requests({"loads": [{"num_running_reqs": 1, "num_waiting_reqs": 2}, {"num_reqs": 3}]}) == 6
+
+
+@pytest.mark.parametrize("transport,version", [("tensor", 1), ("distributed", 2)])
+def test_weight_update_reaches_both_engines(backend, reference, transport, version):
+    torch.manual_seed(version)
+    new = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in reference.model.named_parameters()}
+    seq = PROMPT + [7, 8, 9]
+    backend.transport = transport
+    backend.update_weights(new, version)
+    reference.update_weights(new, version)
+    expected = reference.log_probs_of([seq], [3])[0]
+    for got in _per_engine_logprobs(backend, seq, 3):
+        assert got == pytest.approx(expected, abs=1e-4)
+    assert backend.weight_version == str(version)
+    for url in backend.worker_urls:
+        assert httpx.get(url + "/get_weight_version", trust_env=False).json() == {"weight_version": str(version)}
+    out = asyncio.run(backend.generate(PROMPT, {"max_new_tokens": 2}))
+    assert out["weight_version"] == str(version)
+
+
+def test_release_and_resume_memory(backend):
+    backend.release_memory()
+    backend.resume_memory(["weights"])
+    backend.resume_memory(["kv_cache", "cuda_graph"])
+    assert asyncio.run(backend.generate(PROMPT, {"max_new_tokens": 1}))["completion_tokens"] == 1
+
+
+def test_external_engines_share_a_new_router(backend, checkpoint):
+    addrs = [u.removeprefix("http://") for u in backend.worker_urls]
+    other = SGLangRolloutBackend(checkpoint, external_engine_addrs=addrs, request_retries=2, retry_interval=0.2)
+    try:
+        assert other.worker_urls == backend.worker_urls and other._children == []
+        assert asyncio.run(other.generate(PROMPT, {"max_new_tokens": 2}))["completion_tokens"] == 2
+    finally:
+        other.close()
+    assert backend.health()  # closing the second backend left the engines it did not start alone
+
+
+def test_killed_engines_give_a_clear_error(backend):
+    """Runs last in this module: it kills the fixture's engines."""
+    backend._children[0].stop()
+    health = backend.engine_health()
+    assert health == {backend.worker_urls[0]: False, backend.worker_urls[1]: True}
+    assert not backend.health()
+    backend._children[1].stop()
+    with pytest.raises(RuntimeError, match=r"sglang router .*/generate failed after 3 attempt\(s\).*engine health"):
+        asyncio.run(backend.generate(PROMPT, {"max_new_tokens": 1}))
+
+
+def test_startup_failure_reports_the_engine_log(checkpoint):
+    with pytest.raises(RuntimeError, match=r"(?s)engine0 exited .*unrecognized arguments: --bogus-flag") as info:
+        SGLangRolloutBackend(checkpoint, device="cpu", launch_command=SERVE, startup_timeout=60,
+                             server_overrides={"bogus_flag": True})
+    log = Path(str(info.value).split("; log ")[1].split(":\n")[0])
+    assert log.exists()  # kept for the user, who reads the rest of it; the test cleans up
+    shutil.rmtree(log.parent)
+
+
+def test_options_from_run_config():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(rollout_num_gpus=8, rollout_num_gpus_per_engine=2, colocate=True,
+                           sglang_mem_fraction_static=0.7, sglang_passthrough={"attention_backend": "fa3"},
+                           router_policy="round_robin", sglang_router_ip="10.0.0.1", sglang_router_port=3000)
+    options = _options_from_args(args)
+    assert options["num_engines"] == 4 and options["gpus_per_engine"] == 2
+    assert options["memory_saver"] and options["weight_transport"] == "tensor"
+    assert options["server_overrides"] == {"mem_fraction_static": 0.7, "attention_backend": "fa3"}
+    assert options["router_settings"]["policy"] == "round_robin"
+    assert options["router_settings"]["balance_abs_threshold"] == 10  # slime's router defaults
+    assert options["router_url"] == "http://10.0.0.1:3000"
+    assert _options_from_args(SimpleNamespace())["weight_transport"] == "distributed"
