@@ -16,6 +16,7 @@ commands:
   plugins list     list registered plugins   [--kind KIND] [--json]
   plugins check    exit non-zero on any plugin load failure or duplicate name
   score            score rows of a JSONL file with a reward plugin
+  serve            one SGLang-API engine server around the hf engine (plugrl serve --hf-checkpoint DIR)
   report RUN_DIR   plot a run's metrics into report.png and report.md
 """
 
@@ -80,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         from .train_cli import main as train_main
 
         return train_main(rest)
+    if command == "serve":
+        from .serve import main as serve_main
+
+        return serve_main(rest)
     if command == "report":
         from .report import main as report_main
 

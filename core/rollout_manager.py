@@ -79,8 +79,10 @@ class RolloutManager:
         self.post_processors = [plugin_set.get("reward_post_processor", name)
                                 for name in (getattr(args, "reward_post_process", None) or [])]
         engine_cls = plugin_set.get("rollout_backend", args.rollout_backend)
+        extra = {"args": args} if getattr(engine_cls, "accepts_run_config", False) else {}
         self.engine = engine_cls(args.hf_checkpoint, device=getattr(args, "rollout_device", None),
-                                 seed=int(args.rollout_seed), max_batch_size=int(getattr(args, "rollout_max_batch_size", 256) or 256))
+                                 seed=int(args.rollout_seed),
+                                 max_batch_size=int(getattr(args, "rollout_max_batch_size", 256) or 256), **extra)
         reward = resolve_reward(SimpleNamespace(**{**config, "rm_type": args.rm_type}), dict(args.rm_opt or {}))
         self.loop = EventLoopThread()
         concurrency = int(getattr(args, "rollout_concurrency", None) or 512)

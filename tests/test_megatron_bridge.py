@@ -9,9 +9,11 @@ from types import SimpleNamespace
 import pluggy
 import pytest
 import torch
-
 from plugrl.plugins.backends.megatron import bridge as bridge_module
-from plugrl.plugins.backends.megatron.config_bridge import derive_model_config, padded_vocab_size
+from plugrl.plugins.backends.megatron.config_bridge import (
+    derive_model_config,
+    padded_vocab_size,
+)
 from plugrl.plugins.backends.megatron.weights import (
     export_hf_buckets,
     hf_to_megatron,
@@ -20,16 +22,19 @@ from plugrl.plugins.backends.megatron.weights import (
 )
 
 # Qwen3-4B's config.json values (slime's scripts/models/qwen3-4B.sh is derived from the same).
-QWEN3_4B = dict(
-    model_type="qwen3", num_hidden_layers=36, hidden_size=2560, intermediate_size=9728, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000, tie_word_embeddings=True,
-    vocab_size=151936, max_position_embeddings=40960, hidden_act="silu",
-)
+QWEN3_4B = {
+    "model_type": "qwen3", "num_hidden_layers": 36, "hidden_size": 2560,
+    "intermediate_size": 9728, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000, "tie_word_embeddings": True,
+    "vocab_size": 151936, "max_position_embeddings": 40960, "hidden_act": "silu",
+}
 # A tiny GQA config: 4 query heads in 2 KV groups, vocabulary that needs padding.
-TINY = dict(
-    num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=317, max_position_embeddings=128, hidden_act="silu",
-)
+TINY = {
+    "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 96,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "vocab_size": 317,
+    "max_position_embeddings": 128, "hidden_act": "silu",
+}
 
 
 def tiny(model_type="qwen3", **overrides):
@@ -96,15 +101,15 @@ def test_transformers_config_object_and_rope_parameters():
 @pytest.mark.parametrize(
     "flags, flag, given, expected",
     [
-        (dict(rotary_base=5000), "--rotary-base", "5000", "10000.0"),
-        (dict(num_layers=3), "--num-layers", "3", "2"),
-        (dict(hidden_size=128), "--hidden-size", "128", "64"),
-        (dict(ffn_hidden_size=128), "--ffn-hidden-size", "128", "96"),
-        (dict(num_query_groups=4), "--num-query-groups", "4", "2"),
-        (dict(kv_channels=32), "--kv-channels", "32", "16"),
-        (dict(norm_epsilon=1e-5), "--norm-epsilon", "1e-05", "1e-06"),
-        (dict(vocab_size=320), "--vocab-size", "320", "317"),
-        (dict(untie_embeddings_and_output_weights=True), "--untie-embeddings-and-output-weights", "True", "False"),
+        ({"rotary_base": 5000}, "--rotary-base", "5000", "10000.0"),
+        ({"num_layers": 3}, "--num-layers", "3", "2"),
+        ({"hidden_size": 128}, "--hidden-size", "128", "64"),
+        ({"ffn_hidden_size": 128}, "--ffn-hidden-size", "128", "96"),
+        ({"num_query_groups": 4}, "--num-query-groups", "4", "2"),
+        ({"kv_channels": 32}, "--kv-channels", "32", "16"),
+        ({"norm_epsilon": 1e-5}, "--norm-epsilon", "1e-05", "1e-06"),
+        ({"vocab_size": 320}, "--vocab-size", "320", "317"),
+        ({"untie_embeddings_and_output_weights": True}, "--untie-embeddings-and-output-weights", "True", "False"),
     ],
 )
 def test_contradicting_flag_names_flag_and_both_values(flags, flag, given, expected):
@@ -122,7 +127,8 @@ def test_switch_flag_for_a_missing_feature_is_an_error():
 
 
 def test_agreeing_and_layout_flags_pass():
-    flags = args(rotary_base=10000, num_layers=2, hidden_size=64, num_query_groups=2, kv_channels=16, qk_layernorm=True,
+    flags = args(rotary_base=10000, num_layers=2, hidden_size=64, num_query_groups=2, kv_channels=16,
+                 qk_layernorm=True,
                  swiglu=True, disable_bias_linear=True, normalization="RMSNorm", untie_embeddings_and_output_weights=True,
                  group_query_attention=True, seq_length=64, tensor_model_parallel_size=2)
     cfg = derive_model_config(tiny(), flags)
@@ -272,6 +278,7 @@ def test_model_bridge_hook_answers_for_dense_families_only():
     pm = pluggy.PluginManager("plugrl")
     pm.add_hookspecs(hookspecs)
     pm.register(bridge_module)
+    pm.check_pending()  # the hook name matches the spec
     for model_type in ("qwen3", "qwen2", "llama"):
         found = pm.hook.plugrl_model_bridge(hf_config=tiny(model_type))
         assert isinstance(found, bridge_module.DenseDecoderBridge)

@@ -3,12 +3,16 @@ Megatron shards equal the mapping's, and the way back is an HF directory transfo
 weights equal to the original's."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
-
 from plugrl.plugins.backends.megatron.config_bridge import derive_model_config
-from plugrl.plugins.backends.megatron.convert import load_hf_state, load_megatron_shards, main
+from plugrl.plugins.backends.megatron.convert import (
+    load_hf_state,
+    load_megatron_shards,
+    main,
+)
 from plugrl.plugins.backends.megatron.weights import hf_to_megatron
 from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
 
@@ -46,7 +50,8 @@ def test_round_trip_through_the_converter(checkpoint, tmp_path, tp):
     assert (mcore / "latest_checkpointed_iteration.txt").read_text() == "release"
     shards, manifest = load_megatron_shards(mcore)
     assert len(shards) == tp and manifest["tensor_model_parallel_size"] == tp
-    cfg = derive_model_config(json.loads((path / "config.json").read_text()), type("A", (), {"tensor_model_parallel_size": tp})())
+    hf_config = json.loads((path / "config.json").read_text())
+    cfg = derive_model_config(hf_config, SimpleNamespace(tensor_model_parallel_size=tp))
     hf_state = load_hf_state(path)
     for rank, shard in enumerate(shards):
         expected = hf_to_megatron(hf_state, cfg, tp_size=tp, tp_rank=rank)

@@ -9,13 +9,21 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core not installed (plugrl[megatron])")
 
-from plugrl.plugins.backends.megatron.config_bridge import build_gpt_model, derive_model_config  # noqa: E402
-from plugrl.plugins.backends.megatron.weights import hf_to_megatron, megatron_shard_shapes  # noqa: E402
-
-TINY = dict(
-    num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=317, max_position_embeddings=128, hidden_act="silu",
+from plugrl.plugins.backends.megatron.config_bridge import (
+    build_gpt_model,
+    derive_model_config,
 )
+from plugrl.plugins.backends.megatron.weights import (
+    hf_to_megatron,
+    megatron_shard_shapes,
+)
+
+TINY = {
+    "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 96,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "vocab_size": 317,
+    "max_position_embeddings": 128, "hidden_act": "silu",
+}
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 CASES = [("qwen3", False), ("qwen3", True), ("qwen2", False), ("llama", True)]
 

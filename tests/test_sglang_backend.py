@@ -15,7 +15,11 @@ pytest.importorskip("aiohttp")
 httpx = pytest.importorskip("httpx")
 torch = pytest.importorskip("torch")
 
-from plugrl.plugins.backends.sglang.engine import SGLangRolloutBackend, _count_requests, _options_from_args
+from plugrl.plugins.backends.sglang.engine import (
+    SGLangRolloutBackend,
+    _count_requests,
+    _options_from_args,
+)
 
 SERVE = f"{sys.executable} -m plugrl.plugins.backends.sglang.server"
 PROMPT = [5, 17, 42, 9]
@@ -85,7 +89,9 @@ def test_abort_all_returns_partial_outputs(backend):
     async def run():
         params = {"max_new_tokens": 240, "ignore_eos": True}
         tasks = [asyncio.ensure_future(backend.generate(PROMPT, params)) for _ in range(4)]
-        while backend.load_stats()["num_running"] < 2:  # both engines are decoding
+        for _ in range(3000):  # until requests are decoding (bounded: a failure must not hang)
+            if backend.load_stats()["num_running"] >= 2:
+                break
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
         await backend.abort_all()

@@ -8,11 +8,17 @@ megatron train actors and in the converter.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from plugrl.core import hookimpl
 
-from .config_bridge import SUPPORTED_MODEL_TYPES, MegatronModelConfig, _get, derive_model_config
+from .config_bridge import (
+    SUPPORTED_MODEL_TYPES,
+    MegatronModelConfig,
+    _get,
+    derive_model_config,
+)
 
 
 class DenseDecoderBridge:

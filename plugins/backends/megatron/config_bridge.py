@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 DEFAULT_VOCAB_DIVISOR = 128  # Megatron's --make-vocab-size-divisible-by default
@@ -55,7 +56,7 @@ class MegatronModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "MegatronModelConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> MegatronModelConfig:
         return cls(**values)
 
 
@@ -153,7 +154,10 @@ def check_flags(hf_config: Any, args: Any = None) -> dict:
             continue
         # Switch flags are store_true with default None: a given switch is True. A given switch whose
         # feature the checkpoint lacks (e.g. --qk-layernorm on Qwen2) is a contradiction.
-        same = math.isclose(float(given), float(expected), rel_tol=1e-12) if isinstance(expected, float) else given == expected
+        if isinstance(expected, float):
+            same = math.isclose(float(given), expected, rel_tol=1e-12)
+        else:
+            same = given == expected
         if not same:
             raise ValueError(
                 f"{_flag(dest)} {given!r} contradicts the HF checkpoint's {_HF_KEY[dest]} (which gives {expected!r})"
@@ -207,33 +211,33 @@ def derive_model_config(hf_config: Any, args: Any = None) -> MegatronModelConfig
 
 def transformer_config_kwargs(cfg: MegatronModelConfig) -> dict:
     """Keyword arguments for megatron-core's TransformerConfig (activation filled in lazily)."""
-    return dict(
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.num_query_groups,
-        kv_channels=cfg.kv_channels,
-        normalization=cfg.normalization,
-        layernorm_epsilon=cfg.norm_epsilon,
-        qk_layernorm=cfg.qk_layernorm,
-        gated_linear_unit=cfg.swiglu,
-        add_bias_linear=not cfg.disable_bias_linear,
-        add_qkv_bias=cfg.add_qkv_bias,
-        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-    )
+    return {
+        "num_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "ffn_hidden_size": cfg.ffn_hidden_size,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_query_groups": cfg.num_query_groups,
+        "kv_channels": cfg.kv_channels,
+        "normalization": cfg.normalization,
+        "layernorm_epsilon": cfg.norm_epsilon,
+        "qk_layernorm": cfg.qk_layernorm,
+        "gated_linear_unit": cfg.swiglu,
+        "add_bias_linear": not cfg.disable_bias_linear,
+        "add_qkv_bias": cfg.add_qkv_bias,
+        "tensor_model_parallel_size": cfg.tensor_model_parallel_size,
+    }
 
 
 def gpt_model_kwargs(cfg: MegatronModelConfig) -> dict:
     """Keyword arguments for megatron-core's GPTModel besides config and layer spec."""
-    return dict(
-        vocab_size=cfg.padded_vocab_size,
-        max_sequence_length=cfg.max_position_embeddings,
-        share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
-        position_embedding_type="rope",
-        rotary_base=cfg.rotary_base,
-        parallel_output=True,
-    )
+    return {
+        "vocab_size": cfg.padded_vocab_size,
+        "max_sequence_length": cfg.max_position_embeddings,
+        "share_embeddings_and_output_weights": not cfg.untie_embeddings_and_output_weights,
+        "position_embedding_type": "rope",
+        "rotary_base": cfg.rotary_base,
+        "parallel_output": True,
+    }
 
 
 def transformer_config(cfg: MegatronModelConfig, **overrides):
@@ -247,7 +251,9 @@ def transformer_config(cfg: MegatronModelConfig, **overrides):
     return TransformerConfig(**kwargs)
 
 
-def build_gpt_model(cfg: MegatronModelConfig, *, pre_process: bool = True, post_process: bool = True, **config_overrides):
+def build_gpt_model(
+    cfg: MegatronModelConfig, *, pre_process: bool = True, post_process: bool = True, **config_overrides
+):
     """A GPTModel with megatron-core's local layer spec (the one whose names weights.py maps)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel

@@ -18,7 +18,7 @@ Layouts (megatron-core 0.16, checked against a real GPTModel's state_dict in the
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
@@ -182,7 +182,8 @@ def megatron_shard_shapes(cfg: MegatronModelConfig, tp_size: int = 1) -> dict[st
     """Per-rank parameter shapes of the local-spec GPTModel under TP ``tp_size`` (same for every rank)."""
     hidden, d = cfg.hidden_size, cfg.kv_channels
     qkv_rows = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * d
-    shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (cfg.padded_vocab_size // tp_size, hidden)}
+    vocab_rows = cfg.padded_vocab_size // tp_size
+    shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (vocab_rows, hidden)}
     for i in range(cfg.num_layers):
         m = LAYER.format(i)
         shapes[m + "input_layernorm.weight"] = (hidden,)
@@ -198,7 +199,7 @@ def megatron_shard_shapes(cfg: MegatronModelConfig, tp_size: int = 1) -> dict[st
         shapes[m + "mlp.linear_fc2.weight"] = (hidden, cfg.ffn_hidden_size // tp_size)
     shapes["decoder.final_layernorm.weight"] = (hidden,)
     if cfg.untie_embeddings_and_output_weights:
-        shapes["output_layer.weight"] = (cfg.padded_vocab_size // tp_size, hidden)
+        shapes["output_layer.weight"] = (vocab_rows, hidden)
     return shapes
 
 
