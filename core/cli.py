@@ -18,6 +18,7 @@ commands:
   score            score rows of a JSONL file with a reward plugin
   serve            one SGLang-API engine server around the hf engine (plugrl serve --hf-checkpoint DIR)
   report RUN_DIR   plot a run's metrics into report.png and report.md
+  convert          hf-to-megatron | megatron-to-hf checkpoint conversion (plugrl[megatron])
 """
 
 
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         from .report import main as report_main
 
         return report_main(rest)
+    if command == "convert":
+        from plugrl.plugins.backends.megatron.convert import main as convert_main
+
+        return convert_main(rest)
     print(f"plugrl: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -40,6 +40,7 @@ BUILTIN_PLUGINS = (
     "plugrl.plugins.backends.placement",
     "plugrl.plugins.backends.registrations",
     "plugrl.plugins.backends.megatron_options",
+    "plugrl.plugins.backends.megatron.bridge",
     "plugrl.plugins.backends.sglang_options",
 )
 
