@@ -62,6 +62,11 @@ def sampling_params_from_args(args: Any, *, evaluation: bool = False) -> dict:
     }
 
 
+def sample_seed(rollout_seed: int, index: int, tokens_so_far: int, evaluation: bool) -> int:
+    value = ((rollout_seed * 1_000_003 + index) * 65_537 + tokens_so_far) * 2 + int(evaluation)
+    return value % (2**31 - 1)
+
+
 class RewardError(RuntimeError):
     pass
 
@@ -106,11 +111,12 @@ class SampleGenerator:
                 sample.tokens = list(ids)
             params = dict(sampling_params)
             params["max_new_tokens"] = params["max_new_tokens"] - sample.response_length
-            if evaluation and "sampling_seed" not in params:
-                # Eval draws from its own per-sample streams: it is reproducible, and it leaves the
-                # engine's training sampling state (part of the checkpoint) untouched.
-                seed = int(getattr(args, "rollout_seed", 42) or 42)
-                params["sampling_seed"] = (seed * 1_000_003 + int(sample.index or 0)) % (2**31)
+            if "sampling_seed" not in params:
+                # Every sample draws from its own stream (seed, sample index, tokens so far): its tokens
+                # do not depend on which other requests share its batch, so runs and resumed runs
+                # reproduce exactly; eval (evaluation=True) uses streams of its own.
+                params["sampling_seed"] = sample_seed(int(getattr(args, "rollout_seed", 42) or 42),
+                                                      int(sample.index or 0), sample.response_length, evaluation)
             if params["max_new_tokens"] <= 0:
                 sample.status = Status.TRUNCATED
             else:
