@@ -109,6 +109,11 @@ class Cluster:
     def shutdown(self) -> None:
         import ray
 
+        if getattr(self, "rollout", None) is not None:
+            try:  # let the engine stop what it launched (SGLang servers, router) before the kill
+                ray.get(self.rollout.close.remote(), timeout=60)
+            except Exception as exc:  # a dead actor has nothing left to close
+                logger.debug("rollout manager close failed: %s", exc)
         for actor in (getattr(self, "rollout", None), getattr(self, "train", None)):
             if actor is not None:
                 ray.kill(actor)

@@ -203,6 +203,12 @@ class RolloutManager:
         if "engine" in state and callable(getattr(self.engine, "load_state_dict", None)):
             self.engine.load_state_dict(state["engine"])
 
+    def close(self) -> None:
+        """Stop the engine (and any processes it launched); called by the driver at shutdown."""
+        closer = getattr(self.engine, "close", None)
+        if closer is not None:
+            closer()
+
     def engine_log_probs(self, sequences, response_lengths, temperature: float = 1.0) -> Any:
         """Teacher-forced log-probs from the engine's current weights (weight-push checks)."""
         return self.engine.log_probs_of(sequences, response_lengths, temperature)
