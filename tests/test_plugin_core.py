@@ -162,6 +162,7 @@ def test_lazy_backends_report_unavailable_megatron(plugin_set, monkeypatch):
     # Simulate a laptop without megatron-core (dev/CI installs it for tests/test_megatron_*.py):
     # a None entry in sys.modules makes find_spec("megatron.core") raise ImportError.
     monkeypatch.setitem(sys.modules, "megatron", None)
+    monkeypatch.setitem(sys.modules, "megatron.core", None)  # in case an earlier test imported it
     entry = plugin_set.entry("train_backend", "megatron")
     assert isinstance(entry.obj, str) and ":" in entry.obj  # nothing imported at registration
     assert entry.status.startswith("unavailable: megatron.core not importable")

@@ -1,0 +1,197 @@
+"""Weight sync cost, trainer -> rollout engine: seconds and GB/s per transport and state size.
+
+Runs on the driver machine (CPU, or one GPU with ``--device cuda``). For each size it writes a
+random-init Qwen3 checkpoint (tiny tokenizer, bf16), starts one ``plugrl serve`` engine on it
+(``python -m plugrl.plugins.backends.sglang.server`` with the flags ``launch.server_args`` computes,
+as ``SGLangRolloutBackend`` does), and pushes that model's own state dict (perturbed, so every push
+really changes the weights) through each path:
+
+  embedded     ``HFRolloutEngine.update_weights`` from a dict, in this process (the baseline: no
+               transport, just the in-place copy);
+  tensor       ``POST /update_weights_from_tensor`` per bucket (``push_tensor``: torch.save + base64
+               in JSON, the CPU stand-in for SGLang's CUDA IPC handles);
+  distributed  ``init_weights_update_group`` once (not timed), then per bucket
+               ``POST /update_weights_from_distributed`` + a gloo broadcast (``DistributedPusher``).
+
+With ``--device cuda`` the source tensors live on the GPU and the engines too, so each row includes
+the device-to-host copies (gloo carries host memory: buckets are copied to CPU inside the timing).
+Every timed push is bracketed by nothing else (no pause/flush: those are constant HTTP round trips).
+
+    python benchmarks/weight_sync.py                      # CPU: ~4, 40, 200 MB states
+    python benchmarks/weight_sync.py --device cuda --size 4b
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# Qwen3 shapes (tiny tokenizer ids are a subset of any vocabulary). Sizes are bf16 state bytes.
+SHAPES = {
+    "4mb": {"vocab_size": 384, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64},
+    "40mb": {"vocab_size": 384, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6,
+              "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64},
+    "200mb": {"vocab_size": 384, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 8,
+               "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128},
+    "4b": {"vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960},
+}
+
+
+def build(size: str, directory: Path) -> Path:
+    """A random bf16 Qwen3 checkpoint of ``SHAPES[size]`` with the tiny tokenizer."""
+    from plugrl.plugins.backends.tiny_default import (
+        build_tokenizer,
+        tiny_config,
+        toy_rows,
+    )
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer(toy_rows()[0])
+    overrides = dict(SHAPES[size])
+    config = tiny_config(overrides.pop("vocab_size"), tokenizer.eos_token_id, tokenizer.pad_token_id,
+                         torch_dtype="bfloat16", **overrides)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # init directly in bf16: half the memory and disk
+    try:
+        model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
+    path = directory / size
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def start_engine(path: Path, device: str, log_dir: Path):
+    """One ``plugrl serve`` process on ``path``; returns (child, url) once it answers."""
+    import httpx
+    from plugrl.plugins.backends.sglang import launch
+
+    port = launch.free_port()
+    values = launch.server_args(model_path=str(path), host="127.0.0.1", port=port, tp_size=1, base_gpu_id=0,
+                                seed=0, memory_saver=False, device=device.split(":")[0],
+                                overrides={"dtype": "bfloat16"})
+    argv = [sys.executable, "-m", "plugrl.plugins.backends.sglang.server", *launch.flag_words(values)]
+    child = launch.start("engine", argv, log_dir=log_dir)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(url + "/health_generate", timeout=30, trust_env=False).status_code == 200
+        except httpx.HTTPError:  # still loading
+            return False
+
+    launch.wait_until(up, timeout=600, interval=0.5, what="plugrl serve /health_generate", child=child)
+    return child, url
+
+
+def timed(fn, repeats: int) -> float:
+    """Best (min) seconds of ``repeats`` calls after one untimed warm-up call: on a shared machine
+    the minimum is the transport's cost, the rest is other processes' noise."""
+    fn(0)
+    times = []
+    for i in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn(i + 1)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def embedded_seconds(path: Path, device: str, state: dict, repeats: int) -> float:
+    """The baseline: a second engine in this process loads the dict in place (freed on return, so
+    the served engine started next has the memory)."""
+    from plugrl.plugins.backends.hf_engine import HFRolloutEngine
+
+    engine = HFRolloutEngine(str(path), device=device, dtype="bfloat16")
+    try:
+        return timed(lambda v: engine.update_weights(state, v), repeats)
+    finally:
+        engine.close()
+
+
+def bench_size(size: str, device: str, repeats: int, buffer_size: int, workdir: Path) -> list[tuple]:
+    import httpx
+    from plugrl.plugins.backends.hf_engine import HFRolloutEngine
+    from plugrl.plugins.backends.sglang import launch
+    from plugrl.plugins.backends.sglang.weights import DistributedPusher, push_tensor
+    from plugrl.plugins.backends.sglang.wire import bucket_by_size
+
+    path = build(size, workdir)
+    engine = HFRolloutEngine(str(path), device=device, dtype="bfloat16")
+    # The trainer's side: the same names and shapes, different values, on the source device.
+    state = {n: (t + 0.01).to(device) for n, t in engine.model.state_dict().items()}
+    engine.close()
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    pairs = list(state.items())
+    rows = []
+
+    def row(path_name: str, seconds: float) -> None:
+        rows.append((path_name, device, size, nbytes / 1e6, len(pairs), seconds, nbytes / seconds / 1e9))
+        print(f"  {path_name:<12} {seconds:8.3f} s", file=sys.stderr, flush=True)
+
+    row("embedded", embedded_seconds(path, device, state, repeats))
+
+    child, url = start_engine(path, device, workdir)
+    client = httpx.Client(timeout=httpx.Timeout(3600.0, connect=10.0), trust_env=False)
+    try:
+        buckets = bucket_by_size(pairs, buffer_size)
+        row("tensor", timed(lambda v: push_tensor(client, [url], buckets, str(v)), repeats))
+        pusher = DistributedPusher(client, [url], host="127.0.0.1", port=launch.free_port(), backend="gloo")
+        try:
+            def broadcast(v: int) -> None:
+                # gloo sends host memory: CUDA buckets pay their device-to-host copy here.
+                host = [[(n, t.cpu()) for n, t in b] for b in buckets] if device != "cpu" else buckets
+                pusher.push(host, str(v))
+
+            row("distributed", timed(broadcast, repeats))
+        finally:
+            pusher.close()
+    finally:
+        client.close()
+        child.stop()
+    return rows
+
+
+def device_name(device: str) -> str:
+    if device == "cpu":
+        return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return torch.cuda.get_device_name(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--size", default=None, help=f"comma list of {sorted(SHAPES)} (default: 4mb,40mb,200mb)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--buffer-size", type=int, default=512 << 20, help="bucket bytes (slime's default 512 MiB)")
+    args = p.parse_args(argv)
+    sizes = (args.size or "4mb,40mb,200mb").split(",")
+    if unknown := [s for s in sizes if s not in SHAPES]:
+        p.error(f"unknown size(s) {unknown}; known: {sorted(SHAPES)}")
+    device = "cuda:0" if args.device == "cuda" else "cpu"
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="plugrl-weight-sync-") as tmp:
+        for size in sizes:
+            print(f"{size}:", file=sys.stderr, flush=True)
+            rows += bench_size(size, device, args.repeats, args.buffer_size, Path(tmp))
+    print(f"device: {device_name(device)}; torch {torch.__version__}; bucket {args.buffer_size >> 20} MiB; "
+          f"best of {args.repeats} pushes after a warm-up")
+    print(f"| {'path':<12} | {'device':<6} | {'size':<5} | {'MB':>8} | {'tensors':>7} | {'seconds':>8} | {'GB/s':>6} |")
+    print(f"|{'-' * 14}|{'-' * 8}|{'-' * 7}|{'-' * 10}|{'-' * 9}|{'-' * 10}|{'-' * 8}|")
+    for name, dev, size, mb, count, seconds, gbps in rows:
+        print(f"| {name:<12} | {dev:<6} | {size:<5} | {mb:8.1f} | {count:7d} | {seconds:8.3f} | {gbps:6.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
