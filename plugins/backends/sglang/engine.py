@@ -78,6 +78,8 @@ class SGLangRolloutBackend:
             options = {**_options_from_args(args), **options}
         import httpx
 
+        from .fp8 import checkpoint_fp8_config  # imports torch: keep it out of module import
+
         self.hf_checkpoint, self.device, self.seed = hf_checkpoint, device, int(seed)
         self.max_batch_size = int(max_batch_size)
         self.host = options.get("host", "127.0.0.1")
@@ -94,6 +96,8 @@ class SGLangRolloutBackend:
         self._pusher: DistributedPusher | None = None
         self._async_clients: dict[int, Any] = {}  # one AsyncClient per event loop
         self._weight_version = "default"
+        # slime §6.5: engines serving an FP8 checkpoint get block-quantized weights on every push.
+        self.fp8_config = checkpoint_fp8_config(hf_checkpoint)
         self.log_dir = launch.new_log_dir()
         self._keep_logs = bool(options.get("keep_logs", False))
         self.client = httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0), trust_env=False)
@@ -240,12 +244,16 @@ class SGLangRolloutBackend:
         return self._weight_version
 
     def update_weights(self, named_tensors, version: int | str) -> None:
-        """pause -> flush -> push buckets (``update_weight_buffer_size`` each) -> continue."""
+        """pause -> flush -> push buckets (``update_weight_buffer_size`` each) -> continue. With an
+        FP8 checkpoint the linears go out as float8_e4m3fn + ``weight_scale_inv`` (``fp8.py``)."""
         from plugrl.plugins.backends.hf_weights import flatten_named_tensors
 
+        from .fp8 import fp8_named_tensors
         from .wire import bucket_by_size
 
         pairs = flatten_named_tensors(named_tensors)
+        if self.fp8_config is not None:
+            pairs = list(fp8_named_tensors(pairs, self.fp8_config))
         buckets = bucket_by_size(pairs, self.buffer_size)
         version = str(version)
         self._each("/pause_generation", {})
