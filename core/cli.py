@@ -66,36 +66,33 @@ def _plugins_command(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+# command -> "module:function" taking the remaining argv; imported only when the command runs.
+COMMANDS = {
+    "plugins": "plugrl.core.cli:_plugins_command",
+    "score": "plugrl.core.score:main",
+    "train": "plugrl.core.train_cli:main",
+    "serve": "plugrl.core.serve:main",
+    "report": "plugrl.core.report:main",
+    "convert": "plugrl.plugins.backends.megatron.convert:main",
+}
+
+
+def dispatch(argv: list[str], usage: str, commands: dict[str, str], prog: str) -> int:
+    """Run ``commands[argv[0]]`` with the rest of ``argv``; usage on no argument, -h or an unknown name."""
+    from .registry import import_object
+
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(usage)
         return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command == "plugins":
-        return _plugins_command(rest)
-    if command == "score":
-        from .score import main as score_main
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        print(f"{prog}: unknown command '{name}'\n\n{usage}", file=sys.stderr)
+        return 2
+    return import_object(commands[name])(rest)
 
-        return score_main(rest)
-    if command == "train":
-        from .train_cli import main as train_main
 
-        return train_main(rest)
-    if command == "serve":
-        from .serve import main as serve_main
-
-        return serve_main(rest)
-    if command == "report":
-        from .report import main as report_main
-
-        return report_main(rest)
-    if command == "convert":
-        from plugrl.plugins.backends.megatron.convert import main as convert_main
-
-        return convert_main(rest)
-    print(f"plugrl: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
-    return 2
+def main(argv: list[str] | None = None) -> int:
+    return dispatch(list(sys.argv[1:] if argv is None else argv), USAGE, COMMANDS, "plugrl")
 
 
 if __name__ == "__main__":

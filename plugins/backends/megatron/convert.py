@@ -168,17 +168,10 @@ def megatron_to_hf_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    direction, rest = argv[0], argv[1:]
-    if direction == "hf-to-megatron":
-        return hf_to_megatron_main(rest)
-    if direction == "megatron-to-hf":
-        return megatron_to_hf_main(rest)
-    print(f"plugrl convert: unknown direction {direction!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+    from plugrl.core.cli import dispatch
+
+    commands = {"hf-to-megatron": f"{__name__}:hf_to_megatron_main", "megatron-to-hf": f"{__name__}:megatron_to_hf_main"}
+    return dispatch(list(sys.argv[1:] if argv is None else argv), USAGE, commands, "plugrl convert")
 
 
 if __name__ == "__main__":
