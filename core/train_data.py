@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+from .packing import rollout_mask_sums
 from .types import Group, Sample, Status
 
 
@@ -50,9 +51,6 @@ def samples_to_train_data(
         if s.remove_sample:
             mask = [0] * s.response_length
         loss_masks.append(mask)
-    mask_totals: dict[int, int] = {}
-    for rid, mask in zip(rollout_ids, loss_masks):
-        mask_totals[rid] = mask_totals.get(rid, 0) + sum(mask)
     return {
         "tokens": [list(s.tokens) for s in samples],
         "response_lengths": [s.response_length for s in samples],
@@ -63,5 +61,5 @@ def samples_to_train_data(
         "rollout_log_probs": [list(s.rollout_log_probs or [0.0] * s.response_length) for s in samples],
         "sample_indices": [s.index for s in samples],
         "rollout_ids": rollout_ids,
-        "rollout_mask_sums": [mask_totals[rid] for rid in rollout_ids],
+        "rollout_mask_sums": rollout_mask_sums(rollout_ids, [sum(mask) for mask in loss_masks]),
     }

@@ -230,10 +230,6 @@ class TorchTrainBackend:
             step_metrics["lr"] = self.scheduler.get_last_lr()[0]
             for key, value in step_metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / len(step_positions)
-        if old_log_probs is not None:
-            diffs = [(o - torch.tensor(r, device=self.device)).abs().mean() for o, r in zip(old_log_probs, data["rollout_log_probs"]) if len(r)]
-            if diffs:
-                totals["train_rollout_logprob_abs_diff"] = float(torch.stack(diffs).mean())
         return {f"train/{k}": v for k, v in totals.items()}
 
     # ---- weights and checkpoints ----------------------------------------------------------------
