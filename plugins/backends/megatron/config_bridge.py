@@ -252,13 +252,15 @@ def transformer_config(cfg: MegatronModelConfig, **overrides):
 
 
 def build_gpt_model(
-    cfg: MegatronModelConfig, *, pre_process: bool = True, post_process: bool = True, **config_overrides
+    cfg: MegatronModelConfig, *, pre_process: bool = True, post_process: bool = True, layer_spec=None,
+    **config_overrides
 ):
-    """A GPTModel with megatron-core's local layer spec (the one whose names weights.py maps)."""
+    """A GPTModel with megatron-core's local layer spec (the one whose names weights.py maps), or
+    ``layer_spec`` (the train backend's: the local spec with a packed core attention, same names)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization)
+    spec = layer_spec or get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization)
     return GPTModel(
         config=transformer_config(cfg, **config_overrides),
         transformer_layer_spec=spec,

@@ -1,0 +1,141 @@
+"""Core attention for megatron-core's local layer spec that understands packed (THD) micro-batches.
+
+megatron-core's own local ``DotProductAttention`` materialises the s x s scores and refuses packed
+sequences; Transformer Engine (which packs) is not installed on our GPU machines. This module takes
+its place in the spec (same constructor and forward signature) and runs, per call, one of:
+
+* ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention over cu_seqlens), CUDA only;
+* ``sdpa``: ``scaled_dot_product_attention`` once per packed segment (any device, the CPU path).
+
+Built inside the train actor when the model is constructed; the choice is ``--attention-backend``
+(``flash`` -> varlen, ``unfused``/``local`` -> sdpa, ``auto``/unset -> varlen on CUDA, else sdpa).
+No token attends across segments: segments are the samples packed by the backend (and one padding
+segment at the end when the pack is padded to a multiple of TP).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+from functools import cache
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+IMPLEMENTATIONS = ("varlen", "sdpa")
+
+
+def choose_implementation(attention_backend: str | None, device_type: str) -> str:
+    """``--attention-backend`` value -> implementation name (validated on the driver too)."""
+    if attention_backend in (None, "auto"):
+        return "varlen" if device_type == "cuda" and varlen_available() else "sdpa"
+    if attention_backend == "flash":
+        if device_type != "cuda" or not varlen_available():
+            raise ValueError("--attention-backend flash needs CUDA and torch.nn.attention.varlen (torch >= 2.10)")
+        return "varlen"
+    if attention_backend in ("unfused", "local"):
+        return "sdpa"
+    raise ValueError(f"--attention-backend {attention_backend!r}: plugrl's megatron backend runs flash (varlen), "
+                     "unfused/local (SDPA per sample) or auto; 'fused' needs Transformer Engine")
+
+
+@cache
+def varlen_available() -> bool:
+    try:
+        from torch.nn.attention import varlen  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@cache
+def _varlen_has_gqa() -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    # torch 2.11 lacks enable_gqa (K/V heads must be repeated); newer versions take it.
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, *, scale: float, implementation: str, dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention within segments. ``query [t, hq, d]``, ``key/value [t, hkv, d]`` -> ``[t, hq, d]``."""
+    groups = query.shape[1] // key.shape[1]
+    if implementation == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        if dropout:
+            raise ValueError("--attention-dropout must be 0 with the varlen (flash) attention")
+        kwargs = {}
+        if groups > 1:
+            if _varlen_has_gqa():
+                kwargs["enable_gqa"] = True
+            else:
+                key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        cu = cu_seqlens.to(torch.int32)
+        return varlen_attn(query, key, value, cu, cu, max_seqlen, max_seqlen, scale=scale, window_size=(-1, 0),
+                           **kwargs)
+    if implementation != "sdpa":
+        raise ValueError(f"unknown packed attention implementation {implementation!r}; one of {IMPLEMENTATIONS}")
+    out = torch.empty_like(query)
+    bounds = cu_seqlens.tolist()
+    for start, end in itertools.pairwise(bounds):
+        if end <= start:
+            continue
+        # [t, h, d] -> [1, h, t, d] for SDPA
+        q = query[start:end].transpose(0, 1)[None]
+        k = key[start:end].transpose(0, 1)[None]
+        v = value[start:end].transpose(0, 1)[None]
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout,
+                                                             enable_gqa=groups > 1)
+        out[start:end] = o[0].transpose(0, 1)
+    return out
+
+
+class PackedCoreAttention(MegatronModule):
+    """Drop-in for megatron-core's ``DotProductAttention`` in the local spec (self-attention, causal).
+
+    Called by ``SelfAttention.forward`` in every layer: with ``packed_seq_params`` (THD) it receives
+    ``[t, heads, dim]`` tensors and returns ``[t, heads * dim]``; without, ``[s, b, heads, dim]`` ->
+    ``[s, b, heads * dim]`` (one causal sequence per batch row)."""
+
+    implementation: str = "sdpa"  # set by the backend before the model is built (see build_model)
+
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None, **_unused):
+        super().__init__(config=config)
+        if getattr(config, "context_parallel_size", 1) != 1:
+            raise ValueError("--context-parallel-size > 1 is not supported by plugrl's PyTorch core attention")
+        self.layer_number = layer_number
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None, **_unused):
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by plugrl's PyTorch core attention")
+        dropout = self.dropout if self.training else 0.0
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            out = packed_attention(query, key, value, packed_seq_params.cu_seqlens_q,
+                                   int(packed_seq_params.max_seqlen_q), scale=self.scale,
+                                   implementation=self.implementation, dropout=dropout)
+            return out.reshape(out.shape[0], -1)
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=self.scale, dropout_p=dropout, enable_gqa=q.shape[1] != k.shape[1])
+        return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
+
+
+def local_spec_with_packed_attention(qk_layernorm: bool, normalization: str, implementation: str):
+    """megatron-core's local GPT layer spec with ``PackedCoreAttention`` as the core attention."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown packed attention implementation {implementation!r}; one of {IMPLEMENTATIONS}")
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+    attention_cls = type(f"PackedCoreAttention_{implementation}", (PackedCoreAttention,),
+                         {"implementation": implementation})
+    spec.submodules.self_attention.submodules.core_attention = attention_cls
+    return spec

@@ -1,0 +1,521 @@
+"""The ``megatron`` train backend: megatron-core GPTModel (local layer spec + packed PyTorch attention).
+
+One instance per train actor (one GPU, or one CPU process in tests); the train group starts
+``--actor-num-nodes x --actor-num-gpus-per-node`` of them in one torch.distributed world (env vars
+``MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK``) and calls every method on every rank with
+the same arguments; rank 0's return value is used. Ranks are split TP-major as Megatron does
+(``--tensor-model-parallel-size``; PP = CP = EP = 1).
+
+Per rollout, as the torch backend: old log-probs (or the one-step on-policy shortcut), reference
+log-probs when a KL needs them, advantages from the estimator over the whole batch, then
+``--num-steps-per-rollout`` optimizer steps. A DP rank trains on its share of each step's samples
+(``core.packing.plan_micro_batches``); a micro-batch is one THD pack (cu_seqlens, no attention
+across samples); log-probs and entropy come from the vocab-parallel logits in fp32. The per-sample
+(or per-token) mean objective of a step does not depend on the packing, DP or TP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from plugrl.core import losses
+from plugrl.core.packing import plan_micro_batches, split_into_steps
+from plugrl.plugins.backends.torch_trainer import (
+    lr_lambda_factory,
+    resolve_device,
+    response_slices,
+)
+
+from .parallel import dp_group, init_parallel, tp_group
+
+logger = logging.getLogger(__name__)
+
+UNSUPPORTED_PARALLELISM = ("pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size",
+                           "expert_tensor_parallel_size")
+
+
+def _opt(args, key, default):
+    value = getattr(args, key, None)
+    return default if value is None else value
+
+
+def check_megatron_args(args) -> None:
+    """Driver-side checks of what this backend supports (before any actor or GPU)."""
+    for dest in UNSUPPORTED_PARALLELISM:
+        value = getattr(args, dest, None)
+        if value not in (None, 1):
+            raise ValueError(f"--{dest.replace('_', '-')} {value}: plugrl's megatron backend runs TP x DP only "
+                             "(pipeline, context and expert parallelism are not implemented); use 1")
+    granularity = getattr(args, "recompute_granularity", None)
+    if granularity not in (None, "full", "selective"):
+        raise ValueError(f"--recompute-granularity must be full or selective, got {granularity!r}")
+    if granularity == "full" and getattr(args, "recompute_method", None) not in (None, "uniform", "block"):
+        raise ValueError(f"--recompute-method must be uniform or block, got {args.recompute_method!r}")
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    params: Any  # megatron PackedSeqParams (thd)
+
+
+def pack_thd(token_lists: list[list[int]], device, pad_multiple: int = 1) -> PackedBatch:
+    """Concatenate sequences into one THD row; pad the total to ``pad_multiple`` (TP with sequence
+    parallelism splits the row over TP ranks) with one extra padding segment."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    lengths = [len(t) for t in token_lists]
+    total = sum(lengths)
+    pad = (-total) % pad_multiple
+    flat = [tok for t in token_lists for tok in t] + [0] * pad
+    seg_lengths = lengths + ([pad] if pad else [])
+    cu = torch.zeros(len(seg_lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(seg_lengths, dtype=torch.int32), 0)
+    positions = torch.cat([torch.arange(n) for n in seg_lengths])
+    cu = cu.to(device)
+    max_len = max(seg_lengths)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
+                             max_seqlen_kv=max_len)
+    return PackedBatch(torch.tensor(flat, dtype=torch.long, device=device)[None], positions.to(device)[None], params)
+
+
+class MegatronTrainBackend:
+    """megatron-core GPTModel + megatron's DDP and optimizer; ``train(rollout_id, data)`` runs all
+    optimizer steps of one rollout."""
+
+    def __init__(self, args: Any, *, estimator=None, total_optimizer_steps: int | None = None):
+        from transformers import AutoConfig
+
+        from .attention import choose_implementation
+
+        check_megatron_args(args)
+        self.args = args
+        self.estimator = estimator
+        self.device = resolve_device(getattr(args, "device", None))
+        self.seed = int(_opt(args, "seed", 1234))
+        self.tp_size = int(_opt(args, "tensor_model_parallel_size", 1))
+        self.layout = init_parallel(self.tp_size, self.device, self.seed)
+        self.tp_group, self.dp_group = tp_group(), dp_group()
+        self.hf_config = AutoConfig.from_pretrained(args.hf_checkpoint)
+        self.bridge = _model_bridge(self.hf_config)
+        self.cfg = self.bridge.model_config(args)
+        use_bf16 = getattr(args, "bf16", None)
+        self.dtype = torch.bfloat16 if (use_bf16 or (use_bf16 is None and self.device.type == "cuda")) else torch.float32
+        if self.device.type == "cuda" and self.dtype != torch.bfloat16:
+            raise ValueError("the megatron backend trains in bf16 on GPUs (megatron-core's optimizer); drop --no-bf16")
+        self.sequence_parallel = bool(getattr(args, "sequence_parallel", False)) and self.tp_size > 1
+        self.attention = choose_implementation(getattr(args, "attention_backend", None), self.device.type)
+        self.model = self._build_model(trainable=True)
+        self._load_initial_weights(self.model, getattr(args, "ref_load", None) or args.hf_checkpoint)
+        self.ddp_model = self._wrap_ddp(self.model)
+        self.ref_model = None
+        if self._needs_ref():
+            self.ref_model = self._build_model(trainable=False)
+            self._load_initial_weights(self.ref_model, getattr(args, "ref_load", None) or args.hf_checkpoint)
+        from .optimizers import build_optimizer
+
+        self.base_lr = float(args.lr)
+        self.optimizer = build_optimizer(self.ddp_model, args, device=self.device, lr=self.base_lr,
+                                         tp_group=self.tp_group)
+        self.lr_multiplier = lr_lambda_factory(args, total_optimizer_steps or 1)
+        self.optimizer_steps = 0
+        self.progress = (0, 0)
+        self._offloaded = _OffloadedStorages(self)
+
+    # ---- model construction ----------------------------------------------------------------------
+    def _transformer_overrides(self, trainable: bool) -> dict:
+        args = self.args
+        overrides = {
+            "params_dtype": self.dtype, "pipeline_dtype": self.dtype, "bf16": self.dtype == torch.bfloat16,
+            "sequence_parallel": self.sequence_parallel,
+            # slime's guide runs RL with both dropouts at 0; Megatron's own default would be 0.1.
+            "attention_dropout": float(_opt(args, "attention_dropout", 0.0)),
+            "hidden_dropout": float(_opt(args, "hidden_dropout", 0.0)),
+            "use_cpu_initialization": self.device.type != "cuda",
+            "perform_initialization": False,  # every weight is loaded from the checkpoint next
+            "masked_softmax_fusion": False, "bias_activation_fusion": False, "apply_rope_fusion": False,
+            "gradient_accumulation_fusion": False,  # needs apex / Transformer Engine
+        }
+        granularity = getattr(args, "recompute_granularity", None)
+        if trainable and granularity:
+            overrides["recompute_granularity"] = granularity
+            if granularity == "full":
+                overrides["recompute_method"] = _opt(args, "recompute_method", "uniform")
+                overrides["recompute_num_layers"] = int(_opt(args, "recompute_num_layers", 1))
+        return overrides
+
+    def _build_model(self, *, trainable: bool):
+        from .attention import local_spec_with_packed_attention
+        from .config_bridge import build_gpt_model
+
+        spec = local_spec_with_packed_attention(self.cfg.qk_layernorm, self.cfg.normalization, self.attention)
+        model = build_gpt_model(self.cfg, layer_spec=spec, **self._transformer_overrides(trainable))
+        model.to(self.device)
+        if not trainable:
+            model.eval().requires_grad_(False)
+        return model
+
+    def _wrap_ddp(self, model):
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+        )
+
+        use_distributed = getattr(self.args, "use_distributed_optimizer", None)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, check_for_nan_in_grad=False,
+            use_distributed_optimizer=self.device.type == "cuda" and use_distributed is not False,
+        )
+        return DistributedDataParallel(model.config, ddp_config, model)
+
+    def _load_initial_weights(self, model, path: str) -> None:
+        """An HF safetensors directory, or a checkpoint written by ``plugrl convert hf-to-megatron``."""
+        from .convert import load_hf_state, load_megatron_shards
+
+        if any(name.endswith(".safetensors") for name in os.listdir(path)):
+            hf_state = load_hf_state(path)
+        else:
+            shards, _manifest = load_megatron_shards(path)
+            if len(shards) == self.tp_size:
+                self._load_shard(model, shards[self.layout.tp_rank], path)
+                return
+            hf_state = self.bridge.megatron_to_hf(shards, self.cfg)  # re-shard for this TP size
+        shard = self.bridge.hf_to_megatron(hf_state, self.cfg, tp_size=self.tp_size, tp_rank=self.layout.tp_rank)
+        self._load_shard(model, shard, path)
+
+    @staticmethod
+    def _load_shard(model, shard: dict, path: str) -> None:
+        missing, unexpected = model.load_state_dict(shard, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not fit the model built from its config "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+    def _needs_ref(self) -> bool:
+        if getattr(self.args, "use_kl_loss", False):
+            return True
+        return bool(getattr(self.estimator, "needs_ref_log_probs", False)) or float(_opt(self.args, "kl_coef", 0.0)) != 0.0
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def _forward_response(self, model, token_lists, response_lengths, *, with_entropy: bool):
+        """Response-token log-probs (and entropy) of each sequence, from one packed forward pass."""
+        from .vocab_parallel import vocab_parallel_log_probs
+
+        batch = pack_thd(token_lists, self.device, self.tp_size if self.sequence_parallel else 1)
+        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
+                       packed_seq_params=batch.params)[0]  # [T, local vocab]
+        index = torch.cat([torch.arange(s, e, device=self.device) for s, e in response_slices(token_lists, response_lengths)])
+        targets = batch.input_ids[0][index + 1]
+        local_vocab = logits.shape[-1]
+        return vocab_parallel_log_probs(
+            logits[index], targets, temperature=float(_opt(self.args, "rollout_temperature", 1.0)),
+            vocab_start=self.layout.tp_rank * local_vocab, vocab_size=self.cfg.vocab_size, group=self.tp_group,
+            with_entropy=with_entropy)
+
+    def _plan(self, lengths: list[int], positions: list[int]) -> list[list[int]]:
+        """This DP rank's micro-batches (positions into the rollout) of one step's samples."""
+        args = self.args
+        plan = plan_micro_batches(
+            [lengths[p] for p in positions], micro_batch_size=int(_opt(args, "micro_batch_size", 1)),
+            use_dynamic_batch_size=bool(getattr(args, "use_dynamic_batch_size", False)),
+            max_tokens_per_gpu=getattr(args, "max_tokens_per_gpu", None), dp_size=self.layout.dp_size,
+            balance_data=bool(getattr(args, "balance_data", False)),
+        )
+        return [[positions[i] for i in mb] for mb in plan[self.layout.dp_rank]]
+
+    @torch.no_grad()
+    def _log_probs_all(self, model, tokens, response_lengths, micro_batches) -> list[torch.Tensor]:
+        """Every sample's response log-probs: each DP rank computes its micro-batches', then all share."""
+        model.eval()
+        mine: dict[int, list[float]] = {}
+        for mb in micro_batches:
+            lp, _ = self._forward_response(model, [tokens[i] for i in mb], [response_lengths[i] for i in mb],
+                                           with_entropy=False)
+            for i, chunk in zip(mb, lp.split([response_lengths[i] for i in mb])):
+                mine[i] = chunk.float().cpu().tolist()
+        merged = dict(mine)
+        if self.layout.dp_size > 1:
+            parts: list = [None] * self.layout.dp_size
+            dist.all_gather_object(parts, mine, group=self.dp_group)
+            for part in parts:
+                merged.update(part)
+        return [torch.tensor(merged[i], dtype=torch.float32, device=self.device) for i in range(len(tokens))]
+
+    # ---- training ----------------------------------------------------------------------------------
+    def train(self, rollout_id: int, data: dict) -> dict:
+        from plugrl.core.protocols import AdvantageInputs
+        from plugrl.plugins.estimators.returns import whiten_advantages
+
+        args = self.args
+        tokens, response_lengths = data["tokens"], data["response_lengths"]
+        lengths = [len(t) for t in tokens]
+        loss_masks = [torch.tensor(m, dtype=torch.float32, device=self.device) for m in data["loss_masks"]]
+        steps = split_into_steps(data["rollout_ids"], int(_opt(args, "global_batch_size", len(tokens))))
+        step_positions = steps.steps if hasattr(steps, "steps") else steps
+        planned = [self._plan(lengths, list(positions)) for positions in step_positions]
+        all_mine = [mb for step in planned for mb in step]
+        kl_coef = float(_opt(args, "kl_coef", 0.0))
+        use_tis = bool(getattr(args, "use_tis", False))
+        old_log_probs = None
+        if getattr(args, "use_rollout_logprobs", False):
+            old_log_probs = [torch.tensor(x, dtype=torch.float32, device=self.device) for x in data["rollout_log_probs"]]
+        elif not (len(step_positions) == 1 and kl_coef == 0.0 and not use_tis):
+            old_log_probs = self._log_probs_all(self.model, tokens, response_lengths, all_mine)
+        ref_log_probs = None
+        if self.ref_model is not None:
+            ref_log_probs = self._log_probs_all(self.ref_model, tokens, response_lengths, all_mine)
+        kl = None
+        if kl_coef != 0.0 and ref_log_probs is not None and old_log_probs is not None:
+            kl = [losses.approx_kl(o, r, _opt(args, "kl_loss_type", "k1")) for o, r in zip(old_log_probs, ref_log_probs)]
+        advantages, _returns = self.estimator.compute(AdvantageInputs(
+            rewards=data["rewards"], raw_rewards=data.get("raw_reward"), loss_masks=loss_masks,
+            response_lengths=response_lengths, kl=kl))
+        advantages = [a.to(self.device).float() for a in advantages]
+        if getattr(args, "normalize_advantages", False):
+            advantages = whiten_advantages(advantages, loss_masks)
+        rollout_lp = [torch.tensor(x, dtype=torch.float32, device=self.device) for x in data["rollout_log_probs"]]
+        per_token = bool(getattr(args, "calculate_per_token_loss", False))
+        sequence_level = bool(getattr(self.estimator, "sequence_level_ratio", False))
+        totals: dict[str, float] = {}
+        self.model.train()
+        self.progress = (0, len(all_mine))
+        for positions, micro_batches in zip(step_positions, planned):
+            step_rollouts = len({data["rollout_ids"][p] for p in positions})
+            step_tokens = sum(float(loss_masks[p].sum()) for p in positions)
+            # Megatron's DDP averages gradients over DP; the step objective is a sum over all of the
+            # step's samples (each scaled by 1/G or 1/tokens of the whole step), hence x dp_size.
+            scale = (1.0 / max(1.0, step_tokens) if per_token else 1.0 / step_rollouts)
+            self.optimizer.zero_grad()
+            step_metrics: dict[str, float] = {}
+            for mb in micro_batches:
+                mb_resp = [response_lengths[i] for i in mb]
+                log_probs, entropy = self._forward_response(self.ddp_model, [tokens[i] for i in mb], mb_resp,
+                                                            with_entropy=True)
+
+                def cat(values, mb=mb):
+                    return None if values is None else torch.cat([values[i] for i in mb])
+
+                loss, metrics = losses.compute_rl_loss(
+                    log_probs, loss_masks=[loss_masks[i] for i in mb], response_lengths=mb_resp, config=args,
+                    mask_sums=[data["rollout_mask_sums"][i] for i in mb], old_log_probs=cat(old_log_probs),
+                    advantages=cat(advantages), entropy=entropy, ref_log_probs=cat(ref_log_probs),
+                    rollout_log_probs=cat(rollout_lp), sequence_level_ratio=sequence_level,
+                )
+                (loss * (scale * self.layout.dp_size)).backward()
+                for key, value in metrics.items():
+                    step_metrics[key] = step_metrics.get(key, 0.0) + value * scale
+                self.progress = (self.progress[0] + 1, self.progress[1])
+            self.optimizer.set_lr(self.base_lr * self.lr_multiplier(self.optimizer_steps))
+            grad_norm = self.optimizer.step()
+            self.optimizer_steps += 1
+            step_metrics = self._sum_over_dp(step_metrics)
+            step_metrics["grad_norm"] = grad_norm
+            step_metrics["lr"] = self.base_lr * self.lr_multiplier(self.optimizer_steps - 1)
+            for key, value in step_metrics.items():
+                totals[key] = totals.get(key, 0.0) + value / len(step_positions)
+        return {f"train/{k}": v for k, v in totals.items()}
+
+    def _sum_over_dp(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.layout.dp_size == 1:
+            return metrics
+        parts: list = [None] * self.layout.dp_size
+        dist.all_gather_object(parts, metrics, group=self.dp_group)
+        summed: dict[str, float] = {}
+        for part in parts:
+            for key, value in part.items():
+                summed[key] = summed.get(key, 0.0) + value
+        return summed
+
+    # ---- weights and checkpoints ------------------------------------------------------------------
+    def _full_shards(self) -> list[dict[str, torch.Tensor]] | None:
+        """Every TP rank's model shard on CPU, on DP rank 0's TP group (collective over TP); None elsewhere."""
+        if self.layout.dp_rank != 0:
+            return None
+        local = {k: v for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
+        if self.tp_size == 1:
+            return [{k: v.detach().to("cpu", copy=True) for k, v in local.items()}]
+        shards: list[dict] = [{} for _ in range(self.tp_size)]
+        for name, tensor in local.items():
+            parts = [torch.empty_like(tensor) for _ in range(self.tp_size)]
+            dist.all_gather(parts, tensor.detach().contiguous(), group=self.tp_group)
+            for rank, part in enumerate(parts):
+                shards[rank][name] = part.to("cpu")
+        return shards
+
+    def export_weights(self, bucket_bytes: int | None = None) -> list[dict[str, torch.Tensor]]:
+        """HF-named CPU tensors in buckets of at most ``bucket_bytes`` (rank 0; others return [])."""
+        shards = self._full_shards()
+        if shards is None or self.layout.rank != 0:
+            return []
+        hf_state = self.bridge.megatron_to_hf(shards, self.cfg)
+        pairs = [(name, tensor.to(self.dtype) if tensor.is_floating_point() else tensor) for name, tensor in hf_state.items()]
+        if not bucket_bytes:
+            return [dict(pairs)]
+        return [dict(bucket) for bucket in self.bridge.export_hf_buckets(pairs, int(bucket_bytes))]
+
+    def save(self, path: str) -> None:
+        """Per-rank model shard, optimizer state and RNG; ``meta`` from rank 0. Every rank calls it."""
+        rank = self.layout.rank
+        directory = os.path.join(path, "megatron")
+        os.makedirs(directory, exist_ok=True)
+        state = {"model": {k: v for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")},
+                 "rng": {"torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}}
+        torch.save(state, os.path.join(directory, f"model_rank{rank:05d}.pt"))
+        self.optimizer.save(directory, rank)
+        if rank == 0:
+            with open(os.path.join(directory, "meta.json"), "w") as f:
+                json.dump({"optimizer_steps": self.optimizer_steps, "tp_size": self.tp_size,
+                           "world_size": self.layout.world_size}, f)
+        dist.barrier()
+
+    def load(self, path: str) -> None:
+        directory = os.path.join(path, "megatron")
+        with open(os.path.join(directory, "meta.json")) as f:
+            meta = json.load(f)
+        if meta["tp_size"] != self.tp_size or meta["world_size"] != self.layout.world_size:
+            raise ValueError(f"{directory} was saved with TP {meta['tp_size']} on {meta['world_size']} ranks; resume "
+                             f"with the same --tensor-model-parallel-size and train GPUs (now TP {self.tp_size} on "
+                             f"{self.layout.world_size})")
+        rank = self.layout.rank
+        state = torch.load(os.path.join(directory, f"model_rank{rank:05d}.pt"), map_location="cpu", weights_only=False)
+        self._load_shard(self.model, state["model"], directory)
+        self.optimizer.load(directory, rank)
+        self.optimizer_steps = meta["optimizer_steps"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+
+    def save_hf(self, path: str) -> None:
+        """An HF checkpoint of the current weights (rank 0 writes; all ranks take part in the gather)."""
+        from .convert import write_hf_checkpoint
+
+        shards = self._full_shards()
+        if shards is not None and self.layout.rank == 0:
+            write_hf_checkpoint(self.bridge.megatron_to_hf(shards, self.cfg), self.args.hf_checkpoint, path,
+                                max_shard_bytes=5 * 2**30)
+        dist.barrier()
+
+    def offload(self) -> None:
+        """Colocated: move params, grad buffers and optimizer state to CPU while the engine generates."""
+        if self.device.type == "cuda":
+            self._offloaded.offload()
+            torch.cuda.empty_cache()
+
+    def onload(self) -> None:
+        if self.device.type == "cuda":
+            self._offloaded.onload()
+
+    # ---- supervised warm-up -----------------------------------------------------------------------
+    def sft_warmup(self, batches, *, lr: float, prompt_loss_weight: float = 0.0) -> list[float]:
+        """Supervised steps before RL, as the torch backend's (per-sample mean of −log p over response
+        tokens, prompt tokens weighted by ``prompt_loss_weight``), with a separate optimizer so the RL
+        optimizer starts fresh; every DP rank takes its share of each batch."""
+        from types import SimpleNamespace
+
+        from .optimizers import build_optimizer
+        from .vocab_parallel import vocab_parallel_log_probs
+
+        warm_args = SimpleNamespace(**{**vars(self.args), "weight_decay": 0.0, "lr": lr})
+        optimizer = build_optimizer(self.ddp_model, warm_args, device=self.device, lr=lr, tp_group=self.tp_group)
+        self.model.train()
+        history = []
+        for token_lists, response_lengths in batches:
+            optimizer.zero_grad()
+            share = list(range(self.layout.dp_rank, len(token_lists), self.layout.dp_size))
+            loss_sum = torch.zeros((), device=self.device)
+            if share:
+                mine = [token_lists[i] for i in share]
+                batch = pack_thd(mine, self.device, self.tp_size if self.sequence_parallel else 1)
+                logits = self.ddp_model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
+                                        packed_seq_params=batch.params)[0]
+                n_real = sum(len(t) for t in mine)
+                lp, _ = vocab_parallel_log_probs(
+                    logits[:n_real - 1], batch.input_ids[0][1:n_real], temperature=1.0,
+                    vocab_start=self.layout.tp_rank * logits.shape[-1], vocab_size=self.cfg.vocab_size,
+                    group=self.tp_group)
+                offset = 0
+                for i, tokens in zip(share, mine):
+                    n = len(tokens)
+                    weights = torch.full((n - 1,), float(prompt_loss_weight), device=self.device)
+                    weights[n - 1 - response_lengths[i]:] = 1.0
+                    loss_sum = loss_sum - (lp[offset:offset + n - 1] * weights).sum() / weights.sum().clamp(min=1.0)
+                    offset += n
+            loss = loss_sum / len(token_lists)
+            (loss * self.layout.dp_size).backward()
+            optimizer.step()
+            total = loss.detach().clone()
+            if self.layout.dp_size > 1:
+                dist.all_reduce(total, group=self.dp_group)
+            history.append(float(total))
+        self.optimizer.reload_model_params()
+        del optimizer
+        return history
+
+
+class _OffloadedStorages:
+    """Colocated runs: frees the GPU storages behind the params, the fp32 grad buffers and the
+    optimizer state while the rollout engine generates, and restores them in place. Storages are
+    resized rather than tensors moved, so the views megatron's DDP buffers hand out stay valid."""
+
+    def __init__(self, backend: MegatronTrainBackend):
+        self.backend = backend
+        self.saved: list[tuple[torch.Tensor, int, torch.Tensor | None]] = []
+
+    def _tensors(self):
+        backend = self.backend
+        for module in (backend.model, backend.ref_model):
+            if module is not None:
+                for param in module.parameters():
+                    yield param.data, True
+                    if getattr(param, "main_grad", None) is not None:
+                        yield param.main_grad, False  # gradients are zeroed before every step anyway
+        inner = getattr(backend.optimizer.optimizer, "chained_optimizers", [backend.optimizer.optimizer])
+        for optimizer in inner:
+            torch_optimizer = getattr(optimizer, "optimizer", optimizer)
+            for group in torch_optimizer.param_groups:
+                for param in group["params"]:
+                    yield param.data, True
+            for state in torch_optimizer.state.values():
+                for value in state.values():
+                    if torch.is_tensor(value) and value.is_cuda:
+                        yield value, True
+
+    def offload(self) -> None:
+        seen = set()
+        for tensor, keep in self._tensors():
+            storage = tensor.untyped_storage()
+            if not tensor.is_cuda or storage.data_ptr() in seen or storage.size() == 0:
+                continue
+            seen.add(storage.data_ptr())
+            base = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
+            copy = base.to("cpu", non_blocking=False) if keep else None
+            self.saved.append((base, storage.size(), copy))
+            storage.resize_(0)
+
+    def onload(self) -> None:
+        for base, nbytes, copy in self.saved:
+            base.untyped_storage().resize_(nbytes)
+            base.set_(base.untyped_storage())
+            if copy is not None:
+                base.copy_(copy)
+            else:
+                base.zero_()
+        self.saved = []
+
+
+def _model_bridge(hf_config):
+    from plugrl.core.plugins import load_plugins
+
+    bridge = load_plugins().pm.hook.plugrl_model_bridge(hf_config=hf_config)
+    if bridge is None:
+        raise ValueError(f"no plugrl_model_bridge plugin supports model_type {getattr(hf_config, 'model_type', None)!r} "
+                         "(built in: qwen3, qwen2, llama); install a plugin that implements the hook")
+    return bridge

@@ -1,0 +1,155 @@
+"""Optimizers of the megatron train backend, behind one small interface.
+
+Built once in each train actor by the backend's constructor, around the megatron-core
+``DistributedDataParallel`` wrapper (fp32 ``main_grad`` buffers; its ``finalize_model_grads``
+reduces over DP and, with sequence parallelism, the replicated norm weights over TP).
+
+* CUDA: megatron-core's optimizer (Adam, bf16 params with fp32 main params, ``--use-distributed-
+  optimizer`` shards the fp32 state over DP ranks; on by default as in slime's guide).
+* CPU: megatron-core's optimizers allocate CUDA buffers, so ``torch.optim.AdamW`` steps the fp32
+  params from the same ``main_grad`` buffers; the grad norm and clipping follow Megatron's rules
+  (TP-sharded params counted on every TP rank, replicated ones once).
+Both exclude biases and norm weights (1-D tensors) from weight decay, as megatron-core does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def _opt(args, key, default):
+    value = getattr(args, key, None)
+    return default if value is None else value
+
+
+class MegatronCoreOptimizer:
+    """megatron-core's Adam (optionally distributed) on CUDA."""
+
+    def __init__(self, ddp_model, args, *, lr: float, use_distributed_optimizer: bool):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        self.ddp_model = ddp_model
+        self.config = OptimizerConfig(
+            optimizer="adam", lr=lr, min_lr=float(_opt(args, "min_lr", 0.0)),
+            weight_decay=float(_opt(args, "weight_decay", 0.0)), adam_beta1=float(_opt(args, "adam_beta1", 0.9)),
+            adam_beta2=float(_opt(args, "adam_beta2", 0.999)), adam_eps=float(_opt(args, "adam_eps", 1e-8)),
+            clip_grad=float(_opt(args, "clip_grad", 1.0)), bf16=True, params_dtype=torch.bfloat16,
+            use_distributed_optimizer=use_distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(self.config, [ddp_model])
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> float:
+        """After every micro-batch's backward: reduce grads, clip, step. Returns the grad norm."""
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads([self.ddp_model])
+        _ok, grad_norm, _zeros = self.optimizer.step()
+        return float(grad_norm) if grad_norm is not None else float("nan")
+
+    def zero_grad(self) -> None:
+        self.ddp_model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def reload_model_params(self) -> None:
+        """The model's params changed outside this optimizer (SFT warm-up): refresh the fp32 copies."""
+        self.optimizer.reload_model_params()
+
+    def save(self, directory: str, rank: int) -> None:
+        torch.save(self.optimizer.state_dict(), os.path.join(directory, f"optimizer_rank{rank:05d}.pt"))
+        # Collective over DP: gathers the distributed fp32 state to DP rank 0, which writes it.
+        self.optimizer.save_parameter_state(os.path.join(directory, f"optimizer_params_tp{_tp_rank():03d}.pt"))
+
+    def load(self, directory: str, rank: int) -> None:
+        state = torch.load(os.path.join(directory, f"optimizer_rank{rank:05d}.pt"), map_location="cpu",
+                           weights_only=False)
+        self.optimizer.load_state_dict(state)
+        self.optimizer.load_parameter_state(os.path.join(directory, f"optimizer_params_tp{_tp_rank():03d}.pt"))
+
+
+def _tp_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+class TorchAdamWOptimizer:
+    """``torch.optim.AdamW`` over the DDP-wrapped fp32 params (CPU train actors)."""
+
+    def __init__(self, ddp_model, args, *, lr: float, tp_group=None):
+        self.ddp_model = ddp_model
+        self.tp_group = tp_group
+        self.clip_grad = float(_opt(args, "clip_grad", 1.0))
+        decay, no_decay = [], []
+        for param in ddp_model.parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim == 1 else decay).append(param)
+        self.params = decay + no_decay
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": float(_opt(args, "weight_decay", 0.0))},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=lr, betas=(float(_opt(args, "adam_beta1", 0.9)), float(_opt(args, "adam_beta2", 0.999))),
+            eps=float(_opt(args, "adam_eps", 1e-8)),
+        )
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _grad_norm(self) -> float:
+        from megatron.core import parallel_state
+
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        total = torch.zeros((), dtype=torch.float64)
+        for param in self.params:
+            # A TP-sharded param holds a different slice on every TP rank; a replicated one is counted once.
+            if getattr(param, "tensor_model_parallel", False) or tp_rank == 0:
+                total += param.main_grad.double().pow(2).sum()
+        if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
+            dist.all_reduce(total, group=self.tp_group)
+        return math.sqrt(float(total))
+
+    def step(self) -> float:
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads([self.ddp_model])
+        norm = self._grad_norm()
+        coef = self.clip_grad / (norm + 1e-6)
+        for param in self.params:
+            grad = param.main_grad
+            if self.clip_grad > 0 and coef < 1.0:
+                grad = grad * coef
+            param.grad = grad.to(param.dtype)
+        self.optimizer.step()
+        for param in self.params:
+            param.grad = None
+        return norm
+
+    def zero_grad(self) -> None:
+        self.ddp_model.zero_grad_buffer()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def reload_model_params(self) -> None:
+        """Params are stepped in place here; nothing is cached."""
+
+    def save(self, directory: str, rank: int) -> None:
+        torch.save(self.optimizer.state_dict(), os.path.join(directory, f"optimizer_rank{rank:05d}.pt"))
+
+    def load(self, directory: str, rank: int) -> None:
+        self.optimizer.load_state_dict(torch.load(os.path.join(directory, f"optimizer_rank{rank:05d}.pt"),
+                                                  map_location="cpu", weights_only=False))
+
+
+def build_optimizer(ddp_model, args, *, device: torch.device, lr: float, tp_group=None):
+    if device.type == "cuda":
+        use_distributed = getattr(args, "use_distributed_optimizer", None)
+        return MegatronCoreOptimizer(ddp_model, args, lr=lr,
+                                     use_distributed_optimizer=True if use_distributed is None else bool(use_distributed))
+    return TorchAdamWOptimizer(ddp_model, args, lr=lr, tp_group=tp_group)

@@ -1,0 +1,125 @@
+"""The megatron train backend on CPU (fp32, one process, real megatron-core 0.16 modules): packed THD
+forward passes give the HF model's log-probs, and one GRPO step gives the torch backend's loss, grad
+norm and updated weights on the same batch (the torch backend is the independent reference: HF
+transformers model + torch AdamW). TP=2 runs in tests/test_megatron_backend_tp.py."""
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="megatron-core not installed (plugrl[megatron])")
+
+from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
+from plugrl.plugins.backends.torch_trainer import TorchTrainBackend
+from plugrl.plugins.estimators.grpo import GRPOEstimator
+
+from .test_torch_trainer import _train_data, make_args, random_sequences
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
+                                        "ignore::FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return str(build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_process_world():
+    """The backend creates a world of one; leave no process group behind for other test modules."""
+    yield
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def megatron_backend(args):
+    from plugrl.plugins.backends.megatron.backend import MegatronTrainBackend
+
+    return MegatronTrainBackend(args, estimator=GRPOEstimator(args))
+
+
+def test_packed_log_probs_equal_hf(checkpoint):
+    args = make_args(checkpoint)
+    backend = megatron_backend(args)
+    reference = TorchTrainBackend(args, estimator=GRPOEstimator(args))
+    seqs, resp = random_sequences(count=6)
+    with torch.no_grad():
+        backend.model.eval()
+        packed, entropy = backend._forward_response(backend.model, seqs, resp, with_entropy=True)
+        expected, expected_entropy = reference._forward_response(reference.model, seqs, resp, with_entropy=True)
+        alone = torch.cat([backend._forward_response(backend.model, [s], [r], with_entropy=False)[0]
+                           for s, r in zip(seqs, resp)])
+    torch.testing.assert_close(packed, expected, atol=2e-5, rtol=0)
+    torch.testing.assert_close(entropy, expected_entropy, atol=2e-5, rtol=0)
+    torch.testing.assert_close(packed, alone, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("micro", [{"micro_batch_size": 1}, {"use_dynamic_batch_size": True, "max_tokens_per_gpu": 24}])
+def test_one_grpo_step_equals_the_torch_backend(checkpoint, micro):
+    args = make_args(checkpoint, lr=1e-3, clip_grad=1e9, **micro)
+    seqs, resp = random_sequences(seed=1, count=4)
+    data = _train_data(seqs, resp, [1.0, -1.0, 0.5, -0.5])
+    reference = TorchTrainBackend(args, estimator=GRPOEstimator(args))
+    expected = reference.train(0, data)
+    backend = megatron_backend(args)
+    got = backend.train(0, data)
+    for key in ("train/pg_loss", "train/pg_clipfrac", "train/entropy_loss", "train/grad_norm"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+    exported = backend.export_weights(None)[0]
+    for name, tensor in reference.model.state_dict().items():
+        if name == "lm_head.weight" and name not in exported:  # tied embeddings travel once
+            continue
+        torch.testing.assert_close(exported[name].float(), tensor.float(), atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_export_buckets_respect_the_size(checkpoint):
+    backend = megatron_backend(make_args(checkpoint))
+    whole = backend.export_weights(None)[0]
+    buckets = backend.export_weights(64 * 1024)
+    assert len(buckets) > 1
+    merged = {k: v for bucket in buckets for k, v in bucket.items()}
+    assert merged.keys() == whole.keys()
+    for bucket in buckets:
+        if len(bucket) > 1:
+            assert sum(t.numel() * t.element_size() for t in bucket.values()) <= 64 * 1024
+
+
+def test_save_load_resumes_bit_exact(checkpoint, tmp_path):
+    args = make_args(checkpoint, lr=1e-3)
+    seqs, resp = random_sequences(seed=3, count=4)
+    data = _train_data(seqs, resp, [1.0, -1.0, 0.5, -0.5])
+    first = megatron_backend(args)
+    first.train(0, data)
+    first.save(str(tmp_path))
+    straight = first.train(1, data)
+    resumed = megatron_backend(args)
+    resumed.load(str(tmp_path))
+    again = resumed.train(1, data)
+    assert again == pytest.approx(straight, rel=1e-6, abs=1e-9)
+    for (name, a), (_, b) in zip(first.model.state_dict().items(), resumed.model.state_dict().items()):
+        if not name.endswith("_extra_state"):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+def test_sft_warmup_lowers_the_loss_and_rl_optimizer_follows(checkpoint):
+    args = make_args(checkpoint, lr=1e-3)
+    backend = megatron_backend(args)
+    seqs, resp = random_sequences(seed=2, count=4)
+    history = backend.sft_warmup([(seqs, resp)] * 30, lr=3e-3)
+    assert history[-1] < 0.5 * history[0]
+    before = {k: v.clone() for k, v in backend.model.state_dict().items() if not k.endswith("_extra_state")}
+    # lr 0 on the RL optimizer: a step must leave the warmed-up weights exactly where they are.
+    backend.base_lr = 0.0
+    backend.train(0, _train_data(seqs, resp, [1.0, -1.0, 0.5, -0.5]))
+    for name, tensor in before.items():
+        torch.testing.assert_close(backend.model.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
+
+
+def test_unsupported_parallelism_fails_before_building(checkpoint):
+    from plugrl.plugins.backends.megatron.backend import check_megatron_args
+
+    with pytest.raises(ValueError, match="--pipeline-model-parallel-size 2"):
+        check_megatron_args(make_args(checkpoint, pipeline_model_parallel_size=2))
