@@ -123,3 +123,30 @@ def test_unsupported_parallelism_fails_before_building(checkpoint):
 
     with pytest.raises(ValueError, match="--pipeline-model-parallel-size 2"):
         check_megatron_args(make_args(checkpoint, pipeline_model_parallel_size=2))
+
+
+@pytest.mark.parametrize("chunk", [3, 1024])
+def test_vocab_parallel_log_probs_and_grads_equal_autograd_reference(monkeypatch, chunk):
+    from plugrl.plugins.backends.megatron import vocab_parallel
+
+    monkeypatch.setattr(vocab_parallel, "CHUNK_ROWS", chunk)
+    torch.manual_seed(0)
+    vocab, padded, temperature = 50, 56, 0.7
+    logits = torch.randn(9, padded, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([0, 2, 3, 4, 5, 7, 8])
+    targets = torch.randint(0, vocab, (7,))
+    lp, ent = vocab_parallel.vocab_parallel_log_probs(logits, index, targets, temperature=temperature, vocab_start=0,
+                                                      vocab_size=vocab, with_entropy=True)
+    weights = torch.randn(2, 7, dtype=torch.float64)
+    (lp * weights[0] + ent * weights[1]).sum().backward()
+    got_grad = logits.grad.clone()
+    # reference: plain autograd on the real-vocabulary columns
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    log_softmax = torch.log_softmax(ref_logits[index, :vocab] / temperature, dim=-1)
+    ref_lp = log_softmax.gather(-1, targets[:, None])[:, 0]
+    ref_ent = -(log_softmax.exp() * log_softmax).sum(-1)
+    (ref_lp * weights[0] + ref_ent * weights[1]).sum().backward()
+    torch.testing.assert_close(lp.double(), ref_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent.double(), ref_ent, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_grad, ref_logits.grad, atol=1e-5, rtol=0)
+    assert got_grad[:, vocab:].abs().sum() == 0 and got_grad[[1, 6]].abs().sum() == 0

@@ -169,8 +169,11 @@ class MegatronTrainBackend:
         )
 
         use_distributed = getattr(self.args, "use_distributed_optimizer", None)
+        # Megatron's --accumulate-allreduce-grads-in-fp32 (off by default): fp32 main_grad buffers.
+        # On CPU the params are fp32, so the grads are too.
+        fp32_grads = bool(getattr(self.args, "accumulate_allreduce_grads_in_fp32", False)) or self.dtype == torch.float32
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, check_for_nan_in_grad=False,
+            grad_reduce_in_fp32=fp32_grads, overlap_grad_reduce=False, check_for_nan_in_grad=False,
             use_distributed_optimizer=self.device.type == "cuda" and use_distributed is not False,
         )
         return DistributedDataParallel(model.config, ddp_config, model)
@@ -215,7 +218,7 @@ class MegatronTrainBackend:
         targets = batch.input_ids[0][index + 1]
         local_vocab = logits.shape[-1]
         return vocab_parallel_log_probs(
-            logits[index], targets, temperature=float(_opt(self.args, "rollout_temperature", 1.0)),
+            logits, index, targets, temperature=float(_opt(self.args, "rollout_temperature", 1.0)),
             vocab_start=self.layout.tp_rank * local_vocab, vocab_size=self.cfg.vocab_size, group=self.tp_group,
             with_entropy=with_entropy)
 
@@ -438,7 +441,7 @@ class MegatronTrainBackend:
                                         packed_seq_params=batch.params)[0]
                 n_real = sum(len(t) for t in mine)
                 lp, _ = vocab_parallel_log_probs(
-                    logits[:n_real - 1], batch.input_ids[0][1:n_real], temperature=1.0,
+                    logits, torch.arange(n_real - 1, device=self.device), batch.input_ids[0][1:n_real], temperature=1.0,
                     vocab_start=self.layout.tp_rank * logits.shape[-1], vocab_size=self.cfg.vocab_size,
                     group=self.tp_group)
                 offset = 0

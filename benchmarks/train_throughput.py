@@ -1,0 +1,201 @@
+"""Training throughput: the ``torch`` backend (HF model + gradient checkpointing) against the
+``megatron`` backend (megatron-core, packed THD micro-batches, full recompute), same GPU, same run.
+
+Each backend runs in its own process (fresh CUDA memory, its own process group) on a Qwen3-shaped
+checkpoint with random bf16 weights built here (no hub): ``4b`` is Qwen3-4B's shape (4.02 B params).
+One train() call = one GRPO optimizer step on one micro-batch of ``--tokens`` tokens (``--samples``
+sequences, each ``--response`` response tokens after its prompt), forward + backward + optimizer.
+MFU counts 6·N FLOPs per token (N = parameters) against the GPU's dense bf16 peak, as
+shared/MEASURED.md does. ``--profile`` adds the top CUDA kernels of one step per backend, and
+``--attention`` a micro-benchmark of the packed attention implementations (fwd + bwd).
+
+    python benchmarks/train_throughput.py --model 4b --tokens 9216 --samples 8 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from hf_engine_throughput import build
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops() -> float:
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_BF16.items():
+        if key in name:
+            return value
+    return float("nan")
+
+
+def backend_args(checkpoint: str, backend: str, tokens: int) -> SimpleNamespace:
+    common = {"hf_checkpoint": checkpoint, "device": "cuda", "lr": 1e-6, "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.98,
+                  "adam_eps": 1e-8, "clip_grad": 1.0, "seed": 0, "rollout_temperature": 1.0, "micro_batch_size": 1,
+                  "use_dynamic_batch_size": True, "max_tokens_per_gpu": tokens, "global_batch_size": None, "eps_clip": 0.2,
+                  "eps_clip_high": 0.28, "loss_type": "policy_loss", "kl_coef": 0.0, "use_kl_loss": False, "entropy_coef": 0.0,
+                  "n_samples_per_prompt": 8}
+    if backend == "torch":
+        return SimpleNamespace(**common, gradient_checkpointing=True)
+    return SimpleNamespace(**common, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+
+
+def batch(samples: int, tokens: int, response: int, vocab: int) -> dict:
+    length = tokens // samples
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, vocab, (length,), generator=gen).tolist() for _ in range(samples)]
+    resp = [min(response, length - 1)] * samples
+    rewards = [float(i % 2) for i in range(samples)]
+    return {"tokens": seqs, "response_lengths": resp, "rewards": rewards, "raw_reward": rewards,
+            "loss_masks": [[1] * r for r in resp], "rollout_log_probs": [[0.0] * r for r in resp],
+            "rollout_ids": list(range(samples)), "rollout_mask_sums": resp}
+
+
+def worker(opts) -> dict:
+    """One backend in this process: warm-up step, then ``--steps`` timed train() calls."""
+    from plugrl.plugins.estimators.grpo import GRPOEstimator
+
+    args = backend_args(opts.checkpoint, opts.worker, opts.tokens)
+    if opts.worker == "torch":
+        from plugrl.plugins.backends.torch_trainer import TorchTrainBackend as Backend
+    else:
+        from plugrl.plugins.backends.megatron.backend import (
+            MegatronTrainBackend as Backend,
+        )
+    backend = Backend(args, estimator=GRPOEstimator(args))
+    model = backend.model
+    n_params = sum(p.numel() for p in model.parameters())
+    vocab = backend.cfg.vocab_size if opts.worker == "megatron" else model.config.vocab_size
+    data = batch(opts.samples, opts.tokens, opts.response, vocab)
+    tokens = sum(len(t) for t in data["tokens"])
+    backend.train(0, data)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(opts.steps):
+        start = time.perf_counter()
+        backend.train(step + 1, data)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    result = {"backend": opts.worker, "params": n_params, "tokens": tokens, "step_s": sorted(times)[len(times) // 2],
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "device": torch.cuda.get_device_name()}
+    if opts.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            backend.train(99, data)
+            torch.cuda.synchronize()
+        result["top_kernels"] = [(e.key[:90], e.device_time_total / 1e3) for e in
+                                 sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]]
+    return result
+
+
+def attention_bench(samples: int, tokens: int, heads: int = 32, kv_heads: int = 8, dim: int = 128) -> list[dict]:
+    """Packed causal attention, fwd + bwd, per implementation (plus FlexAttention with a document mask)."""
+    from plugrl.plugins.backends.megatron.attention import packed_attention
+
+    length = tokens // samples
+    cu = torch.arange(0, samples + 1, device="cuda", dtype=torch.int32) * length
+    q = torch.randn(samples * length, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(samples * length, kv_heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(samples * length, kv_heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    runs = {impl: (lambda impl=impl: packed_attention(q, k, v, cu, length, scale=dim ** -0.5, implementation=impl))
+            for impl in ("varlen", "sdpa")}
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        doc = torch.arange(samples, device="cuda").repeat_interleave(length)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+        block_mask = create_block_mask(mask_mod, None, None, samples * length, samples * length, device="cuda")
+        compiled = torch.compile(flex_attention)
+
+        def flex():
+            out = compiled(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                           block_mask=block_mask, enable_gqa=True, scale=dim ** -0.5)
+            return out[0].transpose(0, 1)
+
+        runs["flex"] = flex
+    except Exception as exc:  # noqa: BLE001  (flex needs triton and a compiler; report and go on)
+        print(f"flex attention unavailable: {exc}", file=sys.stderr)
+    flops = 4 * samples * length * length / 2 * heads * dim * 3.5  # causal fwd (2 matmuls) + bwd (2.5x)
+    results = []
+    for name, fn in runs.items():
+        for _ in range(3):
+            fn().sum().backward()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            fn().sum().backward()
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - start) / 10 * 1e3
+        results.append({"impl": name, "ms": ms, "tflops": flops / ms / 1e9})
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="4b", choices=["tiny", "0.6b", "4b"])
+    parser.add_argument("--tokens", type=int, default=9216, help="tokens per micro-batch (= per step)")
+    parser.add_argument("--samples", type=int, default=8, help="sequences packed into the micro-batch")
+    parser.add_argument("--response", type=int, default=1024, help="response tokens per sequence")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--backends", default="torch,megatron")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--attention", action="store_true", help="also time the packed attention implementations")
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.worker:
+        print("RESULT " + json.dumps(worker(opts)), flush=True)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = str(build(opts.model, Path(tmp)))
+        results = []
+        for name in opts.backends.split(","):
+            cmd = [sys.executable, __file__, "--worker", name, "--checkpoint", checkpoint, "--tokens", str(opts.tokens),
+                   "--samples", str(opts.samples), "--response", str(opts.response), "--steps", str(opts.steps)]
+            if opts.profile:
+                cmd.append("--profile")
+            out = subprocess.run(cmd, check=False, capture_output=True, text=True)
+            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+            if out.returncode or not lines:
+                print(f"{name} failed (rc {out.returncode}):\n{out.stderr[-3000:]}", file=sys.stderr)
+                continue
+            results.append(json.loads(lines[-1][len("RESULT "):]))
+    peak = peak_flops()
+    print(f"\ndevice: {torch.cuda.get_device_name()}; model {opts.model}; {opts.tokens} tokens/step "
+          f"({opts.samples} x {opts.tokens // opts.samples}), GRPO step incl. optimizer")
+    print(f"{'backend':<10}{'params':>10}{'step s':>9}{'tok/s':>10}{'MFU(6N)':>9}{'peak GiB':>10}{'vs torch':>10}")
+    base = next((r for r in results if r["backend"] == "torch"), None)
+    for r in results:
+        tps = r["tokens"] / r["step_s"]
+        mfu = 6 * r["params"] * tps / peak
+        ratio = (base["step_s"] / r["step_s"]) if base else float("nan")
+        print(f"{r['backend']:<10}{r['params'] / 1e9:>9.2f}B{r['step_s']:>9.3f}{tps:>10.0f}{mfu:>9.1%}"
+              f"{r['peak_gib']:>10.1f}{ratio:>9.2f}x")
+    for r in results:
+        for name, ms in r.get("top_kernels", []):
+            print(f"  {r['backend']:<9} {ms:9.1f} ms  {name}")
+    if opts.attention:
+        print(f"\npacked attention, {opts.samples} x {opts.tokens // opts.samples} tokens, 32 heads / 8 KV, dim 128, "
+              "fwd+bwd")
+        for row in attention_bench(opts.samples, opts.tokens):
+            print(f"  {row['impl']:<8}{row['ms']:8.2f} ms {row['tflops']:8.1f} TFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The megatron train backend on CUDA (marker ``gpu``; run on the GPU machine: megatron-core 0.19,
+no Transformer Engine). A Qwen3-shaped model with random bf16 weights is built locally; the
+independent references are HF transformers (logits, the torch backend's GRPO step) and the
+backend's own unpacked / SDPA paths. TP=2 needs two GPUs (tests/megatron_tp_worker.py)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning"),
+]
+pytest.importorskip("megatron.core", reason="megatron-core not installed (plugrl[megatron])")
+
+SHAPE = {"num_hidden_layers": 4, "hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 8,
+         "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 4000, "rms_norm_eps": 1e-6,
+         "rope_theta": 1_000_000.0, "max_position_embeddings": 4096, "tie_word_embeddings": True}
+
+
+def build_checkpoint(path, **overrides) -> str:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen3", **{**SHAPE, **overrides})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    with torch.no_grad():  # random norm weights: a swapped norm would show
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("qwen3") / "ckpt")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_process_world():
+    yield
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def make_args(checkpoint, **overrides):
+    values = {"hf_checkpoint": checkpoint, "device": "cuda", "lr": 1e-5, "weight_decay": 0.0, "adam_beta1": 0.9,
+                  "adam_beta2": 0.98, "adam_eps": 1e-8, "clip_grad": 1.0, "seed": 0, "rollout_temperature": 1.0,
+                  "micro_batch_size": 1, "use_dynamic_batch_size": True, "max_tokens_per_gpu": 4096,
+                  "global_batch_size": None, "eps_clip": 0.2, "eps_clip_high": 0.28, "loss_type": "policy_loss",
+                  "kl_coef": 0.0, "use_kl_loss": False, "entropy_coef": 0.0, "n_samples_per_prompt": 4}
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+def sequences(count=8, seed=0, vocab=4000):
+    gen = torch.Generator().manual_seed(seed)
+    seqs, resp = [], []
+    for i in range(count):
+        prompt, response = 40 + 17 * i, 30 + 11 * ((i * 5) % 7)
+        seqs.append(torch.randint(0, vocab, (prompt + response,), generator=gen).tolist())
+        resp.append(response)
+    return seqs, resp
+
+
+def train_data(seqs, resp, rewards):
+    return {"tokens": seqs, "response_lengths": resp, "rewards": rewards, "raw_reward": rewards,
+            "loss_masks": [[1] * r for r in resp], "rollout_log_probs": [[0.0] * r for r in resp],
+            "rollout_ids": list(range(len(seqs))), "rollout_mask_sums": list(resp)}
+
+
+def megatron(args):
+    from plugrl.plugins.backends.megatron.backend import MegatronTrainBackend
+    from plugrl.plugins.estimators.grpo import GRPOEstimator
+
+    return MegatronTrainBackend(args, estimator=GRPOEstimator(args))
+
+
+def rel_error(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_logits_equal_hf_and_packed_equals_unpacked(checkpoint):
+    from plugrl.plugins.backends.megatron.backend import pack_thd
+    from transformers import AutoModelForCausalLM
+
+    backend = megatron(make_args(checkpoint))
+    backend.model.eval()
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda().eval()
+    seqs, _ = sequences(6)
+    with torch.no_grad():
+        batch = pack_thd(seqs, "cuda")
+        packed = backend.model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
+                               packed_seq_params=batch.params)[0][:, :SHAPE["vocab_size"]]
+        offset = 0
+        for seq in seqs:
+            ids = torch.tensor([seq], device="cuda")
+            reference = hf(input_ids=ids).logits[0]
+            alone_batch = pack_thd([seq], "cuda")
+            alone = backend.model(input_ids=alone_batch.input_ids, position_ids=alone_batch.position_ids,
+                                  attention_mask=None, packed_seq_params=alone_batch.params)[0][:, :SHAPE["vocab_size"]]
+            mine = packed[offset:offset + len(seq)]
+            assert rel_error(mine, reference) < 1e-2
+            assert rel_error(mine, alone) < 1e-2
+            offset += len(seq)
+
+
+def test_varlen_attention_equals_sdpa_per_segment():
+    from plugrl.plugins.backends.megatron.attention import packed_attention
+
+    torch.manual_seed(0)
+    lengths = [300, 17, 1024, 5]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    q = torch.randn(sum(lengths), 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(sum(lengths), 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(sum(lengths), 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    outs, grads = [], []
+    for impl in ("varlen", "sdpa"):
+        out = packed_attention(q, k, v, cu, max(lengths), scale=128 ** -0.5, implementation=impl)
+        (g,) = torch.autograd.grad(out.float().square().sum(), q)
+        outs.append(out)
+        grads.append(g)
+    assert rel_error(outs[0], outs[1]) < 1e-2
+    assert rel_error(grads[0], grads[1]) < 2e-2
+
+
+def test_grpo_step_equals_the_torch_backend(checkpoint):
+    from plugrl.plugins.backends.torch_trainer import TorchTrainBackend
+    from plugrl.plugins.estimators.grpo import GRPOEstimator
+
+    args = make_args(checkpoint, lr=1e-4)
+    seqs, resp = sequences(8, seed=1)
+    data = train_data(seqs, resp, [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    reference = TorchTrainBackend(args, estimator=GRPOEstimator(args)).train(0, data)
+    got = megatron(args).train(0, data)
+    for key in ("train/pg_loss", "train/entropy_loss", "train/grad_norm", "train/train_rollout_logprob_abs_diff"):
+        assert got[key] == pytest.approx(reference[key], rel=2e-2, abs=1e-4), (key, got[key], reference[key])
+
+
+def test_full_recompute_gives_the_same_step(checkpoint):
+    seqs, resp = sequences(8, seed=2)
+    data = train_data(seqs, resp, [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    plain = megatron(make_args(checkpoint)).train(0, data)
+    recompute = megatron(make_args(checkpoint, recompute_granularity="full", recompute_method="uniform",
+                                   recompute_num_layers=1)).train(0, data)
+    for key in ("train/pg_loss", "train/entropy_loss", "train/grad_norm"):
+        assert recompute[key] == pytest.approx(plain[key], rel=1e-3, abs=1e-6), key
+
+
+def test_offload_frees_memory_and_training_continues_identically(checkpoint, tmp_path):
+    seqs, resp = sequences(8, seed=3)
+    data = train_data(seqs, resp, [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    straight = megatron(make_args(checkpoint))
+    straight.train(0, data)
+    expected = straight.train(1, data)
+    del straight
+    torch.cuda.empty_cache()
+    backend = megatron(make_args(checkpoint))
+    backend.train(0, data)
+    before = torch.cuda.memory_allocated()
+    backend.offload()
+    after = torch.cuda.memory_allocated()
+    backend.onload()
+    got = backend.train(1, data)
+    # params (bf16) + grads (bf16) + fp32 main params + 2 Adam moments = 16 bytes per parameter
+    n_params = sum(p.numel() for p in backend.model.parameters())
+    assert before - after >= 0.9 * 16 * n_params, (before, after, n_params)
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    # save / load (distributed optimizer state gathered to DP rank 0) round trip on the GPU
+    backend.save(str(tmp_path))
+    again = backend.train(2, data)
+    resumed = megatron(make_args(checkpoint))
+    resumed.load(str(tmp_path))
+    assert resumed.train(2, data) == pytest.approx(again, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="TP=2 needs two GPUs")
+def test_tp2_equals_tp1(checkpoint, tmp_path):
+    """Two processes (nccl, TP=2 with sequence parallelism) against this process's TP=1 backend."""
+    seqs, resp = sequences(8, seed=4)
+    data = train_data(seqs, resp, [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    args = make_args(checkpoint)
+    tp1 = megatron(args)
+    expected = tp1.train(0, data)
+    expected_weights = tp1.export_weights(None)[0]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    worker = os.path.join(os.path.dirname(__file__), "megatron_tp_worker.py")
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+        procs.append(subprocess.Popen([sys.executable, worker, checkpoint, str(tmp_path)], env=env))
+    assert [p.wait(timeout=600) for p in procs] == [0, 0]
+    got = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("train/pg_loss", "train/entropy_loss", "train/grad_norm"):
+        assert got[key] == pytest.approx(expected[key], rel=2e-2, abs=1e-4), (key, got[key], expected[key])
+    weights = torch.load(tmp_path / "weights.pt")
+    assert weights.keys() == expected_weights.keys()
+    for name, tensor in expected_weights.items():
+        assert rel_error(weights[name], tensor) < 1e-2, name
