@@ -7,7 +7,7 @@ mkdir -p "$OUT"
 python -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__, torch.cuda.get_device_name(), 'x', torch.cuda.device_count())"
 for part in "$@"; do
   case "$part" in
-    tests)  timeout 300 python -m pytest -q -m gpu -p no:cacheprovider tests/test_megatron_gpu.py -rs 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt" ;;
+    tests)  timeout 300 python -m pytest -q -m gpu -p no:cacheprovider tests/test_megatron_gpu.py -rfs --tb=short > "$OUT/gpu_tests.txt" 2>&1; grep -a "^E  \|FAILED\|passed\|failed\|^SKIPPED" "$OUT/gpu_tests.txt" | tail -30 ;;
     run)    timeout 280 plugrl train --train-backend megatron --output-dir "$OUT/run" > "$OUT/run.log" 2>&1; echo "rc $?"
             grep -a "done in\|first eval\|Error\|error" "$OUT/run.log" | tail -5
             grep -a "^rollout 50 \|^rollout 99 " "$OUT/run.log" | sed 's/.*\(rollout [0-9]* |\)/\1/' | cut -c1-300 ;;

@@ -106,10 +106,9 @@ class MegatronTrainBackend:
         self.hf_config = AutoConfig.from_pretrained(args.hf_checkpoint)
         self.bridge = _model_bridge(self.hf_config)
         self.cfg = self.bridge.model_config(args)
-        use_bf16 = getattr(args, "bf16", None)
-        self.dtype = torch.bfloat16 if (use_bf16 or (use_bf16 is None and self.device.type == "cuda")) else torch.float32
-        if self.device.type == "cuda" and self.dtype != torch.bfloat16:
-            raise ValueError("the megatron backend trains in bf16 on GPUs (megatron-core's optimizer); drop --no-bf16")
+        # bf16 params with fp32 main params on GPUs (slime's guide passes --bf16; megatron-core's
+        # optimizer is built for it); fp32 on CPU, where the backend runs for debugging and tests.
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.sequence_parallel = bool(getattr(args, "sequence_parallel", False)) and self.tp_size > 1
         self.attention = choose_implementation(getattr(args, "attention_backend", None), self.device.type)
         self.model = self._build_model(trainable=True)

@@ -62,22 +62,29 @@ class MegatronCoreOptimizer:
         """The model's params changed outside this optimizer (SFT warm-up): refresh the fp32 copies."""
         self.optimizer.reload_model_params()
 
+    def _inner(self) -> list:
+        """The torch optimizers megatron wraps, each over this rank's fp32 main params (its DP shard
+        with the distributed optimizer)."""
+        chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        return [wrapper.optimizer for wrapper in chained]
+
     def save(self, directory: str, rank: int) -> None:
-        torch.save(self.optimizer.state_dict(), os.path.join(directory, f"optimizer_rank{rank:05d}.pt"))
-        # Collective over DP: gathers the distributed fp32 state to DP rank 0, which writes it.
-        self.optimizer.save_parameter_state(os.path.join(directory, f"optimizer_params_tp{_tp_rank():03d}.pt"))
+        # Each rank keeps its own shard: fp32 main params and Adam moments as the inner torch optimizer
+        # holds them. (megatron-core 0.19's save/load_parameter_state round trip fails on the 'step'
+        # tensor of torch's Adam, which it does not save; resume needs the same TP and world size.)
+        inner = self._inner()
+        torch.save({"inner": [opt.state_dict() for opt in inner],
+                    "main_params": [[p.detach().cpu() for g in opt.param_groups for p in g["params"]] for opt in inner]},
+                   os.path.join(directory, f"optimizer_rank{rank:05d}.pt"))
 
     def load(self, directory: str, rank: int) -> None:
         state = torch.load(os.path.join(directory, f"optimizer_rank{rank:05d}.pt"), map_location="cpu",
                            weights_only=False)
-        self.optimizer.load_state_dict(state)
-        self.optimizer.load_parameter_state(os.path.join(directory, f"optimizer_params_tp{_tp_rank():03d}.pt"))
-
-
-def _tp_rank() -> int:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_tensor_model_parallel_rank()
+        for opt, saved_state, saved_params in zip(self._inner(), state["inner"], state["main_params"], strict=True):
+            with torch.no_grad():
+                for param, saved in zip((p for g in opt.param_groups for p in g["params"]), saved_params, strict=True):
+                    param.copy_(saved)
+            opt.load_state_dict(saved_state)
 
 
 class TorchAdamWOptimizer:
