@@ -169,9 +169,14 @@ def test_offload_frees_memory_and_training_continues_identically(checkpoint, tmp
     torch.cuda.empty_cache()
     backend = megatron(make_args(checkpoint))
     backend.train(0, data)
+    exported = backend.export_weights(None)[0]
     before = torch.cuda.memory_allocated()
     backend.offload()
     after = torch.cuda.memory_allocated()
+    # colocated runs push weights to the engines while the trainer is offloaded
+    offloaded_export = backend.export_weights(None)[0]
+    assert offloaded_export.keys() == exported.keys()
+    assert all(torch.equal(offloaded_export[k], exported[k]) for k in exported)
     backend.onload()
     got = backend.train(1, data)
     # params (bf16) + grads (bf16) + fp32 main params + 2 Adam moments = 16 bytes per parameter

@@ -128,14 +128,23 @@ class PackedCoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
 
 
-def local_spec_with_packed_attention(qk_layernorm: bool, normalization: str, implementation: str):
-    """megatron-core's local GPT layer spec with ``PackedCoreAttention`` as the core attention."""
+def local_spec_with_packed_attention(qk_layernorm: bool, normalization: str, implementation: str, num_layers: int):
+    """megatron-core's local GPT spec with ``PackedCoreAttention`` as core attention and fp32-compute
+    RMSNorms (``norms.FP32RMSNorm``) everywhere, as block submodules (the final norm included)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from .norms import FP32RMSNorm
 
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown packed attention implementation {implementation!r}; one of {IMPLEMENTATIONS}")
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
     attention_cls = type(f"PackedCoreAttention_{implementation}", (PackedCoreAttention,),
                          {"implementation": implementation})
-    spec.submodules.self_attention.submodules.core_attention = attention_cls
-    return spec
+    attention = spec.submodules.self_attention.submodules
+    attention.core_attention = attention_cls
+    if qk_layernorm:
+        attention.q_layernorm = attention.k_layernorm = FP32RMSNorm
+    spec.submodules.input_layernorm = FP32RMSNorm
+    spec.submodules.pre_mlp_layernorm = FP32RMSNorm
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=FP32RMSNorm)

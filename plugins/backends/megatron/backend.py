@@ -154,7 +154,8 @@ class MegatronTrainBackend:
         from .attention import local_spec_with_packed_attention
         from .config_bridge import build_gpt_model
 
-        spec = local_spec_with_packed_attention(self.cfg.qk_layernorm, self.cfg.normalization, self.attention)
+        spec = local_spec_with_packed_attention(self.cfg.qk_layernorm, self.cfg.normalization, self.attention,
+                                                self.cfg.num_layers)
         model = build_gpt_model(self.cfg, layer_spec=spec, **self._transformer_overrides(trainable))
         model.to(self.device)
         if not trainable:
@@ -340,13 +341,15 @@ class MegatronTrainBackend:
         """Every TP rank's model shard on CPU, on DP rank 0's TP group (collective over TP); None elsewhere."""
         if self.layout.dp_rank != 0:
             return None
-        local = {k: v for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
+        local = self._offloaded.cpu_state or {k: v for k, v in self.model.state_dict().items()
+                                              if not k.endswith("_extra_state")}
         if self.tp_size == 1:
             return [{k: v.detach().to("cpu", copy=True) for k, v in local.items()}]
         shards: list[dict] = [{} for _ in range(self.tp_size)]
         for name, tensor in local.items():
+            tensor = tensor.detach().to(self.device).contiguous()  # one tensor at a time (nccl gathers on the GPU)
             parts = [torch.empty_like(tensor) for _ in range(self.tp_size)]
-            dist.all_gather(parts, tensor.detach().contiguous(), group=self.tp_group)
+            dist.all_gather(parts, tensor, group=self.tp_group)
             for rank, part in enumerate(parts):
                 shards[rank][name] = part.to("cpu")
         return shards
@@ -470,6 +473,7 @@ class _OffloadedStorages:
     def __init__(self, backend: MegatronTrainBackend):
         self.backend = backend
         self.saved: list[tuple[torch.Tensor, int, torch.Tensor | None]] = []
+        self.cpu_state: dict[str, torch.Tensor] = {}  # the model's state dict while offloaded
 
     def _tensors(self):
         backend = self.backend
@@ -491,7 +495,10 @@ class _OffloadedStorages:
                         yield value, True
 
     def offload(self) -> None:
+        # CPU aliases of the model's state first: weights are exported to the engines while offloaded.
+        state = {k: v for k, v in self.backend.model.state_dict().items() if not k.endswith("_extra_state")}
         seen = set()
+        copies: dict[int, torch.Tensor] = {}
         for tensor, keep in self._tensors():
             storage = tensor.untyped_storage()
             if not tensor.is_cuda or storage.data_ptr() in seen or storage.size() == 0:
@@ -500,9 +507,18 @@ class _OffloadedStorages:
             base = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
             copy = base.to("cpu", non_blocking=False) if keep else None
             self.saved.append((base, storage.size(), copy))
-            storage.resize_(0)
+            if copy is not None:
+                copies[storage.data_ptr()] = copy
+        self.cpu_state = {}
+        for name, tensor in state.items():
+            copy = copies.get(tensor.untyped_storage().data_ptr()) if tensor.is_cuda else None
+            self.cpu_state[name] = tensor.detach().cpu() if copy is None else torch.empty(0, dtype=tensor.dtype).set_(
+                copy.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+        for base, _nbytes, _copy in self.saved:
+            base.untyped_storage().resize_(0)
 
     def onload(self) -> None:
+        self.cpu_state = {}
         for base, nbytes, copy in self.saved:
             base.untyped_storage().resize_(nbytes)
             base.set_(base.untyped_storage())
