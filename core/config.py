@@ -54,6 +54,12 @@ __all__ = [
 DEFAULT_RECIPE = "tiny-default"
 RECIPES: dict[str, Any] = {
     DEFAULT_RECIPE: "plugrl.core.train_cli:tiny_default_values",
+    # slime's Qwen3-4B guide on 8 GPUs (plugrl.core.recipes; docs/qwen3-4b-guide.md)
+    "qwen3-4b-8xh100": "plugrl.core.recipes:qwen3_4b_8xh100",
+    "qwen3-4b-8xh100-decoupled": "plugrl.core.recipes:qwen3_4b_8xh100_decoupled",
+    "qwen3-4b-8xh100-async": "plugrl.core.recipes:qwen3_4b_8xh100_async",
+    "qwen3-4b-8xh100-dynamic-sampling": "plugrl.core.recipes:qwen3_4b_8xh100_dynamic_sampling",
+    "qwen3-4b-8xh100-fp8": "plugrl.core.recipes:qwen3_4b_8xh100_fp8",
 }
 
 DEFAULT_BACKENDS = {"train_backend": "torch", "rollout_backend": "hf"}
@@ -100,7 +106,8 @@ def build_parser(plugin_set=None) -> PlugrlArgumentParser:
         prog="plugrl train",
         usage="plugrl train [--config RUN.YAML] [--recipe NAME] [--FLAG VALUE ...]",
         description="RL post-training (GRPO and relatives). Flags are slime's; --config YAML and --recipe "
-        "presets set the same values (command line > YAML > recipe > defaults).",
+        "presets set the same values (command line > YAML > recipe > defaults). A switch that a recipe or YAML "
+        "turns on is turned off with --no-<switch> (e.g. --no-colocate).",
     )
     add_core_flags(parser)
     try:
@@ -142,6 +149,26 @@ def _pre_parse(argv: list[str]) -> argparse.Namespace:
     return pre.parse_known_args(argv)[0]
 
 
+def _negated_switches(parser: PlugrlArgumentParser, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``--no-<switch>`` for any on-switch without its own ``--no-`` form: a recipe or YAML may turn a
+    switch on (``colocate: true``), and the command line must be able to override it. Returns argv
+    without those words and {canonical flag: dest}."""
+    kept, off = [], {}
+    for i, word in enumerate(argv):
+        if word == "--":
+            kept += argv[i:]
+            break
+        name = word.split("=", 1)[0]
+        action = None
+        if name.startswith("--no-") and "=" not in word and parser.action_for_option(name) is None:
+            action = parser.action_for_option("--" + name[len("--no-"):])
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreConstAction)) and action.const is True:
+            off[canonical_flag(action)] = action.dest
+        else:
+            kept.append(word)
+    return kept, off
+
+
 def parse_config(argv: list[str], plugin_set=None) -> argparse.Namespace:
     """Flags + ``--config`` YAML + ``--recipe`` -> the resolved namespace (driver; never touches GPUs).
 
@@ -154,7 +181,8 @@ def parse_config(argv: list[str], plugin_set=None) -> argparse.Namespace:
     pre = _pre_parse(argv)
     yaml_raw = read_yaml(pre.config, "--config") if pre.config else {}
     yaml_layer = read_layer(parser, yaml_raw, pre.config or "", f"yaml:{pre.config}")
-    given = cli_flags(parser, argv)
+    argv, switched_off = _negated_switches(parser, argv)
+    given = cli_flags(parser, argv) | set(switched_off)
 
     recipe = pre.recipe or yaml_raw.get("recipe")
     layers = ([_recipe_layer(parser, recipe)] if recipe else []) + [yaml_layer]
@@ -162,6 +190,8 @@ def parse_config(argv: list[str], plugin_set=None) -> argparse.Namespace:
         parser.set_defaults(**layer.values)
 
     args, extras = parser.parse_known_args(argv)
+    for dest in switched_off.values():
+        setattr(args, dest, False)
     cli_passthrough, unknown = passthrough_words(parser, extras)
     if unknown:
         close = difflib.get_close_matches(unknown[0].split("=")[0], parser.all_flag_names(), n=1)
@@ -329,13 +359,38 @@ def _resolve_batch(args: argparse.Namespace) -> None:
 def validate_config(args: argparse.Namespace, plugin_set=None) -> None:
     """Every check that needs no GPU (driver); raises one ``ConfigError`` listing all problems."""
     plugin_set = plugin_set or _default_plugin_set()
+    _raise(config_problems(args, plugin_set) + environment_problems(args, plugin_set))
+
+
+def check_config(args: argparse.Namespace, plugin_set=None) -> None:
+    """``validate_config`` without the machine checks (``--dry-run``: the values themselves)."""
+    _raise(config_problems(args, plugin_set or _default_plugin_set()))
+
+
+def config_problems(args: argparse.Namespace, plugin_set) -> list[str]:
+    """Problems of the values themselves (names, ranges, combinations, placement, parallel layout):
+    the same on every machine."""
     problems: list[str] = []
     _check_plugins(args, plugin_set, problems)
     _check_choices(args, problems)
     _check_rollout(args, problems)
     _check_algorithm(args, plugin_set, problems)
-    _check_paths(args, problems)
+    _check_data_flags(args, problems)
     _check_cluster(args, plugin_set, problems)
+    return problems
+
+
+def environment_problems(args: argparse.Namespace, plugin_set) -> list[str]:
+    """What this machine lacks to start the run: data and checkpoint paths, the selected plugins'
+    packages, a CUDA device for ``--device cuda``. ``--dry-run`` reports these without failing."""
+    problems: list[str] = []
+    _check_requirements(args, plugin_set, problems)
+    _check_paths(args, problems)
+    _check_device(args, problems)
+    return problems
+
+
+def _raise(problems: list[str]) -> None:
     if problems:
         head = (
             problems[0]
@@ -366,7 +421,24 @@ def _check_plugins(args, plugin_set, problems: list[str]) -> None:
         registry = plugin_set.registries[kind]
         if name not in registry:
             problems.append(f"{flag}: {registry.unknown_message(name)}")
-            continue
+    if args.dynamic_sampling_filter and args.dynamic_sampling_filter_path:
+        problems.append("--dynamic-sampling-filter and --dynamic-sampling-filter-path both given; keep one")
+    if not (args.rm_type or args.custom_rm_path) and args.loss_type == "policy_loss" and not args.debug_train_only:
+        problems.append(
+            "--rm-type is required (or --custom-rm-path); `plugrl plugins list --kind reward` lists rewards"
+        )
+    for dest in PATH_FLAGS + ("rollout_sample_hook_path",):
+        values = getattr(args, dest)
+        for value in values if isinstance(values, list) else [values]:
+            if value and not ("." in value or ":" in value):
+                problems.append(f"--{dest.replace('_', '-')} {value}: write it as module.attr or module:attr")
+
+
+def _check_requirements(args, plugin_set, problems: list[str]) -> None:
+    """The selected plugins' packages must be importable here (debug modes skip the unused backend)."""
+    for kind, flag, name in _selected_names(args):
+        if name not in plugin_set.registries[kind]:
+            continue  # reported by _check_plugins
         if (kind == "train_backend" and args.debug_rollout_only) or (
             kind == "rollout_backend" and args.debug_train_only
         ):
@@ -385,17 +457,6 @@ def _check_plugins(args, plugin_set, problems: list[str]) -> None:
         problems.append(
             f"{flag} {name}{because} requires {what} ({install}): {', '.join(missing)} {verb} not importable"
         )
-    if args.dynamic_sampling_filter and args.dynamic_sampling_filter_path:
-        problems.append("--dynamic-sampling-filter and --dynamic-sampling-filter-path both given; keep one")
-    if not (args.rm_type or args.custom_rm_path) and args.loss_type == "policy_loss" and not args.debug_train_only:
-        problems.append(
-            "--rm-type is required (or --custom-rm-path); `plugrl plugins list --kind reward` lists rewards"
-        )
-    for dest in PATH_FLAGS + ("rollout_sample_hook_path",):
-        values = getattr(args, dest)
-        for value in values if isinstance(values, list) else [values]:
-            if value and not ("." in value or ":" in value):
-                problems.append(f"--{dest.replace('_', '-')} {value}: write it as module.attr or module:attr")
 
 
 def _check_choices(args, problems: list[str]) -> None:
@@ -488,40 +549,75 @@ def _check_algorithm(args, plugin_set, problems: list[str]) -> None:
                 problems.append(problem)
 
 
-def _data_path_problem(flag: str, spec: str) -> str | None:
+def _recipe_hint(args, flag: str, usage: str) -> str:
+    """For a path that came from a recipe: the recipe names the user's copy, so say how to replace it."""
+    source = (getattr(args, "_sources", None) or {}).get(flag, "")
+    if not source.startswith("recipe:"):
+        return ""
+    return f" (set by recipe '{source[len('recipe:'):]}': put your copy there or pass {flag} {usage})"
+
+
+def _data_path_problem(args, flag: str, spec: str, usage: str = "PATH") -> str | None:
     path = str(spec).split("@[", 1)[0]
     if Path(path).exists():
         return None
     head, sep, _ = path.rpartition(":")
     if sep and head and Path(head).is_dir():  # dir:split of a saved DatasetDict
         return None
-    return f"{flag}: {path} does not exist"
+    return f"{flag}: {path} does not exist{_recipe_hint(args, flag, usage)}"
+
+
+def _eval_paths(args) -> list[str] | None:
+    """The paths of ``--eval-prompt-data`` (NAME PATH pairs or one PATH), None when malformed."""
+    pairs = list(args.eval_prompt_data or [])
+    if len(pairs) > 1 and len(pairs) % 2:
+        return None
+    return pairs[-1:] if len(pairs) == 1 else pairs[1::2]
+
+
+def _check_data_flags(args, problems: list[str]) -> None:
+    if _eval_paths(args) is None:
+        problems.append(
+            f"--eval-prompt-data takes NAME PATH pairs (or one PATH), got {len(args.eval_prompt_data)} values"
+        )
+    if args.sft_warmup_steps and not args.sft_warmup_data:
+        problems.append("--sft-warmup-steps needs --sft-warmup-data (prompt/response JSONL)")
 
 
 def _check_paths(args, problems: list[str]) -> None:
     for flag, spec in (("--prompt-data", args.prompt_data), ("--sft-warmup-data", args.sft_warmup_data)):
-        problem = spec and _data_path_problem(flag, spec)
+        problem = spec and _data_path_problem(args, flag, spec)
         if problem:
             problems.append(problem)
-    pairs = list(args.eval_prompt_data or [])
-    if len(pairs) > 1 and len(pairs) % 2:
-        problems.append(f"--eval-prompt-data takes NAME PATH pairs (or one PATH), got {len(pairs)} values")
-    else:
-        for spec in pairs[-1:] if len(pairs) == 1 else pairs[1::2]:
-            problem = _data_path_problem("--eval-prompt-data", spec)
-            if problem:
-                problems.append(problem)
-    if args.sft_warmup_steps and not args.sft_warmup_data:
-        problems.append("--sft-warmup-steps needs --sft-warmup-data (prompt/response JSONL)")
+    for spec in _eval_paths(args) or []:
+        problem = _data_path_problem(args, "--eval-prompt-data", spec, "NAME PATH")
+        if problem:
+            problems.append(problem)
     if args.hf_checkpoint:
         path = Path(args.hf_checkpoint)
+        hint = _recipe_hint(args, "--hf-checkpoint", "DIR")
         if not path.is_dir():
-            problems.append(f"--hf-checkpoint {path} is not a directory (give a Hugging Face model directory)")
+            problems.append(f"--hf-checkpoint {path} is not a directory{hint or ' (give a Hugging Face model directory)'}")
         elif not (path / "config.json").is_file():
-            problems.append(f"--hf-checkpoint {path} has no config.json (it must be a Hugging Face model directory)")
+            problems.append(
+                f"--hf-checkpoint {path} has no config.json{hint or ' (it must be a Hugging Face model directory)'}"
+            )
+
+
+def _check_device(args, problems: list[str]) -> None:
+    if args.device == "cuda":
+        import torch  # only here: parsing must not import torch
+
+        if not torch.cuda.is_available():
+            problems.append(
+                "--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); "
+                "use --device cpu or auto"
+            )
 
 
 def _check_cluster(args, plugin_set, problems: list[str]) -> None:
+    from .dry_run import layout_problems, placement_request
+
     if args.async_train and args.colocate:
         problems.append(
             "--async with --colocate: colocated async cannot keep weights fixed during generation; "
@@ -531,29 +627,13 @@ def _check_cluster(args, plugin_set, problems: list[str]) -> None:
         problems.append(f"--colocate conflicts with --placement {args.placement}; drop one")
     if args.debug_train_only and args.debug_rollout_only:
         problems.append("--debug-train-only and --debug-rollout-only exclude each other")
-    if args.device == "cuda":
-        import torch  # only here: parsing must not import torch
-
-        if not torch.cuda.is_available():
-            problems.append(
-                "--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); "
-                "use --device cpu or auto"
-            )
     registry = plugin_set.registries["placement"]
     if args.placement in registry and not registry.entry(args.placement).missing_requirements():
-        from .protocols import PlacementRequest
-
-        request = PlacementRequest(
-            args.actor_num_nodes,
-            args.actor_num_gpus_per_node,
-            args.rollout_num_gpus,
-            args.rollout_num_gpus_per_engine,
-            args.num_gpus_per_node,
-        )
         try:
-            plugin_set.get("placement", args.placement)(request)
+            plugin_set.get("placement", args.placement)(placement_request(args))
         except ValueError as exc:
             problems.append(f"--placement {args.placement}: {exc}")
+    problems.extend(layout_problems(args))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -38,7 +38,14 @@ def _uses_default_run(argv: list[str]) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    from .config import ConfigError, config_to_dict, parse_config, validate_config
+    from .config import (
+        ConfigError,
+        check_config,
+        config_to_dict,
+        environment_problems,
+        parse_config,
+        validate_config,
+    )
     from .plugins import load_plugins
     from .registry import PluginError
 
@@ -52,15 +59,20 @@ def main(argv: list[str]) -> int:
             from plugrl.plugins.backends.tiny_default import default_checkpoint
 
             args.hf_checkpoint = str(default_checkpoint())
-        validate_config(args, plugin_set)
+        if args.dry_run:
+            # a dry run previews a run anywhere (e.g. a laptop for an 8-GPU recipe): only the values must
+            # be valid; what this machine lacks (files, packages) is listed after the plan
+            check_config(args, plugin_set)
+            missing = environment_problems(args, plugin_set)
+        else:
+            validate_config(args, plugin_set)
     except (ConfigError, PluginError) as exc:
         print(f"plugrl train: error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
-        import yaml
+        from .dry_run import print_dry_run
 
-        print(yaml.safe_dump(config_to_dict(args), sort_keys=True))
-        return 0
+        return print_dry_run(args, plugin_set, missing)
     from .loop import run_training
     from .metrics import MetricsLogger
 

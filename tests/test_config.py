@@ -14,7 +14,10 @@ from plugrl.core.config import (
     RECIPES,
     ConfigError,
     build_parser,
+    check_config,
+    config_problems,
     config_to_dict,
+    environment_problems,
     parse_config,
     recipe_values,
     validate_config,
@@ -307,6 +310,21 @@ def test_yaml_negated_switch(ps, files):
     assert parse_config(["--config", path, "--offload-train"], ps).offload_train is True
 
 
+def test_command_line_turns_off_switches_set_by_yaml_or_recipe(ps, files, monkeypatch):
+    monkeypatch.setitem(RECIPES, "switches-on", {"sequence_parallel": True, "balance_data": True})
+    path = write_yaml(files["dir"] / "run.yaml", {"colocate": True, "use-dynamic-batch-size": True})
+    args = parse_config(["--recipe", "switches-on", "--config", path, "--no-colocate", "--no-use-dynamic-batch-size",
+                         "--no-sequence-parallel"], ps)
+    assert args.colocate is False and args.use_dynamic_batch_size is False and args.sequence_parallel is False
+    assert args.balance_data is True  # untouched recipe switch
+    assert args._sources["--colocate"] == "cli" and args._sources["--sequence-parallel"] == "cli"
+    assert args.placement == "colocate" and args.offload_train is False  # as if --colocate were never given
+    # flags with their own --no- form keep it; --no-<flag> of a value flag is still unknown
+    assert parse_config(["--colocate", "--no-offload-train"], ps).offload_train is False
+    with pytest.raises(ConfigError, match="unrecognized arguments: --no-lr"):
+        parse_config(["--no-lr"], ps)
+
+
 def test_yaml_unknown_key_suggests(ps, files):
     path = write_yaml(files["dir"] / "run.yaml", {"rollout-batch-sise": 8})
     with pytest.raises(ConfigError) as info:
@@ -437,6 +455,17 @@ VALIDATION_CASES = [
     (["--eval-prompt-data", "aime"], "--eval-prompt-data: aime does not exist"),
     (["--eval-prompt-data", "a", "b", "c"], "--eval-prompt-data takes NAME PATH pairs"),
     (["--sft-warmup-steps", "5"], "--sft-warmup-steps needs --sft-warmup-data"),
+    (
+        ["--tensor-model-parallel-size", "2"],
+        (
+            "--tensor-model-parallel-size 2 does not divide the 1 train GPUs (--actor-num-nodes 1 × "
+            "--actor-num-gpus-per-node 1); use a size that divides 1 (1) or change the train GPUs"
+        ),
+    ),
+    (
+        ["--actor-num-gpus-per-node", "4", "--num-gpus-per-node", "2"],
+        "--actor-num-gpus-per-node 4 is more than a node has (--num-gpus-per-node 2); use more --actor-num-nodes",
+    ),
 ]
 
 
@@ -462,6 +491,36 @@ def test_paths_checked(ps, base, files):
     assert "is not a directory" in problems_of(base + ["--hf-checkpoint", missing], ps)
     validate_config(parse_config(base + ["--eval-prompt-data", "toy", files["eval"], "--eval-interval", "2"], ps), ps)
     validate_config(parse_config(base + ["--eval-prompt-data", files["eval"], "--eval-interval", "2"], ps), ps)
+
+
+def test_config_problems_and_machine_problems_are_separate(ps, base, files):
+    missing = str(files["dir"] / "missing.jsonl")
+    args = parse_config(base + ["--prompt-data", missing, "--rollout-temperature", "0"], ps)
+    assert config_problems(args, ps) == ["--rollout-temperature must be > 0, got 0.0"]
+    assert environment_problems(args, ps) == [f"--prompt-data: {missing} does not exist"]
+    with pytest.raises(ConfigError) as info:
+        validate_config(args, ps)
+    assert len(info.value.problems) == 2
+    args = parse_config(base + ["--prompt-data", missing], ps)
+    check_config(args, ps)  # the values are fine; only this machine lacks the file
+    with pytest.raises(ConfigError, match="does not exist"):
+        validate_config(args, ps)
+
+
+def test_recipe_paths_say_how_to_replace_them(ps, files, monkeypatch):
+    missing = str(files["dir"] / "absent")
+    monkeypatch.setitem(RECIPES, "with-paths", {"hf_checkpoint": missing, "prompt_data": missing + ".jsonl",
+                                                "rollout_batch_size": 2, "rm_type": "deepscaler", "num_rollout": 1})
+    problems = environment_problems(parse_config(["--recipe", "with-paths"], ps), ps)
+    hint = "(set by recipe 'with-paths': put your copy there or pass"
+    assert problems == [
+        f"--prompt-data: {missing}.jsonl does not exist {hint} --prompt-data PATH)",
+        f"--hf-checkpoint {missing} is not a directory {hint} --hf-checkpoint DIR)",
+    ]
+    # given on the command line, the same path gets the plain message
+    args = parse_config(["--recipe", "with-paths", "--hf-checkpoint", missing], ps)
+    assert f"--hf-checkpoint {missing} is not a directory (give a Hugging Face model directory)" in \
+        environment_problems(args, ps)
 
 
 def test_device_cuda_without_cuda(ps, base, monkeypatch):
