@@ -1,5 +1,10 @@
 """The driver: starts Ray actors where the placement plan says and runs the training loop.
 
+Actors: one rollout manager and a train group of N = --actor-num-nodes × --actor-num-gpus-per-node
+ranks (``core/train_group.py``; one torch.distributed world). On GPU one placement group of
+``plan.num_bundles`` bundles is created and its bundles are ordered by (node IP, GPU id) as slime
+does, so logical bundle i (train rank i) is the i-th GPU in that order.
+
 Sync loop order (slime ``train.py``, reference §1.2): push weights once before step 0; per rollout:
 generate (+reward, filter) -> [colocated GPU: release engine memory, onload trainer] -> train ->
 save? -> [colocated GPU: offload trainer, resume engine weights then KV] -> push weights -> eval?.
@@ -14,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from .checkpoint import find_latest_checkpoint, write_checkpoint_atomically
+from .train_group import RankDiedError, TrainGroup, probe_bundles, remote_actor_class
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +46,15 @@ class ActorDiedError(RuntimeError):
 
 
 def _death_message(exc, args) -> str:
-    which = "actor"
-    text = str(exc)
-    if "RolloutManager" in text:
+    if isinstance(exc, RankDiedError):
+        which, exc = f"train worker (rank {exc.rank} of {exc.world_size})", exc.cause
+    elif "RolloutManager" in str(exc):
         which = "rollout manager (it owns the rollout engine)"
-    elif "TrainWorker" in text:
+    elif "TrainWorker" in str(exc):
         which = "train worker"
+    else:
+        which = "actor"
+    text = str(exc)
     resume = (f"checkpoints so far are in {args.save}; resume with --load {args.save}" if args.save
               else "pass --save DIR --save-interval N to be able to resume after such a failure")
     return f"the {which} process died: {text.splitlines()[0] if text else type(exc).__name__}. " \
@@ -53,104 +62,111 @@ def _death_message(exc, args) -> str:
 
 
 class Cluster:
-    """Ray actors for one run: a rollout manager and a train worker, placed by the placement plan."""
+    """Ray actors for one run: a rollout manager and the train group, placed by the placement plan.
+    Runs on the driver."""
 
     def __init__(self, args, plugin_set, total_optimizer_steps: int):
+        self.args = args
+        self.rollout = self.train = self.placement_group = self.plan = None
+        self.bundle_infos = None  # on GPU: (node IP, GPU id) of logical bundle i
+        try:
+            self._start(args, plugin_set, total_optimizer_steps)
+        except BaseException:
+            self.shutdown()  # run_training never sees a half-built cluster, so release it here
+            raise
+
+    def _start(self, args, plugin_set, total_optimizer_steps: int) -> None:
         import ray
 
         from .plugins import forwarded_env
-        from .protocols import PlacementRequest
         from .rollout_manager import RolloutManager
         from .train_worker import TrainWorker
 
-        self.args = args
         use_gpu = args.device in (None, "auto", "cuda") and _cuda_available()
         self.use_gpu = use_gpu
+        world_size = int(args.actor_num_nodes) * int(args.actor_num_gpus_per_node)
         if not ray.is_initialized():
             env = {**forwarded_env(), "TOKENIZERS_PARALLELISM": "false"}
-            init_kwargs = dict(runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=True,
-                               configure_logging=True, logging_level=logging.WARNING)
+            init_kwargs = {"runtime_env": {"env_vars": env}, "include_dashboard": False, "log_to_driver": True,
+                           "configure_logging": True, "logging_level": logging.WARNING}
             if args.ray_address:
                 ray.init(address=args.ray_address, **init_kwargs)
             else:
-                ray.init(num_cpus=max(2, os.cpu_count() or 2), **init_kwargs)
+                # One logical CPU per train rank plus the rollout manager, even on a 2-core box: the
+                # ranks split the real cores between them (TrainWorker.build).
+                ray.init(num_cpus=max(2, os.cpu_count() or 2, world_size + 1), **init_kwargs)
         config = vars(args)
         device = "cuda" if use_gpu else "cpu"
-        train_options: dict = {"num_cpus": 1}
-        rollout_options: dict = {"num_cpus": 1}
-        self.placement_group = None
         if use_gpu:
-            from ray.util.placement_group import placement_group
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            placement = plugin_set.get("placement", args.placement)
-            plan = placement(PlacementRequest(
-                actor_num_nodes=args.actor_num_nodes, actor_num_gpus_per_node=args.actor_num_gpus_per_node,
-                rollout_num_gpus=args.rollout_num_gpus, rollout_num_gpus_per_engine=args.rollout_num_gpus_per_engine,
-                num_gpus_per_node=args.num_gpus_per_node,
-            ))
-            self.plan = plan
-            self.placement_group = placement_group([{"GPU": 1, "CPU": 1}] * plan.num_bundles, strategy="PACK")
-            ray.get(self.placement_group.ready())
-
-            def pinned(bundle):
-                return PlacementGroupSchedulingStrategy(placement_group=self.placement_group,
-                                                        placement_group_bundle_index=bundle)
-
-            # Fractions let the trainer and the engine share a GPU when the plan colocates them.
-            train_options = {"num_cpus": 0.4, "num_gpus": 0.4, "scheduling_strategy": pinned(plan.actor_bundles[0])}
-            rollout_options = {"num_cpus": 0.2, "num_gpus": 0.2, "scheduling_strategy": pinned(plan.rollout_bundles[0])}
+            rollout_options, train_options = self._gpu_options(args, plugin_set, world_size)
+        else:
+            rollout_options, train_options = {"num_cpus": 1}, [{"num_cpus": 1}] * world_size
+            cpus = ray.cluster_resources().get("CPU", 0)
+            if cpus < world_size + 1:
+                logger.warning("the Ray cluster has %g CPUs but %d CPU actors must start (%d train ranks from "
+                               "--actor-num-nodes x --actor-num-gpus-per-node, one rollout manager): they "
+                               "wait until enough CPUs join", cpus, world_size + 1, world_size)
         worker_config = {**config, "device": device, "rollout_device": device}
-        self.rollout = _remote(RolloutManager).options(**rollout_options).remote(worker_config)
-        self.train = _remote(TrainWorker).options(**train_options).remote(worker_config, total_optimizer_steps)
-        ray.get([self.rollout.__ray_ready__.remote(), self.train.__ray_ready__.remote()])
-        self.colocated_gpu = use_gpu and plan.colocated
+        self.rollout = remote_actor_class(RolloutManager).options(**rollout_options).remote(worker_config)
+        self.train = TrainGroup(remote_actor_class(TrainWorker), worker_config, total_optimizer_steps, train_options)
+        ray.get(self.rollout.__ray_ready__.remote())
+        self.colocated_gpu = use_gpu and self.plan.colocated
+
+    def _gpu_options(self, args, plugin_set, world_size: int) -> tuple[dict, list[dict]]:
+        """One placement group for the plan; Ray options of the rollout manager and of each train rank."""
+        import ray
+        from plugrl.plugins.backends.placement import sort_bundles
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from .protocols import PlacementRequest
+
+        placement = plugin_set.get("placement", args.placement)
+        plan = placement(PlacementRequest(
+            actor_num_nodes=args.actor_num_nodes, actor_num_gpus_per_node=args.actor_num_gpus_per_node,
+            rollout_num_gpus=args.rollout_num_gpus, rollout_num_gpus_per_engine=args.rollout_num_gpus_per_engine,
+            num_gpus_per_node=args.num_gpus_per_node,
+        ))
+        if len(plan.actor_bundles) != world_size:
+            raise ValueError(f"--placement {args.placement} gave {len(plan.actor_bundles)} train bundles for "
+                             f"--actor-num-nodes x --actor-num-gpus-per-node = {world_size} train ranks")
+        self.plan = plan
+        self.placement_group = placement_group([{"GPU": 1, "CPU": 1}] * plan.num_bundles, strategy="PACK")
+        ray.get(self.placement_group.ready())
+        infos = probe_bundles(self.placement_group, plan.num_bundles)
+        physical = sort_bundles(infos)  # physical[i]: the bundle playing logical bundle i
+        self.bundle_infos = [infos[b] for b in physical]  # for logs and the rollout side
+        for logical, bundle in enumerate(physical):
+            logger.info("bundle %d: placement group bundle %d, node %s, gpu %s", logical, bundle, *infos[bundle])
+
+        def pinned(logical_bundle):
+            return PlacementGroupSchedulingStrategy(placement_group=self.placement_group,
+                                                    placement_group_bundle_index=physical[logical_bundle])
+
+        shared = set(plan.rollout_bundles)
+        # A rank whose GPU the rollout side also uses takes a fraction so both fit on the bundle
+        # (slime: 0.4 train, 0.2 engine); a rank alone on its bundle takes the whole GPU.
+        train_options = [{"num_cpus": 0.4, "num_gpus": 0.4, "scheduling_strategy": pinned(b)} if b in shared
+                         else {"num_cpus": 1, "num_gpus": 1, "scheduling_strategy": pinned(b)}
+                         for b in plan.actor_bundles]
+        rollout_options = {"num_cpus": 0.2, "num_gpus": 0.2, "scheduling_strategy": pinned(plan.rollout_bundles[0])}
+        return rollout_options, train_options
 
     def shutdown(self) -> None:
         import ray
 
-        if getattr(self, "rollout", None) is not None:
+        if self.rollout is not None:
             try:  # let the engine stop what it launched (SGLang servers, router) before the kill
                 ray.get(self.rollout.close.remote(), timeout=60)
-            except Exception as exc:  # a dead actor has nothing left to close
+            except Exception as exc:  # noqa: BLE001 - a dead actor has nothing left to close
                 logger.debug("rollout manager close failed: %s", exc)
-        for actor in (getattr(self, "rollout", None), getattr(self, "train", None)):
-            if actor is not None:
-                ray.kill(actor)
+            ray.kill(self.rollout)
+        if self.train is not None:
+            self.train.kill()
         if self.placement_group is not None:
             from ray.util.placement_group import remove_placement_group
 
             remove_placement_group(self.placement_group)
-
-
-def _remote(cls):
-    import ray
-
-    return ray.remote(concurrency_groups={"progress": 1})(_threads(cls))
-
-
-def _threads(cls):
-    """Subclass that lets torch use every core: in the sync loop generation and training take
-    turns, so neither actor needs to leave cores to the other (Ray pins OMP_NUM_THREADS to 1)."""
-
-    import ray
-
-    class WithThreads(cls):
-        def __init__(self, *a, **kw):
-            import torch
-
-            torch.set_num_threads(max(1, os.cpu_count() or 1))
-            super().__init__(*a, **kw)
-
-        # Its own concurrency group: the driver polls it while generate/train run in the default
-        # group, whose calls keep their one-at-a-time order.
-        @ray.method(concurrency_group="progress")
-        def progress(self) -> dict:
-            return cls.progress(self)
-
-    WithThreads.__name__ = cls.__name__
-    WithThreads.__qualname__ = cls.__qualname__
-    return WithThreads
 
 
 def _due(interval, rollout_id: int, last: bool) -> bool:
@@ -193,10 +209,10 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
             logger.warning("resumed from %s at rollout %d", args.load, start_rollout)
         elif getattr(args, "sft_warmup_steps", 0) and args.sft_warmup_data:
             phase("format warm-up", -1)
-            history = ray.get(cluster.train.sft_warmup.remote(
+            history = cluster.train.sft_warmup(
                 args.sft_warmup_data, steps=int(args.sft_warmup_steps), batch_size=int(args.sft_warmup_batch_size),
                 lr=float(args.sft_warmup_lr), prompt_loss_weight=float(args.sft_warmup_prompt_loss_weight),
-                seed=int(args.seed)))
+                seed=int(args.seed))
             metrics_logger.log(-1, {"sft/loss_first": history[0], "sft/loss_last": history[-1]}, phase="sft")
         version = start_rollout
         phase("sync", start_rollout)
@@ -219,13 +235,14 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
             _observe(plugin_set.pm.hook.plugrl_on_rollout_end, rollout_id, metrics)
             if cluster.colocated_gpu:
                 ray.get(cluster.rollout.release_memory.remote())
-                ray.get(cluster.train.onload.remote())
+                cluster.train.onload()
             phase("train", rollout_id)
             train_started = time.perf_counter()
-            metrics.update(watch(cluster.train.train.remote(rollout_id, data), cluster.train))
+            poll = None if on_progress is None else (lambda: on_progress(cluster.train.progress()))
+            metrics.update(cluster.train.train(rollout_id, data, poll=poll))
             metrics["perf/train_time"] = time.perf_counter() - train_started
             if cluster.colocated_gpu:
-                ray.get(cluster.train.offload.remote())
+                cluster.train.offload()
                 ray.get(cluster.rollout.resume_memory.remote(["weights"]))
             phase("sync", rollout_id)
             sync_started = time.perf_counter()
@@ -252,8 +269,8 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
             print(console_line(rollout_id, metrics), flush=True)
             summary.rollouts += 1
         if args.save_hf:
-            ray.get(cluster.train.save_hf.remote(args.save_hf))
-    except ray.exceptions.RayActorError as exc:
+            cluster.train.save_hf(args.save_hf)
+    except (ray.exceptions.RayActorError, RankDiedError) as exc:
         raise ActorDiedError(_death_message(exc, args)) from exc
     finally:
         metrics_logger.close()
@@ -304,7 +321,7 @@ def _observe(hook, rollout_id: int, metrics: dict) -> None:
 def _push_weights(cluster, args, version: int) -> None:
     import ray
 
-    buckets = cluster.train.export_weights.remote(int(args.update_weight_buffer_size))
+    buckets = cluster.train.export_weights(int(args.update_weight_buffer_size))  # rank 0's, as an ObjectRef
     ray.get(cluster.rollout.update_weights.remote(buckets, version))
 
 
@@ -312,7 +329,7 @@ def _save(cluster, args, rollout_id: int) -> None:
     import ray
 
     def write(tmp_dir: str) -> None:
-        ray.get(cluster.train.save.remote(tmp_dir))
+        cluster.train.save(tmp_dir)
         with open(os.path.join(tmp_dir, "rollout_state.json"), "w") as f:
             json.dump(ray.get(cluster.rollout.state_dict.remote(before_rollout=rollout_id + 1)), f)
         with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
@@ -328,7 +345,7 @@ def _restore(cluster, load_dir: str) -> int:
     path = find_latest_checkpoint(load_dir)
     with open(os.path.join(path, "meta.json")) as f:
         rollout_id = json.load(f)["rollout_id"]
-    ray.get(cluster.train.load.remote(path))
+    cluster.train.load(path)
     with open(os.path.join(path, "rollout_state.json")) as f:
         ray.get(cluster.rollout.load_state_dict.remote(json.load(f)))
     return rollout_id

@@ -1,24 +1,71 @@
-"""``TrainWorker``: the body of a train Ray actor; builds the selected train backend in-process.
+"""``TrainWorker``: the body of one train Ray actor (one rank); builds the selected train backend in-process.
 
 Only plain data crosses the actor boundary: the config dict in, metric dicts and weight buckets out.
+
+Fan-out calling convention (the driver side is ``core/train_group.py``; every train backend relies on it):
+
+* The driver calls ``train``, ``export_weights``, ``save``, ``load``, ``save_hf``, ``offload``,
+  ``onload``, ``sft_warmup`` and ``log_probs`` on ALL ranks, with the same arguments (``train``'s data
+  is one ``ray.put`` object shared by every rank), because a backend may run collectives inside any
+  of them. It waits for every rank and uses rank 0's return value.
+* ``train``: each backend takes its own data-parallel share of ``data`` (the whole rollout) and
+  returns metrics that are already reduced over ranks (rank 0's are logged).
+* ``export_weights``: rank 0 returns the HF-named buckets, other ranks ``[]``.
+* ``save`` / ``save_hf``: the backend decides who writes (all ranks must return); ``load``: every
+  rank restores its state from the same directory (a filesystem the driver and all ranks share).
+* ``progress()`` is polled on rank 0 only, from the driver, while ``train`` runs.
+
+The torch.distributed rendezvous (env vars set by ``build`` before the backend exists) is described in
+``core/train_group.py``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 from types import SimpleNamespace
 
 
 class TrainWorker:
-    def __init__(self, config: dict, total_optimizer_steps: int):
+    """One rank. ``TrainWorker(config, steps)`` builds the backend at once (in-process use, world of
+    one); the train group passes ``build=False`` and calls ``node_address`` then ``build(dist_env)``."""
+
+    def __init__(self, config: dict, total_optimizer_steps: int, *, build: bool = True):
+        self.args = SimpleNamespace(**config)
+        self.total_optimizer_steps = total_optimizer_steps
+        self.backend = None
+        if build:
+            self.build()
+
+    def node_address(self) -> tuple[str, int]:
+        """In the actor, before ``build``: this node's IP and a port free on it right now (the driver
+        uses rank 0's pair as MASTER_ADDR / MASTER_PORT)."""
+        import socket
+
+        import ray
+
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def build(self, dist_env: dict | None = None) -> None:
+        """Set the rendezvous env vars (if any), then build the backend, which joins the process group."""
         from .plugins import load_plugins
 
-        self.args = SimpleNamespace(**config)
+        if dist_env:
+            os.environ.update({k: str(v) for k, v in dist_env.items()})
+            local_ranks = int(dist_env.get("LOCAL_WORLD_SIZE", 1))
+            if local_ranks > 1:
+                import torch
+
+                # Ranks of one node train at the same time: split the cores instead of oversubscribing.
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
         plugin_set = load_plugins()
         estimator = plugin_set.get("advantage_estimator", self.args.advantage_estimator)(self.args)
         backend_cls = plugin_set.get("train_backend", self.args.train_backend)
-        self.backend = backend_cls(self.args, estimator=estimator, total_optimizer_steps=total_optimizer_steps)
+        self.backend = backend_cls(self.args, estimator=estimator, total_optimizer_steps=self.total_optimizer_steps)
 
     def train(self, rollout_id: int, data: dict) -> dict:
         return self.backend.train(rollout_id, data)
@@ -47,7 +94,8 @@ class TrainWorker:
 
     def sft_warmup(self, path: str, *, steps: int, batch_size: int, lr: float, prompt_loss_weight: float,
                    seed: int) -> list[float]:
-        """Supervised format warm-up on a JSONL of {prompt, response} rows (chat template applied)."""
+        """Supervised format warm-up on a JSONL of {prompt, response} rows (chat template applied).
+        Every rank draws the same batches (same seed); the backend splits each batch over ranks."""
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(self.args.hf_checkpoint)
@@ -71,9 +119,13 @@ class TrainWorker:
         return self.backend.sft_warmup(batches, lr=lr, prompt_loss_weight=prompt_loss_weight)
 
     def log_probs(self, sequences: list[list[int]], response_lengths: list[int]) -> list[list[float]]:
-        """The trainer's response log-probs for fixed sequences (weight-push checks)."""
+        """The trainer's response log-probs for fixed sequences (weight-push checks); no collectives,
+        every rank computes the same values. A backend with its own ``log_probs`` (same signature,
+        e.g. one whose forward is a collective) is called on every rank instead."""
         import torch
 
+        if hasattr(self.backend, "log_probs"):
+            return self.backend.log_probs(sequences, response_lengths)
         with torch.no_grad():
             lp, _ = self.backend._forward_response(self.backend.model, sequences, response_lengths, with_entropy=False)
         return [chunk.tolist() for chunk in lp.split(response_lengths)]

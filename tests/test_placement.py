@@ -4,10 +4,8 @@ import subprocess
 import sys
 
 import pytest
-
 from plugrl.core.protocols import PlacementPlan, PlacementRequest
-from plugrl.core.testing import check_placement
-from plugrl.core.testing import plugin_set  # noqa: F401  (fixture)
+from plugrl.core.testing import check_placement, plugin_set  # noqa: F401  (fixture)
 from plugrl.plugins.backends.placement import colocate, decoupled, describe_plan
 
 
@@ -104,7 +102,7 @@ def test_describe_plan_names_every_bundle():
     assert "     2  -           engine 0 (local gpu 0)" in text.splitlines()
 
 
-def test_registered_and_conform(plugin_set):
+def test_registered_and_conform(plugin_set):  # noqa: F811 - the imported fixture
     for name, fn in (("colocate", colocate), ("decoupled", decoupled)):
         entry = plugin_set.entry("placement", name)
         assert entry.obj is fn and entry.builtin

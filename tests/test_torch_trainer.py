@@ -4,9 +4,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
-from plugrl.plugins.backends.torch_trainer import TorchTrainBackend, lr_lambda_factory, packed_inputs, response_slices
+from plugrl.plugins.backends.torch_trainer import (
+    TorchTrainBackend,
+    lr_lambda_factory,
+    packed_inputs,
+    response_slices,
+)
 from plugrl.plugins.estimators.grpo import GRPOEstimator
 
 
@@ -16,11 +20,13 @@ def checkpoint(tmp_path_factory):
 
 
 def make_args(checkpoint, **overrides):
-    values = dict(hf_checkpoint=checkpoint, device="cpu", lr=1e-3, weight_decay=0.0, adam_beta1=0.9,
-                  adam_beta2=0.98, adam_eps=1e-8, clip_grad=1e9, seed=0, rollout_temperature=1.0,
-                  micro_batch_size=1, use_dynamic_batch_size=False, max_tokens_per_gpu=None,
-                  global_batch_size=None, eps_clip=0.2, eps_clip_high=0.28, loss_type="policy_loss",
-                  kl_coef=0.0, use_kl_loss=False, entropy_coef=0.0, n_samples_per_prompt=2)
+    values = dict(  # noqa: C408 - keyword form reads like the flags
+        hf_checkpoint=checkpoint, device="cpu", lr=1e-3, weight_decay=0.0, adam_beta1=0.9,
+        adam_beta2=0.98, adam_eps=1e-8, clip_grad=1e9, seed=0, rollout_temperature=1.0,
+        micro_batch_size=1, use_dynamic_batch_size=False, max_tokens_per_gpu=None,
+        global_batch_size=None, eps_clip=0.2, eps_clip_high=0.28, loss_type="policy_loss",
+        kl_coef=0.0, use_kl_loss=False, entropy_coef=0.0, n_samples_per_prompt=2,
+    )
     values.update(overrides)
     return SimpleNamespace(**values)
 
@@ -102,6 +108,7 @@ def test_objective_does_not_depend_on_micro_batch_split(checkpoint):
         torch.testing.assert_close(all_at_once[name], grad, atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(dynamic[name], grad, atol=1e-6, rtol=1e-4)
     assert m1["train/pg_loss"] == pytest.approx(m4["train/pg_loss"], abs=1e-7)
+    assert m1["train/pg_loss"] == pytest.approx(md["train/pg_loss"], abs=1e-7)
 
 
 def test_sft_warmup_lowers_the_loss(checkpoint):
@@ -109,3 +116,27 @@ def test_sft_warmup_lowers_the_loss(checkpoint):
     seqs, resp = random_sequences(seed=2, count=4)
     history = backend.sft_warmup([(seqs, resp)] * 30, lr=3e-3)
     assert history[-1] < 0.5 * history[0]
+
+
+def test_rank_share_splits_a_step_by_tokens():
+    from plugrl.plugins.backends.torch_trainer import rank_share
+
+    positions = [10, 11, 12, 13, 14, 15]
+    lengths = {10: 9, 11: 1, 12: 5, 13: 5, 14: 8, 15: 2}
+    length_list = [lengths.get(i, 0) for i in range(16)]
+    shares = [rank_share(positions, length_list, rank, 2) for rank in range(2)]
+    assert sorted(shares[0] + shares[1]) == positions  # every sample once
+    assert [len(s) for s in shares] == [3, 3]  # equal counts when they divide evenly
+    assert all(s == sorted(s) for s in shares)  # original order inside a share
+    tokens = [sum(lengths[p] for p in s) for s in shares]
+    assert abs(tokens[0] - tokens[1]) <= 2, tokens  # 30 tokens: 15 / 15 is reachable, KK gets within 2
+    assert rank_share(positions, length_list, 0, 1) == positions
+    # Fewer samples than ranks (samples of no step): some ranks get none.
+    assert sorted(rank_share([3], length_list, r, 2) for r in range(2)) == [[], [3]]
+
+
+def test_a_step_smaller_than_the_world_names_the_flags(checkpoint):
+    backend = TorchTrainBackend(make_args(checkpoint), estimator=GRPOEstimator(None))
+    backend.rank, backend.world_size = 0, 4  # as rank 0 of four; _share needs no process group
+    with pytest.raises(ValueError, match="--actor-num-gpus-per-node"):
+        backend._share([0, 1, 2], [5, 5, 5])

@@ -9,12 +9,45 @@ Layout follows slime's ``_get_placement_group_layout`` (reference §8):
 Rollout engine i (one Ray actor) starts at bundle ``offset + i * min(gpus_per_engine, gpus_per_node)``;
 an engine wider than a node has one actor per node, and ``gpus_per_engine // gpus_per_node``
 consecutive entries of ``engine_bundles`` form one server.
+
+``sort_bundles`` is the ordering step: given what a probe actor on each bundle reported (node IP,
+GPU id), it says which physical bundle plays logical bundle i (slime ``placement_group.py``).
 """
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable, Sequence
+
 from plugrl.core import hookimpl
 from plugrl.core.protocols import PlacementPlan, PlacementRequest
+
+
+def _node_key(node: str, resolve: Callable[[str], str]) -> list[int]:
+    """slime's ``sort_key`` for a node: IPv4 octets as integers (so 10.0.0.9 < 10.0.0.10); a hostname
+    is resolved to an IP first; failing both, the characters' code points (stable, if arbitrary)."""
+    try:
+        return [int(part) for part in node.split(".")]
+    except ValueError:
+        pass
+    try:
+        return [int(part) for part in resolve(node).split(".")]
+    except (OSError, TypeError, ValueError):  # socket.gaierror is an OSError
+        return [ord(c) for c in node]
+
+
+def sort_bundles(bundle_infos: Sequence[tuple[str, int | str]], *,
+                 resolve: Callable[[str], str] = socket.gethostbyname) -> list[int]:
+    """Physical bundle indices in logical order: ``result[i]`` is the bundle that logical bundle i
+    (train rank i, rollout GPU i - offset) uses.
+
+    ``bundle_infos[b]`` is ``(node IP or hostname, GPU id)`` as reported from inside bundle b (Ray
+    gives a placement group's bundles in no particular order). Bundles sort by (node, GPU id) with
+    the node compared as in :func:`_node_key`; ties keep the bundle index order (a stable sort).
+    Runs on the driver once the placement group is ready.
+    """
+    keyed = [(_node_key(str(node), resolve), int(gpu), b) for b, (node, gpu) in enumerate(bundle_infos)]
+    return [b for _, _, b in sorted(keyed, key=lambda k: (k[0], k[1]))]
 
 
 def _check_request(request: PlacementRequest, rollout_gpus: int) -> None:
@@ -97,9 +130,9 @@ def describe_plan(plan: PlacementPlan, name: str | None = None) -> str:
     rank_of = {b: r for r, b in enumerate(plan.actor_bundles)}
     title = name or ("colocate" if plan.colocated else "decoupled")
     lines = [
-        f"placement {title}: {plan.num_bundles} bundles (1 GPU + 1 CPU each), "
-        f"{len(plan.actor_bundles)} train GPUs, {len(plan.rollout_bundles)} rollout GPUs "
-        f"(offset {plan.rollout_offset}), {len(plan.engine_bundles)} rollout engine actors",
+        (f"placement {title}: {plan.num_bundles} bundles (1 GPU + 1 CPU each), "
+         f"{len(plan.actor_bundles)} train GPUs, {len(plan.rollout_bundles)} rollout GPUs "
+         f"(offset {plan.rollout_offset}), {len(plan.engine_bundles)} rollout engine actors"),
         "bundle  train       rollout",
     ]
     for bundle in range(plan.num_bundles):

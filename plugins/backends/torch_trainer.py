@@ -1,10 +1,18 @@
 """The embedded train backend ``torch``: an HF ``AutoModelForCausalLM`` trained with AdamW.
 
-Runs inside the train actor (one process, CPU or one GPU). Per rollout: recompute old log-probs (or
+Runs inside each train actor (one rank: CPU or one GPU). Per rollout: recompute old log-probs (or
 reuse the current ones when there is one optimizer step and no KL, as slime does), reference
 log-probs when a KL needs them, advantages from the estimator, then ``--num-steps-per-rollout``
 optimizer steps over micro-batches. A micro-batch is one packed row: samples concatenated with
 positions restarting per sample and a block-diagonal causal mask, so no token attends across samples.
+
+Data parallelism (WORLD_SIZE > 1, env rendezvous of ``core/train_group.py``): every rank gets the
+whole rollout and takes a token-balanced share of each optimizer step's samples; it packs its share
+into micro-batches, scales each micro-batch loss by the WHOLE step's normaliser (rollouts or loss
+tokens), and the gradients are summed over ranks before clipping, so the step's objective and update
+equal the single-rank ones. Each rank recomputes old/ref log-probs for its own samples only; the
+per-token KL is all-gathered so advantages (which need whole groups) are computed on the full batch,
+identically on every rank. Metrics are summed over ranks, so rank 0 reports single-rank numbers.
 """
 
 from __future__ import annotations
@@ -15,9 +23,8 @@ import os
 from typing import Any
 
 import torch
-
 from plugrl.core import losses
-from plugrl.core.packing import plan_micro_batches, split_into_steps
+from plugrl.core.packing import karmarkar_karp, plan_micro_batches, split_into_steps
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +65,34 @@ def lr_lambda_factory(args, total_steps: int):
     return multiplier
 
 
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Join the env:// process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA). Runs in the
+    train actor when the backend is built; the env vars come from ``core/train_group.py``.
+
+    Returns (rank, world size, device); on CUDA the device becomes ``cuda:$LOCAL_RANK``.
+    """
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if world <= 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def rank_share(positions: list[int], lengths: list[int], rank: int, world: int) -> list[int]:
+    """The positions of ``positions`` that ``rank`` trains on: a token-balanced split (Karmarkar–Karp,
+    equal sample counts when they divide evenly), in original order. Same answer on every rank."""
+    if world == 1:
+        return list(positions)
+    parts = karmarkar_karp([lengths[p] for p in positions], world, equal_size=len(positions) % world == 0)
+    return [positions[i] for i in parts[rank]]
+
+
 def packed_inputs(token_lists: list[list[int]], device) -> dict:
     """One row holding every sequence: positions restart per sequence and the causal mask is
     block-diagonal, so the logits equal those of each sequence run alone."""
@@ -89,7 +124,7 @@ class TorchTrainBackend:
         from transformers import AutoModelForCausalLM
 
         self.args = args
-        self.device = resolve_device(getattr(args, "device", None))
+        self.rank, self.world_size, self.device = init_distributed(resolve_device(getattr(args, "device", None)))
         torch.manual_seed(int(_opt(args, "seed", 1234)))
         use_bf16 = bool(getattr(args, "bf16", None)) or (getattr(args, "bf16", None) is None and self.device.type == "cuda")
         self.dtype = torch.bfloat16 if use_bf16 else torch.float32
@@ -153,6 +188,55 @@ class TorchTrainBackend:
         )
         return [[positions[i] for i in mb] for mb in plan[0]]
 
+    # ---- data parallelism ------------------------------------------------------------------------
+    def _share(self, positions: list[int], lengths: list[int]) -> list[int]:
+        if self.world_size > 1 and len(positions) < self.world_size:
+            raise ValueError(
+                f"an optimizer step has {len(positions)} samples but the train group has {self.world_size} "
+                "data-parallel ranks (--actor-num-nodes x --actor-num-gpus-per-node): every rank needs at least "
+                "one sample; raise --global-batch-size or lower the number of train ranks")
+        return rank_share(list(positions), lengths, self.rank, self.world_size)
+
+    def _all_reduce_grads(self, bucket_elements: int = 1 << 26) -> None:
+        """Sum every parameter's gradient over ranks, a flat bucket at a time (few collectives). A rank
+        that had no sample in the step contributes zeros."""
+        import torch.distributed as dist
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        bucket: list[torch.nn.Parameter] = []
+        size = 0
+        for i, p in enumerate(params):
+            bucket.append(p)
+            size += p.numel()
+            if size >= bucket_elements or i == len(params) - 1 or params[i + 1].grad.dtype != p.grad.dtype:
+                flat = torch.cat([q.grad.reshape(-1) for q in bucket])
+                dist.all_reduce(flat)
+                for q, chunk in zip(bucket, flat.split([q.numel() for q in bucket])):
+                    q.grad.copy_(chunk.view_as(q.grad))
+                bucket, size = [], 0
+
+    def _all_reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        import torch.distributed as dist
+
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        return dict(zip(keys, values.tolist()))
+
+    def _all_gather_samples(self, local: dict[int, torch.Tensor], n: int) -> list[torch.Tensor]:
+        """Per-sample tensors computed by their owning ranks, as one full list on every rank."""
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return [local[i] for i in range(n)]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, {i: t.detach().cpu() for i, t in local.items()})
+        merged = {i: t for part in gathered for i, t in part.items()}
+        return [merged[i].to(self.device) for i in range(n)]
+
     # ---- training ------------------------------------------------------------------------------
     def train(self, rollout_id: int, data: dict) -> dict:
         from plugrl.core.protocols import AdvantageInputs
@@ -164,10 +248,16 @@ class TorchTrainBackend:
         lengths = [len(t) for t in tokens]
         n = len(tokens)
         loss_masks = [torch.tensor(m, dtype=torch.float32, device=self.device) for m in data["loss_masks"]]
-        all_mbs = self._micro_batches(list(range(n)), lengths)
         global_batch = int(_opt(args, "global_batch_size", n))
         steps = split_into_steps(data["rollout_ids"], global_batch)
-        step_positions = steps.steps if hasattr(steps, "steps") else steps
+        step_positions = steps.steps
+        # This rank's samples of every step (all of them on a single rank); samples of rollouts that
+        # fill no step are not trained on but still get log-probs (for the KL the estimator may see).
+        step_shares = [self._share(positions, lengths) for positions in step_positions]
+        own = [p for share in step_shares for p in share]
+        if steps.dropped_positions:
+            own += rank_share(steps.dropped_positions, lengths, self.rank, self.world_size)
+        own_mbs = self._micro_batches(sorted(own), lengths)
         kl_coef = float(_opt(args, "kl_coef", 0.0))
         use_tis = bool(getattr(args, "use_tis", False))
         reuse_current = len(step_positions) == 1 and kl_coef == 0.0 and not use_tis
@@ -175,13 +265,15 @@ class TorchTrainBackend:
         if getattr(args, "use_rollout_logprobs", False):
             old_log_probs = [torch.tensor(x, dtype=torch.float32, device=self.device) for x in data["rollout_log_probs"]]
         elif not reuse_current:
-            old_log_probs = self._log_probs_all(self.model, tokens, response_lengths, all_mbs)
+            old_log_probs = self._log_probs_all(self.model, tokens, response_lengths, own_mbs)
         ref_log_probs = None
         if self.ref_model is not None:
-            ref_log_probs = self._log_probs_all(self.ref_model, tokens, response_lengths, all_mbs)
+            ref_log_probs = self._log_probs_all(self.ref_model, tokens, response_lengths, own_mbs)
         kl = None
         if kl_coef != 0.0 and ref_log_probs is not None and old_log_probs is not None:
-            kl = [losses.approx_kl(o, r, _opt(args, "kl_loss_type", "k1")) for o, r in zip(old_log_probs, ref_log_probs)]
+            kl_type = _opt(args, "kl_loss_type", "k1")
+            kl = self._all_gather_samples({i: losses.approx_kl(old_log_probs[i], ref_log_probs[i], kl_type)
+                                           for i in own}, n)
         advantages, _returns = self.estimator.compute(AdvantageInputs(
             rewards=data["rewards"], raw_rewards=data.get("raw_reward"), loss_masks=loss_masks,
             response_lengths=response_lengths, kl=kl,
@@ -194,7 +286,7 @@ class TorchTrainBackend:
         sequence_level = bool(getattr(self.estimator, "sequence_level_ratio", False))
         totals: dict[str, float] = {}
         self.model.train()
-        planned = [self._micro_batches(list(positions), lengths) for positions in step_positions]
+        planned = [self._micro_batches(share, lengths) for share in step_shares]
         self.progress = (0, sum(len(p) for p in planned))
         for positions, micro_batches in zip(step_positions, planned):
             step_rollouts = len({data["rollout_ids"][p] for p in positions})
@@ -206,7 +298,7 @@ class TorchTrainBackend:
                 mb_resp = [response_lengths[i] for i in mb]
                 log_probs, entropy = self._forward_response(self.model, mb_tokens, mb_resp, with_entropy=True)
 
-                def cat(values):
+                def cat(values, mb=mb):
                     return None if values is None else torch.cat([values[i] for i in mb])
 
                 loss, metrics = losses.compute_rl_loss(
@@ -222,6 +314,10 @@ class TorchTrainBackend:
                 for key, value in metrics.items():
                     step_metrics[key] = step_metrics.get(key, 0.0) + value * scale
                 self.progress = (self.progress[0] + 1, self.progress[1])
+            if self.world_size > 1:
+                # Each rank holds its share of the step's sum: summing over ranks gives the full step.
+                self._all_reduce_grads()
+                step_metrics = self._all_reduce_metrics(step_metrics)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(_opt(args, "clip_grad", 1.0)))
             self.optimizer.step()
             self.scheduler.step()
@@ -234,7 +330,10 @@ class TorchTrainBackend:
 
     # ---- weights and checkpoints ----------------------------------------------------------------
     def export_weights(self, bucket_bytes: int | None = None) -> list[dict[str, torch.Tensor]]:
-        """HF-named CPU tensors in buckets of at most ``bucket_bytes`` (one bucket if None)."""
+        """HF-named CPU tensors in buckets of at most ``bucket_bytes`` (one bucket if None); ``[]`` on
+        ranks other than 0 (all ranks hold the same weights, the driver uses rank 0's)."""
+        if self.rank != 0:
+            return []
         buckets, current, size = [], {}, 0
         for name, tensor in self.model.state_dict().items():
             t = tensor.detach().to("cpu", copy=True)
@@ -268,14 +367,19 @@ class TorchTrainBackend:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def save(self, path: str) -> None:
-        torch.save(self.state_dict(), os.path.join(path, "train_state.pt"))
+        """Rank 0 writes (every rank holds the same weights and optimizer state); the others return."""
+        if self.rank == 0:
+            torch.save(self.state_dict(), os.path.join(path, "train_state.pt"))
 
     def load(self, path: str) -> None:
+        """Every rank restores the same state (``path`` must be readable from every rank's node)."""
         self.load_state_dict(torch.load(os.path.join(path, "train_state.pt"), map_location=self.device, weights_only=False))
 
     def save_hf(self, path: str) -> None:
         from transformers import AutoTokenizer
 
+        if self.rank != 0:
+            return
         self.model.save_pretrained(path)
         AutoTokenizer.from_pretrained(self.args.hf_checkpoint).save_pretrained(path)
 
@@ -301,27 +405,38 @@ class TorchTrainBackend:
     def sft_warmup(self, batches, *, lr: float, prompt_loss_weight: float = 0.0) -> list[float]:
         """Supervised steps before RL (``--loss-type sft_loss`` semantics: per-sample mean of −log p
         over response tokens). ``prompt_loss_weight`` > 0 also trains on prompt tokens as plain
-        language modelling. Uses its own AdamW so the RL optimizer starts fresh."""
+        language modelling. Uses its own AdamW so the RL optimizer starts fresh.
+
+        Under data parallelism every rank gets the same ``batches`` and trains on a token-balanced
+        share of each (divided by the whole batch size); gradients and the loss are summed over
+        ranks, so the steps and the returned history equal the single-rank ones."""
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0)
         self.model.train()
         history = []
         for token_lists, response_lengths in batches:
             optimizer.zero_grad(set_to_none=True)
-            inputs = packed_inputs(token_lists, self.device)
-            logits = self.model(**inputs).logits[0]
+            share = rank_share(list(range(len(token_lists))), [len(t) for t in token_lists], self.rank, self.world_size)
             loss = torch.zeros((), device=self.device)
-            offset = 0
-            for tokens, response_length in zip(token_lists, response_lengths):
-                n = len(tokens)
-                weights = torch.full((n - 1,), float(prompt_loss_weight), device=self.device)
-                weights[n - 1 - response_length:] = 1.0
-                targets = inputs["input_ids"][0][offset + 1:offset + n]
-                lp = losses.log_probs_from_logits(logits[offset:offset + n - 1], targets)
-                loss = loss - (lp * weights).sum() / weights.sum().clamp(min=1.0)
-                offset += n
-            loss = loss / len(token_lists)
-            loss.backward()
+            if share:  # a batch smaller than the world leaves some ranks without a sample
+                mine = [token_lists[i] for i in share]
+                inputs = packed_inputs(mine, self.device)
+                logits = self.model(**inputs).logits[0]
+                offset = 0
+                for tokens, response_length in zip(mine, [response_lengths[i] for i in share]):
+                    n = len(tokens)
+                    weights = torch.full((n - 1,), float(prompt_loss_weight), device=self.device)
+                    weights[n - 1 - response_length:] = 1.0
+                    targets = inputs["input_ids"][0][offset + 1:offset + n]
+                    lp = losses.log_probs_from_logits(logits[offset:offset + n - 1], targets)
+                    loss = loss - (lp * weights).sum() / weights.sum().clamp(min=1.0)
+                    offset += n
+                loss = loss / len(token_lists)
+                loss.backward()
+            loss_value = float(loss.detach())
+            if self.world_size > 1:
+                self._all_reduce_grads()
+                loss_value = self._all_reduce_metrics({"loss": loss_value})["loss"]
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(_opt(self.args, "clip_grad", 1.0)))
             optimizer.step()
-            history.append(float(loss.detach()))
+            history.append(loss_value)
         return history
