@@ -1,20 +1,25 @@
 """Weight sync cost, trainer -> rollout engine: seconds and GB/s per transport and state size.
 
-Runs on the driver machine (CPU, or one GPU with ``--device cuda``). For each size it writes a
+Runs on the driver machine (CPU, or GPUs with ``--device cuda``). For each size it writes a
 random-init Qwen3 checkpoint (tiny tokenizer, bf16), starts one ``plugrl serve`` engine on it
 (``python -m plugrl.plugins.backends.sglang.server`` with the flags ``launch.server_args`` computes,
 as ``SGLangRolloutBackend`` does), and pushes that model's own state dict (perturbed, so every push
 really changes the weights) through each path:
 
-  embedded     ``HFRolloutEngine.update_weights`` from a dict, in this process (the baseline: no
-               transport, just the in-place copy);
-  tensor       ``POST /update_weights_from_tensor`` per bucket (``push_tensor``: torch.save + base64
-               in JSON, the CPU stand-in for SGLang's CUDA IPC handles);
-  distributed  ``init_weights_update_group`` once (not timed), then per bucket
-               ``POST /update_weights_from_distributed`` + a gloo broadcast (``DistributedPusher``).
+  embedded      ``HFRolloutEngine.update_weights`` from a dict, in this process (the baseline: no
+                transport, just the in-place copy);
+  tensor        ``POST /update_weights_from_tensor`` per bucket and dtype with SGLang's
+                ``flattened_bucket`` format (``push_tensor``): the bucket is copied once into memory
+                the engine maps, only handles travel over HTTP (CPU: /dev/shm; CUDA: IPC handles, the
+                engine on the same GPU as the source tensors);
+  tensor-bytes  (CPU only) plugrl's older by-value payload, ``torch.save`` + base64 in JSON, for
+                comparison with ``tensor``;
+  distributed   ``init_weights_update_group`` once (not timed), then per bucket
+                ``POST /update_weights_from_distributed`` + a broadcast (``DistributedPusher``): gloo
+                (host memory: with ``--device cuda`` the buckets' device-to-host copies are timed
+                too), and with ``--device cuda`` also NCCL into an engine on the second GPU (NCCL
+                cannot connect two processes on one GPU, so that row needs 2 GPUs).
 
-With ``--device cuda`` the source tensors live on the GPU and the engines too, so each row includes
-the device-to-host copies (gloo carries host memory: buckets are copied to CPU inside the timing).
 Every timed push is bracketed by nothing else (no pause/flush: those are constant HTTP round trips).
 
     python benchmarks/weight_sync.py                      # CPU: ~4, 40, 200 MB states
@@ -70,13 +75,14 @@ def build(size: str, directory: Path) -> Path:
     return path
 
 
-def start_engine(path: Path, device: str, log_dir: Path):
-    """One ``plugrl serve`` process on ``path``; returns (child, url) once it answers."""
+def start_engine(path: Path, device: str, log_dir: Path, gpu: int = 0):
+    """One ``plugrl serve`` process on ``path`` (on GPU ``gpu`` with CUDA); returns (child, url)
+    once it answers."""
     import httpx
     from plugrl.plugins.backends.sglang import launch
 
     port = launch.free_port()
-    values = launch.server_args(model_path=str(path), host="127.0.0.1", port=port, tp_size=1, base_gpu_id=0,
+    values = launch.server_args(model_path=str(path), host="127.0.0.1", port=port, tp_size=1, base_gpu_id=gpu,
                                 seed=0, memory_saver=False, device=device.split(":")[0],
                                 overrides={"dtype": "bfloat16"})
     argv = [sys.executable, "-m", "plugrl.plugins.backends.sglang.server", *launch.flag_words(values)]
@@ -137,7 +143,7 @@ def bench_size(size: str, device: str, repeats: int, buffer_size: int, workdir: 
 
     def row(path_name: str, seconds: float) -> None:
         rows.append((path_name, device, size, nbytes / 1e6, len(pairs), seconds, nbytes / seconds / 1e9))
-        print(f"  {path_name:<12} {seconds:8.3f} s", file=sys.stderr, flush=True)
+        print(f"  {path_name:<16} {seconds:8.3f} s", file=sys.stderr, flush=True)
 
     row("embedded", embedded_seconds(path, device, state, repeats))
 
@@ -145,7 +151,9 @@ def bench_size(size: str, device: str, repeats: int, buffer_size: int, workdir: 
     client = httpx.Client(timeout=httpx.Timeout(3600.0, connect=10.0), trust_env=False)
     try:
         buckets = bucket_by_size(pairs, buffer_size)
-        row("tensor", timed(lambda v: push_tensor(client, [url], buckets, str(v)), repeats))
+        row("tensor", timed(lambda v: push_tensor(client, [url], buckets, str(v), tp_sizes=[1]), repeats))
+        if device == "cpu":
+            row("tensor-bytes", timed(lambda v: push_bytes(client, url, buckets, str(v)), repeats))
         pusher = DistributedPusher(client, [url], host="127.0.0.1", port=launch.free_port(), backend="gloo")
         try:
             def broadcast(v: int) -> None:
@@ -159,13 +167,40 @@ def bench_size(size: str, device: str, repeats: int, buffer_size: int, workdir: 
     finally:
         client.close()
         child.stop()
+    if device != "cpu":
+        if torch.cuda.device_count() < 2:
+            print("  distributed-nccl skipped: NCCL cannot broadcast between two processes on one GPU; "
+                  "it needs 2 GPUs (engine on cuda:1)", file=sys.stderr, flush=True)
+        else:
+            child, url = start_engine(path, device, workdir, gpu=1)
+            client = httpx.Client(timeout=httpx.Timeout(3600.0, connect=10.0), trust_env=False)
+            try:
+                pusher = DistributedPusher(client, [url], host="127.0.0.1", port=launch.free_port(), backend="nccl")
+                try:
+                    row("distributed-nccl", timed(lambda v: pusher.push(buckets, str(v)), repeats))
+                finally:
+                    pusher.close()
+            finally:
+                client.close()
+                child.stop()
     return rows
+
+
+def push_bytes(client, url: str, buckets: list[list], version: str) -> None:
+    """plugrl's by-value ``plugrl_torch`` payload (what ``tensor`` sent before ``flattened_bucket``)."""
+    from plugrl.plugins.backends.sglang import wire
+    from plugrl.plugins.backends.sglang.weights import _post
+
+    for bucket in buckets:
+        payload = {"serialized_named_tensors": [wire.encode_named_tensors(bucket)], "load_format": wire.LOAD_FORMAT,
+                   "flush_cache": False, "weight_version": version}
+        _post(client, url, "/update_weights_from_tensor", payload)
 
 
 def device_name(device: str) -> str:
     if device == "cpu":
         return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    return torch.cuda.get_device_name(0)
+    return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,10 +221,10 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_size(size, device, args.repeats, args.buffer_size, Path(tmp))
     print(f"device: {device_name(device)}; torch {torch.__version__}; bucket {args.buffer_size >> 20} MiB; "
           f"best of {args.repeats} pushes after a warm-up")
-    print(f"| {'path':<12} | {'device':<6} | {'size':<5} | {'MB':>8} | {'tensors':>7} | {'seconds':>8} | {'GB/s':>6} |")
-    print(f"|{'-' * 14}|{'-' * 8}|{'-' * 7}|{'-' * 10}|{'-' * 9}|{'-' * 10}|{'-' * 8}|")
+    print(f"| {'path':<16} | {'device':<6} | {'size':<5} | {'MB':>8} | {'tensors':>7} | {'seconds':>8} | {'GB/s':>6} |")
+    print(f"|{'-' * 18}|{'-' * 8}|{'-' * 7}|{'-' * 10}|{'-' * 9}|{'-' * 10}|{'-' * 8}|")
     for name, dev, size, mb, count, seconds, gbps in rows:
-        print(f"| {name:<12} | {dev:<6} | {size:<5} | {mb:8.1f} | {count:7d} | {seconds:8.3f} | {gbps:6.3f} |")
+        print(f"| {name:<16} | {dev:<6} | {size:<5} | {mb:8.1f} | {count:7d} | {seconds:8.3f} | {gbps:6.3f} |")
     return 0
 
 

@@ -1,9 +1,12 @@
 """The ``sglang`` rollout backend end to end on CPU: the real ``sglang_router`` in front of two
-``plugrl serve`` engines, started through the backend's launch path (``launch_command``)."""
+``plugrl serve`` engines, started through the backend's launch path (``launch_command``). Weight
+pushes go through both transports: ``tensor`` (shared memory, ``flattened_bucket``) and
+``distributed`` (gloo broadcast)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -120,6 +123,8 @@ def test_weight_update_reaches_both_engines(backend, reference, transport, versi
         assert httpx.get(url + "/get_weight_version", trust_env=False).json() == {"weight_version": str(version)}
     out = asyncio.run(backend.generate(PROMPT, {"max_new_tokens": 2}))
     assert out["weight_version"] == str(version)
+    if transport == "tensor":  # both engines mapped each bucket's /dev/shm file; all of them are gone now
+        assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"torch_{os.getpid()}_")]
 
 
 def test_release_and_resume_memory(backend):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import base64
+import io
 import json
 from pathlib import Path
 
@@ -110,3 +112,43 @@ def test_router_flags_parse_with_the_installed_router():
 def test_names_file_records_commits():
     for path, commit in NAMES["sources"].items():
         assert path.startswith("python/sglang/") and len(commit) == 40
+
+
+def test_flattened_bucket_names_and_classes_are_sglangs():
+    """The tensor payload uses SGLang's load_format, bucket keys and metadata fields, and pickles only
+    classes SGLang's ``SafeUnpickler`` lets through (so a real engine accepts what plugrl sends)."""
+    import dataclasses
+    import pickle
+
+    torch = pytest.importorskip("torch")
+    from plugrl.plugins.backends.sglang import wire
+
+    sync = NAMES["weight_sync"]
+    assert wire.FLATTENED_BUCKET in sync["load_formats"]["UpdateWeightsFromTensorReqInput"]
+    assert list(wire.BUCKET_KEYS) == sync["flattened_bucket_keys"]
+    assert list(wire.METADATA_FIELDS) == sync["FlattenedTensorMetadata"]
+    assert [f.name for f in dataclasses.fields(wire.FlattenedTensorMetadata)] == sync["FlattenedTensorMetadata"]
+    assert "wire.FLATTENED_BUCKET" in (PKG / "weights.py").read_text()  # what push_tensor sends
+
+    shared = wire.SharedBucket([("w", torch.ones(2, 3, dtype=torch.bfloat16)), ("b", torch.zeros(3))])
+    seen = []
+
+    class Recording(wire._PayloadUnpickler):
+        def find_class(self, module, name):
+            seen.append((module, name))
+            return super().find_class(module, name)
+
+    try:
+        for part in shared.parts:
+            assert sorted(part) == sorted(sync["flattened_bucket_keys"])
+            entry = shared.entries(part, 1)[0]
+            rebuilt = Recording(io.BytesIO(base64.b64decode(entry))).load()  # consumes the handle's reference
+            assert torch.equal(rebuilt["flattened_tensor"], part["flattened_tensor"])
+            del rebuilt
+    finally:
+        shared.release()
+    assert seen
+    for module, name in seen:
+        assert any((module + ".").startswith(p) for p in sync["safe_unpickler_prefixes"]), (module, name)
+    with pytest.raises(pickle.UnpicklingError):
+        wire.deserialize(base64.b64encode(pickle.dumps(print)).decode())

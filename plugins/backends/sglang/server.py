@@ -7,10 +7,12 @@ embedded ``HFRolloutEngine``. Runs as its own process (one per rollout engine), 
 Differences from SGLang, all deliberate:
   * one prompt per ``/generate`` (no batch lists), no streaming, no per-``rid`` abort (the hf engine
     aborts everything at once: ``{"abort_all": true}``, which is what slime sends);
-  * ``/update_weights_from_tensor`` takes ``load_format == "plugrl_torch"`` (see ``wire.py``), not
-    CUDA IPC handles;
-  * ``/init_weights_update_group`` builds a stateless gloo group (TCPStore + ProcessGroupGloo), so
-    ``backend`` must be ``gloo``; the server holds one rank (``rank_offset``);
+  * ``/update_weights_from_tensor`` takes SGLang's ``load_format == "flattened_bucket"`` (CUDA IPC
+    handles, or ``/dev/shm`` names for CPU tensors; see ``wire.py``) and plugrl's by-value
+    ``"plugrl_torch"``; not SGLang's per-tensor formats (``None``/``direct``/custom loaders);
+  * ``/init_weights_update_group`` builds a stateless group (TCPStore + ProcessGroupGloo, or
+    ProcessGroupNCCL when the engine runs on CUDA), so ``backend`` must be ``gloo`` (or ``nccl`` on
+    CUDA); the server holds one rank (``rank_offset``);
   * ``/pause_generation`` supports SGLang's default mode ``abort`` only.
 """
 
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import binascii
 import contextlib
 import datetime
 import logging
+import pickle
 import time
 import uuid
 
@@ -57,7 +61,7 @@ class EngineServer:
         self._resumed = asyncio.Event()
         self._resumed.set()
         self._paused_waiting = 0
-        self._groups: dict[str, tuple] = {}  # group_name -> (store, process group, rank)
+        self._groups: dict[str, tuple] = {}  # group_name -> (store, process group, rank, backend)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 31)  # weight buckets are large
@@ -227,41 +231,64 @@ class EngineServer:
         version = body.get("weight_version")
         try:
             # update_weights waits for the decode thread to park: keep it off the event loop.
-            await asyncio.to_thread(self.engine.update_weights, pairs,
-                                    self.engine.weight_version if version is None else version)
+            await asyncio.to_thread(self._update_weights, pairs, self.engine.weight_version if version is None else version)
         except (ValueError, TypeError, KeyError) as exc:
             return web.json_response({"success": False, "message": str(exc)}, status=400)
+        finally:
+            pairs.clear()  # views of the sender's memory: let it go before we answer
         message = "Succeeded to update model weights."
         if version is not None:
             message += f" Weight version updated to {version}."
         return web.json_response({"success": True, "message": message})
 
+    def _update_weights(self, pairs: list, version) -> None:
+        self.engine.update_weights(pairs, version)
+        if self.engine.device.type == "cuda":
+            # The copies out of the sender's IPC memory are asynchronous; the sender frees that memory
+            # once we answer, so they must be finished by then.
+            import torch
+
+            torch.cuda.synchronize(self.engine.device)
+
     async def update_from_tensor(self, request: web.Request) -> web.Response:
         body = await _json(request)
-        if body.get("load_format") != wire.LOAD_FORMAT:
+        load_format = body.get("load_format")
+        entries = body.get("serialized_named_tensors")
+        if not isinstance(entries, list) or not entries:
             return web.json_response({"success": False, "message": (
-                f"plugrl serve takes load_format={wire.LOAD_FORMAT!r} (torch.save'd tensors), "
-                f"got {body.get('load_format')!r}")}, status=400)
+                "serialized_named_tensors must be a non-empty list (one entry per TP rank)")}, status=400)
         try:
-            pairs = [p for entry in body["serialized_named_tensors"] for p in wire.decode_named_tensors(entry)]
-        except (KeyError, ValueError, TypeError) as exc:
+            if load_format == wire.FLATTENED_BUCKET:
+                # SGLang: TP rank r deserializes entry r; this server is TP rank 0 of a one-rank engine.
+                pairs = await asyncio.to_thread(wire.decode_flattened_bucket, entries[0])
+            elif load_format == wire.LOAD_FORMAT:
+                pairs = [p for entry in entries for p in wire.decode_named_tensors(entry)]
+            else:
+                return web.json_response({"success": False, "message": (
+                    f"plugrl serve takes load_format={wire.FLATTENED_BUCKET!r} (SGLang's flattened bucket) or "
+                    f"{wire.LOAD_FORMAT!r}, got {load_format!r}")}, status=400)
+        except (ValueError, TypeError, KeyError, RuntimeError, pickle.UnpicklingError, binascii.Error) as exc:
+            # RuntimeError: the handle does not open here (another host, or memory already freed).
             return web.json_response({"success": False, "message": f"bad serialized_named_tensors: {exc}"}, status=400)
         return await self._load(pairs, body)
 
     async def init_group(self, request: web.Request) -> web.Response:
         body = await _json(request)
         name = body.get("group_name", "weight_update_group")
-        if body.get("backend", "nccl") != "gloo":
-            return web.json_response({"success": False, "message": "plugrl serve joins gloo groups only "
-                                      f"(backend={body.get('backend', 'nccl')!r})"}, status=400)
+        backend = body.get("backend", "nccl")
+        allowed = ("gloo", "nccl") if self.engine.device.type == "cuda" else ("gloo",)
+        if backend not in allowed:
+            return web.json_response({"success": False, "message": (
+                f"plugrl serve on {self.engine.device.type} joins {' or '.join(allowed)} groups only "
+                f"(backend={backend!r})")}, status=400)
         try:
             rank = int(body["rank_offset"])
-            group = await asyncio.to_thread(_join_gloo, body["master_address"], int(body["master_port"]),
+            group = await asyncio.to_thread(_join, backend, body["master_address"], int(body["master_port"]),
                                             rank, int(body["world_size"]))
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # bad body, or rendezvous failed
             return web.json_response({"success": False, "message": f"init_weights_update_group failed: {exc!r}"},
                                      status=400)
-        self._groups[name] = (*group, rank)
+        self._groups[name] = (*group, rank, backend)
         return web.json_response({"success": True, "message": "Succeeded to initialize custom process group."})
 
     async def destroy_group(self, request: web.Request) -> web.Response:
@@ -276,10 +303,11 @@ class EngineServer:
         name = body.get("group_name", "weight_update_group")
         if name not in self._groups:
             return web.json_response({"success": False, "message": f"no weights update group {name!r}"}, status=400)
-        _store, group, _rank = self._groups[name]
+        _store, group, _rank, backend = self._groups[name]
         try:
             specs = list(zip(body["names"], body["dtypes"], body["shapes"], strict=True))
-            pairs = await asyncio.to_thread(_receive, group, specs)
+            device = self.engine.device if backend == "nccl" else "cpu"  # gloo carries host memory
+            pairs = await asyncio.to_thread(_receive, group, specs, device)
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # bad specs, or the group broke
             return web.json_response({"success": False, "message": f"broadcast failed: {exc!r}"}, status=400)
         return await self._load(pairs, body)
@@ -299,23 +327,25 @@ class EngineServer:
         return web.Response(status=200)
 
 
-def _join_gloo(address: str, port: int, rank: int, world_size: int):
-    """A stateless gloo group (no ``init_process_group``: the trainer side lives in processes that
-    may already have a default group)."""
+def _join(backend: str, address: str, port: int, rank: int, world_size: int):
+    """A stateless group (no ``init_process_group``: the trainer side lives in processes that may
+    already have a default group). NCCL broadcasts into tensors on the engine's GPU."""
     import torch.distributed as dist
 
     store = dist.TCPStore(address, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=120))
+    if backend == "nccl":
+        return store, dist.ProcessGroupNCCL(store, rank, world_size)
     return store, dist.ProcessGroupGloo(store, rank, world_size)
 
 
-def _receive(group, specs) -> list:
+def _receive(group, specs, device="cpu") -> list:
     """Receive each tensor of ``specs`` [(name, dtype, shape)] by broadcast from rank 0, in order."""
     import torch
     import torch.distributed as dist
 
     pairs = []
     for name, dtype, shape in specs:
-        tensor = torch.empty([int(s) for s in shape], dtype=wire.torch_dtype(dtype))
+        tensor = torch.empty([int(s) for s in shape], dtype=wire.torch_dtype(dtype), device=device)
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         group.broadcast([tensor], opts).wait()
