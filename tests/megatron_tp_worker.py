@@ -1,6 +1,10 @@
-"""One rank of the TP=2 GPU test (tests/test_megatron_gpu.py::test_tp2_equals_tp1): builds the
-megatron backend with TP=2 + sequence parallelism from the env-var rendezvous (MASTER_ADDR, RANK,
-...), trains one step on the test's batch and, on rank 0, writes the metrics and exported weights."""
+"""One rank of the multi-process megatron backend tests (tests/test_megatron_backend_tp.py on CPU,
+tests/test_megatron_gpu.py::test_tp2_equals_tp1 on two GPUs): builds the backend from the env-var
+rendezvous (MASTER_ADDR, RANK, ...) with the given TP size, trains one step on the test's batch
+and, on rank 0, writes the metrics and the exported HF weights.
+
+    python megatron_tp_worker.py CHECKPOINT WORKDIR DEVICE TP SEQUENCE_PARALLEL(0|1)
+"""
 
 import json
 import os
@@ -11,11 +15,16 @@ warnings.simplefilter("ignore")
 sys.path.insert(0, os.path.dirname(__file__))
 
 
-def main(checkpoint: str, workdir: str) -> None:
+def main(checkpoint: str, workdir: str, device: str, tp: str, sequence_parallel: str) -> None:
     import torch
     from test_megatron_gpu import make_args, megatron
 
-    backend = megatron(make_args(checkpoint, tensor_model_parallel_size=2, sequence_parallel=True))
+    args = make_args(checkpoint, device=device, tensor_model_parallel_size=int(tp),
+                     sequence_parallel=sequence_parallel == "1")
+    with open(os.path.join(workdir, "args.json")) as f:
+        for key, value in json.load(f).items():
+            setattr(args, key, value)
+    backend = megatron(args)
     with open(os.path.join(workdir, "data.json")) as f:
         metrics = backend.train(0, json.load(f))
     weights = backend.export_weights(None)

@@ -101,16 +101,12 @@ def test_logits_equal_hf_and_packed_equals_unpacked(checkpoint):
     hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda().eval()
     seqs, _ = sequences(6)
     with torch.no_grad():
-        batch = pack_thd(seqs, "cuda")
-        packed = backend.model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
-                               packed_seq_params=batch.params)[0][:, :SHAPE["vocab_size"]]
+        packed = backend.logits(backend.model, pack_thd(seqs, "cuda"))[:, :SHAPE["vocab_size"]]
         offset = 0
         for seq in seqs:
             ids = torch.tensor([seq], device="cuda")
             reference = hf(input_ids=ids).logits[0]
-            alone_batch = pack_thd([seq], "cuda")
-            alone = backend.model(input_ids=alone_batch.input_ids, position_ids=alone_batch.position_ids,
-                                  attention_mask=None, packed_seq_params=alone_batch.params)[0][:, :SHAPE["vocab_size"]]
+            alone = backend.logits(backend.model, pack_thd([seq], "cuda"))[:, :SHAPE["vocab_size"]]
             mine = packed[offset:offset + len(seq)]
             assert rel_error(mine, reference) < 1e-2
             assert rel_error(mine, alone) < 1e-2
@@ -191,30 +187,36 @@ def test_offload_frees_memory_and_training_continues_identically(checkpoint, tmp
     assert resumed.train(2, data) == pytest.approx(again, rel=1e-6, abs=1e-9)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="TP=2 needs two GPUs")
-def test_tp2_equals_tp1(checkpoint, tmp_path):
-    """Two processes (nccl, TP=2 with sequence parallelism) against this process's TP=1 backend."""
-    seqs, resp = sequences(8, seed=4)
-    data = train_data(seqs, resp, [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
-    (tmp_path / "data.json").write_text(json.dumps(data))
-    args = make_args(checkpoint)
-    tp1 = megatron(args)
-    expected = tp1.train(0, data)
-    expected_weights = tp1.export_weights(None)[0]
+def run_ranks(checkpoint, workdir, data, *, world: int, tp: int, device: str, sequence_parallel: bool,
+              args_overrides: dict | None = None) -> tuple[dict, dict]:
+    """Start ``world`` worker processes (tests/megatron_tp_worker.py); rank 0's metrics and weights."""
+    (workdir / "data.json").write_text(json.dumps(data))
+    (workdir / "args.json").write_text(json.dumps(args_overrides or {}))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     worker = os.path.join(os.path.dirname(__file__), "megatron_tp_worker.py")
     procs = []
-    for rank in range(2):
+    for rank in range(world):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
-        procs.append(subprocess.Popen([sys.executable, worker, checkpoint, str(tmp_path)], env=env))
-    assert [p.wait(timeout=600) for p in procs] == [0, 0]
-    got = json.loads((tmp_path / "metrics.json").read_text())
+               "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank if device == "cuda" else 0)}
+        procs.append(subprocess.Popen([sys.executable, worker, checkpoint, str(workdir), device, str(tp),
+                                       "1" if sequence_parallel else "0"], env=env))
+    assert [p.wait(timeout=600) for p in procs] == [0] * world
+    return json.loads((workdir / "metrics.json").read_text()), torch.load(workdir / "weights.pt")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="TP=2 needs two GPUs")
+def test_tp2_equals_tp1(checkpoint, tmp_path):
+    """Two processes (nccl, TP=2 with sequence parallelism) against this process's TP=1 backend."""
+    seqs, resp = sequences(8, seed=4)
+    data = train_data(seqs, resp, [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    tp1 = megatron(make_args(checkpoint))
+    expected = tp1.train(0, data)
+    expected_weights = tp1.export_weights(None)[0]
+    got, weights = run_ranks(checkpoint, tmp_path, data, world=2, tp=2, device="cuda", sequence_parallel=True)
     for key in ("train/pg_loss", "train/entropy_loss", "train/grad_norm"):
         assert got[key] == pytest.approx(expected[key], rel=2e-2, abs=1e-4), (key, got[key], expected[key])
-    weights = torch.load(tmp_path / "weights.pt")
     assert weights.keys() == expected_weights.keys()
     for name, tensor in expected_weights.items():
         assert rel_error(weights[name], tensor) < 1e-2, name

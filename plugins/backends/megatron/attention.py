@@ -117,8 +117,13 @@ class PackedCoreAttention(MegatronModule):
             raise ValueError("attention_bias is not supported by plugrl's PyTorch core attention")
         dropout = self.dropout if self.training else 0.0
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            out = packed_attention(query, key, value, packed_seq_params.cu_seqlens_q,
-                                   int(packed_seq_params.max_seqlen_q), scale=self.scale,
+            # plugrl's packs carry the boundaries in ``segments`` (see rotary.py); megatron's own in cu_seqlens_q
+            segments = getattr(packed_seq_params, "segments", None)
+            if segments is None:
+                segments, longest = packed_seq_params.cu_seqlens_q, packed_seq_params.max_seqlen_q
+            else:
+                longest = packed_seq_params.max_segment
+            out = packed_attention(query, key, value, segments, int(longest), scale=self.scale,
                                    implementation=self.implementation, dropout=dropout)
             return out.reshape(out.shape[0], -1)
         # [s, b, h, d] -> [b, h, s, d]

@@ -68,8 +68,9 @@ class PackedBatch:
 
 def pack_thd(token_lists: list[list[int]], device, pad_multiple: int = 1) -> PackedBatch:
     """Concatenate sequences into one THD row; pad the total to ``pad_multiple`` (TP with sequence
-    parallelism splits the row over TP ranks) with one extra padding segment."""
-    from megatron.core.packed_seq_params import PackedSeqParams
+    parallelism splits the row over TP ranks) with one extra padding segment. Positions restart per
+    segment (they drive the per-token RoPE, ``rotary.PerTokenRotary``)."""
+    from .rotary import SegmentedPackParams
 
     lengths = [len(t) for t in token_lists]
     total = sum(lengths)
@@ -81,8 +82,8 @@ def pack_thd(token_lists: list[list[int]], device, pad_multiple: int = 1) -> Pac
     positions = torch.cat([torch.arange(n) for n in seg_lengths])
     cu = cu.to(device)
     max_len = max(seg_lengths)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
-                             max_seqlen_kv=max_len)
+    params = SegmentedPackParams(qkv_format="thd", max_seqlen_q=max_len, max_seqlen_kv=max_len, segments=cu,
+                                 max_segment=max_len)
     return PackedBatch(torch.tensor(flat, dtype=torch.long, device=device)[None], positions.to(device)[None], params)
 
 
@@ -138,7 +139,10 @@ class MegatronTrainBackend:
             "attention_dropout": float(_opt(args, "attention_dropout", 0.0)),
             "hidden_dropout": float(_opt(args, "hidden_dropout", 0.0)),
             "use_cpu_initialization": self.device.type != "cuda",
-            "perform_initialization": False,  # every weight is loaded from the checkpoint next
+            # Weights are loaded from the checkpoint right after, but megatron-core only marks
+            # TP-sharded params (``tensor_model_parallel``, which grad-norm and clipping read) while
+            # initialising them: skipping the init would count shards as replicas.
+            "perform_initialization": True,
             "masked_softmax_fusion": False, "bias_activation_fusion": False, "apply_rope_fusion": False,
             "gradient_accumulation_fusion": False,  # needs apex / Transformer Engine
         }
@@ -158,6 +162,9 @@ class MegatronTrainBackend:
                                                 self.cfg.num_layers)
         model = build_gpt_model(self.cfg, layer_spec=spec, **self._transformer_overrides(trainable))
         model.to(self.device)
+        from .rotary import install
+
+        install(model)
         if not trainable:
             model.eval().requires_grad_(False)
         return model
@@ -207,13 +214,19 @@ class MegatronTrainBackend:
         return bool(getattr(self.estimator, "needs_ref_log_probs", False)) or float(_opt(self.args, "kl_coef", 0.0)) != 0.0
 
     # ---- forward -----------------------------------------------------------------------------------
+    @staticmethod
+    def logits(model, batch: PackedBatch) -> torch.Tensor:
+        """``[T, local vocab]`` logits of one pack (this TP rank's vocabulary slice)."""
+        _unwrap(model).rotary_pos_emb.positions = batch.position_ids[0]
+        return model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
+                     packed_seq_params=batch.params)[0]
+
     def _forward_response(self, model, token_lists, response_lengths, *, with_entropy: bool):
         """Response-token log-probs (and entropy) of each sequence, from one packed forward pass."""
         from .vocab_parallel import vocab_parallel_log_probs
 
         batch = pack_thd(token_lists, self.device, self.tp_size if self.sequence_parallel else 1)
-        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
-                       packed_seq_params=batch.params)[0]  # [T, local vocab]
+        logits = self.logits(model, batch)
         index = torch.cat([torch.arange(s, e, device=self.device) for s, e in response_slices(token_lists, response_lengths)])
         targets = batch.input_ids[0][index + 1]
         local_vocab = logits.shape[-1]
@@ -439,8 +452,7 @@ class MegatronTrainBackend:
             if share:
                 mine = [token_lists[i] for i in share]
                 batch = pack_thd(mine, self.device, self.tp_size if self.sequence_parallel else 1)
-                logits = self.ddp_model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
-                                        packed_seq_params=batch.params)[0]
+                logits = self.logits(self.ddp_model, batch)
                 n_real = sum(len(t) for t in mine)
                 lp, _ = vocab_parallel_log_probs(
                     logits, torch.arange(n_real - 1, device=self.device), batch.input_ids[0][1:n_real], temperature=1.0,
@@ -527,6 +539,11 @@ class _OffloadedStorages:
             else:
                 base.zero_()
         self.saved = []
+
+
+def _unwrap(model):
+    """The GPTModel inside megatron's DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
 
 
 def _model_bridge(hf_config):

@@ -1,0 +1,52 @@
+"""The megatron backend with two ranks on CPU (gloo, fp32, real megatron-core): TP=2 and DP=2 each
+give the single-process backend's metrics and updated weights for one GRPO step on the same batch.
+This exercises the vocab-parallel log-probs, the TP gathers of the export, megatron's DDP reduction
+and the 1/G objective under data parallelism. (TP with sequence parallelism needs reduce-scatter,
+which gloo lacks: that case runs on two GPUs in tests/test_megatron_gpu.py.)"""
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="megatron-core not installed (plugrl[megatron])")
+
+from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
+
+from .test_megatron_gpu import run_ranks, train_data
+from .test_torch_trainer import make_args, random_sequences
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
+                                        "ignore::FutureWarning")
+# adam_eps 1e-6: Adam's first step moves a weight by ~lr whatever its gradient's size, so gradients at
+# float-noise level (summation order differs across ranks) would otherwise show as lr-sized differences.
+ARGS = {"lr": 1e-3, "adam_eps": 1e-6, "clip_grad": 1e9, "n_samples_per_prompt": 2, "micro_batch_size": 1,
+        "use_dynamic_batch_size": False, "max_tokens_per_gpu": None, "weight_decay": 0.0, "rollout_temperature": 0.8}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return str(build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny"))
+
+
+def single_process_reference(checkpoint, data):
+    """The torch backend (HF model + AdamW) in this process: an implementation independent of megatron."""
+    from plugrl.plugins.backends.torch_trainer import TorchTrainBackend
+    from plugrl.plugins.estimators.grpo import GRPOEstimator
+
+    args = make_args(checkpoint, **ARGS)
+    backend = TorchTrainBackend(args, estimator=GRPOEstimator(args))
+    return backend.train(0, data), backend.model.state_dict()
+
+
+@pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
+def test_two_ranks_equal_one(checkpoint, tmp_path, tp):
+    seqs, resp = random_sequences(seed=5, count=8)
+    data = train_data(seqs, resp, [1.0, -1.0, 0.5, -0.5, 0.0, 1.0, 0.25, -0.75])
+    expected, expected_weights = single_process_reference(checkpoint, data)
+    got, weights = run_ranks(checkpoint, tmp_path, data, world=2, tp=tp, device="cpu", sequence_parallel=False,
+                             args_overrides={**ARGS, "device": "cpu"})
+    for key in ("train/pg_loss", "train/entropy_loss", "train/grad_norm", "train/train_rollout_logprob_abs_diff"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), (key, got[key], expected[key])
+    for name, tensor in expected_weights.items():
+        if name == "lm_head.weight" and name not in weights:  # tied embeddings travel once
+            continue
+        torch.testing.assert_close(weights[name].float(), tensor.float(), atol=2e-5, rtol=1e-4, msg=name)
