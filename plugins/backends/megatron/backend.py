@@ -336,6 +336,7 @@ class MegatronTrainBackend:
             step_metrics["lr"] = self.base_lr * self.lr_multiplier(self.optimizer_steps - 1)
             for key, value in step_metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / len(step_positions)
+        totals.update(getattr(self, "offload_report", {}))
         return {f"train/{k}": v for k, v in totals.items()}
 
     def _sum_over_dp(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -424,8 +425,12 @@ class MegatronTrainBackend:
     def offload(self) -> None:
         """Colocated: move params, grad buffers and optimizer state to CPU while the engine generates."""
         if self.device.type == "cuda":
+            before = torch.cuda.memory_allocated()
             self._offloaded.offload()
             torch.cuda.empty_cache()
+            # reported with the next train() metrics: what the trainer leaves on the GPU for the engine
+            self.offload_report = {"offload_freed_gib": (before - torch.cuda.memory_allocated()) / 2**30,
+                                   "offload_left_gib": torch.cuda.memory_allocated() / 2**30}
 
     def onload(self) -> None:
         if self.device.type == "cuda":
