@@ -11,6 +11,6 @@ for part in "$@"; do
     run)    timeout 280 plugrl train --train-backend megatron --output-dir "$OUT/run" > "$OUT/run.log" 2>&1; echo "rc $?"
             grep -a "done in\|first eval\|Error\|error" "$OUT/run.log" | tail -5
             grep -a "^rollout 50 \|^rollout 99 " "$OUT/run.log" | sed 's/.*\(rollout [0-9]* |\)/\1/' | cut -c1-300 ;;
-    bench)  timeout 420 python benchmarks/train_throughput.py --model 4b --tokens 9216 --samples 8 --response 1024 --steps 3 --attention --profile 2>&1 | tail -45 | tee "$OUT/bench.txt" ;;
+    bench)  timeout ${BENCH_TIMEOUT:-420} python benchmarks/train_throughput.py --model 4b --tokens 9216 --samples 8 --response 1024 --steps ${BENCH_STEPS:-3} --attention --profile 2>&1 | tail -45 | tee "$OUT/bench.txt" ;;
   esac
 done

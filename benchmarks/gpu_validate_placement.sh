@@ -6,20 +6,20 @@
 set -u
 OUT=${OUT:-/tmp/plugrl-placement}; ROLLOUTS=${1:-4}
 mkdir -p "$OUT"
-CKPT=$(python - "$OUT" <<'PY'
+python - "$OUT" > /dev/null <<'PY'
 import sys
 from pathlib import Path
 sys.path.insert(0, "benchmarks")
 from hf_engine_throughput import build
-print(build("0.6b", Path(sys.argv[1])))
+build("0.6b", Path(sys.argv[1]))  # writes $OUT/0.6b
 PY
-)
+CKPT="$OUT/0.6b"
 COMMON=(--recipe tiny-default --hf-checkpoint "$CKPT" --train-backend megatron --sft-warmup-steps 0 --eval-interval 0
         --num-rollout "$ROLLOUTS" --rollout-max-response-len 256 --use-dynamic-batch-size --max-tokens-per-gpu 9216
         --lr 1e-6 --recompute-granularity full --recompute-method uniform --recompute-num-layers 1)
-timeout 250 plugrl train "${COMMON[@]}" --colocate --actor-num-gpus-per-node 2 --tensor-model-parallel-size 2 \
+timeout ${COLOCATED_TIMEOUT:-250} plugrl train "${COMMON[@]}" --colocate --actor-num-gpus-per-node 2 --tensor-model-parallel-size 2 \
   --sequence-parallel --output-dir "$OUT/colocated" > "$OUT/colocated.log" 2>&1; echo "colocated rc $?"
-timeout 200 plugrl train "${COMMON[@]}" --actor-num-gpus-per-node 1 --rollout-num-gpus 1 \
+timeout ${DECOUPLED_TIMEOUT:-200} plugrl train "${COMMON[@]}" --actor-num-gpus-per-node 1 --rollout-num-gpus 1 \
   --output-dir "$OUT/decoupled" > "$OUT/decoupled.log" 2>&1; echo "decoupled rc $?"
 python - "$OUT" <<'PY'
 import json, statistics, sys
