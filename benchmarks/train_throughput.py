@@ -48,7 +48,10 @@ def backend_args(checkpoint: str, backend: str, tokens: int) -> SimpleNamespace:
                   "n_samples_per_prompt": 8}
     if backend == "torch":
         return SimpleNamespace(**common, gradient_checkpointing=True)
-    return SimpleNamespace(**common, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    # fp32 grad buffers as slime's recipe sets (--accumulate-allreduce-grads-in-fp32): with bf16 buffers
+    # megatron's distributed optimizer makes an fp32 copy of every grad at step time (+4 bytes/param).
+    return SimpleNamespace(**common, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1,
+                           accumulate_allreduce_grads_in_fp32=True)
 
 
 def batch(samples: int, tokens: int, response: int, vocab: int) -> dict:
@@ -170,7 +173,8 @@ def main() -> None:
                    "--samples", str(opts.samples), "--response", str(opts.response), "--steps", str(opts.steps)]
             if opts.profile:
                 cmd.append("--profile")
-            out = subprocess.run(cmd, check=False, capture_output=True, text=True)
+            env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # same for both backends
+            out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
             lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
             if out.returncode or not lines:
                 print(f"{name} failed (rc {out.returncode}):\n{out.stderr[-3000:]}", file=sys.stderr)
