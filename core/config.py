@@ -634,6 +634,10 @@ def _check_cluster(args, plugin_set, problems: list[str]) -> None:
         except ValueError as exc:
             problems.append(f"--placement {args.placement}: {exc}")
     problems.extend(layout_problems(args))
+    if args.train_backend == "megatron":
+        from plugrl.plugins.backends.megatron_options import backend_problems
+
+        problems.extend(backend_problems(args))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -150,3 +150,15 @@ def test_vocab_parallel_log_probs_and_grads_equal_autograd_reference(monkeypatch
     torch.testing.assert_close(ent.double(), ref_ent, atol=1e-5, rtol=0)
     torch.testing.assert_close(got_grad, ref_logits.grad, atol=1e-5, rtol=0)
     assert got_grad[:, vocab:].abs().sum() == 0 and got_grad[[1, 6]].abs().sum() == 0
+
+
+def test_driver_refuses_what_the_backend_cannot_run(capsys):
+    """Validated by ``plugrl train`` before Ray or any GPU: the message names the flag."""
+    from plugrl.core.train_cli import main
+
+    code = main(["--train-backend", "megatron", "--pipeline-model-parallel-size", "2", "--actor-num-gpus-per-node",
+                 "2", "--device", "cpu", "--dry-run"])
+    assert code == 2
+    assert "--pipeline-model-parallel-size 2: plugrl's megatron backend runs TP x DP only" in capsys.readouterr().err
+    code = main(["--train-backend", "megatron", "--attention-backend", "fused", "--device", "cpu", "--dry-run"])
+    assert code == 2 and "--attention-backend fused" in capsys.readouterr().err

@@ -34,6 +34,33 @@ MODEL_FLAGS = (
 )
 
 
+UNSUPPORTED_PARALLELISM = ("pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size",
+                           "expert_tensor_parallel_size")
+
+
+def backend_problems(args) -> list[str]:
+    """What plugrl's megatron backend cannot run, found on the driver before any actor or GPU (and
+    again in each train actor). Each problem names the flag and what to use instead."""
+    problems = []
+    for dest in UNSUPPORTED_PARALLELISM:
+        value = getattr(args, dest, None)
+        if value not in (None, 1):
+            problems.append(f"--{dest.replace('_', '-')} {value}: plugrl's megatron backend runs TP x DP only "
+                            "(pipeline, context and expert parallelism are not implemented); use 1")
+    granularity = getattr(args, "recompute_granularity", None)
+    if granularity not in (None, "full", "selective"):
+        problems.append(f"--recompute-granularity must be full or selective, got {granularity!r}")
+    method = getattr(args, "recompute_method", None)
+    if method not in (None, "uniform", "block"):
+        problems.append(f"--recompute-method must be uniform or block, got {method!r}")
+    attention = getattr(args, "attention_backend", None)
+    if attention not in (None, "auto", "flash", "unfused", "local"):
+        problems.append(f"--attention-backend {attention}: plugrl's megatron backend runs flash (varlen flash "
+                        "attention, CUDA), unfused/local (SDPA per sample) or auto; 'fused' needs Transformer "
+                        "Engine's layer spec, which this backend does not use")
+    return problems
+
+
 def given_model_flags(args) -> dict:
     """The architecture flags the user set (not None), by dest."""
     return {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name, None) is not None}

@@ -36,27 +36,18 @@ from .parallel import dp_group, init_parallel, tp_group
 
 logger = logging.getLogger(__name__)
 
-UNSUPPORTED_PARALLELISM = ("pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size",
-                           "expert_tensor_parallel_size")
-
-
 def _opt(args, key, default):
     value = getattr(args, key, None)
     return default if value is None else value
 
 
 def check_megatron_args(args) -> None:
-    """Driver-side checks of what this backend supports (before any actor or GPU)."""
-    for dest in UNSUPPORTED_PARALLELISM:
-        value = getattr(args, dest, None)
-        if value not in (None, 1):
-            raise ValueError(f"--{dest.replace('_', '-')} {value}: plugrl's megatron backend runs TP x DP only "
-                             "(pipeline, context and expert parallelism are not implemented); use 1")
-    granularity = getattr(args, "recompute_granularity", None)
-    if granularity not in (None, "full", "selective"):
-        raise ValueError(f"--recompute-granularity must be full or selective, got {granularity!r}")
-    if granularity == "full" and getattr(args, "recompute_method", None) not in (None, "uniform", "block"):
-        raise ValueError(f"--recompute-method must be uniform or block, got {args.recompute_method!r}")
+    """In the train actor (the driver runs the same checks in ``validate_config``)."""
+    from plugrl.plugins.backends.megatron_options import backend_problems
+
+    problems = backend_problems(args)
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 @dataclass
