@@ -162,3 +162,26 @@ def test_driver_refuses_what_the_backend_cannot_run(capsys):
     assert "--pipeline-model-parallel-size 2: plugrl's megatron backend runs TP x DP only" in capsys.readouterr().err
     code = main(["--train-backend", "megatron", "--attention-backend", "fused", "--device", "cpu", "--dry-run"])
     assert code == 2 and "--attention-backend fused" in capsys.readouterr().err
+
+
+def test_ref_load_and_load_take_a_converted_torch_dist_checkpoint(checkpoint, tmp_path):
+    """slime's flow: convert the HF model to torch_dist, point --ref-load (or a --load without a
+    plugrl checkpoint) at it: the backend starts from exactly the HF weights."""
+    from plugrl.plugins.backends.megatron.convert import main as convert
+
+    assert convert(["hf-to-megatron", "--hf-checkpoint", checkpoint, "--save", str(tmp_path / "mcore")]) == 0
+    seqs, resp = random_sequences(seed=7, count=3)
+    reference = megatron_backend(make_args(checkpoint))
+    expected = reference.export_weights(None)[0]
+    for flags in ({"ref_load": str(tmp_path / "mcore")}, {"load": str(tmp_path / "mcore")}):
+        backend = megatron_backend(make_args(checkpoint, **flags))
+        got = backend.export_weights(None)[0]
+        assert got.keys() == expected.keys()
+        for name, tensor in expected.items():
+            torch.testing.assert_close(got[name], tensor, atol=0, rtol=0, msg=name)
+        with torch.no_grad():
+            lp, _ = backend._forward_response(backend.model, seqs, resp, with_entropy=False)
+            ref_lp, _ = reference._forward_response(reference.model, seqs, resp, with_entropy=False)
+        torch.testing.assert_close(lp, ref_lp, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="neither an HF checkpoint"):
+        megatron_backend(make_args(checkpoint, ref_load=str(tmp_path)))

@@ -104,12 +104,13 @@ class MegatronTrainBackend:
         self.sequence_parallel = bool(getattr(args, "sequence_parallel", False)) and self.tp_size > 1
         self.attention = choose_implementation(getattr(args, "attention_backend", None), self.device.type)
         self.model = self._build_model(trainable=True)
-        self._load_initial_weights(self.model, getattr(args, "ref_load", None) or args.hf_checkpoint)
+        self._load_initial_weights(self.model, self._initial_weights())
         self.ddp_model = self._wrap_ddp(self.model)
         self.ref_model = None
         if self._needs_ref():
             self.ref_model = self._build_model(trainable=False)
-            self._load_initial_weights(self.ref_model, getattr(args, "ref_load", None) or args.hf_checkpoint)
+            # the reference policy is --ref-load (slime), else the starting weights
+            self._load_initial_weights(self.ref_model, getattr(args, "ref_load", None) or self._initial_weights())
         from .optimizers import build_optimizer
 
         self.base_lr = float(args.lr)
@@ -176,19 +177,32 @@ class MegatronTrainBackend:
         )
         return DistributedDataParallel(model.config, ddp_config, model)
 
-    def _load_initial_weights(self, model, path: str) -> None:
-        """An HF safetensors directory, or a checkpoint written by ``plugrl convert hf-to-megatron``."""
-        from .convert import load_hf_state, load_megatron_shards
+    def _initial_weights(self) -> str:
+        """Where the first weights come from, as slime picks them: ``--load`` when it holds model
+        weights rather than a plugrl checkpoint (an HF or torch_dist directory), else ``--ref-load``,
+        else ``--hf-checkpoint``. A plugrl checkpoint under ``--load`` is restored later by the loop."""
+        from plugrl.core.checkpoint import find_latest_checkpoint
 
-        if any(name.endswith(".safetensors") for name in os.listdir(path)):
-            hf_state = load_hf_state(path)
-        else:
-            shards, _manifest = load_megatron_shards(path)
-            if len(shards) == self.tp_size:
-                self._load_shard(model, shards[self.layout.tp_rank], path)
-                return
-            hf_state = self.bridge.megatron_to_hf(shards, self.cfg)  # re-shard for this TP size
-        shard = self.bridge.hf_to_megatron(hf_state, self.cfg, tp_size=self.tp_size, tp_rank=self.layout.tp_rank)
+        load = getattr(self.args, "load", None)
+        if load and os.path.isdir(load) and not find_latest_checkpoint(load) and _holds_weights(load):
+            return load
+        return getattr(self.args, "ref_load", None) or self.args.hf_checkpoint
+
+    def _load_initial_weights(self, model, path: str) -> None:
+        """An HF safetensors directory, or a megatron torch_dist checkpoint (``plugrl convert
+        hf-to-megatron``, slime's converter); collective over all ranks for torch_dist."""
+        from .dist_ckpt import is_torch_dist, load_torch_dist
+
+        if is_torch_dist(path):
+            load_torch_dist(model, path)
+            return
+        if not os.path.isdir(path) or not any(name.endswith(".safetensors") for name in os.listdir(path)):
+            raise ValueError(f"{path}: neither an HF checkpoint (*.safetensors) nor a megatron torch_dist checkpoint "
+                             "(metadata.json); convert one with `plugrl convert hf-to-megatron`")
+        from .convert import load_hf_state
+
+        shard = self.bridge.hf_to_megatron(load_hf_state(path), self.cfg, tp_size=self.tp_size,
+                                           tp_rank=self.layout.tp_rank)
         self._load_shard(model, shard, path)
 
     @staticmethod
@@ -535,6 +549,12 @@ class _OffloadedStorages:
             else:
                 base.zero_()
         self.saved = []
+
+
+def _holds_weights(path: str) -> bool:
+    from .dist_ckpt import is_torch_dist
+
+    return is_torch_dist(path) or any(name.endswith(".safetensors") for name in os.listdir(path))
 
 
 def _unwrap(model):

@@ -1,32 +1,43 @@
 """``plugrl convert hf-to-megatron | megatron-to-hf``: checkpoint conversion on CPU (one process).
 
-Checkpoint format: Megatron's legacy per-rank ``torch`` layout, not ``torch_dist``.
-megatron-core 0.16.1's ``dist_checkpointing.save`` cannot run without CUDA (its async writer calls
-``torch.cuda.synchronize`` unconditionally and its finalize step touches CUDA), so the converter
-writes, for PP=1 and each TP rank r::
+``hf-to-megatron`` writes a megatron-core distributed checkpoint in the ``torch_dist`` format, laid out
+as Megatron-LM (and slime's ``tools/convert_hf_to_torch_dist.py``) save a release checkpoint::
 
-    SAVE/latest_checkpointed_iteration.txt           "release"
-    SAVE/release/mp_rank_{r:02d}/model_optim_rng.pt  {"model": state_dict, "checkpoint_version": 3.0, "iteration": 0}
-    SAVE/plugrl_megatron.json                        manifest: format, TP size, the MegatronModelConfig
+    SAVE/latest_checkpointed_iteration.txt   "release"
+    SAVE/release/metadata.json               {"sharded_backend": "torch_dist", ...}
+    SAVE/release/.metadata, __0_*.distcp     PyTorch DCP: every tensor as one global tensor
+    SAVE/release/common.pt                   {"checkpoint_version": 3.0}
+    SAVE/plugrl_convert.json                 what the converter used: HF path, dtype, MegatronModelConfig
 
-The state dicts are those of megatron-core's GPTModel with the local layer spec (see weights.py).
-``megatron-to-hf`` reads that layout back and writes an HF directory (safetensors, sharded with an
-index when larger than ``--max-shard-bytes``) with the original checkpoint's config and tokenizer.
+The tensors are those of megatron-core's GPTModel with the local layer spec (see weights.py), in the
+HF checkpoint's dtype. A torch_dist checkpoint is TP-agnostic: the converter builds one TP=1 model in
+a one-process gloo world and saves it; the train backend loads it at any TP with
+``dist_ckpt.load_torch_dist``. ``--tensor-model-parallel-size`` therefore only validates that the
+model splits into that many TP shards and sets the vocabulary padding stored (Megatron pads the
+vocabulary to a multiple of ``--make-vocab-size-divisible-by`` x TP; a different padding still
+loads, megatron-core fills or drops the padding rows).
+
+``megatron-to-hf`` builds a TP=1 model from the original HF config, loads the torch_dist checkpoint
+into it and writes an HF directory (safetensors in the checkpoint's dtype, sharded with an index when
+larger than ``--max-shard-bytes``) with the original checkpoint's config and tokenizer.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
 from pathlib import Path
 
-MANIFEST = "plugrl_megatron.json"
-FORMAT = "plugrl-megatron-torch-v1"
-TRACKER = "latest_checkpointed_iteration.txt"
+INFO = "plugrl_convert.json"
+FORMAT = "torch_dist"
+RELEASE = "release"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# The per-TP-rank layout earlier plugrl versions wrote (read only by load_megatron_shards).
+LEGACY_MANIFEST = "plugrl_megatron.json"
 
 USAGE = """plugrl convert hf-to-megatron --hf-checkpoint DIR --save DIR [--tensor-model-parallel-size N]
 plugrl convert megatron-to-hf --load DIR --hf-checkpoint ORIG --save DIR"""
@@ -64,52 +75,70 @@ def _tensor_args(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--" + dest.replace("_", "-"), action="store_true", default=None, dest=dest)
 
 
-def hf_to_megatron_main(argv: list[str]) -> int:
+def checkpoint_dtype(hf_state: dict):
+    """The dtype the Megatron model is built in: the HF tensors' own (the promotion of all floating
+    dtypes if they are mixed, which holds every value exactly)."""
     import torch
 
+    dtypes = {t.dtype for t in hf_state.values() if t.is_floating_point()}
+    if not dtypes:
+        raise ValueError("the HF checkpoint has no floating-point tensors")
+    dtype = dtypes.pop()
+    for other in dtypes:
+        dtype = torch.promote_types(dtype, other)
+    return dtype
+
+
+def _build_cpu_model(cfg, dtype):
+    """A TP=1 GPTModel (local spec) on the CPU in ``dtype``, inside ``dist_ckpt.single_process_world``.
+    Not initialised: every parameter is loaded right after."""
+    from .config_bridge import build_gpt_model
+
+    return build_gpt_model(dataclasses.replace(cfg, tensor_model_parallel_size=1), use_cpu_initialization=True,
+                           perform_initialization=False, params_dtype=dtype).eval()
+
+
+def hf_to_megatron_main(argv: list[str]) -> int:
     from .config_bridge import derive_model_config
+    from .dist_ckpt import TRACKER, save_torch_dist, single_process_world
     from .weights import hf_to_megatron
 
     parser = argparse.ArgumentParser(prog="plugrl convert hf-to-megatron")
     parser.add_argument("--hf-checkpoint", required=True)
-    parser.add_argument("--save", required=True)
-    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parser.add_argument("--save", required=True, help="a Megatron save root: the checkpoint goes to SAVE/release")
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                        help="the training TP size to validate against and pad the vocabulary for; "
+                             "the checkpoint itself loads at any TP")
     _tensor_args(parser)
     args = parser.parse_args(argv)
 
     cfg = derive_model_config(read_hf_config(args.hf_checkpoint), args)  # mismatches fail before any work
-    hf_state = load_hf_state(args.hf_checkpoint)
     save = Path(args.save)
-    tp = cfg.tensor_model_parallel_size
-    files = []
-    for rank in range(tp):
-        shard = hf_to_megatron(hf_state, cfg, tp_size=tp, tp_rank=rank)
-        rel = Path("release") / f"mp_rank_{rank:02d}" / "model_optim_rng.pt"
-        (save / rel).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": shard, "checkpoint_version": 3.0, "iteration": 0}, save / rel)
-        files.append(str(rel))
-    (save / TRACKER).write_text("release")
-    manifest = {"format": FORMAT, "layer_spec": "megatron-core local", "tensor_model_parallel_size": tp,
-                "pipeline_model_parallel_size": 1, "files": files, "model_config": cfg.to_dict(),
-                "hf_checkpoint": str(Path(args.hf_checkpoint).resolve())}
-    (save / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"wrote {tp} TP shard(s) of a {cfg.num_layers}-layer {cfg.model_type} model to {save}")
+    target = save / RELEASE
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target} is not empty: remove it or choose another --save")
+    hf_state = load_hf_state(args.hf_checkpoint)
+    dtype = checkpoint_dtype(hf_state)
+    # The full (TP=1) tensors, padded for the requested TP size; freed before the save.
+    state = hf_to_megatron(hf_state, cfg, tp_size=1, tp_rank=0)
+    del hf_state
+    with single_process_world():
+        model = _build_cpu_model(cfg, dtype)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [key for key in missing if not key.endswith("_extra_state")]
+        if missing or unexpected:  # the mapping and the GPTModel disagree: a bridge bug, never user error
+            raise RuntimeError(f"mapped weights do not fit the GPTModel (missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]})")
+        del state
+        save_torch_dist(model, target)
+    (save / TRACKER).write_text(RELEASE)
+    info = {"format": FORMAT, "layer_spec": "megatron-core local", "dtype": str(dtype).removeprefix("torch."),
+            "saved_tensor_model_parallel_size": 1, "model_config": cfg.to_dict(),
+            "hf_checkpoint": str(Path(args.hf_checkpoint).resolve())}
+    (save / INFO).write_text(json.dumps(info, indent=2) + "\n")
+    print(f"wrote a torch_dist checkpoint of a {cfg.num_layers}-layer {cfg.model_type} model ({info['dtype']}) "
+          f"to {target}")
     return 0
-
-
-def load_megatron_shards(load: str | Path) -> tuple[list[dict], dict]:
-    """The TP shards (rank order) and the manifest of a checkpoint written by hf-to-megatron."""
-    import torch
-
-    load = Path(load)
-    manifest_path = load / MANIFEST
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"{load} has no {MANIFEST}: not written by `plugrl convert hf-to-megatron`")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    shards = [torch.load(load / rel, map_location="cpu", weights_only=True)["model"] for rel in manifest["files"]]
-    return shards, manifest
 
 
 def write_hf_checkpoint(hf_state: dict, orig: str | Path, save: str | Path, max_shard_bytes: int) -> None:
@@ -141,27 +170,64 @@ def write_hf_checkpoint(hf_state: dict, orig: str | Path, save: str | Path, max_
 def megatron_to_hf_main(argv: list[str]) -> int:
     from types import SimpleNamespace
 
-    from .config_bridge import MegatronModelConfig, derive_model_config
+    import torch
+
+    from .config_bridge import (
+        DEFAULT_VOCAB_DIVISOR,
+        MegatronModelConfig,
+        derive_model_config,
+    )
+    from .dist_ckpt import (
+        checkpoint_dir,
+        load_torch_dist,
+        single_process_world,
+        tensors_metadata,
+    )
     from .weights import megatron_to_hf
 
     parser = argparse.ArgumentParser(prog="plugrl convert megatron-to-hf")
-    parser.add_argument("--load", required=True, help="a checkpoint written by hf-to-megatron")
+    parser.add_argument("--load", required=True,
+                        help="a torch_dist checkpoint (directory with metadata.json, or a Megatron save root)")
     parser.add_argument("--hf-checkpoint", required=True, help="the original HF checkpoint (config, tokenizer)")
     parser.add_argument("--save", required=True)
     parser.add_argument("--max-shard-bytes", type=int, default=5 * 1024**3)
     args = parser.parse_args(argv)
 
-    shards, manifest = load_megatron_shards(args.load)
-    stored = MegatronModelConfig.from_dict(manifest["model_config"])
-    layout = SimpleNamespace(tensor_model_parallel_size=stored.tensor_model_parallel_size,
-                             make_vocab_size_divisible_by=stored.make_vocab_size_divisible_by,
-                             max_position_embeddings=stored.max_position_embeddings)
-    expected = derive_model_config(read_hf_config(args.hf_checkpoint), layout)
-    if expected != stored:
-        diff = {k: (v, expected.to_dict()[k]) for k, v in stored.to_dict().items() if expected.to_dict()[k] != v}
-        raise ValueError(f"{args.load} was not converted from {args.hf_checkpoint}'s architecture: "
-                         f"(checkpoint, HF) differ in {diff}")
-    hf_state = megatron_to_hf(shards, stored)
+    load = Path(args.load)
+    if (load / LEGACY_MANIFEST).exists():
+        raise ValueError(f"{load} is a per-rank checkpoint of an older plugrl; convert the HF checkpoint again "
+                         "with `plugrl convert hf-to-megatron` (it now writes torch_dist)")
+    metadata = tensors_metadata(load)  # raises, naming the path, when it is not a torch_dist checkpoint
+    # The converter's record sits in the save root; --load may name the root or its release directory.
+    info_path = next((p for p in (load / INFO, checkpoint_dir(load).parent / INFO) if p.exists()), None)
+    info = json.loads(info_path.read_text()) if info_path else None
+    stored = MegatronModelConfig.from_dict(info["model_config"]) if info else None
+    layout = SimpleNamespace(
+        make_vocab_size_divisible_by=stored.make_vocab_size_divisible_by if stored else DEFAULT_VOCAB_DIVISOR,
+        max_position_embeddings=stored.max_position_embeddings if stored else None)
+    cfg = derive_model_config(read_hf_config(args.hf_checkpoint), layout)
+    if stored is not None:
+        # Compare the architecture only: the TP size and its vocabulary padding do not matter here.
+        mine = dataclasses.replace(stored, tensor_model_parallel_size=1, padded_vocab_size=cfg.padded_vocab_size)
+        if mine != cfg:
+            diff = {k: (v, cfg.to_dict()[k]) for k, v in mine.to_dict().items() if cfg.to_dict()[k] != v}
+            raise ValueError(f"{args.load} was not converted from {args.hf_checkpoint}'s architecture: "
+                             f"(checkpoint, HF) differ in {diff}")
+    embedding = metadata.get("embedding.word_embeddings.weight")
+    if embedding is None:
+        raise ValueError(f"{checkpoint_dir(load)} holds no embedding.word_embeddings.weight: not a GPTModel checkpoint")
+    # Build with the stored padding and dtype so the load copies every tensor as it is.
+    cfg = dataclasses.replace(cfg, padded_vocab_size=int(embedding.global_shape[0]))
+    with single_process_world():
+        model = _build_cpu_model(cfg, embedding.dtype)
+        load_torch_dist(model, load)
+        state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    # megatron-core's torch RMSNorm fallback keeps its weights in fp32 whatever params_dtype is: write
+    # every tensor in the dtype the converter read (the HF config's when the checkpoint came from elsewhere).
+    hf_config = read_hf_config(args.hf_checkpoint)
+    name = (info or {}).get("dtype") or hf_config.get("dtype") or hf_config.get("torch_dtype")
+    dtype = getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else embedding.dtype
+    hf_state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in megatron_to_hf([state], cfg).items()}
     write_hf_checkpoint(hf_state, args.hf_checkpoint, args.save, args.max_shard_bytes)
     print(f"wrote HF checkpoint ({len(hf_state)} tensors) to {args.save}")
     return 0
