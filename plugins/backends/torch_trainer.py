@@ -93,6 +93,13 @@ def rank_share(positions: list[int], lengths: list[int], rank: int, world: int) 
     return [positions[i] for i in parts[rank]]
 
 
+def offload_report(allocated_before: int) -> dict[str, float]:
+    """After a trainer offload (colocated GPU runs): what it freed and what it leaves on the GPU for
+    the engine, in GiB; the backend adds it to its next ``train`` metrics (``train/offload_*``)."""
+    left = torch.cuda.memory_allocated()
+    return {"offload_freed_gib": (allocated_before - left) / 2**30, "offload_left_gib": left / 2**30}
+
+
 def packed_inputs(token_lists: list[list[int]], device) -> dict:
     """One row holding every sequence: positions restart per sequence and the causal mask is
     block-diagonal, so the logits equal those of each sequence run alone."""
@@ -326,6 +333,7 @@ class TorchTrainBackend:
             step_metrics["lr"] = self.scheduler.get_last_lr()[0]
             for key, value in step_metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / len(step_positions)
+        totals.update(getattr(self, "offload_report", {}))
         return {f"train/{k}": v for k, v in totals.items()}
 
     # ---- weights and checkpoints ----------------------------------------------------------------
@@ -386,12 +394,14 @@ class TorchTrainBackend:
     def offload(self) -> None:
         """Colocated on a GPU: free GPU memory while the engine generates."""
         if self.device.type == "cuda":
+            before = torch.cuda.memory_allocated()
             self.model.to("cpu")
             for state in self.optimizer.state.values():
                 for k, v in state.items():
                     if torch.is_tensor(v):
                         state[k] = v.to("cpu")
             torch.cuda.empty_cache()
+            self.offload_report = offload_report(before)
 
     def onload(self) -> None:
         if self.device.type == "cuda":

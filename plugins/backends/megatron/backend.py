@@ -28,6 +28,7 @@ from plugrl.core import losses
 from plugrl.core.packing import plan_micro_batches, split_into_steps
 from plugrl.plugins.backends.torch_trainer import (
     lr_lambda_factory,
+    offload_report,
     resolve_device,
     response_slices,
 )
@@ -433,9 +434,7 @@ class MegatronTrainBackend:
             before = torch.cuda.memory_allocated()
             self._offloaded.offload()
             torch.cuda.empty_cache()
-            # reported with the next train() metrics: what the trainer leaves on the GPU for the engine
-            self.offload_report = {"offload_freed_gib": (before - torch.cuda.memory_allocated()) / 2**30,
-                                   "offload_left_gib": torch.cuda.memory_allocated() / 2**30}
+            self.offload_report = offload_report(before)
 
     def onload(self) -> None:
         if self.device.type == "cuda":
