@@ -185,3 +185,16 @@ def test_ref_load_and_load_take_a_converted_torch_dist_checkpoint(checkpoint, tm
         torch.testing.assert_close(lp, ref_lp, atol=0, rtol=0)
     with pytest.raises(ValueError, match="neither an HF checkpoint"):
         megatron_backend(make_args(checkpoint, ref_load=str(tmp_path)))
+
+
+def test_megatron_passthrough_flags_set_transformer_config_fields(checkpoint):
+    from plugrl.plugins.backends.megatron_options import passthrough_overrides
+
+    args = make_args(checkpoint, megatron_passthrough={"hidden_dropout": "0.25", "apply_residual_connection_post_layernorm": True,
+                                                       "init_method_std": "0.01"})
+    assert passthrough_overrides(args) == {"hidden_dropout": 0.25, "apply_residual_connection_post_layernorm": True,
+                                           "init_method_std": 0.01}
+    backend = megatron_backend(make_args(checkpoint, megatron_passthrough={"hidden_dropout": "0.25"}))
+    assert backend.model.config.hidden_dropout == 0.25
+    with pytest.raises(ValueError, match="--megatron-no-such-field: not a megatron-core TransformerConfig field"):
+        passthrough_overrides(make_args(checkpoint, megatron_passthrough={"no_such_field": "1"}))

@@ -4,8 +4,9 @@ Runs on the driver while ``plugrl train`` builds its parser; imports nothing fro
 flags parse on any laptop and the run then stops with "requires the megatron backend" if
 megatron-core is missing. Every flag defaults to ``None`` (= Megatron's own default, or derived from
 the HF checkpoint's config by the backend); giving any of them selects ``--train-backend megatron``.
-``--megatron-<flag> [value]`` flags that are not defined here are collected into
-``args.megatron_passthrough`` (``{"flag_name": value}``) for Megatron's own argument parser.
+``--megatron-<field> [value]`` flags that are not defined here are collected into
+``args.megatron_passthrough`` (``{"field_name": value}``) and set on the TransformerConfig the
+backend builds (``passthrough_overrides``; an unknown field is an error on the driver).
 """
 
 from __future__ import annotations
@@ -53,12 +54,49 @@ def backend_problems(args) -> list[str]:
     method = getattr(args, "recompute_method", None)
     if method not in (None, "uniform", "block"):
         problems.append(f"--recompute-method must be uniform or block, got {method!r}")
+    if getattr(args, "optimizer", None) not in (None, "adam"):
+        problems.append(f"--optimizer {args.optimizer}: plugrl's megatron backend trains with adam only")
+    try:
+        passthrough_overrides(args)
+    except ValueError as exc:
+        problems.append(str(exc))
     attention = getattr(args, "attention_backend", None)
     if attention not in (None, "auto", "flash", "unfused", "local"):
         problems.append(f"--attention-backend {attention}: plugrl's megatron backend runs flash (varlen flash "
                         "attention, CUDA), unfused/local (SDPA per sample) or auto; 'fused' needs Transformer "
                         "Engine's layer spec, which this backend does not use")
     return problems
+
+
+def passthrough_overrides(args) -> dict:
+    """``--megatron-<field> [value]`` flags -> megatron-core ``TransformerConfig`` overrides, typed by
+    the field's default (plugrl builds the config itself instead of running Megatron's parser). An
+    unknown field is an error that names the flag. Imports megatron only when such flags are given."""
+    given = getattr(args, "megatron_passthrough", None) or {}
+    if not given:
+        return {}
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(k for k in given if k not in fields)
+    if unknown:
+        flags = ", ".join(f"--megatron-{k.replace('_', '-')}" for k in unknown)
+        raise ValueError(f"{flags}: not a megatron-core TransformerConfig field (plugrl passes --megatron-<field> "
+                         "flags to the TransformerConfig it builds, not to Megatron's argument parser)")
+    overrides = {}
+    for key, value in given.items():
+        default = fields[key].default
+        if isinstance(default, bool) or value is True:
+            overrides[key] = value is True or str(value).lower() in ("1", "true", "yes")
+        elif isinstance(default, int) and not isinstance(default, bool):
+            overrides[key] = int(value)
+        elif isinstance(default, float):
+            overrides[key] = float(value)
+        else:
+            overrides[key] = value
+    return overrides
 
 
 def given_model_flags(args) -> dict:
@@ -76,7 +114,7 @@ def plugrl_add_options(parser):
         "megatron backend",
         "Owned by --train-backend megatron (requires plugrl[megatron]); any of them selects it. "
         "Unset = Megatron's default, or derived from the --hf-checkpoint config. "
-        "Any other --megatron-<flag> [value] is passed to Megatron as --<flag> [value].",
+        "Any other --megatron-<field> [value] sets that megatron-core TransformerConfig field.",
         kind="train_backend",
         name="megatron",
     )
@@ -134,5 +172,5 @@ def plugrl_add_options(parser):
         "megatron_passthrough",
         kind="train_backend",
         name="megatron",
-        target="Megatron's argument parser",
+        target="megatron-core's TransformerConfig",
     )

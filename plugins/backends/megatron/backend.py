@@ -139,6 +139,9 @@ class MegatronTrainBackend:
             "masked_softmax_fusion": False, "bias_activation_fusion": False, "apply_rope_fusion": False,
             "gradient_accumulation_fusion": False,  # needs apex / Transformer Engine
         }
+        from plugrl.plugins.backends.megatron_options import passthrough_overrides
+
+        overrides.update(passthrough_overrides(args))  # --megatron-<field> flags win
         granularity = getattr(args, "recompute_granularity", None)
         if trainable and granularity:
             overrides["recompute_granularity"] = granularity
