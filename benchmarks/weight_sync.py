@@ -12,8 +12,6 @@ really changes the weights) through each path:
                 ``flattened_bucket`` format (``push_tensor``): the bucket is copied once into memory
                 the engine maps, only handles travel over HTTP (CPU: /dev/shm; CUDA: IPC handles, the
                 engine on the same GPU as the source tensors);
-  tensor-bytes  (CPU only) plugrl's older by-value payload, ``torch.save`` + base64 in JSON, for
-                comparison with ``tensor``;
   distributed   ``init_weights_update_group`` once (not timed), then per bucket
                 ``POST /update_weights_from_distributed`` + a broadcast (``DistributedPusher``): gloo
                 (host memory: with ``--device cuda`` the buckets' device-to-host copies are timed
@@ -152,8 +150,6 @@ def bench_size(size: str, device: str, repeats: int, buffer_size: int, workdir: 
     try:
         buckets = bucket_by_size(pairs, buffer_size)
         row("tensor", timed(lambda v: push_tensor(client, [url], buckets, str(v), tp_sizes=[1]), repeats))
-        if device == "cpu":
-            row("tensor-bytes", timed(lambda v: push_bytes(client, url, buckets, str(v)), repeats))
         pusher = DistributedPusher(client, [url], host="127.0.0.1", port=launch.free_port(), backend="gloo")
         try:
             def broadcast(v: int) -> None:
@@ -184,17 +180,6 @@ def bench_size(size: str, device: str, repeats: int, buffer_size: int, workdir: 
                 client.close()
                 child.stop()
     return rows
-
-
-def push_bytes(client, url: str, buckets: list[list], version: str) -> None:
-    """plugrl's by-value ``plugrl_torch`` payload (what ``tensor`` sent before ``flattened_bucket``)."""
-    from plugrl.plugins.backends.sglang import wire
-    from plugrl.plugins.backends.sglang.weights import _post
-
-    for bucket in buckets:
-        payload = {"serialized_named_tensors": [wire.encode_named_tensors(bucket)], "load_format": wire.LOAD_FORMAT,
-                   "flush_cache": False, "weight_version": version}
-        _post(client, url, "/update_weights_from_tensor", payload)
 
 
 def device_name(device: str) -> str:

@@ -8,10 +8,21 @@ does, so logical bundle i (train rank i) is the i-th GPU in that order.
 Sync loop order (slime ``train.py``, reference §1.2): push weights once before step 0; per rollout:
 generate (+reward, filter) -> [colocated GPU: release engine memory, onload trainer] -> train ->
 save? -> [colocated GPU: offload trainer, resume engine weights then KV] -> push weights -> eval?.
+
+Per-rollout timers (driver wall seconds, in the rollout's ``metrics.jsonl`` line), which partition
+``perf/step_time`` up to the loop's own bookkeeping (``benchmarks/step_breakdown.py`` reports the rest):
+``perf/wait_rollout_time`` (blocked on the rollout manager: the whole generation in the sync loop; with
+``--async`` taking the prefetched rollout plus waiting for the next one to finish before a weight push),
+``perf/offload_time`` (colocated GPU only: engine memory release/resume and trainer offload/onload),
+``perf/train_time``, ``perf/weight_sync_time`` (the push only), ``perf/eval_time`` (rollouts with an
+eval). The rollout manager adds ``perf/rollout_time`` (its side of ``generate``) and ``perf/generate_time``
+(generation + reward), which in the sync loop sit inside ``wait_rollout`` and with ``--async`` overlap
+the previous rollout's training. Checkpoint saves and the log line come after ``perf/step_time``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -193,9 +204,9 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
             return ray.get(ref)
         while True:
             ready, _ = ray.wait([ref], timeout=0.5)
-            on_progress(ray.get(actor.progress.remote()))
-            if ready:
+            if ready:  # no last progress round trip: the bars close when the rollout's line prints
                 return ray.get(ref)
+            on_progress(ray.get(actor.progress.remote()))
     steps_per_rollout = max(1, (args.rollout_batch_size * args.n_samples_per_prompt) // args.global_batch_size)
     cluster = None
     summary = RunSummary(output_dir=args.output_dir)
@@ -234,28 +245,33 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
             metrics["perf/wait_rollout_time"] = time.perf_counter() - step_started
             _observe(plugin_set.pm.hook.plugrl_on_rollout_end, rollout_id, metrics)
             if cluster.colocated_gpu:
-                ray.get(cluster.rollout.release_memory.remote())
-                cluster.train.onload()
+                with _timed(metrics, "offload"):
+                    ray.get(cluster.rollout.release_memory.remote())
+                    cluster.train.onload()
             phase("train", rollout_id)
-            train_started = time.perf_counter()
             poll = None if on_progress is None else (lambda: on_progress(cluster.train.progress()))
-            metrics.update(cluster.train.train(rollout_id, data, poll=poll))
-            metrics["perf/train_time"] = time.perf_counter() - train_started
+            with _timed(metrics, "train"):
+                metrics.update(cluster.train.train(rollout_id, data, poll=poll))
             if cluster.colocated_gpu:
-                cluster.train.offload()
-                ray.get(cluster.rollout.resume_memory.remote(["weights"]))
+                with _timed(metrics, "offload"):
+                    cluster.train.offload()
+                    ray.get(cluster.rollout.resume_memory.remote(["weights"]))
             phase("sync", rollout_id)
-            sync_started = time.perf_counter()
+            metrics["perf/weight_sync_time"] = 0.0  # logged every rollout, also when no push is due
             if (rollout_id + 1) % max(1, int(args.update_weights_interval)) == 0:
                 if rollouts is not None:
-                    rollouts.finish_in_flight()  # never change weights mid-generation
-                _push_weights(cluster, args, rollout_id + 1)
+                    # Never change weights mid-generation: this wait is for rollout k+1, not the push.
+                    with _timed(metrics, "wait_rollout"):
+                        rollouts.finish_in_flight()
+                with _timed(metrics, "weight_sync"):
+                    _push_weights(cluster, args, rollout_id + 1)
             if cluster.colocated_gpu:
-                ray.get(cluster.rollout.resume_memory.remote(None))  # KV cache (and the rest) after the weights
-            metrics["perf/weight_sync_time"] = time.perf_counter() - sync_started
+                with _timed(metrics, "offload"):
+                    ray.get(cluster.rollout.resume_memory.remote(None))  # KV cache (and the rest) after the weights
             if args.eval_prompt_data and _due(args.eval_interval, rollout_id, rollout_id == last_rollout):
                 phase("eval", rollout_id)
-                summary.last_eval = ray.get(cluster.rollout.evaluate.remote(rollout_id))
+                with _timed(metrics, "eval"):
+                    summary.last_eval = ray.get(cluster.rollout.evaluate.remote(rollout_id))
                 _observe(plugin_set.pm.hook.plugrl_on_eval_end, rollout_id, summary.last_eval)
                 metrics.update(summary.last_eval)
             metrics["perf/step_time"] = time.perf_counter() - step_started
@@ -310,6 +326,18 @@ class Prefetcher:
         result = self.ready.pop(rollout_id)
         self._launch(rollout_id + 1)
         return result
+
+
+@contextlib.contextmanager
+def _timed(metrics: dict, name: str):
+    """Add the wall seconds of the ``with`` body to ``metrics["perf/<name>_time"]`` (on the driver;
+    adds, so a phase split over several blocks of one rollout is counted whole)."""
+    key = f"perf/{name}_time"
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics[key] = metrics.get(key, 0.0) + time.perf_counter() - started
 
 
 def _observe(hook, rollout_id: int, metrics: dict) -> None:

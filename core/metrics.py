@@ -19,9 +19,12 @@ Metric names the console line and the report know about (producers use these nam
   ``train/kl_loss`` (KL to the reference model), ``train/entropy_loss``, ``train/ppo_kl``,
   ``train/grad_norm``.
 * ``eval/{dataset}/pass@1``, ``eval/{dataset}/mean_reward`` (see :mod:`plugrl.core.eval_metrics`).
-* ``perf/{what}_time`` wall seconds of a phase: ``perf/rollout_time`` (generation + reward),
-  ``perf/train_time``, ``perf/update_weights_time`` (weight sync), ``perf/eval_time``,
-  ``perf/save_time``.
+* ``perf/{what}_time`` wall seconds of a phase of one rollout. From the rollout manager:
+  ``perf/generate_time`` (generation + reward), ``perf/rollout_time`` (that plus building the train
+  data). From the driver loop (``core/loop.py`` says what each covers): ``perf/wait_rollout_time``,
+  ``perf/train_time``, ``perf/weight_sync_time``, ``perf/eval_time`` (rollouts with an eval),
+  ``perf/offload_time`` (colocated GPU runs), ``perf/step_time`` (the whole rollout).
+  ``benchmarks/step_breakdown.py`` turns them into a per-phase table.
 """
 
 from __future__ import annotations
@@ -50,9 +53,10 @@ CONSOLE_KEYS: tuple[tuple[str, str], ...] = (
 TIME_LABELS: dict[str, str] = {
     "perf/rollout_time": "gen",
     "perf/train_time": "train",
-    "perf/update_weights_time": "sync",
+    "perf/weight_sync_time": "sync",
     "perf/eval_time": "eval",
-    "perf/save_time": "save",
+    "perf/offload_time": "offload",
+    "perf/step_time": "step",
 }
 
 

@@ -13,7 +13,13 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-from .rollout import EventLoopThread, SampleGenerator, generate_rollout, sampling_params_from_args, scalar_reward
+from .rollout import (
+    EventLoopThread,
+    SampleGenerator,
+    generate_rollout,
+    sampling_params_from_args,
+    scalar_reward,
+)
 from .train_data import samples_to_train_data
 from .types import Sample, Status
 
@@ -55,12 +61,12 @@ class RolloutManager:
         self.args = args = SimpleNamespace(**config)
         plugin_set = load_plugins()
         self.tokenizer = AutoTokenizer.from_pretrained(args.hf_checkpoint)
-        data_kwargs = dict(
-            apply_chat_template=bool(args.apply_chat_template), tokenizer=self.tokenizer,
-            apply_chat_template_kwargs=getattr(args, "apply_chat_template_kwargs", None) or None,
-            metadata_key=args.metadata_key, tool_key=getattr(args, "tool_key", "tools"),
-            skip_bad_rows=bool(getattr(args, "skip_bad_rows", False)),
-        )
+        data_kwargs = {
+            "apply_chat_template": bool(args.apply_chat_template), "tokenizer": self.tokenizer,
+            "apply_chat_template_kwargs": getattr(args, "apply_chat_template_kwargs", None) or None,
+            "metadata_key": args.metadata_key, "tool_key": getattr(args, "tool_key", "tools"),
+            "skip_bad_rows": bool(getattr(args, "skip_bad_rows", False)),
+        }
         dataset = None
         if args.prompt_data:
             dataset = load_prompt_dataset(args.prompt_data, input_key=args.input_key, label_key=args.label_key,

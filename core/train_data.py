@@ -6,7 +6,8 @@ first, then the advantage estimator's ``shape_rewards`` sees them as ``[n_groups
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .packing import rollout_mask_sums
 from .types import Group, Sample, Status

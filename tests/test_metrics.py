@@ -9,10 +9,19 @@ import sys
 
 import pytest
 import yaml
-
-from plugrl.core.eval_metrics import eval_metrics, group_per_prompt, pass_at_k, summarize_eval
-from plugrl.core.metrics import MetricsLogger, console_line, format_number, read_metrics, write_config
-
+from plugrl.core.eval_metrics import (
+    eval_metrics,
+    group_per_prompt,
+    pass_at_k,
+    summarize_eval,
+)
+from plugrl.core.metrics import (
+    MetricsLogger,
+    console_line,
+    format_number,
+    read_metrics,
+    write_config,
+)
 
 # ---- metrics.jsonl -------------------------------------------------------------------------------------
 
@@ -151,14 +160,15 @@ def test_console_line_content():
         "train/pg_clipfrac": 0.0,
         "perf/train_time": 0.81,
         "perf/rollout_time": 1.234,
-        "perf/update_weights_time": 0.05,
+        "perf/weight_sync_time": 0.05,
+        "perf/step_time": 2.2,
         "perf/custom_time": 12.34,
         "unrelated/metric": 5.0,
     }
     line = console_line(3, metrics)
     assert line == (
         "rollout 3 | reward 0.412 | aime acc 0.375 | resp_len 9.84 | loss -0.0123 | kl 0.0003 | clipfrac 0 | "
-        "gen 1.2s train 0.81s sync 0.05s custom 12.3s"
+        "gen 1.2s train 0.81s sync 0.05s step 2.2s custom 12.3s"
     )
     assert console_line(0, {}) == "rollout 0"
     assert console_line(1, {"train/loss": 2.0}, keys=[("train/loss", "L")]) == "rollout 1 | L 2"

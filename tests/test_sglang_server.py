@@ -159,24 +159,58 @@ def test_release_and_resume_memory(server):
 
 
 def test_update_weights_from_tensor(server, reference):
+    """SGLang's flattened_bucket format, as ``push_tensor`` sends it: per bucket and dtype one request
+    carrying /dev/shm handles; the memory is released only after the server answered."""
     torch.manual_seed(1)
     new = _perturbed(reference, 0.05)
     seq = PROMPT + [7, 8, 9]
     before = _input_logprobs(server, seq, 3)
-    entries = [wire.encode_named_tensors(b) for b in wire.bucket_by_size(list(new.items()), 64 << 10)]
-    for i, entry in enumerate(entries):  # one request per bucket, as slime does
-        reply = server.post("/update_weights_from_tensor", json={
-            "serialized_named_tensors": [entry], "load_format": wire.LOAD_FORMAT, "flush_cache": False,
-            "weight_version": "7"})
-        assert reply.status_code == 200 and reply.json()["success"], reply.text
-    assert len(entries) > 1
+    buckets = wire.bucket_by_size(list(new.items()), 64 << 10)
+    assert len(buckets) > 1
+    requests = 0
+    for bucket in buckets:  # one request per bucket and dtype, as slime does
+        shared = wire.SharedBucket(bucket)
+        try:
+            for part in shared.parts:
+                reply = server.post("/update_weights_from_tensor", json={
+                    "serialized_named_tensors": shared.entries(part, 1), "load_format": wire.FLATTENED_BUCKET,
+                    "flush_cache": False, "weight_version": "7"})
+                assert reply.status_code == 200 and reply.json()["success"], reply.text
+                requests += 1
+        finally:
+            shared.release()
+    assert requests == len(buckets)  # the tiny model is all fp32: one part per bucket
     reference.update_weights(new, 7)
     after = _input_logprobs(server, seq, 3)
     assert after == pytest.approx(reference.log_probs_of([seq], [3])[0], abs=1e-4)
     assert after != pytest.approx(before, abs=1e-4)
     assert server.get("/get_weight_version").json() == {"weight_version": "7"}
-    wrong = server.post("/update_weights_from_tensor", json={"serialized_named_tensors": [entries[0]]})
-    assert wrong.status_code == 400 and not wrong.json()["success"]
+    shared = wire.SharedBucket(buckets[0])
+    try:
+        entry = shared.entries(shared.parts[0], 1)
+        # No load_format, or plugrl's removed by-value one: refused, naming the format it takes.
+        for load_format in (None, "plugrl_torch"):
+            wrong = server.post("/update_weights_from_tensor", json={"serialized_named_tensors": entry,
+                                                                     "load_format": load_format})
+            assert wrong.status_code == 400 and not wrong.json()["success"]
+            assert wire.FLATTENED_BUCKET in wrong.json()["message"]
+    finally:
+        shared.release()
+    assert server.get("/get_weight_version").json() == {"weight_version": "7"}  # refusals changed nothing
+
+
+def test_backend_refuses_remote_engines_for_tensor_transport_at_start(checkpoint):
+    """``weight_transport='tensor'`` with an engine on another host fails in the constructor (before
+    any health wait or launch), naming the option and the transport to use instead."""
+    from plugrl.plugins.backends.sglang.engine import SGLangRolloutBackend
+
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"weight_transport='distributed'") as info:
+        # 192.0.2.0/24 is TEST-NET-1 (RFC 5737): never an address of this host.
+        SGLangRolloutBackend(checkpoint, device="cpu", external_engine_addrs=["192.0.2.1:30000"],
+                             weight_transport="tensor", startup_timeout=60)
+    assert "192.0.2.1" in str(info.value) and "weight_transport='tensor'" in str(info.value)
+    assert time.monotonic() - started < 10  # refused up front, not after the 60 s health wait
 
 
 def test_update_weights_from_distributed(server, reference):

@@ -17,7 +17,7 @@ import shutil
 from typing import Any
 
 from . import launch
-from .weights import DistributedPusher, push_tensor
+from .weights import DistributedPusher, push_tensor, require_local
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +76,10 @@ class SGLangRolloutBackend:
         args = options.pop("args", None)
         if args is not None:
             options = {**_options_from_args(args), **options}
+        # checkpoint_fp8_config imports torch: keep it out of module import.
         import httpx
 
-        from .fp8 import checkpoint_fp8_config  # imports torch: keep it out of module import
+        from .fp8 import checkpoint_fp8_config
 
         self.hf_checkpoint, self.device, self.seed = hf_checkpoint, device, int(seed)
         self.max_batch_size = int(max_batch_size)
@@ -91,6 +92,15 @@ class SGLangRolloutBackend:
         if self.transport not in ("tensor", "distributed"):
             raise ValueError(f"weight_transport must be 'tensor' or 'distributed', got {self.transport!r}")
         self._options = options
+        if self.transport == "tensor":
+            # ``tensor`` shares memory by handle: a remote external engine fails here, before any
+            # start-up wait, rather than at the first weight push (engines we launch run on this host).
+            require_local(self._external_urls())
+        per_engine = int(options.get("gpus_per_engine", 1))
+        # TP ranks per engine (one serialized handle each): known for engines we launch; external
+        # ones are asked once (``/get_server_info``) at the first tensor push.
+        self._tp_sizes: list[int] | None = None if self._external_urls() else [per_engine] * int(
+            options.get("num_engines", 1))
         self._children: list[launch.Child] = []
         self._router: launch.Child | None = None
         self._pusher: DistributedPusher | None = None
@@ -110,11 +120,12 @@ class SGLangRolloutBackend:
             raise
 
     # ------------------------------------------------------------------ startup
+    def _external_urls(self) -> list[str]:
+        return [a if a.startswith("http") else f"http://{a}" for a in self._options.get("external_engine_addrs") or []]
+
     def _start_engines(self) -> list[str]:
-        external = self._options.get("external_engine_addrs")
         timeout = float(self._options.get("startup_timeout", 300))
-        if external:
-            urls = [a if a.startswith("http") else f"http://{a}" for a in external]
+        if urls := self._external_urls():
             for url in urls:
                 launch.wait_until(lambda u=url: self._ok(u + "/health_generate"), timeout=timeout,
                                   interval=0.5, what=f"external engine {url}")
@@ -260,7 +271,9 @@ class SGLangRolloutBackend:
         try:
             self._flush()
             if self.transport == "tensor":
-                push_tensor(self.client, self.worker_urls, buckets, version)
+                if self._tp_sizes is None:
+                    self._tp_sizes = [self._server_tp_size(url) for url in self.worker_urls]
+                push_tensor(self.client, self.worker_urls, buckets, version, tp_sizes=self._tp_sizes)
             else:
                 if self._pusher is None:
                     on_cuda = any(t.is_cuda for _, t in pairs)
@@ -271,6 +284,11 @@ class SGLangRolloutBackend:
         finally:
             self._each("/continue_generation", {})
         self._weight_version = version
+
+    def _server_tp_size(self, url: str) -> int:
+        response = self.client.get(url + "/get_server_info")
+        response.raise_for_status()
+        return int(response.json().get("tp_size") or 1)
 
     def _flush(self) -> None:
         # slime retries flush_cache until 200 (it is refused while requests are in flight).

@@ -7,9 +7,9 @@ embedded ``HFRolloutEngine``. Runs as its own process (one per rollout engine), 
 Differences from SGLang, all deliberate:
   * one prompt per ``/generate`` (no batch lists), no streaming, no per-``rid`` abort (the hf engine
     aborts everything at once: ``{"abort_all": true}``, which is what slime sends);
-  * ``/update_weights_from_tensor`` takes SGLang's ``load_format == "flattened_bucket"`` (CUDA IPC
-    handles, or ``/dev/shm`` names for CPU tensors; see ``wire.py``) and plugrl's by-value
-    ``"plugrl_torch"``; not SGLang's per-tensor formats (``None``/``direct``/custom loaders);
+  * ``/update_weights_from_tensor`` takes SGLang's ``load_format == "flattened_bucket"`` only (CUDA
+    IPC handles, or ``/dev/shm`` names for CPU tensors; see ``wire.py``), not SGLang's per-tensor
+    formats (``None``/``direct``/custom loaders);
   * ``/init_weights_update_group`` builds a stateless group (TCPStore + ProcessGroupGloo, or
     ProcessGroupNCCL when the engine runs on CUDA), so ``backend`` must be ``gloo`` (or ``nccl`` on
     CUDA); the server holds one rank (``rank_offset``);
@@ -261,12 +261,10 @@ class EngineServer:
             if load_format == wire.FLATTENED_BUCKET:
                 # SGLang: TP rank r deserializes entry r; this server is TP rank 0 of a one-rank engine.
                 pairs = await asyncio.to_thread(wire.decode_flattened_bucket, entries[0])
-            elif load_format == wire.LOAD_FORMAT:
-                pairs = [p for entry in entries for p in wire.decode_named_tensors(entry)]
             else:
                 return web.json_response({"success": False, "message": (
-                    f"plugrl serve takes load_format={wire.FLATTENED_BUCKET!r} (SGLang's flattened bucket) or "
-                    f"{wire.LOAD_FORMAT!r}, got {load_format!r}")}, status=400)
+                    f"plugrl serve takes load_format={wire.FLATTENED_BUCKET!r} (SGLang's flattened bucket), "
+                    f"got {load_format!r}")}, status=400)
         except (ValueError, TypeError, KeyError, RuntimeError, pickle.UnpicklingError, binascii.Error) as exc:
             # RuntimeError: the handle does not open here (another host, or memory already freed).
             return web.json_response({"success": False, "message": f"bad serialized_named_tensors: {exc}"}, status=400)

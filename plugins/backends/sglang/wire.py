@@ -12,9 +12,6 @@ a ``/dev/shm`` file (torch's ``file_system`` sharing strategy; the default ``fil
 strategy passes fds over the sender's multiprocessing socket, which an HTTP receiver cannot reach).
 So the receiver must run on the sender's host, and the sender must keep the memory alive until the
 receiver answered (``SharedBucket.release`` after the reply).
-
-``plugrl_torch`` (``encode_named_tensors``, tensors by value in ``torch.save`` format) is plugrl's
-older CPU stand-in; the pushers no longer send it and ``plugrl serve`` still accepts it.
 """
 
 from __future__ import annotations
@@ -28,7 +25,6 @@ import threading
 from dataclasses import dataclass
 
 FLATTENED_BUCKET = "flattened_bucket"  # SGLang's load_format for this layout
-LOAD_FORMAT = "plugrl_torch"  # the by-value format (see the module docstring)
 METADATA_FIELDS = ("name", "shape", "dtype", "start_idx", "end_idx", "numel")  # SGLang's FlattenedTensorMetadata
 BUCKET_KEYS = ("flattened_tensor", "metadata")  # SGLang's _update_weights_from_flattened_bucket reads these
 
@@ -222,25 +218,6 @@ def _allocate(numel: int, dtype, device):
             f"not fit: lower --update-weight-buffer-size or enlarge /dev/shm (docker run --shm-size)")
     storage = torch.UntypedStorage._new_using_filename_cpu(nbytes)
     return torch.empty(0, dtype=dtype).set_(storage, 0, (numel,), (1,))
-
-
-def encode_named_tensors(pairs) -> str:
-    """``plugrl_torch``: ``base64(torch.save([(name, tensor), ...]))``, tensors by value."""
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save([(name, t.detach().to("cpu").contiguous()) for name, t in pairs], buffer)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def decode_named_tensors(entry: str) -> list:
-    import torch
-
-    raw = base64.b64decode(entry)
-    pairs = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    if not isinstance(pairs, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
-        raise ValueError("serialized_named_tensors entry must hold a list of (name, tensor) pairs")
-    return [(str(n), t) for n, t in pairs]
 
 
 def dtype_name(dtype) -> str:
