@@ -58,7 +58,8 @@ def remote_actor_class(cls):
 
 def _threads(cls):
     """Subclass that lets torch use every core: in the sync loop generation and training take
-    turns, so neither actor needs to leave cores to the other (Ray pins OMP_NUM_THREADS to 1).
+    turns, so neither actor needs to leave cores to the other (Ray pins OMP_NUM_THREADS to 1);
+    with ``--async`` they run at once and split the cores.
     Train ranks sharing a node split the cores again in ``TrainWorker.build``."""
 
     import ray
@@ -67,7 +68,11 @@ def _threads(cls):
         def __init__(self, *a, **kw):
             import torch
 
-            torch.set_num_threads(max(1, os.cpu_count() or 1))
+            cores = max(1, os.cpu_count() or 1)
+            config = a[0] if a and isinstance(a[0], dict) else kw.get("config") or {}
+            # --async overlaps generation with training: each actor takes half the cores instead of
+            # both oversubscribing all of them (measured on 2 cores: 1.80 s/step oversubscribed).
+            torch.set_num_threads(max(1, cores // 2) if config.get("async_train") else cores)
             super().__init__(*a, **kw)
 
         # Its own concurrency group: the driver polls it while generate/train run in the default
