@@ -125,6 +125,8 @@ class RolloutManager:
         metrics.update(self._sample_metrics([s for g in result.groups for s in g], getattr(args, "reward_key", None)))
         metrics["rollout/reward_errors"] = self.generator.reward_errors - rewards_before
         metrics["perf/rollout_time"] = time.perf_counter() - started
+        if getattr(self, "_engine_left_gib", None) is not None:
+            metrics["perf/engine_released_left_gib"] = self._engine_left_gib
         return data, metrics
 
     @staticmethod
@@ -184,7 +186,11 @@ class RolloutManager:
         self.engine.update_weights(buckets, version)
 
     def release_memory(self) -> None:
+        """Colocated GPU runs, before training. Engines that can tell (the embedded one) report what
+        they still hold on the GPU, logged with the next rollout as ``perf/engine_released_left_gib``."""
         self.engine.release_memory()
+        report = getattr(self.engine, "gpu_memory_gib", None)
+        self._engine_left_gib = report() if report else None
 
     def resume_memory(self, tags=None) -> None:
         self.engine.resume_memory(tags)

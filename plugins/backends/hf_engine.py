@@ -209,6 +209,12 @@ class HFRolloutEngine:
                 torch.cuda.empty_cache()
             self._released |= set(tags)
 
+    def gpu_memory_gib(self) -> float | None:
+        """GPU memory this process holds (the engine's share of a colocated GPU); None on CPU."""
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.memory_allocated(self.device) / 2**30
+
     def resume_memory(self, tags=None) -> None:
         """Undo ``release_memory`` for ``tags`` (all by default); generation needs every tag back."""
         tags = self._check_tags(tags)
