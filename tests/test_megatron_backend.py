@@ -198,3 +198,26 @@ def test_megatron_passthrough_flags_set_transformer_config_fields(checkpoint):
     assert backend.model.config.hidden_dropout == 0.25
     with pytest.raises(ValueError, match="--megatron-no-such-field: not a megatron-core TransformerConfig field"):
         passthrough_overrides(make_args(checkpoint, megatron_passthrough={"no_such_field": "1"}))
+
+
+def test_kl_shaped_step_with_a_dropped_rollout_equals_the_torch_backend(checkpoint):
+    """--global-batch-size 3 over 4 rollouts: one step, one rollout dropped; with a KL in the reward
+    (reinforce++) the old and reference log-probs of every sample, the dropped one included, feed the
+    estimator. The torch backend on the same batch is the reference."""
+    from plugrl.plugins.estimators.reinforce import ReinforcePlusPlusEstimator
+
+    args = make_args(checkpoint, lr=1e-3, adam_eps=1e-6, clip_grad=1e9, global_batch_size=3, kl_coef=0.1,
+                     kl_loss_type="k1", advantage_estimator="reinforce_plus_plus")
+    seqs, resp = random_sequences(seed=8, count=4)
+    data = _train_data(seqs, resp, [1.0, -1.0, 0.5, -0.5])
+    reference = TorchTrainBackend(args, estimator=ReinforcePlusPlusEstimator(args))
+    backend = megatron_backend(args)
+    backend.estimator = ReinforcePlusPlusEstimator(args)
+    # The first call moves the actor away from the reference model; the second one sees a non-zero KL.
+    for rollout_id in (0, 1):
+        expected = reference.train(rollout_id, data)
+        got = backend.train(rollout_id, data)
+    assert expected["train/ppo_kl"] == pytest.approx(0.0, abs=1e-6)  # old == current: one step, no drift yet
+    for key in ("train/pg_loss", "train/grad_norm", "train/train_rollout_logprob_abs_diff"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+    assert abs(expected["train/pg_loss"]) > 1e-4  # the KL-shaped advantages are not all zero

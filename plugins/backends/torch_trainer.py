@@ -175,16 +175,16 @@ class TorchTrainBackend:
         return log_probs, entropy
 
     @torch.no_grad()
-    def _log_probs_all(self, model, token_lists, response_lengths, micro_batches) -> list[torch.Tensor]:
-        """Per-sample response log-probs, computed micro-batch by micro-batch (no grad)."""
+    def _log_probs_all(self, model, token_lists, response_lengths, micro_batches) -> dict[int, torch.Tensor]:
+        """Response log-probs of the samples in ``micro_batches`` (no grad), by position."""
         model.eval()
-        out: list[torch.Tensor | None] = [None] * len(token_lists)
+        out: dict[int, torch.Tensor] = {}
         for mb in micro_batches:
             lp, _ = self._forward_response(model, [token_lists[i] for i in mb],
                                            [response_lengths[i] for i in mb], with_entropy=False)
             for i, chunk in zip(mb, lp.split([response_lengths[i] for i in mb])):
                 out[i] = chunk.float()
-        return out  # type: ignore[return-value]
+        return out
 
     def _micro_batches(self, positions: list[int], lengths: list[int]) -> list[list[int]]:
         plan = plan_micro_batches(
@@ -246,17 +246,14 @@ class TorchTrainBackend:
 
     # ---- training ------------------------------------------------------------------------------
     def train(self, rollout_id: int, data: dict) -> dict:
-        from plugrl.core.protocols import AdvantageInputs
-        from plugrl.plugins.estimators.returns import whiten_advantages
+        from plugrl.core.rl_step import add_scaled, prepare_rollout
 
         args = self.args
         tokens = data["tokens"]
         response_lengths = data["response_lengths"]
         lengths = [len(t) for t in tokens]
         n = len(tokens)
-        loss_masks = [torch.tensor(m, dtype=torch.float32, device=self.device) for m in data["loss_masks"]]
-        global_batch = int(_opt(args, "global_batch_size", n))
-        steps = split_into_steps(data["rollout_ids"], global_batch)
+        steps = split_into_steps(data["rollout_ids"], int(_opt(args, "global_batch_size", n)))
         step_positions = steps.steps
         # This rank's samples of every step (all of them on a single rank); samples of rollouts that
         # fill no step are not trained on but still get log-probs (for the KL the estimator may see).
@@ -265,61 +262,28 @@ class TorchTrainBackend:
         if steps.dropped_positions:
             own += rank_share(steps.dropped_positions, lengths, self.rank, self.world_size)
         own_mbs = self._micro_batches(sorted(own), lengths)
-        kl_coef = float(_opt(args, "kl_coef", 0.0))
-        use_tis = bool(getattr(args, "use_tis", False))
-        reuse_current = len(step_positions) == 1 and kl_coef == 0.0 and not use_tis
-        old_log_probs = None
-        if getattr(args, "use_rollout_logprobs", False):
-            old_log_probs = [torch.tensor(x, dtype=torch.float32, device=self.device) for x in data["rollout_log_probs"]]
-        elif not reuse_current:
-            old_log_probs = self._log_probs_all(self.model, tokens, response_lengths, own_mbs)
-        ref_log_probs = None
-        if self.ref_model is not None:
-            ref_log_probs = self._log_probs_all(self.ref_model, tokens, response_lengths, own_mbs)
-        kl = None
-        if kl_coef != 0.0 and ref_log_probs is not None and old_log_probs is not None:
-            kl_type = _opt(args, "kl_loss_type", "k1")
-            kl = self._all_gather_samples({i: losses.approx_kl(old_log_probs[i], ref_log_probs[i], kl_type)
-                                           for i in own}, n)
-        advantages, _returns = self.estimator.compute(AdvantageInputs(
-            rewards=data["rewards"], raw_rewards=data.get("raw_reward"), loss_masks=loss_masks,
-            response_lengths=response_lengths, kl=kl,
-        ))
-        advantages = [a.to(self.device).float() for a in advantages]
-        if getattr(args, "normalize_advantages", False):
-            advantages = whiten_advantages(advantages, loss_masks)
-        rollout_lp = [torch.tensor(x, dtype=torch.float32, device=self.device) for x in data["rollout_log_probs"]]
-        per_token = bool(getattr(args, "calculate_per_token_loss", False))
-        sequence_level = bool(getattr(self.estimator, "sequence_level_ratio", False))
+
+        def compute_log_probs(which: str) -> dict[int, torch.Tensor]:
+            model = self.model if which == "old" else self.ref_model
+            return self._log_probs_all(model, tokens, response_lengths, own_mbs)
+
+        prepared = prepare_rollout(args, data, self.estimator, self.device, num_steps=len(step_positions),
+                                   has_ref=self.ref_model is not None, compute_log_probs=compute_log_probs,
+                                   gather=self._all_gather_samples)
         totals: dict[str, float] = {}
         self.model.train()
         planned = [self._micro_batches(share, lengths) for share in step_shares]
         self.progress = (0, sum(len(p) for p in planned))
         for positions, micro_batches in zip(step_positions, planned):
-            step_rollouts = len({data["rollout_ids"][p] for p in positions})
-            step_tokens = sum(float(loss_masks[p].sum()) for p in positions)
+            scale = prepared.step_scale(positions)
             self.optimizer.zero_grad(set_to_none=True)
             step_metrics: dict[str, float] = {}
             for mb in micro_batches:
-                mb_tokens = [tokens[i] for i in mb]
-                mb_resp = [response_lengths[i] for i in mb]
-                log_probs, entropy = self._forward_response(self.model, mb_tokens, mb_resp, with_entropy=True)
-
-                def cat(values, mb=mb):
-                    return None if values is None else torch.cat([values[i] for i in mb])
-
-                loss, metrics = losses.compute_rl_loss(
-                    log_probs, loss_masks=[loss_masks[i] for i in mb], response_lengths=mb_resp, config=args,
-                    mask_sums=[data["rollout_mask_sums"][i] for i in mb], old_log_probs=cat(old_log_probs),
-                    advantages=cat(advantages), entropy=entropy, ref_log_probs=cat(ref_log_probs),
-                    rollout_log_probs=cat(rollout_lp), sequence_level_ratio=sequence_level,
-                )
-                # The step objective is (1/G) sum over rollouts of their token mean (or the token mean
-                # of the whole step), whatever the micro-batch split.
-                scale = 1.0 / max(1.0, step_tokens) if per_token else 1.0 / step_rollouts
+                log_probs, entropy = self._forward_response(self.model, [tokens[i] for i in mb],
+                                                            [response_lengths[i] for i in mb], with_entropy=True)
+                loss, metrics = prepared.loss(mb, log_probs, entropy)
                 (loss * scale).backward()
-                for key, value in metrics.items():
-                    step_metrics[key] = step_metrics.get(key, 0.0) + value * scale
+                add_scaled(step_metrics, metrics, scale)
                 self.progress = (self.progress[0] + 1, self.progress[1])
             if self.world_size > 1:
                 # Each rank holds its share of the step's sum: summing over ranks gives the full step.
@@ -331,8 +295,7 @@ class TorchTrainBackend:
             self.optimizer_steps += 1
             step_metrics["grad_norm"] = float(grad_norm)
             step_metrics["lr"] = self.scheduler.get_last_lr()[0]
-            for key, value in step_metrics.items():
-                totals[key] = totals.get(key, 0.0) + value / len(step_positions)
+            add_scaled(totals, step_metrics, 1.0 / len(step_positions))
         totals.update(getattr(self, "offload_report", {}))
         return {f"train/{k}": v for k, v in totals.items()}
 

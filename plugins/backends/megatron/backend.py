@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from plugrl.core import losses
 from plugrl.core.packing import plan_micro_batches, split_into_steps
 from plugrl.plugins.backends.torch_trainer import (
     lr_lambda_factory,
@@ -244,98 +243,80 @@ class MegatronTrainBackend:
             vocab_start=self.layout.tp_rank * local_vocab, vocab_size=self.cfg.vocab_size, group=self.tp_group,
             with_entropy=with_entropy)
 
-    def _plan(self, lengths: list[int], positions: list[int]) -> list[list[int]]:
-        """This DP rank's micro-batches (positions into the rollout) of one step's samples."""
+    def _plan(self, lengths: list[int], positions: list[int], dp_size: int | None = None) -> list[list[int]]:
+        """This DP rank's micro-batches (positions into the rollout) of one step's samples; with
+        ``dp_size=1``, micro-batches of ``positions`` already chosen for this rank."""
         args = self.args
+        dp_size = self.layout.dp_size if dp_size is None else dp_size
         plan = plan_micro_batches(
             [lengths[p] for p in positions], micro_batch_size=int(_opt(args, "micro_batch_size", 1)),
             use_dynamic_batch_size=bool(getattr(args, "use_dynamic_batch_size", False)),
-            max_tokens_per_gpu=getattr(args, "max_tokens_per_gpu", None), dp_size=self.layout.dp_size,
+            max_tokens_per_gpu=getattr(args, "max_tokens_per_gpu", None), dp_size=dp_size,
             balance_data=bool(getattr(args, "balance_data", False)),
         )
-        return [[positions[i] for i in mb] for mb in plan[self.layout.dp_rank]]
+        return [[positions[i] for i in mb] for mb in plan[self.layout.dp_rank if dp_size > 1 else 0]]
 
     @torch.no_grad()
-    def _log_probs_all(self, model, tokens, response_lengths, micro_batches) -> list[torch.Tensor]:
-        """Every sample's response log-probs: each DP rank computes its micro-batches', then all share."""
+    def _log_probs_all(self, model, tokens, response_lengths, micro_batches) -> dict[int, torch.Tensor]:
+        """Response log-probs of the samples in ``micro_batches`` (no grad), by position."""
         model.eval()
-        mine: dict[int, list[float]] = {}
+        out: dict[int, torch.Tensor] = {}
         for mb in micro_batches:
             lp, _ = self._forward_response(model, [tokens[i] for i in mb], [response_lengths[i] for i in mb],
                                            with_entropy=False)
             for i, chunk in zip(mb, lp.split([response_lengths[i] for i in mb])):
-                mine[i] = chunk.float().cpu().tolist()
-        merged = dict(mine)
+                out[i] = chunk.float()
+        return out
+
+    def _gather_over_dp(self, local: dict[int, torch.Tensor], n: int) -> list[torch.Tensor]:
+        """Per-sample tensors computed by their DP ranks, as one full list on every rank."""
+        merged = dict(local)
         if self.layout.dp_size > 1:
             parts: list = [None] * self.layout.dp_size
-            dist.all_gather_object(parts, mine, group=self.dp_group)
+            dist.all_gather_object(parts, {i: t.detach().cpu() for i, t in local.items()}, group=self.dp_group)
             for part in parts:
                 merged.update(part)
-        return [torch.tensor(merged[i], dtype=torch.float32, device=self.device) for i in range(len(tokens))]
+        return [merged[i].to(self.device) for i in range(n)]
 
     # ---- training ----------------------------------------------------------------------------------
     def train(self, rollout_id: int, data: dict) -> dict:
-        from plugrl.core.protocols import AdvantageInputs
-        from plugrl.plugins.estimators.returns import whiten_advantages
+        from plugrl.core.rl_step import add_scaled, prepare_rollout
 
         args = self.args
         tokens, response_lengths = data["tokens"], data["response_lengths"]
         lengths = [len(t) for t in tokens]
-        loss_masks = [torch.tensor(m, dtype=torch.float32, device=self.device) for m in data["loss_masks"]]
         steps = split_into_steps(data["rollout_ids"], int(_opt(args, "global_batch_size", len(tokens))))
-        step_positions = steps.steps if hasattr(steps, "steps") else steps
+        step_positions = steps.steps
         planned = [self._plan(lengths, list(positions)) for positions in step_positions]
-        all_mine = [mb for step in planned for mb in step]
-        kl_coef = float(_opt(args, "kl_coef", 0.0))
-        use_tis = bool(getattr(args, "use_tis", False))
-        old_log_probs = None
-        if getattr(args, "use_rollout_logprobs", False):
-            old_log_probs = [torch.tensor(x, dtype=torch.float32, device=self.device) for x in data["rollout_log_probs"]]
-        elif not (len(step_positions) == 1 and kl_coef == 0.0 and not use_tis):
-            old_log_probs = self._log_probs_all(self.model, tokens, response_lengths, all_mine)
-        ref_log_probs = None
-        if self.ref_model is not None:
-            ref_log_probs = self._log_probs_all(self.ref_model, tokens, response_lengths, all_mine)
-        kl = None
-        if kl_coef != 0.0 and ref_log_probs is not None and old_log_probs is not None:
-            kl = [losses.approx_kl(o, r, _opt(args, "kl_loss_type", "k1")) for o, r in zip(old_log_probs, ref_log_probs)]
-        advantages, _returns = self.estimator.compute(AdvantageInputs(
-            rewards=data["rewards"], raw_rewards=data.get("raw_reward"), loss_masks=loss_masks,
-            response_lengths=response_lengths, kl=kl))
-        advantages = [a.to(self.device).float() for a in advantages]
-        if getattr(args, "normalize_advantages", False):
-            advantages = whiten_advantages(advantages, loss_masks)
-        rollout_lp = [torch.tensor(x, dtype=torch.float32, device=self.device) for x in data["rollout_log_probs"]]
-        per_token = bool(getattr(args, "calculate_per_token_loss", False))
-        sequence_level = bool(getattr(self.estimator, "sequence_level_ratio", False))
+        # This DP rank's samples: its share of every step, and of the samples of rollouts that fill no
+        # step (not trained on, but the estimator's KL covers every sample).
+        own_mbs = [mb for step in planned for mb in step]
+        dropped = list(steps.dropped_positions)[self.layout.dp_rank::self.layout.dp_size]
+        if dropped:
+            own_mbs += self._plan(lengths, dropped, dp_size=1)
+
+        def compute_log_probs(which: str) -> dict[int, torch.Tensor]:
+            model = self.model if which == "old" else self.ref_model
+            return self._log_probs_all(model, tokens, response_lengths, own_mbs)
+
+        prepared = prepare_rollout(args, data, self.estimator, self.device, num_steps=len(step_positions),
+                                   has_ref=self.ref_model is not None, compute_log_probs=compute_log_probs,
+                                   gather=self._gather_over_dp)
         totals: dict[str, float] = {}
         self.model.train()
-        self.progress = (0, len(all_mine))
+        self.progress = (0, sum(len(step) for step in planned))
         for positions, micro_batches in zip(step_positions, planned):
-            step_rollouts = len({data["rollout_ids"][p] for p in positions})
-            step_tokens = sum(float(loss_masks[p].sum()) for p in positions)
-            # Megatron's DDP averages gradients over DP; the step objective is a sum over all of the
-            # step's samples (each scaled by 1/G or 1/tokens of the whole step), hence x dp_size.
-            scale = (1.0 / max(1.0, step_tokens) if per_token else 1.0 / step_rollouts)
+            scale = prepared.step_scale(positions)
             self.optimizer.zero_grad()
             step_metrics: dict[str, float] = {}
             for mb in micro_batches:
-                mb_resp = [response_lengths[i] for i in mb]
-                log_probs, entropy = self._forward_response(self.ddp_model, [tokens[i] for i in mb], mb_resp,
-                                                            with_entropy=True)
-
-                def cat(values, mb=mb):
-                    return None if values is None else torch.cat([values[i] for i in mb])
-
-                loss, metrics = losses.compute_rl_loss(
-                    log_probs, loss_masks=[loss_masks[i] for i in mb], response_lengths=mb_resp, config=args,
-                    mask_sums=[data["rollout_mask_sums"][i] for i in mb], old_log_probs=cat(old_log_probs),
-                    advantages=cat(advantages), entropy=entropy, ref_log_probs=cat(ref_log_probs),
-                    rollout_log_probs=cat(rollout_lp), sequence_level_ratio=sequence_level,
-                )
+                log_probs, entropy = self._forward_response(self.ddp_model, [tokens[i] for i in mb],
+                                                            [response_lengths[i] for i in mb], with_entropy=True)
+                loss, metrics = prepared.loss(mb, log_probs, entropy)
+                # Megatron's DDP averages gradients over DP; the step objective is a sum over all of the
+                # step's samples (each scaled by 1/G or 1/tokens of the whole step), hence x dp_size.
                 (loss * (scale * self.layout.dp_size)).backward()
-                for key, value in metrics.items():
-                    step_metrics[key] = step_metrics.get(key, 0.0) + value * scale
+                add_scaled(step_metrics, metrics, scale)
                 self.progress = (self.progress[0] + 1, self.progress[1])
             self.optimizer.set_lr(self.base_lr * self.lr_multiplier(self.optimizer_steps))
             grad_norm = self.optimizer.step()
@@ -343,8 +324,7 @@ class MegatronTrainBackend:
             step_metrics = self._sum_over_dp(step_metrics)
             step_metrics["grad_norm"] = grad_norm
             step_metrics["lr"] = self.base_lr * self.lr_multiplier(self.optimizer_steps - 1)
-            for key, value in step_metrics.items():
-                totals[key] = totals.get(key, 0.0) + value / len(step_positions)
+            add_scaled(totals, step_metrics, 1.0 / len(step_positions))
         totals.update(getattr(self, "offload_report", {}))
         return {f"train/{k}": v for k, v in totals.items()}
 

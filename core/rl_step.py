@@ -1,0 +1,104 @@
+"""What every train backend does with one rollout's batch besides running its model: old and
+reference log-probs, the KL the estimator sees, advantages, the step objective's scale and each
+micro-batch's loss. Runs inside the train actors, once per ``train`` call, on every rank.
+
+The backend supplies ``compute_log_probs(which)`` (``"old"`` or ``"ref"``: response log-probs of the
+samples this rank owns, ``{position: tensor}``) and ``gather(local, n)`` (the per-sample tensors of
+all ranks as one list; identity on a single rank). Advantages are computed over the whole batch on
+every rank (an estimator may normalise across groups), so only the per-token KL crosses ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import losses
+from .protocols import AdvantageInputs
+
+
+def _opt(args, key, default):
+    value = getattr(args, key, None)
+    return default if value is None else value
+
+
+@dataclass
+class PreparedRollout:
+    """One rollout's per-sample tensors (indexed by position in ``data``) and its loss settings."""
+
+    args: Any
+    data: dict
+    loss_masks: list[torch.Tensor]
+    advantages: list[torch.Tensor]
+    rollout_log_probs: list[torch.Tensor]
+    old_log_probs: Any  # dict (owned samples) or list (all), None = one-step on-policy shortcut
+    ref_log_probs: Any  # dict (owned samples) or None
+    sequence_level: bool
+
+    def step_scale(self, positions: Sequence[int]) -> float:
+        """Weight of a micro-batch loss in its optimizer step: the step objective is (1/G) Σ over the
+        step's rollouts of their token mean (or, per-token, the token mean of the whole step),
+        whatever the micro-batch split or the number of ranks."""
+        if bool(getattr(self.args, "calculate_per_token_loss", False)):
+            return 1.0 / max(1.0, sum(float(self.loss_masks[p].sum()) for p in positions))
+        return 1.0 / len({self.data["rollout_ids"][p] for p in positions})
+
+    def loss(self, micro_batch: Sequence[int], log_probs: torch.Tensor,
+             entropy: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The RL loss of one micro-batch (unscaled) from the model's response log-probs/entropy."""
+
+        def cat(values):
+            return None if values is None else torch.cat([values[i] for i in micro_batch])
+
+        return losses.compute_rl_loss(
+            log_probs, loss_masks=[self.loss_masks[i] for i in micro_batch],
+            response_lengths=[self.data["response_lengths"][i] for i in micro_batch], config=self.args,
+            mask_sums=[self.data["rollout_mask_sums"][i] for i in micro_batch], old_log_probs=cat(self.old_log_probs),
+            advantages=cat(self.advantages), entropy=entropy, ref_log_probs=cat(self.ref_log_probs),
+            rollout_log_probs=cat(self.rollout_log_probs), sequence_level_ratio=self.sequence_level,
+        )
+
+
+def prepare_rollout(args, data: dict, estimator, device, *, num_steps: int, has_ref: bool,
+                    compute_log_probs: Callable[[str], dict[int, torch.Tensor]],
+                    gather: Callable[[dict[int, torch.Tensor], int], list[torch.Tensor]]) -> PreparedRollout:
+    """Log-probs, KL and advantages of one rollout. Old log-probs are recomputed unless the rollout
+    engine's are used (``--use-rollout-logprobs``) or, as slime does, there is one optimizer step with
+    no KL and no TIS (then old = current, detached, inside the loss)."""
+    from plugrl.plugins.estimators.returns import whiten_advantages
+
+    def tensors(rows):
+        return [torch.tensor(x, dtype=torch.float32, device=device) for x in rows]
+
+    n = len(data["tokens"])
+    loss_masks = tensors(data["loss_masks"])
+    kl_coef = float(_opt(args, "kl_coef", 0.0))
+    reuse_current = num_steps == 1 and kl_coef == 0.0 and not bool(getattr(args, "use_tis", False))
+    old = None
+    if getattr(args, "use_rollout_logprobs", False):
+        old = tensors(data["rollout_log_probs"])
+    elif not reuse_current:
+        old = compute_log_probs("old")
+    ref = compute_log_probs("ref") if has_ref else None
+    kl = None
+    if kl_coef != 0.0 and ref is not None and old is not None:
+        kl_type = _opt(args, "kl_loss_type", "k1")
+        kl = gather({i: losses.approx_kl(old[i], ref[i], kl_type) for i in ref}, n)
+    advantages, _returns = estimator.compute(AdvantageInputs(
+        rewards=data["rewards"], raw_rewards=data.get("raw_reward"), loss_masks=loss_masks,
+        response_lengths=data["response_lengths"], kl=kl,
+    ))
+    advantages = [a.to(device).float() for a in advantages]
+    if getattr(args, "normalize_advantages", False):
+        advantages = whiten_advantages(advantages, loss_masks)
+    return PreparedRollout(args=args, data=data, loss_masks=loss_masks, advantages=advantages,
+                           rollout_log_probs=tensors(data["rollout_log_probs"]), old_log_probs=old,
+                           ref_log_probs=ref, sequence_level=bool(getattr(estimator, "sequence_level_ratio", False)))
+
+
+def add_scaled(total: dict[str, float], metrics: dict[str, float], scale: float) -> None:
+    for key, value in metrics.items():
+        total[key] = total.get(key, 0.0) + value * scale
