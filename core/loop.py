@@ -80,6 +80,7 @@ class Cluster:
         self.args = args
         self.rollout = self.train = self.placement_group = self.plan = None
         self.bundle_infos = None  # on GPU: (node IP, GPU id) of logical bundle i
+        self.engine_gpu_ids = None  # on GPU, launched engines: the physical GPU ids of engine i
         try:
             self._start(args, plugin_set, total_optimizer_steps)
         except BaseException:
@@ -117,7 +118,7 @@ class Cluster:
                 logger.warning("the Ray cluster has %g CPUs but %d CPU actors must start (%d train ranks from "
                                "--actor-num-nodes x --actor-num-gpus-per-node, one rollout manager): they "
                                "wait until enough CPUs join", cpus, world_size + 1, world_size)
-        worker_config = {**config, "device": device, "rollout_device": device}
+        worker_config = {**config, "device": device, "rollout_device": device, "engine_gpu_ids": self.engine_gpu_ids}
         self.rollout = remote_actor_class(RolloutManager).options(**rollout_options).remote(worker_config)
         self.train = TrainGroup(remote_actor_class(TrainWorker), worker_config, total_optimizer_steps, train_options)
         ray.get(self.rollout.__ray_ready__.remote())
@@ -161,6 +162,11 @@ class Cluster:
                          else {"num_cpus": 1, "num_gpus": 1, "scheduling_strategy": pinned(b)}
                          for b in plan.actor_bundles]
         rollout_options = {"num_cpus": 0.2, "num_gpus": 0.2, "scheduling_strategy": pinned(plan.rollout_bundles[0])}
+        if args.rollout_backend != "hf" and not args.rollout_external_engine_addrs:
+            # Engines the rollout manager launches see their own GPUs, not the manager's one.
+            from plugrl.plugins.backends.placement import engine_gpu_ids
+
+            self.engine_gpu_ids = engine_gpu_ids(plan.engine_bundles, physical, infos, plan.rollout_bundles[0])
         return rollout_options, train_options
 
     def shutdown(self) -> None:

@@ -179,3 +179,34 @@ def test_options_from_run_config():
     assert options["router_settings"]["balance_abs_threshold"] == 10  # slime's router defaults
     assert options["router_url"] == "http://10.0.0.1:3000"
     assert _options_from_args(SimpleNamespace())["weight_transport"] == "distributed"
+
+
+def test_launched_engines_see_the_gpus_the_placement_gave_them(checkpoint, tmp_path):
+    """On GPU the driver passes each engine's physical GPU ids (placement.engine_gpu_ids): the engine
+    process gets them as CUDA_VISIBLE_DEVICES and counts from --base-gpu-id 0, whatever single GPU Ray
+    showed the rollout manager. A wrapper records what each launched process saw, then serves."""
+    wrapper = tmp_path / "record_then_serve.sh"
+    wrapper.write_text('#!/bin/sh\necho "$CUDA_VISIBLE_DEVICES $*" >> "' + str(tmp_path / "seen.txt") + '"\n'
+                       f'exec {SERVE} "$@"\n')
+    wrapper.chmod(0o755)
+    b = SGLangRolloutBackend(checkpoint, device="cpu", seed=0, num_engines=2, gpus_per_engine=1,
+                             launch_command=str(wrapper), engine_gpu_ids=[[5], [7]], startup_timeout=120)
+    try:
+        seen = sorted((tmp_path / "seen.txt").read_text().splitlines())
+    finally:
+        b.close()
+    assert [line.split()[0] for line in seen] == ["5", "7"]
+    assert all("--base-gpu-id 0" in line for line in seen)
+
+
+def test_engine_gpu_ids_follow_the_sorted_bundles():
+    from plugrl.plugins.backends.placement import engine_gpu_ids, sort_bundles
+
+    # Ray's bundle order: bundle b reports (node, gpu); sorted order puts GPU 0 first.
+    infos = [("10.0.0.1", 3), ("10.0.0.1", 0), ("10.0.0.1", 2), ("10.0.0.1", 1)]
+    physical = [1, 3, 2, 0]  # logical bundle i -> the bundle holding GPU i
+    assert sort_bundles(infos) == physical
+    assert engine_gpu_ids([(0, 1), (2, 3)], physical, infos, launcher_bundle=0) == [[0, 1], [2, 3]]
+    two_nodes = [("10.0.0.1", 0), ("10.0.0.2", 0)]
+    with pytest.raises(ValueError, match="rollout engine 0 has GPUs on .*--rollout-external-engine-addrs"):
+        engine_gpu_ids([(0, 1)], [0, 1], two_nodes, launcher_bundle=0)

@@ -50,6 +50,25 @@ def sort_bundles(bundle_infos: Sequence[tuple[str, int | str]], *,
     return [b for _, _, b in sorted(keyed, key=lambda k: (k[0], k[1]))]
 
 
+def engine_gpu_ids(engine_bundles: Sequence[Sequence[int]], physical: Sequence[int],
+                   bundle_infos: Sequence[tuple[str, int | str]], launcher_bundle: int) -> list[list[int]]:
+    """The physical GPU ids of every rollout engine, for the ``CUDA_VISIBLE_DEVICES`` of the engine
+    processes the rollout manager launches on its own node (logical bundle ``launcher_bundle``).
+    ``physical`` is :func:`sort_bundles`' answer. Runs on the driver; an engine on another node is an
+    error (launched servers run beside the manager; a multi-node rollout uses external engines)."""
+    home = str(bundle_infos[physical[launcher_bundle]][0])
+    ids = []
+    for i, bundles in enumerate(engine_bundles):
+        nodes = {str(bundle_infos[physical[b]][0]) for b in bundles}
+        if nodes != {home}:
+            raise ValueError(
+                f"rollout engine {i} has GPUs on {sorted(nodes)} but the rollout manager launches engines on {home}: "
+                "engines spanning other nodes need --rollout-external-engine-addrs (start SGLang there yourself)"
+            )
+        ids.append([int(bundle_infos[physical[b]][1]) for b in bundles])
+    return ids
+
+
 def _check_request(request: PlacementRequest, rollout_gpus: int) -> None:
     for flag, value in (("--actor-num-nodes", request.actor_num_nodes),
                         ("--actor-num-gpus-per-node", request.actor_num_gpus_per_node),

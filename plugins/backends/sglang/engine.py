@@ -25,7 +25,7 @@ _OPTIONS = {
     "num_engines", "gpus_per_engine", "external_engine_addrs", "launch_command", "host", "router_url",
     "router_settings", "router_request_timeout_secs", "server_overrides", "memory_saver",
     "weight_transport", "update_weight_buffer_size", "startup_timeout", "request_retries",
-    "retry_interval", "abort_poll_interval", "engine_env", "keep_logs", "args",
+    "retry_interval", "abort_poll_interval", "engine_env", "engine_gpu_ids", "keep_logs", "args",
 }
 
 
@@ -46,6 +46,7 @@ def _options_from_args(args) -> dict:
         "weight_transport": "tensor" if getattr(args, "colocate", False) else "distributed",
         "router_request_timeout_secs": getattr(args, "sglang_router_request_timeout_secs", None),
         "update_weight_buffer_size": getattr(args, "update_weight_buffer_size", None),
+        "engine_gpu_ids": getattr(args, "engine_gpu_ids", None),  # set by the driver from the placement
     }
     if getattr(args, "sglang_router_ip", None) and getattr(args, "sglang_router_port", None):
         values["router_url"] = f"http://{args.sglang_router_ip}:{args.sglang_router_port}"
@@ -132,14 +133,24 @@ class SGLangRolloutBackend:
             return urls
         prefix = launch.launch_prefix(self._options.get("launch_command"))
         n, per = int(self._options.get("num_engines", 1)), int(self._options.get("gpus_per_engine", 1))
+        gpu_ids = self._options.get("engine_gpu_ids")
+        if gpu_ids is not None and len(gpu_ids) < n:
+            raise ValueError(f"engine_gpu_ids names GPUs for {len(gpu_ids)} engines, {n} are launched")
         for i in range(n):
             port = launch.free_port(self.host)
+            env = dict(self._options.get("engine_env") or {})
+            base_gpu_id = i * per
+            if gpu_ids is not None:
+                # The placement's GPUs for this engine (the rollout manager's own CUDA_VISIBLE_DEVICES,
+                # set by Ray, shows one GPU only): the server counts from 0 within them.
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids[i])
+                base_gpu_id = 0
             values = launch.server_args(
-                model_path=self.hf_checkpoint, host=self.host, port=port, tp_size=per, base_gpu_id=i * per,
+                model_path=self.hf_checkpoint, host=self.host, port=port, tp_size=per, base_gpu_id=base_gpu_id,
                 seed=self.seed + i * per, memory_saver=bool(self._options.get("memory_saver", False)),
                 device=self.device, overrides=self._options.get("server_overrides"))
             child = launch.start(f"engine{i}", [*prefix, *launch.flag_words(values)], log_dir=self.log_dir,
-                                 env=self._options.get("engine_env"))
+                                 env=env)
             child.url = f"http://{self.host}:{port}"
             self._children.append(child)
         for child in self._children:  # they load in parallel; wait for each
