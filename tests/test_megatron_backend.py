@@ -221,3 +221,25 @@ def test_kl_shaped_step_with_a_dropped_rollout_equals_the_torch_backend(checkpoi
     for key in ("train/pg_loss", "train/grad_norm", "train/train_rollout_logprob_abs_diff"):
         assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
     assert abs(expected["train/pg_loss"]) > 1e-4  # the KL-shaped advantages are not all zero
+
+
+def test_save_hf_writes_a_transformers_checkpoint_of_the_trained_weights(checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    args = make_args(checkpoint, lr=1e-3)
+    backend = megatron_backend(args)
+    seqs, resp = random_sequences(seed=9, count=4)
+    backend.train(0, _train_data(seqs, resp, [1.0, -1.0, 0.5, -0.5]))
+    backend.save_hf(str(tmp_path / "hf"))
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    exported = backend.export_weights(None)[0]
+    for name, tensor in saved.state_dict().items():
+        if name == "lm_head.weight" and name not in exported:  # tied
+            continue
+        torch.testing.assert_close(tensor, exported[name].to(tensor.dtype), atol=0, rtol=0, msg=name)
+    with torch.no_grad():
+        lp, _ = backend._forward_response(backend.model, seqs, resp, with_entropy=False)
+        logits = saved(input_ids=torch.tensor([seqs[0]])).logits[0].float()
+    expected = torch.log_softmax(logits, -1)[torch.arange(len(seqs[0]) - resp[0] - 1, len(seqs[0]) - 1),
+                                              torch.tensor(seqs[0][len(seqs[0]) - resp[0]:])]
+    torch.testing.assert_close(lp[:resp[0]], expected, atol=2e-5, rtol=0)
