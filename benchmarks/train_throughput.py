@@ -40,8 +40,8 @@ def peak_flops() -> float:
     return float("nan")
 
 
-def backend_args(checkpoint: str, backend: str, tokens: int) -> SimpleNamespace:
-    common = {"hf_checkpoint": checkpoint, "device": "cuda", "lr": 1e-6, "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.98,
+def backend_args(checkpoint: str, backend: str, tokens: int, *, device: str = "cuda", tp: int = 1) -> SimpleNamespace:
+    common = {"hf_checkpoint": checkpoint, "device": device, "lr": 1e-6, "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.98,
                   "adam_eps": 1e-8, "clip_grad": 1.0, "seed": 0, "rollout_temperature": 1.0, "micro_batch_size": 1,
                   "use_dynamic_batch_size": True, "max_tokens_per_gpu": tokens, "global_batch_size": None, "eps_clip": 0.2,
                   "eps_clip_high": 0.28, "loss_type": "policy_loss", "kl_coef": 0.0, "use_kl_loss": False, "entropy_coef": 0.0,
@@ -51,7 +51,8 @@ def backend_args(checkpoint: str, backend: str, tokens: int) -> SimpleNamespace:
     # fp32 grad buffers as slime's recipe sets (--accumulate-allreduce-grads-in-fp32): with bf16 buffers
     # megatron's distributed optimizer makes an fp32 copy of every grad at step time (+4 bytes/param).
     return SimpleNamespace(**common, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1,
-                           accumulate_allreduce_grads_in_fp32=True)
+                           accumulate_allreduce_grads_in_fp32=True, tensor_model_parallel_size=tp,
+                           sequence_parallel=tp > 1 and device == "cuda")  # gloo (CPU) has no reduce-scatter
 
 
 def batch(samples: int, tokens: int, response: int, vocab: int) -> dict:
@@ -65,11 +66,30 @@ def batch(samples: int, tokens: int, response: int, vocab: int) -> dict:
             "rollout_ids": list(range(samples)), "rollout_mask_sums": resp}
 
 
-def worker(opts) -> dict:
-    """One backend in this process: warm-up step, then ``--steps`` timed train() calls."""
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _model_parameters(backend, name: str) -> int:
+    """Parameters of the whole model (a TP rank holds shards of some and copies of the others)."""
+    params = list(backend.model.parameters())
+    if name != "megatron" or backend.tp_size == 1:
+        return sum(p.numel() for p in params)
+    import torch.distributed as dist
+
+    sharded = torch.tensor(float(sum(p.numel() for p in params if getattr(p, "tensor_model_parallel", False))))
+    dist.all_reduce(sharded, group=backend.tp_group)
+    return int(sharded.item()) + sum(p.numel() for p in params if not getattr(p, "tensor_model_parallel", False))
+
+
+def worker(opts) -> dict | None:
+    """One backend in this process (one rank of it for megatron with TP > 1): warm-up step, then
+    ``--steps`` timed train() calls. Rank 0 returns the result."""
     from plugrl.plugins.estimators.grpo import GRPOEstimator
 
-    args = backend_args(opts.checkpoint, opts.worker, opts.tokens)
+    tp = opts.megatron_tp if opts.worker == "megatron" else 1
+    args = backend_args(opts.checkpoint, opts.worker, opts.tokens, device=opts.device, tp=tp)
     if opts.worker == "torch":
         from plugrl.plugins.backends.torch_trainer import TorchTrainBackend as Backend
     else:
@@ -77,23 +97,26 @@ def worker(opts) -> dict:
             MegatronTrainBackend as Backend,
         )
     backend = Backend(args, estimator=GRPOEstimator(args))
-    model = backend.model
-    n_params = sum(p.numel() for p in model.parameters())
-    vocab = backend.cfg.vocab_size if opts.worker == "megatron" else model.config.vocab_size
+    n_params = _model_parameters(backend, opts.worker)
+    vocab = backend.cfg.vocab_size if opts.worker == "megatron" else backend.model.config.vocab_size
     data = batch(opts.samples, opts.tokens, opts.response, vocab)
     tokens = sum(len(t) for t in data["tokens"])
     backend.train(0, data)  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    _sync(opts.device)
+    if opts.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for step in range(opts.steps):
         start = time.perf_counter()
         backend.train(step + 1, data)
-        torch.cuda.synchronize()
+        _sync(opts.device)
         times.append(time.perf_counter() - start)
-    result = {"backend": opts.worker, "params": n_params, "tokens": tokens, "step_s": sorted(times)[len(times) // 2],
-              "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "device": torch.cuda.get_device_name()}
-    if opts.profile:
+    cuda = opts.device == "cuda"
+    result = {"backend": opts.worker if tp == 1 else f"megatron tp{tp}", "gpus": tp, "params": n_params,
+              "tokens": tokens, "step_s": sorted(times)[len(times) // 2],
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+              "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    if opts.profile and cuda:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -101,7 +124,34 @@ def worker(opts) -> dict:
             torch.cuda.synchronize()
         result["top_kernels"] = [(e.key[:90], e.device_time_total / 1e3) for e in
                                  sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]]
-    return result
+    return result if int(os.environ.get("RANK", "0")) == 0 else None
+
+
+def run_worker(name: str, opts, checkpoint: str) -> dict | None:
+    """Start the worker process(es) of one backend; rank 0's result."""
+    import socket
+
+    ranks = opts.megatron_tp if name == "megatron" else 1
+    cmd = [sys.executable, __file__, "--worker", name, "--checkpoint", checkpoint, "--tokens", str(opts.tokens),
+           "--samples", str(opts.samples), "--response", str(opts.response), "--steps", str(opts.steps),
+           "--device", opts.device, "--megatron-tp", str(opts.megatron_tp)] + (["--profile"] if opts.profile else [])
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # same for every backend
+    if ranks > 1:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(ranks))
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r if opts.device == "cuda" else 0)}
+                              if ranks > 1 else env) for r in range(ranks)]
+    outputs = [p.communicate() for p in procs]
+    lines = [line for line in outputs[0][0].splitlines() if line.startswith("RESULT ")]
+    failed = [r for r, p in enumerate(procs) if p.returncode]
+    if failed or not lines:
+        rank = failed[0] if failed else 0
+        print(f"{name} failed (rank {rank}, rc {procs[rank].returncode}):\n{outputs[rank][1][-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def attention_bench(samples: int, tokens: int, heads: int = 32, kv_heads: int = 8, dim: int = 128) -> list[dict]:
@@ -159,38 +209,37 @@ def main() -> None:
     parser.add_argument("--backends", default="torch,megatron")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--attention", action="store_true", help="also time the packed attention implementations")
+    parser.add_argument("--megatron-tp", type=int, default=1,
+                        help="tensor parallelism of the megatron backend (that many GPUs, one process each)")
+    parser.add_argument("--json", metavar="PATH", help="also write the result rows as JSON")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: a smoke run of the same code paths (numbers mean nothing)")
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.worker:
-        print("RESULT " + json.dumps(worker(opts)), flush=True)
+        result = worker(opts)
+        if result is not None:
+            print("RESULT " + json.dumps(result), flush=True)
         return
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = str(build(opts.model, Path(tmp)))
-        results = []
-        for name in opts.backends.split(","):
-            cmd = [sys.executable, __file__, "--worker", name, "--checkpoint", checkpoint, "--tokens", str(opts.tokens),
-                   "--samples", str(opts.samples), "--response", str(opts.response), "--steps", str(opts.steps)]
-            if opts.profile:
-                cmd.append("--profile")
-            env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # same for both backends
-            out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
-            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-            if out.returncode or not lines:
-                print(f"{name} failed (rc {out.returncode}):\n{out.stderr[-3000:]}", file=sys.stderr)
-                continue
-            results.append(json.loads(lines[-1][len("RESULT "):]))
-    peak = peak_flops()
-    print(f"\ndevice: {torch.cuda.get_device_name()}; model {opts.model}; {opts.tokens} tokens/step "
-          f"({opts.samples} x {opts.tokens // opts.samples}), GRPO step incl. optimizer")
-    print(f"{'backend':<10}{'params':>10}{'step s':>9}{'tok/s':>10}{'MFU(6N)':>9}{'peak GiB':>10}{'vs torch':>10}")
+        results = [r for name in opts.backends.split(",") if (r := run_worker(name, opts, checkpoint))]
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(results, indent=1))
+    peak = peak_flops() if opts.device == "cuda" else float("nan")
+    device = torch.cuda.get_device_name() if opts.device == "cuda" else "cpu (smoke run)"
+    print(f"\ndevice: {device}; model {opts.model}; {opts.tokens} tokens/step "
+          f"({opts.samples} x {opts.tokens // opts.samples}), GRPO step incl. optimizer; per GPU = per process")
+    print(f"{'backend':<14}{'GPUs':>5}{'params':>10}{'step s':>9}{'tok/s/GPU':>11}{'MFU(6N)':>9}{'peak GiB':>10}"
+          f"{'vs torch/GPU':>14}")
     base = next((r for r in results if r["backend"] == "torch"), None)
     for r in results:
-        tps = r["tokens"] / r["step_s"]
+        tps = r["tokens"] / r["step_s"] / r["gpus"]
         mfu = 6 * r["params"] * tps / peak
-        ratio = (base["step_s"] / r["step_s"]) if base else float("nan")
-        print(f"{r['backend']:<10}{r['params'] / 1e9:>9.2f}B{r['step_s']:>9.3f}{tps:>10.0f}{mfu:>9.1%}"
-              f"{r['peak_gib']:>10.1f}{ratio:>9.2f}x")
+        ratio = (tps / (base["tokens"] / base["step_s"])) if base else float("nan")
+        print(f"{r['backend']:<14}{r['gpus']:>5}{r['params'] / 1e9:>9.2f}B{r['step_s']:>9.3f}{tps:>11.0f}{mfu:>9.1%}"
+              f"{r['peak_gib']:>10.1f}{ratio:>13.2f}x")
     for r in results:
         for name, ms in r.get("top_kernels", []):
             print(f"  {r['backend']:<9} {ms:9.1f} ms  {name}")

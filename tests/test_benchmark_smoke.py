@@ -1,0 +1,41 @@
+"""benchmarks/train_throughput.py runs end to end on CPU (``--device cpu``, the tiny model): both
+backends, the megatron one as two TP processes. Only the mechanics are checked (numbers from a CPU
+smoke run mean nothing); the model size each backend reports must be the same model's."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("megatron.core", reason="megatron-core not installed (plugrl[megatron])")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+
+
+def test_train_throughput_smoke_run_on_cpu(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny", "--device", "cpu", "--tokens", "256",
+                           "--samples", "4", "--response", "16", "--steps", "1", "--backends", "torch,megatron",
+                           "--megatron-tp", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["backend"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"torch", "megatron tp2"}, proc.stderr[-3000:]
+    assert rows["megatron tp2"]["gpus"] == 2 and rows["torch"]["gpus"] == 1
+    # TP shards summed over ranks, replicated weights once: the HF model's count plus megatron's
+    # vocabulary padding rows (tied embeddings: one matrix)
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from plugrl.plugins.backends.megatron.config_bridge import derive_model_config
+    from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
+
+    hf = AutoConfig.from_pretrained(build_tiny_checkpoint(tmp_path / "tiny"))
+    cfg = derive_model_config(hf, SimpleNamespace(tensor_model_parallel_size=2))
+    padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.hidden_size
+    assert rows["megatron tp2"]["params"] == rows["torch"]["params"] + padding
+    assert rows["torch"]["tokens"] == rows["megatron tp2"]["tokens"] == 256
+    assert "megatron tp2" in proc.stdout and "tok/s/GPU" in proc.stdout
