@@ -28,10 +28,9 @@ def test_train_throughput_smoke_run_on_cpu(tmp_path):
     # vocabulary padding rows (tied embeddings: one matrix)
     from types import SimpleNamespace
 
-    from transformers import AutoConfig
-
     from plugrl.plugins.backends.megatron.config_bridge import derive_model_config
     from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
+    from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(build_tiny_checkpoint(tmp_path / "tiny"))
     cfg = derive_model_config(hf, SimpleNamespace(tensor_model_parallel_size=2))
