@@ -12,6 +12,7 @@ from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
 from plugrl.plugins.backends.torch_trainer import TorchTrainBackend
 from plugrl.plugins.estimators.grpo import GRPOEstimator
 
+from .test_megatron_gpu import one_process_world  # noqa: F401  (autouse: tears the world of one down)
 from .test_torch_trainer import _train_data, make_args, random_sequences
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
@@ -22,17 +23,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 def checkpoint(tmp_path_factory):
     return str(build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny"))
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_process_world():
-    """The backend creates a world of one; leave no process group behind for other test modules."""
-    yield
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def megatron_backend(args):

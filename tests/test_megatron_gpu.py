@@ -46,6 +46,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_process_world():
+    """The backend creates a world of one; leave no process group behind for other test modules."""
     yield
     import torch.distributed as dist
     from megatron.core import parallel_state
