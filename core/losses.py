@@ -27,6 +27,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .types import option as _opt
+
 Reducer = Callable[[torch.Tensor], torch.Tensor]
 
 # Above this many fp32 elements per chunk, log-prob/entropy kernels work on slices of tokens so the
@@ -319,11 +321,6 @@ def per_token_reducer(loss_masks: Sequence[torch.Tensor]) -> Reducer:
 # ---------------------------------------------------------------------------------------------------
 # The per-micro-batch loss both backends call
 # ---------------------------------------------------------------------------------------------------
-
-
-def _opt(config: Any, key: str, default: Any) -> Any:
-    value = getattr(config, key, None)
-    return default if value is None else value
 
 
 def compute_rl_loss(

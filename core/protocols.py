@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence, runtime_checkable
 
-from .types import FilterDecision, Group, Sample
+from .types import FilterDecision, Group, Sample, option
 
 if TYPE_CHECKING:  # torch is not needed to import the contracts
     import torch
@@ -57,8 +57,7 @@ class AdvantageEstimator:
         self.args = args
 
     def option(self, key: str, default: Any) -> Any:
-        value = getattr(self.args, key, None) if self.args is not None else None
-        return default if value is None else value
+        return option(self.args, key, default)
 
     @classmethod
     def check_config(cls, args: Any) -> None:

@@ -18,11 +18,7 @@ import torch
 
 from . import losses
 from .protocols import AdvantageInputs
-
-
-def _opt(args, key, default):
-    value = getattr(args, key, None)
-    return default if value is None else value
+from .types import option as _opt
 
 
 @dataclass

@@ -13,6 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def option(args: Any, key: str, default: Any) -> Any:
+    """``args.<key>``, or ``default`` when it is missing or None (a flag left unset): how backends,
+    estimators and losses read the run config, which may be a bare namespace in tests."""
+    value = getattr(args, key, None) if args is not None else None
+    return default if value is None else value
+
+
 class Status(str, enum.Enum):
     PENDING = "pending"
     COMPLETED = "completed"

@@ -25,13 +25,9 @@ from typing import Any
 import torch
 from plugrl.core import losses
 from plugrl.core.packing import karmarkar_karp, plan_micro_batches, split_into_steps
+from plugrl.core.types import option as _opt
 
 logger = logging.getLogger(__name__)
-
-
-def _opt(args, key, default):
-    value = getattr(args, key, None)
-    return default if value is None else value
 
 
 def resolve_device(requested: str | None) -> torch.device:

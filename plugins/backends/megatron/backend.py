@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from plugrl.core.packing import plan_micro_batches, split_into_steps
+from plugrl.core.types import option as _opt
 from plugrl.plugins.backends.torch_trainer import (
     lr_lambda_factory,
     offload_report,
@@ -35,11 +36,6 @@ from plugrl.plugins.backends.torch_trainer import (
 from .parallel import dp_group, init_parallel, tp_group
 
 logger = logging.getLogger(__name__)
-
-def _opt(args, key, default):
-    value = getattr(args, key, None)
-    return default if value is None else value
-
 
 def check_megatron_args(args) -> None:
     """In the train actor (the driver runs the same checks in ``validate_config``)."""

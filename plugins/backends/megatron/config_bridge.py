@@ -169,14 +169,11 @@ def check_flags(hf_config: Any, args: Any = None) -> dict:
 
 def derive_model_config(hf_config: Any, args: Any = None) -> MegatronModelConfig:
     """HF config (+ optional explicit flags) -> MegatronModelConfig. Runs anywhere, no megatron."""
+    from plugrl.core.types import option
+
     values = check_flags(hf_config, args)
-
-    def flag(dest: str, default: Any) -> Any:
-        value = getattr(args, dest, None) if args is not None else None
-        return default if value is None else value
-
-    tp = int(flag("tensor_model_parallel_size", 1))
-    divisor = int(flag("make_vocab_size_divisible_by", DEFAULT_VOCAB_DIVISOR))
+    tp = int(option(args, "tensor_model_parallel_size", 1))
+    divisor = int(option(args, "make_vocab_size_divisible_by", DEFAULT_VOCAB_DIVISOR))
     heads, groups = values["num_attention_heads"], values["num_query_groups"]
     if heads % tp or (groups % tp and tp % groups):
         raise ValueError(
@@ -186,7 +183,7 @@ def derive_model_config(hf_config: Any, args: Any = None) -> MegatronModelConfig
     if values["ffn_hidden_size"] % tp:
         raise ValueError(f"--tensor-model-parallel-size {tp} must divide ffn_hidden_size={values['ffn_hidden_size']}")
     # slime: max_position_embeddings = seq_length when unset; fall back to the checkpoint's value.
-    max_pos = flag("max_position_embeddings", None) or flag("seq_length", None)
+    max_pos = option(args, "max_position_embeddings", None) or option(args, "seq_length", None)
     max_pos = int(max_pos or _get(hf_config, "max_position_embeddings") or 4096)
     return MegatronModelConfig(
         model_type=_get(hf_config, "model_type"),

@@ -19,11 +19,7 @@ import os
 
 import torch
 import torch.distributed as dist
-
-
-def _opt(args, key, default):
-    value = getattr(args, key, None)
-    return default if value is None else value
+from plugrl.core.types import option as _opt
 
 
 class MegatronCoreOptimizer:
