@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from plugrl.plugins.backends.hf_engine import HFRolloutEngine, _attention_backends
-from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint, build_tokenizer, tiny_config, toy_rows
+from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
 
 SHAPES = {
     "tiny": {},
@@ -37,26 +36,11 @@ SHAPES = {
 
 
 def build(shape: str, directory: Path) -> Path:
-    """The tiny test checkpoint, or a random Qwen3 of the given shape with the tiny tokenizer (its
+    """The tiny test checkpoint, or a random bf16 Qwen3 of the given shape with the tiny tokenizer (its
     ids are a subset of the large vocabulary, so prompts and decoding work)."""
     if shape == "tiny":
         return build_tiny_checkpoint(directory / shape)
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = build_tokenizer(toy_rows()[0])
-    overrides = dict(SHAPES[shape])
-    config = tiny_config(overrides.pop("vocab_size"), tokenizer.eos_token_id, tokenizer.pad_token_id,
-                         torch_dtype="bfloat16", **overrides)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # random init directly in bf16: half the memory and disk
-    try:
-        model = AutoModelForCausalLM.from_config(config)
-    finally:
-        torch.set_default_dtype(previous)
-    path = directory / shape
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return build_tiny_checkpoint(directory / shape, bf16=True, **SHAPES[shape])
 
 
 def prompts(batch: int, length: int, seed: int) -> list[list[int]]:

@@ -50,27 +50,9 @@ SHAPES = {
 
 def build(size: str, directory: Path) -> Path:
     """A random bf16 Qwen3 checkpoint of ``SHAPES[size]`` with the tiny tokenizer."""
-    from plugrl.plugins.backends.tiny_default import (
-        build_tokenizer,
-        tiny_config,
-        toy_rows,
-    )
-    from transformers import AutoModelForCausalLM
+    from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
 
-    tokenizer = build_tokenizer(toy_rows()[0])
-    overrides = dict(SHAPES[size])
-    config = tiny_config(overrides.pop("vocab_size"), tokenizer.eos_token_id, tokenizer.pad_token_id,
-                         torch_dtype="bfloat16", **overrides)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # init directly in bf16: half the memory and disk
-    try:
-        model = AutoModelForCausalLM.from_config(config)
-    finally:
-        torch.set_default_dtype(previous)
-    path = directory / size
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return build_tiny_checkpoint(directory / size, bf16=True, **SHAPES[size])
 
 
 def start_engine(path: Path, device: str, log_dir: Path, gpu: int = 0):

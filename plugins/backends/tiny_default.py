@@ -126,17 +126,28 @@ def tiny_config(vocab_size: int, eos_token_id: int, pad_token_id: int, **overrid
     return Qwen3Config(**values)
 
 
-def build_tiny_checkpoint(path: str | Path, *, seed: int = 0, **config_overrides) -> Path:
-    """Write a random-init tiny Qwen3 checkpoint + tokenizer to ``path`` (a normal HF directory)."""
+def build_tiny_checkpoint(path: str | Path, *, seed: int = 0, bf16: bool = False, **config_overrides) -> Path:
+    """Write a random-init tiny Qwen3 checkpoint + tokenizer to ``path`` (a normal HF directory).
+    ``config_overrides`` may give another shape (the benchmarks' Qwen3-4B: the tiny tokenizer's ids
+    are a subset of any larger ``vocab_size``); ``bf16`` initialises and stores it in bf16 (half the
+    memory and disk of fp32)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     train_rows, _ = toy_rows()
     tokenizer = build_tokenizer(train_rows)
-    config = tiny_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, **config_overrides)
+    if bf16:
+        config_overrides.setdefault("torch_dtype", "bfloat16")
+    vocab_size = config_overrides.pop("vocab_size", len(tokenizer))
+    config = tiny_config(vocab_size, tokenizer.eos_token_id, tokenizer.pad_token_id, **config_overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if bf16 else previous)
+    try:
+        model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
     # Build next to the target and rename: concurrent builders (tests, Ray workers) never see a
     # half-written directory, and the first finished build wins.
     path.parent.mkdir(parents=True, exist_ok=True)
