@@ -19,6 +19,8 @@ torch = pytest.importorskip("torch")
 from plugrl.plugins.backends.sglang import launch, wire
 from plugrl.plugins.backends.sglang.weights import push_tensor, require_local
 
+from .test_sglang_server import _input_logprobs, _ok
+
 SERVER = [sys.executable, "-m", "plugrl.plugins.backends.sglang.server"]
 PROMPT = [5, 17, 42, 9]
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
@@ -162,19 +164,6 @@ def server(checkpoint, tmp_path_factory):
             yield client
     finally:
         child.stop()
-
-
-def _ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=30, trust_env=False).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _input_logprobs(client, seq, n):
-    body = client.post("/generate", json={"input_ids": seq, "return_logprob": True, "logprob_start_len": len(seq) - n,
-                                          "sampling_params": {"max_new_tokens": 0}}).json()
-    return [p[0] for p in body["meta_info"]["input_token_logprobs"][-n:]]
 
 
 def _new_weights(model, seed: int, device: str) -> list:
