@@ -22,6 +22,8 @@ from plugrl.core.train_group import rendezvous_env
 from plugrl.plugins.backends.placement import sort_bundles
 from plugrl.plugins.backends.tiny_default import SFT_FILE, build_tiny_checkpoint
 
+from .test_resume import session_pids
+
 PLUGRL = [sys.executable, "-m", "plugrl.core.cli"]
 
 
@@ -100,18 +102,14 @@ def train_rows(run_dir: Path) -> list[dict]:
 def session_train_workers(sid: int) -> list[int]:
     """Train rank processes (Ray sets their title to ``ray::TrainWorker...``) of session ``sid``."""
     pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in session_pids(sid):
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                session = int(f.read().rsplit(")", 1)[1].split()[3])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
                 title = f.read().split(b"\0")[0].decode(errors="replace")
-        except (OSError, IndexError, ValueError):
+        except OSError:
             continue
-        if session == sid and title.startswith("ray::TrainWorker"):
-            pids.append(int(entry))
+        if title.startswith("ray::TrainWorker"):
+            pids.append(pid)
     return pids
 
 
