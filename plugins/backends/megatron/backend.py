@@ -527,7 +527,6 @@ class _OffloadedStorages:
         self.cpu_state = {}
         for base, nbytes, copy in self.saved:
             base.untyped_storage().resize_(nbytes)
-            base.set_(base.untyped_storage())
             if copy is not None:
                 base.copy_(copy)
             else:
