@@ -100,13 +100,14 @@ class MegatronTrainBackend:
         self.sequence_parallel = bool(getattr(args, "sequence_parallel", False)) and self.tp_size > 1
         self.attention = choose_implementation(getattr(args, "attention_backend", None), self.device.type)
         self.model = self._build_model(trainable=True)
-        self._load_initial_weights(self.model, self._initial_weights())
+        start = self._initial_weights()
+        self._load_initial_weights(self.model, start)
         self.ddp_model = self._wrap_ddp(self.model)
         self.ref_model = None
         if self._needs_ref():
             self.ref_model = self._build_model(trainable=False)
             # the reference policy is --ref-load (slime), else the starting weights
-            self._load_initial_weights(self.ref_model, getattr(args, "ref_load", None) or self._initial_weights())
+            self._load_initial_weights(self.ref_model, getattr(args, "ref_load", None) or start)
         from .optimizers import build_optimizer
 
         self.base_lr = float(args.lr)
