@@ -14,14 +14,15 @@ sync loop (generation and training take turns):
   weight_sync       ``perf/weight_sync_time`` (the push only)
   eval              ``perf/eval_time`` (rollouts with an eval only)
   offload           ``perf/offload_time`` (colocated GPU runs only)
+  save              ``perf/save_time`` (colocated GPU runs with a save due: the trainer's state)
   rollout to batch  ``perf/rollout_time - perf/generate_time``: samples -> train data, metrics
   rollout hand-off  ``perf/wait_rollout_time - perf/rollout_time``: the Ray call and result transfer
-  loop other        ``step - wait_rollout - train - weight_sync - eval - offload``: hooks, polling, ...
-The framework overhead is the last three: ``step - generate - train - weight_sync - eval - offload``.
+  loop other        ``step - wait_rollout - train - weight_sync - eval - offload - save``: hooks, polling, ...
+The framework overhead is the last three: ``step - generate - train - weight_sync - eval - offload - save``.
 
 async loop (``--async``: rollout k+1 generates while k trains): generation overlaps training, so the
 step is ``wait_rollout`` (the driver blocked on generation, hand-off included) + train + weight_sync
-+ eval + offload + loop other, and the framework overhead is ``loop other``; the rollout manager's
++ eval + offload + save + loop other, and the framework overhead is ``loop other``; the rollout manager's
 generate time is shown for reference, outside the sum.
 
 "between steps" (from the rows' timestamps) is time outside ``perf/step_time``: the log line,
@@ -46,7 +47,7 @@ import tempfile
 from pathlib import Path
 
 # The timers a step is made of (core/loop.py); absent ones count as 0 (eval/offload run on some steps).
-STEP_PARTS = ("train", "weight_sync", "eval", "offload")
+STEP_PARTS = ("train", "weight_sync", "eval", "offload", "save")
 
 
 def _t(row: dict, name: str) -> float:

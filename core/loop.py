@@ -7,7 +7,10 @@ does, so logical bundle i (train rank i) is the i-th GPU in that order.
 
 Sync loop order (slime ``train.py``, reference §1.2): push weights once before step 0; per rollout:
 generate (+reward, filter) -> [colocated GPU: release engine memory, onload trainer] -> train ->
-save? -> [colocated GPU: offload trainer, resume engine weights then KV] -> push weights -> eval?.
+[colocated GPU, save due: write the trainer's state] -> [colocated GPU: offload trainer, resume engine
+weights] -> push weights -> [colocated GPU: resume engine KV] -> eval? -> log line -> save?. Colocated,
+the trainer is offloaded before the first push, so the first rollout already has the GPU to itself.
+``--no-offload-train``/``--no-offload-rollout`` keep that side's memory where it is.
 
 Per-rollout timers (driver wall seconds, in the rollout's ``metrics.jsonl`` line), which partition
 ``perf/step_time`` up to the loop's own bookkeeping (``benchmarks/step_breakdown.py`` reports the rest):
@@ -15,9 +18,10 @@ Per-rollout timers (driver wall seconds, in the rollout's ``metrics.jsonl`` line
 ``--async`` taking the prefetched rollout plus waiting for the next one to finish before a weight push),
 ``perf/offload_time`` (colocated GPU only: engine memory release/resume and trainer offload/onload),
 ``perf/train_time``, ``perf/weight_sync_time`` (the push only), ``perf/eval_time`` (rollouts with an
-eval). The rollout manager adds ``perf/rollout_time`` (its side of ``generate``) and ``perf/generate_time``
+eval), ``perf/save_time`` (colocated GPU, save due: the trainer's part of the checkpoint). The rollout manager adds ``perf/rollout_time`` (its side of ``generate``) and ``perf/generate_time``
 (generation + reward), which in the sync loop sit inside ``wait_rollout`` and with ``--async`` overlap
-the previous rollout's training. Checkpoint saves and the log line come after ``perf/step_time``.
+the previous rollout's training. Checkpoint saves (the rest of them) and the log line come after
+``perf/step_time``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -232,6 +238,8 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
                 seed=int(args.seed))
             metrics_logger.log(-1, {"sft/loss_first": history[0], "sft/loss_last": history[-1]}, phase="sft")
         version = start_rollout
+        if cluster.colocated_gpu and args.offload_train:
+            cluster.train.offload()  # the engines generate first; the push below reads the host copy
         phase("sync", start_rollout)
         _push_weights(cluster, args, version)
         if args.eval_interval and start_rollout == 0 and args.eval_prompt_data:
@@ -252,16 +260,27 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
             _observe(plugin_set.pm.hook.plugrl_on_rollout_end, rollout_id, metrics)
             if cluster.colocated_gpu:
                 with _timed(metrics, "offload"):
-                    ray.get(cluster.rollout.release_memory.remote())
-                    cluster.train.onload()
+                    if args.offload_rollout:
+                        ray.get(cluster.rollout.release_memory.remote())
+                    if args.offload_train:
+                        cluster.train.onload()
             phase("train", rollout_id)
             poll = None if on_progress is None else (lambda: on_progress(cluster.train.progress()))
             with _timed(metrics, "train"):
                 metrics.update(cluster.train.train(rollout_id, data, poll=poll))
+            saving = bool(args.save) and _due(args.save_interval, rollout_id, rollout_id == last_rollout)
+            staged_train_state = None
+            if saving and cluster.colocated_gpu and args.offload_train:
+                # The trainer's state is written now, while it is on the GPU; the checkpoint is
+                # completed (and becomes visible) after this rollout's metrics line, as below.
+                with _timed(metrics, "save"):
+                    staged_train_state = _stage_train_state(cluster, args, rollout_id)
             if cluster.colocated_gpu:
                 with _timed(metrics, "offload"):
-                    cluster.train.offload()
-                    ray.get(cluster.rollout.resume_memory.remote(["weights"]))
+                    if args.offload_train:
+                        cluster.train.offload()
+                    if args.offload_rollout:
+                        ray.get(cluster.rollout.resume_memory.remote(["weights"]))
             phase("sync", rollout_id)
             metrics["perf/weight_sync_time"] = 0.0  # logged every rollout, also when no push is due
             if (rollout_id + 1) % max(1, int(args.update_weights_interval)) == 0:
@@ -271,7 +290,7 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
                         rollouts.finish_in_flight()
                 with _timed(metrics, "weight_sync"):
                     _push_weights(cluster, args, rollout_id + 1)
-            if cluster.colocated_gpu:
+            if cluster.colocated_gpu and args.offload_rollout:
                 with _timed(metrics, "offload"):
                     ray.get(cluster.rollout.resume_memory.remote(None))  # KV cache (and the rest) after the weights
             if args.eval_prompt_data and _due(args.eval_interval, rollout_id, rollout_id == last_rollout):
@@ -284,9 +303,9 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
             _observe(plugin_set.pm.hook.plugrl_on_train_step_end, rollout_id, metrics)
             metrics_logger.log(rollout_id, metrics, phase="train")
             # Saved after its metrics line, so a kill never leaves a checkpoint whose line is missing.
-            if args.save and _due(args.save_interval, rollout_id, rollout_id == last_rollout):
+            if saving:
                 phase("save", rollout_id)
-                _save(cluster, args, rollout_id)
+                _save(cluster, args, rollout_id, staged_train_state)
             phase("log", rollout_id + 1)  # closes this rollout's progress bars before its line
             print(console_line(rollout_id, metrics), flush=True)
             summary.rollouts += 1
@@ -359,11 +378,31 @@ def _push_weights(cluster, args, version: int) -> None:
     ray.get(cluster.rollout.update_weights.remote(buckets, version))
 
 
-def _save(cluster, args, rollout_id: int) -> None:
+def _stage_train_state(cluster, args, rollout_id: int) -> str:
+    """Colocated runs: the trainer's part of rollout ``rollout_id``'s checkpoint, written right
+    after training (before the trainer offloads) into a hidden directory under ``--save``."""
+    os.makedirs(args.save, exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=f".train_rollout_{rollout_id:06d}.", dir=args.save)
+    try:
+        cluster.train.save(staged)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return staged
+
+
+def _save(cluster, args, rollout_id: int, staged_train_state: str | None = None) -> None:
+    """Rollout ``rollout_id``'s checkpoint, complete or not at all (``write_checkpoint_atomically``);
+    the trainer's files come from ``staged_train_state`` when the loop wrote them earlier."""
     import ray
 
     def write(tmp_dir: str) -> None:
-        cluster.train.save(tmp_dir)
+        if staged_train_state is None:
+            cluster.train.save(tmp_dir)
+        else:  # same filesystem (both under --save): moving is a rename
+            for name in os.listdir(staged_train_state):
+                os.rename(os.path.join(staged_train_state, name), os.path.join(tmp_dir, name))
+            os.rmdir(staged_train_state)
         with open(os.path.join(tmp_dir, "rollout_state.json"), "w") as f:
             json.dump(ray.get(cluster.rollout.state_dict.remote(before_rollout=rollout_id + 1)), f)
         with open(os.path.join(tmp_dir, "meta.json"), "w") as f:

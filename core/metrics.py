@@ -23,7 +23,8 @@ Metric names the console line and the report know about (producers use these nam
   ``perf/generate_time`` (generation + reward), ``perf/rollout_time`` (that plus building the train
   data). From the driver loop (``core/loop.py`` says what each covers): ``perf/wait_rollout_time``,
   ``perf/train_time``, ``perf/weight_sync_time``, ``perf/eval_time`` (rollouts with an eval),
-  ``perf/offload_time`` (colocated GPU runs), ``perf/step_time`` (the whole rollout).
+  ``perf/offload_time`` (colocated GPU runs), ``perf/save_time`` (colocated GPU runs, the trainer's
+  part of a due checkpoint), ``perf/step_time`` (the whole rollout).
   ``benchmarks/step_breakdown.py`` turns them into a per-phase table.
 """
 
@@ -56,6 +57,7 @@ TIME_LABELS: dict[str, str] = {
     "perf/weight_sync_time": "sync",
     "perf/eval_time": "eval",
     "perf/offload_time": "offload",
+    "perf/save_time": "save",
     "perf/step_time": "step",
 }
 

@@ -194,3 +194,36 @@ def test_checkpoint_dir_names_sort_numerically(tmp_path):
     names = [os.path.basename(checkpoint_dir(str(tmp_path), rid)) for rid in (2, 10, 100, 999999)]
     assert names == sorted(names)
     assert names[0] == "rollout_000002"
+
+
+def test_colocated_save_moves_the_staged_train_state_into_the_checkpoint(tmp_path, monkeypatch):
+    """Colocated GPU runs write the trainer's files right after training (before it offloads) and
+    complete the checkpoint after the metrics line: the staged files end up in it, nothing hidden
+    is left, and the checkpoint is invisible until then."""
+    import types
+
+    import ray
+    from plugrl.core import loop
+
+    class Train:
+        def __init__(self):
+            self.weights = "step-3 weights"
+
+        def save(self, path):
+            with open(os.path.join(path, "train_state.pt"), "w") as f:
+                f.write(self.weights)
+
+    rollout_state = types.SimpleNamespace(remote=lambda before_rollout: {"next_rollout": before_rollout})
+    cluster = types.SimpleNamespace(train=Train(), rollout=types.SimpleNamespace(state_dict=rollout_state))
+    monkeypatch.setattr(ray, "get", lambda value: value)  # the fake rollout manager answers directly
+    args = types.SimpleNamespace(save=str(tmp_path / "ckpt"), seed=1)
+    staged = loop._stage_train_state(cluster, args, 3)
+    cluster.train.weights = "offloaded (never read again)"
+    assert find_latest_checkpoint(args.save) is None  # staged, not visible
+    loop._save(cluster, args, 3, staged)
+    path = find_latest_checkpoint(args.save)
+    assert path == checkpoint_dir(args.save, 3)
+    assert read_tree(path)["train_state.pt"] == "step-3 weights"
+    assert set(read_tree(path)) == {"train_state.pt", "rollout_state.json", "meta.json"}
+    assert '"next_rollout": 4' in read_tree(path)["rollout_state.json"]
+    assert hidden_leftovers(args.save) == []

@@ -373,14 +373,18 @@ def test_cuda_engine(ckpt):
                 logits = ref(input_ids=ids).logits[0, len(prompt) - 1: -1].float() / (temp or 1.0)
             expected = torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):].unsqueeze(1)).squeeze(1)
             assert torch.allclose(expected.cpu(), torch.tensor(out["log_probs"]), atol=1e-4)
+        scores = eng.log_probs_of([[5, 6, 7, 8, 9]], [3])
         before = torch.cuda.memory_allocated()
         eng.release_memory()
         assert torch.cuda.memory_allocated() < before
         with pytest.raises(RuntimeError, match="released"):
             run(eng.generate([5, 6], {"max_new_tokens": 2}))
+        with pytest.raises(RuntimeError, match="resume_memory"):
+            eng.update_weights({}, 1)
         eng.resume_memory(["weights"])
         eng.resume_memory(["kv_cache", "cuda_graph"])
         assert next(eng.model.parameters()).is_cuda
+        assert eng.log_probs_of([[5, 6, 7, 8, 9]], [3]) == scores  # the weights came back bit-exact
         assert len(run(eng.generate([5, 6], {"max_new_tokens": 3, "ignore_eos": True}))["tokens"]) == 3
     finally:
         eng.close()

@@ -19,6 +19,7 @@ import base64
 import contextlib
 
 import torch
+from plugrl.core.gpu_offload import StorageOffload
 
 from .hf_batch import Request, StopContext
 from .hf_sampling import SamplingParams
@@ -102,6 +103,7 @@ class HFRolloutEngine:
         self.max_batch_size = int(max_batch_size)
         self._weight_version = str(options.get("weight_version", "default"))
         self._released: set[str] = set()
+        self._weights_offload = StorageOffload()
         generator = torch.Generator(device=self.device)
         generator.manual_seed(int(seed))
         self._generator = generator  # the sampling RNG; checkpointed by state_dict()
@@ -191,13 +193,15 @@ class HFRolloutEngine:
         """Load HF-named tensors (dict, pairs or buckets; strict names/shapes) between two decode
         steps and set ``weight_version`` to ``str(version)``."""
         with self._scheduler.exclusive():
+            if "weights" in self._released and self.device.type != "cpu":
+                raise RuntimeError("hf engine weights are released; call resume_memory(['weights']) before updating them")
             load_named_tensors(self.model, named_tensors)
             self._weight_version = str(version)
 
     def release_memory(self, tags=None) -> None:
-        """Colocated training: free the GPU. ``weights`` moves the model to CPU (a no-op on CPU);
-        ``kv_cache``/``cuda_graph`` hold nothing between batches. Refused while requests are in
-        flight (abort them first, as slime does before releasing)."""
+        """Colocated training: free the GPU. ``weights`` frees the model's GPU memory and keeps a host
+        copy (a no-op on CPU); ``kv_cache``/``cuda_graph`` hold nothing between batches. Refused while
+        requests are in flight (abort them first, as slime does before releasing)."""
         tags = self._check_tags(tags)
         with self._scheduler.exclusive():  # the decode thread is parked: the load cannot change under us
             load = self._scheduler.load_stats()
@@ -205,7 +209,9 @@ class HFRolloutEngine:
             if busy:
                 raise RuntimeError(f"release_memory with {busy} requests in flight; call abort_all() first")
             if "weights" in tags and "weights" not in self._released and self.device.type != "cpu":
-                self.model.to("cpu")
+                # Freed in place with a host copy (reused pinned buffers, core/gpu_offload.py), so a
+                # resume without a weight push still generates with the same weights.
+                self._weights_offload.offload((t.data, True) for t in (*self.model.parameters(), *self.model.buffers()))
                 torch.cuda.empty_cache()
             self._released |= set(tags)
 
@@ -220,7 +226,7 @@ class HFRolloutEngine:
         tags = self._check_tags(tags)
         with self._scheduler.exclusive():
             if "weights" in tags and "weights" in self._released and self.device.type != "cpu":
-                self.model.to(self.device)
+                self._weights_offload.onload()
             self._released -= set(tags)
 
     @staticmethod

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from plugrl.core import losses
+from plugrl.core.gpu_offload import StorageOffload, host_view
 from plugrl.core.packing import karmarkar_karp, plan_micro_batches, split_into_steps
 from plugrl.core.types import option as _opt
 
@@ -141,6 +142,8 @@ class TorchTrainBackend:
             ref_path = getattr(args, "ref_load", None) or args.hf_checkpoint
             self.ref_model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=self.dtype).to(self.device).eval()
             self.ref_model.requires_grad_(False)
+        self._offloaded = StorageOffload()
+        self._host_copies: dict[int, torch.Tensor] = {}
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=float(args.lr), weight_decay=float(_opt(args, "weight_decay", 0.0)),
             betas=(float(_opt(args, "adam_beta1", 0.9)), float(_opt(args, "adam_beta2", 0.999))),
@@ -303,6 +306,8 @@ class TorchTrainBackend:
             return []
         buckets, current, size = [], {}, 0
         for name, tensor in self.model.state_dict().items():
+            if self._offloaded.offloaded:  # colocated: weights are pushed while the trainer is offloaded
+                tensor = host_view(tensor, self._host_copies)
             t = tensor.detach().to("cpu", copy=True)
             nbytes = t.numel() * t.element_size()
             if bucket_bytes and current and size + nbytes > bucket_bytes:
@@ -347,28 +352,37 @@ class TorchTrainBackend:
 
         if self.rank != 0:
             return
-        self.model.save_pretrained(path)
+        state = None
+        if self._offloaded.offloaded:  # colocated runs end offloaded: write the host copy
+            state = {name: host_view(t, self._host_copies) for name, t in self.model.state_dict().items()}
+        self.model.save_pretrained(path, state_dict=state)
         AutoTokenizer.from_pretrained(self.args.hf_checkpoint).save_pretrained(path)
 
     def offload(self) -> None:
-        """Colocated on a GPU: free GPU memory while the engine generates."""
+        """Colocated on a GPU: free the memory of the model, the reference model and the optimizer
+        state while the engine generates (reused pinned host buffers, see core/gpu_offload.py)."""
         if self.device.type == "cuda":
             before = torch.cuda.memory_allocated()
-            self.model.to("cpu")
-            for state in self.optimizer.state.values():
-                for k, v in state.items():
-                    if torch.is_tensor(v):
-                        state[k] = v.to("cpu")
+            self._host_copies = self._offloaded.offload(self._offload_tensors())
             torch.cuda.empty_cache()
             self.offload_report = offload_report(before)
 
     def onload(self) -> None:
         if self.device.type == "cuda":
-            self.model.to(self.device)
-            for state in self.optimizer.state.values():
-                for k, v in state.items():
-                    if torch.is_tensor(v):
-                        state[k] = v.to(self.device)
+            self._offloaded.onload()
+            self._host_copies = {}
+
+    def _offload_tensors(self):
+        for module in (self.model, self.ref_model):
+            if module is not None:
+                for tensor in (*module.parameters(), *module.buffers()):
+                    yield tensor.data, True
+                    if tensor.grad is not None:
+                        yield tensor.grad, False  # zeroed (set to None) before every step anyway
+        for state in self.optimizer.state.values():
+            for value in state.values():
+                if torch.is_tensor(value) and value.is_cuda:
+                    yield value, True
 
     # ---- supervised warm-up -----------------------------------------------------------------------
     def sft_warmup(self, batches, *, lr: float, prompt_loss_weight: float = 0.0) -> list[float]:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from plugrl.core.gpu_offload import StorageOffload, host_view
 from plugrl.core.packing import plan_micro_batches, split_into_steps
 from plugrl.core.types import option as _opt
 from plugrl.plugins.backends.torch_trainer import (
@@ -474,12 +475,12 @@ class MegatronTrainBackend:
 
 class _OffloadedStorages:
     """Colocated runs: frees the GPU storages behind the params, the fp32 grad buffers and the
-    optimizer state while the rollout engine generates, and restores them in place. Storages are
-    resized rather than tensors moved, so the views megatron's DDP buffers hand out stay valid."""
+    optimizer state while the rollout engine generates, and restores them in place (see
+    ``core/gpu_offload.py``: the views megatron's DDP buffers hand out stay valid)."""
 
     def __init__(self, backend: MegatronTrainBackend):
         self.backend = backend
-        self.saved: list[tuple[torch.Tensor, int, torch.Tensor | None]] = []
+        self.storages = StorageOffload()
         self.cpu_state: dict[str, torch.Tensor] = {}  # the model's state dict while offloaded
 
     def _tensors(self):
@@ -502,37 +503,14 @@ class _OffloadedStorages:
                         yield value, True
 
     def offload(self) -> None:
-        # CPU aliases of the model's state first: weights are exported to the engines while offloaded.
+        # Host views of the model's state: weights are exported to the engines while offloaded.
         state = {k: v for k, v in self.backend.model.state_dict().items() if not k.endswith("_extra_state")}
-        seen = set()
-        copies: dict[int, torch.Tensor] = {}
-        for tensor, keep in self._tensors():
-            storage = tensor.untyped_storage()
-            if not tensor.is_cuda or storage.data_ptr() in seen or storage.size() == 0:
-                continue
-            seen.add(storage.data_ptr())
-            base = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
-            copy = base.to("cpu", non_blocking=False) if keep else None
-            self.saved.append((base, storage.size(), copy))
-            if copy is not None:
-                copies[storage.data_ptr()] = copy
-        self.cpu_state = {}
-        for name, tensor in state.items():
-            copy = copies.get(tensor.untyped_storage().data_ptr()) if tensor.is_cuda else None
-            self.cpu_state[name] = tensor.detach().cpu() if copy is None else torch.empty(0, dtype=tensor.dtype).set_(
-                copy.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
-        for base, _nbytes, _copy in self.saved:
-            base.untyped_storage().resize_(0)
+        copies = self.storages.offload((tensor, keep) for tensor, keep in self._tensors() if tensor.is_cuda)
+        self.cpu_state = {name: host_view(tensor, copies) for name, tensor in state.items()}
 
     def onload(self) -> None:
         self.cpu_state = {}
-        for base, nbytes, copy in self.saved:
-            base.untyped_storage().resize_(nbytes)
-            if copy is not None:
-                base.copy_(copy)
-            else:
-                base.zero_()
-        self.saved = []
+        self.storages.onload()
 
 
 def _holds_weights(path: str) -> bool:
