@@ -22,6 +22,7 @@ Every timed push is bracketed by nothing else (no pause/flush: those are constan
 
     python benchmarks/weight_sync.py                      # CPU: ~4, 40, 200 MB states
     python benchmarks/weight_sync.py --device cuda --size 4b
+    python benchmarks/weight_sync.py --device cuda --size 4b --paths tensor,distributed-nccl
 """
 
 from __future__ import annotations
@@ -105,7 +106,11 @@ def embedded_seconds(path: Path, device: str, state: dict, repeats: int) -> floa
         engine.close()
 
 
-def bench_size(size: str, device: str, repeats: int, buffer_size: int, workdir: Path) -> list[tuple]:
+PATHS = ("embedded", "tensor", "distributed", "distributed-nccl")
+
+
+def bench_size(size: str, device: str, repeats: int, buffer_size: int, workdir: Path,
+               paths: tuple[str, ...] = PATHS) -> list[tuple]:
     import httpx
     from plugrl.plugins.backends.hf_engine import HFRolloutEngine
     from plugrl.plugins.backends.sglang import launch
@@ -125,27 +130,30 @@ def bench_size(size: str, device: str, repeats: int, buffer_size: int, workdir: 
         rows.append((path_name, device, size, nbytes / 1e6, len(pairs), seconds, nbytes / seconds / 1e9))
         print(f"  {path_name:<16} {seconds:8.3f} s", file=sys.stderr, flush=True)
 
-    row("embedded", embedded_seconds(path, device, state, repeats))
-
-    child, url = start_engine(path, device, workdir)
-    client = httpx.Client(timeout=httpx.Timeout(3600.0, connect=10.0), trust_env=False)
-    try:
-        buckets = bucket_by_size(pairs, buffer_size)
-        row("tensor", timed(lambda v: push_tensor(client, [url], buckets, str(v), tp_sizes=[1]), repeats))
-        pusher = DistributedPusher(client, [url], host="127.0.0.1", port=launch.free_port(), backend="gloo")
+    if "embedded" in paths:
+        row("embedded", embedded_seconds(path, device, state, repeats))
+    buckets = bucket_by_size(pairs, buffer_size)
+    if "tensor" in paths or "distributed" in paths:
+        child, url = start_engine(path, device, workdir)
+        client = httpx.Client(timeout=httpx.Timeout(3600.0, connect=10.0), trust_env=False)
         try:
-            def broadcast(v: int) -> None:
-                # gloo sends host memory: CUDA buckets pay their device-to-host copy here.
-                host = [[(n, t.cpu()) for n, t in b] for b in buckets] if device != "cpu" else buckets
-                pusher.push(host, str(v))
+            if "tensor" in paths:
+                row("tensor", timed(lambda v: push_tensor(client, [url], buckets, str(v), tp_sizes=[1]), repeats))
+            if "distributed" in paths:
+                pusher = DistributedPusher(client, [url], host="127.0.0.1", port=launch.free_port(), backend="gloo")
+                try:
+                    def broadcast(v: int) -> None:
+                        # gloo sends host memory: CUDA buckets pay their device-to-host copy here.
+                        host = [[(n, t.cpu()) for n, t in b] for b in buckets] if device != "cpu" else buckets
+                        pusher.push(host, str(v))
 
-            row("distributed", timed(broadcast, repeats))
+                    row("distributed", timed(broadcast, repeats))
+                finally:
+                    pusher.close()
         finally:
-            pusher.close()
-    finally:
-        client.close()
-        child.stop()
-    if device != "cpu":
+            client.close()
+            child.stop()
+    if device != "cpu" and "distributed-nccl" in paths:
         if torch.cuda.device_count() < 2:
             print("  distributed-nccl skipped: NCCL cannot broadcast between two processes on one GPU; "
                   "it needs 2 GPUs (engine on cuda:1)", file=sys.stderr, flush=True)
@@ -176,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default=None, help=f"comma list of {sorted(SHAPES)} (default: 4mb,40mb,200mb)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--buffer-size", type=int, default=512 << 20, help="bucket bytes (slime's default 512 MiB)")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"comma list of {list(PATHS)} (default: all; "
+                   "distributed-nccl runs with --device cuda only)")
     args = p.parse_args(argv)
+    paths = tuple(args.paths.split(","))
+    if unknown := [name for name in paths if name not in PATHS]:
+        p.error(f"unknown path(s) {unknown}; known: {list(PATHS)}")
     sizes = (args.size or "4mb,40mb,200mb").split(",")
     if unknown := [s for s in sizes if s not in SHAPES]:
         p.error(f"unknown size(s) {unknown}; known: {sorted(SHAPES)}")
@@ -185,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="plugrl-weight-sync-") as tmp:
         for size in sizes:
             print(f"{size}:", file=sys.stderr, flush=True)
-            rows += bench_size(size, device, args.repeats, args.buffer_size, Path(tmp))
+            rows += bench_size(size, device, args.repeats, args.buffer_size, Path(tmp), paths)
     print(f"device: {device_name(device)}; torch {torch.__version__}; bucket {args.buffer_size >> 20} MiB; "
           f"best of {args.repeats} pushes after a warm-up")
     print(f"| {'path':<16} | {'device':<6} | {'size':<5} | {'MB':>8} | {'tensors':>7} | {'seconds':>8} | {'GB/s':>6} |")

@@ -167,12 +167,13 @@ def server(checkpoint, tmp_path_factory):
 
 
 def _new_weights(model, seed: int, device: str) -> list:
-    """Perturbed parameters, every other one sent as bf16 (the engine casts into its fp32 model)."""
+    """Perturbed parameters, alternately sent as fp32 and bf16 (the engine casts into its model's
+    dtype: fp32 on CPU, bf16 on CUDA), so buckets mix dtypes either way."""
     torch.manual_seed(seed)
     pairs = []
     for i, (name, p) in enumerate(model.named_parameters()):
         t = p.detach() + 0.05 * torch.randn_like(p)
-        pairs.append((name, (t.to(torch.bfloat16) if i % 2 else t).to(device)))
+        pairs.append((name, t.to(torch.bfloat16 if i % 2 else torch.float32).to(device)))
     return pairs
 
 
