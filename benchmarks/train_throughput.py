@@ -78,7 +78,8 @@ def _model_parameters(backend, name: str) -> int:
         return sum(p.numel() for p in params)
     import torch.distributed as dist
 
-    sharded = torch.tensor(float(sum(p.numel() for p in params if getattr(p, "tensor_model_parallel", False))))
+    sharded = torch.tensor(float(sum(p.numel() for p in params if getattr(p, "tensor_model_parallel", False))),
+                           device=params[0].device)  # NCCL reduces device tensors only
     dist.all_reduce(sharded, group=backend.tp_group)
     return int(sharded.item()) + sum(p.numel() for p in params if not getattr(p, "tensor_model_parallel", False))
 
