@@ -40,7 +40,8 @@ def peak_flops() -> float:
     return float("nan")
 
 
-def backend_args(checkpoint: str, backend: str, tokens: int, *, device: str = "cuda", tp: int = 1) -> SimpleNamespace:
+def backend_args(checkpoint: str, backend: str, tokens: int, *, device: str = "cuda", tp: int = 1,
+                 recompute: str = "full") -> SimpleNamespace:
     common = {"hf_checkpoint": checkpoint, "device": device, "lr": 1e-6, "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.98,
                   "adam_eps": 1e-8, "clip_grad": 1.0, "seed": 0, "rollout_temperature": 1.0, "micro_batch_size": 1,
                   "use_dynamic_batch_size": True, "max_tokens_per_gpu": tokens, "global_batch_size": None, "eps_clip": 0.2,
@@ -50,6 +51,9 @@ def backend_args(checkpoint: str, backend: str, tokens: int, *, device: str = "c
         return SimpleNamespace(**common, gradient_checkpointing=True)
     # fp32 grad buffers as slime's recipe sets (--accumulate-allreduce-grads-in-fp32): with bf16 buffers
     # megatron's distributed optimizer makes an fp32 copy of every grad at step time (+4 bytes/param).
+    if recompute == "none":
+        return SimpleNamespace(**common, recompute_granularity=None, accumulate_allreduce_grads_in_fp32=True,
+                               tensor_model_parallel_size=tp, sequence_parallel=tp > 1 and device == "cuda")
     return SimpleNamespace(**common, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1,
                            accumulate_allreduce_grads_in_fp32=True, tensor_model_parallel_size=tp,
                            sequence_parallel=tp > 1 and device == "cuda")  # gloo (CPU) has no reduce-scatter
@@ -90,7 +94,8 @@ def worker(opts) -> dict | None:
     from plugrl.plugins.estimators.grpo import GRPOEstimator
 
     tp = opts.megatron_tp if opts.worker == "megatron" else 1
-    args = backend_args(opts.checkpoint, opts.worker, opts.tokens, device=opts.device, tp=tp)
+    args = backend_args(opts.checkpoint, opts.worker, opts.tokens, device=opts.device, tp=tp,
+                        recompute=opts.megatron_recompute)
     if opts.worker == "torch":
         from plugrl.plugins.backends.torch_trainer import TorchTrainBackend as Backend
     else:
@@ -113,7 +118,10 @@ def worker(opts) -> dict | None:
         _sync(opts.device)
         times.append(time.perf_counter() - start)
     cuda = opts.device == "cuda"
-    result = {"backend": opts.worker if tp == 1 else f"megatron tp{tp}", "gpus": tp, "params": n_params,
+    label = opts.worker if tp == 1 else f"megatron tp{tp}"
+    if opts.worker == "megatron" and opts.megatron_recompute == "none":
+        label += " norc"  # no activation recompute
+    result = {"backend": label, "gpus": tp, "params": n_params,
               "tokens": tokens, "step_s": sorted(times)[len(times) // 2],
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
               "device": torch.cuda.get_device_name() if cuda else "cpu"}
@@ -135,7 +143,8 @@ def run_worker(name: str, opts, checkpoint: str) -> dict | None:
     ranks = opts.megatron_tp if name == "megatron" else 1
     cmd = [sys.executable, __file__, "--worker", name, "--checkpoint", checkpoint, "--tokens", str(opts.tokens),
            "--samples", str(opts.samples), "--response", str(opts.response), "--steps", str(opts.steps),
-           "--device", opts.device, "--megatron-tp", str(opts.megatron_tp)] + (["--profile"] if opts.profile else [])
+           "--device", opts.device, "--megatron-tp", str(opts.megatron_tp),
+           "--megatron-recompute", opts.megatron_recompute] + (["--profile"] if opts.profile else [])
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # same for every backend
     if ranks > 1:
         with socket.socket() as sock:
@@ -212,6 +221,8 @@ def main() -> None:
     parser.add_argument("--attention", action="store_true", help="also time the packed attention implementations")
     parser.add_argument("--megatron-tp", type=int, default=1,
                         help="tensor parallelism of the megatron backend (that many GPUs, one process each)")
+    parser.add_argument("--megatron-recompute", default="full", choices=["full", "none"],
+                        help="the megatron backend's activation recompute (the issue's setting: full)")
     parser.add_argument("--json", metavar="PATH", help="also write the result rows as JSON")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a smoke run of the same code paths (numbers mean nothing)")
