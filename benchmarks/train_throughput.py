@@ -10,6 +10,11 @@ shared/MEASURED.md does. ``--profile`` adds the top CUDA kernels of one step per
 ``--attention`` a micro-benchmark of the packed attention implementations (fwd + bwd).
 
     python benchmarks/train_throughput.py --model 4b --tokens 9216 --samples 8 --steps 5
+    python benchmarks/train_throughput.py --model 4b --backends torch,megatron --megatron-tp 2 --profile
+    python benchmarks/train_throughput.py --model 4b --backends megatron --megatron-dp 2 --checkpoint-cache /tmp/ckpt
+
+``--megatron-tp``/``--megatron-dp`` run the megatron backend on TP x DP GPUs (one process each); with DP
+every data-parallel rank trains its own ``--tokens`` micro-batch, so tokens/s per GPU stay comparable.
 """
 
 from __future__ import annotations
@@ -94,6 +99,7 @@ def worker(opts) -> dict | None:
     from plugrl.plugins.estimators.grpo import GRPOEstimator
 
     tp = opts.megatron_tp if opts.worker == "megatron" else 1
+    dp = opts.megatron_dp if opts.worker == "megatron" else 1
     args = backend_args(opts.checkpoint, opts.worker, opts.tokens, device=opts.device, tp=tp,
                         recompute=opts.megatron_recompute)
     if opts.worker == "torch":
@@ -105,7 +111,8 @@ def worker(opts) -> dict | None:
     backend = Backend(args, estimator=GRPOEstimator(args))
     n_params = _model_parameters(backend, opts.worker)
     vocab = backend.cfg.vocab_size if opts.worker == "megatron" else backend.model.config.vocab_size
-    data = batch(opts.samples, opts.tokens, opts.response, vocab)
+    # --tokens per TP group: with DP every data-parallel rank gets its own micro-batch of that size.
+    data = batch(opts.samples * dp, opts.tokens * dp, opts.response, vocab)
     tokens = sum(len(t) for t in data["tokens"])
     backend.train(0, data)  # warm-up
     _sync(opts.device)
@@ -118,10 +125,10 @@ def worker(opts) -> dict | None:
         _sync(opts.device)
         times.append(time.perf_counter() - start)
     cuda = opts.device == "cuda"
-    label = opts.worker if tp == 1 else f"megatron tp{tp}"
+    label = opts.worker if tp * dp == 1 else f"megatron tp{tp}" + (f" dp{dp}" if dp > 1 else "")
     if opts.worker == "megatron" and opts.megatron_recompute == "none":
         label += " norc"  # no activation recompute
-    result = {"backend": label, "gpus": tp, "params": n_params,
+    result = {"backend": label, "gpus": tp * dp, "params": n_params,
               "tokens": tokens, "step_s": sorted(times)[len(times) // 2],
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
               "device": torch.cuda.get_device_name() if cuda else "cpu"}
@@ -140,10 +147,10 @@ def run_worker(name: str, opts, checkpoint: str) -> dict | None:
     """Start the worker process(es) of one backend; rank 0's result."""
     import socket
 
-    ranks = opts.megatron_tp if name == "megatron" else 1
+    ranks = opts.megatron_tp * opts.megatron_dp if name == "megatron" else 1
     cmd = [sys.executable, __file__, "--worker", name, "--checkpoint", checkpoint, "--tokens", str(opts.tokens),
            "--samples", str(opts.samples), "--response", str(opts.response), "--steps", str(opts.steps),
-           "--device", opts.device, "--megatron-tp", str(opts.megatron_tp),
+           "--device", opts.device, "--megatron-tp", str(opts.megatron_tp), "--megatron-dp", str(opts.megatron_dp),
            "--megatron-recompute", opts.megatron_recompute] + (["--profile"] if opts.profile else [])
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # same for every backend
     if ranks > 1:
@@ -221,6 +228,12 @@ def main() -> None:
     parser.add_argument("--attention", action="store_true", help="also time the packed attention implementations")
     parser.add_argument("--megatron-tp", type=int, default=1,
                         help="tensor parallelism of the megatron backend (that many GPUs, one process each)")
+    parser.add_argument("--megatron-dp", type=int, default=1,
+                        help="data parallelism of the megatron backend (TP x DP GPUs; each DP rank gets "
+                             "its own --tokens micro-batch, the optimizer state is sharded over DP)")
+    parser.add_argument("--checkpoint-cache", metavar="DIR",
+                        help="build the random checkpoint in DIR/<model> once and reuse it on later runs "
+                             "(the 4B build takes minutes)")
     parser.add_argument("--megatron-recompute", default="full", choices=["full", "none"],
                         help="the megatron backend's activation recompute (the issue's setting: full)")
     parser.add_argument("--json", metavar="PATH", help="also write the result rows as JSON")
@@ -235,7 +248,9 @@ def main() -> None:
             print("RESULT " + json.dumps(result), flush=True)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = str(build(opts.model, Path(tmp)))
+        root = Path(opts.checkpoint_cache or tmp)
+        cached = root / opts.model  # build_tiny_checkpoint renames a finished build into place
+        checkpoint = str(cached if (cached / "config.json").exists() else build(opts.model, root))
         results = [r for name in opts.backends.split(",") if (r := run_worker(name, opts, checkpoint))]
     if opts.json:
         Path(opts.json).write_text(json.dumps(results, indent=1))
@@ -243,18 +258,18 @@ def main() -> None:
     device = torch.cuda.get_device_name() if opts.device == "cuda" else "cpu (smoke run)"
     print(f"\ndevice: {device}; model {opts.model}; {opts.tokens} tokens/step "
           f"({opts.samples} x {opts.tokens // opts.samples}), GRPO step incl. optimizer; per GPU = per process")
-    print(f"{'backend':<14}{'GPUs':>5}{'params':>10}{'step s':>9}{'tok/s/GPU':>11}{'MFU(6N)':>9}{'peak GiB':>10}"
+    print(f"{'backend':<18}{'GPUs':>5}{'params':>10}{'step s':>9}{'tok/s/GPU':>11}{'MFU(6N)':>9}{'peak GiB':>10}"
           f"{'vs torch/GPU':>14}")
     base = next((r for r in results if r["backend"] == "torch"), None)
     for r in results:
         tps = r["tokens"] / r["step_s"] / r["gpus"]
         mfu = 6 * r["params"] * tps / peak
         ratio = (tps / (base["tokens"] / base["step_s"])) if base else float("nan")
-        print(f"{r['backend']:<14}{r['gpus']:>5}{r['params'] / 1e9:>9.2f}B{r['step_s']:>9.3f}{tps:>11.0f}{mfu:>9.1%}"
+        print(f"{r['backend']:<18}{r['gpus']:>5}{r['params'] / 1e9:>9.2f}B{r['step_s']:>9.3f}{tps:>11.0f}{mfu:>9.1%}"
               f"{r['peak_gib']:>10.1f}{ratio:>13.2f}x")
     for r in results:
         for name, ms in r.get("top_kernels", []):
-            print(f"  {r['backend']:<9} {ms:9.1f} ms  {name}")
+            print(f"  {r['backend']:<16} {ms:9.1f} ms  {name}")
     if opts.attention:
         print(f"\npacked attention, {opts.samples} x {opts.tokens // opts.samples} tokens, 32 heads / 8 KV, dim 128, "
               "fwd+bwd")

@@ -38,3 +38,23 @@ def test_train_throughput_smoke_run_on_cpu(tmp_path):
     assert rows["megatron tp2"]["params"] == rows["torch"]["params"] + padding
     assert rows["torch"]["tokens"] == rows["megatron tp2"]["tokens"] == 256
     assert "megatron tp2" in proc.stdout and "tok/s/GPU" in proc.stdout
+
+
+def test_train_throughput_data_parallel_with_a_cached_checkpoint(tmp_path):
+    """``--megatron-dp 2``: two ranks, each with its own --tokens micro-batch; ``--checkpoint-cache``
+    reuses the checkpoint already there instead of building another."""
+    from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
+
+    cache = tmp_path / "cache"
+    weights = build_tiny_checkpoint(cache / "tiny", bf16=True) / "model.safetensors"
+    built = weights.stat().st_mtime_ns
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny", "--device", "cpu", "--tokens", "256",
+                           "--samples", "4", "--response", "16", "--steps", "1", "--backends", "megatron",
+                           "--megatron-dp", "2", "--checkpoint-cache", str(cache), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["backend"] == "megatron tp1 dp2" and row["gpus"] == 2
+    assert row["tokens"] == 2 * 256  # one micro-batch of --tokens per DP rank
+    assert weights.stat().st_mtime_ns == built and sorted(p.name for p in cache.iterdir()) == ["tiny"]
