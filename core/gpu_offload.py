@@ -47,6 +47,10 @@ class StorageOffload:
             if key in seen or storage.nbytes() == 0:
                 continue
             seen.add(key)
+            if not storage.resizable():
+                self._saved = []  # nothing is freed yet: the caller's tensors are untouched
+                raise ValueError(f"cannot offload a {tuple(tensor.shape)} {tensor.dtype} tensor on {tensor.device}: its "
+                                 "storage is not resizable (memory-mapped or borrowed memory); clone it first")
             base = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
             host = None
             if keep:

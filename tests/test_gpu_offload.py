@@ -61,6 +61,17 @@ def test_offload_twice_without_onload_is_refused():
     assert weight.untyped_storage().nbytes() == 64 * 32 * 4
 
 
+def test_a_storage_that_cannot_be_resized_is_refused_before_anything_is_freed(tmp_path):
+    path = tmp_path / "mapped.bin"
+    torch.zeros(16).numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=True, size=16)
+    weight, *_ = _tensors()
+    offload = StorageOffload(pin_memory=False)
+    with pytest.raises(ValueError, match="not resizable"):
+        offload.offload([(weight, True), (mapped, True)])
+    assert weight.untyped_storage().nbytes() == 64 * 32 * 4 and not offload.offloaded
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_offload_returns_memory_and_uses_pinned_buffers():

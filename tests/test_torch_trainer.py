@@ -140,3 +140,37 @@ def test_a_step_smaller_than_the_world_names_the_flags(checkpoint):
     backend.rank, backend.world_size = 0, 4  # as rank 0 of four; _share needs no process group
     with pytest.raises(ValueError, match="--actor-num-gpus-per-node"):
         backend._share([0, 1, 2], [5, 5, 5])
+
+
+def test_offloaded_trainer_exports_saves_and_resumes_identically(checkpoint, tmp_path):
+    """The colocated offload (its device-independent part, run on CPU here): while the storages are
+    freed, weight export and save_hf read the host copy; after onload, training continues exactly as
+    a trainer that never offloaded (model, optimizer state and buffers restored bit for bit)."""
+    from transformers import AutoModelForCausalLM
+
+    seqs, resp = random_sequences(seed=3, count=4)
+    data = _train_data(seqs, resp, [1.0, -1.0, 0.5, -0.5])
+    args = make_args(checkpoint, use_kl_loss=True, kl_coef=0.1, ref_load=checkpoint)
+    reference, offloaded = (TorchTrainBackend(args, estimator=GRPOEstimator(args)) for _ in range(2))
+    assert offloaded.ref_model is not None
+    for module in (offloaded.model, offloaded.ref_model):  # on CPU the loaded weights are file-mapped
+        for tensor in (*module.parameters(), *module.buffers()):  # (not resizable); CUDA storages always are
+            tensor.data = tensor.data.clone()
+    for backend in (reference, offloaded):
+        backend.train(0, data)
+    exported = reference.export_weights(None)[0]
+    offloaded._release_storages()
+    assert all(p.untyped_storage().nbytes() == 0 for p in offloaded.model.parameters())
+    assert all(p.untyped_storage().nbytes() == 0 for p in offloaded.ref_model.parameters())
+    assert all(v.untyped_storage().nbytes() == 0 for s in offloaded.optimizer.state.values() for v in s.values())
+    while_offloaded = offloaded.export_weights(1 << 16)  # buckets, as a push uses them
+    assert sum(len(b) for b in while_offloaded) == len(exported) and len(while_offloaded) > 1
+    assert all(torch.equal(t, exported[n]) for b in while_offloaded for n, t in b.items())
+    offloaded.save_hf(str(tmp_path / "hf"))
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    assert all(torch.equal(saved[n], t) for n, t in exported.items() if n in saved)
+    offloaded._restore_storages()
+    after = {name: backend.train(1, data) for name, backend in (("reference", reference), ("offloaded", offloaded))}
+    assert after["offloaded"] == after["reference"]
+    for (name, p), q in zip(reference.model.named_parameters(), offloaded.model.parameters()):
+        assert torch.equal(p, q), name

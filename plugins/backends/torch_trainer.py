@@ -363,14 +363,21 @@ class TorchTrainBackend:
         state while the engine generates (reused pinned host buffers, see core/gpu_offload.py)."""
         if self.device.type == "cuda":
             before = torch.cuda.memory_allocated()
-            self._host_copies = self._offloaded.offload(self._offload_tensors())
+            self._release_storages()
             torch.cuda.empty_cache()
             self.offload_report = offload_report(before)
 
     def onload(self) -> None:
         if self.device.type == "cuda":
-            self._offloaded.onload()
-            self._host_copies = {}
+            self._restore_storages()
+
+    def _release_storages(self) -> None:
+        """The device-independent part of ``offload`` (tests run it on CPU)."""
+        self._host_copies = self._offloaded.offload(self._offload_tensors())
+
+    def _restore_storages(self) -> None:
+        self._offloaded.onload()
+        self._host_copies = {}
 
     def _offload_tensors(self):
         for module in (self.model, self.ref_model):
@@ -381,7 +388,7 @@ class TorchTrainBackend:
                         yield tensor.grad, False  # zeroed (set to None) before every step anyway
         for state in self.optimizer.state.values():
             for value in state.values():
-                if torch.is_tensor(value) and value.is_cuda:
+                if torch.is_tensor(value) and value.device.type == self.device.type:  # not Adam's host step count on GPU
                     yield value, True
 
     # ---- supervised warm-up -----------------------------------------------------------------------
