@@ -18,9 +18,10 @@ Per-rollout timers (driver wall seconds, in the rollout's ``metrics.jsonl`` line
 ``--async`` taking the prefetched rollout plus waiting for the next one to finish before a weight push),
 ``perf/offload_time`` (colocated GPU only: engine memory release/resume and trainer offload/onload),
 ``perf/train_time``, ``perf/weight_sync_time`` (the push only), ``perf/eval_time`` (rollouts with an
-eval), ``perf/save_time`` (colocated GPU, save due: the trainer's part of the checkpoint). The rollout manager adds ``perf/rollout_time`` (its side of ``generate``) and ``perf/generate_time``
-(generation + reward), which in the sync loop sit inside ``wait_rollout`` and with ``--async`` overlap
-the previous rollout's training. Checkpoint saves (the rest of them) and the log line come after
+eval), ``perf/save_time`` (colocated GPU, save due: the trainer's part of the checkpoint). The rollout
+manager adds ``perf/rollout_time`` (its side of ``generate``) and ``perf/generate_time`` (generation +
+reward), which in the sync loop sit inside ``wait_rollout`` and with ``--async`` overlap the previous
+rollout's training. Checkpoint saves (the rest of them) and the log line come after
 ``perf/step_time``.
 """
 
