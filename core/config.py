@@ -245,7 +245,9 @@ def _is_set(action: argparse.Action, value: Any) -> bool:
 
 def resolve_owned_flags(parser: PlugrlArgumentParser, args: argparse.Namespace) -> None:
     """Plugin-owned flags select their plugin (Megatron flags -> ``--train-backend megatron``); with
-    another plugin selected they are an error. Records ``args._implied = {kind: [flags]}``."""
+    another plugin selected they are an error (unless a recipe set them: see below). Records
+    ``args._implied = {kind: [flags]}``."""
+    _drop_replaced_recipe_values(parser, args)
     used: dict[tuple[str, str], list[str]] = {}
     for action, owner in parser.owned_actions().items():
         flag = canonical_flag(action)
@@ -286,6 +288,40 @@ def resolve_owned_flags(parser: PlugrlArgumentParser, args: argparse.Namespace) 
                     f"{', '.join(flags)} {verb} to the {name} {_kind_word(kind)}; "
                     f"drop {'it' if len(flags) == 1 else 'them'} or use {selecting} {name}"
                 )
+
+
+def _drop_replaced_recipe_values(parser: PlugrlArgumentParser, args: argparse.Namespace) -> None:
+    """A recipe's values for a plugin the user replaced by name on the command line or in ``--config``
+    (``--recipe qwen3-4b-8xh100 --rollout-backend hf`` drops the recipe's ``--sglang-*`` values) are
+    dropped rather than refused: they were the recipe's, not the user's. Records them in
+    ``args._dropped`` (``--dry-run`` lists them)."""
+    sources = args._sources
+
+    def replaced(kind: str, name: str) -> bool:
+        selecting = SELECTING_FLAG.get(kind, "--" + kind.replace("_", "-"))
+        action = parser.action_for_option(selecting)
+        if action is None or isinstance(action, ReplaceAppendAction):
+            return False
+        selected = getattr(args, action.dest, None)
+        by_user = selecting in sources and not sources[selecting].startswith("recipe:")
+        return by_user and selected is not None and selected != name
+
+    dropped: list[str] = []
+    for action, (kind, name) in parser.owned_actions().items():
+        flag = canonical_flag(action)
+        if sources.get(flag, "").startswith("recipe:") and replaced(kind, name):
+            setattr(args, action.dest, False if action.nargs == 0 else None)
+            del sources[flag]
+            dropped.append(flag)
+    for spec in parser.passthroughs:
+        if spec.kind and spec.name and replaced(spec.kind, spec.name):
+            values = getattr(args, spec.dest) or {}
+            for key in list(values):
+                flag = spec.prefix + key.replace("_", "-")
+                if sources.get(flag, "").startswith("recipe:"):
+                    del values[key], sources[flag]
+                    dropped.append(flag)
+    args._dropped = dropped
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
@@ -496,7 +532,8 @@ def _check_rollout(args, problems: list[str]) -> None:
         )
     if args.prompt_data and args.num_rollout is None and args.num_epoch is None:
         problems.append("give --num-rollout or --num-epoch (how long to train)")
-    if args.save_interval is not None and not args.save:
+    from_recipe = (getattr(args, "_sources", None) or {}).get("--save-interval", "").startswith("recipe:")
+    if args.save_interval is not None and not args.save and not from_recipe:  # `--recipe R --save ''`: no saves
         problems.append("--save-interval needs --save DIR (where to save)")
     if args.eval_interval is not None and args.eval_interval < 0:
         problems.append(f"--eval-interval must be >= 0 (0 turns eval off), got {args.eval_interval}")

@@ -325,6 +325,9 @@ def describe_run(args: argparse.Namespace, plugin_set) -> list[str]:
         if args.device == "auto":
             lines.append("(--device auto: this placement is used when the cluster has GPUs; else all runs on CPU)")
         lines += _train_lines(args, plan) + _rollout_lines(args, plan)
+    dropped = getattr(args, "_dropped", None)
+    if dropped:
+        lines.append(f"recipe values dropped (their plugin was replaced): {', '.join(dropped)}")
     return lines + _batch_lines(args)
 
 

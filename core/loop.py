@@ -258,6 +258,7 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
             else:
                 data, metrics = watch(cluster.rollout.generate.remote(rollout_id), cluster.rollout)
             metrics["perf/wait_rollout_time"] = time.perf_counter() - step_started
+            metrics["train/tokens"] = sum(len(tokens) for tokens in data["tokens"])  # prompt + response, all ranks
             _observe(plugin_set.pm.hook.plugrl_on_rollout_end, rollout_id, metrics)
             if cluster.colocated_gpu:
                 with _timed(metrics, "offload"):

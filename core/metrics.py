@@ -17,7 +17,7 @@ Metric names the console line and the report know about (producers use these nam
   response length in tokens; ``rollout/truncated`` fraction truncated.
 * ``train/loss``, ``train/pg_loss``, ``train/pg_clipfrac`` (fraction of tokens clipped),
   ``train/kl_loss`` (KL to the reference model), ``train/entropy_loss``, ``train/ppo_kl``,
-  ``train/grad_norm``.
+  ``train/grad_norm``, ``train/tokens`` (prompt + response tokens trained on in the rollout, all ranks).
 * ``eval/{dataset}/pass@1``, ``eval/{dataset}/mean_reward`` (see :mod:`plugrl.core.eval_metrics`).
 * ``perf/{what}_time`` wall seconds of a phase of one rollout. From the rollout manager:
   ``perf/generate_time`` (generation + reward), ``perf/rollout_time`` (that plus building the train

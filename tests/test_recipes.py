@@ -328,3 +328,24 @@ def test_dry_run_imports_neither_torch_cuda_nor_ray(tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_replacing_a_recipe_plugin_drops_its_recipe_values_but_not_the_users(capsys, user_files):
+    """`--recipe qwen3-4b-8xh100 --rollout-backend hf`: the recipe's --sglang-* value is dropped (the
+    user replaced SGLang) and the dry run says so; the same flag given by the user still conflicts.
+    `--save ''` turns the recipe's saves off without tripping over the recipe's --save-interval."""
+    status, config, plan, err = dry_run(capsys, "--recipe", "qwen3-4b-8xh100", *user_files,
+                                        "--rollout-backend", "hf", "--rollout-num-gpus-per-engine", "1", "--save", "")
+    assert status == 0, err
+    assert config["rollout_backend"] == "hf" and config["sglang_mem_fraction_static"] is None
+    assert config["train_backend"] == "megatron" and config["tensor_model_parallel_size"] == 2  # the rest stays
+    assert config["save"] == "" and config["save_interval"] == 20
+    assert "recipe values dropped (their plugin was replaced): --sglang-mem-fraction-static" in plan
+    status, _, _, err = dry_run(capsys, "--recipe", "qwen3-4b-8xh100", *user_files, "--rollout-backend", "hf",
+                                "--sglang-mem-fraction-static", "0.5")
+    assert status == 2 and "--sglang-mem-fraction-static belongs to the sglang backend" in err
+    _, _, plan, _ = dry_run(capsys, "--recipe", "qwen3-4b-8xh100", *user_files)
+    assert not any(line.startswith("recipe values dropped") for line in plan)  # the recipe's own choice
+    status, _, _, err = dry_run(capsys, "--recipe", "qwen3-4b-8xh100", *user_files, "--save", "",
+                                "--save-interval", "5")
+    assert status == 2 and "--save-interval needs --save DIR" in err  # the user's interval still needs a dir

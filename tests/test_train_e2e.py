@@ -63,6 +63,10 @@ def test_run_directory_has_config_metrics_and_checkpoint(trained_run):
     train_rows = [r for r in rows if r["phase"] == "train"]
     assert [r["rollout_id"] for r in train_rows] == list(range(100))
     assert all("train/loss" in r and "rollout/raw_reward" in r for r in train_rows)
+    # prompt + response tokens: more than the responses alone (mean response length x samples)
+    samples = config["rollout_batch_size"] * config["n_samples_per_prompt"]
+    assert all(isinstance(r["train/tokens"], int) and r["train/tokens"] > r["rollout/response_len"] * samples
+               for r in train_rows)
     latest = (run_dir / "ckpt" / "latest").read_text().strip()
     assert latest == "rollout_000099"
     checkpoint = run_dir / "ckpt" / latest
