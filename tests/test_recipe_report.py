@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import recipe_report  # noqa: E402
+import recipe_report
 
 
 def _run_dir(tmp_path, *, colocate=True, gpus=8, tp=2, checkpoint="unused"):
