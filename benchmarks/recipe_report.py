@@ -86,7 +86,7 @@ def summarize(run_dir: Path, *, n_params: int | None = None, peak_flops: float =
 def format_table(results: list[dict]) -> str:
     header = ("| run | placement | train GPUs | TP | steps | step s | rollout | train | weight sync | offload "
               "| save | other | train tok/s/GPU | MFU (6N) | peak GiB per GPU |")
-    lines = [header, "|" + "---|" * 16]
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for r in results:
         peak = " ".join(f"{r['peak_gib'][i]:.1f}" for i in sorted(r["peak_gib"])) or "-"
         lines.append(f"| {r['run']} | {r['placement']} | {r['train_gpus']} | {r['tp']} | {r['steps']} | {r['step']:.2f} "
