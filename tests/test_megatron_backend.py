@@ -152,6 +152,8 @@ def test_driver_refuses_what_the_backend_cannot_run(capsys):
     assert "--pipeline-model-parallel-size 2: plugrl's megatron backend runs TP x DP only" in capsys.readouterr().err
     code = main(["--train-backend", "megatron", "--attention-backend", "fused", "--device", "cpu", "--dry-run"])
     assert code == 2 and "--attention-backend fused" in capsys.readouterr().err
+    code = main(["--train-backend", "megatron", "--attention-backend", "flash", "--device", "cpu", "--dry-run"])
+    assert code == 2 and "--attention-backend flash needs CUDA" in capsys.readouterr().err
 
 
 def test_ref_load_and_load_take_a_converted_torch_dist_checkpoint(checkpoint, tmp_path):

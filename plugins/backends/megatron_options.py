@@ -65,6 +65,9 @@ def backend_problems(args) -> list[str]:
         problems.append(f"--attention-backend {attention}: plugrl's megatron backend runs flash (varlen flash "
                         "attention, CUDA), unfused/local (SDPA per sample) or auto; 'fused' needs Transformer "
                         "Engine's layer spec, which this backend does not use")
+    if attention == "flash" and getattr(args, "device", None) == "cpu":  # caught here, not in a train actor
+        problems.append("--attention-backend flash needs CUDA (varlen flash attention); with --device cpu use "
+                        "--attention-backend auto or unfused")
     return problems
 
 
