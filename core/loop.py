@@ -88,6 +88,7 @@ class Cluster:
         self.rollout = self.train = self.placement_group = self.plan = None
         self.bundle_infos = None  # on GPU: (node IP, GPU id) of logical bundle i
         self.engine_gpu_ids = None  # on GPU, launched engines: the physical GPU ids of engine i
+        self.engine_placement = None  # on GPU, in-process engines: the bundles the engine actors take
         try:
             self._start(args, plugin_set, total_optimizer_steps)
         except BaseException:
@@ -125,7 +126,8 @@ class Cluster:
                 logger.warning("the Ray cluster has %g CPUs but %d CPU actors must start (%d train ranks from "
                                "--actor-num-nodes x --actor-num-gpus-per-node, one rollout manager): they "
                                "wait until enough CPUs join", cpus, world_size + 1, world_size)
-        worker_config = {**config, "device": device, "rollout_device": device, "engine_gpu_ids": self.engine_gpu_ids}
+        worker_config = {**config, "device": device, "rollout_device": device, "engine_gpu_ids": self.engine_gpu_ids,
+                         "engine_placement": self.engine_placement}
         self.rollout = remote_actor_class(RolloutManager).options(**rollout_options).remote(worker_config)
         self.train = TrainGroup(remote_actor_class(TrainWorker), worker_config, total_optimizer_steps, train_options)
         ray.get(self.rollout.__ray_ready__.remote())
@@ -169,7 +171,12 @@ class Cluster:
                          else {"num_cpus": 1, "num_gpus": 1, "scheduling_strategy": pinned(b)}
                          for b in plan.actor_bundles]
         rollout_options = {"num_cpus": 0.2, "num_gpus": 0.2, "scheduling_strategy": pinned(plan.rollout_bundles[0])}
-        if args.rollout_backend != "hf" and not args.rollout_external_engine_addrs:
+        if args.rollout_backend == "hf" and len(plan.engine_bundles) > 1:
+            # Engines of the rollout backend itself (``from_placement``): one Ray actor per engine,
+            # on the first bundle of each engine's share, next to the train rank on a shared GPU.
+            self.engine_placement = {"placement_group": self.placement_group, "num_gpus": 0.2,
+                                     "bundles": [physical[bundles[0]] for bundles in plan.engine_bundles]}
+        elif args.rollout_backend != "hf" and not args.rollout_external_engine_addrs:
             # Engines the rollout manager launches see their own GPUs, not the manager's one.
             from plugrl.plugins.backends.placement import engine_gpu_ids
 

@@ -7,6 +7,7 @@ reward post-processors and the estimator's reward shaping. The driver calls ``ge
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import time
@@ -86,6 +87,9 @@ class RolloutManager:
                                 for name in (getattr(args, "reward_post_process", None) or [])]
         engine_cls = plugin_set.get("rollout_backend", args.rollout_backend)
         extra = {"args": args} if getattr(engine_cls, "accepts_run_config", False) else {}
+        placement = config.get("engine_placement")
+        if placement and hasattr(engine_cls, "from_placement"):  # one engine per engine bundle (hf on GPUs)
+            engine_cls = functools.partial(engine_cls.from_placement, placement=placement)
         self.engine = engine_cls(args.hf_checkpoint, device=getattr(args, "rollout_device", None),
                                  seed=int(args.rollout_seed),
                                  max_batch_size=int(getattr(args, "rollout_max_batch_size", 256) or 256), **extra)

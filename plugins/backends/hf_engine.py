@@ -115,6 +115,17 @@ class HFRolloutEngine:
             forward_context=self._forward_context,
         )
 
+    @classmethod
+    def from_placement(cls, hf_checkpoint: str, *, placement: dict, **kwargs):
+        """The rollout manager's constructor when the placement plan has engine bundles for this
+        backend (GPU runs): one engine in this process for one bundle, else an ``HFEnginePool`` of
+        one Ray actor per bundle (``plugins/backends/hf_pool.py``)."""
+        if len(placement["bundles"]) <= 1:
+            return cls(hf_checkpoint, **kwargs)
+        from .hf_pool import HFEnginePool
+
+        return HFEnginePool(hf_checkpoint, placement=placement, **kwargs)
+
     # ------------------------------------------------------------------ generation API (any loop)
     async def generate(self, input_ids: list[int], sampling_params: dict) -> dict:
         """SGLang ``/generate`` with ``return_logprob=True``; see ``hf_batch.Request.result``."""

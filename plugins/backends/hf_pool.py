@@ -1,0 +1,145 @@
+"""Several embedded ``hf`` engines behind the one-engine API the rollout manager uses.
+
+Built by the rollout manager (inside its Ray actor) through ``HFRolloutEngine.from_placement`` when
+the placement plan gives the ``hf`` backend more than one engine (``--rollout-num-gpus 8`` on GPUs):
+one Ray actor per engine, pinned to the engine's bundle of the run's placement group, so every
+rollout GPU generates (before, the one embedded engine used the first rollout GPU only). A request
+goes to the engine with the fewest requests in flight, as a router would; weight pushes, memory
+release/resume, abort and checkpoint state fan out to all engines. Engine ``i`` samples with
+``seed + i``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+
+class _EngineActor:
+    """The body of one engine's Ray actor (async: generate calls overlap; other calls run in a
+    thread so the actor's event loop keeps delivering results)."""
+
+    def __init__(self, hf_checkpoint: str, kwargs: dict):
+        from plugrl.plugins.backends.hf_engine import HFRolloutEngine
+
+        self.engine = HFRolloutEngine(hf_checkpoint, **kwargs)
+
+    async def generate(self, input_ids: list[int], sampling_params: dict) -> dict:
+        return await self.engine.generate(input_ids, sampling_params)
+
+    async def abort_all(self) -> None:
+        await self.engine.abort_all()
+
+    async def call(self, method: str, *args) -> Any:
+        return await asyncio.to_thread(getattr(self.engine, method), *args)
+
+
+class HFEnginePool:
+    """``placement``: ``{"bundles": [bundle index per engine], "placement_group": PlacementGroup or
+    None, "num_gpus": GPU share per engine actor (0 on CPU)}``; the other arguments are
+    ``HFRolloutEngine``'s, per engine."""
+
+    def __init__(self, hf_checkpoint: str, *, placement: dict, seed: int = 0, **engine_kwargs):
+        import ray
+
+        bundles = list(placement["bundles"])
+        if not bundles:
+            raise ValueError("HFEnginePool needs at least one engine bundle")
+        group = placement.get("placement_group")
+        actor_class = ray.remote(_EngineActor)
+        self.actors = []
+        for i, bundle in enumerate(bundles):
+            options: dict[str, Any] = {"num_cpus": 0, "num_gpus": float(placement.get("num_gpus", 0))}
+            if group is not None:
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=group, placement_group_bundle_index=bundle)
+            kwargs = {**engine_kwargs, "seed": int(seed) + i}
+            self.actors.append(actor_class.options(**options).remote(hf_checkpoint, kwargs))
+        ray.get([actor.__ray_ready__.remote() for actor in self.actors])
+        self._in_flight = [0] * len(self.actors)
+        self._weight_version = str(engine_kwargs.get("weight_version", "default"))
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def _all(self, method: str, *args) -> list:
+        import ray
+
+        return ray.get([actor.call.remote(method, *args) for actor in self.actors])
+
+    # ---- generation (on the rollout manager's event loop) ------------------------------------------
+    async def generate(self, input_ids: list[int], sampling_params: dict) -> dict:
+        engine = min(range(len(self.actors)), key=self._in_flight.__getitem__)
+        self._in_flight[engine] += 1
+        try:
+            return await self.actors[engine].generate.remote(input_ids, sampling_params)
+        finally:
+            self._in_flight[engine] -= 1
+
+    async def abort_all(self) -> None:
+        await asyncio.gather(*[actor.abort_all.remote() for actor in self.actors])
+
+    def load_stats(self) -> dict:
+        stats = self._all("load_stats")
+        return {key: sum(s[key] for s in stats) for key in ("num_running", "num_waiting")}
+
+    def in_flight(self) -> list[int]:
+        """Requests in flight per engine, as the pool dispatched them."""
+        return list(self._in_flight)
+
+    def health(self) -> bool:
+        return all(self._all("health"))
+
+    # ---- weights and memory -------------------------------------------------------------------------
+    @property
+    def weight_version(self) -> str:
+        return self._weight_version
+
+    def update_weights(self, named_tensors, version: int | str) -> None:
+        import ray
+
+        shared = ray.put(named_tensors)  # one copy in the object store, read by every engine
+        ray.get([actor.call.remote("update_weights", shared, version) for actor in self.actors])
+        self._weight_version = str(version)
+
+    def release_memory(self, tags=None) -> None:
+        self._all("release_memory", tags)
+
+    def resume_memory(self, tags=None) -> None:
+        self._all("resume_memory", tags)
+
+    def gpu_memory_gib(self) -> float | None:
+        """The most any one engine holds on its GPU (None on CPU)."""
+        held = [g for g in self._all("gpu_memory_gib") if g is not None]
+        return max(held) if held else None
+
+    def log_probs_of(self, sequences, response_lengths, temperature: float = 1.0):
+        """Engine 0's (every engine holds the same weights after a push)."""
+        import ray
+
+        return ray.get(self.actors[0].call.remote("log_probs_of", sequences, response_lengths, temperature))
+
+    # ---- checkpointing and shutdown -----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"engines": self._all("state_dict")}
+
+    def load_state_dict(self, state: dict) -> None:
+        import ray
+
+        engines = state.get("engines")
+        if engines is None or len(engines) != len(self.actors):  # another engine count: keep fresh RNGs
+            return
+        ray.get([actor.call.remote("load_state_dict", s) for actor, s in zip(self.actors, engines)])
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.get(actor.call.remote("close"), timeout=30)
+            except Exception:  # noqa: BLE001  (a dead engine: nothing to close)
+                pass
+            ray.kill(actor)
+        self.actors = []
