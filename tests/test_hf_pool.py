@@ -109,3 +109,31 @@ def test_memory_calls_fan_out_and_errors_come_back(pool):
     assert pool.gpu_memory_gib() is None  # CPU engines hold no GPU memory
     with pytest.raises(ValueError, match="unknown memory tags"):
         pool.release_memory(["activations"])
+
+
+def test_rollout_manager_builds_a_pool_from_the_engine_placement(pool, ckpt):
+    """The wiring the GPU loop uses (``engine_placement`` in the worker config), here with CPU engine
+    actors: a rollout is generated across both engines with the trainer's log-probs after a push."""
+    from plugrl.core.config import parse_config
+    from plugrl.core.plugins import make_plugin_manager
+    from plugrl.core.rollout_manager import RolloutManager
+    from plugrl.core.train_worker import TrainWorker
+    from plugrl.plugins.backends.hf_pool import HFEnginePool
+
+    args = parse_config(["--recipe", "tiny-default", "--hf-checkpoint", ckpt, "--rollout-batch-size", "4",
+                         "--n-samples-per-prompt", "4", "--global-batch-size", "16"],
+                        make_plugin_manager(entry_points=False))
+    config = {**vars(args), "device": "cpu", "rollout_device": "cpu",
+              "engine_placement": {"bundles": [0, 1], "placement_group": None, "num_gpus": 0}}
+    trainer, rollout = TrainWorker(config, total_optimizer_steps=2), RolloutManager(config)
+    try:
+        assert isinstance(rollout.engine, HFEnginePool) and len(rollout.engine) == 2
+        rollout.update_weights(trainer.export_weights(None), 1)
+        data, metrics = rollout.generate(0)
+        assert len(data["tokens"]) == 16
+        worst = max(abs(x - y) for p, q in zip(trainer.log_probs(data["tokens"], data["response_lengths"]),
+                                               data["rollout_log_probs"]) for x, y in zip(p, q))
+        assert worst < 1e-4
+        assert all(s["generated_tokens"] > 0 for s in rollout.engine._all("stats"))  # both engines generated
+    finally:
+        rollout.close()
