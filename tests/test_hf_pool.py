@@ -129,7 +129,7 @@ def test_rollout_manager_builds_a_pool_from_the_engine_placement(pool, ckpt):
     try:
         assert isinstance(rollout.engine, HFEnginePool) and len(rollout.engine) == 2
         rollout.update_weights(trainer.export_weights(None), 1)
-        data, metrics = rollout.generate(0)
+        data, _metrics = rollout.generate(0)
         assert len(data["tokens"]) == 16
         worst = max(abs(x - y) for p, q in zip(trainer.log_probs(data["tokens"], data["response_lengths"]),
                                                data["rollout_log_probs"]) for x, y in zip(p, q))

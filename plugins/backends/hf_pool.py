@@ -12,7 +12,10 @@ release/resume, abort and checkpoint state fan out to all engines. Engine ``i`` 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 class _EngineActor:
@@ -51,7 +54,9 @@ class HFEnginePool:
         for i, bundle in enumerate(bundles):
             options: dict[str, Any] = {"num_cpus": 0, "num_gpus": float(placement.get("num_gpus", 0))}
             if group is not None:
-                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+                from ray.util.scheduling_strategies import (
+                    PlacementGroupSchedulingStrategy,
+                )
 
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=group, placement_group_bundle_index=bundle)
@@ -139,7 +144,7 @@ class HFEnginePool:
         for actor in self.actors:
             try:
                 ray.get(actor.call.remote("close"), timeout=30)
-            except Exception:  # noqa: BLE001  (a dead engine: nothing to close)
-                pass
+            except Exception as exc:  # noqa: BLE001  (a dead engine: nothing left to close)
+                logger.warning("engine actor did not close cleanly: %s", exc)
             ray.kill(actor)
         self.actors = []
