@@ -384,7 +384,7 @@ def _push_weights(cluster, args, version: int) -> None:
     import ray
 
     buckets = cluster.train.export_weights(int(args.update_weight_buffer_size))  # rank 0's, as an ObjectRef
-    ray.get(cluster.rollout.update_weights.remote(buckets, version))
+    ray.get(cluster.rollout.update_weights.remote(None, version, by_reference=[buckets]))
 
 
 def _stage_train_state(cluster, args, rollout_id: int) -> str:

@@ -186,7 +186,19 @@ class RolloutManager:
         return metrics
 
     # ---- weights, memory, state ---------------------------------------------------------------------
-    def update_weights(self, buckets: list, version: int) -> None:
+    def update_weights(self, buckets: list | None, version: int, *, by_reference: list | None = None) -> None:
+        """Push ``buckets`` to the engine. The driver passes ``by_reference=[ObjectRef]`` instead (in a
+        list, so Ray hands over the reference unresolved): an engine pool lets each engine actor read
+        the trainer's export from the object store, with no copy through this process."""
+        if by_reference is not None:
+            (ref,) = by_reference
+            push = getattr(self.engine, "update_weights_from_ref", None)
+            if push is not None:
+                push(ref, version)
+                return
+            import ray
+
+            buckets = ray.get(ref)
         self.engine.update_weights(buckets, version)
 
     def release_memory(self) -> None:

@@ -128,7 +128,11 @@ def test_rollout_manager_builds_a_pool_from_the_engine_placement(pool, ckpt):
     trainer, rollout = TrainWorker(config, total_optimizer_steps=2), RolloutManager(config)
     try:
         assert isinstance(rollout.engine, HFEnginePool) and len(rollout.engine) == 2
-        rollout.update_weights(trainer.export_weights(None), 1)
+        import ray
+
+        # as the driver pushes: a reference to the trainer's export, read by each engine actor
+        rollout.update_weights(None, 1, by_reference=[ray.put(trainer.export_weights(None))])
+        assert rollout.engine.weight_version == "1"
         data, _metrics = rollout.generate(0)
         assert len(data["tokens"]) == 16
         worst = max(abs(x - y) for p, q in zip(trainer.log_probs(data["tokens"], data["response_lengths"]),

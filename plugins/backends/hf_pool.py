@@ -105,8 +105,13 @@ class HFEnginePool:
     def update_weights(self, named_tensors, version: int | str) -> None:
         import ray
 
-        shared = ray.put(named_tensors)  # one copy in the object store, read by every engine
-        ray.get([actor.call.remote("update_weights", shared, version) for actor in self.actors])
+        self.update_weights_from_ref(ray.put(named_tensors), version)  # one copy, read by every engine
+
+    def update_weights_from_ref(self, ref, version: int | str) -> None:
+        """The weights in the object store (the trainer's export): every engine reads them there."""
+        import ray
+
+        ray.get([actor.call.remote("update_weights", ref, version) for actor in self.actors])
         self._weight_version = str(version)
 
     def release_memory(self, tags=None) -> None:
