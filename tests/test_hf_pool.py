@@ -22,7 +22,8 @@ def ckpt(tmp_path_factory):
 def pool(ckpt):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Two fake GPUs: Ray hands out GPU ids and placement-group bundles without touching a device.
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     pool = HFRolloutEngine.from_placement(ckpt, placement={"bundles": [0, 1], "placement_group": None, "num_gpus": 0},
                                           device="cpu", seed=3, max_batch_size=8)
     yield pool
@@ -141,3 +142,27 @@ def test_rollout_manager_builds_a_pool_from_the_engine_placement(pool, ckpt):
         assert all(s["generated_tokens"] > 0 for s in rollout.engine._all("stats"))  # both engines generated
     finally:
         rollout.close()
+
+
+def test_engines_take_their_placement_group_bundles(pool, ckpt):
+    """As on GPUs: engine i is pinned to bundle ``bundles[i]`` of the run's placement group and gets
+    that bundle's GPU (fake GPUs here, CPU engines)."""
+    import ray
+    from plugrl.core.train_group import probe_bundles
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group([{"GPU": 1, "CPU": 1}] * 2, strategy="PACK")
+    ray.get(group.ready())
+    try:
+        gpu_of_bundle = {b: gpu for b, (_node, gpu) in enumerate(probe_bundles(group, 2))}
+        placed = HFRolloutEngine.from_placement(
+            ckpt, placement={"bundles": [1, 0], "placement_group": group, "num_gpus": 0.2}, device="cpu")
+        try:
+            got = [ray.get(actor.gpu_ids.remote()) for actor in placed.actors]
+            assert [[int(g) for g in ids] for ids in got] == [[gpu_of_bundle[1]], [gpu_of_bundle[0]]]
+            greedy = {"max_new_tokens": 3, "temperature": 0.0, "ignore_eos": True}
+            assert len(asyncio.run(placed.generate(PROMPT, greedy))["tokens"]) == 3
+        finally:
+            placed.close()
+    finally:
+        remove_placement_group(group)

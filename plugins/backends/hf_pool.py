@@ -33,6 +33,12 @@ class _EngineActor:
     async def abort_all(self) -> None:
         await self.engine.abort_all()
 
+    def gpu_ids(self) -> list:
+        """The GPU ids Ray gave this actor (its bundle's GPU)."""
+        import ray
+
+        return ray.get_gpu_ids()
+
     async def call(self, method: str, *args) -> Any:
         return await asyncio.to_thread(getattr(self.engine, method), *args)
 
