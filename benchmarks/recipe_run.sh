@@ -13,6 +13,9 @@
 #   RUNS="colocated-tp2" RESPONSE=512 GPUS=4 bash benchmarks/recipe_run.sh 3
 #   MODEL=tiny DRY_RUN=1 bash benchmarks/recipe_run.sh     every command's config and plan, no GPU (a test)
 #   EXTRA="--attention-backend auto" ...                  more flags for every run (word-split)
+#   ENGINE=serve ...     the recipe's own `sglang` rollout backend with `plugrl serve` engines (one per GPU)
+#                        behind the real sglang_router (needs `sglang_router` importable, e.g. from the
+#                        device kit's optional use-router.sh), instead of the embedded engine pool
 # Changed from the recipe: the hf engine (1 GPU per engine), --rollout-max-response-len $RESPONSE
 # (default 1024: random weights never stop, so every sample runs to the limit), no eval, no saves.
 set -u
@@ -40,9 +43,13 @@ if [[ ! -f "$OUT/.${MODEL}_torch_dist.done" ]]; then
   touch "$OUT/.${MODEL}_torch_dist.done"; echo "convert hf-to-megatron: $(( $(date +%s) - start )) s"
 fi
 COMMON=(--hf-checkpoint "$CKPT" --ref-load "$DIST" --prompt-data "$PROMPTS" --eval-prompt-data toy "$EVALS"
-        --eval-interval 0 --save "" --load ""
-        --rollout-backend hf --rollout-num-gpus-per-engine 1 --num-rollout "$ROLLOUTS"
+        --eval-interval 0 --save "" --load "" --rollout-num-gpus-per-engine 1 --num-rollout "$ROLLOUTS"
         --rollout-max-response-len "$RESPONSE")
+if [[ "${ENGINE:-hf}" == serve ]]; then  # the sglang backend's own launch path, with plugrl serve as the engine
+  export PLUGRL_SGLANG_LAUNCH_COMMAND="python -m plugrl.plugins.backends.sglang.server"
+else
+  COMMON+=(--rollout-backend hf)
+fi
 status=0
 for run in $RUNS; do
   case "$run" in

@@ -384,7 +384,10 @@ def _push_weights(cluster, args, version: int) -> None:
     import ray
 
     buckets = cluster.train.export_weights(int(args.update_weight_buffer_size))  # rank 0's, as an ObjectRef
-    ray.get(cluster.rollout.update_weights.remote(None, version, by_reference=[buckets]))
+    if cluster.engine_placement:  # engine actors read the export from the object store themselves
+        ray.get(cluster.rollout.update_weights.remote(None, version, by_reference=[buckets]))
+    else:  # Ray resolves the reference for the rollout manager
+        ray.get(cluster.rollout.update_weights.remote(buckets, version))
 
 
 def _stage_train_state(cluster, args, rollout_id: int) -> str:

@@ -30,6 +30,10 @@ def test_dry_run_of_every_command(tmp_path):
     assert "2 train GPUs, 6 rollout GPUs (offset 2)" in out
     assert out.count("recipe values dropped (their plugin was replaced): --sglang-mem-fraction-static") == 3
     assert (tmp_path / ".tiny_torch_dist.done").exists()  # the guide's convert step ran
+    # ENGINE=serve keeps the recipe's sglang backend (plugrl serve engines behind the real router)
+    proc = _script(tmp_path, DRY_RUN="1", ENGINE="serve", RUNS="colocated-tp2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "rollout: sglang backend, 8 engines × 1 GPU" in proc.stdout and "recipe values dropped" not in proc.stdout
 
 
 def test_a_cpu_run_ends_with_the_report(tmp_path):
