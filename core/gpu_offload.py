@@ -35,8 +35,8 @@ class StorageOffload:
         return sum(buffer.numel() for buffer in self._host.values())
 
     def offload(self, pairs: Iterable[tuple[torch.Tensor, bool]]) -> dict[int, torch.Tensor]:
-        """Copy, then free. Returns {storage key: host copy} of the kept storages, for
-        ``host_view`` (the key is the StorageImpl address, which survives the resize)."""
+        """Copy, then free. Returns {storage key: host copy} of the kept storages (the key is the
+        StorageImpl address, which survives the resize); ``host_view`` reads them."""
         if self._saved:
             raise RuntimeError("StorageOffload.offload() called twice without onload()")
         seen: set[int] = set()
@@ -67,6 +67,15 @@ class StorageOffload:
             base.untyped_storage().resize_(0)
         return dict(live)
 
+    def host_view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``'s values on the host: while offloaded, a view into its storage's host copy (no
+        extra memory) when ``offload`` kept it; otherwise a fresh copy (the tensor is live)."""
+        host = self._host.get(tensor.untyped_storage()._cdata) if self._saved else None
+        if host is None:
+            return tensor.detach().to("cpu", copy=True)
+        return torch.empty(0, dtype=tensor.dtype).set_(host.untyped_storage(), tensor.storage_offset(), tensor.size(),
+                                                       tensor.stride())
+
     def onload(self) -> None:
         """Re-allocate every freed storage at its old size and copy the kept bytes back."""
         for base, nbytes, host in self._saved:
@@ -78,12 +87,3 @@ class StorageOffload:
         if self.pin_memory and self._saved:
             torch.cuda.synchronize()  # the host buffers are reused by the next offload
         self._saved = []
-
-
-def host_view(tensor: torch.Tensor, copies: dict[int, torch.Tensor]) -> torch.Tensor:
-    """``tensor``'s values on the host while offloaded: a view into its storage's host copy (no
-    extra memory) when ``offload`` kept it, else a fresh copy (the tensor was never freed)."""
-    host = copies.get(tensor.untyped_storage()._cdata)
-    if host is None:
-        return tensor.detach().to("cpu", copy=True)
-    return torch.empty(0, dtype=tensor.dtype).set_(host.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())

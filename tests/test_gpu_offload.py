@@ -3,7 +3,7 @@ views valid, reuses its host buffers, and (on a GPU) really gives memory back.""
 
 import pytest
 import torch
-from plugrl.core.gpu_offload import StorageOffload, host_view
+from plugrl.core.gpu_offload import StorageOffload
 
 
 def _tensors():
@@ -19,14 +19,14 @@ def test_offload_frees_and_onload_restores_in_place():
     weight, tied, bias, grad = _tensors()
     expected = {"weight": weight.clone(), "bias": bias.clone()}
     offload = StorageOffload(pin_memory=False)
-    copies = offload.offload([(weight, True), (tied, True), (bias, True), (grad, False)])
+    offload.offload([(weight, True), (tied, True), (bias, True), (grad, False)])
     assert offload.offloaded
     assert all(t.untyped_storage().nbytes() == 0 for t in (weight, tied, bias, grad))
     assert offload.host_buffer_bytes() == (64 * 32 + 32) * 4  # grad is not copied, the tied view not twice
     # host views read the offloaded values without touching the freed storage
-    assert torch.equal(host_view(weight, copies), expected["weight"])
-    assert torch.equal(host_view(tied, copies), expected["weight"][:16])
-    assert torch.equal(host_view(bias, copies), expected["bias"])
+    assert torch.equal(offload.host_view(weight), expected["weight"])
+    assert torch.equal(offload.host_view(tied), expected["weight"][:16])
+    assert torch.equal(offload.host_view(bias), expected["bias"])
     offload.onload()
     assert not offload.offloaded
     assert torch.equal(weight, expected["weight"]) and torch.equal(bias, expected["bias"])
@@ -43,7 +43,7 @@ def test_host_buffers_are_reused_and_track_the_new_values():
     weight.add_(1.0)  # a training step changes the weights
     second = offload.offload([(weight, True), (bias, True)])
     assert {key: buf.data_ptr() for key, buf in second.items()} == pointers  # no new allocation
-    assert torch.equal(host_view(weight, second), _tensors()[0] + 1.0)
+    assert torch.equal(offload.host_view(weight), _tensors()[0] + 1.0)
     offload.onload()
     # a storage that is no longer offloaded drops its buffer; one of a new size gets a new buffer
     third = offload.offload([(torch.zeros(7), True)])
@@ -85,7 +85,7 @@ def test_gpu_offload_returns_memory_and_uses_pinned_buffers():
     freed = before - torch.cuda.memory_allocated()
     assert freed == weight.nbytes + state.nbytes + grad.nbytes
     assert all(buf.is_pinned() for buf in copies.values())
-    assert torch.equal(host_view(weight, copies), expected[0])
+    assert torch.equal(offload.host_view(weight), expected[0])
     offload.onload()
     assert torch.equal(weight.cpu(), expected[0]) and torch.equal(state.cpu(), expected[1])
     assert torch.count_nonzero(grad).item() == 0

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from plugrl.core import losses
-from plugrl.core.gpu_offload import StorageOffload, host_view
+from plugrl.core.gpu_offload import StorageOffload
 from plugrl.core.packing import karmarkar_karp, plan_micro_batches, split_into_steps
 from plugrl.core.types import option as _opt
 
@@ -143,7 +143,6 @@ class TorchTrainBackend:
             self.ref_model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=self.dtype).to(self.device).eval()
             self.ref_model.requires_grad_(False)
         self._offloaded = StorageOffload()
-        self._host_copies: dict[int, torch.Tensor] = {}
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=float(args.lr), weight_decay=float(_opt(args, "weight_decay", 0.0)),
             betas=(float(_opt(args, "adam_beta1", 0.9)), float(_opt(args, "adam_beta2", 0.999))),
@@ -307,7 +306,7 @@ class TorchTrainBackend:
         buckets, current, size = [], {}, 0
         for name, tensor in self.model.state_dict().items():
             if self._offloaded.offloaded:  # colocated: weights are pushed while the trainer is offloaded
-                tensor = host_view(tensor, self._host_copies)
+                tensor = self._offloaded.host_view(tensor)
             t = tensor.detach().to("cpu", copy=True)
             nbytes = t.numel() * t.element_size()
             if bucket_bytes and current and size + nbytes > bucket_bytes:
@@ -354,7 +353,7 @@ class TorchTrainBackend:
             return
         state = None
         if self._offloaded.offloaded:  # colocated runs end offloaded: write the host copy
-            state = {name: host_view(t, self._host_copies) for name, t in self.model.state_dict().items()}
+            state = {name: self._offloaded.host_view(t) for name, t in self.model.state_dict().items()}
         self.model.save_pretrained(path, state_dict=state)
         AutoTokenizer.from_pretrained(self.args.hf_checkpoint).save_pretrained(path)
 
@@ -373,11 +372,10 @@ class TorchTrainBackend:
 
     def _release_storages(self) -> None:
         """The device-independent part of ``offload`` (tests run it on CPU)."""
-        self._host_copies = self._offloaded.offload(self._offload_tensors())
+        self._offloaded.offload(self._offload_tensors())
 
     def _restore_storages(self) -> None:
         self._offloaded.onload()
-        self._host_copies = {}
 
     def _offload_tensors(self):
         for module in (self.model, self.ref_model):

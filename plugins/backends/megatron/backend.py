@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from plugrl.core.gpu_offload import StorageOffload, host_view
+from plugrl.core.gpu_offload import StorageOffload
 from plugrl.core.packing import plan_micro_batches, split_into_steps
 from plugrl.core.types import option as _opt
 from plugrl.plugins.backends.torch_trainer import (
@@ -505,8 +505,8 @@ class _OffloadedStorages:
     def offload(self) -> None:
         # Host views of the model's state: weights are exported to the engines while offloaded.
         state = {k: v for k, v in self.backend.model.state_dict().items() if not k.endswith("_extra_state")}
-        copies = self.storages.offload((tensor, keep) for tensor, keep in self._tensors() if tensor.is_cuda)
-        self.cpu_state = {name: host_view(tensor, copies) for name, tensor in state.items()}
+        self.storages.offload((tensor, keep) for tensor, keep in self._tensors() if tensor.is_cuda)
+        self.cpu_state = {name: self.storages.host_view(tensor) for name, tensor in state.items()}
 
     def onload(self) -> None:
         self.cpu_state = {}
