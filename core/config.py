@@ -133,8 +133,16 @@ def recipe_values(name: str) -> dict:
     return values
 
 
+RECIPE_SOURCE = "recipe:"  # args._sources value prefix of a flag the recipe set
+
+
 def _recipe_layer(parser: PlugrlArgumentParser, name: str) -> Layer:
-    return read_layer(parser, recipe_values(name), f"recipe '{name}'", f"recipe:{name}")
+    return read_layer(parser, recipe_values(name), f"recipe '{name}'", f"{RECIPE_SOURCE}{name}")
+
+
+def _from_recipe(args: argparse.Namespace, flag: str) -> bool:
+    """Whether ``flag``'s value came from ``--recipe`` (not the command line or ``--config``)."""
+    return (getattr(args, "_sources", None) or {}).get(flag, "").startswith(RECIPE_SOURCE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,13 +311,13 @@ def _drop_replaced_recipe_values(parser: PlugrlArgumentParser, args: argparse.Na
         if action is None or isinstance(action, ReplaceAppendAction):
             return False
         selected = getattr(args, action.dest, None)
-        by_user = selecting in sources and not sources[selecting].startswith("recipe:")
+        by_user = selecting in sources and not _from_recipe(args, selecting)
         return by_user and selected is not None and selected != name
 
     dropped: list[str] = []
     for action, (kind, name) in parser.owned_actions().items():
         flag = canonical_flag(action)
-        if sources.get(flag, "").startswith("recipe:") and replaced(kind, name):
+        if _from_recipe(args, flag) and replaced(kind, name):
             setattr(args, action.dest, False if action.nargs == 0 else None)
             del sources[flag]
             dropped.append(flag)
@@ -318,7 +326,7 @@ def _drop_replaced_recipe_values(parser: PlugrlArgumentParser, args: argparse.Na
             values = getattr(args, spec.dest) or {}
             for key in list(values):
                 flag = spec.prefix + key.replace("_", "-")
-                if sources.get(flag, "").startswith("recipe:"):
+                if _from_recipe(args, flag):
                     del values[key], sources[flag]
                     dropped.append(flag)
     args._dropped = dropped
@@ -532,8 +540,8 @@ def _check_rollout(args, problems: list[str]) -> None:
         )
     if args.prompt_data and args.num_rollout is None and args.num_epoch is None:
         problems.append("give --num-rollout or --num-epoch (how long to train)")
-    from_recipe = (getattr(args, "_sources", None) or {}).get("--save-interval", "").startswith("recipe:")
-    if args.save_interval is not None and not args.save and not from_recipe:  # `--recipe R --save ''`: no saves
+    # a recipe's interval with `--save ''` just means no saves
+    if args.save_interval is not None and not args.save and not _from_recipe(args, "--save-interval"):
         problems.append("--save-interval needs --save DIR (where to save)")
     if args.eval_interval is not None and args.eval_interval < 0:
         problems.append(f"--eval-interval must be >= 0 (0 turns eval off), got {args.eval_interval}")
@@ -588,10 +596,10 @@ def _check_algorithm(args, plugin_set, problems: list[str]) -> None:
 
 def _recipe_hint(args, flag: str, usage: str) -> str:
     """For a path that came from a recipe: the recipe names the user's copy, so say how to replace it."""
-    source = (getattr(args, "_sources", None) or {}).get(flag, "")
-    if not source.startswith("recipe:"):
+    if not _from_recipe(args, flag):
         return ""
-    return f" (set by recipe '{source[len('recipe:'):]}': put your copy there or pass {flag} {usage})"
+    recipe = args._sources[flag][len(RECIPE_SOURCE):]
+    return f" (set by recipe '{recipe}': put your copy there or pass {flag} {usage})"
 
 
 def _data_path_problem(args, flag: str, spec: str, usage: str = "PATH") -> str | None:
