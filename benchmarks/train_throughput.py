@@ -75,6 +75,28 @@ def batch(samples: int, tokens: int, response: int, vocab: int) -> dict:
             "rollout_ids": list(range(samples)), "rollout_mask_sums": resp}
 
 
+KERNEL_GROUPS = (  # first match wins; names as the CUDA profiler reports them on H100 (cuBLAS, flash, NCCL, torch)
+    ("nccl", r"nccl"),
+    ("gemm", r"gemm|cutlass|nvjet|xmma|sm90_|cublas"),
+    ("attention", r"flash|fmha|attention|varlen"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("copy/cast", r"copy|Memcpy|Memset|fill|cat|index|gather|scatter|to_copy|direct_copy"),
+    ("reduction", r"reduce|norm|softmax|max|sum|mean"),
+    ("elementwise", r"elementwise|vectorized|triton|unrolled"),
+)
+
+
+def kernel_groups(kernels: list[tuple[str, float, int]]) -> dict[str, float]:
+    """Device milliseconds per kernel group (``KERNEL_GROUPS``; the rest is 'other')."""
+    import re
+
+    groups: dict[str, float] = {}
+    for name, ms, _count in kernels:
+        group = next((g for g, pattern in KERNEL_GROUPS if re.search(pattern, name, re.IGNORECASE)), "other")
+        groups[group] = groups.get(group, 0.0) + ms
+    return dict(sorted(groups.items(), key=lambda item: -item[1]))
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -108,6 +130,11 @@ def worker(opts) -> dict | None:
         from plugrl.plugins.backends.megatron.backend import (
             MegatronTrainBackend as Backend,
         )
+    if opts.worker == "megatron" and opts.megatron_unfused:
+        for flag in ("no_bias_swiglu_fusion", "no_bias_dropout_fusion", "no_rope_fusion", "no_rmsnorm_fusion"):
+            setattr(args, flag, True)
+    if opts.worker == "megatron" and opts.megatron_set:
+        args.megatron_passthrough = dict(setting.split("=", 1) for setting in opts.megatron_set)
     backend = Backend(args, estimator=GRPOEstimator(args))
     n_params = _model_parameters(backend, opts.worker)
     vocab = backend.cfg.vocab_size if opts.worker == "megatron" else backend.model.config.vocab_size
@@ -128,6 +155,10 @@ def worker(opts) -> dict | None:
     label = opts.worker if tp * dp == 1 else f"megatron tp{tp}" + (f" dp{dp}" if dp > 1 else "")
     if opts.worker == "megatron" and opts.megatron_recompute == "none":
         label += " norc"  # no activation recompute
+    if opts.worker == "megatron" and opts.megatron_unfused:
+        label += " unfused"
+    if opts.worker == "megatron" and opts.megatron_set:
+        label += " +" + ",".join(setting.split("=")[0] for setting in opts.megatron_set)
     result = {"backend": label, "gpus": tp * dp, "params": n_params,
               "tokens": tokens, "step_s": sorted(times)[len(times) // 2],
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
@@ -135,11 +166,15 @@ def worker(opts) -> dict | None:
     if opts.profile and cuda:
         from torch.profiler import ProfilerActivity, profile
 
+        start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             backend.train(99, data)
             torch.cuda.synchronize()
-        result["top_kernels"] = [(e.key[:90], e.device_time_total / 1e3) for e in
-                                 sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]]
+        wall_ms = (time.perf_counter() - start) * 1e3
+        kernels = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages() if e.device_time_total > 0]
+        result["top_kernels"] = [(name[:90], ms, n) for name, ms, n in sorted(kernels, key=lambda k: -k[1])[:opts.top]]
+        result["kernel_groups"] = kernel_groups(kernels)
+        result["profiled_wall_ms"] = wall_ms
     return result if int(os.environ.get("RANK", "0")) == 0 else None
 
 
@@ -151,7 +186,9 @@ def run_worker(name: str, opts, checkpoint: str) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", name, "--checkpoint", checkpoint, "--tokens", str(opts.tokens),
            "--samples", str(opts.samples), "--response", str(opts.response), "--steps", str(opts.steps),
            "--device", opts.device, "--megatron-tp", str(opts.megatron_tp), "--megatron-dp", str(opts.megatron_dp),
-           "--megatron-recompute", opts.megatron_recompute] + (["--profile"] if opts.profile else [])
+           "--megatron-recompute", opts.megatron_recompute, "--top", str(opts.top)] + (["--profile"] if opts.profile else [])
+    cmd += [arg for setting in opts.megatron_set for arg in ("--megatron-set", setting)]
+    cmd += ["--megatron-unfused"] if opts.megatron_unfused else []
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # same for every backend
     if ranks > 1:
         with socket.socket() as sock:
@@ -225,6 +262,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--backends", default="torch,megatron")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--top", type=int, default=25, help="kernels listed per backend with --profile")
+    parser.add_argument("--megatron-unfused", action="store_true",
+                        help="megatron backend with --no-bias-swiglu-fusion --no-bias-dropout-fusion --no-rope-fusion "
+                             "--no-rmsnorm-fusion (the elementwise kernels as megatron-core's local spec runs them)")
+    parser.add_argument("--megatron-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a megatron-core TransformerConfig override for the megatron backend (as the "
+                             "--megatron-<field> train flag), e.g. bias_activation_fusion=true; repeatable")
     parser.add_argument("--attention", action="store_true", help="also time the packed attention implementations")
     parser.add_argument("--megatron-tp", type=int, default=1,
                         help="tensor parallelism of the megatron backend (that many GPUs, one process each)")
@@ -268,8 +312,12 @@ def main() -> None:
         print(f"{r['backend']:<18}{r['gpus']:>5}{r['params'] / 1e9:>9.2f}B{r['step_s']:>9.3f}{tps:>11.0f}{mfu:>9.1%}"
               f"{r['peak_gib']:>10.1f}{ratio:>13.2f}x")
     for r in results:
-        for name, ms in r.get("top_kernels", []):
-            print(f"  {r['backend']:<16} {ms:9.1f} ms  {name}")
+        if "kernel_groups" in r:
+            busy = sum(r["kernel_groups"].values())
+            print(f"\n{r['backend']}: profiled step {r['profiled_wall_ms']:.0f} ms wall, {busy:.0f} ms of kernels "
+                  "(streams overlap): " + ", ".join(f"{g} {ms:.0f}" for g, ms in r["kernel_groups"].items()))
+        for name, ms, count in r.get("top_kernels", []):
+            print(f"  {r['backend']:<16} {ms:9.1f} ms {count:6d}x  {name}")
     if opts.attention:
         print(f"\npacked attention, {opts.samples} x {opts.tokens // opts.samples} tokens, 32 heads / 8 KV, dim 128, "
               "fwd+bwd")

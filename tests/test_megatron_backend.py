@@ -115,11 +115,14 @@ def test_unsupported_parallelism_fails_before_building(checkpoint):
         check_megatron_args(make_args(checkpoint, pipeline_model_parallel_size=2))
 
 
-@pytest.mark.parametrize("chunk", [3, 1024])
-def test_vocab_parallel_log_probs_and_grads_equal_autograd_reference(monkeypatch, chunk):
-    from plugrl.plugins.backends.megatron import vocab_parallel
+@pytest.mark.parametrize("chunk,compiled", [(3, False), (1024, False), (3, True)])
+def test_vocab_parallel_log_probs_and_grads_equal_autograd_reference(monkeypatch, chunk, compiled):
+    """``compiled``: the per-chunk passes torch.compile'd as on CUDA (here by inductor's CPU backend)."""
+    from plugrl.plugins.backends.megatron import fused_ops, vocab_parallel
 
     monkeypatch.setattr(vocab_parallel, "CHUNK_ROWS", chunk)
+    if compiled:
+        monkeypatch.setattr(fused_ops, "fused", lambda fn, tensor, enabled: fused_ops._compiled(fn))
     torch.manual_seed(0)
     vocab, padded, temperature = 50, 56, 0.7
     logits = torch.randn(9, padded, dtype=torch.float64, requires_grad=True)

@@ -138,6 +138,13 @@ def plugrl_add_options(parser):
     _switch(g, "--attention-softmax-in-fp32")
     g.add_argument("--attention-backend", metavar="{flash,fused,unfused,local,auto}")
     _switch(g, "--no-gradient-accumulation-fusion")
+    # Fusions on CUDA (torch.compile'd PyTorch, no Transformer Engine): on unless switched off
+    _switch(g, "--no-bias-swiglu-fusion", "run SwiGLU as separate kernels (megatron-core's fused swiglu is the default)")
+    _switch(g, "--no-bias-dropout-fusion", "run the residual add unfused (megatron-core's fused bias-dropout-add "
+            "is the default)")
+    _switch(g, "--no-rope-fusion", "run RoPE (and the GQA key/value expansion) as separate kernels instead of "
+            "plugrl's compiled ones")
+    _switch(g, "--no-rmsnorm-fusion", "run the fp32 RMSNorm as separate kernels instead of plugrl's compiled one")
     # model architecture (scripts/models/qwen3-4B.sh)
     g.add_argument("--rotary-base", type=int)
     g.add_argument("--num-layers", type=int)

@@ -58,25 +58,39 @@ def _varlen_has_gqa() -> bool:
 
 
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, *, scale: float, implementation: str, dropout: float = 0.0) -> torch.Tensor:
-    """Causal attention within segments. ``query [t, hq, d]``, ``key/value [t, hkv, d]`` -> ``[t, hq, d]``."""
+                     max_seqlen: int, *, scale: float, implementation: str, dropout: float = 0.0,
+                     rope: tuple[torch.Tensor, torch.Tensor] | None = None, fuse_rope: bool = False) -> torch.Tensor:
+    """Causal attention within segments. ``query [t, hq, d]``, ``key/value [t, hkv, d]`` -> ``[t, hq, d]``.
+    With ``rope = (cos, sin)`` (``[t, 1, d]``), q and k are rotated first (``fused_ops.rotate``;
+    compiled into one kernel each with ``fuse_rope`` on CUDA, the GQA expansion of k included)."""
+    from .fused_ops import expand_heads, fused, rotate, rotate_and_expand
+
     groups = query.shape[1] // key.shape[1]
+    if rope is not None:
+        query = fused(rotate, query, fuse_rope)(query, *rope)
     if implementation == "varlen":
         from torch.nn.attention.varlen import varlen_attn
 
         if dropout:
             raise ValueError("--attention-dropout must be 0 with the varlen (flash) attention")
         kwargs = {}
-        if groups > 1:
-            if _varlen_has_gqa():
-                kwargs["enable_gqa"] = True
+        if groups == 1 or _varlen_has_gqa():
+            kwargs = {"enable_gqa": True} if groups > 1 else {}
+            if rope is not None:
+                key = fused(rotate, key, fuse_rope)(key, *rope)
+        else:  # torch 2.11's varlen_attn has no GQA: one K/V head per query head
+            if rope is not None:
+                key = fused(rotate_and_expand, key, fuse_rope)(key, *rope, groups)
             else:
-                key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+                key = expand_heads(key, groups)
+            value = expand_heads(value, groups)
         cu = cu_seqlens.to(torch.int32)
         return varlen_attn(query, key, value, cu, cu, max_seqlen, max_seqlen, scale=scale, window_size=(-1, 0),
                            **kwargs)
     if implementation != "sdpa":
         raise ValueError(f"unknown packed attention implementation {implementation!r}; one of {IMPLEMENTATIONS}")
+    if rope is not None:
+        key = fused(rotate, key, fuse_rope)(key, *rope)
     out = torch.empty_like(query)
     bounds = cu_seqlens.tolist()
     for start, end in itertools.pairwise(bounds):
@@ -99,7 +113,8 @@ class PackedCoreAttention(MegatronModule):
     ``[t, heads, dim]`` tensors and returns ``[t, heads * dim]``; without, ``[s, b, heads, dim]`` ->
     ``[s, b, heads * dim]`` (one causal sequence per batch row)."""
 
-    implementation: str = "sdpa"  # set by the backend before the model is built (see build_model)
+    implementation: str = "sdpa"  # set per spec (``local_spec_with_packed_attention``)
+    fuse_rope: bool = False  # compile RoPE (and the GQA expansion) on CUDA; set per spec
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
@@ -124,18 +139,21 @@ class PackedCoreAttention(MegatronModule):
             else:
                 longest = packed_seq_params.max_segment
             out = packed_attention(query, key, value, segments, int(longest), scale=self.scale,
-                                   implementation=self.implementation, dropout=dropout)
+                                   implementation=self.implementation, dropout=dropout,
+                                   rope=getattr(packed_seq_params, "rope", None), fuse_rope=self.fuse_rope)
             return out.reshape(out.shape[0], -1)
-        # [s, b, h, d] -> [b, h, s, d]
+        # [s, b, h, d] -> [b, h, s, d] (megatron applied RoPE, if any: only plugrl's packs carry tables)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         out = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=self.scale, dropout_p=dropout, enable_gqa=q.shape[1] != k.shape[1])
         return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
 
 
-def local_spec_with_packed_attention(qk_layernorm: bool, normalization: str, implementation: str, num_layers: int):
+def local_spec_with_packed_attention(qk_layernorm: bool, normalization: str, implementation: str, num_layers: int,
+                                     *, fuse_rope: bool = False, fuse_rmsnorm: bool = False):
     """megatron-core's local GPT spec with ``PackedCoreAttention`` as core attention and fp32-compute
-    RMSNorms (``norms.FP32RMSNorm``) everywhere, as block submodules (the final norm included)."""
+    RMSNorms (``norms.FP32RMSNorm``) everywhere, as block submodules (the final norm included).
+    ``fuse_rope``/``fuse_rmsnorm``: compile those parts on CUDA (``fused_ops``)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
@@ -145,11 +163,12 @@ def local_spec_with_packed_attention(qk_layernorm: bool, normalization: str, imp
         raise ValueError(f"unknown packed attention implementation {implementation!r}; one of {IMPLEMENTATIONS}")
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
     attention_cls = type(f"PackedCoreAttention_{implementation}", (PackedCoreAttention,),
-                         {"implementation": implementation})
+                         {"implementation": implementation, "fuse_rope": fuse_rope})
+    norm_cls = type("FusedFP32RMSNorm", (FP32RMSNorm,), {"fused": True}) if fuse_rmsnorm else FP32RMSNorm
     attention = spec.submodules.self_attention.submodules
     attention.core_attention = attention_cls
     if qk_layernorm:
-        attention.q_layernorm = attention.k_layernorm = FP32RMSNorm
-    spec.submodules.input_layernorm = FP32RMSNorm
-    spec.submodules.pre_mlp_layernorm = FP32RMSNorm
-    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=FP32RMSNorm)
+        attention.q_layernorm = attention.k_layernorm = norm_cls
+    spec.submodules.input_layernorm = norm_cls
+    spec.submodules.pre_mlp_layernorm = norm_cls
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=norm_cls)

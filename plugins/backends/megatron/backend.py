@@ -16,6 +16,7 @@ across samples); log-probs and entropy come from the vocab-parallel logits in fp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -57,7 +58,7 @@ class PackedBatch:
 def pack_thd(token_lists: list[list[int]], device, pad_multiple: int = 1) -> PackedBatch:
     """Concatenate sequences into one THD row; pad the total to ``pad_multiple`` (TP with sequence
     parallelism splits the row over TP ranks) with one extra padding segment. Positions restart per
-    segment (they drive the per-token RoPE, ``rotary.PerTokenRotary``)."""
+    segment (they select the per-token RoPE tables, ``rotary.PerTokenRotary.tables``)."""
     from .rotary import SegmentedPackParams
 
     lengths = [len(t) for t in token_lists]
@@ -133,7 +134,12 @@ class MegatronTrainBackend:
             # TP-sharded params (``tensor_model_parallel``, which grad-norm and clipping read) while
             # initialising them: skipping the init would count shards as replicas.
             "perform_initialization": True,
-            "masked_softmax_fusion": False, "bias_activation_fusion": False, "apply_rope_fusion": False,
+            # megatron-core's own SwiGLU and bias-dropout-add fusions are torch.compile'd PyTorch (no
+            # TE / apex needed): on CUDA unless Megatron's --no-bias-swiglu-fusion / --no-bias-dropout-fusion.
+            "bias_activation_fusion": self.device.type == "cuda" and not getattr(args, "no_bias_swiglu_fusion", False),
+            "bias_dropout_fusion": self.device.type == "cuda" and not getattr(args, "no_bias_dropout_fusion", False),
+            # RoPE is plugrl's (rotary.py, fused_ops.py); megatron's rope fusion and softmax fusion need TE / apex
+            "masked_softmax_fusion": False, "apply_rope_fusion": False,
             "gradient_accumulation_fusion": False,  # needs apex / Transformer Engine
         }
         from plugrl.plugins.backends.megatron_options import passthrough_overrides
@@ -157,8 +163,15 @@ class MegatronTrainBackend:
         from .attention import local_spec_with_packed_attention
         from .config_bridge import build_gpt_model
 
-        spec = local_spec_with_packed_attention(self.cfg.qk_layernorm, self.cfg.normalization, self.attention,
-                                                self.cfg.num_layers)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            from .fused_ops import round_like_eager
+
+            round_like_eager()
+        spec = local_spec_with_packed_attention(
+            self.cfg.qk_layernorm, self.cfg.normalization, self.attention, self.cfg.num_layers,
+            fuse_rope=cuda and not getattr(self.args, "no_rope_fusion", False),
+            fuse_rmsnorm=cuda and not getattr(self.args, "no_rmsnorm_fusion", False))
         model = build_gpt_model(self.cfg, layer_spec=spec, **self._transformer_overrides(trainable))
         model.to(self.device)
         from .rotary import install
@@ -229,9 +242,11 @@ class MegatronTrainBackend:
     @staticmethod
     def logits(model, batch: PackedBatch) -> torch.Tensor:
         """``[T, local vocab]`` logits of one pack (this TP rank's vocabulary slice)."""
-        _unwrap(model).rotary_pos_emb.positions = batch.position_ids[0]
+        inner = _unwrap(model)
+        params = dataclasses.replace(batch.params, rope=inner.rotary_pos_emb.tables(batch.position_ids[0],
+                                                                                     inner.config.params_dtype))
         return model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
-                     packed_seq_params=batch.params)[0]
+                     packed_seq_params=params)[0]
 
     def _forward_response(self, model, token_lists, response_lengths, *, with_entropy: bool):
         """Response-token log-probs (and entropy) of each sequence, from one packed forward pass."""

@@ -6,8 +6,10 @@ Runs in the megatron train actors on each micro-batch. Each TP rank holds the lo
 logit and ``E_p[z]`` are reduced over the TP group in the forward pass; the backward pass needs no
 communication (``d logp/dz = onehot - p``, ``dH/dz = -p (z - E_p[z])``, with p from the saved
 global statistics). Rows are processed in chunks so the fp32 temporaries stay at
-``chunk x local_vocab`` (a Qwen3 vocabulary is 151,936 wide). Padding columns beyond the real
-vocabulary are excluded, so the distribution equals the HF model's over ``vocab_size`` tokens.
+``chunk x local_vocab`` (a Qwen3 vocabulary is 151,936 wide); on CUDA each chunk's pass is one
+compiled kernel (``fused_ops.fused``) that reads the bf16 rows once and keeps the fp32 values in
+registers. Padding columns beyond the real vocabulary are excluded, so the distribution equals the
+HF model's over ``vocab_size`` tokens.
 """
 
 from __future__ import annotations
@@ -24,32 +26,53 @@ def _reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
     return tensor
 
 
+# Per-chunk passes over ``logits[rows, :valid]`` (this chunk's scored rows; the gather is part of the
+# compiled kernel, so the rows are never copied), plain PyTorch: run as is on CPU, compiled on CUDA.
+def _chunk_max(logits: torch.Tensor, rows: torch.Tensor, valid: int, temperature: float) -> torch.Tensor:
+    return (logits[rows, :valid].float() / temperature).max(dim=-1).values
+
+
+def _chunk_sums(logits, rows, valid: int, temperature: float, row_max, local_target, owned):
+    """-> ``[3, n]``: softmax normaliser, target logit and ``sum exp(z) * z`` (z shifted by the max)."""
+    z = logits[rows, :valid].float() / temperature - row_max[:, None]
+    exp = z.exp()
+    picked = z.gather(-1, local_target[:, None])[:, 0]
+    return torch.stack([exp.sum(dim=-1), torch.where(owned, picked, torch.zeros_like(picked)), (exp * z).sum(dim=-1)])
+
+
+def _chunk_grad(logits, rows, valid: int, temperature: float, row_max, log_normaliser, mean_z, local_target, owned,
+                grad_log_probs, grad_entropy):
+    """d(loss)/d(logits[rows, :valid]): ``(onehot - p) * g_logp - g_H * p * (z - E_p[z])``, over the temperature."""
+    z = logits[rows, :valid].float() / temperature - row_max[:, None]
+    p = (z - log_normaliser[:, None]).exp()
+    columns = torch.arange(valid, device=logits.device)
+    onehot = ((columns[None] == local_target[:, None]) & owned[:, None]).float()
+    grad = (onehot - p) * grad_log_probs[:, None] - grad_entropy[:, None] * p * (z - mean_z[:, None])
+    return (grad / temperature).to(logits.dtype)
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, index, targets, temperature, vocab_start, valid, group, with_entropy):
+        from .fused_ops import fused
+
         n = index.numel()
         device = logits.device
-        row_max = torch.full((n,), float("-inf"), device=device)
-        for lo in range(0, n, CHUNK_ROWS):
-            if valid:
-                z = logits[index[lo:lo + CHUNK_ROWS], :valid].float() / temperature
-                row_max[lo:lo + CHUNK_ROWS] = z.max(dim=-1).values
-        _reduce(row_max, dist.ReduceOp.MAX, group)
-        # sums: normaliser, target logit (shifted), sum p*z (shifted, unnormalised)
-        sums = torch.zeros(3, n, device=device)
         local_target = targets - vocab_start
         owned = (local_target >= 0) & (local_target < valid)
-        for lo in range(0, n, CHUNK_ROWS):
-            hi = min(n, lo + CHUNK_ROWS)
-            if not valid:
-                continue
-            z = logits[index[lo:hi], :valid].float() / temperature - row_max[lo:hi, None]
-            exp = z.exp()
-            sums[0, lo:hi] = exp.sum(dim=-1)
-            picked = z.gather(-1, local_target[lo:hi].clamp(0, valid - 1)[:, None])[:, 0]
-            sums[1, lo:hi] = torch.where(owned[lo:hi], picked, torch.zeros_like(picked))
-            if with_entropy:
-                sums[2, lo:hi] = (exp * z).sum(dim=-1)
+        local_target = local_target.clamp(0, max(valid - 1, 0))
+        row_max = torch.full((n,), float("-inf"), device=device)
+        sums = torch.zeros(3, n, device=device)  # normaliser, target logit, sum p*z (shifted, unnormalised)
+        if valid:
+            chunk_max, chunk_sums = fused(_chunk_max, logits, True), fused(_chunk_sums, logits, True)
+            for lo in range(0, n, CHUNK_ROWS):
+                row_max[lo:lo + CHUNK_ROWS] = chunk_max(logits, index[lo:lo + CHUNK_ROWS], valid, temperature)
+        _reduce(row_max, dist.ReduceOp.MAX, group)
+        if valid:
+            for lo in range(0, n, CHUNK_ROWS):
+                hi = min(n, lo + CHUNK_ROWS)
+                sums[:, lo:hi] = chunk_sums(logits, index[lo:hi], valid, temperature, row_max[lo:hi],
+                                            local_target[lo:hi], owned[lo:hi])
         _reduce(sums, dist.ReduceOp.SUM, group)
         log_normaliser = sums[0].log()
         log_probs = sums[1] - log_normaliser
@@ -63,25 +86,24 @@ class _VocabParallelLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy):
+        from .fused_ops import fused
+
         logits, index, local_target, owned, row_max, log_normaliser, mean_z = ctx.saved_tensors
         temperature, valid = ctx.temperature, ctx.valid
         grad_logits = torch.zeros_like(logits)
         n = index.numel()
+        grad_log_probs = torch.zeros(n, device=logits.device) if grad_log_probs is None else grad_log_probs.float()
+        if not ctx.with_entropy or grad_entropy is None:
+            grad_entropy = torch.zeros(n, device=logits.device)
         if valid:
+            chunk_grad = fused(_chunk_grad, logits, True)
             for lo in range(0, n, CHUNK_ROWS):
                 hi = min(n, lo + CHUNK_ROWS)
                 rows = index[lo:hi]
-                z = logits[rows, :valid].float() / temperature - row_max[lo:hi, None]
-                p = (z - log_normaliser[lo:hi, None]).exp()
-                g = -p * grad_log_probs[lo:hi, None].float() if grad_log_probs is not None else torch.zeros_like(p)
-                if grad_log_probs is not None:
-                    hit = owned[lo:hi]
-                    cols = local_target[lo:hi].clamp(0, valid - 1)
-                    g[hit, cols[hit]] += grad_log_probs[lo:hi][hit].float()
-                if ctx.with_entropy and grad_entropy is not None:
-                    g -= grad_entropy[lo:hi, None].float() * p * (z - mean_z[lo:hi, None])
                 # plain assignment: each scored row appears once (response positions are distinct)
-                grad_logits[rows, :valid] = (g / temperature).to(logits.dtype)
+                grad_logits[rows, :valid] = chunk_grad(
+                    logits, rows, valid, temperature, row_max[lo:hi], log_normaliser[lo:hi], mean_z[lo:hi],
+                    local_target[lo:hi], owned[lo:hi], grad_log_probs[lo:hi], grad_entropy[lo:hi].float())
         return grad_logits, None, None, None, None, None, None, None
 
 

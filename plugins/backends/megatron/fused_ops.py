@@ -1,0 +1,68 @@
+"""Elementwise parts of the megatron layer spec, fused into Triton kernels by ``torch.compile`` on CUDA.
+
+Without Transformer Engine and apex, megatron-core's local spec runs RMSNorm, RoPE and the GQA
+expansion as chains of separate PyTorch kernels (casts, non-contiguous copies, ``cat``, ``mul``,
+``add``), each a full pass over activation memory; on a Qwen3-4B step these passes took more GPU
+time than the GEMMs (``benchmarks/train_throughput.py --profile``). Each function here is written
+once in plain PyTorch, runs as is on CPU (the tests' reference numerics), and is compiled
+(automatic dynamic shapes: the pack length is specialised on the first call and made symbolic on
+the first change, the head and hidden sizes stay static) into one forward and one backward kernel when its input is on
+CUDA and the fusion is on. Called inside the train actors from the norm and core-attention modules;
+``TORCHDYNAMO_DISABLE=1`` (or the ``--no-*-fusion`` flags) runs the plain versions on GPUs too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+
+import torch
+
+
+def rms_norm_fp32(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF Qwen3/Llama RMSNorm: normalise in fp32, cast back to the input dtype, then scale."""
+    normed = torch.nn.functional.rms_norm(hidden.float(), (hidden.shape[-1],), eps=eps)
+    return weight * normed.to(hidden.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved RoPE (HF ``rotate_half`` convention, megatron's default) of ``x [t, heads, dim]``
+    with per-token ``cos``/``sin [t, 1, rot]``; with ``rot < dim`` (``--rotary-percent``) the last
+    ``dim - rot`` channels pass through unrotated."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat((rotate(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
+    half = rot // 2
+    rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated_half * sin
+
+
+def rotate_and_expand(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: int) -> torch.Tensor:
+    """RoPE of keys ``[t, kv_heads, dim]``, then each KV head repeated for its ``groups`` query heads
+    (for attention kernels without grouped-query support)."""
+    return expand_heads(rotate(x, cos, sin), groups)
+
+
+def expand_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x.repeat_interleave(groups, dim=1) if groups > 1 else x
+
+
+def round_like_eager() -> None:
+    """Make inductor round every intermediate to its eager dtype (bf16) as unfused PyTorch does,
+    instead of keeping fp32 in registers across a fused chain: fused and unfused kernels then give
+    the same numbers, and the logits stay those of HF transformers' eager model. Process-wide (it
+    also covers megatron-core's own compiled SwiGLU / bias-dropout-add); set by the train backend
+    in its actor before it builds a model on CUDA. Costs a few register conversions per element."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.emulate_precision_casts = True
+
+
+@cache
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn)
+
+
+def fused(fn: Callable, tensor: torch.Tensor, enabled: bool) -> Callable:
+    """``fn`` compiled when ``enabled`` and ``tensor`` is on CUDA, else ``fn`` itself."""
+    return _compiled(fn) if enabled and tensor.is_cuda else fn

@@ -1,0 +1,84 @@
+"""The fused elementwise parts of the megatron layer spec (``fused_ops``): plain versions against
+megatron-core's own RoPE and HF's rotary/GQA code, and the torch.compile'd versions (what CUDA runs)
+against the plain ones, forward and backward. Compiled here on CPU (inductor's C++ backend): the
+same graphs inductor lowers to Triton on GPUs; the GPU tests run the Triton kernels."""
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="megatron-core not installed (plugrl[megatron])")
+
+
+def _angles(t: int, rot: int, gen) -> torch.Tensor:
+    positions = torch.randint(0, 64, (t,), generator=gen).float()
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rot, 2).float() / rot))
+    freqs = positions[:, None] * inv_freq[None]
+    return torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [t, 1, rot]
+
+
+@pytest.mark.parametrize("rot", [16, 8])  # full head dim, and --rotary-percent 0.5
+def test_rotate_equals_megatron_rope(rot):
+    from megatron.core.models.common.embeddings.rope_utils import (
+        _apply_rotary_pos_emb_bshd,
+    )
+    from plugrl.plugins.backends.megatron.fused_ops import rotate
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 4, 16, generator=gen)
+    angles = _angles(12, rot, gen)
+    expected = _apply_rotary_pos_emb_bshd(x[:, None], angles[:, None], rotary_interleaved=False)[:, 0]
+    torch.testing.assert_close(rotate(x, angles.cos(), angles.sin()), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_rotate_and_expand_equals_hf_rope_then_repeat_kv():
+    from plugrl.plugins.backends.megatron.fused_ops import rotate_and_expand
+    from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb, repeat_kv
+
+    gen = torch.Generator().manual_seed(1)
+    k = torch.randn(10, 2, 16, generator=gen)
+    angles = _angles(10, 16, gen)
+    cos, sin = angles.cos(), angles.sin()
+    # HF layout: [batch, heads, seq, dim] with cos/sin [batch, seq, dim]
+    hf_k = k.transpose(0, 1)[None]
+    _, rotated = apply_rotary_pos_emb(hf_k, hf_k, cos[:, 0][None], sin[:, 0][None])
+    expected = repeat_kv(rotated, 3)[0].transpose(0, 1)  # [t, 6, d], query head j reads KV head j // 3
+    torch.testing.assert_close(rotate_and_expand(k, cos, sin, 3), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["rms_norm_fp32", "rotate", "rotate_and_expand"])
+def test_compiled_equals_plain_forward_and_backward(name):
+    from plugrl.plugins.backends.megatron import fused_ops
+
+    fn = getattr(fused_ops, name)
+    compiled = fused_ops._compiled(fn)
+    gen = torch.Generator().manual_seed(2)
+
+    def inputs(t):
+        if name == "rms_norm_fp32":
+            x = (3 * torch.randn(t, 64, generator=gen)).to(torch.bfloat16)
+            return [x, (1 + 0.1 * torch.randn(64, generator=gen)).to(torch.bfloat16).requires_grad_()], (1e-6,)
+        angles = _angles(t, 16, gen)
+        x = torch.randn(t, 2, 16, generator=gen).to(torch.bfloat16)
+        extra = (3,) if name == "rotate_and_expand" else ()
+        return [x, angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)], extra
+
+    for t in (24, 40, 17):  # the pack length changes between calls (recompiled once with a symbolic length)
+        tensors, extra = inputs(t)
+        plain_in = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in tensors]
+        fused_in = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in tensors]
+        plain, fused = fn(*plain_in, *extra), compiled(*fused_in, *extra)
+        assert fused.shape == plain.shape and fused.dtype == plain.dtype
+        # bf16 results: the compiled kernel rounds once, eager after every op (a few bf16 ulps apart)
+        torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)
+        upstream = torch.randn(plain.shape, generator=gen).to(plain.dtype)
+        plain.backward(upstream)
+        fused.backward(upstream)
+        for a, b in zip(fused_in, plain_in):
+            torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_fused_compiles_only_on_cuda():
+    from plugrl.plugins.backends.megatron.fused_ops import fused, rotate
+
+    assert fused(rotate, torch.zeros(1), True) is rotate  # CPU tensors run the plain version
+    assert fused(rotate, torch.zeros(1), False) is rotate
