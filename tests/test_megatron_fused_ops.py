@@ -82,3 +82,25 @@ def test_fused_compiles_only_on_cuda():
 
     assert fused(rotate, torch.zeros(1), True) is rotate  # CPU tensors run the plain version
     assert fused(rotate, torch.zeros(1), False) is rotate
+
+
+def test_a_failing_compiler_turns_fusion_off(monkeypatch):
+    """check_compiler (run by the backend before building a model on CUDA) compiles a probe; when
+    torch.compile fails, every later fused() call returns the plain function."""
+    from plugrl.plugins.backends.megatron import fused_ops
+
+    class FakeCuda:  # fused() asks only .is_cuda
+        is_cuda = True
+
+    monkeypatch.setattr(fused_ops, "_compiler_problem", None)
+    assert fused_ops.check_compiler("cpu") is None  # inductor's CPU backend compiles the probe here
+    assert fused_ops.fused(fused_ops.rotate, FakeCuda(), True) is fused_ops._compiled(fused_ops.rotate)
+
+    def broken_compile(fn, **_kwargs):
+        def run(*args):
+            raise RuntimeError("InductorError: no C compiler found\nmore detail")
+        return run
+
+    monkeypatch.setattr(fused_ops.torch, "compile", broken_compile)
+    assert fused_ops.check_compiler("cpu") == "RuntimeError: InductorError: no C compiler found"
+    assert fused_ops.fused(fused_ops.rotate, FakeCuda(), True) is fused_ops.rotate

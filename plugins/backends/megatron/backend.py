@@ -101,6 +101,7 @@ class MegatronTrainBackend:
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.sequence_parallel = bool(getattr(args, "sequence_parallel", False)) and self.tp_size > 1
         self.attention = choose_implementation(getattr(args, "attention_backend", None), self.device.type)
+        self.fusions = self._choose_fusions()
         self.model = self._build_model(trainable=True)
         start = self._initial_weights()
         self._load_initial_weights(self.model, start)
@@ -121,6 +122,24 @@ class MegatronTrainBackend:
         self._offloaded = _OffloadedStorages(self)
 
     # ---- model construction ----------------------------------------------------------------------
+    def _choose_fusions(self) -> dict[str, bool]:
+        """Which elementwise parts run compiled (``fused_ops``; megatron-core's SwiGLU and
+        bias-dropout-add): on CUDA, unless switched off by ``--no-<name>-fusion`` or torch.compile
+        cannot build a kernel on this machine (then all are off, with one warning)."""
+        from .fused_ops import check_compiler, round_like_eager
+
+        names = ("rmsnorm", "rope", "bias_swiglu", "bias_dropout")
+        if self.device.type != "cuda":
+            return dict.fromkeys(names, False)
+        problem = check_compiler(self.device)
+        if problem:
+            logger.warning("torch.compile cannot build a CUDA kernel here (%s): the megatron backend runs its "
+                           "RMSNorm, RoPE, SwiGLU, residual adds and log-probs unfused (correct, slower; a working "
+                           "Triton needs a C compiler on PATH)", problem)
+            return dict.fromkeys(names, False)
+        round_like_eager()
+        return {name: not getattr(self.args, f"no_{name}_fusion", False) for name in names}
+
     def _transformer_overrides(self, trainable: bool) -> dict:
         args = self.args
         overrides = {
@@ -136,8 +155,8 @@ class MegatronTrainBackend:
             "perform_initialization": True,
             # megatron-core's own SwiGLU and bias-dropout-add fusions are torch.compile'd PyTorch (no
             # TE / apex needed): on CUDA unless Megatron's --no-bias-swiglu-fusion / --no-bias-dropout-fusion.
-            "bias_activation_fusion": self.device.type == "cuda" and not getattr(args, "no_bias_swiglu_fusion", False),
-            "bias_dropout_fusion": self.device.type == "cuda" and not getattr(args, "no_bias_dropout_fusion", False),
+            "bias_activation_fusion": self.fusions["bias_swiglu"],
+            "bias_dropout_fusion": self.fusions["bias_dropout"],
             # RoPE is plugrl's (rotary.py, fused_ops.py); megatron's rope fusion and softmax fusion need TE / apex
             "masked_softmax_fusion": False, "apply_rope_fusion": False,
             "gradient_accumulation_fusion": False,  # needs apex / Transformer Engine
@@ -163,15 +182,9 @@ class MegatronTrainBackend:
         from .attention import local_spec_with_packed_attention
         from .config_bridge import build_gpt_model
 
-        cuda = self.device.type == "cuda"
-        if cuda:
-            from .fused_ops import round_like_eager
-
-            round_like_eager()
         spec = local_spec_with_packed_attention(
             self.cfg.qk_layernorm, self.cfg.normalization, self.attention, self.cfg.num_layers,
-            fuse_rope=cuda and not getattr(self.args, "no_rope_fusion", False),
-            fuse_rmsnorm=cuda and not getattr(self.args, "no_rmsnorm_fusion", False))
+            fuse_rope=self.fusions["rope"], fuse_rmsnorm=self.fusions["rmsnorm"])
         model = build_gpt_model(self.cfg, layer_spec=spec, **self._transformer_overrides(trainable))
         model.to(self.device)
         from .rotary import install

@@ -58,11 +58,30 @@ def round_like_eager() -> None:
     inductor_config.emulate_precision_casts = True
 
 
+_compiler_problem: str | None = None  # set by check_compiler when torch.compile cannot run here
+
+
+def check_compiler(device: torch.device | str = "cuda") -> str | None:
+    """Compile and run one tiny kernel on ``device``; ``None`` when that works, else why not (and
+    every later ``fused`` call then returns the plain function). Called once per train actor by the
+    backend before it builds a model on CUDA, so a machine without a working Triton / C compiler
+    trains unfused with one warning instead of failing inside the first forward pass."""
+    global _compiler_problem
+    try:
+        probe = torch.compile(lambda x: torch.nn.functional.silu(x) * 2 + 1)
+        x = torch.linspace(-1.0, 1.0, 64, device=device)
+        if not torch.allclose(probe(x), torch.nn.functional.silu(x) * 2 + 1):
+            raise RuntimeError("a compiled kernel gave a wrong result")
+    except Exception as exc:  # noqa: BLE001  (any failure means: do not compile here)
+        _compiler_problem = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return _compiler_problem
+
+
 @cache
 def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn)
 
 
 def fused(fn: Callable, tensor: torch.Tensor, enabled: bool) -> Callable:
-    """``fn`` compiled when ``enabled`` and ``tensor`` is on CUDA, else ``fn`` itself."""
-    return _compiled(fn) if enabled and tensor.is_cuda else fn
+    """``fn`` compiled when ``enabled``, ``tensor`` is on CUDA and compiling works, else ``fn`` itself."""
+    return _compiled(fn) if enabled and tensor.is_cuda and _compiler_problem is None else fn
