@@ -12,9 +12,13 @@ shared/MEASURED.md does. ``--profile`` adds the top CUDA kernels of one step per
     python benchmarks/train_throughput.py --model 4b --tokens 9216 --samples 8 --steps 5
     python benchmarks/train_throughput.py --model 4b --backends torch,megatron --megatron-tp 2 --profile
     python benchmarks/train_throughput.py --model 4b --backends megatron --megatron-dp 2 --checkpoint-cache /tmp/ckpt
+    python benchmarks/train_throughput.py --model 4b --backends megatron --megatron-dp 2 --megatron-unfused
+    python benchmarks/train_throughput.py --model 4b --backends megatron --megatron-dp 2 --megatron-recompute block:24
 
 ``--megatron-tp``/``--megatron-dp`` run the megatron backend on TP x DP GPUs (one process each); with DP
 every data-parallel rank trains its own ``--tokens`` micro-batch, so tokens/s per GPU stay comparable.
+``--megatron-unfused`` runs its elementwise kernels unfused (the ``--no-*-fusion`` flags), the baseline
+of the fusions; ``--megatron-recompute block:N`` recomputes only the first N layers.
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ def backend_args(checkpoint: str, backend: str, tokens: int, *, device: str = "c
     if recompute == "none":
         return SimpleNamespace(**common, recompute_granularity=None, accumulate_allreduce_grads_in_fp32=True,
                                tensor_model_parallel_size=tp, sequence_parallel=tp > 1 and device == "cuda")
-    return SimpleNamespace(**common, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1,
+    method, layers = ("block", int(recompute.split(":", 1)[1])) if recompute.startswith("block:") else ("uniform", 1)
+    return SimpleNamespace(**common, recompute_granularity="full", recompute_method=method, recompute_num_layers=layers,
                            accumulate_allreduce_grads_in_fp32=True, tensor_model_parallel_size=tp,
                            sequence_parallel=tp > 1 and device == "cuda")  # gloo (CPU) has no reduce-scatter
 
@@ -77,12 +82,13 @@ def batch(samples: int, tokens: int, response: int, vocab: int) -> dict:
 
 KERNEL_GROUPS = (  # first match wins; names as the CUDA profiler reports them on H100 (cuBLAS, flash, NCCL, torch)
     ("nccl", r"nccl"),
+    ("attention", r"flash|fmha|attention|varlen"),  # before gemm: flash kernels' names carry "cutlass::"
+    ("compiled", r"^triton_"),  # torch.compile'd (inductor) fusions: RMSNorm, RoPE, SwiGLU, log-probs
     ("gemm", r"gemm|cutlass|nvjet|xmma|sm90_|cublas"),
-    ("attention", r"flash|fmha|attention|varlen"),
     ("optimizer", r"adam|multi_tensor|foreach"),
-    ("copy/cast", r"copy|Memcpy|Memset|fill|cat|index|gather|scatter|to_copy|direct_copy"),
-    ("reduction", r"reduce|norm|softmax|max|sum|mean"),
-    ("elementwise", r"elementwise|vectorized|triton|unrolled"),
+    ("copy/cast", r"copy|Memcpy|Memset|fill|CatArray|index|gather|scatter"),
+    ("reduction", r"reduce|norm|softmax"),
+    ("elementwise", r"elementwise|vectorized|unrolled"),
 )
 
 
@@ -155,6 +161,8 @@ def worker(opts) -> dict | None:
     label = opts.worker if tp * dp == 1 else f"megatron tp{tp}" + (f" dp{dp}" if dp > 1 else "")
     if opts.worker == "megatron" and opts.megatron_recompute == "none":
         label += " norc"  # no activation recompute
+    elif opts.worker == "megatron" and opts.megatron_recompute.startswith("block:"):
+        label += f" rc{opts.megatron_recompute.split(':')[1]}"  # that many layers recomputed
     if opts.worker == "megatron" and opts.megatron_unfused:
         label += " unfused"
     if opts.worker == "megatron" and opts.megatron_set:
@@ -278,14 +286,18 @@ def main() -> None:
     parser.add_argument("--checkpoint-cache", metavar="DIR",
                         help="build the random checkpoint in DIR/<model> once and reuse it on later runs "
                              "(the 4B build takes minutes)")
-    parser.add_argument("--megatron-recompute", default="full", choices=["full", "none"],
-                        help="the megatron backend's activation recompute (the issue's setting: full)")
+    parser.add_argument("--megatron-recompute", default="full", metavar="{full,none,block:N}",
+                        help="the megatron backend's activation recompute: full (every layer, the issue's setting), "
+                             "none, or block:N (the first N layers recomputed, the rest keep their activations)")
     parser.add_argument("--json", metavar="PATH", help="also write the result rows as JSON")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a smoke run of the same code paths (numbers mean nothing)")
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.megatron_recompute not in ("full", "none") and not (
+            opts.megatron_recompute.startswith("block:") and opts.megatron_recompute[6:].isdigit()):
+        parser.error(f"--megatron-recompute {opts.megatron_recompute!r}: use full, none or block:N")
     if opts.worker:
         result = worker(opts)
         if result is not None:

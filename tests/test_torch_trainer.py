@@ -49,10 +49,15 @@ def test_packed_log_probs_equal_one_sample_at_a_time(checkpoint):
         packed, _ = backend._forward_response(backend.model, seqs, resp, with_entropy=False)
         alone = torch.cat([backend._forward_response(backend.model, [s], [r], with_entropy=False)[0]
                            for s, r in zip(seqs, resp)])
-        # Independent reference: the plain HF forward of each sequence, log-softmax, gather.
+        # Independent reference: HF's own attention (not plugrl's packed one), each sequence alone.
+        from transformers import AutoModelForCausalLM
+
+        plain = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+        assert backend.model.config._attn_implementation == "plugrl_packed" and not backend.dense_mask
+        assert plain.config._attn_implementation != "plugrl_packed"
         reference = []
         for s, r in zip(seqs, resp):
-            logits = backend.model(input_ids=torch.tensor([s])).logits[0]
+            logits = plain(input_ids=torch.tensor([s])).logits[0]
             lp = torch.log_softmax(logits.float(), -1)
             reference += [lp[p - 1, s[p]].item() for p in range(len(s) - r, len(s))]
     assert packed.shape == alone.shape == (sum(resp),)
@@ -60,12 +65,39 @@ def test_packed_log_probs_equal_one_sample_at_a_time(checkpoint):
     torch.testing.assert_close(packed, torch.tensor(reference), atol=1e-5, rtol=0)
 
 
-def test_packed_mask_blocks_attention_across_samples():
+def test_packed_inputs_mark_the_sample_boundaries():
     inputs = packed_inputs([[1, 2, 3], [4, 5]], "cpu")
-    mask = inputs["attention_mask"][0, 0]
     assert inputs["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert inputs["cu_seq_lens_q"].tolist() == [0, 3, 5] and inputs["max_length_q"] == 3
+    assert "attention_mask" not in inputs
+    mask = packed_inputs([[1, 2, 3], [4, 5]], "cpu", dense_mask=True)["attention_mask"][0, 0]
     assert mask[3, :3].sum() == 0 and mask[4, 3] and not mask[3, 4] and mask[2, 0]
     assert response_slices([[1, 2, 3], [4, 5]], [1, 1]) == [(1, 2), (3, 4)]
+
+
+def test_an_architecture_without_swappable_attention_trains_on_dense_masks(checkpoint, monkeypatch):
+    """HF refuses the packed attention for some architectures (ValueError at load): the backend keeps the
+    model's own attention and packs with block-diagonal masks; the log-probs are the same."""
+    from plugrl.plugins.backends import hf_packed_attention
+
+    seqs, resp = random_sequences(seed=3)
+    packed = TorchTrainBackend(make_args(checkpoint), estimator=GRPOEstimator(None))
+    monkeypatch.setattr(hf_packed_attention, "register", lambda: "no_such_attention")
+    dense = TorchTrainBackend(make_args(checkpoint), estimator=GRPOEstimator(None))
+    assert dense.dense_mask and not packed.dense_mask
+    with torch.no_grad():
+        got = dense._forward_response(dense.model, seqs, resp, with_entropy=True)
+        expected = packed._forward_response(packed.model, seqs, resp, with_entropy=True)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_the_packed_attention_refuses_a_padding_mask():
+    from plugrl.plugins.backends.hf_packed_attention import packed_attention_forward
+
+    q = torch.zeros(2, 4, 3, 8)
+    with pytest.raises(ValueError, match="not an attention_mask"):
+        packed_attention_forward(None, q, q, q, torch.ones(2, 1, 3, 3, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("style", ["constant", "linear", "cosine"])

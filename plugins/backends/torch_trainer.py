@@ -4,7 +4,8 @@ Runs inside each train actor (one rank: CPU or one GPU). Per rollout: recompute 
 reuse the current ones when there is one optimizer step and no KL, as slime does), reference
 log-probs when a KL needs them, advantages from the estimator, then ``--num-steps-per-rollout``
 optimizer steps over micro-batches. A micro-batch is one packed row: samples concatenated with
-positions restarting per sample and a block-diagonal causal mask, so no token attends across samples.
+positions restarting per sample, attended by plugrl's packed attention over cu_seqlens
+(``hf_packed_attention``: varlen flash attention on CUDA), so no token attends across samples.
 
 Data parallelism (WORLD_SIZE > 1, env rendezvous of ``core/train_group.py``): every rank gets the
 whole rollout and takes a token-balanced share of each optimizer step's samples; it packs its share
@@ -97,17 +98,44 @@ def offload_report(allocated_before: int) -> dict[str, float]:
     return {"offload_freed_gib": (allocated_before - left) / 2**30, "offload_left_gib": left / 2**30}
 
 
-def packed_inputs(token_lists: list[list[int]], device) -> dict:
-    """One row holding every sequence: positions restart per sequence and the causal mask is
-    block-diagonal, so the logits equal those of each sequence run alone."""
+def packed_inputs(token_lists: list[list[int]], device, *, dense_mask: bool = False) -> dict:
+    """One row holding every sequence, positions restarting per sequence, so the logits equal those of
+    each sequence run alone: the sample boundaries go to the ``plugrl_packed`` attention as
+    ``cu_seq_lens_q`` (``hf_packed_attention``), or, with ``dense_mask`` (models that cannot take
+    that attention), as a block-diagonal causal ``[1, 1, T, T]`` mask."""
     lengths = [len(t) for t in token_lists]
     ids = torch.tensor([tok for t in token_lists for tok in t], dtype=torch.long, device=device)
     positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+    if not dense_mask:
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
+        cu = cu.to(device)
+        longest = max(lengths)
+        return {"input_ids": ids[None], "position_ids": positions[None], "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                "max_length_q": longest, "max_length_k": longest}
     segment = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
     total = ids.numel()
     causal = torch.ones(total, total, dtype=torch.bool, device=device).tril_()
     mask = causal & (segment[:, None] == segment[None, :])
     return {"input_ids": ids[None], "position_ids": positions[None], "attention_mask": mask[None, None]}
+
+
+def _load_model(path: str, dtype: torch.dtype, device: torch.device):
+    """-> ``(model, dense_mask)``: the HF model with plugrl's packed attention, or, for an architecture
+    whose attention cannot be swapped (HF raises at load), with its own attention fed dense masks."""
+    from transformers import AutoModelForCausalLM
+
+    from .hf_packed_attention import register
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=register())
+        dense_mask = False
+    except ValueError as exc:
+        logger.warning("%s: packed attention unavailable for this architecture (%s); using dense block masks",
+                       path, exc)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        dense_mask = True
+    return model.to(device), dense_mask
 
 
 def response_slices(token_lists: list[list[int]], response_lengths: list[int]) -> list[tuple[int, int]]:
@@ -125,14 +153,13 @@ class TorchTrainBackend:
     """HF model + AdamW; ``train(rollout_id, data)`` runs all optimizer steps of one rollout."""
 
     def __init__(self, args: Any, *, estimator=None, total_optimizer_steps: int | None = None):
-        from transformers import AutoModelForCausalLM
 
         self.args = args
         self.rank, self.world_size, self.device = init_distributed(resolve_device(getattr(args, "device", None)))
         torch.manual_seed(int(_opt(args, "seed", 1234)))
         use_bf16 = bool(getattr(args, "bf16", None)) or (getattr(args, "bf16", None) is None and self.device.type == "cuda")
         self.dtype = torch.bfloat16 if use_bf16 else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(args.hf_checkpoint, dtype=self.dtype).to(self.device)
+        self.model, self.dense_mask = _load_model(args.hf_checkpoint, self.dtype, self.device)
         if getattr(args, "gradient_checkpointing", False):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.config.use_cache = False
@@ -140,7 +167,11 @@ class TorchTrainBackend:
         self.ref_model = None
         if self._needs_ref():
             ref_path = getattr(args, "ref_load", None) or args.hf_checkpoint
-            self.ref_model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=self.dtype).to(self.device).eval()
+            self.ref_model, ref_dense = _load_model(ref_path, self.dtype, self.device)
+            self.ref_model.eval()
+            if ref_dense != self.dense_mask:
+                raise ValueError(f"--ref-load {ref_path}: its architecture takes a different attention than "
+                                 f"--hf-checkpoint {args.hf_checkpoint}'s; use the same architecture")
             self.ref_model.requires_grad_(False)
         self._offloaded = StorageOffload()
         self.optimizer = torch.optim.AdamW(
@@ -161,7 +192,7 @@ class TorchTrainBackend:
 
     # ---- log-probs -----------------------------------------------------------------------------
     def _forward_response(self, model, token_lists, response_lengths, *, with_entropy: bool):
-        inputs = packed_inputs(token_lists, self.device)
+        inputs = packed_inputs(token_lists, self.device, dense_mask=self.dense_mask)
         logits = model(**inputs).logits[0]
         temperature = float(_opt(self.args, "rollout_temperature", 1.0))
         spans = response_slices(token_lists, response_lengths)
@@ -407,7 +438,7 @@ class TorchTrainBackend:
             loss = torch.zeros((), device=self.device)
             if share:  # a batch smaller than the world leaves some ranks without a sample
                 mine = [token_lists[i] for i in share]
-                inputs = packed_inputs(mine, self.device)
+                inputs = packed_inputs(mine, self.device, dense_mask=self.dense_mask)
                 logits = self.model(**inputs).logits[0]
                 offset = 0
                 for tokens, response_length in zip(mine, [response_lengths[i] for i in share]):

@@ -2,10 +2,9 @@
 
 megatron-core's own local ``DotProductAttention`` materialises the s x s scores and refuses packed
 sequences; Transformer Engine (which packs) is not installed on our GPU machines. This module takes
-its place in the spec (same constructor and forward signature) and runs, per call, one of:
-
-* ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention over cu_seqlens), CUDA only;
-* ``sdpa``: ``scaled_dot_product_attention`` once per packed segment (any device, the CPU path).
+its place in the spec (same constructor and forward signature), applies the pack's RoPE, and runs
+``packed_attention.attention_within_segments``: varlen flash attention on CUDA, SDPA per sample
+elsewhere.
 
 Built inside the train actor when the model is constructed; the choice is ``--attention-backend``
 (``flash`` -> varlen, ``unfused``/``local`` -> sdpa, ``auto``/unset -> varlen on CUDA, else sdpa).
@@ -15,21 +14,23 @@ segment at the end when the pack is padded to a multiple of TP).
 
 from __future__ import annotations
 
-import inspect
-import itertools
 import math
-from functools import cache
 
 import torch
 from megatron.core.transformer.module import MegatronModule
-
-IMPLEMENTATIONS = ("varlen", "sdpa")
+from plugrl.plugins.backends.packed_attention import (
+    IMPLEMENTATIONS,
+    attention_within_segments,
+    default_implementation,
+    varlen_available,
+    varlen_has_gqa,
+)
 
 
 def choose_implementation(attention_backend: str | None, device_type: str) -> str:
     """``--attention-backend`` value -> implementation name (validated on the driver too)."""
     if attention_backend in (None, "auto"):
-        return "varlen" if device_type == "cuda" and varlen_available() else "sdpa"
+        return default_implementation(device_type)
     if attention_backend == "flash":
         if device_type != "cuda" or not varlen_available():
             raise ValueError("--attention-backend flash needs CUDA and torch.nn.attention.varlen (torch >= 2.10)")
@@ -40,70 +41,27 @@ def choose_implementation(attention_backend: str | None, device_type: str) -> st
                      "unfused/local (SDPA per sample) or auto; 'fused' needs Transformer Engine")
 
 
-@cache
-def varlen_available() -> bool:
-    try:
-        from torch.nn.attention import varlen  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@cache
-def _varlen_has_gqa() -> bool:
-    from torch.nn.attention.varlen import varlen_attn
-
-    # torch 2.11 lacks enable_gqa (K/V heads must be repeated); newer versions take it.
-    return "enable_gqa" in inspect.signature(varlen_attn).parameters
-
-
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, *, scale: float, implementation: str, dropout: float = 0.0,
                      rope: tuple[torch.Tensor, torch.Tensor] | None = None, fuse_rope: bool = False) -> torch.Tensor:
-    """Causal attention within segments. ``query [t, hq, d]``, ``key/value [t, hkv, d]`` -> ``[t, hq, d]``.
-    With ``rope = (cos, sin)`` (``[t, 1, d]``), q and k are rotated first (``fused_ops.rotate``;
-    compiled into one kernel each with ``fuse_rope`` on CUDA, the GQA expansion of k included)."""
+    """Causal attention within segments (``packed_attention.attention_within_segments``). ``query [t,
+    hq, d]``, ``key/value [t, hkv, d]`` -> ``[t, hq, d]``. With ``rope = (cos, sin)`` (``[t, 1, d]``), q and
+    k are rotated first (``fused_ops.rotate``; compiled into one kernel each with ``fuse_rope`` on CUDA,
+    the GQA expansion of k and v included where the varlen kernel needs it)."""
     from .fused_ops import expand_heads, fused, rotate, rotate_and_expand
 
+    if dropout and implementation == "varlen":
+        raise ValueError("--attention-dropout must be 0 with the varlen (flash) attention")
     groups = query.shape[1] // key.shape[1]
     if rope is not None:
         query = fused(rotate, query, fuse_rope)(query, *rope)
-    if implementation == "varlen":
-        from torch.nn.attention.varlen import varlen_attn
-
-        if dropout:
-            raise ValueError("--attention-dropout must be 0 with the varlen (flash) attention")
-        kwargs = {}
-        if groups == 1 or _varlen_has_gqa():
-            kwargs = {"enable_gqa": True} if groups > 1 else {}
-            if rope is not None:
-                key = fused(rotate, key, fuse_rope)(key, *rope)
-        else:  # torch 2.11's varlen_attn has no GQA: one K/V head per query head
-            if rope is not None:
-                key = fused(rotate_and_expand, key, fuse_rope)(key, *rope, groups)
-            else:
-                key = expand_heads(key, groups)
+        if implementation == "varlen" and groups > 1 and not varlen_has_gqa():
+            key = fused(rotate_and_expand, key, fuse_rope)(key, *rope, groups)  # one kernel: rotate + expand
             value = expand_heads(value, groups)
-        cu = cu_seqlens.to(torch.int32)
-        return varlen_attn(query, key, value, cu, cu, max_seqlen, max_seqlen, scale=scale, window_size=(-1, 0),
-                           **kwargs)
-    if implementation != "sdpa":
-        raise ValueError(f"unknown packed attention implementation {implementation!r}; one of {IMPLEMENTATIONS}")
-    if rope is not None:
-        key = fused(rotate, key, fuse_rope)(key, *rope)
-    out = torch.empty_like(query)
-    bounds = cu_seqlens.tolist()
-    for start, end in itertools.pairwise(bounds):
-        if end <= start:
-            continue
-        # [t, h, d] -> [1, h, t, d] for SDPA
-        q = query[start:end].transpose(0, 1)[None]
-        k = key[start:end].transpose(0, 1)[None]
-        v = value[start:end].transpose(0, 1)[None]
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout,
-                                                             enable_gqa=groups > 1)
-        out[start:end] = o[0].transpose(0, 1)
-    return out
+        else:
+            key = fused(rotate, key, fuse_rope)(key, *rope)
+    return attention_within_segments(query, key, value, cu_seqlens, max_seqlen, scale=scale,
+                                     implementation=implementation, dropout=dropout)
 
 
 class PackedCoreAttention(MegatronModule):

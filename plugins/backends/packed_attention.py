@@ -1,0 +1,76 @@
+"""Causal attention within the samples of a packed row (THD: ``[tokens, heads, dim]`` + cu_seqlens).
+
+Shared by both train backends: the megatron core attention (``megatron/attention.py``) and the torch
+backend's HF attention function (``hf_packed_attention.py``). Implementations:
+
+* ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention over cu_seqlens), CUDA only;
+* ``sdpa``: ``scaled_dot_product_attention`` once per packed segment (any device, the CPU path).
+
+No token attends across segments. Imports nothing beyond torch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from functools import cache
+
+import torch
+
+IMPLEMENTATIONS = ("varlen", "sdpa")
+
+
+@cache
+def varlen_available() -> bool:
+    try:
+        from torch.nn.attention import varlen  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_implementation(device_type: str) -> str:
+    return "varlen" if device_type == "cuda" and varlen_available() else "sdpa"
+
+
+@cache
+def varlen_has_gqa() -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    # torch 2.11 lacks enable_gqa (K/V heads must be repeated); newer versions take it.
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def attention_within_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                              max_seqlen: int, *, scale: float, implementation: str,
+                              dropout: float = 0.0) -> torch.Tensor:
+    """``query [t, hq, d]``, ``key/value [t, hkv, d]`` (``hq`` a multiple of ``hkv``) -> ``[t, hq, d]``."""
+    groups = query.shape[1] // key.shape[1]
+    if implementation == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        if dropout:
+            raise ValueError("attention dropout must be 0 with the varlen (flash) attention")
+        kwargs = {}
+        if groups > 1:
+            if varlen_has_gqa():
+                kwargs["enable_gqa"] = True
+            else:
+                key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        cu = cu_seqlens.to(torch.int32)
+        return varlen_attn(query, key, value, cu, cu, max_seqlen, max_seqlen, scale=scale, window_size=(-1, 0),
+                           **kwargs)
+    if implementation != "sdpa":
+        raise ValueError(f"unknown packed attention implementation {implementation!r}; one of {IMPLEMENTATIONS}")
+    out = torch.empty_like(query)
+    for start, end in itertools.pairwise(cu_seqlens.tolist()):
+        if end <= start:
+            continue
+        # [t, h, d] -> [1, h, t, d] for SDPA
+        q = query[start:end].transpose(0, 1)[None]
+        k = key[start:end].transpose(0, 1)[None]
+        v = value[start:end].transpose(0, 1)[None]
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout,
+                                                             enable_gqa=groups > 1)
+        out[start:end] = o[0].transpose(0, 1)
+    return out
