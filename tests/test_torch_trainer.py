@@ -136,9 +136,12 @@ def test_objective_does_not_depend_on_micro_batch_split(checkpoint):
     one_by_one, m1 = _grads_after_one_step(checkpoint, micro_batch_size=1)
     all_at_once, m4 = _grads_after_one_step(checkpoint, micro_batch_size=4)
     dynamic, md = _grads_after_one_step(checkpoint, use_dynamic_batch_size=True, max_tokens_per_gpu=20)
+    # gradient checkpointing recomputes each layer with the packed attention's cu_seqlens kwargs
+    recomputed, _ = _grads_after_one_step(checkpoint, micro_batch_size=4, gradient_checkpointing=True)
     for name, grad in one_by_one.items():
         torch.testing.assert_close(all_at_once[name], grad, atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(dynamic[name], grad, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(recomputed[name], grad, atol=1e-6, rtol=1e-4)
     assert m1["train/pg_loss"] == pytest.approx(m4["train/pg_loss"], abs=1e-7)
     assert m1["train/pg_loss"] == pytest.approx(md["train/pg_loss"], abs=1e-7)
 
