@@ -47,6 +47,22 @@ def test_packed_log_probs_equal_hf(checkpoint):
     torch.testing.assert_close(packed, alone, atol=2e-5, rtol=0)
 
 
+def test_a_forward_without_the_packs_rope_tables_is_refused(checkpoint):
+    """The backend's model takes RoPE from the pack (rotary.install): called directly, without the
+    per-token tables, it must fail loudly instead of running with no position information."""
+    from plugrl.plugins.backends.megatron.backend import pack_thd
+
+    backend = megatron_backend(make_args(checkpoint))
+    batch = pack_thd([[5, 6, 7], [8, 9]], "cpu")
+    with torch.no_grad(), pytest.raises(ValueError, match="RoPE comes from the pack"):
+        backend.model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
+                      packed_seq_params=batch.params)
+    with torch.no_grad(), pytest.raises(ValueError, match="RoPE comes from the pack"):
+        backend.model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None)
+    with torch.no_grad():
+        assert backend.logits(backend.model, batch).shape[0] == 5
+
+
 @pytest.mark.parametrize("micro", [{"micro_batch_size": 1}, {"use_dynamic_batch_size": True, "max_tokens_per_gpu": 24}])
 def test_one_grpo_step_equals_the_torch_backend(checkpoint, micro):
     args = make_args(checkpoint, lr=1e-3, clip_grad=1e9, **micro)

@@ -64,6 +64,10 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                                      implementation=implementation, dropout=dropout)
 
 
+_NO_TABLES = ("this model's RoPE comes from the pack (rotary.install): run it through the backend's logits(), "
+              "which passes SegmentedPackParams with the per-token cos/sin tables")
+
+
 class PackedCoreAttention(MegatronModule):
     """Drop-in for megatron-core's ``DotProductAttention`` in the local spec (self-attention, causal).
 
@@ -73,6 +77,7 @@ class PackedCoreAttention(MegatronModule):
 
     implementation: str = "sdpa"  # set per spec (``local_spec_with_packed_attention``)
     fuse_rope: bool = False  # compile RoPE (and the GQA expansion) on CUDA; set per spec
+    rope_from_pack: bool = False  # set by rotary.install: RoPE is this module's, from the pack's tables
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
@@ -96,11 +101,16 @@ class PackedCoreAttention(MegatronModule):
                 segments, longest = packed_seq_params.cu_seqlens_q, packed_seq_params.max_seqlen_q
             else:
                 longest = packed_seq_params.max_segment
+            rope = getattr(packed_seq_params, "rope", None)
+            if self.rope_from_pack and rope is None:
+                raise ValueError(_NO_TABLES)
             out = packed_attention(query, key, value, segments, int(longest), scale=self.scale,
-                                   implementation=self.implementation, dropout=dropout,
-                                   rope=getattr(packed_seq_params, "rope", None), fuse_rope=self.fuse_rope)
+                                   implementation=self.implementation, dropout=dropout, rope=rope,
+                                   fuse_rope=self.fuse_rope)
             return out.reshape(out.shape[0], -1)
-        # [s, b, h, d] -> [b, h, s, d] (megatron applied RoPE, if any: only plugrl's packs carry tables)
+        if self.rope_from_pack:
+            raise ValueError(_NO_TABLES)
+        # [s, b, h, d] -> [b, h, s, d] (megatron applied RoPE: no per-token rotary installed)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         out = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=self.scale, dropout_p=dropout, enable_gqa=q.shape[1] != k.shape[1])

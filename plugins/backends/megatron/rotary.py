@@ -51,6 +51,13 @@ class PerTokenRotary(torch.nn.Module):
 
 
 def install(model) -> PerTokenRotary:
+    """Give ``model`` per-token RoPE: megatron's rotary module returns nothing from now on, and every
+    core attention rotates q and k from the pack's tables (and refuses a forward without them)."""
+    from .attention import PackedCoreAttention
+
     rotary = PerTokenRotary(model.rotary_pos_emb)
     model.rotary_pos_emb = rotary
+    for module in model.modules():
+        if isinstance(module, PackedCoreAttention):
+            module.rope_from_pack = True
     return rotary
