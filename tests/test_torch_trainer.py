@@ -70,7 +70,7 @@ def test_packed_inputs_mark_the_sample_boundaries():
     assert inputs["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert inputs["cu_seq_lens_q"].tolist() == [0, 3, 5] and inputs["max_length_q"] == 3
     assert "attention_mask" not in inputs
-    mask = packed_inputs([[1, 2, 3], [4, 5]], "cpu", dense_mask=True)["attention_mask"][0, 0]
+    mask = packed_inputs([[1, 2, 3], [4, 5]], "cpu", dense_mask=True)["attention_mask"][0, 0] == 0  # attended
     assert mask[3, :3].sum() == 0 and mask[4, 3] and not mask[3, 4] and mask[2, 0]
     assert response_slices([[1, 2, 3], [4, 5]], [1, 1]) == [(1, 2), (3, 4)]
 
@@ -209,3 +209,29 @@ def test_offloaded_trainer_exports_saves_and_resumes_identically(checkpoint, tmp
     assert after["offloaded"] == after["reference"]
     for (name, p), q in zip(reference.model.named_parameters(), offloaded.model.parameters()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma", "gemma2"])
+def test_packed_attention_serves_other_architectures(tmp_path, model_type):
+    """The torch backend trains any HF causal LM: the packed attention (or, where HF refuses it, dense
+    masks) gives each sample the log-probs of HF's own model on that sample alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=320, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  max_position_embeddings=64)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / model_type)
+    path = str(tmp_path / model_type)
+    backend = TorchTrainBackend(make_args(path), estimator=GRPOEstimator(None))
+    # gemma2 has sliding-window layers and logit soft-capping: it keeps its own attention
+    assert backend.dense_mask == (model_type == "gemma2")
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    seqs, resp = random_sequences(seed=5)
+    with torch.no_grad():
+        packed, _ = backend._forward_response(backend.model, seqs, resp, with_entropy=False)
+        reference = []
+        for s, r in zip(seqs, resp):
+            lp = torch.log_softmax(plain(input_ids=torch.tensor([s])).logits[0].float(), -1)
+            reference += [lp[p - 1, s[p]].item() for p in range(len(s) - r, len(s))]
+    torch.testing.assert_close(packed, torch.tensor(reference), atol=1e-5, rtol=0)

@@ -25,6 +25,10 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     """HF's attention-function contract: ``query/key/value [b, heads, t, d]`` -> ``([b, t, heads, d], None)``.
     With ``cu_seq_lens_q`` (one packed row): causal within each segment. Without: each row is one
     causal sequence (a plain ``model(input_ids)`` call); a padding ``attention_mask`` is refused."""
+    unsupported = {k: kwargs[k] for k in ("sliding_window", "softcap", "s_aux") if kwargs.get(k) is not None}
+    if unsupported:
+        raise ValueError(f"attn_implementation={NAME!r} runs full causal attention; this model's attention also "
+                         f"needs {sorted(unsupported)} (plugrl's torch backend loads such models without it)")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is None:
@@ -42,6 +46,20 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     out = attention_within_segments(q, k, v, cu_seqlens, int(kwargs["max_length_q"]), scale=scale,
                                     implementation=default_implementation(q.device.type), dropout=dropout)
     return out[None], None
+
+
+def supports(config) -> str | None:
+    """``None`` when this attention computes what the model's own would, else what it lacks (a model
+    with sliding-window layers, logit soft-capping or attention sinks keeps its own attention)."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    layer_types = getattr(text, "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types):
+        return f"layer types {sorted(set(layer_types))}"
+    if getattr(text, "use_sliding_window", False) and getattr(text, "sliding_window", None):
+        return "sliding-window attention"
+    if getattr(text, "attn_logit_softcapping", None):
+        return "attention logit soft-capping"
+    return None
 
 
 def register() -> str:

@@ -98,11 +98,13 @@ def offload_report(allocated_before: int) -> dict[str, float]:
     return {"offload_freed_gib": (allocated_before - left) / 2**30, "offload_left_gib": left / 2**30}
 
 
-def packed_inputs(token_lists: list[list[int]], device, *, dense_mask: bool = False) -> dict:
+def packed_inputs(token_lists: list[list[int]], device, *, dense_mask: bool = False,
+                  dtype: torch.dtype = torch.float32) -> dict:
     """One row holding every sequence, positions restarting per sequence, so the logits equal those of
     each sequence run alone: the sample boundaries go to the ``plugrl_packed`` attention as
     ``cu_seq_lens_q`` (``hf_packed_attention``), or, with ``dense_mask`` (models that cannot take
-    that attention), as a block-diagonal causal ``[1, 1, T, T]`` mask."""
+    that attention), as a block-diagonal causal ``[1, 1, T, T]`` additive mask in ``dtype`` (0 where
+    attended, the dtype's minimum elsewhere: what HF's eager and SDPA attentions both add)."""
     lengths = [len(t) for t in token_lists]
     ids = torch.tensor([tok for t in token_lists for tok in t], dtype=torch.long, device=device)
     positions = torch.cat([torch.arange(n, device=device) for n in lengths])
@@ -116,26 +118,27 @@ def packed_inputs(token_lists: list[list[int]], device, *, dense_mask: bool = Fa
     segment = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
     total = ids.numel()
     causal = torch.ones(total, total, dtype=torch.bool, device=device).tril_()
-    mask = causal & (segment[:, None] == segment[None, :])
+    allowed = causal & (segment[:, None] == segment[None, :])
+    mask = torch.zeros(total, total, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     return {"input_ids": ids[None], "position_ids": positions[None], "attention_mask": mask[None, None]}
 
 
 def _load_model(path: str, dtype: torch.dtype, device: torch.device):
     """-> ``(model, dense_mask)``: the HF model with plugrl's packed attention, or, for an architecture
     whose attention cannot be swapped (HF raises at load), with its own attention fed dense masks."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .hf_packed_attention import register
+    from .hf_packed_attention import register, supports
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=register())
-        dense_mask = False
-    except ValueError as exc:
-        logger.warning("%s: packed attention unavailable for this architecture (%s); using dense block masks",
-                       path, exc)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        dense_mask = True
-    return model.to(device), dense_mask
+    lacking = supports(AutoConfig.from_pretrained(path))
+    if lacking is None:
+        try:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=register()).to(device), False
+        except ValueError as exc:  # HF refuses a custom attention for this architecture
+            lacking = str(exc)
+    logger.warning("%s: plugrl's packed attention does not fit this model (%s); packing with dense block masks",
+                   path, lacking)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device), True
 
 
 def response_slices(token_lists: list[list[int]], response_lengths: list[int]) -> list[tuple[int, int]]:
@@ -192,7 +195,7 @@ class TorchTrainBackend:
 
     # ---- log-probs -----------------------------------------------------------------------------
     def _forward_response(self, model, token_lists, response_lengths, *, with_entropy: bool):
-        inputs = packed_inputs(token_lists, self.device, dense_mask=self.dense_mask)
+        inputs = packed_inputs(token_lists, self.device, dense_mask=self.dense_mask, dtype=self.dtype)
         logits = model(**inputs).logits[0]
         temperature = float(_opt(self.args, "rollout_temperature", 1.0))
         spans = response_slices(token_lists, response_lengths)
@@ -438,7 +441,7 @@ class TorchTrainBackend:
             loss = torch.zeros((), device=self.device)
             if share:  # a batch smaller than the world leaves some ranks without a sample
                 mine = [token_lists[i] for i in share]
-                inputs = packed_inputs(mine, self.device, dense_mask=self.dense_mask)
+                inputs = packed_inputs(mine, self.device, dense_mask=self.dense_mask, dtype=self.dtype)
                 logits = self.model(**inputs).logits[0]
                 offset = 0
                 for tokens, response_length in zip(mine, [response_lengths[i] for i in share]):
