@@ -93,6 +93,7 @@ def test_a_failing_compiler_turns_fusion_off(monkeypatch):
         is_cuda = True
 
     monkeypatch.setattr(fused_ops, "_compiler_problem", None)
+    monkeypatch.setattr(fused_ops, "_compiler_checked", set())
     assert fused_ops.check_compiler("cpu") is None  # inductor's CPU backend compiles the probe here
     assert fused_ops.fused(fused_ops.rotate, FakeCuda(), True) is fused_ops._compiled(fused_ops.rotate)
 
@@ -102,5 +103,7 @@ def test_a_failing_compiler_turns_fusion_off(monkeypatch):
         return run
 
     monkeypatch.setattr(fused_ops.torch, "compile", broken_compile)
+    assert fused_ops.check_compiler("cpu") is None  # probed once per process and device type
+    fused_ops._compiler_checked.clear()
     assert fused_ops.check_compiler("cpu") == "RuntimeError: InductorError: no C compiler found"
     assert fused_ops.fused(fused_ops.rotate, FakeCuda(), True) is fused_ops.rotate

@@ -59,6 +59,7 @@ def round_like_eager() -> None:
 
 
 _compiler_problem: str | None = None  # set by check_compiler when torch.compile cannot run here
+_compiler_checked: set[str] = set()  # device types already probed in this process
 
 
 def check_compiler(device: torch.device | str = "cuda") -> str | None:
@@ -67,6 +68,10 @@ def check_compiler(device: torch.device | str = "cuda") -> str | None:
     backend before it builds a model on CUDA, so a machine without a working Triton / C compiler
     trains unfused with one warning instead of failing inside the first forward pass."""
     global _compiler_problem
+    device_type = torch.device(device).type
+    if device_type in _compiler_checked:
+        return _compiler_problem
+    _compiler_checked.add(device_type)
     try:
         probe = torch.compile(lambda x: torch.nn.functional.silu(x) * 2 + 1)
         x = torch.linspace(-1.0, 1.0, 64, device=device)
