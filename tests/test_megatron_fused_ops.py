@@ -95,7 +95,13 @@ def test_a_failing_compiler_turns_fusion_off(monkeypatch):
     monkeypatch.setattr(fused_ops, "_compiler_problem", None)
     monkeypatch.setattr(fused_ops, "_compiler_checked", set())
     assert fused_ops.check_compiler("cpu") is None  # inductor's CPU backend compiles the probe here
-    assert fused_ops.fused(fused_ops.rotate, FakeCuda(), True) is fused_ops._compiled(fused_ops.rotate)
+    FakeCuda.shape = (7, 4, 16)
+    compiled = fused_ops.fused(fused_ops.rotate, FakeCuda(), True)
+    assert compiled is fused_ops._compiled(fused_ops.rotate, (4, 16)) and compiled is not fused_ops.rotate
+    FakeCuda.shape = (9, 4, 16)  # another pack length: the same wrapper (it goes dynamic in T)
+    assert fused_ops.fused(fused_ops.rotate, FakeCuda(), True) is compiled
+    FakeCuda.shape = (9, 2, 16)  # other heads (k, or another norm): its own wrapper, its own recompile budget
+    assert fused_ops.fused(fused_ops.rotate, FakeCuda(), True) is not compiled
 
     def broken_compile(fn, **_kwargs):
         def run(*args):

@@ -83,10 +83,17 @@ def check_compiler(device: torch.device | str = "cuda") -> str | None:
 
 
 @cache
-def _compiled(fn: Callable) -> Callable:
+def _compiled(fn: Callable, trailing_shape: tuple = ()) -> Callable:
     return torch.compile(fn)
 
 
 def fused(fn: Callable, tensor: torch.Tensor, enabled: bool) -> Callable:
-    """``fn`` compiled when ``enabled``, ``tensor`` is on CUDA and compiling works, else ``fn`` itself."""
-    return _compiled(fn) if enabled and tensor.is_cuda and _compiler_problem is None else fn
+    """``fn`` compiled when ``enabled``, ``tensor`` is on CUDA and compiling works, else ``fn`` itself.
+
+    One compiled wrapper per function and trailing shape of ``tensor`` (all but the token
+    dimension): the same norm runs on ``[T, hidden]``, ``[T, q_heads, dim]`` and ``[T, kv_heads, dim]``,
+    each with and without grad and with a static then a symbolic ``T``; in one wrapper those
+    variants would pass dynamo's recompile limit (8) and the rest would silently run unfused."""
+    if not (enabled and tensor.is_cuda and _compiler_problem is None):
+        return fn
+    return _compiled(fn, tuple(tensor.shape[1:]))
