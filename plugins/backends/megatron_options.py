@@ -35,6 +35,9 @@ MODEL_FLAGS = (
 )
 
 
+HOOK_FLAGS = ("custom_model_provider_path", "custom_megatron_init_path", "custom_megatron_before_log_prob_hook_path",
+              "custom_megatron_before_train_step_hook_path")  # megatron/custom_hooks.py
+
 UNSUPPORTED_PARALLELISM = ("pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size",
                            "expert_tensor_parallel_size")
 
@@ -60,6 +63,10 @@ def backend_problems(args) -> list[str]:
         passthrough_overrides(args)
     except ValueError as exc:
         problems.append(str(exc))
+    for dest in HOOK_FLAGS:
+        value = getattr(args, dest, None)
+        if value and not ("." in value or ":" in value):
+            problems.append(f"--{dest.replace('_', '-')} {value}: write it as module.attr or module:attr")
     attention = getattr(args, "attention_backend", None)
     if attention not in (None, "auto", "flash", "unfused", "local"):
         problems.append(f"--attention-backend {attention}: plugrl's megatron backend runs flash (varlen flash "
@@ -75,7 +82,11 @@ def passthrough_overrides(args) -> dict:
     """``--megatron-<field> [value]`` flags -> megatron-core ``TransformerConfig`` overrides, typed by
     the field's default (plugrl builds the config itself instead of running Megatron's parser). An
     unknown field is an error that names the flag. Imports megatron only when such flags are given."""
-    given = getattr(args, "megatron_passthrough", None) or {}
+    from plugrl.plugins.backends.megatron.custom_hooks import megatron_config_overrides
+
+    from_file = megatron_config_overrides(getattr(args, "megatron_config_path", None))
+    from_flags = getattr(args, "megatron_passthrough", None) or {}
+    given = {**from_file, **from_flags}  # the command line wins over the file
     if not given:
         return {}
     import dataclasses
@@ -83,11 +94,16 @@ def passthrough_overrides(args) -> dict:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     fields = {f.name: f for f in dataclasses.fields(TransformerConfig)}
-    unknown = sorted(k for k in given if k not in fields)
+    unknown = sorted(k for k in from_flags if k not in fields)
     if unknown:
         flags = ", ".join(f"--megatron-{k.replace('_', '-')}" for k in unknown)
         raise ValueError(f"{flags}: not a megatron-core TransformerConfig field (plugrl passes --megatron-<field> "
                          "flags to the TransformerConfig it builds, not to Megatron's argument parser)")
+    unknown = sorted(k for k in from_file if k not in fields)
+    if unknown:
+        raise ValueError(f"--megatron-config-path {args.megatron_config_path}: overrides {unknown} are not "
+                         "megatron-core TransformerConfig fields (plugrl applies the actor overrides to the "
+                         "TransformerConfig it builds)")
     overrides = {}
     for key, value in given.items():
         default = fields[key].default
@@ -172,11 +188,15 @@ def plugrl_add_options(parser):
     g.add_argument("--distributed-backend", metavar="{nccl,gloo}")
     _switch(g, "--use-distributed-optimizer")
     # slime's Megatron escape hatches (reference §10)
-    g.add_argument("--megatron-config-path", metavar="YAML", help="per-role Megatron overrides (actor/critic)")
-    g.add_argument("--custom-model-provider-path", metavar="MODULE.ATTR")
-    g.add_argument("--custom-megatron-init-path", metavar="MODULE.ATTR")
-    g.add_argument("--custom-megatron-before-log-prob-hook-path", metavar="MODULE.ATTR")
-    g.add_argument("--custom-megatron-before-train-step-hook-path", metavar="MODULE.ATTR")
+    g.add_argument("--megatron-config-path", metavar="YAML",
+                   help="megatron: [{name, role: actor, overrides: {TransformerConfig field: value}}]")
+    g.add_argument("--custom-model-provider-path", metavar="MODULE.ATTR",
+                   help="fn(pre_process, post_process[, vp_stage, config, layer_spec]) -> GPTModel")
+    g.add_argument("--custom-megatron-init-path", metavar="MODULE.ATTR", help="fn(args), after the process groups")
+    g.add_argument("--custom-megatron-before-log-prob-hook-path", metavar="MODULE.ATTR",
+                   help="fn(args, model, store_prefix), before old ('') and ref ('ref_') log-probs")
+    g.add_argument("--custom-megatron-before-train-step-hook-path", metavar="MODULE.ATTR",
+                   help="fn(args, rollout_id, step_id, model, optimizer, opt_param_scheduler), before each step")
     parser.add_passthrough(
         "--megatron-",
         "megatron_passthrough",

@@ -92,6 +92,13 @@ class MegatronTrainBackend:
         self.seed = int(_opt(args, "seed", 1234))
         self.tp_size = int(_opt(args, "tensor_model_parallel_size", 1))
         self.layout = init_parallel(self.tp_size, self.device, self.seed)
+        from .custom_hooks import load_hook
+
+        self.hooks = {name: load_hook(args, f"custom_megatron_{name}_path")
+                      for name in ("init", "before_log_prob_hook", "before_train_step_hook")}
+        self.hooks["model_provider"] = load_hook(args, "custom_model_provider_path")
+        if self.hooks["init"]:
+            self.hooks["init"](args)
         self.tp_group, self.dp_group = tp_group(), dp_group()
         self.hf_config = AutoConfig.from_pretrained(args.hf_checkpoint)
         self.bridge = _model_bridge(self.hf_config)
@@ -185,13 +192,33 @@ class MegatronTrainBackend:
         spec = local_spec_with_packed_attention(
             self.cfg.qk_layernorm, self.cfg.normalization, self.attention, self.cfg.num_layers,
             fuse_rope=self.fusions["rope"], fuse_rmsnorm=self.fusions["rmsnorm"])
-        model = build_gpt_model(self.cfg, layer_spec=spec, **self._transformer_overrides(trainable))
+        overrides = self._transformer_overrides(trainable)
+        if self.hooks["model_provider"]:
+            model = self._provided_model(spec, overrides)
+        else:
+            model = build_gpt_model(self.cfg, layer_spec=spec, **overrides)
         model.to(self.device)
         from .rotary import install
 
         install(model)
         if not trainable:
             model.eval().requires_grad_(False)
+        return model
+
+    def _provided_model(self, spec, overrides: dict):
+        """``--custom-model-provider-path``'s model (``custom_hooks``), checked for what the backend
+        needs: plugrl's packed core attention (its weights are checked when they are loaded)."""
+        from .attention import PackedCoreAttention
+        from .config_bridge import transformer_config
+        from .custom_hooks import call_model_provider
+
+        model = call_model_provider(self.hooks["model_provider"], config=transformer_config(self.cfg, **overrides),
+                                    layer_spec=spec)
+        if not any(isinstance(m, PackedCoreAttention) for m in model.modules()):
+            raise ValueError(f"--custom-model-provider-path {self.args.custom_model_provider_path}: the model has no "
+                             "plugrl packed core attention; build its layers from the layer_spec argument "
+                             "(attention.local_spec_with_packed_attention), which packs samples without "
+                             "cross-sample attention")
         return model
 
     def _wrap_ddp(self, model):
@@ -329,6 +356,8 @@ class MegatronTrainBackend:
 
         def compute_log_probs(which: str) -> dict[int, torch.Tensor]:
             model = self.model if which == "old" else self.ref_model
+            if self.hooks["before_log_prob_hook"]:  # slime's store prefixes: "" (old), "ref_"
+                self.hooks["before_log_prob_hook"](args, [model], "" if which == "old" else "ref_")
             return self._log_probs_all(model, tokens, response_lengths, own_mbs)
 
         prepared = prepare_rollout(args, data, self.estimator, self.device, num_steps=len(step_positions),
@@ -337,7 +366,10 @@ class MegatronTrainBackend:
         totals: dict[str, float] = {}
         self.model.train()
         self.progress = (0, sum(len(step) for step in planned))
-        for positions, micro_batches in zip(step_positions, planned):
+        for step_id, (positions, micro_batches) in enumerate(zip(step_positions, planned)):
+            if self.hooks["before_train_step_hook"]:
+                self.hooks["before_train_step_hook"](args, rollout_id, step_id, [self.ddp_model],
+                                                     self.optimizer.optimizer, None)
             scale = prepared.step_scale(positions)
             self.optimizer.zero_grad()
             step_metrics: dict[str, float] = {}
