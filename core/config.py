@@ -21,6 +21,7 @@ from typing import Any
 
 from .flags import (
     META_KEYS,
+    SECRET_DESTS,
     ConfigError,
     Layer,
     PlugrlArgumentParser,
@@ -683,6 +684,10 @@ def _check_cluster(args, plugin_set, problems: list[str]) -> None:
         from plugrl.plugins.backends.megatron_options import backend_problems
 
         problems.extend(backend_problems(args))
+    if args.rollout_backend == "sglang":
+        from plugrl.plugins.backends.sglang_options import backend_problems as sglang_problems
+
+        problems.extend(sglang_problems(args))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -704,13 +709,13 @@ def _plain(value: Any) -> Any:
 
 
 def config_to_dict(args: argparse.Namespace) -> dict:
-    """The resolved config as plain YAML/JSON types; ``--config`` reads it back (``config`` itself is
-    left out; attributes that are not flags go under ``extra``)."""
+    """The resolved config as plain YAML/JSON types; ``--config`` reads it back (``config`` itself and
+    credentials (``SECRET_DESTS``) are left out; attributes that are not flags go under ``extra``)."""
     flag_dests = set(getattr(args, "_flag_dests", ()) or ())
     out: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for key, value in sorted(vars(args).items()):
-        if key.startswith("_") or key == "config":
+        if key.startswith("_") or key == "config" or key in SECRET_DESTS:
             continue
         if flag_dests and key not in flag_dests and key not in META_KEYS:
             extra[key] = _plain(value)

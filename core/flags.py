@@ -518,7 +518,8 @@ def _logging(p: PlugrlArgumentParser) -> None:
     g.add_argument("--use-wandb", action="store_true")
     g.add_argument("--wandb-project")
     g.add_argument("--wandb-group")
-    g.add_argument("--wandb-key")
+    g.add_argument("--wandb-key", help="wandb API key (wandb.login; never written to config.yaml or checkpoints; "
+                   "WANDB_API_KEY in the environment works too)")
     g.add_argument("--wandb-mode", metavar="{online,offline,disabled}")
     g.add_argument("--log-interval", type=int, default=1, help="print metrics every N rollouts")
 
@@ -568,6 +569,13 @@ class ConfigError(ValueError):
 
 
 META_KEYS = ("recipe",)  # config keys read before the flags (--recipe named in a YAML)
+# Flags never written to config.yaml, checkpoints or the wandb run config (credentials)
+SECRET_DESTS = ("wandb_key",)
+
+
+def without_secrets(config: dict) -> dict:
+    """``config`` minus the ``SECRET_DESTS`` keys (the dict a run writes to its files)."""
+    return {k: v for k, v in config.items() if k not in SECRET_DESTS}
 
 
 # --------------------------------------------------------------------------------------------------

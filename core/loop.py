@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 from .checkpoint import find_latest_checkpoint, write_checkpoint_atomically
+from .flags import without_secrets
 from .train_group import RankDiedError, TrainGroup, probe_bundles, remote_actor_class
 
 logger = logging.getLogger(__name__)
@@ -214,7 +215,8 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
     metrics_logger = logger_ or MetricsLogger(
         args.output_dir, use_tensorboard=bool(args.use_tensorboard), use_wandb=bool(args.use_wandb),
         wandb_project=getattr(args, "wandb_project", None), wandb_group=getattr(args, "wandb_group", None),
-        wandb_mode=getattr(args, "wandb_mode", None), config=vars(args),
+        wandb_mode=getattr(args, "wandb_mode", None), wandb_key=getattr(args, "wandb_key", None),
+        config=without_secrets(vars(args)),
     )
     phase = on_phase or (lambda name, rollout_id: None)
 
@@ -418,7 +420,7 @@ def _save(cluster, args, rollout_id: int, staged_train_state: str | None = None)
         with open(os.path.join(tmp_dir, "rollout_state.json"), "w") as f:
             json.dump(ray.get(cluster.rollout.state_dict.remote(before_rollout=rollout_id + 1)), f)
         with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
-            json.dump({"rollout_id": rollout_id, "config": {k: v for k, v in vars(args).items()
+            json.dump({"rollout_id": rollout_id, "config": {k: v for k, v in without_secrets(vars(args)).items()
                                                            if isinstance(v, (str, int, float, bool, list, dict, type(None)))}}, f)
 
     write_checkpoint_atomically(args.save, rollout_id, write)

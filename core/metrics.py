@@ -243,6 +243,7 @@ class MetricsLogger:
         wandb_project: str | None = None,
         wandb_group: str | None = None,
         wandb_mode: str | None = None,
+        wandb_key: str | None = None,
         run_name: str | None = None,
         config: dict | None = None,
     ):
@@ -279,6 +280,8 @@ class MetricsLogger:
             }
             if wandb_mode:
                 kwargs["mode"] = wandb_mode
+            if wandb_key and (wandb_mode or os.environ.get("WANDB_MODE", "online")) == "online":
+                wandb.login(key=wandb_key, relogin=True)  # --wandb-key; offline/disabled runs need no login
             self._wandb_run = wandb.init(**kwargs)
             self._wandb_run.define_metric("rollout_id")
             self._wandb_run.define_metric("*", step_metric="rollout_id")

@@ -78,7 +78,8 @@ def main(argv: list[str]) -> int:
 
     metrics_logger = MetricsLogger(args.output_dir, use_tensorboard=bool(args.use_tensorboard),
                                    use_wandb=bool(args.use_wandb), wandb_project=args.wandb_project,
-                                   wandb_group=args.wandb_group, wandb_mode=args.wandb_mode, config=config_to_dict(args))
+                                   wandb_group=args.wandb_group, wandb_mode=args.wandb_mode, wandb_key=args.wandb_key,
+                                   config=config_to_dict(args))
     metrics_logger.write_config(config_to_dict(args))
     started = time.time()
     print(f"plugrl train: {args.num_rollout} rollouts, output in {args.output_dir}", flush=True)

@@ -865,3 +865,14 @@ def test_parsing_and_validation_do_not_import_torch_or_backends(tmp_path):
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
     assert config_module.ConfigError is ConfigError
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sglang-config", "groups.yaml"], "--sglang-config groups.yaml: server groups"),
+    (["--prefill-num-servers", "2"], "--prefill-num-servers 2: prefill/decode disaggregation is not implemented"),
+])
+def test_unimplemented_sglang_flags_are_refused_on_the_driver(capsys, flags, message):
+    from plugrl.core.train_cli import main
+
+    assert main([*flags, "--device", "cpu", "--dry-run"]) == 2  # either flag selects the sglang backend
+    assert message in capsys.readouterr().err

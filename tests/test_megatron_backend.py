@@ -254,3 +254,29 @@ def test_save_hf_writes_a_transformers_checkpoint_of_the_trained_weights(checkpo
     expected = torch.log_softmax(logits, -1)[torch.arange(len(seqs[0]) - resp[0] - 1, len(seqs[0]) - 1),
                                               torch.tensor(seqs[0][len(seqs[0]) - resp[0]:])]
     torch.testing.assert_close(lp[:resp[0]], expected, atol=2e-5, rtol=0)
+
+
+def test_data_pad_size_multiplier_pads_packs_without_changing_log_probs(checkpoint, monkeypatch):
+    from plugrl.plugins.backends.megatron import backend as backend_module
+
+    seqs, resp = random_sequences(seed=6, count=3)
+    plain = megatron_backend(make_args(checkpoint))
+    padded = megatron_backend(make_args(checkpoint, data_pad_size_multiplier=8, distributed_backend="gloo"))
+    packed_lengths = []
+    original = backend_module.pack_thd
+    monkeypatch.setattr(backend_module, "pack_thd",
+                        lambda *a, **k: packed_lengths.append(original(*a, **k)) or packed_lengths[-1])
+    with torch.no_grad():
+        expected, _ = plain._forward_response(plain.model, seqs, resp, with_entropy=False)
+        got, _ = padded._forward_response(padded.model, seqs, resp, with_entropy=False)
+    total = sum(len(s) for s in seqs)
+    assert packed_lengths[0].input_ids.shape[1] == total and total % 8  # no padding by default ...
+    assert packed_lengths[1].input_ids.shape[1] % 8 == 0 > packed_lengths[1].input_ids.shape[1] - total - 8
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)  # ... and padding changes nothing
+
+
+def test_distributed_backend_is_checked_on_the_driver(capsys):
+    from plugrl.core.train_cli import main
+
+    assert main(["--train-backend", "megatron", "--device", "cpu", "--distributed-backend", "nccl", "--dry-run"]) == 2
+    assert "--distributed-backend nccl needs CUDA" in capsys.readouterr().err

@@ -151,3 +151,20 @@ def test_a_hook_flag_that_is_not_an_import_path_is_refused_on_the_driver(capsys)
     code = main(["--train-backend", "megatron", "--device", "cpu", "--custom-megatron-init-path", "myinit",
                  "--dry-run"])
     assert code == 2 and "--custom-megatron-init-path myinit: write it as module.attr" in capsys.readouterr().err
+
+
+def test_no_save_optim_on_the_megatron_backend(checkpoint, tmp_path):
+    """--no-save-optim (a core flag the megatron backend honours too): no optimizer files; a resume
+    loads the weights and starts Adam fresh."""
+    import os
+
+    seqs, resp = random_sequences(seed=4, count=4)
+    trained = backend_with(checkpoint, lr=1e-3, no_save_optim=True)
+    trained.train(0, _train_data(seqs, resp, [1.0, -1.0, 0.5, -0.5]))
+    trained.save(str(tmp_path))
+    assert not [n for n in os.listdir(tmp_path / "megatron") if n.startswith("optimizer")]
+    resumed = backend_with(checkpoint, lr=1e-3, no_save_optim=True)
+    resumed.load(str(tmp_path))
+    assert not resumed.optimizer.optimizer.state and resumed.optimizer_steps == 1
+    for p, q in zip(trained.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)

@@ -263,3 +263,35 @@ def test_resumed_logger_drops_a_cut_off_last_line(tmp_path):
     logger.close()
     rows = read_metrics(path)
     assert [(r["rollout_id"], r["x"]) for r in rows] == [(0, 1), (1, 2)]
+
+
+def test_wandb_key_logs_in_and_is_written_nowhere(tmp_path, monkeypatch):
+    """--wandb-key reaches wandb.login (online runs only) and never the run's files or wandb config.
+    wandb's servers cannot be reached here: a stand-in module records the calls."""
+    import types
+
+    from plugrl.core.config import build_parser, config_to_dict
+
+    calls = []
+
+    class Run:
+        def define_metric(self, *a, **k):
+            pass
+
+        def finish(self):
+            pass
+
+    fake = types.SimpleNamespace(login=lambda **kw: calls.append(("login", kw)),
+                                 init=lambda **kw: calls.append(("init", kw)) or Run())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    args = build_parser().parse_args(["--use-wandb", "--wandb-key", "secret-123", "--output-dir", str(tmp_path)])
+    config = config_to_dict(args)
+    assert "wandb_key" not in config and "secret-123" not in str(config)
+    logger = MetricsLogger(tmp_path, use_wandb=True, wandb_key=args.wandb_key, config=config)
+    logger.close()
+    assert calls[0] == ("login", {"key": "secret-123", "relogin": True})
+    assert "secret-123" not in str(calls[1][1]) and "secret-123" not in (tmp_path / "config.yaml").read_text()
+    calls.clear()
+    MetricsLogger(tmp_path / "offline", use_wandb=True, wandb_mode="offline", wandb_key="secret-123").close()
+    assert [c[0] for c in calls] == ["init"]  # offline: no login

@@ -235,3 +235,20 @@ def test_packed_attention_serves_other_architectures(tmp_path, model_type):
             lp = torch.log_softmax(plain(input_ids=torch.tensor([s])).logits[0].float(), -1)
             reference += [lp[p - 1, s[p]].item() for p in range(len(s) - r, len(s))]
     torch.testing.assert_close(packed, torch.tensor(reference), atol=1e-5, rtol=0)
+
+
+def test_no_save_optim_leaves_the_moments_out_and_a_resume_starts_them_fresh(checkpoint, tmp_path):
+    seqs, resp = random_sequences(seed=4, count=4)
+    data = _train_data(seqs, resp, [1.0, -1.0, 0.5, -0.5])
+    args = make_args(checkpoint, no_save_optim=True)
+    trained = TorchTrainBackend(args, estimator=GRPOEstimator(args))
+    trained.train(0, data)
+    assert trained.optimizer.state  # Adam moments exist after a step ...
+    trained.save(str(tmp_path))
+    saved = torch.load(tmp_path / "train_state.pt", weights_only=False)
+    assert "optimizer" not in saved and saved["optimizer_steps"] == 1  # ... but are not written
+    resumed = TorchTrainBackend(args, estimator=GRPOEstimator(args))
+    resumed.load(str(tmp_path))
+    assert not resumed.optimizer.state and resumed.optimizer_steps == 1
+    for p, q in zip(trained.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)

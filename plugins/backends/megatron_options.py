@@ -72,6 +72,14 @@ def backend_problems(args) -> list[str]:
         problems.append(f"--attention-backend {attention}: plugrl's megatron backend runs flash (varlen flash "
                         "attention, CUDA), unfused/local (SDPA per sample) or auto; 'fused' needs Transformer "
                         "Engine's layer spec, which this backend does not use")
+    backend = getattr(args, "distributed_backend", None)
+    if backend not in (None, "nccl", "gloo"):
+        problems.append(f"--distributed-backend {backend}: use nccl (CUDA) or gloo")
+    elif backend == "nccl" and getattr(args, "device", None) == "cpu":
+        problems.append("--distributed-backend nccl needs CUDA; with --device cpu use gloo (or leave it unset)")
+    multiplier = getattr(args, "data_pad_size_multiplier", None)
+    if multiplier is not None and multiplier < 1:
+        problems.append(f"--data-pad-size-multiplier must be >= 1, got {multiplier}")
     if attention == "flash" and getattr(args, "device", None) == "cpu":  # caught here, not in a train actor
         problems.append("--attention-backend flash needs CUDA (varlen flash attention); with --device cpu use "
                         "--attention-backend auto or unfused")
@@ -183,9 +191,12 @@ def plugrl_add_options(parser):
     g.add_argument("--make-vocab-size-divisible-by", type=int)
     # runtime
     g.add_argument(
-        "--data-pad-size-multiplier", type=int, help="pad packed batches to TP x this (Megatron default 128)"
+        "--data-pad-size-multiplier", type=int,
+        help="pad each packed micro-batch to a multiple of (TP with sequence parallelism, else 1) x this "
+             "(slime's default 128 suits Transformer Engine kernels; plugrl's default: no extra padding)"
     )
-    g.add_argument("--distributed-backend", metavar="{nccl,gloo}")
+    g.add_argument("--distributed-backend", metavar="{nccl,gloo}",
+                   help="the train ranks' torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
     _switch(g, "--use-distributed-optimizer")
     # slime's Megatron escape hatches (reference §10)
     g.add_argument("--megatron-config-path", metavar="YAML",

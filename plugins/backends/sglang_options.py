@@ -45,6 +45,18 @@ SERVER_FIELDS = {
 ROUTER_DEFAULTS = {"router_balance_abs_threshold": 10, "router_balance_rel_threshold": 1.2, "router_log_level": "warn"}
 
 
+def backend_problems(args) -> list[str]:
+    """slime flags the sglang backend accepts but does not implement, refused on the driver."""
+    problems = []
+    if getattr(args, "sglang_config", None):
+        problems.append(f"--sglang-config {args.sglang_config}: server groups (several engine configurations in "
+                        "one run) are not implemented; give the engine flags as --sglang-<flag> (one group)")
+    if getattr(args, "prefill_num_servers", None):
+        problems.append(f"--prefill-num-servers {args.prefill_num_servers}: prefill/decode disaggregation is not "
+                        "implemented; leave it unset (every engine prefills and decodes)")
+    return problems
+
+
 def server_overrides(args) -> dict:
     """``ServerArgs`` field -> value from the flags the user gave (own dests, then passthrough)."""
     values = {
@@ -94,7 +106,7 @@ def plugrl_add_options(parser):
         default=argparse.SUPPRESS,
         help="in-flight samples per engine (slime's spelling of --rollout-concurrency, default 512)",
     )
-    g.add_argument("--sglang-config", metavar="YAML", help="server groups (slime's --sglang-config)")
+    g.add_argument("--sglang-config", metavar="YAML", help="server groups (slime's --sglang-config; not implemented: refused)")
     g.add_argument("--sglang-router-ip", help="use this running router (default: launch one)")
     g.add_argument("--sglang-router-port", type=int)
     g.add_argument("--sglang-router-request-timeout-secs", type=int, help="(default 14400)")
@@ -108,7 +120,8 @@ def plugrl_add_options(parser):
         metavar="HOST:PORT",
         help="use these running SGLang servers instead of launching engines",
     )
-    g.add_argument("--prefill-num-servers", type=int, help="prefill servers for PD disaggregation")
+    g.add_argument("--prefill-num-servers", type=int,
+                   help="prefill servers for PD disaggregation (not implemented: refused)")
     parser.add_passthrough(
         "--sglang-",
         "sglang_passthrough",

@@ -353,18 +353,25 @@ class TorchTrainBackend:
         return buckets
 
     def state_dict(self) -> dict:
-        return {
+        """The checkpointed state; ``--no-save-optim`` leaves out the AdamW moments (a resume starts
+        them fresh; the LR schedule and step count are kept)."""
+        state = {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "optimizer_steps": self.optimizer_steps,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
+        if not getattr(self.args, "no_save_optim", False):
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            logger.warning("the checkpoint holds no optimizer state (saved with --no-save-optim): AdamW starts fresh")
         self.scheduler.load_state_dict(state["scheduler"])
         self.optimizer_steps = state["optimizer_steps"]
         torch.set_rng_state(state["rng"]["torch"])

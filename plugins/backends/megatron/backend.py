@@ -91,7 +91,7 @@ class MegatronTrainBackend:
         self.device = resolve_device(getattr(args, "device", None))
         self.seed = int(_opt(args, "seed", 1234))
         self.tp_size = int(_opt(args, "tensor_model_parallel_size", 1))
-        self.layout = init_parallel(self.tp_size, self.device, self.seed)
+        self.layout = init_parallel(self.tp_size, self.device, self.seed, getattr(args, "distributed_backend", None))
         from .custom_hooks import load_hook
 
         self.hooks = {name: load_hook(args, f"custom_megatron_{name}_path")
@@ -107,6 +107,9 @@ class MegatronTrainBackend:
         # optimizer is built for it); fp32 on CPU, where the backend runs for debugging and tests.
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.sequence_parallel = bool(getattr(args, "sequence_parallel", False)) and self.tp_size > 1
+        # packs are padded to a multiple of TP (sequence parallelism splits them) x --data-pad-size-multiplier
+        self.pad_multiple = ((self.tp_size if self.sequence_parallel else 1)
+                             * int(getattr(args, "data_pad_size_multiplier", None) or 1))
         self.attention = choose_implementation(getattr(args, "attention_backend", None), self.device.type)
         self.fusions = self._choose_fusions()
         self.model = self._build_model(trainable=True)
@@ -292,7 +295,7 @@ class MegatronTrainBackend:
         """Response-token log-probs (and entropy) of each sequence, from one packed forward pass."""
         from .vocab_parallel import vocab_parallel_log_probs
 
-        batch = pack_thd(token_lists, self.device, self.tp_size if self.sequence_parallel else 1)
+        batch = pack_thd(token_lists, self.device, self.pad_multiple)
         logits = self.logits(model, batch)
         index = torch.cat([torch.arange(s, e, device=self.device) for s, e in response_slices(token_lists, response_lengths)])
         targets = batch.input_ids[0][index + 1]
@@ -441,7 +444,8 @@ class MegatronTrainBackend:
                  "rng": {"torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}}
         torch.save(state, os.path.join(directory, f"model_rank{rank:05d}.pt"))
-        self.optimizer.save(directory, rank)
+        if not getattr(self.args, "no_save_optim", False):
+            self.optimizer.save(directory, rank)
         if rank == 0:
             with open(os.path.join(directory, "meta.json"), "w") as f:
                 json.dump({"optimizer_steps": self.optimizer_steps, "tp_size": self.tp_size,
@@ -459,7 +463,11 @@ class MegatronTrainBackend:
         rank = self.layout.rank
         state = torch.load(os.path.join(directory, f"model_rank{rank:05d}.pt"), map_location="cpu", weights_only=False)
         self._load_shard(self.model, state["model"], directory)
-        self.optimizer.load(directory, rank)
+        if os.path.exists(os.path.join(directory, f"optimizer_rank{rank:05d}.pt")):
+            self.optimizer.load(directory, rank)
+        else:  # saved with --no-save-optim: fresh moments, fp32 main params from the loaded weights
+            logger.warning("%s holds no optimizer state (saved with --no-save-optim): Adam starts fresh", directory)
+            self.optimizer.reload_model_params()
         self.optimizer_steps = meta["optimizer_steps"]
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and self.device.type == "cuda":
@@ -507,7 +515,7 @@ class MegatronTrainBackend:
             loss_sum = torch.zeros((), device=self.device)
             if share:
                 mine = [token_lists[i] for i in share]
-                batch = pack_thd(mine, self.device, self.tp_size if self.sequence_parallel else 1)
+                batch = pack_thd(mine, self.device, self.pad_multiple)
                 logits = self.logits(self.ddp_model, batch)
                 n_real = sum(len(t) for t in mine)
                 lp, _ = vocab_parallel_log_probs(

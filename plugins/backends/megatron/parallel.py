@@ -39,19 +39,19 @@ def use_cpu_rope_shim() -> None:
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
 
 
-def init_parallel(tp_size: int, device: torch.device, seed: int) -> ParallelLayout:
-    """Join (or create) the process group, then split it into TP x DP groups (PP = CP = 1)."""
+def init_parallel(tp_size: int, device: torch.device, seed: int, backend: str | None = None) -> ParallelLayout:
+    """Join (or create) the process group (``backend``: ``--distributed-backend``, default nccl on
+    CUDA, gloo on CPU), then split it into TP x DP groups (PP = CP = 1)."""
     from megatron.core import parallel_state, tensor_parallel
 
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
         if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                                    timeout=datetime.timedelta(minutes=30))
+            dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(minutes=30))
         else:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     world = dist.get_world_size()
     if world % tp_size:
         raise ValueError(f"--tensor-model-parallel-size {tp_size} must divide the train world size {world} "
