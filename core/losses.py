@@ -323,6 +323,18 @@ def per_token_reducer(loss_masks: Sequence[torch.Tensor]) -> Reducer:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _custom_pg_reducer(config, total_lengths, response_lengths, loss_masks, default: Reducer) -> Reducer:
+    path = _opt(config, "custom_pg_loss_reducer_function_path", None)
+    if not path:
+        return default
+    from .registry import import_object
+
+    if total_lengths is None:
+        raise ValueError(f"--custom-pg-loss-reducer-function-path {path}: the caller passed no total_lengths")
+    return import_object(path)(list(total_lengths), list(response_lengths), list(loss_masks),
+                               bool(_opt(config, "calculate_per_token_loss", False)))
+
+
 def compute_rl_loss(
     log_probs: torch.Tensor,
     *,
@@ -336,6 +348,7 @@ def compute_rl_loss(
     ref_log_probs: torch.Tensor | None = None,
     rollout_log_probs: torch.Tensor | None = None,
     sequence_level_ratio: bool = False,
+    total_lengths: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch's loss (unscaled: the trainer divides by G or by the step's token count).
 
@@ -347,6 +360,9 @@ def compute_rl_loss(
     ``kl_loss_coef``, ``kl_loss_type``, ``use_unbiased_kl``, ``entropy_coef``, ``use_tis``,
     ``tis_clip``, ``tis_clip_low``, ``use_rollout_logprobs``, ``calculate_per_token_loss``.
     ``sequence_level_ratio`` (the estimator's class var; GSPO) uses ``sequence_level_ppo_kl``.
+    ``custom_pg_loss_reducer_function_path`` (slime's): ``fn(total_lengths, response_lengths,
+    loss_masks, calculate_per_token_loss)`` returns the reducer of the policy-gradient term only (e.g.
+    Dr.GRPO's constant divisor); ``total_lengths`` are the samples' prompt + response lengths.
 
     ``loss = pg_loss − entropy_coef·entropy_loss (+ kl_loss_coef·kl_loss)``. Returns ``(loss, metrics)``
     with float metrics reduced by the same reducer as the loss.
@@ -408,7 +424,7 @@ def compute_rl_loss(
             )
             pg = pg * weights
             metrics.update({k: reduce(v) for k, v in tis_metrics.items()})
-        pg_loss = reduce(pg)
+        pg_loss = _custom_pg_reducer(config, total_lengths, response_lengths, loss_masks, reduce)(pg)
         metrics["pg_loss"] = pg_loss
         metrics["pg_clipfrac"] = reduce(clipfrac)
         metrics["ppo_kl"] = reduce(ppo_kl.detach())

@@ -55,6 +55,7 @@ class PreparedRollout:
             mask_sums=[self.data["rollout_mask_sums"][i] for i in micro_batch], old_log_probs=cat(self.old_log_probs),
             advantages=cat(self.advantages), entropy=entropy, ref_log_probs=cat(self.ref_log_probs),
             rollout_log_probs=cat(self.rollout_log_probs), sequence_level_ratio=self.sequence_level,
+            total_lengths=[len(self.data["tokens"][i]) for i in micro_batch],
         )
 
 
@@ -83,16 +84,47 @@ def prepare_rollout(args, data: dict, estimator, device, *, num_steps: int, has_
     if kl_coef != 0.0 and ref is not None and old is not None:
         kl_type = _opt(args, "kl_loss_type", "k1")
         kl = gather({i: losses.approx_kl(old[i], ref[i], kl_type) for i in ref}, n)
-    advantages, _returns = estimator.compute(AdvantageInputs(
-        rewards=data["rewards"], raw_rewards=data.get("raw_reward"), loss_masks=loss_masks,
-        response_lengths=data["response_lengths"], kl=kl,
-    ))
+    custom = getattr(args, "custom_advantage_function_path", None)
+    if custom:
+        advantages = custom_advantages(custom, args, data, loss_masks, kl, old, ref)
+    else:
+        advantages, _returns = estimator.compute(AdvantageInputs(
+            rewards=data["rewards"], raw_rewards=data.get("raw_reward"), loss_masks=loss_masks,
+            response_lengths=data["response_lengths"], kl=kl,
+        ))
     advantages = [a.to(device).float() for a in advantages]
     if getattr(args, "normalize_advantages", False):
         advantages = whiten_advantages(advantages, loss_masks)
     return PreparedRollout(args=args, data=data, loss_masks=loss_masks, advantages=advantages,
                            rollout_log_probs=tensors(data["rollout_log_probs"]), old_log_probs=old,
                            ref_log_probs=ref, sequence_level=bool(getattr(estimator, "sequence_level_ratio", False)))
+
+
+def custom_advantages(path: str, args, data: dict, loss_masks: list[torch.Tensor], kl, old, ref) -> list[torch.Tensor]:
+    """slime's ``--custom-advantage-function-path``: ``fn(args, rollout_data) -> None`` sets
+    ``rollout_data["advantages"]`` (and ``"returns"``), one response-length tensor per sample. Called on
+    every train rank with the whole rollout: the train data (``tokens``, ``response_lengths``,
+    ``rewards``, ``raw_reward``, ``rollout_log_probs``, ...), ``loss_masks`` as tensors, the per-token
+    ``kl`` (when a KL coefficient is set) and this rank's ``log_probs`` / ``ref_log_probs``
+    (``{sample position: tensor}`` for the samples it trains; ``None`` when not computed)."""
+    from .registry import import_object
+
+    fn = import_object(path)
+    rollout_data = {**data, "loss_masks": loss_masks, "kl": kl,
+                    "log_probs": old if isinstance(old, dict) else None, "ref_log_probs": ref}
+    fn(args, rollout_data)
+    advantages = rollout_data.get("advantages")
+    lengths = data["response_lengths"]
+    if advantages is None or len(advantages) != len(lengths):
+        raise ValueError(f"--custom-advantage-function-path {path}: must set rollout_data['advantages'] to one "
+                         f"tensor per sample ({len(lengths)}), got {type(advantages).__name__}")
+    advantages = [torch.as_tensor(a, dtype=torch.float32) for a in advantages]
+    wrong = [i for i, (a, n) in enumerate(zip(advantages, lengths)) if a.shape != (n,)]
+    if wrong:
+        i = wrong[0]
+        raise ValueError(f"--custom-advantage-function-path {path}: advantages of sample {i} have shape "
+                         f"{tuple(advantages[i].shape)}, expected ({lengths[i]},) (its response length)")
+    return advantages
 
 
 def add_scaled(total: dict[str, float], metrics: dict[str, float], scale: float) -> None:

@@ -21,6 +21,7 @@ from .rollout import (
     sampling_params_from_args,
     scalar_reward,
 )
+from .registry import import_object
 from .train_data import samples_to_train_data
 from .types import Sample, Status
 
@@ -85,6 +86,8 @@ class RolloutManager:
         self.estimator = plugin_set.get("advantage_estimator", args.advantage_estimator)(args)
         self.post_processors = [plugin_set.get("reward_post_processor", name)
                                 for name in (getattr(args, "reward_post_process", None) or [])]
+        custom = getattr(args, "custom_reward_post_process_path", None)
+        self.custom_reward_post_process = import_object(custom) if custom else None
         engine_cls = plugin_set.get("rollout_backend", args.rollout_backend)
         extra = {"args": args} if getattr(engine_cls, "accepts_run_config", False) else {}
         placement = config.get("engine_placement")
@@ -124,7 +127,8 @@ class RolloutManager:
             for sample in group:
                 sample.rollout_id = None  # every sample is its own rollout (slime's default)
         data = samples_to_train_data(result.groups, self.estimator, reward_key=getattr(args, "reward_key", None),
-                                     post_processors=self.post_processors, args=args)
+                                     post_processors=self.post_processors, args=args,
+                                     reward_post_process=self.custom_reward_post_process)
         metrics = dict(result.metrics)
         metrics.update(self._sample_metrics([s for g in result.groups for s in g], getattr(args, "reward_key", None)))
         metrics["rollout/reward_errors"] = self.generator.reward_errors - rewards_before

@@ -28,15 +28,34 @@ def shaped_rewards(groups: Sequence[Group], estimator, reward_key: str | None) -
     return raw, shaped
 
 
+def custom_rewards(fn: Callable, args: Any, samples: list[Sample]) -> tuple[list[float], list[float]]:
+    """slime's ``--custom-reward-post-process-path``: ``fn(args, samples) -> (raw_rewards, rewards)``,
+    in place of the estimator's shaping (GRPO's group normalisation); checked for one value per sample."""
+    result = fn(args, samples)
+    flag = f"--custom-reward-post-process-path {getattr(args, 'custom_reward_post_process_path', '')}".rstrip()
+    if not (isinstance(result, tuple | list) and len(result) == 2):
+        raise TypeError(f"{flag}: must return (raw_rewards, rewards), got {type(result).__name__}")
+    raw, shaped = ([float(v) for v in values] for values in result)
+    if len(raw) != len(samples) or len(shaped) != len(samples):
+        raise ValueError(f"{flag}: returned {len(raw)} raw rewards and {len(shaped)} rewards for {len(samples)} "
+                         "samples; give one of each per sample")
+    return raw, shaped
+
+
 def samples_to_train_data(
     groups: Sequence[Group], estimator, *, reward_key: str | None = None,
     post_processors: Sequence[Callable[[list[Sample], Any], None]] = (), args: Any = None,
+    reward_post_process: Callable | None = None,
 ) -> dict:
-    """Flatten groups into per-sample lists; every sample is its own rollout unless it has a rollout_id."""
+    """Flatten groups into per-sample lists; every sample is its own rollout unless it has a rollout_id.
+    ``reward_post_process`` (``--custom-reward-post-process-path``) replaces the estimator's shaping."""
     samples = [s for g in groups for s in g]
     for post_process in post_processors:
         post_process(samples, args)
-    raw, shaped = shaped_rewards(groups, estimator, reward_key)
+    if reward_post_process is not None:
+        raw, shaped = custom_rewards(reward_post_process, args, samples)
+    else:
+        raw, shaped = shaped_rewards(groups, estimator, reward_key)
     rollout_ids, next_id, taken = [], 0, {s.rollout_id for s in samples if s.rollout_id is not None}
     for s in samples:
         if s.rollout_id is not None:

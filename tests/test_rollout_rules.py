@@ -204,3 +204,23 @@ def test_train_data_conversion_matches_closed_forms():
     assert data["loss_masks"][6] == [0, 0, 0] and data["loss_masks"][3] == [0, 1, 1, 1]
     assert data["rollout_ids"] == list(range(8))
     assert data["rollout_mask_sums"][3] == 3 and data["rollout_mask_sums"][6] == 0
+
+
+def test_custom_reward_post_process_replaces_the_group_normalisation():
+    """slime's --custom-reward-post-process-path: fn(args, samples) -> (raw_rewards, rewards)."""
+    groups = [[Sample(index=2 * g + i, tokens=[1, 2, 3], response_length=1, reward=float(g + i),
+                      rollout_log_probs=[-0.5], status=Status.COMPLETED) for i in range(2)] for g in range(2)]
+    seen = []
+
+    def scale_by_ten(args, samples):
+        seen.append((args.marker, [s.index for s in samples]))
+        return [s.reward for s in samples], [10 * s.reward for s in samples]
+
+    args = SimpleNamespace(marker="run-args", custom_reward_post_process_path="mine.scale_by_ten")
+    data = samples_to_train_data(groups, GRPOEstimator(SimpleNamespace(n_samples_per_prompt=2)), args=args,
+                                 reward_post_process=scale_by_ten)
+    assert seen == [("run-args", [0, 1, 2, 3])]
+    assert data["rewards"] == [0.0, 10.0, 10.0, 20.0] and data["raw_reward"] == [0.0, 1.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match=r"--custom-reward-post-process-path mine.scale_by_ten: returned 1 raw "
+                                         r"rewards and 1 rewards for 4 samples"):
+        samples_to_train_data(groups, None, args=args, reward_post_process=lambda a, s: ([1.0], [1.0]))

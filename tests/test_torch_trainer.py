@@ -252,3 +252,72 @@ def test_no_save_optim_leaves_the_moments_out_and_a_resume_starts_them_fresh(che
     assert not resumed.optimizer.state and resumed.optimizer_steps == 1
     for p, q in zip(trained.model.parameters(), resumed.model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_custom_advantage_function(checkpoint, tmp_path, monkeypatch):
+    """slime's --custom-advantage-function-path: fn(args, rollout_data) sets rollout_data["advantages"].
+    Broadcasting the (already group-normalised) reward reproduces the built-in GRPO step exactly;
+    zero advantages give a zero policy gradient; a wrong shape is an error naming the flag."""
+    (tmp_path / "my_advantages.py").write_text(
+        "import torch\n"
+        "def grpo_like(args, rollout_data):\n"
+        "    rollout_data['advantages'] = [torch.full((n,), float(r)) for n, r in\n"
+        "                                  zip(rollout_data['response_lengths'], rollout_data['rewards'])]\n"
+        "def zeros(args, rollout_data):\n"
+        "    rollout_data['advantages'] = [torch.zeros(n) for n in rollout_data['response_lengths']]\n"
+        "def wrong(args, rollout_data):\n"
+        "    rollout_data['advantages'] = [torch.zeros(n + 1) for n in rollout_data['response_lengths']]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seqs, resp = random_sequences(seed=7, count=4)
+    data = _train_data(seqs, resp, [1.0, -1.0, 0.5, -0.5])
+
+    def run(**flags):
+        args = make_args(checkpoint, lr=0.0, **flags)
+        backend = TorchTrainBackend(args, estimator=GRPOEstimator(args))
+        metrics = backend.train(0, data)
+        return metrics, [p.grad.clone() for p in backend.model.parameters() if p.grad is not None]
+
+    builtin, builtin_grads = run()
+    custom, custom_grads = run(custom_advantage_function_path="my_advantages.grpo_like")
+    assert custom["train/pg_loss"] == pytest.approx(builtin["train/pg_loss"], abs=1e-7)
+    for a, b in zip(custom_grads, builtin_grads):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+    zero, zero_grads = run(custom_advantage_function_path="my_advantages:zeros")
+    assert zero["train/pg_loss"] == 0.0 and all(float(g.abs().max()) == 0.0 for g in zero_grads)
+    with pytest.raises(ValueError, match=r"--custom-advantage-function-path my_advantages.wrong: advantages of "
+                                         r"sample 0 have shape"):
+        run(custom_advantage_function_path="my_advantages.wrong")
+
+
+def test_custom_pg_loss_reducer(checkpoint, tmp_path, monkeypatch):
+    """slime's --custom-pg-loss-reducer-function-path: fn(total_lengths, response_lengths, loss_masks,
+    calculate_per_token_loss) -> reducer of the policy-gradient term. A reducer computing twice the
+    per-sample token mean doubles pg_loss and the gradient (no entropy or KL term here)."""
+    (tmp_path / "my_reducers.py").write_text(
+        "import torch\n"
+        "CALLS = []\n"
+        "def twice_sample_mean(total_lengths, response_lengths, loss_masks, calculate_per_token_loss):\n"
+        "    CALLS.append((list(total_lengths), list(response_lengths), calculate_per_token_loss))\n"
+        "    def reduce(x):\n"
+        "        parts = torch.split(x, list(response_lengths))\n"
+        "        return 2 * sum((p * m).sum() / m.sum().clamp(min=1) for p, m in zip(parts, loss_masks))\n"
+        "    return reduce\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_reducers
+
+    seqs, resp = random_sequences(seed=8, count=4)
+    data = _train_data(seqs, resp, [1.0, 0.5, 0.5, 0.25])  # advantages with a non-zero mean: pg_loss != 0
+
+    def run(**flags):
+        args = make_args(checkpoint, lr=0.0, micro_batch_size=4, **flags)
+        backend = TorchTrainBackend(args, estimator=GRPOEstimator(args))
+        metrics = backend.train(0, data)
+        return metrics, [p.grad.clone() for p in backend.model.parameters() if p.grad is not None]
+
+    default, default_grads = run()
+    doubled, doubled_grads = run(custom_pg_loss_reducer_function_path="my_reducers.twice_sample_mean")
+    assert my_reducers.CALLS == [([len(s) for s in seqs], resp, False)]
+    assert abs(default["train/pg_loss"]) > 0.1
+    assert doubled["train/pg_loss"] == pytest.approx(2 * default["train/pg_loss"], rel=1e-5)
+    for a, b in zip(doubled_grads, default_grads):
+        torch.testing.assert_close(a, 2 * b, atol=1e-7, rtol=1e-5)
