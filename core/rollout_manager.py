@@ -14,6 +14,7 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+from .registry import import_object
 from .rollout import (
     EventLoopThread,
     SampleGenerator,
@@ -21,7 +22,6 @@ from .rollout import (
     sampling_params_from_args,
     scalar_reward,
 )
-from .registry import import_object
 from .train_data import samples_to_train_data
 from .types import Sample, Status
 
