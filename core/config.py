@@ -585,6 +585,12 @@ def _check_algorithm(args, plugin_set, problems: list[str]) -> None:
         problems.append(f"--eps-clip-c must be > 1, got {args.eps_clip_c}")
     if args.loss_type == "custom_loss" and not args.custom_loss_function_path:
         problems.append("--loss-type custom_loss needs --custom-loss-function-path")
+    elif args.loss_type == "custom_loss" or args.custom_loss_function_path:
+        # slime hands the function the backend's raw (vocab-parallel) logits and its own batch layout;
+        # plugrl's backends compute fp32 log-probs first and share one loss (core/losses.py).
+        problems.append("--loss-type custom_loss / --custom-loss-function-path are not implemented: plugrl's "
+                        "policy loss is core/losses.compute_rl_loss; change what it sees with "
+                        "--custom-advantage-function-path or --custom-pg-loss-reducer-function-path")
     if args.advantage_estimator in plugin_set.registries["advantage_estimator"]:
         try:
             estimator = plugin_set.get("advantage_estimator", args.advantage_estimator)

@@ -86,6 +86,38 @@ class SampleGenerator:
         self.rewarded = 0
         self.reward_error_policy = getattr(args, "reward_error", "zero") or "zero"
         self.reward_timeout = getattr(args, "reward_timeout", None)
+        self.custom_generate_path = getattr(args, "custom_generate_function_path", None)
+
+    def custom_generate(self, sample: Sample):
+        """slime's ``--custom-generate-function-path`` (or the sample's ``generate_function_path``):
+        ``async fn(args, sample, sampling_params[, evaluation=...])`` fills in the response and returns
+        the sample; a function whose signature names ``engine`` also gets this rollout's engine
+        (``await engine.generate(token_ids, params)``), since plugrl's embedded engine has no HTTP
+        router for slime-style functions to call."""
+        path = sample.generate_function_path or self.custom_generate_path
+        if not path:
+            return None
+        from .registry import import_object
+
+        return import_object(path)
+
+    async def _run_custom_generate(self, fn, sample: Sample, sampling_params: dict, evaluation: bool) -> Sample:
+        import inspect
+
+        accepted = inspect.signature(fn).parameters
+        kwargs = {name: value for name, value in (("evaluation", evaluation), ("engine", self.engine))
+                  if name in accepted}
+        result = await fn(self.args, sample, dict(sampling_params), **kwargs)
+        where = f"--custom-generate-function-path {sample.generate_function_path or self.custom_generate_path}"
+        if isinstance(result, list):
+            raise TypeError(f"{where} returned {len(result)} samples: plugrl keeps one sample per generation "
+                            "(return the sample you were given, with its response filled in)")
+        if not isinstance(result, Sample):
+            raise TypeError(f"{where} must return the Sample, got {type(result).__name__}")
+        if result.status == Status.PENDING:
+            raise ValueError(f"{where} returned sample {result.index} still pending: set its status "
+                             "(completed, truncated or aborted), e.g. through sample.append_response_tokens")
+        return result
 
     def prompt_ids(self, sample: Sample) -> list[int]:
         if sample.tokens:  # a partial rollout continues from prompt + partial response
@@ -106,6 +138,14 @@ class SampleGenerator:
             if self.aborted:
                 sample.status = Status.ABORTED
                 return sample
+            custom = self.custom_generate(sample)
+            if custom is not None:
+                started = time.perf_counter()
+                sample = await self._run_custom_generate(custom, sample, sampling_params, evaluation)
+                sample.metadata["generation_time"] = sample.metadata.get("generation_time", 0.0) + (
+                    time.perf_counter() - started)
+                self.generated += 1
+                return await self._reward_unscored(sample)
             ids = self.prompt_ids(sample)
             if not sample.tokens:
                 sample.tokens = list(ids)
@@ -131,7 +171,10 @@ class SampleGenerator:
                     weight_version=out.get("weight_version"),
                 )
                 self.generated += 1
-        if sample.status != Status.ABORTED and sample.reward is None and not getattr(args, "group_rm", False):
+        return await self._reward_unscored(sample)
+
+    async def _reward_unscored(self, sample: Sample) -> Sample:
+        if sample.status != Status.ABORTED and sample.reward is None and not getattr(self.args, "group_rm", False):
             sample.reward = (await self.score([sample]))[0]
             self.rewarded += 1
         return sample

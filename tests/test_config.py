@@ -431,6 +431,7 @@ VALIDATION_CASES = [
     (["--reward-error", "ignore"], "--reward-error ignore: choose one of zero, raise"),
     (["--kl-loss-type", "k4"], "--kl-loss-type k4: choose one of"),
     (["--loss-type", "custom_loss"], "--loss-type custom_loss needs --custom-loss-function-path"),
+    (["--loss-type", "custom_loss", "--custom-loss-function-path", "m.f"], "are not implemented: plugrl's policy loss"),
     (["--debug-train-only", "--debug-rollout-only"], "--debug-train-only and --debug-rollout-only"),
     (["--placement", "decoupled"], "--placement decoupled: decoupled placement needs --rollout-num-gpus"),
     (

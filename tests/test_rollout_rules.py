@@ -224,3 +224,58 @@ def test_custom_reward_post_process_replaces_the_group_normalisation():
     with pytest.raises(ValueError, match=r"--custom-reward-post-process-path mine.scale_by_ten: returned 1 raw "
                                          r"rewards and 1 rewards for 4 samples"):
         samples_to_train_data(groups, None, args=args, reward_post_process=lambda a, s: ([1.0], [1.0]))
+
+
+CUSTOM_GENERATE = '''
+CALLS = []
+
+async def two_turns(args, sample, sampling_params, engine, evaluation=False):
+    """A multi-turn agent: generate, append a tool's answer (not trained on), generate again."""
+    if not sample.tokens:
+        sample.tokens = [5, 6, 7]
+    params = dict(sampling_params, max_new_tokens=2)
+    out = await engine.generate(list(sample.tokens), params)
+    sample.append_response_tokens(out["tokens"], out["log_probs"])
+    sample.append_response_tokens([9, 9], trainable=False)
+    out = await engine.generate(list(sample.tokens), params)
+    sample.append_response_tokens(out["tokens"], out["log_probs"], finish_reason="length")
+    CALLS.append((sample.index, evaluation, sampling_params["temperature"]))
+    return sample
+
+async def slime_style(args, sample, sampling_params):
+    sample.append_response_tokens([11], [-0.1], finish_reason="stop")
+    return sample
+
+async def several(args, sample, sampling_params):
+    return [sample, sample]
+'''
+
+
+def test_custom_generate_function(checkpoint, tokenizer, tmp_path, monkeypatch):
+    """slime's --custom-generate-function-path on the embedded engine (passed as ``engine`` to a
+    function that names it); the per-sample generate_function_path wins; the result is rewarded."""
+    (tmp_path / "my_generate.py").write_text(CUSTOM_GENERATE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_generate
+
+    engine = make_engine(checkpoint)
+    args = make_args(custom_generate_function_path="my_generate.two_turns")
+    generator = SampleGenerator(args, engine, tokenizer, constant_reward(0.5), concurrency=4)
+    params = sampling_params_from_args(args)
+    first, second = Sample(index=0, prompt="p"), Sample(index=1, prompt="q", generate_function_path="my_generate:slime_style")
+    async def both():
+        return await asyncio.gather(generator.generate_sample(first, params),
+                                    generator.generate_sample(second, params, evaluation=True))
+
+    done = run(both())
+    assert my_generate.CALLS == [(0, False, 1.0)]
+    a = done[0]
+    generated = a.response_length - 2
+    assert 2 <= generated <= 4 and a.tokens[:3] == [5, 6, 7] and len(a.tokens) == 3 + a.response_length
+    assert a.loss_mask.count(0) == 2 and a.status == Status.TRUNCATED and a.reward == 0.5
+    assert done[1].tokens[-1] == 11 and done[1].status == Status.COMPLETED and done[1].reward == 0.5
+    assert generator.generated == 2 and generator.rewarded == 2
+    generator = SampleGenerator(make_args(custom_generate_function_path="my_generate.several"), engine, tokenizer,
+                                constant_reward(), concurrency=4)
+    with pytest.raises(TypeError, match="--custom-generate-function-path my_generate.several returned 2 samples"):
+        run(generator.generate_sample(Sample(index=2, prompt="r"), params))
