@@ -691,7 +691,9 @@ def _check_cluster(args, plugin_set, problems: list[str]) -> None:
 
         problems.extend(backend_problems(args))
     if args.rollout_backend == "sglang":
-        from plugrl.plugins.backends.sglang_options import backend_problems as sglang_problems
+        from plugrl.plugins.backends.sglang_options import (
+            backend_problems as sglang_problems,
+        )
 
         problems.extend(sglang_problems(args))
 
