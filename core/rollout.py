@@ -14,6 +14,7 @@ Rules (slime reference §2.4-§2.7): one semaphore permit per sample; a rollout 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 import time
@@ -87,6 +88,9 @@ class SampleGenerator:
         self.reward_error_policy = getattr(args, "reward_error", "zero") or "zero"
         self.reward_timeout = getattr(args, "reward_timeout", None)
         self.custom_generate_path = getattr(args, "custom_generate_function_path", None)
+        from .registry import import_object
+
+        self.sample_hooks = [import_object(path) for path in (getattr(args, "rollout_sample_hook_path", None) or [])]
 
     def custom_generate(self, sample: Sample):
         """slime's ``--custom-generate-function-path`` (or the sample's ``generate_function_path``):
@@ -102,8 +106,6 @@ class SampleGenerator:
         return import_object(path)
 
     async def _run_custom_generate(self, fn, sample: Sample, sampling_params: dict, evaluation: bool) -> Sample:
-        import inspect
-
         accepted = inspect.signature(fn).parameters
         kwargs = {name: value for name, value in (("evaluation", evaluation), ("engine", self.engine))
                   if name in accepted}
@@ -127,7 +129,8 @@ class SampleGenerator:
             return list(ids["input_ids"] if isinstance(ids, dict) else ids)
         return self.tokenizer.encode(sample.prompt, add_special_tokens=False)
 
-    async def generate_sample(self, sample: Sample, sampling_params: dict, *, evaluation: bool = False) -> Sample:
+    async def generate_sample(self, sample: Sample, sampling_params: dict, *, evaluation: bool = False,
+                              rollout_id: int | None = None) -> Sample:
         args = self.args
         if (not evaluation and getattr(args, "partial_rollout", False)
                 and getattr(args, "mask_offpolicy_in_partial_rollout", False) and sample.response_length > 0):
@@ -145,7 +148,7 @@ class SampleGenerator:
                 sample.metadata["generation_time"] = sample.metadata.get("generation_time", 0.0) + (
                     time.perf_counter() - started)
                 self.generated += 1
-                return await self._reward_unscored(sample)
+                return await self._finish(sample, rollout_id, evaluation)
             ids = self.prompt_ids(sample)
             if not sample.tokens:
                 sample.tokens = list(ids)
@@ -171,9 +174,21 @@ class SampleGenerator:
                     weight_version=out.get("weight_version"),
                 )
                 self.generated += 1
-        return await self._reward_unscored(sample)
+        return await self._finish(sample, rollout_id, evaluation)
 
-    async def _reward_unscored(self, sample: Sample) -> Sample:
+    async def _finish(self, sample: Sample, rollout_id: int | None, evaluation: bool) -> Sample:
+        """After generation: slime's ``--rollout-sample-hook-path`` hooks (in order; ``hook(args, sample,
+        *, rollout_id, evaluation)``, sync or async, returning a replacement Sample or None), then the
+        reward unless the sample has one (or group rewards come later)."""
+        for hook in self.sample_hooks:
+            result = hook(self.args, sample, rollout_id=rollout_id, evaluation=evaluation)
+            if inspect.isawaitable(result):
+                result = await result
+            if result is not None:
+                if not isinstance(result, Sample):
+                    raise TypeError(f"--rollout-sample-hook-path {hook.__module__}.{hook.__qualname__} must return "
+                                    f"a Sample or None, got {type(result).__name__}")
+                sample = result
         if sample.status != Status.ABORTED and sample.reward is None and not getattr(self.args, "group_rm", False):
             sample.reward = (await self.score([sample]))[0]
             self.rewarded += 1
@@ -195,10 +210,13 @@ class SampleGenerator:
             self.reward_errors += len(samples)
             return [0.0] * len(samples)
 
-    async def generate_group(self, group: Group, sampling_params: dict, *, evaluation: bool = False) -> Group:
+    async def generate_group(self, group: Group, sampling_params: dict, *, evaluation: bool = False,
+                             rollout_id: int | None = None) -> Group:
         if self.aborted:
             return group
-        await asyncio.gather(*(self.generate_sample(s, sampling_params, evaluation=evaluation) for s in group))
+        done = await asyncio.gather(*(self.generate_sample(s, sampling_params, evaluation=evaluation,
+                                                           rollout_id=rollout_id) for s in group))
+        group[:] = done  # a custom generate function or a sample hook may return a new Sample
         if getattr(self.args, "group_rm", False) and not self.aborted and not evaluation:
             rewards = await self.score(group)
             for sample, reward in zip(group, rewards):
@@ -230,7 +248,8 @@ async def generate_rollout(
             if len(groups) < over_sampling_batch_size:
                 groups += data_source.next_groups(over_sampling_batch_size - len(groups))
             for group in groups:
-                pending.add(asyncio.ensure_future(generator.generate_group(group, sampling_params)))
+                pending.add(asyncio.ensure_future(generator.generate_group(group, sampling_params,
+                                                                           rollout_id=rollout_id)))
             remaining += len(groups)
             submitted_groups += len(groups)
         done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)

@@ -181,7 +181,8 @@ class RolloutManager:
                     sample.index = index
                     index += 1
             started = time.perf_counter()
-            await asyncio.gather(*(self.generator.generate_group(g, params, evaluation=True) for g in groups))
+            await asyncio.gather(*(self.generator.generate_group(g, params, evaluation=True, rollout_id=rollout_id)
+                                   for g in groups))
             rewards = [[scalar_reward(s, reward_key) for s in g] for g in groups]
             truncated = [[s.status == Status.TRUNCATED for s in g] for g in groups]
             lengths = [[s.response_length for s in g] for g in groups]

@@ -279,3 +279,32 @@ def test_custom_generate_function(checkpoint, tokenizer, tmp_path, monkeypatch):
                                 constant_reward(), concurrency=4)
     with pytest.raises(TypeError, match="--custom-generate-function-path my_generate.several returned 2 samples"):
         run(generator.generate_sample(Sample(index=2, prompt="r"), params))
+
+
+def test_rollout_sample_hooks_run_in_order_before_the_reward(checkpoint, tokenizer, tmp_path, monkeypatch):
+    """slime's --rollout-sample-hook-path (repeatable): hook(args, sample, *, rollout_id, evaluation),
+    sync or async, before the reward; a returned Sample replaces the one generated."""
+    (tmp_path / "my_hooks.py").write_text(
+        "from plugrl.core.types import Sample\n"
+        "SEEN = []\n"
+        "def tag(args, sample, *, rollout_id=None, evaluation=False):\n"
+        "    SEEN.append(('tag', sample.index, rollout_id, evaluation, sample.reward))\n"
+        "    sample.metadata['tagged'] = True\n"
+        "async def replace(args, sample, *, rollout_id=None, evaluation=False):\n"
+        "    SEEN.append(('replace', sample.index, sample.metadata.get('tagged')))\n"
+        "    new = Sample(index=sample.index, prompt=sample.prompt, tokens=list(sample.tokens),\n"
+        "                 response_length=sample.response_length, loss_mask=sample.loss_mask,\n"
+        "                 rollout_log_probs=sample.rollout_log_probs, status=sample.status)\n"
+        "    new.metadata['replaced'] = True\n"
+        "    return new\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_hooks
+
+    engine = make_engine(checkpoint)
+    args = make_args(rollout_sample_hook_path=["my_hooks.tag", "my_hooks:replace"])
+    generator = SampleGenerator(args, engine, tokenizer, constant_reward(0.25), concurrency=4)
+    group = [Sample(index=i, prompt="What is 1 + 1?") for i in range(2)]
+    out = run(generator.generate_group(group, sampling_params_from_args(args), rollout_id=7))
+    assert sorted(my_hooks.SEEN) == [("replace", 0, True), ("replace", 1, True),
+                                     ("tag", 0, 7, False, None), ("tag", 1, 7, False, None)]
+    assert all(s.metadata.get("replaced") and s.reward == 0.25 for s in out) and out is group
