@@ -470,7 +470,8 @@ def _algorithm(p: PlugrlArgumentParser) -> None:
     g.add_argument("--normalize-advantages", action="store_true")
     g.add_argument("--gamma", type=float, default=1.0)
     g.add_argument("--lambd", type=float, default=1.0)
-    g.add_argument("--value-clip", type=float, default=0.2)
+    g.add_argument("--value-clip", type=float, default=0.2,
+                   help="PPO value-function clip (slime's flag; no effect: plugrl's estimators train no critic)")
     g.add_argument("--num-steps-per-rollout", type=int, help="optimizer steps per rollout (sets --global-batch-size)")
     g.add_argument(
         "--global-batch-size",
@@ -521,7 +522,8 @@ def _logging(p: PlugrlArgumentParser) -> None:
     g.add_argument("--wandb-key", help="wandb API key (wandb.login; never written to config.yaml or checkpoints; "
                    "WANDB_API_KEY in the environment works too)")
     g.add_argument("--wandb-mode", metavar="{online,offline,disabled}")
-    g.add_argument("--log-interval", type=int, default=1, help="print metrics every N rollouts")
+    g.add_argument("--log-interval", type=int, default=1,
+                   help="print the console line every N rollouts (and the last); metrics.jsonl gets every rollout")
 
 
 def _custom_functions(p: PlugrlArgumentParser) -> None:

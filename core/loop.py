@@ -318,7 +318,8 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
                 phase("save", rollout_id)
                 _save(cluster, args, rollout_id, staged_train_state)
             phase("log", rollout_id + 1)  # closes this rollout's progress bars before its line
-            print(console_line(rollout_id, metrics), flush=True)
+            if (rollout_id + 1) % int(getattr(args, "log_interval", 1) or 1) == 0 or rollout_id == last_rollout:
+                print(console_line(rollout_id, metrics), flush=True)
             summary.rollouts += 1
         if args.save_hf:
             cluster.train.save_hf(args.save_hf)

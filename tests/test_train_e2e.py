@@ -3,6 +3,7 @@ checkpoint directory built locally), shortened; then resume from its checkpoint 
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,8 +91,12 @@ def test_async_loop_generates_each_rollout_with_weights_one_step_old(tmp_path, e
     for mode in ("async", "sync"):
         out = tmp_path / mode
         command = [a for a in args if mode == "async" or a != "--async"] + ["--output-dir", str(out)]
+        command += ["--log-interval", "2"] if mode == "sync" else []
         result = run_plugrl(command, env)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        printed = [int(m.group(1)) for m in re.finditer(r"^rollout (\d+) \| ", result.stdout, re.MULTILINE)]
+        # --log-interval 2: every second rollout's console line, and the last (metrics.jsonl has all)
+        assert printed == ([1, 3, 4] if mode == "sync" else [0, 1, 2, 3, 4]), printed
         rows[mode] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                       if json.loads(line)["phase"] == "train"]
     versions = {mode: [(r["rollout/weight_version_min"], r["rollout/weight_version_max"]) for r in rs]
