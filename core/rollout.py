@@ -87,9 +87,10 @@ class SampleGenerator:
         self.rewarded = 0
         self.reward_error_policy = getattr(args, "reward_error", "zero") or "zero"
         self.reward_timeout = getattr(args, "reward_timeout", None)
-        self.custom_generate_path = getattr(args, "custom_generate_function_path", None)
         from .registry import import_object
 
+        self.custom_generate_path = getattr(args, "custom_generate_function_path", None)
+        self.default_generate = import_object(self.custom_generate_path) if self.custom_generate_path else None
         self.sample_hooks = [import_object(path) for path in (getattr(args, "rollout_sample_hook_path", None) or [])]
 
     def custom_generate(self, sample: Sample):
@@ -98,12 +99,11 @@ class SampleGenerator:
         the sample; a function whose signature names ``engine`` also gets this rollout's engine
         (``await engine.generate(token_ids, params)``), since plugrl's embedded engine has no HTTP
         router for slime-style functions to call."""
-        path = sample.generate_function_path or self.custom_generate_path
-        if not path:
-            return None
-        from .registry import import_object
+        if sample.generate_function_path:
+            from .registry import import_object
 
-        return import_object(path)
+            return import_object(sample.generate_function_path)
+        return self.default_generate
 
     async def _run_custom_generate(self, fn, sample: Sample, sampling_params: dict, evaluation: bool) -> Sample:
         accepted = inspect.signature(fn).parameters
