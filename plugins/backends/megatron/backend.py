@@ -463,7 +463,9 @@ class MegatronTrainBackend:
         rank = self.layout.rank
         state = torch.load(os.path.join(directory, f"model_rank{rank:05d}.pt"), map_location="cpu", weights_only=False)
         self._load_shard(self.model, state["model"], directory)
-        if os.path.exists(os.path.join(directory, f"optimizer_rank{rank:05d}.pt")):
+        from .optimizers import optimizer_file
+
+        if os.path.exists(optimizer_file(directory, rank)):
             self.optimizer.load(directory, rank)
         else:  # saved with --no-save-optim: fresh moments, fp32 main params from the loaded weights
             logger.warning("%s holds no optimizer state (saved with --no-save-optim): Adam starts fresh", directory)

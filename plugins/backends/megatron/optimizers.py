@@ -22,6 +22,11 @@ import torch.distributed as dist
 from plugrl.core.types import option as _opt
 
 
+def optimizer_file(directory: str, rank: int) -> str:
+    """Where rank ``rank``'s optimizer state lives in a checkpoint's megatron directory."""
+    return os.path.join(directory, f"optimizer_rank{rank:05d}.pt")
+
+
 class MegatronCoreOptimizer:
     """megatron-core's Adam (optionally distributed) on CUDA."""
 
@@ -78,10 +83,10 @@ class MegatronCoreOptimizer:
         inner = self._inner()
         torch.save({"inner": [opt.state_dict() for opt in inner],
                     "main_params": [[p.detach().cpu() for g in opt.param_groups for p in g["params"]] for opt in inner]},
-                   os.path.join(directory, f"optimizer_rank{rank:05d}.pt"))
+                   optimizer_file(directory, rank))
 
     def load(self, directory: str, rank: int) -> None:
-        state = torch.load(os.path.join(directory, f"optimizer_rank{rank:05d}.pt"), map_location="cpu",
+        state = torch.load(optimizer_file(directory, rank), map_location="cpu",
                            weights_only=False)
         for opt, saved_state, saved_params in zip(self._inner(), state["inner"], state["main_params"], strict=True):
             with torch.no_grad():
@@ -150,10 +155,10 @@ class TorchAdamWOptimizer:
         """Params are stepped in place here; nothing is cached."""
 
     def save(self, directory: str, rank: int) -> None:
-        torch.save(self.optimizer.state_dict(), os.path.join(directory, f"optimizer_rank{rank:05d}.pt"))
+        torch.save(self.optimizer.state_dict(), optimizer_file(directory, rank))
 
     def load(self, directory: str, rank: int) -> None:
-        self.optimizer.load_state_dict(torch.load(os.path.join(directory, f"optimizer_rank{rank:05d}.pt"),
+        self.optimizer.load_state_dict(torch.load(optimizer_file(directory, rank),
                                                   map_location="cpu", weights_only=False))
 
 
