@@ -472,11 +472,19 @@ def _check_plugins(args, plugin_set, problems: list[str]) -> None:
         problems.append(
             "--rm-type is required (or --custom-rm-path); `plugrl plugins list --kind reward` lists rewards"
         )
-    for dest in PATH_FLAGS + ("rollout_sample_hook_path",):
-        values = getattr(args, dest)
+    problems.extend(import_path_problems(args, (*PATH_FLAGS, "rollout_sample_hook_path")))
+
+
+def import_path_problems(args, dests) -> list[str]:
+    """slime's ``--*-path`` flags among ``dests`` whose values are not ``module.attr`` / ``module:attr``
+    (each flag one path, or a list for a repeatable flag); shared with plugins that own such flags."""
+    problems = []
+    for dest in dests:
+        values = getattr(args, dest, None)
         for value in values if isinstance(values, list) else [values]:
             if value and not ("." in value or ":" in value):
                 problems.append(f"--{dest.replace('_', '-')} {value}: write it as module.attr or module:attr")
+    return problems
 
 
 def _check_requirements(args, plugin_set, problems: list[str]) -> None:

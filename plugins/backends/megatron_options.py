@@ -63,10 +63,9 @@ def backend_problems(args) -> list[str]:
         passthrough_overrides(args)
     except ValueError as exc:
         problems.append(str(exc))
-    for dest in HOOK_FLAGS:
-        value = getattr(args, dest, None)
-        if value and not ("." in value or ":" in value):
-            problems.append(f"--{dest.replace('_', '-')} {value}: write it as module.attr or module:attr")
+    from plugrl.core.config import import_path_problems
+
+    problems.extend(import_path_problems(args, HOOK_FLAGS))
     attention = getattr(args, "attention_backend", None)
     if attention not in (None, "auto", "flash", "unfused", "local"):
         problems.append(f"--attention-backend {attention}: plugrl's megatron backend runs flash (varlen flash "
