@@ -56,14 +56,9 @@ def megatron_config_overrides(path: str | None) -> dict:
     """The actor overrides of a ``--megatron-config-path`` YAML, merged in file order."""
     if not path:
         return {}
-    import yaml
+    from plugrl.core.flags import read_yaml
 
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as exc:
-        raise ValueError(f"--megatron-config-path {path}: {exc.strerror}") from exc
-    entries = data.get("megatron") if isinstance(data, dict) else None
+    entries = read_yaml(path, "--megatron-config-path").get("megatron")
     if not isinstance(entries, list):  # a config error, reported with the others (ValueError)
         raise ValueError(f"--megatron-config-path {path}: expected a top-level 'megatron:' list of "  # noqa: TRY004
                          "{name, role, overrides} entries")
