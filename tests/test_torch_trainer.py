@@ -124,11 +124,14 @@ def _train_data(seqs, resp, rewards):
     }
 
 
-def _grads_after_one_step(checkpoint, **overrides):
+def _grads_after_one_step(checkpoint, data=None, **overrides):
+    """(grads by name, metrics) of one step on ``data`` (default: 4 random samples) at lr 0."""
     args = make_args(checkpoint, lr=0.0, **overrides)  # lr 0: the step leaves weights unchanged
     backend = TorchTrainBackend(args, estimator=GRPOEstimator(args))
-    seqs, resp = random_sequences(seed=1, count=4)
-    metrics = backend.train(0, _train_data(seqs, resp, [1.0, -1.0, 0.5, -0.5]))
+    if data is None:
+        seqs, resp = random_sequences(seed=1, count=4)
+        data = _train_data(seqs, resp, [1.0, -1.0, 0.5, -0.5])
+    metrics = backend.train(0, data)
     return {n: p.grad.clone() for n, p in backend.model.named_parameters() if p.grad is not None}, metrics
 
 
@@ -271,22 +274,16 @@ def test_custom_advantage_function(checkpoint, tmp_path, monkeypatch):
     seqs, resp = random_sequences(seed=7, count=4)
     data = _train_data(seqs, resp, [1.0, -1.0, 0.5, -0.5])
 
-    def run(**flags):
-        args = make_args(checkpoint, lr=0.0, **flags)
-        backend = TorchTrainBackend(args, estimator=GRPOEstimator(args))
-        metrics = backend.train(0, data)
-        return metrics, [p.grad.clone() for p in backend.model.parameters() if p.grad is not None]
-
-    builtin, builtin_grads = run()
-    custom, custom_grads = run(custom_advantage_function_path="my_advantages.grpo_like")
+    builtin_grads, builtin = _grads_after_one_step(checkpoint, data)
+    custom_grads, custom = _grads_after_one_step(checkpoint, data, custom_advantage_function_path="my_advantages.grpo_like")
     assert custom["train/pg_loss"] == pytest.approx(builtin["train/pg_loss"], abs=1e-7)
-    for a, b in zip(custom_grads, builtin_grads):
-        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
-    zero, zero_grads = run(custom_advantage_function_path="my_advantages:zeros")
-    assert zero["train/pg_loss"] == 0.0 and all(float(g.abs().max()) == 0.0 for g in zero_grads)
+    for name, grad in builtin_grads.items():
+        torch.testing.assert_close(custom_grads[name], grad, atol=1e-7, rtol=0)
+    zero_grads, zero = _grads_after_one_step(checkpoint, data, custom_advantage_function_path="my_advantages:zeros")
+    assert zero["train/pg_loss"] == 0.0 and all(float(g.abs().max()) == 0.0 for g in zero_grads.values())
     with pytest.raises(ValueError, match=r"--custom-advantage-function-path my_advantages.wrong: advantages of "
                                          r"sample 0 have shape"):
-        run(custom_advantage_function_path="my_advantages.wrong")
+        _grads_after_one_step(checkpoint, data, custom_advantage_function_path="my_advantages.wrong")
 
 
 def test_custom_pg_loss_reducer(checkpoint, tmp_path, monkeypatch):
@@ -308,16 +305,11 @@ def test_custom_pg_loss_reducer(checkpoint, tmp_path, monkeypatch):
     seqs, resp = random_sequences(seed=8, count=4)
     data = _train_data(seqs, resp, [1.0, 0.5, 0.5, 0.25])  # advantages with a non-zero mean: pg_loss != 0
 
-    def run(**flags):
-        args = make_args(checkpoint, lr=0.0, micro_batch_size=4, **flags)
-        backend = TorchTrainBackend(args, estimator=GRPOEstimator(args))
-        metrics = backend.train(0, data)
-        return metrics, [p.grad.clone() for p in backend.model.parameters() if p.grad is not None]
-
-    default, default_grads = run()
-    doubled, doubled_grads = run(custom_pg_loss_reducer_function_path="my_reducers.twice_sample_mean")
+    default_grads, default = _grads_after_one_step(checkpoint, data, micro_batch_size=4)
+    doubled_grads, doubled = _grads_after_one_step(checkpoint, data, micro_batch_size=4,
+                                                   custom_pg_loss_reducer_function_path="my_reducers.twice_sample_mean")
     assert my_reducers.CALLS == [([len(s) for s in seqs], resp, False)]
     assert abs(default["train/pg_loss"]) > 0.1
     assert doubled["train/pg_loss"] == pytest.approx(2 * default["train/pg_loss"], rel=1e-5)
-    for a, b in zip(doubled_grads, default_grads):
-        torch.testing.assert_close(a, 2 * b, atol=1e-7, rtol=1e-5)
+    for name, grad in default_grads.items():
+        torch.testing.assert_close(doubled_grads[name], 2 * grad, atol=1e-7, rtol=1e-5)
