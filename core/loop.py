@@ -303,7 +303,9 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
                     _push_weights(cluster, args, rollout_id + 1)
             if cluster.colocated_gpu and args.offload_rollout:
                 with _timed(metrics, "offload"):
-                    ray.get(cluster.rollout.resume_memory.remote(None))  # KV cache (and the rest) after the weights
+                    # slime's second resume: only what is still released. SGLang removes each tag from
+                    # its offloaded set, so resuming "weights" twice (None = all tags) raises KeyError.
+                    ray.get(cluster.rollout.resume_memory.remote(["kv_cache", "cuda_graph"]))
             if args.eval_prompt_data and _due(args.eval_interval, rollout_id, rollout_id == last_rollout):
                 phase("eval", rollout_id)
                 with _timed(metrics, "eval"):
