@@ -34,6 +34,7 @@ from .flags import (
     read_layer,
     read_yaml,
 )
+from .precision import precision_problems
 from .registry import SELECTING_FLAG, PluginError, import_object
 
 __all__ = [
@@ -422,6 +423,7 @@ def config_problems(args: argparse.Namespace, plugin_set) -> list[str]:
     _check_algorithm(args, plugin_set, problems)
     _check_data_flags(args, problems)
     _check_cluster(args, plugin_set, problems)
+    problems += precision_problems(args)
     return problems
 
 

@@ -501,7 +501,9 @@ def _training(p: PlugrlArgumentParser) -> None:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--bf16", action="store_true", default=None,
+                   help="train in bf16 (default: bf16 when the train actors run on CUDA, fp32 on CPU)")
+    g.add_argument("--fp32", action="store_true", help="train in fp32 (the torch backend; SDPA attention on CUDA)")
     g.add_argument(
         "--sft-warmup-steps", type=int, default=0, help="supervised format warm-up steps before RL (0 = off)"
     )

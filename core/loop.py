@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from .checkpoint import find_latest_checkpoint, write_checkpoint_atomically
 from .flags import without_secrets
+from .precision import resolve_precision
 from .train_group import RankDiedError, TrainGroup, probe_bundles, remote_actor_class
 
 logger = logging.getLogger(__name__)
@@ -127,8 +128,12 @@ class Cluster:
                 logger.warning("the Ray cluster has %g CPUs but %d CPU actors must start (%d train ranks from "
                                "--actor-num-nodes x --actor-num-gpus-per-node, one rollout manager): they "
                                "wait until enough CPUs join", cpus, world_size + 1, world_size)
+        # --bf16/--fp32/auto resolved here, once, for the device the actors get (core/precision.py)
+        self.precision = resolve_precision(args, device)
+        print(f"plugrl train: {self.precision.describe()}", flush=True)
         worker_config = {**config, "device": device, "rollout_device": device, "engine_gpu_ids": self.engine_gpu_ids,
-                         "engine_placement": self.engine_placement}
+                         "engine_placement": self.engine_placement, "bf16": self.precision.dtype == "bf16",
+                         "fp32": self.precision.dtype == "fp32"}
         self.rollout = remote_actor_class(RolloutManager).options(**rollout_options).remote(worker_config)
         self.train = TrainGroup(remote_actor_class(TrainWorker), worker_config, total_optimizer_steps, train_options)
         ray.get(self.rollout.__ray_ready__.remote())

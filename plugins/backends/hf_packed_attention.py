@@ -44,7 +44,7 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     # [1, h, t, d] -> [t, h, d]: contiguous for the varlen kernel
     q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
     out = attention_within_segments(q, k, v, cu_seqlens, int(kwargs["max_length_q"]), scale=scale,
-                                    implementation=default_implementation(q.device.type), dropout=dropout)
+                                    implementation=default_implementation(q.device.type, q.dtype), dropout=dropout)
     return out[None], None
 
 

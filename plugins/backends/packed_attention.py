@@ -17,20 +17,17 @@ from functools import cache
 
 import torch
 
+from plugrl.core.precision import packed_attention_for, varlen_available  # noqa: F401 - re-exported
+
 IMPLEMENTATIONS = ("varlen", "sdpa")
 
 
-@cache
-def varlen_available() -> bool:
-    try:
-        from torch.nn.attention import varlen  # noqa: F401
-    except ImportError:
-        return False
-    return True
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
-def default_implementation(device_type: str) -> str:
-    return "varlen" if device_type == "cuda" and varlen_available() else "sdpa"
+def default_implementation(device_type: str, dtype: torch.dtype) -> str:
+    """``varlen`` for 16-bit inputs on CUDA (the flash kernel refuses fp32), else ``sdpa``."""
+    return packed_attention_for(device_type, _DTYPE_NAMES.get(dtype, str(dtype)))
 
 
 @cache

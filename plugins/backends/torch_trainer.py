@@ -27,6 +27,7 @@ import torch
 from plugrl.core import losses
 from plugrl.core.gpu_offload import StorageOffload
 from plugrl.core.packing import karmarkar_karp, plan_micro_batches, split_into_steps
+from plugrl.core.precision import resolve_precision
 from plugrl.core.types import option as _opt
 
 logger = logging.getLogger(__name__)
@@ -160,8 +161,8 @@ class TorchTrainBackend:
         self.args = args
         self.rank, self.world_size, self.device = init_distributed(resolve_device(getattr(args, "device", None)))
         torch.manual_seed(int(_opt(args, "seed", 1234)))
-        use_bf16 = bool(getattr(args, "bf16", None)) or (getattr(args, "bf16", None) is None and self.device.type == "cuda")
-        self.dtype = torch.bfloat16 if use_bf16 else torch.float32
+        # The driver resolves --bf16/--fp32/auto for the device it gives this actor (core/precision.py).
+        self.dtype = torch.bfloat16 if resolve_precision(args, self.device.type).dtype == "bf16" else torch.float32
         self.model, self.dense_mask = _load_model(args.hf_checkpoint, self.dtype, self.device)
         if getattr(args, "gradient_checkpointing", False):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -27,10 +27,10 @@ from plugrl.plugins.backends.packed_attention import (
 )
 
 
-def choose_implementation(attention_backend: str | None, device_type: str) -> str:
+def choose_implementation(attention_backend: str | None, device_type: str, dtype: torch.dtype) -> str:
     """``--attention-backend`` value -> implementation name (validated on the driver too)."""
     if attention_backend in (None, "auto"):
-        return default_implementation(device_type)
+        return default_implementation(device_type, dtype)
     if attention_backend == "flash":
         if device_type != "cuda" or not varlen_available():
             raise ValueError("--attention-backend flash needs CUDA and torch.nn.attention.varlen (torch >= 2.10)")

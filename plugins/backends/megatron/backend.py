@@ -28,6 +28,7 @@ import torch.distributed as dist
 from plugrl.core.gpu_offload import StorageOffload
 from plugrl.core.packing import plan_micro_batches, split_into_steps
 from plugrl.core.types import option as _opt
+from plugrl.core.precision import resolve_precision
 from plugrl.plugins.backends.torch_trainer import (
     lr_lambda_factory,
     offload_report,
@@ -105,12 +106,14 @@ class MegatronTrainBackend:
         self.cfg = self.bridge.model_config(args)
         # bf16 params with fp32 main params on GPUs (slime's guide passes --bf16; megatron-core's
         # optimizer is built for it); fp32 on CPU, where the backend runs for debugging and tests.
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        # (core/precision.py resolves the same on the driver, which refuses --fp32 here on GPUs)
+        self.dtype = torch.bfloat16 if resolve_precision(args, self.device.type).dtype == "bf16" else torch.float32
         self.sequence_parallel = bool(getattr(args, "sequence_parallel", False)) and self.tp_size > 1
         # packs are padded to a multiple of TP (sequence parallelism splits them) x --data-pad-size-multiplier
         self.pad_multiple = ((self.tp_size if self.sequence_parallel else 1)
                              * int(getattr(args, "data_pad_size_multiplier", None) or 1))
-        self.attention = choose_implementation(getattr(args, "attention_backend", None), self.device.type)
+        self.attention = choose_implementation(getattr(args, "attention_backend", None), self.device.type,
+                                               self.dtype)
         self.fusions = self._choose_fusions()
         self.model = self._build_model(trainable=True)
         start = self._initial_weights()
