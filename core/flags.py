@@ -336,7 +336,10 @@ def _plugins(p: PlugrlArgumentParser) -> None:
         metavar="{zero,raise}",
         help="a reward that raises or times out: score it 0 and count it, or stop the run",
     )
-    g.add_argument("--reward-timeout", type=float, metavar="SECONDS", help="per-call reward timeout")
+    g.add_argument("--reward-timeout", type=float, metavar="SECONDS",
+                   help="seconds one reward call may take (default 60); a call past it scores 0 and is counted")
+    g.add_argument("--reward-error-threshold", type=float, default=0.5, metavar="FRACTION",
+                   help="stop the run when more than this fraction of a rollout's rewards fail (default 0.5)")
 
 
 def _checkpoints(p: PlugrlArgumentParser) -> None:
@@ -347,6 +350,8 @@ def _checkpoints(p: PlugrlArgumentParser) -> None:
     g.add_argument("--ref-load", metavar="DIR", help="reference model checkpoint (KL)")
     g.add_argument("--load", metavar="DIR", help="resume from this checkpoint directory")
     g.add_argument("--save", metavar="DIR", help="save checkpoints here")
+    g.add_argument("--overwrite-save", action="store_true",
+                   help="let --save name a directory holding another run's checkpoints (they are deleted)")
     g.add_argument("--save-interval", type=int, metavar="N", help="save every N rollouts (and after the last)")
     g.add_argument("--save-hf", metavar="PATTERN", help="also export HF weights, e.g. out/hf_{rollout_id}")
     g.add_argument("--no-save-optim", action="store_true", help="do not save optimizer state")

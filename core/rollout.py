@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from .reward_call import RewardError  # noqa: F401 - defined here before; importers keep the name
 from .types import FilterDecision, Group, Sample, Status
 
 logger = logging.getLogger(__name__)
@@ -67,9 +68,6 @@ def sample_seed(rollout_seed: int, index: int, tokens_so_far: int, evaluation: b
     value = ((rollout_seed * 1_000_003 + index) * 65_537 + tokens_so_far) * 2 + int(evaluation)
     return value % (2**31 - 1)
 
-
-class RewardError(RuntimeError):
-    pass
 
 
 class SampleGenerator:
@@ -195,20 +193,12 @@ class SampleGenerator:
         return sample
 
     async def score(self, samples: list[Sample]) -> list:
-        """Rewards for ``samples``, under ``--reward-error`` (zero: count and score 0; raise: stop)."""
+        """Rewards for ``samples`` under ``--reward-error`` and ``--reward-timeout`` (``Reward.score``:
+        each call bounded, failures scored 0 and counted, or the run stopped)."""
         try:
-            coro = self.reward(samples)
-            if self.reward_timeout:
-                return await asyncio.wait_for(coro, self.reward_timeout)
-            return await coro
-        except Exception as exc:  # includes asyncio.TimeoutError
-            if self.reward_error_policy == "raise":
-                raise RewardError(f"reward failed on sample {samples[0].index}: {type(exc).__name__}: {exc}") from exc
-            if not self.reward_errors:  # once per run: the count goes into the metrics
-                logger.warning("reward failed (%s: %s); scoring 0 under --reward-error zero (counted in "
-                               "rollout/reward_errors; --reward-error raise stops instead)", type(exc).__name__, exc)
-            self.reward_errors += len(samples)
-            return [0.0] * len(samples)
+            return await self.reward.score(samples, on_error=self.reward_error_policy, timeout=self.reward_timeout)
+        finally:
+            self.reward_errors = self.reward.total.failed  # the reward's own count: calls overlap
 
     async def generate_group(self, group: Group, sampling_params: dict, *, evaluation: bool = False,
                              rollout_id: int | None = None) -> Group:

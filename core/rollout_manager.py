@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from .registry import import_object
+from .reward_call import rollout_reward_metrics
 from .rollout import (
     EventLoopThread,
     SampleGenerator,
@@ -110,7 +111,7 @@ class RolloutManager:
         """One rollout: ``(train_data, metrics)``; runs dynamic sampling and partial rollout."""
         args = self.args
         started = time.perf_counter()
-        rewards_before = self.generator.reward_errors
+        self.generator.reward.new_window()  # this rollout's reward failures, for its metrics and threshold
         # The async loop saves a checkpoint while the next rollout generates: it needs the cursor and
         # buffer as they were before that rollout started.
         self._state_before = {rollout_id: self.state_dict()}
@@ -131,7 +132,8 @@ class RolloutManager:
                                      reward_post_process=self.custom_reward_post_process)
         metrics = dict(result.metrics)
         metrics.update(self._sample_metrics([s for g in result.groups for s in g], getattr(args, "reward_key", None)))
-        metrics["rollout/reward_errors"] = self.generator.reward_errors - rewards_before
+        metrics.update(rollout_reward_metrics(self.generator.reward, rollout_id,
+                                              getattr(args, "reward_error_threshold", None)))
         metrics["perf/rollout_time"] = time.perf_counter() - started
         if getattr(self, "_engine_left_gib", None) is not None:
             metrics["perf/engine_released_left_gib"] = self._engine_left_gib
