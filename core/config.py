@@ -593,6 +593,9 @@ def _check_algorithm(args, plugin_set, problems: list[str]) -> None:
         )
     if args.eps_clip_c is not None and args.eps_clip_c <= 1:
         problems.append(f"--eps-clip-c must be > 1, got {args.eps_clip_c}")
+    from .loss_options import loss_option_problems
+
+    problems.extend(loss_option_problems(args, plugin_set))
     if args.loss_type == "custom_loss" and not args.custom_loss_function_path:
         problems.append("--loss-type custom_loss needs --custom-loss-function-path")
     elif args.loss_type == "custom_loss" or args.custom_loss_function_path:

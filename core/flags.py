@@ -470,6 +470,21 @@ def _algorithm(p: PlugrlArgumentParser) -> None:
     g.add_argument("--use-tis", action="store_true", help="truncated importance sampling against rollout log-probs")
     g.add_argument("--tis-clip", type=float, default=2.0)
     g.add_argument("--tis-clip-low", type=float, default=0.0)
+    g.add_argument("--tis-level", metavar="{token,sequence,geometric}",
+                   help="TIS ratio per token, of the whole sample (product) or its geometric mean (default token)")
+    g.add_argument("--use-rs", action="store_true",
+                   help="rejection sampling (MIS; IcePop at token level): mask tokens/samples whose train/rollout "
+                        "ratio leaves [--rs-lower-bound, --rs-upper-bound]")
+    g.add_argument("--rs-level", metavar="{token,sequence,geometric}", help="(default token)")
+    g.add_argument("--rs-lower-bound", type=float, help="(default 1 / --rs-upper-bound)")
+    g.add_argument("--rs-upper-bound", type=float, help="(default --tis-clip)")
+    g.add_argument("--rs-veto-threshold", type=float,
+                   help="mask a whole sample when one of its tokens has a train/rollout ratio below this")
+    g.add_argument("--loss-agg-mode", metavar="{seq-mean-token-mean,token-mean,seq-mean-token-sum,seq-mean-token-sum-norm}",
+                   help="loss aggregation (default seq-mean-token-mean; token-mean with --calculate-per-token-loss; "
+                        "the estimator's, e.g. dr_grpo's seq-mean-token-sum-norm)")
+    g.add_argument("--loss-scale-factor", type=float,
+                   help="constant divisor of seq-mean-token-sum-norm (default --rollout-max-response-len)")
     g.add_argument("--use-rollout-logprobs", action="store_true", help="use the engine's log-probs as old log-probs")
     g.add_argument("--calculate-per-token-loss", action="store_true")
     g.add_argument("--normalize-advantages", action="store_true")

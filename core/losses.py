@@ -1,6 +1,7 @@
-"""RL losses in pure torch: log-probs/entropy from logits, PPO-clip policy loss, KL estimators, TIS,
-and the loss reducers. Runs inside the train actors (embedded torch trainer, megatron backend);
-nothing here touches CUDA at import time.
+"""RL losses in pure torch: log-probs/entropy from logits, PPO-clip policy loss, KL estimators, the
+rollout/train mismatch corrections (TIS, rejection sampling: MIS, IcePop) and the loss reducers.
+Runs inside the train actors (embedded torch trainer, megatron backend); nothing here touches CUDA
+at import time.
 
 Tensor layout used throughout: one micro-batch's samples are concatenated into flat 1-D tensors
 holding the **response tokens only** (sample i contributes ``response_lengths[i]`` entries, in order);
@@ -14,8 +15,11 @@ Scaling contract (how a trainer turns the per-micro-batch value into the step ob
   optimizer step over all data-parallel ranks (and multiplies by the DP size, because DDP averages
   gradients over ranks). Then the step objective is ``(1/G) Σ_rollouts mean_t ℓ`` however the samples
   were packed, split into micro-batches or spread over ranks.
-* per-token (``--calculate-per-token-loss``): ``reducer(x) = Σ_i Σ_t m_it x_it``; the trainer divides by
-  the step's total loss-mask tokens, giving ``Σ m ℓ / Σ m`` over the step.
+* per-token (``--calculate-per-token-loss`` = ``--loss-agg-mode token-mean``): ``reducer(x) = Σ_i Σ_t
+  m_it x_it``; the trainer divides by the step's total loss-mask tokens, giving ``Σ m ℓ / Σ m`` over the step.
+* token sums (``--loss-agg-mode seq-mean-token-sum`` / ``seq-mean-token-sum-norm``, Dr.GRPO):
+  ``reducer(x) = Σ_i Σ_t m_it x_it / C`` with ``C = 1`` or a constant (``--loss-scale-factor``, default
+  ``--rollout-max-response-len``); the trainer divides by G as in the per-sample mode.
 
 Metrics returned by ``compute_rl_loss`` are on the same unscaled scale as the loss, so the trainer
 divides them by the same normaliser and sums over micro-batches to get step means.
@@ -23,6 +27,7 @@ divides them by the same normaliser and sums over micro-batches to get step mean
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -251,19 +256,58 @@ def approx_kl(
     return kl
 
 
+# Bound on a summed log-ratio before ``exp`` (a sequence-level ratio of a long response overflows fp32).
+_LOG_RATIO_BOUND = 20.0
+
+
+def mismatch_log_ratio(
+    train_log_probs: torch.Tensor,
+    rollout_log_probs: torch.Tensor,
+    loss_masks: Sequence[torch.Tensor],
+    response_lengths: Sequence[int],
+    level: str = "token",
+) -> torch.Tensor:
+    """Per-token ``log(π_train / π_rollout)`` at ``level`` (flat layout, no grad):
+
+    ``token``: ``Δ_t = logπ_train,t − logπ_rollout,t``; ``sequence``: ``Σ_t m_t Δ_t`` (the log of the
+    product of the sample's token ratios) broadcast to its tokens; ``geometric``: ``Σ_t m_t Δ_t /
+    max(1, Σ_t m_t)`` (log of the geometric mean) broadcast. Used by TIS (``--tis-level``) and by
+    rejection sampling (``--rs-level``)."""
+    with torch.no_grad():
+        delta = train_log_probs.float() - rollout_log_probs.float()
+        if level == "token":
+            return delta
+        if level not in ("sequence", "geometric"):
+            raise ValueError(f"unknown ratio level '{level}'; choose token, sequence or geometric")
+        seg = _segment_ids(response_lengths, delta.device)
+        mask = _flat_mask(loss_masks, delta.device, delta.dtype)
+        n = len(response_lengths)
+        total = torch.zeros(n, dtype=delta.dtype, device=delta.device).index_add(0, seg, delta * mask)
+        if level == "geometric":
+            count = torch.zeros(n, dtype=delta.dtype, device=delta.device).index_add(0, seg, mask)
+            total = total / count.clamp(min=1.0)
+        return total[seg]
+
+
 def tis_weights(
     train_log_probs: torch.Tensor,
     rollout_log_probs: torch.Tensor,
     clip: float = 2.0,
     clip_low: float = 0.0,
+    *,
+    log_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Truncated importance sampling for the train/rollout engine mismatch (``--use-tis``).
 
     ``w = clamp(exp(logπ_train − logπ_rollout), clip_low, clip)`` (no grad), multiplied into the
-    per-token policy loss. Per-token metrics: ``tis`` (the unclamped ratio), ``tis_clipfrac``
-    (1 where the clamp changed it) and ``tis_abs = |ratio − 1|``."""
+    per-token policy loss. ``log_ratio`` replaces the per-token log-ratio (``--tis-level sequence`` /
+    ``geometric``, from ``mismatch_log_ratio``; bounded to ±20 before ``exp``). Per-token metrics:
+    ``tis`` (the unclamped ratio), ``tis_clipfrac`` (1 where the clamp changed it) and
+    ``tis_abs = |ratio − 1|``."""
     with torch.no_grad():
-        ratio = torch.exp(train_log_probs.float() - rollout_log_probs.float())
+        if log_ratio is None:
+            log_ratio = train_log_probs.float() - rollout_log_probs.float()
+        ratio = torch.exp(log_ratio.clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND))
         weights = ratio.clamp(min=clip_low, max=clip)
         metrics = {
             "tis": ratio,
@@ -271,6 +315,41 @@ def tis_weights(
             "tis_abs": (ratio - 1.0).abs(),
         }
     return weights, metrics
+
+
+def rejection_keep(
+    log_ratio: torch.Tensor,
+    token_log_ratio: torch.Tensor,
+    loss_masks: Sequence[torch.Tensor],
+    response_lengths: Sequence[int],
+    low: float,
+    high: float,
+    veto_threshold: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Rejection sampling against the train/rollout mismatch (``--use-rs``; MIS, IcePop): a token is
+    kept (1) when its ``log_ratio`` (token, sequence or geometric level, from ``mismatch_log_ratio``)
+    lies in ``[log low, log high]`` and, with a veto threshold ``c``, no trainable token of its sample
+    has a per-token ratio below ``c``. Compared in log space, so a huge sequence ratio never overflows.
+
+    Returns the flat 0/1 ``keep`` tensor and per-token indicator metrics (reduced by the caller over
+    the original loss masks): ``rs_masked_fraction``, ``rs_masked_fraction_low`` / ``_high`` (below /
+    above the band) and, with a veto, ``rs_veto_fraction``."""
+    with torch.no_grad():
+        log_low = math.log(low) if low > 0 else -math.inf
+        below = log_ratio < log_low
+        above = log_ratio > math.log(high)
+        keep = ~(below | above)
+        metrics = {"rs_masked_fraction_low": below.float(), "rs_masked_fraction_high": above.float()}
+        if veto_threshold is not None:
+            seg = _segment_ids(response_lengths, log_ratio.device)
+            mask = _flat_mask(loss_masks, log_ratio.device, torch.float32)
+            bad = ((token_log_ratio < math.log(veto_threshold)) & (mask > 0)).float()
+            vetoed = torch.zeros(len(response_lengths), device=log_ratio.device).index_add(0, seg, bad)[seg] > 0
+            keep = keep & ~vetoed
+            metrics["rs_veto_fraction"] = vetoed.float()
+        keep = keep.to(log_ratio.dtype)
+        metrics["rs_masked_fraction"] = 1.0 - keep
+    return keep, metrics
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,12 +397,60 @@ def per_token_reducer(loss_masks: Sequence[torch.Tensor]) -> Reducer:
     return reduce
 
 
+def token_sum_reducer(loss_masks: Sequence[torch.Tensor], scale_factor: float = 1.0) -> Reducer:
+    """``x ↦ Σ_i Σ_t m_it x_it / C``: ``--loss-agg-mode seq-mean-token-sum`` (``C = 1``) and
+    ``seq-mean-token-sum-norm`` (Dr.GRPO: ``C`` a constant, by default the generation budget). The
+    trainer divides by G, so the step objective is ``(1/G) Σ_rollouts Σ_t m ℓ / C``: every token
+    weighs the same whatever its response's length (no 1/|o_i|, the length bias Dr.GRPO removes)."""
+    if not scale_factor > 0:
+        raise ValueError(f"the loss scale factor must be > 0, got {scale_factor}")
+    device = loss_masks[0].device if len(loss_masks) else torch.device("cpu")
+    weights = _flat_mask(loss_masks, device, torch.float64) / float(scale_factor)
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        return (x * weights.to(device=x.device, dtype=x.dtype)).sum()
+
+    return reduce
+
+
+def make_reducer(
+    mode: str,
+    loss_masks: Sequence[torch.Tensor],
+    mask_sums: Sequence[float] | torch.Tensor | None = None,
+    *,
+    scale_factor: float | None = None,
+    kept_masks: Sequence[torch.Tensor] | None = None,
+) -> Reducer:
+    """The reducer of ``--loss-agg-mode`` ``mode`` (names in ``core/loss_options.py``).
+
+    ``kept_masks`` (rejection sampling) replace the masks in the numerators only: the denominators
+    (``mask_sums``, or each sample's own mask sum) stay those of ``loss_masks``, as in slime, so a
+    rejected token is a zero term, not a token the others are re-averaged over."""
+    from .loss_options import SEQ_MEAN_TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM, SEQ_MEAN_TOKEN_SUM_NORM, TOKEN_MEAN
+
+    numerators = loss_masks if kept_masks is None else kept_masks
+    if mode == SEQ_MEAN_TOKEN_MEAN:
+        if mask_sums is None:
+            mask_sums = [float(torch.as_tensor(m).sum()) for m in loss_masks]
+        return sample_mean_reducer(numerators, mask_sums)
+    if mode == TOKEN_MEAN:
+        return per_token_reducer(numerators)
+    if mode == SEQ_MEAN_TOKEN_SUM:
+        return token_sum_reducer(numerators, 1.0)
+    if mode == SEQ_MEAN_TOKEN_SUM_NORM:
+        if scale_factor is None:
+            raise ValueError("--loss-agg-mode seq-mean-token-sum-norm needs a scale factor")
+        return token_sum_reducer(numerators, scale_factor)
+    raise ValueError(f"unknown --loss-agg-mode '{mode}'")
+
+
 # ---------------------------------------------------------------------------------------------------
 # The per-micro-batch loss both backends call
 # ---------------------------------------------------------------------------------------------------
 
 
-def _custom_pg_reducer(config, total_lengths, response_lengths, loss_masks, default: Reducer) -> Reducer:
+def _custom_pg_reducer(config, total_lengths, response_lengths, loss_masks, default: Reducer,
+                       per_token: bool) -> Reducer:
     path = _opt(config, "custom_pg_loss_reducer_function_path", None)
     if not path:
         return default
@@ -331,8 +458,14 @@ def _custom_pg_reducer(config, total_lengths, response_lengths, loss_masks, defa
 
     if total_lengths is None:
         raise ValueError(f"--custom-pg-loss-reducer-function-path {path}: the caller passed no total_lengths")
-    return import_object(path)(list(total_lengths), list(response_lengths), list(loss_masks),
-                               bool(_opt(config, "calculate_per_token_loss", False)))
+    return import_object(path)(list(total_lengths), list(response_lengths), list(loss_masks), per_token)
+
+
+# Metrics that are token/sample counts, not means: ``PreparedRollout`` rescales them so that the
+# trainer's scaled sum over micro-batches, ranks and steps is the rollout's total.
+COUNT_METRICS = ("rs_masked_tokens", "rs_masked_samples")
+
+PolicyLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
 
 
 def compute_rl_loss(
@@ -349,6 +482,8 @@ def compute_rl_loss(
     rollout_log_probs: torch.Tensor | None = None,
     sequence_level_ratio: bool = False,
     total_lengths: Sequence[int] | None = None,
+    loss_agg_mode: str | None = None,
+    policy_loss_fn: PolicyLossFn | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch's loss (unscaled: the trainer divides by G or by the step's token count).
 
@@ -358,23 +493,36 @@ def compute_rl_loss(
     shortcut (``old = logπ.detach()``, ratio ≡ 1). ``config`` fields (slime flag names): ``loss_type``
     (``policy_loss`` | ``sft_loss``), ``eps_clip``, ``eps_clip_high``, ``eps_clip_c``, ``use_kl_loss``,
     ``kl_loss_coef``, ``kl_loss_type``, ``use_unbiased_kl``, ``entropy_coef``, ``use_tis``,
-    ``tis_clip``, ``tis_clip_low``, ``use_rollout_logprobs``, ``calculate_per_token_loss``.
+    ``tis_clip``, ``tis_clip_low``, ``tis_level``, ``use_rs``, ``rs_level``, ``rs_lower_bound``,
+    ``rs_upper_bound``, ``rs_veto_threshold``, ``use_rollout_logprobs``, ``calculate_per_token_loss``,
+    ``loss_agg_mode``, ``loss_scale_factor``.
     ``sequence_level_ratio`` (the estimator's class var; GSPO) uses ``sequence_level_ppo_kl``.
+    ``loss_agg_mode`` (resolved by the caller, ``loss_options.resolve_loss_agg_mode``; ``None``: from
+    ``config``) picks the reducer of every term. ``policy_loss_fn`` (the estimator's ``policy_loss``;
+    CISPO) replaces the PPO-clip term: ``fn(log_probs, ppo_kl, advantages, config) -> (per-token loss,
+    clipfrac)`` with ``ppo_kl = old − logπ`` (carrying logπ's gradient).
     ``custom_pg_loss_reducer_function_path`` (slime's): ``fn(total_lengths, response_lengths,
     loss_masks, calculate_per_token_loss)`` returns the reducer of the policy-gradient term only (e.g.
     Dr.GRPO's constant divisor); ``total_lengths`` are the samples' prompt + response lengths.
 
+    Rollout/train mismatch: with ``use_tis`` the policy term is multiplied by the TIS weight (at
+    ``tis_level``); with ``use_rs`` the tokens (``rs_level`` token) or samples (sequence/geometric)
+    whose train/rollout ratio leaves ``[rs_lower_bound, rs_upper_bound]`` leave the numerators of the
+    policy, entropy and KL terms (denominators unchanged); the mismatch metrics are reduced over the
+    original masks and ``rs_masked_tokens`` / ``rs_masked_samples`` count what was masked.
+
     ``loss = pg_loss − entropy_coef·entropy_loss (+ kl_loss_coef·kl_loss)``. Returns ``(loss, metrics)``
     with float metrics reduced by the same reducer as the loss.
     """
+    from .loss_options import TOKEN_MEAN, loss_scale_factor, resolve_loss_agg_mode, rs_bounds
+
     if sum(int(n) for n in response_lengths) != log_probs.numel():
         raise ValueError(f"log_probs has {log_probs.numel()} tokens but response_lengths sum to {sum(response_lengths)}")
     device = log_probs.device
     loss_masks = [torch.as_tensor(m, device=device) for m in loss_masks]
-    if _opt(config, "calculate_per_token_loss", False):
-        reduce = per_token_reducer(loss_masks)
-    else:
-        reduce = sample_mean_reducer(loss_masks, mask_sums)
+    mode = loss_agg_mode or resolve_loss_agg_mode(config)
+    scale_factor = loss_scale_factor(config) if mode.endswith("-norm") else None
+    reduce = make_reducer(mode, loss_masks, mask_sums, scale_factor=scale_factor)
 
     # fp32 (or the log-probs' own dtype when wider, e.g. fp64 in tests)
     compute_dtype = torch.promote_types(log_probs.dtype, torch.float32)
@@ -389,6 +537,8 @@ def compute_rl_loss(
         raise ValueError("--entropy-coef is non-zero but no entropy was passed to compute_rl_loss")
 
     metrics: dict[str, torch.Tensor] = {}
+    # The reducer of the loss terms; rejection sampling swaps in one whose numerators skip rejected tokens.
+    reduce_terms = reduce
     loss_type = _opt(config, "loss_type", "policy_loss")
     if loss_type == "sft_loss":
         loss = -reduce(log_probs)
@@ -400,40 +550,65 @@ def compute_rl_loss(
         ppo_kl = None
         if sequence_level_ratio:
             ppo_kl = sequence_level_ppo_kl(old_log_probs, log_probs, loss_masks, response_lengths)
-        pg, clipfrac, ppo_kl = policy_loss(
-            log_probs,
-            old_log_probs,
-            advantages,
-            eps_clip=float(_opt(config, "eps_clip", 0.2)),
-            eps_clip_high=_opt(config, "eps_clip_high", None),
-            eps_clip_c=_opt(config, "eps_clip_c", None),
-            ppo_kl=ppo_kl,
-        )
+        if policy_loss_fn is None:
+            pg, clipfrac, ppo_kl = policy_loss(
+                log_probs,
+                old_log_probs,
+                advantages,
+                eps_clip=float(_opt(config, "eps_clip", 0.2)),
+                eps_clip_high=_opt(config, "eps_clip_high", None),
+                eps_clip_c=_opt(config, "eps_clip_c", None),
+                ppo_kl=ppo_kl,
+            )
+        else:
+            if ppo_kl is None:
+                ppo_kl = old_log_probs - log_probs
+            pg, clipfrac = policy_loss_fn(log_probs, ppo_kl, advantages, config)
         if rollout_log_probs is not None:
             # With --use-rollout-logprobs the old log-probs *are* the rollout ones; compare the current.
             train_lp = log_probs.detach() if _opt(config, "use_rollout_logprobs", False) else old_log_probs
             metrics["train_rollout_logprob_abs_diff"] = reduce((train_lp - rollout_log_probs).abs())
-        if _opt(config, "use_tis", False):
-            if rollout_log_probs is None:
-                raise ValueError("--use-tis needs the rollout log-probs of every sample")
+        use_tis, use_rs = bool(_opt(config, "use_tis", False)), bool(_opt(config, "use_rs", False))
+        if (use_tis or use_rs) and rollout_log_probs is None:
+            raise ValueError("--use-tis / --use-rs need the rollout log-probs of every sample")
+        if use_tis:
+            tis_level = _opt(config, "tis_level", "token")
             weights, tis_metrics = tis_weights(
                 old_log_probs,
                 rollout_log_probs,
                 clip=float(_opt(config, "tis_clip", 2.0)),
                 clip_low=float(_opt(config, "tis_clip_low", 0.0)),
+                log_ratio=mismatch_log_ratio(old_log_probs, rollout_log_probs, loss_masks, response_lengths, tis_level),
             )
             pg = pg * weights
             metrics.update({k: reduce(v) for k, v in tis_metrics.items()})
-        pg_loss = _custom_pg_reducer(config, total_lengths, response_lengths, loss_masks, reduce)(pg)
+        if use_rs:
+            low, high = rs_bounds(config)
+            token_lr = mismatch_log_ratio(old_log_probs, rollout_log_probs, loss_masks, response_lengths, "token")
+            rs_lr = mismatch_log_ratio(old_log_probs, rollout_log_probs, loss_masks, response_lengths,
+                                       _opt(config, "rs_level", "token"))
+            keep, rs_metrics = rejection_keep(rs_lr, token_lr, loss_masks, response_lengths, low, high,
+                                              _opt(config, "rs_veto_threshold", None))
+            kept_masks = list(torch.split(_flat_mask(loss_masks, device, keep.dtype) * keep,
+                                          [int(n) for n in response_lengths]))
+            reduce_terms = make_reducer(mode, loss_masks, mask_sums, scale_factor=scale_factor, kept_masks=kept_masks)
+            metrics.update({k: reduce(v) for k, v in rs_metrics.items()})
+            masked = _flat_mask(loss_masks, device, keep.dtype) * (1.0 - keep)
+            metrics["rs_masked_tokens"] = masked.sum()
+            seg = _segment_ids(response_lengths, device)
+            per_sample = torch.zeros(len(response_lengths), dtype=masked.dtype, device=device).index_add(0, seg, masked)
+            metrics["rs_masked_samples"] = (per_sample > 0).to(masked.dtype).sum()
+        pg_loss = _custom_pg_reducer(config, total_lengths, response_lengths, loss_masks, reduce_terms,
+                                     mode == TOKEN_MEAN)(pg)
         metrics["pg_loss"] = pg_loss
-        metrics["pg_clipfrac"] = reduce(clipfrac)
-        metrics["ppo_kl"] = reduce(ppo_kl.detach())
+        metrics["pg_clipfrac"] = reduce_terms(clipfrac)
+        metrics["ppo_kl"] = reduce_terms(ppo_kl.detach())
         loss = pg_loss
     else:
         raise ValueError(f"unknown --loss-type '{loss_type}'; compute_rl_loss handles policy_loss and sft_loss")
 
     if entropy is not None:
-        entropy_loss = reduce(entropy)
+        entropy_loss = reduce_terms(entropy)
         metrics["entropy_loss"] = entropy_loss
         loss = loss - entropy_coef * entropy_loss
     elif loss_type == "policy_loss":
@@ -447,7 +622,7 @@ def compute_rl_loss(
             # Not detached: the gradient of E_old[ρ·k] is the gradient of the on-policy KL.
             ratio = torch.exp(log_probs - old_log_probs)
         kl = approx_kl(log_probs, ref_log_probs, _opt(config, "kl_loss_type", "k1"), importance_ratio=ratio)
-        kl_loss = reduce(kl)
+        kl_loss = reduce_terms(kl)
         metrics["kl_loss"] = kl_loss
         loss = loss + float(_opt(config, "kl_loss_coef", 0.0)) * kl_loss
 

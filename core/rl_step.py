@@ -6,17 +6,23 @@ The backend supplies ``compute_log_probs(which)`` (``"old"`` or ``"ref"``: respo
 samples this rank owns, ``{position: tensor}``) and ``gather(local, n)`` (the per-sample tensors of
 all ranks as one list; identity on a single rank). Advantages are computed over the whole batch on
 every rank (an estimator may normalise across groups), so only the per-token KL crosses ranks.
+
+What the estimator declares is read here (class or instance attributes, all optional):
+``sequence_level_ratio`` (GSPO's ratio), ``policy_loss(log_probs, ppo_kl, advantages, args) ->
+(per-token loss, clipfrac)`` replacing the PPO-clip term (CISPO), and ``loss_agg_mode`` (the
+aggregation it wants unless ``--loss-agg-mode`` / ``--calculate-per-token-loss`` say otherwise; Dr.GRPO).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from . import losses
+from .loss_options import SEQ_MEAN_TOKEN_MEAN, TOKEN_MEAN, estimator_loss_agg_mode, resolve_loss_agg_mode
 from .protocols import AdvantageInputs
 from .types import option as _opt
 
@@ -33,14 +39,22 @@ class PreparedRollout:
     old_log_probs: Any  # dict (owned samples) or list (all), None = one-step on-policy shortcut
     ref_log_probs: Any  # dict (owned samples) or None
     sequence_level: bool
+    loss_agg_mode: str = SEQ_MEAN_TOKEN_MEAN
+    policy_loss_fn: Callable | None = None  # the estimator's ``policy_loss`` (CISPO); None = PPO clip
+    num_steps: int = 1
+    _scale_of: dict = field(default_factory=dict)  # position -> the scale of the step that trains it
 
     def step_scale(self, positions: Sequence[int]) -> float:
         """Weight of a micro-batch loss in its optimizer step: the step objective is (1/G) Σ over the
-        step's rollouts of their token mean (or, per-token, the token mean of the whole step),
-        whatever the micro-batch split or the number of ranks."""
-        if bool(getattr(self.args, "calculate_per_token_loss", False)):
-            return 1.0 / max(1.0, sum(float(self.loss_masks[p].sum()) for p in positions))
-        return 1.0 / len({self.data["rollout_ids"][p] for p in positions})
+        step's rollouts of their reduced loss (or, token-mean, the token mean of the whole step),
+        whatever the micro-batch split or the number of ranks. Called by the trainer once per step,
+        before the step's micro-batches."""
+        if self.loss_agg_mode == TOKEN_MEAN:
+            scale = 1.0 / max(1.0, sum(float(self.loss_masks[p].sum()) for p in positions))
+        else:
+            scale = 1.0 / len({self.data["rollout_ids"][p] for p in positions})
+        self._scale_of.update(dict.fromkeys(positions, scale))
+        return scale
 
     def loss(self, micro_batch: Sequence[int], log_probs: torch.Tensor,
              entropy: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -49,14 +63,22 @@ class PreparedRollout:
         def cat(values):
             return None if values is None else torch.cat([values[i] for i in micro_batch])
 
-        return losses.compute_rl_loss(
+        loss, metrics = losses.compute_rl_loss(
             log_probs, loss_masks=[self.loss_masks[i] for i in micro_batch],
             response_lengths=[self.data["response_lengths"][i] for i in micro_batch], config=self.args,
             mask_sums=[self.data["rollout_mask_sums"][i] for i in micro_batch], old_log_probs=cat(self.old_log_probs),
             advantages=cat(self.advantages), entropy=entropy, ref_log_probs=cat(self.ref_log_probs),
             rollout_log_probs=cat(self.rollout_log_probs), sequence_level_ratio=self.sequence_level,
             total_lengths=[len(self.data["tokens"][i]) for i in micro_batch],
+            loss_agg_mode=self.loss_agg_mode, policy_loss_fn=self.policy_loss_fn,
         )
+        # Counts (masked tokens) are summed by the trainer as value x step scale, then averaged over
+        # the rollout's steps: undo both so the rollout's metric is the total count.
+        scale = self._scale_of.get(micro_batch[0]) if len(micro_batch) else None
+        for key in losses.COUNT_METRICS:
+            if key in metrics:
+                metrics[key] *= self.num_steps / scale if scale else 1.0
+        return loss, metrics
 
 
 def prepare_rollout(args, data: dict, estimator, device, *, num_steps: int, has_ref: bool,
@@ -73,7 +95,8 @@ def prepare_rollout(args, data: dict, estimator, device, *, num_steps: int, has_
     n = len(data["tokens"])
     loss_masks = tensors(data["loss_masks"])
     kl_coef = float(_opt(args, "kl_coef", 0.0))
-    reuse_current = num_steps == 1 and kl_coef == 0.0 and not bool(getattr(args, "use_tis", False))
+    mismatch = bool(getattr(args, "use_tis", False)) or bool(getattr(args, "use_rs", False))
+    reuse_current = num_steps == 1 and kl_coef == 0.0 and not mismatch
     old = None
     if getattr(args, "use_rollout_logprobs", False):
         old = tensors(data["rollout_log_probs"])
@@ -97,7 +120,9 @@ def prepare_rollout(args, data: dict, estimator, device, *, num_steps: int, has_
         advantages = whiten_advantages(advantages, loss_masks)
     return PreparedRollout(args=args, data=data, loss_masks=loss_masks, advantages=advantages,
                            rollout_log_probs=tensors(data["rollout_log_probs"]), old_log_probs=old,
-                           ref_log_probs=ref, sequence_level=bool(getattr(estimator, "sequence_level_ratio", False)))
+                           ref_log_probs=ref, sequence_level=bool(getattr(estimator, "sequence_level_ratio", False)),
+                           loss_agg_mode=resolve_loss_agg_mode(args, estimator_loss_agg_mode(estimator)),
+                           policy_loss_fn=getattr(estimator, "policy_loss", None), num_steps=num_steps)
 
 
 def custom_advantages(path: str, args, data: dict, loss_masks: list[torch.Tensor], kl, old, ref) -> list[torch.Tensor]:
