@@ -34,6 +34,8 @@ BUILTIN_PLUGINS = (
     "plugrl.plugins.estimators.reinforce",
     "plugrl.plugins.estimators.rloo",
     "plugrl.plugins.estimators.ppo",
+    "plugrl.plugins.estimators.cispo",
+    "plugrl.plugins.estimators.dr_grpo",
     "plugrl.plugins.filters.nonzero_std",
     "plugrl.plugins.filters.fifo",
     "plugrl.plugins.filters.overlong",

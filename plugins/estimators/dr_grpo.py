@@ -1,0 +1,39 @@
+"""Dr.GRPO ("Understanding R1-Zero-Like Training", Liu et al., arXiv:2503.20783): GRPO without its
+two normalisations, which bias the update towards long wrong answers and easy/hard questions.
+
+* Rollout side: ``r ← r − mean_group(r)``; never divided by the group std (what ``grpo`` does with
+  ``--disable-grpo-std-normalization``).
+* Train side: ``A_t = R_t = r``; the loss is aggregated ``seq-mean-token-sum-norm``: each response's
+  token sum divided by one constant (``--loss-scale-factor``, default the generation budget
+  ``--rollout-max-response-len``) instead of its own length, so the step objective is
+  ``(1/G) Σ_i Σ_t m_it ℓ_it / C``. Declared as ``loss_agg_mode``; ``--loss-agg-mode`` overrides it.
+
+``grpo --disable-grpo-std-normalization --loss-agg-mode seq-mean-token-sum-norm`` is the same run.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from plugrl.core import hookimpl
+from plugrl.core.loss_options import SEQ_MEAN_TOKEN_SUM_NORM
+
+from .grpo import GRPOEstimator
+
+
+class DrGRPOEstimator(GRPOEstimator):
+    name: ClassVar[str] = "dr_grpo"
+    loss_agg_mode: ClassVar[str] = SEQ_MEAN_TOKEN_SUM_NORM
+
+    def std_normalize(self, group_size: int) -> bool:
+        return False
+
+
+@hookimpl
+def plugrl_register_advantage_estimators(register):
+    register(
+        "dr_grpo",
+        DrGRPOEstimator,
+        description="Dr.GRPO: group-mean-centred reward (no std), token sums over a constant length "
+                    "(seq-mean-token-sum-norm)",
+    )
