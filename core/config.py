@@ -424,6 +424,9 @@ def config_problems(args: argparse.Namespace, plugin_set) -> list[str]:
     _check_data_flags(args, problems)
     _check_cluster(args, plugin_set, problems)
     problems += precision_problems(args)
+    from .preflight import value_problems
+
+    problems.extend(value_problems(args))  # reward limits
     return problems
 
 
@@ -434,6 +437,9 @@ def environment_problems(args: argparse.Namespace, plugin_set) -> list[str]:
     _check_requirements(args, plugin_set, problems)
     _check_paths(args, problems)
     _check_device(args, problems)
+    from .preflight import machine_problems
+
+    problems.extend(machine_problems(args, plugin_set))  # --save, model folder, --*-path functions, data files
     return problems
 
 

@@ -1,0 +1,276 @@
+"""Checks of a run's inputs on the driver, before Ray starts: each problem is one line naming the flag,
+the file (and line) and what to do.
+
+``value_problems`` (the values alone: the same on every machine) feeds ``config_problems``;
+``machine_problems`` (files and imports this machine must have) feeds ``environment_problems``, so both
+``plugrl train --dry-run`` and the start of ``plugrl train`` report them. Nothing here imports torch,
+transformers or Ray: reading a config.json, a few directory listings and the data files is enough.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+
+# slime's ``--*-path`` flags: dest -> (positional arguments plugrl passes, keywords it passes, signature)
+PATH_SIGNATURES = {
+    "dynamic_sampling_filter_path": (2, (), "fn(args, samples, **kwargs)"),
+    "buffer_filter_path": (4, (), "fn(args, rollout_id, buffer, num_samples)"),
+    "custom_generate_function_path": (3, (), "async fn(args, sample, sampling_params)"),
+    "custom_reward_post_process_path": (2, (), "fn(args, samples)"),
+    "custom_advantage_function_path": (2, (), "fn(args, rollout_data)"),
+    "custom_pg_loss_reducer_function_path": (4, (), "fn(total_lengths, response_lengths, loss_masks, "
+                                                    "calculate_per_token_loss)"),
+    "rollout_sample_hook_path": (2, ("rollout_id", "evaluation"), "fn(args, sample, *, rollout_id, evaluation)"),
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json",
+                   "tf_model.h5", "flax_model.msgpack")
+CHECKPOINT_MARKERS = ("latest",)
+
+
+# ---- values -------------------------------------------------------------------------------------------
+def value_problems(args) -> list[str]:
+    """Reward limits: ``--reward-timeout`` > 0 and ``--reward-error-threshold`` in (0, 1]."""
+    problems = []
+    timeout = getattr(args, "reward_timeout", None)
+    if timeout is not None and not timeout > 0:
+        problems.append(f"--reward-timeout must be > 0 seconds, got {timeout:g} (leave it unset for the default 60)")
+    threshold = getattr(args, "reward_error_threshold", None)
+    if threshold is not None and not 0 < threshold <= 1:
+        problems.append(f"--reward-error-threshold is a fraction of a rollout's samples in (0, 1], got {threshold:g}")
+    return problems
+
+
+# ---- this machine ------------------------------------------------------------------------------------
+def machine_problems(args, plugin_set=None) -> list[str]:
+    """Everything this machine must offer the run: writable --save, a complete model folder, importable
+    ``--*-path`` functions with the right signature, readable and parseable data files."""
+    problems = []
+    problems += save_problems(args)
+    problems += model_problems(args)
+    problems += import_problems(args)
+    problems += data_problems(args)
+    return problems
+
+
+def _writable_dir_problem(flag: str, path: Path) -> str | None:
+    """Why ``path`` cannot be (made) a writable directory, else None; writes a probe file to be sure
+    (``os.access`` says yes to root on a read-only mount)."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "is a file" if probe == path else f"is under {probe}, which is a file"
+        return f"{flag} {path} {where}, not a directory; choose a directory path"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".plugrl-write-check.", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        return f"{flag} {path}: cannot write in {probe} ({exc.strerror or exc}); choose a writable directory"
+    return None
+
+
+def existing_checkpoints(root: str | os.PathLike) -> list[str]:
+    """Names of the finished checkpoints (``rollout_*`` directories) and the ``latest`` pointer in ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    names = sorted(p.name for p in root.iterdir() if p.name.startswith("rollout_") and p.is_dir())
+    return names + [n for n in CHECKPOINT_MARKERS if (root / n).exists()]
+
+
+def _same_dir(a, b) -> bool:
+    try:
+        return bool(a) and bool(b) and os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def save_problems(args) -> list[str]:
+    """``--save`` (and ``--output-dir``) writable; ``--save`` holding another run's checkpoints is
+    refused unless ``--load`` resumes from it or ``--overwrite-save`` is given."""
+    problems = []
+    for flag, value in (("--save", getattr(args, "save", None)), ("--output-dir", getattr(args, "output_dir", None))):
+        problem = value and _writable_dir_problem(flag, Path(value))
+        if problem:
+            problems.append(problem)
+    save = getattr(args, "save", None)
+    if save and not problems and not getattr(args, "overwrite_save", False):
+        found = existing_checkpoints(save)
+        if found and not _same_dir(getattr(args, "load", None), save):
+            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+            problems.append(f"--save {save} already holds checkpoints of another run ({shown}); resume it with "
+                            f"--load {save}, pass --overwrite-save to delete them, or choose another --save")
+    return problems
+
+
+def model_problems(args) -> list[str]:
+    """``--hf-checkpoint`` complete: config.json valid JSON, tokenizer files, weights (and the shards an
+    index names), a chat template when ``--apply-chat-template``. A missing folder or config.json is
+    ``config._check_paths``'s to report."""
+    spec = getattr(args, "hf_checkpoint", None)
+    path = Path(spec) if spec else None
+    if path is None or not (path / "config.json").is_file():
+        return []
+    flag = f"--hf-checkpoint {path}"
+    problems = []
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            problems.append(f"{flag}: config.json holds a {type(config).__name__}, not a JSON object; "
+                            "restore the model's config.json")
+    except (ValueError, OSError) as exc:
+        where = f" (line {exc.lineno}, column {exc.colno}: {exc.msg})" if isinstance(exc, json.JSONDecodeError) else ""
+        problems.append(f"{flag}: config.json is not valid JSON{where or f' ({exc})'}; restore the model's config.json")
+    names = {p.name for p in path.iterdir()}
+    if not names & set(TOKENIZER_FILES):
+        problems.append(f"{flag} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer files "
+                        "of the model it came from (tokenizer.save_pretrained)")
+    elif getattr(args, "apply_chat_template", False) and not _has_chat_template(path, names):
+        problems.append(f"{flag}: --apply-chat-template is set but the tokenizer has no chat template "
+                        "(tokenizer_config.json 'chat_template', chat_template.jinja); add one or drop the flag")
+    weights = [p for pattern in WEIGHT_PATTERNS for p in path.glob(pattern)]
+    if not weights:
+        problems.append(f"{flag} has no weights (*.safetensors or pytorch_model*.bin); save the model there with "
+                        "model.save_pretrained")
+    problems += _missing_shards(path, flag)
+    return problems
+
+
+def _has_chat_template(path: Path, names: set[str]) -> bool:
+    if {"chat_template.jinja", "chat_template.json"} & names:
+        return True
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("chat_template"))
+
+
+def _missing_shards(path: Path, flag: str) -> list[str]:
+    problems = []
+    for index in path.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            problems.append(f"{flag}: {index.name} is not a valid weight index ({type(exc).__name__}: {exc})")
+            continue
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            problems.append(f"{flag}: {index.name} names {len(missing)} missing weight file(s): {', '.join(missing[:3])}")
+    return problems
+
+
+def import_problems(args) -> list[str]:
+    """Each ``--custom-rm-path`` and slime ``--*-path`` function importable here and callable the way
+    plugrl calls it."""
+    from .registry import import_object
+
+    problems = []
+    paths = [("custom_rm_path", getattr(args, "custom_rm_path", None))]
+    for dest in PATH_SIGNATURES:
+        values = getattr(args, dest, None)
+        paths += [(dest, v) for v in (values if isinstance(values, list) else [values])]
+    for dest, value in paths:
+        if not value or not ("." in value or ":" in value):
+            continue  # unset, or malformed (config.import_path_problems says so)
+        flag = f"--{dest.replace('_', '-')} {value}"
+        try:
+            fn = import_object(value)
+        except Exception as exc:  # noqa: BLE001 - the user's module may raise anything at import
+            problems.append(f"{flag}: cannot import it ({type(exc).__name__}: {exc}); check the module is on "
+                            "PYTHONPATH and the name is spelled right")
+            continue
+        if not callable(fn):
+            problems.append(f"{flag} is a {type(fn).__name__}, not a function")
+            continue
+        problem = _signature_problem(dest, fn)
+        if problem:
+            problems.append(f"{flag}: {problem}")
+    return problems
+
+
+def _signature_problem(dest: str, fn) -> str | None:
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None  # builtins without a signature: cannot tell
+    if dest == "custom_rm_path":
+        params = list(signature.parameters)
+        slime = bool(params) and params[0] == "args"
+        count, keywords = (2, ()) if slime else (1, ())
+        expected = "async fn(args, sample) (slime) or fn(sample, **options) (plugrl)"
+    else:
+        count, keywords, expected = PATH_SIGNATURES[dest]
+    try:
+        signature.bind(*([None] * count), **{k: None for k in keywords})
+    except TypeError as exc:
+        return f"takes {signature}, but plugrl calls {expected} ({exc})"
+    return None
+
+
+def data_problems(args) -> list[str]:
+    """Prompt, eval and SFT files read and parsed here, so a bad row is reported as ``file, line N: ...``
+    before any actor starts (chat templates are applied later, in the rollout manager)."""
+    from .data import DataError, load_prompt_dataset
+
+    problems = []
+    common = {"metadata_key": getattr(args, "metadata_key", "metadata") or "metadata",
+              "tool_key": getattr(args, "tool_key", "tools") or "tools",
+              "skip_bad_rows": bool(getattr(args, "skip_bad_rows", False))}
+    specs = []
+    if getattr(args, "prompt_data", None):
+        specs.append(("--prompt-data", args.prompt_data, args.input_key, args.label_key))
+    pairs = list(getattr(args, "eval_prompt_data", None) or [])
+    eval_paths = pairs[-1:] if len(pairs) == 1 else pairs[1::2] if len(pairs) % 2 == 0 else []
+    for spec in eval_paths:
+        specs.append(("--eval-prompt-data", spec, getattr(args, "eval_input_key", None) or args.input_key,
+                      getattr(args, "eval_label_key", None) or args.label_key))
+    for flag, spec, input_key, label_key in specs:
+        if not _exists(spec):
+            continue  # config._check_paths names it
+        try:
+            load_prompt_dataset(spec, input_key=input_key, label_key=label_key, **common)
+        except DataError as exc:
+            problems.append(f"{flag}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - unreadable file, parquet error, ...
+            problems.append(f"{flag} {spec}: cannot read it ({type(exc).__name__}: {exc})")
+    sft = getattr(args, "sft_warmup_data", None)
+    if sft and getattr(args, "sft_warmup_steps", 0) and _exists(sft):
+        problems += sft_data_problems(sft)
+    return problems
+
+
+def _exists(spec: str) -> bool:
+    path = str(spec).split("@[", 1)[0]
+    head, sep, _ = path.rpartition(":")
+    return Path(path).exists() or bool(sep and head and Path(head).is_dir())
+
+
+def sft_data_problems(path: str) -> list[str]:
+    """``--sft-warmup-data``: JSONL objects with string ``prompt`` and ``response`` (first bad line only)."""
+    rows = 0
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError) as exc:
+                    return [f"--sft-warmup-data: {path}, line {lineno}: not valid JSON ({exc}); fix or remove the line"]
+                missing = [k for k in ("prompt", "response") if not isinstance(row, dict) or k not in row]
+                if missing:
+                    return [f"--sft-warmup-data: {path}, line {lineno}: no {' or '.join(repr(k) for k in missing)} "
+                            "(each line is {\"prompt\": ..., \"response\": ...})"]
+                rows += 1
+    except OSError as exc:
+        return [f"--sft-warmup-data {path}: cannot read it ({exc.strerror or exc})"]
+    return [] if rows else [f"--sft-warmup-data: {path} has no rows; give a JSONL of prompt/response objects"]
