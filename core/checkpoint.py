@@ -2,11 +2,13 @@
 
 A checkpoint is written into a temporary sibling directory and renamed into place only when
 complete, then ``latest`` is replaced atomically; a crash mid-save leaves the last good one intact.
-Runs on the driver (the train actor writes its files into the directory it is given).
+Runs on the driver (the train actor writes its files into the directory it is given). A kill during a
+save leaves temp folders that ``clean_interrupted_writes`` removes at the next start.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -57,3 +59,55 @@ def find_latest_checkpoint(root: str) -> str | None:
             return path
     names = sorted(n for n in os.listdir(root) if n.startswith("rollout_") and os.path.isdir(os.path.join(root, n)))
     return os.path.join(root, names[-1]) if names else None
+
+
+def clean_interrupted_writes(root: str) -> list[str]:
+    """Tidy ``root`` after a kill during a save (call at start, before anything writes there): temp
+    folders of unfinished checkpoints (``.rollout_*``, ``.train_rollout_*``) and the pointer's temp
+    file are removed; a moved-aside old copy (``.old_rollout_N.*``) is put back when ``rollout_N`` is
+    missing (the kill fell between the two renames), else removed. Returns what it changed."""
+    if not root or not os.path.isdir(root):
+        return []
+    changed = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.startswith(".old_rollout_") and os.path.isdir(path):
+            final = os.path.join(root, name[len(".old_"):].split(".", 1)[0])
+            kept = os.path.join(path, "checkpoint")
+            if not os.path.exists(final) and os.path.isdir(kept):
+                os.rename(kept, final)
+                changed.append(f"restored {os.path.basename(final)} from {name}")
+            shutil.rmtree(path, ignore_errors=True)
+            changed.append(f"removed {name}")
+        elif name.startswith((".rollout_", ".train_rollout_")) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            changed.append(f"removed {name}")
+        elif name == f".{LATEST}.tmp":
+            os.unlink(path)
+            changed.append(f"removed {name}")
+    return changed
+
+
+def delete_checkpoints(root: str) -> list[str]:
+    """``--overwrite-save``: remove every finished checkpoint and the ``latest`` pointer from ``root``."""
+    if not root or not os.path.isdir(root):
+        return []
+    removed = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.startswith("rollout_") and os.path.isdir(path):
+            shutil.rmtree(path)
+            removed.append(name)
+        elif name == LATEST:
+            os.unlink(path)
+            removed.append(name)
+    return removed
+
+
+def checkpoint_rollout_id(path: str) -> int | None:
+    """The rollout id a checkpoint directory was saved after (its ``meta.json``), None if unreadable."""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            return int(json.load(f)["rollout_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

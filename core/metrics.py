@@ -15,6 +15,10 @@ Metric names the console line and the report know about (producers use these nam
 
 * ``rollout/raw_reward`` mean reward before group normalisation; ``rollout/response_len`` mean
   response length in tokens; ``rollout/truncated`` fraction truncated.
+* ``rollout/reward_errors`` samples of the rollout whose reward call failed (raised or timed out; they
+  scored 0), ``rollout/reward_timeouts`` how many of those timed out, ``rollout/reward_samples`` samples
+  sent to the reward, ``rollout/reward_stuck_threads`` timed-out sync calls still running. The console
+  line shows the first two when non-zero.
 * ``train/loss``, ``train/pg_loss``, ``train/pg_clipfrac`` (fraction of tokens clipped),
   ``train/kl_loss`` (KL to the reference model), ``train/entropy_loss``, ``train/ppo_kl``,
   ``train/grad_norm``, ``train/tokens`` (prompt + response tokens trained on in the rollout, all ranks).
@@ -125,6 +129,9 @@ def console_line(
             parts.extend(accuracies)
             accuracies = []
     parts.extend(accuracies)
+    failed, timeouts = metrics.get("rollout/reward_errors"), metrics.get("rollout/reward_timeouts")
+    if _is_number(failed) and failed:  # a failing grader must not look like a model that learns nothing
+        parts.append(f"reward_errors {failed}" + (f" ({timeouts} timed out)" if _is_number(timeouts) and timeouts else ""))
 
     times = []
     ordered = [n for n in TIME_LABELS if n in metrics] + sorted(
@@ -208,6 +215,50 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def latest_rows(rows: list[dict]) -> list[dict]:
+    """One row per (rollout_id, phase): the last one written (a rollout re-run after a resume replaces
+    the lines of its first attempt), in the order of those last rows."""
+    last = {(row.get("rollout_id"), row.get("phase")): i for i, row in enumerate(rows)}
+    return [row for i, row in enumerate(rows) if last[(row.get("rollout_id"), row.get("phase"))] == i]
+
+
+def set_aside_rows(output_dir: str | os.PathLike, from_rollout: int) -> int:
+    """Resuming at ``from_rollout``: move ``metrics.jsonl`` lines of rollouts >= it (logged after the
+    checkpoint, so they are about to be run again) to ``metrics.superseded.jsonl``, so the resumed run
+    never duplicates a line and nothing logged is lost. Returns how many lines moved."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    _drop_partial_last_line(path)
+    keep, moved = [], []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            rollout_id = json.loads(line).get("rollout_id")
+        except (ValueError, AttributeError):
+            rollout_id = None
+        (moved if isinstance(rollout_id, int) and rollout_id >= from_rollout else keep).append(line)
+    if moved:
+        with open(Path(output_dir) / "metrics.superseded.jsonl", "a", encoding="utf-8") as f:
+            f.writelines(moved)
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, path)  # atomic: a kill now leaves either file whole
+    return len(moved)
+
+
+def start_fresh_metrics(output_dir: str | os.PathLike) -> Path | None:
+    """A new (not resumed) run in a directory that has a ``metrics.jsonl``: rename it to
+    ``metrics.<time>.jsonl`` so the new run's history is not appended to the old one."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    kept = path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S', time.localtime(path.stat().st_mtime))}.jsonl")
+    while kept.exists():
+        kept = kept.with_name(kept.stem + "-1.jsonl")
+    os.replace(path, kept)
+    return kept
+
+
 # ---------------------------------------------------------------------------------------------------
 # The logger
 # ---------------------------------------------------------------------------------------------------
@@ -250,6 +301,7 @@ class MetricsLogger:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.reward_totals = {"samples": 0, "failed": 0}  # over the train lines of this run (exit status)
         self._tb = None
         self._wandb_run = None
         if use_wandb:
@@ -296,6 +348,9 @@ class MetricsLogger:
             raise RuntimeError("MetricsLogger.log called after close()")
         values = {str(k): _to_scalar(v) for k, v in metrics.items()}
         row = {"rollout_id": int(step), "phase": phase, "time": time.time(), **values}
+        for key, total in (("rollout/reward_samples", "samples"), ("rollout/reward_errors", "failed")):
+            if _is_number(values.get(key)):
+                self.reward_totals[total] += values[key]
         self._file.write(json.dumps(row, default=str) + "\n")
         self._file.flush()
         numeric = {k: float(v) for k, v in values.items() if _is_number(v)}

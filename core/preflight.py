@@ -86,7 +86,7 @@ def existing_checkpoints(root: str | os.PathLike) -> list[str]:
     return names + [n for n in CHECKPOINT_MARKERS if (root / n).exists()]
 
 
-def _same_dir(a, b) -> bool:
+def same_dir(a, b) -> bool:
     try:
         return bool(a) and bool(b) and os.path.samefile(a, b)
     except OSError:
@@ -104,7 +104,7 @@ def save_problems(args) -> list[str]:
     save = getattr(args, "save", None)
     if save and not problems and not getattr(args, "overwrite_save", False):
         found = existing_checkpoints(save)
-        if found and not _same_dir(getattr(args, "load", None), save):
+        if found and not same_dir(getattr(args, "load", None), save):
             shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
             problems.append(f"--save {save} already holds checkpoints of another run ({shown}); resume it with "
                             f"--load {save}, pass --overwrite-save to delete them, or choose another --save")

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .metrics import format_number, read_metrics
+from .metrics import format_number, latest_rows, read_metrics
 
 # (panel title, metric names plotted on it); eval accuracy is found by pattern in _panels().
 _PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plugrl report: no metrics file at {metrics_path} (is {run_dir} a plugrl train output dir?)", file=sys.stderr)
         return 2
     try:
-        rows = read_metrics(metrics_path)
+        rows = latest_rows(read_metrics(metrics_path))  # a line written twice (resumed run) counts once
     except ValueError as exc:
         print(f"plugrl report: {exc}", file=sys.stderr)
         return 2

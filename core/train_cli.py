@@ -76,6 +76,7 @@ def main(argv: list[str]) -> int:
     from .loop import run_training
     from .metrics import MetricsLogger
 
+    prepare_dirs(args)
     metrics_logger = MetricsLogger(args.output_dir, use_tensorboard=bool(args.use_tensorboard),
                                    use_wandb=bool(args.use_wandb), wandb_project=args.wandb_project,
                                    wandb_group=args.wandb_group, wandb_mode=args.wandb_mode, wandb_key=args.wandb_key,
@@ -84,7 +85,7 @@ def main(argv: list[str]) -> int:
     started = time.time()
     print(f"plugrl train: {args.num_rollout} rollouts, output in {args.output_dir}", flush=True)
     from .loop import ActorDiedError
-    from .rollout import RewardError
+    from .reward_call import RewardError
 
     try:
         progress = ProgressBars()
@@ -92,7 +93,14 @@ def main(argv: list[str]) -> int:
                                on_progress=progress.on_progress)
         progress.close()
     except (ActorDiedError, RewardError) as exc:
-        print(f"\nplugrl train: error: {exc}", file=sys.stderr)
+        cause = getattr(exc, "cause", None)  # Ray wraps an actor's exception; its traceback is in the log above
+        print(f"\nplugrl train: error: {cause if isinstance(cause, BaseException) else exc}", file=sys.stderr)
+        return 1
+    totals = metrics_logger.reward_totals
+    if totals["samples"] and totals["failed"] >= totals["samples"]:
+        print(f"plugrl train: error: every reward call of the run failed ({totals['failed']} of {totals['samples']} "
+              f"samples scored 0); see rollout/reward_errors in {args.output_dir}/metrics.jsonl and the first "
+              "failure logged above", file=sys.stderr)
         return 1
     elapsed = time.time() - started
     print(f"done in {elapsed:.0f}s: {summary.rollouts} rollouts; metrics in {args.output_dir}/metrics.jsonl")
@@ -106,13 +114,49 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def prepare_dirs(args) -> None:
+    """Before anything writes: tidy what a killed run left under ``--save`` / ``--load``, apply
+    ``--overwrite-save``, and keep ``metrics.jsonl`` one history (a resumed run moves the lines it
+    will log again to ``metrics.superseded.jsonl``; a new run renames an old file)."""
+    from .checkpoint import checkpoint_rollout_id, clean_interrupted_writes, delete_checkpoints, find_latest_checkpoint
+    from .metrics import set_aside_rows, start_fresh_metrics
+    from .preflight import same_dir
+
+    for root in dict.fromkeys(d for d in (args.load, args.save) if d):
+        for change in clean_interrupted_writes(root):
+            print(f"plugrl train: {root}: {change} (left by an interrupted checkpoint write)", flush=True)
+    if args.save and getattr(args, "overwrite_save", False) and not same_dir(args.load, args.save):
+        removed = delete_checkpoints(args.save)
+        if removed:
+            print(f"plugrl train: --overwrite-save: deleted {', '.join(removed)} from {args.save}", flush=True)
+    latest = find_latest_checkpoint(args.load) if args.load else None
+    resume_from = checkpoint_rollout_id(latest) if latest else None
+    if resume_from is not None:
+        moved = set_aside_rows(args.output_dir, resume_from + 1)
+        if moved:
+            print(f"plugrl train: resuming after rollout {resume_from}: {moved} metrics line(s) of later rollouts "
+                  f"moved to {args.output_dir}/metrics.superseded.jsonl", flush=True)
+    else:
+        kept = start_fresh_metrics(args.output_dir)
+        if kept:
+            print(f"plugrl train: {args.output_dir} held another run's metrics.jsonl; kept it as {kept.name}",
+                  flush=True)
+
+
 class ProgressBars:
     """Driver-side progress: one bar per phase of the running rollout (generate, reward, train),
-    fed by the actors' ``progress()`` while they work; closed when the rollout's line is printed."""
+    fed by the actors' ``progress()`` while they work; closed when the rollout's line is printed.
+    Outside a terminal (output redirected to a file) a plain line every ``every`` s instead of bars."""
 
-    def __init__(self):
+    def __init__(self, stream=None, every: float = 30.0):
+        from .progress import is_terminal
+
         self.bars: dict = {}
         self.rollout_id = None
+        self.stream = stream or sys.stderr
+        self.terminal = is_terminal(self.stream)
+        self.every = every
+        self._last_line = time.monotonic()
 
     def on_phase(self, name: str, rollout_id: int) -> None:
         if rollout_id != self.rollout_id:
@@ -122,6 +166,13 @@ class ProgressBars:
             print(f"[{name}]", flush=True)
 
     def on_progress(self, counters: dict) -> None:
+        if not self.terminal:
+            if time.monotonic() - self._last_line >= self.every:
+                self._last_line = time.monotonic()
+                shown = ", ".join(f"{name} {done}/{total}" for name, (done, total) in counters.items() if total)
+                if shown:
+                    print(f"rollout {self.rollout_id}: {shown}", file=self.stream, flush=True)
+            return
         from tqdm import tqdm
 
         for name, (done, total) in counters.items():
@@ -130,7 +181,7 @@ class ProgressBars:
             bar = self.bars.get(name)
             if bar is None:
                 bar = self.bars[name] = tqdm(total=total, desc=f"rollout {self.rollout_id} {name}", leave=False,
-                                             dynamic_ncols=True, file=sys.stderr, position=len(self.bars))
+                                             dynamic_ncols=True, file=self.stream, position=len(self.bars))
             bar.total = total
             bar.n = min(done, total)
             bar.refresh()

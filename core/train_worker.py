@@ -24,7 +24,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
+import time
 from types import SimpleNamespace
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 class TrainWorker:
@@ -65,7 +71,13 @@ class TrainWorker:
         plugin_set = load_plugins()
         estimator = plugin_set.get("advantage_estimator", self.args.advantage_estimator)(self.args)
         backend_cls = plugin_set.get("train_backend", self.args.train_backend)
+        # A line before and after (rank 0): building a large model takes minutes and reports nothing itself.
+        started = time.monotonic()
+        if _is_rank0():
+            print(f"[model build] {self.args.train_backend} backend from {self.args.hf_checkpoint}", flush=True)
         self.backend = backend_cls(self.args, estimator=estimator, total_optimizer_steps=self.total_optimizer_steps)
+        if _is_rank0():
+            print(f"[model build] done in {time.monotonic() - started:.0f} s", flush=True)
 
     def train(self, rollout_id: int, data: dict) -> dict:
         return self.backend.train(rollout_id, data)
@@ -116,6 +128,11 @@ class TrainWorker:
         for _ in range(steps):
             chosen = rng.sample(examples, min(batch_size, len(examples)))
             batches.append(([e[0] for e in chosen], [e[1] for e in chosen]))
+        from .progress import progress_iter
+
+        # A line every 30 s from rank 0 (forwarded to the driver's output): the default run's warm-up is long.
+        batches = progress_iter(batches, "[format warm-up]", unit="step", stream=sys.stdout, bar=False,
+                                enabled=_is_rank0())
         return self.backend.sft_warmup(batches, lr=lr, prompt_loss_weight=prompt_loss_weight)
 
     def log_probs(self, sequences: list[list[int]], response_lengths: list[int]) -> list[list[float]]:
