@@ -189,7 +189,7 @@ def import_problems(args) -> list[str]:
                             "PYTHONPATH and the name is spelled right")
             continue
         if not callable(fn):
-            problems.append(f"{flag} is a {type(fn).__name__}, not a function")
+            problems.append(f"{flag} is not callable (a {type(fn).__name__}: {repr(fn)[:60]}); point it at a function")
             continue
         problem = _signature_problem(dest, fn)
         if problem:

@@ -1,0 +1,215 @@
+"""Driver-side checks before Ray starts (core/preflight.py): each bad input is one line naming the
+flag, the file (and line) and the fix, from ``--dry-run`` and from the start of ``plugrl train``."""
+
+import json
+import os
+import shutil
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from plugrl.core import preflight
+from plugrl.core.train_cli import main as train_main
+from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(autouse=True)
+def no_ray():
+    yield
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized(), "a check started Ray"
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def base_argv(model, tmp_path, prompts=None, *extra):
+    prompts = prompts or write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "1+1", "label": "2"}] * 4)
+    return ["--hf-checkpoint", str(model), "--prompt-data", prompts, "--input-key", "prompt", "--label-key", "label",
+            "--rm-type", "deepscaler", "--rollout-batch-size", "2", "--n-samples-per-prompt", "2",
+            "--global-batch-size", "4", "--num-rollout", "1", "--output-dir", str(tmp_path / "out"), *extra]
+
+
+def run_main(argv, capsys):
+    code = train_main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ---- --save -----------------------------------------------------------------------------------------
+def test_save_under_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (problem,) = preflight.save_problems(SimpleNamespace(save=str(tmp_path / "file" / "ckpt"), output_dir=None))
+    assert problem == f"--save {tmp_path / 'file' / 'ckpt'} is under {tmp_path / 'file'}, which is a file, not a " \
+                      "directory; choose a directory path"
+
+
+def test_save_in_a_read_only_place_is_refused():
+    # /sys is read-only even for root (os.access would say yes to root; the probe write does not).
+    if not os.path.isdir("/sys/kernel"):
+        pytest.skip("no /sys")
+    (problem,) = preflight.save_problems(SimpleNamespace(save="/sys/kernel/plugrl-ckpt", output_dir=None))
+    assert problem.startswith("--save /sys/kernel/plugrl-ckpt: cannot write in /sys/kernel (")
+
+
+def test_save_with_another_runs_checkpoints_is_refused_unless_resumed_or_overwritten(tmp_path):
+    save = tmp_path / "ckpt"
+    for name in ("rollout_000001", "rollout_000003", "rollout_000005"):
+        (save / name).mkdir(parents=True)
+    (save / "latest").write_text("rollout_000005\n")
+    args = SimpleNamespace(save=str(save), output_dir=None, load=None, overwrite_save=False)
+    (problem,) = preflight.save_problems(args)
+    assert problem == (f"--save {save} already holds checkpoints of another run (rollout_000001, rollout_000003, "
+                       f"rollout_000005 and 1 more); resume it with --load {save}, pass --overwrite-save to delete "
+                       "them, or choose another --save")
+    args.load = str(save) + "/"  # the same directory, spelled differently
+    assert preflight.save_problems(args) == []
+    args.load, args.overwrite_save = None, True
+    assert preflight.save_problems(args) == []
+
+
+def test_temp_folders_alone_are_not_another_runs_checkpoints(tmp_path):
+    (tmp_path / ".rollout_000002.abc").mkdir()
+    assert preflight.save_problems(SimpleNamespace(save=str(tmp_path), output_dir=None, load=None)) == []
+
+
+# ---- the model folder ---------------------------------------------------------------------------------
+def test_model_folder_with_only_config_names_tokenizer_and_weights_not_the_data(model, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(model / "config.json", bare / "config.json")
+    code, _, err = run_main(base_argv(bare, tmp_path), capsys)
+    assert code == 2
+    assert f"--hf-checkpoint {bare} has no tokenizer" in err
+    assert f"--hf-checkpoint {bare} has no weights" in err
+    assert "prompts.jsonl" not in err
+
+
+def test_corrupt_config_json_is_one_line_not_a_traceback(model, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    (broken / "config.json").write_text('{"model_type": "qwen3",\n  "hidden_size": }')
+    code, _, err = run_main(base_argv(broken, tmp_path), capsys)
+    assert code == 2
+    assert err.strip() == (f"plugrl train: error: --hf-checkpoint {broken}: config.json is not valid JSON (line 2, "
+                           "column 18: Expecting value); restore the model's config.json")
+
+
+def test_index_naming_a_missing_shard(model, tmp_path):
+    copy = tmp_path / "sharded"
+    shutil.copytree(model, copy)
+    (copy / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    problems = preflight.model_problems(SimpleNamespace(hf_checkpoint=str(copy)))
+    assert problems == [f"--hf-checkpoint {copy}: model.safetensors.index.json names 1 missing weight file(s): "
+                        "model-00002-of-00002.safetensors"]
+
+
+def test_complete_model_folder_passes(model):
+    assert preflight.model_problems(SimpleNamespace(hf_checkpoint=str(model), apply_chat_template=True)) == []
+
+
+# ---- --*-path functions --------------------------------------------------------------------------------
+def test_custom_paths_importable_with_the_right_signature(tmp_path, monkeypatch):
+    (tmp_path / "user_fns.py").write_text(
+        "def rm(args, sample):\n    return 1.0\n"
+        "def plain_rm(sample, scale=1):\n    return 1.0\n"
+        "def bad_rm():\n    return 1.0\n"
+        "def buffer_two(args, rollout_id):\n    return []\n"
+        "def hook(args, sample, *, rollout_id, evaluation):\n    return None\n"
+        "NOT_CALLABLE = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def problems(**paths):
+        base = {dest: None for dest in (*preflight.PATH_SIGNATURES, "custom_rm_path")}
+        return preflight.import_problems(SimpleNamespace(**{**base, **paths}))
+
+    assert problems(custom_rm_path="user_fns:rm") == []
+    assert problems(custom_rm_path="user_fns.plain_rm") == []
+    (bad,) = problems(custom_rm_path="user_fns:bad_rm")
+    assert bad.startswith("--custom-rm-path user_fns:bad_rm: takes (), but plugrl calls async fn(args, sample)")
+    (buffer,) = problems(buffer_filter_path="user_fns:buffer_two")
+    assert buffer.startswith("--buffer-filter-path user_fns:buffer_two: takes (args, rollout_id), but plugrl calls "
+                             "fn(args, rollout_id, buffer, num_samples)")
+    (missing,) = problems(custom_rm_path="no_such_module_xyz:rm")
+    assert missing.startswith("--custom-rm-path no_such_module_xyz:rm: cannot import it (ImportError: cannot import "
+                              "module 'no_such_module_xyz'")
+    (attr,) = problems(dynamic_sampling_filter_path="user_fns:nothing_here")
+    assert "has no attribute 'nothing_here'" in attr
+    assert problems(custom_rm_path="user_fns:NOT_CALLABLE") == ["--custom-rm-path user_fns:NOT_CALLABLE is not "
+                                                               "callable (a int: 3); point it at a function"]
+    (hooks,) = problems(rollout_sample_hook_path=["user_fns:hook", "user_fns:rm"])
+    assert hooks.startswith("--rollout-sample-hook-path user_fns:rm: takes (args, sample), but plugrl calls "
+                            "fn(args, sample, *, rollout_id, evaluation)")
+
+
+# ---- data files -----------------------------------------------------------------------------------------
+def test_malformed_prompt_file_is_reported_by_the_driver(model, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "1+1", "label": "2"}, '{"prompt": "2+2", "label": '])
+    code, _, err = run_main(base_argv(model, tmp_path, prompts), capsys)
+    assert code == 2
+    assert err.startswith(f"plugrl train: error: --prompt-data: {prompts}, line 2: ")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_empty_prompt_file_is_reported_by_the_driver(model, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    code, _, err = run_main(base_argv(model, tmp_path, str(empty)), capsys)
+    assert code == 2
+    assert err.strip() == f"plugrl train: error: --prompt-data: {empty}: no prompts left (0 lines read)"
+
+
+def test_prompt_file_missing_the_label_key(tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1+1"}])
+    args = SimpleNamespace(prompt_data=prompts, input_key="prompt", label_key="label", eval_prompt_data=None)
+    (problem,) = preflight.data_problems(args)
+    assert problem.startswith(f"--prompt-data: {prompts}, line 1: no key 'label'")
+
+
+def test_eval_and_sft_files_are_parsed(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "1+1", "label": "2"}])
+    bad_eval = write_jsonl(tmp_path / "eval.jsonl", ["[1, 2]"])
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c"}])
+    args = SimpleNamespace(prompt_data=good, input_key="prompt", label_key="label",
+                           eval_prompt_data=["toy", bad_eval], sft_warmup_data=sft, sft_warmup_steps=3)
+    problems = preflight.data_problems(args)
+    assert problems[0].startswith(f"--eval-prompt-data: {bad_eval}, line 1: expected a JSON object, got list")
+    assert problems[1] == (f"--sft-warmup-data: {sft}, line 2: no 'response' "
+                           "(each line is {\"prompt\": ..., \"response\": ...})")
+
+
+# ---- values, and --dry-run ------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag, value, message", [
+    ("--reward-timeout", "-5", "--reward-timeout must be > 0 seconds, got -5"),
+    ("--reward-timeout", "0", "--reward-timeout must be > 0 seconds, got 0"),
+    ("--reward-error-threshold", "1.5", "--reward-error-threshold is a fraction of a rollout's samples in (0, 1], "
+                                        "got 1.5"),
+])
+def test_reward_limits_are_refused_in_dry_run(model, tmp_path, capsys, flag, value, message):
+    code, _, err = run_main(base_argv(model, tmp_path, None, "--dry-run", flag, value), capsys)
+    assert code == 2
+    assert err.startswith(f"plugrl train: error: {message}")
+
+
+def test_dry_run_lists_what_would_fail_at_start(model, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, out, err = run_main(base_argv(model, tmp_path, None, "--dry-run", "--save", str(tmp_path / "file" / "c"),
+                                        "--custom-rm-path", "no_such_module_xyz.rm"), capsys)
+    assert code == 1
+    assert "# ---- plan" in out
+    assert f"  - --save {tmp_path / 'file' / 'c'} is under {tmp_path / 'file'}, which is a file" in err
+    assert "  - --custom-rm-path no_such_module_xyz.rm: cannot import it" in err
+
+
+def test_valid_inputs_pass_dry_run(model, tmp_path, capsys):
+    code, out, err = run_main(base_argv(model, tmp_path, None, "--dry-run", "--save", str(tmp_path / "ckpt")), capsys)
+    assert code == 0, err
+    assert "# ready: every path and package this run needs is here" in out
