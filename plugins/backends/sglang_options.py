@@ -15,6 +15,10 @@ import argparse
 
 from plugrl.core import hookimpl
 
+_MULTI_NODE = ("plugrl launches each engine on the rollout manager's host (one node); for engines spanning "
+               "nodes, start them yourself (sglang.launch_server --nnodes/--node-rank/--dist-init-addr) and pass "
+               "their first node's host:port with --rollout-external-engine-addrs")
+
 # ServerArgs fields slime computes per engine (reference §6.1/§6.2); giving them is an error.
 RESERVED_SERVER_FLAGS = {
     "model-path": "it is --hf-checkpoint",
@@ -24,12 +28,14 @@ RESERVED_SERVER_FLAGS = {
     "enable-memory-saver": "it follows --offload-rollout",
     "tp-size": "it is --rollout-num-gpus-per-engine",
     "port": "plugrl allocates ports per engine",
-    "nnodes": "it follows --rollout-num-gpus-per-engine and --num-gpus-per-node",
-    "node-rank": "plugrl sets it per engine",
-    "dist-init-addr": "plugrl allocates it per engine",
+    # plugrl starts every engine as one process tree on the rollout manager's host (one node), so
+    # the multi-node fields cannot apply to engines it launches.
+    "nnodes": _MULTI_NODE,
+    "node-rank": _MULTI_NODE,
+    "dist-init-addr": _MULTI_NODE,
     "gpu-id-step": "plugrl sets it per engine",
     "base-gpu-id": "it follows the placement",
-    "nccl-port": "plugrl allocates ports per engine",
+    "nccl-port": "plugrl allocates a free port per engine (engines on one host must not share it)",
     "skip-server-warmup": "plugrl sets it",
 }
 
@@ -51,10 +57,43 @@ def backend_problems(args) -> list[str]:
     if getattr(args, "sglang_config", None):
         problems.append(f"--sglang-config {args.sglang_config}: server groups (several engine configurations in "
                         "one run) are not implemented; give the engine flags as --sglang-<flag> (one group)")
+    problems.extend(_quantization_problems(args))
     if getattr(args, "prefill_num_servers", None):
         problems.append(f"--prefill-num-servers {args.prefill_num_servers}: prefill/decode disaggregation is not "
                         "implemented; leave it unset (every engine prefills and decodes)")
     return problems
+
+
+def _quantization_problems(args) -> list[str]:
+    """``--sglang-quantization`` on a checkpoint that is not quantized: SGLang quantizes it on
+    load, and every weight push would then send BF16 tensors into FP8 parameters (plugrl quantizes
+    pushes only for checkpoints whose config.json holds an FP8 quantization_config)."""
+    method = (getattr(args, "sglang_passthrough", None) or {}).get("quantization")
+    if not method or method is True:
+        return []
+    config = _checkpoint_config(getattr(args, "hf_checkpoint", None))
+    if config is None:  # not a local directory: the backend decides when it reads the config
+        return []
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") == method:
+        return []
+    held = f"a {quant.get('quant_method')} quantization_config" if quant else "no quantization_config (unquantized)"
+    return [f"--sglang-quantization {method}: the checkpoint {args.hf_checkpoint} has {held}; SGLang would quantize "
+            f"it on load and the weight pushes (unquantized {config.get('torch_dtype', 'bf16')} tensors) would not "
+            f"match. Drop the flag, or train from an FP8 checkpoint (its config.json names quant_method fp8; plugrl "
+            f"then pushes FP8 weights)"]
+
+
+def _checkpoint_config(path) -> dict | None:
+    import json
+    from pathlib import Path
+
+    if not path or not (Path(path) / "config.json").is_file():
+        return None
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def server_overrides(args) -> dict:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
+import subprocess
 from typing import Any
 
-from . import launch
+from . import compat, launch
 from .weights import DistributedPusher, push_tensor, require_local
 
 logger = logging.getLogger(__name__)
@@ -97,11 +99,11 @@ class SGLangRolloutBackend:
             # ``tensor`` shares memory by handle: a remote external engine fails here, before any
             # start-up wait, rather than at the first weight push (engines we launch run on this host).
             require_local(self._external_urls())
-        per_engine = int(options.get("gpus_per_engine", 1))
-        # TP ranks per engine (one serialized handle each): known for engines we launch; external
-        # ones are asked once (``/get_server_info``) at the first tensor push.
-        self._tp_sizes: list[int] | None = None if self._external_urls() else [per_engine] * int(
-            options.get("num_engines", 1))
+        # Per engine, from /get_server_info at start: TP ranks (one tensor handle each, and the
+        # weights update group's layout) and whether sampling_seed is honoured.
+        self._tp_sizes: list[int] = []
+        self.reproducible_sampling = False
+        self._released: set[str] = set()  # memory tags released on the engines (SGLang's offload_tags)
         self._children: list[launch.Child] = []
         self._router: launch.Child | None = None
         self._pusher: DistributedPusher | None = None
@@ -114,6 +116,7 @@ class SGLangRolloutBackend:
         self.client = httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0), trust_env=False)
         try:
             self.worker_urls = self._start_engines()
+            self._check_servers()
             self.router_url = self._start_router()
         except BaseException:
             self._keep_logs = True  # the error names a log in there
@@ -132,13 +135,24 @@ class SGLangRolloutBackend:
                                   interval=0.5, what=f"external engine {url}")
             return urls
         prefix = launch.launch_prefix(self._options.get("launch_command"))
+        if prefix == list(launch.DEFAULT_LAUNCH):  # refuse an unsupported install before a long start
+            compat.check_version(compat.installed_version(), "the installed sglang package")
         n, per = int(self._options.get("num_engines", 1)), int(self._options.get("gpus_per_engine", 1))
+        memory_saver = bool(self._options.get("memory_saver", False))
+        defaults = {}
+        if memory_saver and "disable_prefill_cuda_graph" in compat.installed_server_fields():
+            # As slime for colocated engines: the prefill graph's memory is not released with the
+            # memory saver's tags (SGLang >= 0.5.10 only has the flag; older ones have no prefill graph).
+            defaults["disable_prefill_cuda_graph"] = True
         gpu_ids = self._options.get("engine_gpu_ids")
         if gpu_ids is not None and len(gpu_ids) < n:
             raise ValueError(f"engine_gpu_ids names GPUs for {len(gpu_ids)} engines, {n} are launched")
         for i in range(n):
             port = launch.free_port(self.host)
-            env = dict(self._options.get("engine_env") or {})
+            explicit = dict(self._options.get("engine_env") or {})
+            # Colocated engines: slime's memory-saver environment (compat.COLOCATION_ENV); the child
+            # gets exactly this environment (launch.start with inherit=False).
+            env = compat.colocation_env(os.environ, explicit) if memory_saver else {**os.environ, **explicit}
             base_gpu_id = i * per
             if gpu_ids is not None:
                 # The placement's GPUs for this engine (the rollout manager's own CUDA_VISIBLE_DEVICES,
@@ -147,16 +161,57 @@ class SGLangRolloutBackend:
                 base_gpu_id = 0
             values = launch.server_args(
                 model_path=self.hf_checkpoint, host=self.host, port=port, tp_size=per, base_gpu_id=base_gpu_id,
-                seed=self.seed + i * per, memory_saver=bool(self._options.get("memory_saver", False)),
-                device=self.device, overrides=self._options.get("server_overrides"))
+                seed=self.seed + i * per, memory_saver=memory_saver, device=self.device,
+                overrides=self._options.get("server_overrides"), nccl_port=launch.free_port(self.host),
+                defaults=defaults)
             child = launch.start(f"engine{i}", [*prefix, *launch.flag_words(values)], log_dir=self.log_dir,
-                                 env=env)
+                                 env=env, inherit=False)
             child.url = f"http://{self.host}:{port}"
             self._children.append(child)
         for child in self._children:  # they load in parallel; wait for each
             launch.wait_until(lambda c=child: self._ok(c.url + "/health_generate"), timeout=timeout,
                               interval=0.5, what=f"{child.name} /health_generate", child=child)
         return [c.url for c in self._children]
+
+    def _check_servers(self) -> None:
+        """Read each engine's ``/get_server_info``: refuse unsupported SGLang versions, learn the TP
+        sizes, say when sampling is not reproducible, and refuse FP8 pushes SGLang would misread."""
+        infos = []
+        for url in self.worker_urls:
+            response = self.client.get(url + "/get_server_info")
+            response.raise_for_status()
+            info = response.json()
+            compat.check_version(info.get("version"), f"engine {url}")
+            infos.append(info)
+        self._tp_sizes = [int(info.get("tp_size") or 1) for info in infos]
+        self.reproducible_sampling = all(info.get("enable_deterministic_inference") for info in infos)
+        if not self.reproducible_sampling:
+            # SGLang reads sampling_seed only with deterministic inference on (sampling/sampling_params.py,
+            # layers/sampler.py); without it the seeds plugrl sends per sample change nothing.
+            logger.warning("sglang engines run without --enable-deterministic-inference: the per-sample "
+                           "sampling_seed is ignored and rollouts are not reproducible; pass "
+                           "--sglang-enable-deterministic-inference for reproducible (slower) sampling")
+        if self.fp8_config is not None:
+            self._check_fp8_scales()
+
+    def _check_fp8_scales(self) -> None:
+        """Engines on sm_100 GPUs with JIT DeepGEMM keep FP8 block scales as UE8M0 after loading; the
+        float32 ``weight_scale_inv`` plugrl pushes would be misread there (wrong rollouts, no error)."""
+        ids = self._options.get("engine_gpu_ids")
+        env = {**os.environ, **dict(self._options.get("engine_env") or {})}
+        if self._external_urls() or ids is None or self.device == "cpu":
+            logger.warning("FP8 weight pushes send float32 weight_scale_inv; engines on Blackwell (sm_100) GPUs with "
+                           "JIT DeepGEMM expect UE8M0 scales and would serve wrong weights: run them with "
+                           "SGLANG_ENABLE_JIT_DEEPGEMM=0 or on Hopper")
+            return
+        caps = _compute_caps()
+        bad = compat.ue8m0_engines([max((caps.get(g) or (0, 0) for g in gpus), default=None) for gpus in ids], env)
+        if bad:
+            raise RuntimeError(
+                f"engines {bad} run on sm_100 (Blackwell) GPUs where SGLang's JIT DeepGEMM keeps FP8 block scales as "
+                f"UE8M0; plugrl pushes float32 weight_scale_inv, which these engines would misread (wrong rollouts "
+                f"without an error). Set SGLANG_ENABLE_JIT_DEEPGEMM=0 in the engines' environment, or use a BF16 "
+                f"checkpoint (drop the FP8 --hf-checkpoint)")
 
     def _start_router(self) -> str:
         url = self._options.get("router_url")
@@ -252,9 +307,17 @@ class SGLangRolloutBackend:
             await client.post(url + "/abort_request", json={"abort_all": True})
             try:
                 response = await client.get(url + "/v1/loads", params={"include": "core"})
-                count = _count_requests(response.json())
-            except (httpx.HTTPError, ValueError) as exc:  # as slime: a failing load query ends the retries
+            except httpx.HTTPError as exc:  # as slime: a failing load query ends the retries
                 logger.warning("abort: %s/v1/loads failed: %r", url, exc)
+                return
+            if response.status_code != 200:
+                # Never read an error body as "no requests left": the push would then race requests.
+                raise RuntimeError(f"abort: {url}/v1/loads answered {response.status_code} ({response.text[:200]}); "
+                                   f"plugrl needs SGLang {compat.supported_range()} (/v1/loads is from 0.5.9)")
+            try:
+                count = _count_requests(response.json())
+            except ValueError as exc:
+                logger.warning("abort: %s/v1/loads returned no JSON: %r", url, exc)
                 return
             if count == 0:
                 return
@@ -282,24 +345,17 @@ class SGLangRolloutBackend:
         try:
             self._flush()
             if self.transport == "tensor":
-                if self._tp_sizes is None:
-                    self._tp_sizes = [self._server_tp_size(url) for url in self.worker_urls]
                 push_tensor(self.client, self.worker_urls, buckets, version, tp_sizes=self._tp_sizes)
             else:
                 if self._pusher is None:
                     on_cuda = any(t.is_cuda for _, t in pairs)
                     self._pusher = DistributedPusher(self.client, self.worker_urls, host=self.host,
                                                      port=launch.free_port(self.host),
-                                                     backend="nccl" if on_cuda else "gloo")
+                                                     backend="nccl" if on_cuda else "gloo", tp_sizes=self._tp_sizes)
                 self._pusher.push(buckets, version)
         finally:
             self._each("/continue_generation", {})
         self._weight_version = version
-
-    def _server_tp_size(self, url: str) -> int:
-        response = self.client.get(url + "/get_server_info")
-        response.raise_for_status()
-        return int(response.json().get("tp_size") or 1)
 
     def _flush(self) -> None:
         # slime retries flush_cache until 200 (it is refused while requests are in flight).
@@ -308,11 +364,22 @@ class SGLangRolloutBackend:
                               timeout=60, interval=0.2, what=f"{url}/flush_cache")
 
     def release_memory(self, tags=None) -> None:
+        tags = compat.resolve_tags(tags)
         self._flush()
-        self._each("/release_memory_occupation", {"tags": list(tags) if tags else None})
+        self._each("/release_memory_occupation", {"tags": list(tags)})
+        self._released.update(tags)
 
     def resume_memory(self, tags=None) -> None:
-        self._each("/resume_memory_occupation", {"tags": [tags] if isinstance(tags, str) else (list(tags) if tags else None)})
+        """Resume ``tags`` (None: every released one). Only released tags are sent: SGLang's scheduler
+        dies of a KeyError when asked to resume a tag it does not hold released (resuming
+        ``weights`` before the push and then everything is what crashed it)."""
+        wanted = self._released if tags is None else set(compat.resolve_tags(tags))
+        send = [t for t in compat.MEMORY_TAGS if t in wanted and t in self._released]
+        send += sorted(t for t in wanted & self._released if t not in compat.MEMORY_TAGS)
+        if not send:
+            return
+        self._each("/resume_memory_occupation", {"tags": send})
+        self._released.difference_update(send)
 
     def _each(self, path: str, payload: dict) -> None:
         for url in self.worker_urls:
@@ -372,6 +439,23 @@ class SGLangRolloutBackend:
                 child.stop(timeout=2.0)
         except (OSError, AttributeError, TypeError):  # interpreter shutdown / half-built object
             return
+
+
+def _compute_caps() -> dict[int, tuple[int, int]]:
+    """Physical GPU index -> compute capability, from ``nvidia-smi`` (sees every GPU whatever this
+    process's CUDA_VISIBLE_DEVICES); empty when it is missing."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    caps = {}
+    for line in out.splitlines():
+        index, _, cap = (p.strip() for p in line.partition(","))
+        major, _, minor = cap.partition(".")
+        if index.isdigit() and major.isdigit():
+            caps[int(index)] = (int(major), int(minor or 0))
+    return caps
 
 
 def _count_requests(body: dict) -> int:

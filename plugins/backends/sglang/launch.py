@@ -58,18 +58,25 @@ def flag_words(values: dict) -> list[str]:
 
 
 def server_args(*, model_path: str, host: str, port: int, tp_size: int, base_gpu_id: int, seed: int,
-                memory_saver: bool, device: str | None, overrides: dict | None = None) -> dict:
+                memory_saver: bool, device: str | None, overrides: dict | None = None,
+                nccl_port: int | None = None, defaults: dict | None = None) -> dict:
     """ServerArgs fields plugrl computes per engine (slime's ``_compute_server_args``), then the
-    user's ``--sglang-*`` overrides for fields plugrl does not own."""
+    user's ``--sglang-*`` overrides for fields plugrl does not own, then ``defaults`` (plugrl's
+    choices the user may override, e.g. colocation flags) for fields neither set."""
     values = {"model_path": model_path, "host": host, "port": port, "tp_size": tp_size,
               "base_gpu_id": base_gpu_id, "gpu_id_step": 1, "random_seed": seed, "trust_remote_code": True,
               "skip_server_warmup": True, "enable_memory_saver": memory_saver}
+    if nccl_port is not None:
+        # SGLang derives it from --port when unset; engines on one host could then collide.
+        values["nccl_port"] = nccl_port
     if device:
         values["device"] = device
     for key, value in (overrides or {}).items():
         if key in values:
             raise ValueError(f"--sglang-{key.replace('_', '-')} is computed by plugrl per engine")
         values[key] = value
+    for key, value in (defaults or {}).items():
+        values.setdefault(key, value)
     return values
 
 
@@ -107,11 +114,13 @@ class Child:
                 continue
 
 
-def start(name: str, argv: list[str], *, log_dir: Path, env: dict | None = None) -> Child:
+def start(name: str, argv: list[str], *, log_dir: Path, env: dict | None = None, inherit: bool = True) -> Child:
+    """Start ``argv`` with this process's environment plus ``env`` (``inherit=False``: ``env`` only)."""
     log_path = log_dir / f"{name}.log"
     with open(log_path, "wb") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env={**os.environ, **(env or {})}, start_new_session=True)
+                                   env={**os.environ, **(env or {})} if inherit else dict(env or {}),
+                                   start_new_session=True)
     return Child(name, process, log_path)
 
 

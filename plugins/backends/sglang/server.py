@@ -10,10 +10,16 @@ Differences from SGLang, all deliberate:
   * ``/update_weights_from_tensor`` takes SGLang's ``load_format == "flattened_bucket"`` only (CUDA
     IPC handles, or ``/dev/shm`` names for CPU tensors; see ``wire.py``), not SGLang's per-tensor
     formats (``None``/``direct``/custom loaders);
-  * ``/init_weights_update_group`` builds a stateless group (TCPStore + ProcessGroupGloo, or
-    ProcessGroupNCCL when the engine runs on CUDA), so ``backend`` must be ``gloo`` (or ``nccl`` on
-    CUDA); the server holds one rank (``rank_offset``);
+  * ``/init_weights_update_group`` takes ``backend`` ``gloo`` (or ``nccl`` on CUDA); the server is one
+    TP rank (``rank_offset + 0``);
   * ``/pause_generation`` supports SGLang's default mode ``abort`` only.
+
+Behaviour kept exactly as SGLang's (the backend must cope with it; the tests rely on it):
+  * memory tags: ``release`` adds each tag to a set, ``resume`` removes each one, None/[] meaning all
+    (managers/scheduler_components/weight_updater.py ``release_memory_occupation`` /
+    ``resume_memory_occupation``); resuming a tag that is not released raises KeyError in SGLang's
+    scheduler, which takes the whole server down: here the server answers 500 and is dead from then on;
+  * the weights update group is joined with SGLang's store naming (``weights.custom_group``).
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ import uuid
 from aiohttp import web
 
 from . import wire
+from .compat import MEMORY_TAGS, SERVE_VERSION, resolve_tags
+from .weights import custom_group, destroy_group
 
 logger = logging.getLogger(__name__)
-VERSION = "plugrl-hf"
+VERSION = SERVE_VERSION
 
 
 def _error(message: str, status: int = 400) -> web.Response:
@@ -61,10 +69,20 @@ class EngineServer:
         self._resumed = asyncio.Event()
         self._resumed.set()
         self._paused_waiting = 0
-        self._groups: dict[str, tuple] = {}  # group_name -> (store, process group, rank, backend)
+        self._groups: dict[str, tuple] = {}  # group_name -> (process group, rank, backend)
+        self._offload_tags: set[str] = set()  # SGLang's SchedulerWeightUpdaterManager.offload_tags
+        self._died: str | None = None  # set when SGLang's scheduler would have crashed
+
+    @web.middleware
+    async def _dead(self, request: web.Request, handler):
+        # A crashed SGLang scheduler kills the server: every later request fails.
+        if self._died is not None:
+            return web.json_response({"error": {"message": f"server is dead: {self._died}"}},
+                                     status=503 if request.path in ("/health", "/health_generate") else 500)
+        return await handler(request)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 31)  # weight buckets are large
+        app = web.Application(client_max_size=1 << 31, middlewares=[self._dead])  # weight buckets are large
         r = app.router
         r.add_route("POST", "/generate", self.generate)
         r.add_route("PUT", "/generate", self.generate)
@@ -88,6 +106,8 @@ class EngineServer:
         return app
 
     async def _cleanup(self, _app) -> None:
+        for group, *_ in self._groups.values():
+            destroy_group(group)
         self._groups.clear()
         await asyncio.to_thread(self.engine.close)
 
@@ -210,7 +230,9 @@ class EngineServer:
         return web.Response(status=200)
 
     async def server_info(self, request: web.Request) -> web.Response:
-        return web.json_response({
+        # enable_deterministic_inference: the hf engine honours sampling_seed always (SGLang only
+        # with --enable-deterministic-inference); the backend reads this field.
+        return web.json_response({"enable_deterministic_inference": True,
             "model_path": self.model_path, "tokenizer_path": self.model_path, "tp_size": self.tp_size,
             "dp_size": 1, "device": self.device, "weight_version": self.engine.weight_version,
             "context_length": self.engine.context_length, "max_running_requests": self.engine.max_batch_size,
@@ -280,19 +302,23 @@ class EngineServer:
                 f"plugrl serve on {self.engine.device.type} joins {' or '.join(allowed)} groups only "
                 f"(backend={backend!r})")}, status=400)
         try:
-            rank = int(body["rank_offset"])
-            group = await asyncio.to_thread(_join, backend, body["master_address"], int(body["master_port"]),
-                                            rank, int(body["world_size"]))
+            # model_runner.py init_weights_update_group: rank = rank_offset + tp_rank (this server is TP rank 0).
+            rank = int(body["rank_offset"]) + 0
+            group = await asyncio.to_thread(custom_group, backend, body["master_address"], int(body["master_port"]),
+                                            rank, int(body["world_size"]), name, 120.0)
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # bad body, or rendezvous failed
             return web.json_response({"success": False, "message": f"init_weights_update_group failed: {exc!r}"},
                                      status=400)
-        self._groups[name] = (*group, rank, backend)
+        self._groups[name] = (group, rank, backend)
         return web.json_response({"success": True, "message": "Succeeded to initialize custom process group."})
 
     async def destroy_group(self, request: web.Request) -> web.Response:
         body = await _json(request)
         name = body.get("group_name", "weight_update_group")
-        found = self._groups.pop(name, None) is not None
+        entry = self._groups.pop(name, None)
+        found = entry is not None
+        if found:
+            destroy_group(entry[0])
         return web.json_response({"success": found, "message": "destroyed" if found else f"no group {name!r}"},
                                  status=200 if found else 400)
 
@@ -301,7 +327,7 @@ class EngineServer:
         name = body.get("group_name", "weight_update_group")
         if name not in self._groups:
             return web.json_response({"success": False, "message": f"no weights update group {name!r}"}, status=400)
-        _store, group, _rank, backend = self._groups[name]
+        group, _rank, backend = self._groups[name]
         try:
             specs = list(zip(body["names"], body["dtypes"], body["shapes"], strict=True))
             device = self.engine.device if backend == "nccl" else "cpu"  # gloo carries host memory
@@ -311,29 +337,33 @@ class EngineServer:
         return await self._load(pairs, body)
 
     async def release_memory(self, request: web.Request) -> web.Response:
-        return await self._memory(request, self.engine.release_memory)
+        return await self._memory(request, release=True)
 
     async def resume_memory(self, request: web.Request) -> web.Response:
-        return await self._memory(request, self.engine.resume_memory)
+        return await self._memory(request, release=False)
 
-    async def _memory(self, request: web.Request, fn) -> web.Response:
+    async def _memory(self, request: web.Request, *, release: bool) -> web.Response:
         body = await _json(request) if request.method != "GET" else {}
+        tags = resolve_tags(body.get("tags"))
+        if not release:
+            missing = [t for t in tags if t not in self._offload_tags]
+            if missing:
+                # SGLang: offload_tags.remove(tag) raises KeyError in the scheduler, which dies.
+                self._died = (f"KeyError {missing[0]!r} in resume_memory_occupation (tags={list(tags)}, released="
+                              f"{sorted(self._offload_tags)}): resuming a tag that is not released kills SGLang")
+                logger.error("%s", self._died)
+                return web.json_response({"error": {"message": self._died}}, status=500)
+            self._offload_tags.difference_update(tags)
+        fn = self.engine.release_memory if release else self.engine.resume_memory
+        known = [t for t in tags if t in MEMORY_TAGS]  # SGLang ignores other tags beyond the bookkeeping
         try:
-            await asyncio.to_thread(fn, body.get("tags"))
+            if known:
+                await asyncio.to_thread(fn, known)
         except (ValueError, RuntimeError) as exc:
             return _error(exc)
+        if release:
+            self._offload_tags.update(tags)
         return web.Response(status=200)
-
-
-def _join(backend: str, address: str, port: int, rank: int, world_size: int):
-    """A stateless group (no ``init_process_group``: the trainer side lives in processes that may
-    already have a default group). NCCL broadcasts into tensors on the engine's GPU."""
-    import torch.distributed as dist
-
-    store = dist.TCPStore(address, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=120))
-    if backend == "nccl":
-        return store, dist.ProcessGroupNCCL(store, rank, world_size)
-    return store, dist.ProcessGroupGloo(store, rank, world_size)
 
 
 def _receive(group, specs, device="cpu") -> list:
@@ -344,9 +374,7 @@ def _receive(group, specs, device="cpu") -> list:
     pairs = []
     for name, dtype, shape in specs:
         tensor = torch.empty([int(s) for s in shape], dtype=wire.torch_dtype(dtype), device=device)
-        opts = dist.BroadcastOptions()
-        opts.rootRank = 0
-        group.broadcast([tensor], opts).wait()
+        dist.broadcast(tensor, src=0, group=group)  # as model_runner.py update_weights_from_distributed
         pairs.append((name, tensor))
     return pairs
 
@@ -371,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     for flag in ("--skip-server-warmup", "--enable-memory-saver"):
         p.add_argument(flag, action="store_true", help="accepted for SGLang compatibility")
-    for flag in ("--gpu-id-step", "--mem-fraction-static", "--log-level"):
+    p.add_argument("--disable-prefill-cuda-graph", action="store_true", help="accepted for SGLang compatibility")
+    for flag in ("--gpu-id-step", "--mem-fraction-static", "--log-level", "--nccl-port"):
         p.add_argument(flag, help="accepted for SGLang compatibility; ignored")
     return p
 

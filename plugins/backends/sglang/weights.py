@@ -5,10 +5,10 @@ Two transports, as in slime §7.5:
     ``load_format="flattened_bucket"``: the bucket is copied once into memory the engine maps (CUDA
     IPC on GPU, ``/dev/shm`` on CPU; ``wire.SharedBucket``) and only handles travel over HTTP, so
     the engines must run on this host;
-  * ``distributed`` (decoupled, any host): one ``init_weights_update_group`` (world = 1 + engines;
-    this process is rank 0, engine i is rank 1 + i), then per bucket
-    ``POST /update_weights_from_distributed`` to every engine while this process broadcasts each
-    tensor in the same order.
+  * ``distributed`` (decoupled, any host): one ``init_weights_update_group`` (this process is rank 0;
+    every TP rank of every engine joins: world = 1 + sum of TP sizes, engine i's ranks start at the
+    cumulative offset, ``compat.group_layout``), then per bucket ``POST /update_weights_from_distributed``
+    to every engine while this process broadcasts each tensor in the same order.
 The caller brackets either with pause -> flush -> ... -> continue.
 """
 
@@ -85,29 +85,76 @@ def _tp_size(client, url: str) -> int:
     return int(response.json().get("tp_size") or 1)
 
 
+def custom_group(backend: str, address: str, port: int, rank: int, world_size: int, group_name: str,
+                 timeout_s: float):
+    """Join the weights update group the way SGLang's engines do (utils/common.py
+    ``init_custom_process_group``, called by model_executor/model_runner.py
+    ``init_weights_update_group``): a ``tcp://`` rendezvous (rank 0 hosts the TCPStore), wrapped in
+    ``PrefixStore(group_name)``, then torch's group helper under ``group_name``, which adds its own
+    ``<group_name>/`` and ``<device>/`` prefixes. Every member must build the group this way: store
+    keys under other prefixes are never seen, and each side waits for the other until the timeout
+    (what a raw TCPStore on rank 0 did). Returns the process group; ``destroy_group`` frees it."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, _, _ = next(c10d.rendezvous(f"tcp://{_host_for_url(address)}:{int(port)}", int(rank), int(world_size),
+                                       timeout=timeout))
+    store.set_timeout(timeout)
+    store = dist.PrefixStore(group_name, store)
+    group, _ = c10d._new_process_group_helper(int(world_size), int(rank), [], dist.Backend(backend), store,
+                                              group_name=group_name, timeout=timeout)
+    # As SGLang: group ranks are global ranks, so torch.distributed.broadcast(src=0, group=...) works.
+    c10d._world.pg_group_ranks[group] = {i: i for i in range(int(world_size))}
+    return group
+
+
+def destroy_group(group) -> None:
+    """Free a ``custom_group`` (and its name: a later group may use it again)."""
+    import torch.distributed as dist
+
+    with contextlib.suppress(ValueError, RuntimeError):  # already destroyed
+        dist.destroy_process_group(group)
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 class DistributedPusher:
-    """This process's side of the weights update group. ``backend`` is ``gloo`` for CPU tensors
-    (plugrl serve) and ``nccl`` for CUDA ones (real SGLang)."""
+    """This process's side of the weights update group (rank 0). ``backend`` is ``gloo`` for CPU
+    tensors (plugrl serve) and ``nccl`` for CUDA ones (real SGLang). ``tp_sizes``: TP ranks of each
+    engine (default 1 each); they set the group's world size and each engine's ``rank_offset``."""
 
     def __init__(self, client, urls: list[str], *, host: str, port: int, backend: str,
-                 group_name: str = "weight_update_group", timeout_s: float = 120.0):
-        import torch.distributed as dist
+                 group_name: str = "weight_update_group", timeout_s: float = 120.0,
+                 tp_sizes: list[int] | None = None):
+        from .compat import group_layout
 
         self.client, self.urls, self.group_name = client, list(urls), group_name
-        world = 1 + len(urls)
-        # Engines connect while this process hosts the store: post the joins from threads.
-        with concurrent.futures.ThreadPoolExecutor(len(urls)) as pool:
-            joins = [pool.submit(_post, client, url, "/init_weights_update_group", {
-                "master_address": host, "master_port": port, "rank_offset": 1 + i, "world_size": world,
-                "group_name": group_name, "backend": backend}) for i, url in enumerate(urls)]
-            self.store = dist.TCPStore(host, port, world, is_master=True,
-                                       timeout=datetime.timedelta(seconds=timeout_s))
-            if backend == "gloo":
-                self.group = dist.ProcessGroupGloo(self.store, 0, world)
-            else:
-                self.group = dist.ProcessGroupNCCL(self.store, 0, world)
+        tp_sizes = [1] * len(self.urls) if tp_sizes is None else [int(t) for t in tp_sizes]
+        if len(tp_sizes) != len(self.urls):
+            raise ValueError(f"tp_sizes names {len(tp_sizes)} engines, {len(self.urls)} URLs are given")
+        world, offsets = group_layout(tp_sizes)
+        self.world_size, self.rank_offsets = world, offsets
+        # Engines connect while this process hosts the store (rank 0 waits for all of them): post
+        # the joins from threads.
+        pool = concurrent.futures.ThreadPoolExecutor(len(urls))
+        joins = [pool.submit(_post, client, url, "/init_weights_update_group", {
+            "master_address": host, "master_port": port, "rank_offset": offset, "world_size": world,
+            "group_name": group_name, "backend": backend}) for url, offset in zip(self.urls, offsets)]
+        self.group = None
+        try:
+            self.group = custom_group(backend, host, port, 0, world, group_name, timeout_s)
             for join in joins:
                 join.result()
+        except BaseException:
+            if self.group is not None:  # an engine refused: free the name for the next attempt
+                destroy_group(self.group)
+            raise
+        finally:
+            # On failure, do not wait for engines still blocked in their own rendezvous.
+            pool.shutdown(wait=False)
 
     def push(self, buckets: list[list], version: str) -> None:
         import torch.distributed as dist
@@ -120,9 +167,7 @@ class DistributedPusher:
                 posts = [pool.submit(_post, self.client, url, "/update_weights_from_distributed", payload)
                          for url in self.urls]
                 for _, tensor in bucket:
-                    opts = dist.BroadcastOptions()
-                    opts.rootRank = 0
-                    self.group.broadcast([tensor.detach().contiguous()], opts).wait()
+                    dist.broadcast(tensor.detach().contiguous(), src=0, group=self.group)
                 for post in posts:
                     post.result()
 
@@ -133,6 +178,9 @@ class DistributedPusher:
             # The engine may be gone already; then there is nothing to release there.
             with contextlib.suppress(httpx.HTTPError):
                 self.client.post(url + "/destroy_weights_update_group", json={"group_name": self.group_name})
+        if self.group is not None:
+            destroy_group(self.group)
+            self.group = None
 
 
 def _post(client, url: str, path: str, payload: dict) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import io
 import os
 import pickle
@@ -45,13 +46,15 @@ class FlattenedTensorMetadata:
     numel: int
 
 
+@functools.lru_cache(maxsize=1)  # a failing sglang import is slow: try it once per process
 def _sender_metadata_class():
     """SGLang's own metadata class when importable (the payload is then exactly slime's), else
     ``types.SimpleNamespace``: SGLang reads the metadata by attribute and its ``SafeUnpickler``
     allows ``types.*`` but not plugrl's module, so a plugrl-pickled class would be refused there."""
     try:
         from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata as cls
-    except ImportError:
+    except Exception:  # noqa: BLE001  not installed, or installed without its dependencies (then its
+        # __init__ fails with ImportError, RuntimeError or a KeyError of a half-imported package)
         import types
 
         cls = types.SimpleNamespace
@@ -101,7 +104,7 @@ class _PayloadUnpickler(pickle.Unpickler):
         if module == "sglang.srt.weight_sync.tensor_bucket" and name == "FlattenedTensorMetadata":
             try:
                 return super().find_class(module, name)
-            except ImportError:  # SGLang is not installed here: same fields, read by attribute
+            except Exception:  # noqa: BLE001  SGLang is not (usably) installed here: same fields, read by attribute
                 return FlattenedTensorMetadata
         allowed = (
             (module, name) in self._EXTRA
