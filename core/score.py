@@ -1,20 +1,20 @@
 """``plugrl score``: score the rows of a JSONL file with a reward plugin, outside any training run.
 
 Runs on the driver machine, in one process: async rewards run concurrently on one event loop, sync
-ones in a thread pool (their CPU-heavy graders use guarded worker processes, see ``timeouts.py``).
+ones in threads (their CPU-heavy graders use guarded worker processes, see ``timeouts.py``); every call is
+bounded by ``--reward-timeout``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import json
 import math
 import sys
 from typing import Any
 
-from .reward_call import Reward, resolve_reward
+from .reward_call import Reward, describe_failure, resolve_reward
 from .types import Sample
 
 DESCRIPTION = """\
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-key", default="label")
     parser.add_argument("--reward-key", help="key of the scalar in dict rewards (e.g. score for dapo)")
     parser.add_argument("--concurrency", type=int, default=64, help="rows scored at once (default 64)")
+    parser.add_argument("--reward-timeout", type=float, metavar="SECONDS",
+                        help="seconds one reward call may take (default 60); a row past it is reported as failed")
     return parser
 
 
@@ -104,17 +106,18 @@ def _check_reward(value: Any) -> Any:
 
 
 async def score_rows(reward: Reward, rows, concurrency: int, errors: list) -> list:
-    """The reward of each row (None where it failed; the failure is added to ``errors``)."""
+    """The reward of each row (None where it failed or ran past ``reward.timeout``; the failure is
+    added to ``errors``)."""
     results: list = [None] * len(rows)
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="reward")
+    reward.concurrency = max(1, concurrency)
     try:
         if reward.batched:
             try:
-                values = await reward._run([sample for _, _, sample in rows], executor)
+                values = await reward.call_one([sample for _, _, sample in rows])
                 if len(values) != len(rows):
                     raise ValueError(f"batched reward returned {len(values)} values for {len(rows)} rows")
             except Exception as exc:
-                errors.append((0, f"batched reward failed: {type(exc).__name__}: {exc}"))
+                errors.append((0, f"batched reward failed: {describe_failure(exc)}"))
                 return results
             for i, value in enumerate(values):
                 try:
@@ -129,15 +132,14 @@ async def score_rows(reward: Reward, rows, concurrency: int, errors: list) -> li
             lineno, _, sample = rows[i]
             async with gate:
                 try:
-                    results[i] = _check_reward(await reward._run(sample, executor))
+                    results[i] = _check_reward(await reward.call_one(sample))
                 except Exception as exc:
-                    errors.append((lineno, f"reward failed: {type(exc).__name__}: {exc}"))
+                    errors.append((lineno, f"reward failed: {describe_failure(exc)}"))
 
         await asyncio.gather(*(one(i) for i in range(len(rows))))
         return results
     finally:
         await reward.close()
-        executor.shutdown(wait=True)
 
 
 def _scalar(value: Any, reward_key: str | None) -> float | None:
@@ -154,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.rm_type and not args.custom_rm_path:
         parser.print_usage(sys.stderr)
         print("plugrl score: give --rm-type NAME or --custom-rm-path module:attr", file=sys.stderr)
+        return 2
+    if args.reward_timeout is not None and not args.reward_timeout > 0:
+        print(f"plugrl score: --reward-timeout must be > 0 seconds, got {args.reward_timeout:g}", file=sys.stderr)
         return 2
     try:
         options = parse_options(args.rm_opt)

@@ -184,3 +184,24 @@ def test_console_line_shows_reward_failures_only_when_there_are_some():
     assert "reward_errors" not in quiet
     loud = console_line(2, {"rollout/raw_reward": 0.5, "rollout/reward_errors": 6, "rollout/reward_timeouts": 2})
     assert "| reward_errors 6 (2 timed out)" in loud
+
+
+def test_plugrl_score_reports_a_hanging_row_and_scores_the_rest(tmp_path, monkeypatch, capsys):
+    from plugrl.core.score import main as score_main
+
+    (tmp_path / "slow_rm.py").write_text(
+        "import time\n"
+        "def rm(sample):\n"
+        "    if sample.label == 'hang':\n"
+        "        time.sleep(30)\n"
+        "    return float(sample.response == sample.label)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"response": "4", "label": "4"}\n{"response": "x", "label": "hang"}\n'
+                    '{"response": "5", "label": "6"}\n')
+    code = score_main(["--custom-rm-path", "slow_rm:rm", "--input", str(rows), "--reward-timeout", "0.5"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert f"{rows}:2: reward failed: timed out after 0.5 s (--reward-timeout 0.5)" in err
+    assert "count: 2" in out and "mean: 0.5" in out and "errors: 1" in out
+    assert score_main(["--custom-rm-path", "slow_rm:rm", "--input", str(rows), "--reward-timeout", "-5"]) == 2

@@ -1,0 +1,148 @@
+"""Nothing produced is lost and nothing is counted twice: interrupted checkpoint writes are tidied at the
+next start, --overwrite-save is the only way to replace another run's checkpoints, a resumed run never
+duplicates a metrics line (and ``plugrl report`` never counts one twice); progress stays readable in a
+log file."""
+
+import io
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from plugrl.core.checkpoint import (
+    checkpoint_rollout_id,
+    clean_interrupted_writes,
+    delete_checkpoints,
+    find_latest_checkpoint,
+    write_checkpoint_atomically,
+)
+from plugrl.core.metrics import latest_rows, read_metrics, set_aside_rows, start_fresh_metrics
+from plugrl.core.progress import Progress, progress_iter
+from plugrl.core.report import main as report_main
+from plugrl.core.train_cli import ProgressBars, prepare_dirs
+
+
+def save(root, rollout_id, text="weights"):
+    def write(tmp):
+        Path(tmp, "model.bin").write_text(text)
+        Path(tmp, "meta.json").write_text(json.dumps({"rollout_id": rollout_id}))
+
+    return write_checkpoint_atomically(str(root), rollout_id, write)
+
+
+def test_orphan_temp_folders_are_removed_and_checkpoints_kept(tmp_path):
+    save(tmp_path, 1)
+    (tmp_path / ".rollout_000003.k2j4").mkdir()  # killed while writing rollout 3
+    (tmp_path / ".rollout_000003.k2j4" / "model.bin").write_text("half")
+    (tmp_path / ".train_rollout_000003.x1").mkdir()  # killed with the trainer's state staged
+    (tmp_path / ".latest.tmp").write_text("rollout_000003\n")
+    changed = clean_interrupted_writes(str(tmp_path))
+    assert changed == ["removed .latest.tmp", "removed .rollout_000003.k2j4", "removed .train_rollout_000003.x1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "rollout_000001"]
+    assert (tmp_path / "rollout_000001" / "model.bin").read_text() == "weights"
+    assert clean_interrupted_writes(str(tmp_path)) == []
+
+
+def test_a_copy_moved_aside_is_put_back_when_the_kill_fell_between_the_renames(tmp_path):
+    save(tmp_path, 2, "old")
+    aside = tmp_path / ".old_rollout_000002.q9"
+    aside.mkdir()
+    (tmp_path / "rollout_000002").rename(aside / "checkpoint")  # the state right after the first rename
+    assert find_latest_checkpoint(str(tmp_path)) is None
+    assert clean_interrupted_writes(str(tmp_path)) == ["restored rollout_000002 from .old_rollout_000002.q9",
+                                                       "removed .old_rollout_000002.q9"]
+    assert (tmp_path / "rollout_000002" / "model.bin").read_text() == "old"
+    assert checkpoint_rollout_id(find_latest_checkpoint(str(tmp_path))) == 2
+
+
+def test_a_copy_moved_aside_is_dropped_when_the_new_one_is_complete(tmp_path):
+    save(tmp_path, 2, "new")
+    (tmp_path / ".old_rollout_000002.q9" / "checkpoint").mkdir(parents=True)
+    assert clean_interrupted_writes(str(tmp_path)) == ["removed .old_rollout_000002.q9"]
+    assert (tmp_path / "rollout_000002" / "model.bin").read_text() == "new"
+
+
+def test_delete_checkpoints_leaves_other_files(tmp_path):
+    save(tmp_path, 0)
+    save(tmp_path, 1)
+    (tmp_path / "notes.txt").write_text("mine")
+    assert delete_checkpoints(str(tmp_path)) == ["latest", "rollout_000000", "rollout_000001"]
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def metrics_file(path, rollout_ids, phase="train"):
+    rows = [{"rollout_id": -1, "phase": "sft", "sft/loss_last": 1.0}]
+    rows += [{"rollout_id": i, "phase": phase, "rollout/raw_reward": i / 10} for i in rollout_ids]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_resume_moves_lines_of_rollouts_to_be_rerun_aside(tmp_path):
+    metrics_file(tmp_path / "metrics.jsonl", [0, 1, 2, 3])
+    assert set_aside_rows(tmp_path, 2) == 2  # checkpoint after rollout 1: rollouts 2 and 3 run again
+    assert [r["rollout_id"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [-1, 0, 1]
+    assert [r["rollout_id"] for r in read_metrics(tmp_path / "metrics.superseded.jsonl")] == [2, 3]
+
+
+def test_prepare_dirs_on_resume_and_on_a_fresh_run(tmp_path, capsys):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    out.mkdir()
+    save(ckpt, 1)
+    (ckpt / ".rollout_000002.zz").mkdir()
+    metrics_file(out / "metrics.jsonl", [0, 1, 2])  # killed after logging rollout 2, before its save
+    args = SimpleNamespace(load=str(ckpt), save=str(ckpt), output_dir=str(out), overwrite_save=False)
+    prepare_dirs(args)
+    printed = capsys.readouterr().out
+    assert "removed .rollout_000002.zz (left by an interrupted checkpoint write)" in printed
+    assert "resuming after rollout 1: 1 metrics line(s) of later rollouts moved" in printed
+    assert [r["rollout_id"] for r in read_metrics(out / "metrics.jsonl")] == [-1, 0, 1]
+    # The same output dir for a new run: the old history is renamed, not appended to.
+    fresh = SimpleNamespace(load=None, save=str(tmp_path / "ckpt2"), output_dir=str(out), overwrite_save=False)
+    prepare_dirs(fresh)
+    assert not (out / "metrics.jsonl").exists()
+    (kept,) = [p for p in out.glob("metrics.2*.jsonl")]
+    assert [r["rollout_id"] for r in read_metrics(kept)] == [-1, 0, 1]
+
+
+def test_overwrite_save_deletes_only_when_asked(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    save(ckpt, 4)
+    keep = SimpleNamespace(load=str(ckpt), save=str(ckpt), output_dir=str(tmp_path / "o1"), overwrite_save=True)
+    prepare_dirs(keep)  # --load names it: a resume, nothing deleted
+    assert (ckpt / "rollout_000004").is_dir()
+    prepare_dirs(SimpleNamespace(load=None, save=str(ckpt), output_dir=str(tmp_path / "o2"), overwrite_save=True))
+    assert "--overwrite-save: deleted latest, rollout_000004" in capsys.readouterr().out
+    assert not any(ckpt.iterdir())
+
+
+def test_report_counts_a_duplicated_line_once(tmp_path, capsys):
+    rows = [{"rollout_id": 0, "phase": "train", "rollout/raw_reward": 0.1},
+            {"rollout_id": 1, "phase": "train", "rollout/raw_reward": 0.2},
+            {"rollout_id": 1, "phase": "train", "rollout/raw_reward": 0.3},  # re-run after a resume
+            {"rollout_id": 1, "phase": "eval", "eval/x/pass@1": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["rollout/raw_reward"] for r in latest_rows(rows) if r["phase"] == "train"] == [0.1, 0.3]
+    assert report_main([str(tmp_path)]) == 0
+    assert "(3 rows," in capsys.readouterr().out
+
+
+def test_progress_in_a_file_has_no_carriage_returns():
+    stream = io.StringIO()
+    items = list(progress_iter(range(5), "[format warm-up]", unit="step", stream=stream, every=0.0))
+    assert items == [0, 1, 2, 3, 4]
+    text = stream.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert lines[0].startswith("[format warm-up]: 1/5 steps, ") and "left" in lines[0]
+    assert lines[-1].startswith("[format warm-up]: 5/5 steps, ") and lines[-1].endswith("(done)")
+    quiet = io.StringIO()
+    with Progress(3, "convert", stream=quiet, every=3600) as progress:
+        progress.update(3)
+    assert quiet.getvalue().startswith("convert: 3/3 steps") and len(quiet.getvalue().splitlines()) == 1
+
+
+def test_rollout_progress_bars_become_plain_lines_outside_a_terminal():
+    stream = io.StringIO()
+    bars = ProgressBars(stream=stream, every=0.0)
+    bars.on_phase("generate", 3)
+    bars.on_progress({"generate": (5, 16), "reward": (2, 16)})
+    bars.close()
+    assert stream.getvalue() == "rollout 3: generate 5/16, reward 2/16\n"
