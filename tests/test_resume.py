@@ -371,10 +371,17 @@ def test_sigkill_then_resume(tmp_path, env):
     run_plugrl(SHORT + ["--num-rollout", str(num_rollout), "--load", str(ckpt), "--save", str(ckpt),
                         "--save-interval", "2", "--output-dir", str(out)], env, resumed_probe, tmp_path / "resumed.log")
 
-    # Restarted right after the last checkpoint, appending to the same metrics.jsonl.
-    after = (out / "metrics.jsonl").read_text()
-    assert after.startswith(metrics_before)
-    new = metrics_rows(after[len(metrics_before):])
+    # Restarted right after the last checkpoint, appending to the same metrics.jsonl; lines the killed
+    # run logged for rollouts after it (run again now) were moved to metrics.superseded.jsonl.
+    before_rows = metrics_rows(metrics_before)
+    kept = [r for r in before_rows if r["rollout_id"] <= last]
+    superseded = out / "metrics.superseded.jsonl"
+    assert (metrics_rows(superseded.read_text()) if superseded.exists() else []) == \
+        [r for r in before_rows if r["rollout_id"] > last]
+    after_rows = metrics_rows((out / "metrics.jsonl").read_text())
+    assert after_rows[:len(kept)] == kept
+    assert len({(r["rollout_id"], r["phase"]) for r in after_rows}) == len(after_rows), "a duplicated line"
+    new = after_rows[len(kept):]
     assert new and new[0]["rollout_id"] == last + 1 and new[0]["phase"] == "train", new[:1]
     assert [r["rollout_id"] for r in new] == list(range(last + 1, num_rollout))
     assert all(r["phase"] == "train" for r in new), "the resumed run re-ran the format warm-up"
