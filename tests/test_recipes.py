@@ -76,6 +76,10 @@ def user_files(tmp_path):
     model = tmp_path / "Qwen3-4B"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    # a complete model folder: core/preflight.py checks for tokenizer, chat template and weights
+    (model / "tokenizer.json").write_text("{}")
+    (model / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+    (model / "model.safetensors").write_bytes(b"")
     return ["--prompt-data", str(prompts), "--eval-prompt-data", "aime", str(aime), "--hf-checkpoint", str(model)]
 
 
@@ -211,6 +215,9 @@ def test_fp8_variant(capsys, tmp_path, user_files):
     fp8.mkdir()
     quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     (fp8 / "config.json").write_text(json.dumps({"model_type": "qwen3", "quantization_config": quant}))
+    (fp8 / "tokenizer.json").write_text("{}")  # a complete model folder (core/preflight.py)
+    (fp8 / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+    (fp8 / "model.safetensors").write_bytes(b"")
     status, config, plan, err = dry_run(capsys, "--recipe", "qwen3-4b-8xh100-fp8", *user_files[:5],
                                         "--hf-checkpoint", str(fp8))
     assert status == 0, err

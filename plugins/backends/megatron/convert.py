@@ -59,8 +59,10 @@ def load_hf_state(path: str | Path) -> dict:
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {path} (only safetensors checkpoints are converted)")
+    from plugrl.core.progress import progress_iter
+
     state: dict = {}
-    for file in files:
+    for file in progress_iter(files, "[convert] reading", unit="shard", every=10.0):  # minutes for a 4B+ model
         state.update(load_file(str(file)))
     return state
 
@@ -156,8 +158,10 @@ def write_hf_checkpoint(hf_state: dict, orig: str | Path, save: str | Path, max_
     if len(buckets) == 1:
         save_file(dict(buckets[0]), str(save / "model.safetensors"), metadata={"format": "pt"})
         return
+    from plugrl.core.progress import progress_iter
+
     weight_map, total = {}, 0
-    for i, bucket in enumerate(buckets, start=1):
+    for i, bucket in enumerate(progress_iter(buckets, "[convert] writing", unit="shard", every=10.0), start=1):
         name = f"model-{i:05d}-of-{len(buckets):05d}.safetensors"
         save_file(dict(bucket), str(save / name), metadata={"format": "pt"})
         for key, tensor in bucket:

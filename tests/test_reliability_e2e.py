@@ -1,0 +1,63 @@
+"""End to end (real Ray, tiny default model): a reward that hangs on its first calls does not zero the
+rest of the run, and a reward that always raises stops the run with a non-zero exit naming it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SHORT = ["train", "--sft-warmup-steps", "0", "--rollout-batch-size", "4", "--n-samples-per-prompt", "2",
+         "--global-batch-size", "8", "--eval-interval", "0"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return {**os.environ, "PLUGRL_CACHE": str(cache), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def run(tmp_path, env, module: str, *extra):
+    (tmp_path / "flaky_reward.py").write_text(module)
+    return subprocess.run([sys.executable, "-m", "plugrl.core.cli", *SHORT, "--custom-rm-path", "flaky_reward:reward",
+                           "--output-dir", str(tmp_path / "out"), *extra], capture_output=True, text=True,
+                          timeout=900, env={**env, "PYTHONPATH": f"{tmp_path}{os.pathsep}{env.get('PYTHONPATH', '')}"})
+
+
+def train_rows(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["phase"] == "train"]
+
+
+def test_a_reward_hanging_on_its_first_calls_only_costs_those_calls(tmp_path, env):
+    result = run(tmp_path, env,
+                 "import itertools, threading, time\n"
+                 "calls = itertools.count()\n"
+                 "def reward(sample):\n"
+                 "    if next(calls) < 2:\n"
+                 "        time.sleep(3600)\n"
+                 "    return 1.0\n",
+                 "--num-rollout", "3", "--reward-timeout", "2")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = train_rows(tmp_path / "out")
+    assert [(r["rollout/reward_errors"], r["rollout/reward_timeouts"]) for r in rows] == [(2, 2), (0, 0), (0, 0)]
+    assert [r["rollout/raw_reward"] for r in rows] == [0.75, 1.0, 1.0]  # 6 of 8, then every sample scored
+    assert "reward_errors 2 (2 timed out)" in result.stdout
+    assert "timed out after 2 s (--reward-timeout 2)" in result.stderr
+
+
+def test_a_reward_that_always_raises_stops_the_run_non_zero(tmp_path, env):
+    result = run(tmp_path, env,
+                 "def reward(sample):\n"
+                 "    raise KeyError('no answer field')\n",
+                 "--num-rollout", "3")
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    (last,) = [line for line in result.stderr.splitlines() if line.startswith("plugrl train: error:")]
+    assert last.startswith("plugrl train: error: the reward failed on 8 of 8 samples of rollout 0 (0 timed out), "
+                           "more than --reward-error-threshold 0.5; first failure: reward --custom-rm-path "
+                           "flaky_reward:reward failed on sample "), last
+    assert "KeyError: 'no answer field'" in last
+    assert train_rows(tmp_path / "out") == []  # it stopped before training on a rollout of zeros
