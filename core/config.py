@@ -437,6 +437,7 @@ def environment_problems(args: argparse.Namespace, plugin_set) -> list[str]:
     _check_requirements(args, plugin_set, problems)
     _check_paths(args, problems)
     _check_device(args, problems)
+    _check_host_memory(args, plugin_set, problems)
     from .preflight import machine_problems
 
     problems.extend(machine_problems(args, plugin_set))  # --save, model folder, --*-path functions, data files
@@ -684,6 +685,40 @@ def _check_device(args, problems: list[str]) -> None:
                 "--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); "
                 "use --device cpu or auto"
             )
+
+
+def planned_colocation(args, plugin_set) -> bool | None:
+    """Whether the placement puts engines on the train GPUs (None when it cannot plan here)."""
+    from .dry_run import placement_request
+
+    try:
+        return bool(plugin_set.get("placement", args.placement)(placement_request(args)).colocated)
+    except (PluginError, ImportError, ValueError):
+        return None
+
+
+def _has_nvidia_gpu() -> bool:
+    """An NVIDIA driver lists a GPU (read from /proc: validation must not import torch)."""
+    try:
+        return bool(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return False
+
+
+def _check_host_memory(args, plugin_set, problems: list[str]) -> None:
+    """A GPU run whose host-memory plan (core/memory_plan.py) exceeds this machine is refused here."""
+    from .memory_plan import host_memory_problem, plan_memory, skip_check
+
+    if args.device == "cpu" or skip_check():
+        return
+    if args.device == "auto" and not args.dry_run and not _has_nvidia_gpu():
+        return  # the run falls back to CPU: no offload, no GPU export
+    colocated = planned_colocation(args, plugin_set)
+    if colocated is None:
+        return
+    problem = host_memory_problem(plan_memory(args, colocated=colocated), args)
+    if problem:
+        problems.append(problem)
 
 
 def _check_cluster(args, plugin_set, problems: list[str]) -> None:

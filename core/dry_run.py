@@ -325,6 +325,10 @@ def describe_run(args: argparse.Namespace, plugin_set) -> list[str]:
         if args.device == "auto":
             lines.append("(--device auto: this placement is used when the cluster has GPUs; else all runs on CPU)")
         lines += _train_lines(args, plan) + _rollout_lines(args, plan)
+        from .memory_plan import plan_memory
+
+        memory = plan_memory(args, colocated=plan.colocated)
+        lines += memory.lines() if memory else ["memory: no plan (the checkpoint's config.json is not readable here)"]
     dropped = getattr(args, "_dropped", None)
     if dropped:
         lines.append(f"recipe values dropped (their plugin was replaced): {', '.join(dropped)}")

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 from .checkpoint import find_latest_checkpoint, write_checkpoint_atomically
 from .flags import without_secrets
+from .host_memory_monitor import HostMemoryMonitor
+from .memory_plan import plan_memory
 from .precision import resolve_precision
 from .train_group import RankDiedError, TrainGroup, probe_bundles, remote_actor_class
 
@@ -238,9 +240,15 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
     cluster = None
     summary = RunSummary(output_dir=args.output_dir)
     plugin_set.pm.hook.plugrl_configure.call_historic(kwargs={"config": args})
+    host_memory = HostMemoryMonitor()
+    memory_plan = None
     try:
         phase("starting actors", -1)
         cluster = Cluster(args, plugin_set, total_optimizer_steps=max(1, args.num_rollout) * steps_per_rollout)
+        if cluster.use_gpu:
+            memory_plan = plan_memory(args, colocated=cluster.plan.colocated)
+            for line in memory_plan.lines() if memory_plan else []:
+                print(f"plugrl train: {line}", flush=True)
         start_rollout = 0
         if args.load and find_latest_checkpoint(args.load):
             start_rollout = _restore(cluster, args.load) + 1
@@ -318,6 +326,10 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
                 _observe(plugin_set.pm.hook.plugrl_on_eval_end, rollout_id, summary.last_eval)
                 metrics.update(summary.last_eval)
             metrics["perf/step_time"] = time.perf_counter() - step_started
+            if host_memory.available:
+                metrics["perf/host_mem_peak_gib"] = host_memory.peak_gib()  # since the run started
+                if memory_plan is not None:
+                    metrics["perf/host_mem_plan_gib"] = memory_plan.host_gib
             _observe(plugin_set.pm.hook.plugrl_on_train_step_end, rollout_id, metrics)
             metrics_logger.log(rollout_id, metrics, phase="train")
             # Saved after its metrics line, so a kill never leaves a checkpoint whose line is missing.
@@ -333,6 +345,11 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
     except (ray.exceptions.RayActorError, RankDiedError) as exc:
         raise ActorDiedError(_death_message(exc, args)) from exc
     finally:
+        host_memory.close()
+        if memory_plan is not None and host_memory.available:
+            print(f"plugrl train: host memory peak {host_memory.peak_gib():.1f} GiB in use on this machine "
+                  f"({host_memory.peak_above_baseline_gib():.1f} GiB above its use before the run); "
+                  f"planned {memory_plan.host_gib:.1f} GiB", flush=True)
         metrics_logger.close()
         if cluster is not None:
             cluster.shutdown()

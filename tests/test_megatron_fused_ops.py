@@ -50,7 +50,7 @@ def test_compiled_equals_plain_forward_and_backward(name):
     from plugrl.plugins.backends.megatron import fused_ops
 
     fn = getattr(fused_ops, name)
-    compiled = fused_ops._compiled(fn)
+    compiled = fused_ops.dispatcher(fn)
     gen = torch.Generator().manual_seed(2)
 
     def inputs(t):
@@ -97,11 +97,9 @@ def test_a_failing_compiler_turns_fusion_off(monkeypatch):
     assert fused_ops.check_compiler("cpu") is None  # inductor's CPU backend compiles the probe here
     FakeCuda.shape = (7, 4, 16)
     compiled = fused_ops.fused(fused_ops.rotate, FakeCuda(), True)
-    assert compiled is fused_ops._compiled(fused_ops.rotate, (4, 16)) and compiled is not fused_ops.rotate
-    FakeCuda.shape = (9, 4, 16)  # another pack length: the same wrapper (it goes dynamic in T)
+    assert compiled is not fused_ops.rotate
+    FakeCuda.shape = (9, 2, 16)  # every call of one function goes through the same dispatcher
     assert fused_ops.fused(fused_ops.rotate, FakeCuda(), True) is compiled
-    FakeCuda.shape = (9, 2, 16)  # other heads (k, or another norm): its own wrapper, its own recompile budget
-    assert fused_ops.fused(fused_ops.rotate, FakeCuda(), True) is not compiled
 
     def broken_compile(fn, **_kwargs):
         def run(*args):
@@ -113,3 +111,34 @@ def test_a_failing_compiler_turns_fusion_off(monkeypatch):
     fused_ops._compiler_checked.clear()
     assert fused_ops.check_compiler("cpu") == "RuntimeError: InductorError: no C compiler found"
     assert fused_ops.fused(fused_ops.rotate, FakeCuda(), True) is fused_ops.rotate
+
+
+def test_call_variants_never_reach_the_recompile_limit(monkeypatch):
+    """The norm sees many argument signatures (rank, heads, grad mode, contiguity) and a pack length
+    that changes every step. One compiled function for all of them recompiled past dynamo's limit
+    within a step (GPU run of the 4B recipe; every later call ran unfused). With a limit of 2 here,
+    the same sequence of calls must raise through a single torch.compile and pass through
+    ``dispatcher`` (each signature its own code object: static length, then symbolic)."""
+    import torch._dynamo
+    from plugrl.plugins.backends.megatron import fused_ops
+
+    monkeypatch.setattr(fused_ops, "_BACKEND", "eager")
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()
+    weight = torch.ones(16)
+
+    def calls(norm):
+        for t in (5, 7, 11, 13):  # the pack length of successive steps
+            x = torch.randn(t, 16)
+            norm(x, weight, 1e-6)  # [T, hidden]
+            norm(torch.randn(t, 3, 16), weight, 1e-6)  # [T, heads, dim]
+            norm(torch.randn(t, 1, 16).transpose(0, 1), weight, 1e-6)  # [1, T, hidden] view (non-contiguous)
+            with torch.no_grad():
+                norm(x, weight, 1e-6)
+
+    calls(fused_ops.dispatcher(fused_ops.rms_norm_fp32))  # passes
+    torch._dynamo.reset()
+    shared = torch.compile(fused_ops.rms_norm_fp32, backend="eager")
+    with pytest.raises(Exception, match="recompile_limit|cache_size_limit|recompil"):
+        calls(shared)

@@ -29,6 +29,7 @@ from plugrl.core.gpu_offload import StorageOffload
 from plugrl.core.packing import karmarkar_karp, plan_micro_batches, split_into_steps
 from plugrl.core.precision import resolve_precision
 from plugrl.core.types import option as _opt
+from plugrl.core.weight_buckets import WeightBuckets
 
 logger = logging.getLogger(__name__)
 
@@ -338,11 +339,13 @@ class TorchTrainBackend:
         ranks other than 0 (all ranks hold the same weights, the driver uses rank 0's)."""
         if self.rank != 0:
             return []
-        buckets, current, size = [], {}, 0
+        buckets, current, size = WeightBuckets(), {}, 0
+        offloaded = self._offloaded.offloaded
         for name, tensor in self.model.state_dict().items():
-            if self._offloaded.offloaded:  # colocated: weights are pushed while the trainer is offloaded
-                tensor = self._offloaded.host_view(tensor)
-            t = tensor.detach().to("cpu", copy=True)
+            if offloaded:  # colocated: weights are pushed while the trainer is offloaded
+                tensor = self._offloaded.host_view(tensor)  # a view of the offload buffer: no host copy
+            # a live CPU parameter is copied (an in-process reader must not see the next step's values)
+            t = tensor.detach().to("cpu", copy=not offloaded)
             nbytes = t.numel() * t.element_size()
             if bucket_bytes and current and size + nbytes > bucket_bytes:
                 buckets.append(current)

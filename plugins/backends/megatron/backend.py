@@ -28,6 +28,7 @@ import torch.distributed as dist
 from plugrl.core.gpu_offload import StorageOffload
 from plugrl.core.packing import plan_micro_batches, split_into_steps
 from plugrl.core.types import option as _opt
+from plugrl.core.weight_buckets import WeightBuckets
 from plugrl.core.precision import resolve_precision
 from plugrl.plugins.backends.torch_trainer import (
     lr_lambda_factory,
@@ -414,10 +415,11 @@ class MegatronTrainBackend:
         """Every TP rank's model shard on CPU, on DP rank 0's TP group (collective over TP); None elsewhere."""
         if self.layout.dp_rank != 0:
             return None
+        offloaded = bool(self._offloaded.cpu_state)  # host views of the offload buffers
         local = self._offloaded.cpu_state or {k: v for k, v in self.model.state_dict().items()
                                               if not k.endswith("_extra_state")}
-        if self.tp_size == 1:
-            return [{k: v.detach().to("cpu", copy=True) for k, v in local.items()}]
+        if self.tp_size == 1:  # host views stay views (a copy would double the host memory of a 4B export)
+            return [{k: v.detach().to("cpu", copy=not offloaded) for k, v in local.items()}]
         shards: list[dict] = [{} for _ in range(self.tp_size)]
         for name, tensor in local.items():
             tensor = tensor.detach().to(self.device).contiguous()  # one tensor at a time (nccl gathers on the GPU)
@@ -434,9 +436,10 @@ class MegatronTrainBackend:
             return []
         hf_state = self.bridge.megatron_to_hf(shards, self.cfg)
         pairs = [(name, tensor.to(self.dtype) if tensor.is_floating_point() else tensor) for name, tensor in hf_state.items()]
+        del hf_state, shards
         if not bucket_bytes:
-            return [dict(pairs)]
-        return [dict(bucket) for bucket in self.bridge.export_hf_buckets(pairs, int(bucket_bytes))]
+            return WeightBuckets([dict(pairs)])
+        return WeightBuckets(dict(bucket) for bucket in self.bridge.export_hf_buckets(pairs, int(bucket_bytes)))
 
     def save(self, path: str) -> None:
         """Per-rank model shard, optimizer state and RNG; ``meta`` from rank 0. Every rank calls it."""

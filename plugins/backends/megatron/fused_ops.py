@@ -13,6 +13,7 @@ CUDA and the fusion is on. Called inside the train actors from the norm and core
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from functools import cache
 
@@ -82,18 +83,55 @@ def check_compiler(device: torch.device | str = "cuda") -> str | None:
     return _compiler_problem
 
 
+def _signature(value) -> tuple | object:
+    """What dynamo guards on, minus the token count: rank, trailing sizes, dtype, grad and layout
+    (strides as contiguity, size-1 dimensions ignored: a view's stride there is arbitrary)."""
+    if isinstance(value, torch.Tensor):
+        layout = value.is_contiguous() or value.reshape(-1).is_contiguous()
+        return ("tensor", value.dim(), tuple(value.shape[1:]), value.dtype, value.requires_grad, layout)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return type(value)
+
+
 @cache
-def _compiled(fn: Callable, trailing_shape: tuple = ()) -> Callable:
-    return torch.compile(fn)
+def _compiled(fn: Callable, signature: tuple) -> Callable:
+    """A compiled copy of ``fn`` for one argument signature. Dynamo keeps its cache (and counts the
+    recompile limit) per code object, so each variant gets its own copy of ``fn``'s code: a variant
+    then compiles at most twice (static token count, then symbolic) however many variants run."""
+    code = fn.__code__.replace()  # an equal but distinct code object
+    copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return torch.compile(copy, backend=_BACKEND)
+
+
+_BACKEND = "inductor"  # tests swap in dynamo's "eager" backend: the same guards, no kernel build
+
+
+def dispatcher(fn: Callable) -> Callable:
+    """Calls ``fn``'s compiled copy for the signature of each call's arguments."""
+
+    def dispatch(*args, **kwargs):
+        signature = (tuple(_signature(a) for a in args), tuple(sorted((k, _signature(v)) for k, v in kwargs.items())),
+                     torch.is_grad_enabled())
+        return _compiled(fn, signature)(*args, **kwargs)
+
+    return dispatch
 
 
 def fused(fn: Callable, tensor: torch.Tensor, enabled: bool) -> Callable:
     """``fn`` compiled when ``enabled``, ``tensor`` is on CUDA and compiling works, else ``fn`` itself.
 
-    One compiled wrapper per function and trailing shape of ``tensor`` (all but the token
-    dimension): the same norm runs on ``[T, hidden]``, ``[T, q_heads, dim]`` and ``[T, kv_heads, dim]``,
-    each with and without grad and with a static then a symbolic ``T``; in one wrapper those
-    variants would pass dynamo's recompile limit (8) and the rest would silently run unfused."""
+    The returned callable picks one compiled copy per call signature (``_signature`` of every
+    argument): the same norm runs on ``[T, hidden]``, ``[s, b, hidden]``, ``[T, q_heads, dim]`` and
+    ``[T, kv_heads, dim]``, with and without grad, contiguous or not; sharing one code object those
+    variants passed dynamo's recompile limit (8) within a few steps, and every call after that ran
+    uncompiled, with a warning per step."""
     if not (enabled and tensor.is_cuda and _compiler_problem is None):
         return fn
-    return _compiled(fn, tuple(tensor.shape[1:]))
+    return _dispatchers(fn)
+
+
+@cache
+def _dispatchers(fn: Callable) -> Callable:
+    return dispatcher(fn)

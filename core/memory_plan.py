@@ -1,0 +1,200 @@
+"""Host and GPU memory of a run, planned on the driver like its placement (``--dry-run`` and the start
+of every run), so a plan that cannot fit is refused before any actor starts.
+
+Where the host memory of a GPU run goes (per node):
+- the trainer's offloaded state (colocated, ``--offload-train``): kept tensors are copied once into
+  reused, pinned host buffers (``core/gpu_offload.py``): parameters, fp32 main parameters and both
+  Adam moments (megatron; sharded over DP with the distributed optimizer) or parameters and AdamW
+  moments (torch); the reference model's parameters when a KL term needs it. Gradients are not kept;
+- the engines' host copy of their weights (colocated, ``--offload-rollout``);
+- one weight export in Ray's object store during a push (``core/weight_buckets.py``: readers map it,
+  nobody copies it), plus the export's conversion temporaries on train rank 0 (megatron: the
+  qkv split and gate/up halves; with TP > 1 the gathered shards);
+- a fixed cost per process that holds a CUDA context and torch (measured below).
+
+The sizes come from the checkpoint's ``config.json`` (read as JSON: no torch import).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GIB = 2**30
+# Measured on one H200 (torch 2.11, 2026-12-04): RSS of a train actor / an engine process with a CUDA
+# context, torch, transformers (and megatron-core) imported, before any model: ~2.5 GiB each; the
+# driver, Ray's GCS/raylet and idle workers together ~2 GiB.
+GPU_PROCESS_GIB = 2.5
+RAY_AND_DRIVER_GIB = 2.0
+# Ray's memory monitor kills workers above this share of the node's memory (RAY_memory_usage_threshold).
+RAY_KILL_FRACTION = 0.95
+
+
+@dataclass
+class ModelShape:
+    params: int  # every parameter, tied embeddings counted once
+    converted: int  # parameters the megatron -> HF export rebuilds (fused qkv, gate/up)
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelShape | None:
+        text = config.get("text_config", config)
+        try:
+            hidden, layers, vocab = int(text["hidden_size"]), int(text["num_hidden_layers"]), int(text["vocab_size"])
+            heads = int(text["num_attention_heads"])
+            kv_heads = int(text.get("num_key_value_heads") or heads)
+            head_dim = int(text.get("head_dim") or hidden // heads)
+            ffn = int(text["intermediate_size"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        qkv = hidden * (heads + 2 * kv_heads) * head_dim
+        mlp_in = 2 * hidden * ffn
+        per_layer = qkv + heads * head_dim * hidden + mlp_in + hidden * ffn + 2 * hidden + 2 * head_dim
+        embeddings = vocab * hidden * (1 if text.get("tie_word_embeddings", config.get("tie_word_embeddings")) else 2)
+        return cls(params=layers * per_layer + embeddings + hidden, converted=layers * (qkv + mlp_in))
+
+
+def read_model_shape(hf_checkpoint: str | None) -> ModelShape | None:
+    try:
+        config = json.loads((Path(hf_checkpoint) / "config.json").read_text())
+    except (TypeError, OSError, ValueError):
+        return None
+    return ModelShape.from_config(config) if isinstance(config, dict) else None
+
+
+def node_memory_bytes() -> int | None:
+    """MemTotal of this machine (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def host_used_bytes() -> int | None:
+    """Memory in use on this machine as Ray's memory monitor counts it (total - available)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemTotal"] - info["MemAvailable"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class MemoryPlan:
+    host_items: list[tuple[str, float]] = field(default_factory=list)  # (what, GiB) on the busiest node
+    gpu_items: list[tuple[str, float]] = field(default_factory=list)  # (what, GiB) on the busiest GPU
+    node_gib: float | None = None
+
+    @property
+    def host_gib(self) -> float:
+        return sum(gib for _, gib in self.host_items)
+
+    @property
+    def gpu_state_gib(self) -> float:
+        return sum(gib for _, gib in self.gpu_items)
+
+    def lines(self) -> list[str]:
+        limit = (f" of {self.node_gib:.0f} GiB on this machine (Ray kills workers above "
+                 f"{RAY_KILL_FRACTION * self.node_gib:.0f})") if self.node_gib else ""
+        out = [f"host memory, busiest node: ~{self.host_gib:.1f} GiB at peak{limit}"]
+        out += [f"  {gib:6.1f} GiB  {what}" for what, gib in self.host_items]
+        out.append(f"GPU memory, busiest GPU: ~{self.gpu_state_gib:.1f} GiB of model state, before activations and KV")
+        out += [f"  {gib:6.1f} GiB  {what}" for what, gib in self.gpu_items]
+        return out
+
+
+def _needs_ref(args) -> bool:
+    return bool(getattr(args, "use_kl_loss", False)) or float(getattr(args, "kl_coef", 0.0) or 0.0) != 0.0
+
+
+def plan_memory(args, *, colocated: bool, on_gpu: bool = True, node_bytes: int | None = None) -> MemoryPlan | None:
+    """The plan for a validated config, or None when the checkpoint's size is unknown. ``colocated``:
+    the placement puts engines on the train GPUs."""
+    shape = read_model_shape(getattr(args, "hf_checkpoint", None))
+    if shape is None:
+        return None
+    node = node_bytes if node_bytes is not None else node_memory_bytes()
+    plan = MemoryPlan(node_gib=node / GIB if node else None)
+    P = shape.params
+    megatron = getattr(args, "train_backend", None) == "megatron"
+    bf16 = on_gpu and not getattr(args, "fp32", False) and getattr(args, "bf16", None) is not False
+    param_bytes = 2 if bf16 else 4
+    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1) if megatron else 1
+    pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1) if megatron else 1
+    world = int(args.actor_num_nodes) * int(args.actor_num_gpus_per_node)
+    dp = max(1, world // (tp * pp * int(getattr(args, "context_parallel_size", 1) or 1)))
+    ranks_per_node = int(args.actor_num_gpus_per_node)
+    model_parallel = tp * pp
+    if megatron:  # bf16 params + fp32 main params and two fp32 moments (sharded over DP when distributed)
+        distributed = on_gpu and getattr(args, "use_distributed_optimizer", None) is not False
+        optimizer_bytes = 12 / (dp if distributed else 1) if bf16 else 8
+        grad_bytes = 4  # fp32 main grads
+    else:  # AdamW moments in the parameter dtype
+        optimizer_bytes, grad_bytes = 2 * param_bytes, param_bytes
+    params_rank = P * param_bytes / model_parallel
+    optimizer_rank = P * optimizer_bytes / model_parallel
+    ref_rank = P * param_bytes / model_parallel if _needs_ref(args) else 0
+    per_engine = int(getattr(args, "rollout_num_gpus_per_engine", 1) or 1)
+    engine_gpus_node = (ranks_per_node if colocated else
+                        min(int(getattr(args, "rollout_num_gpus", 0) or 0), int(getattr(args, "num_gpus_per_node", 8) or 8)))
+    engine_weights_gpu = P * 2 / per_engine  # engines serve bf16 on GPUs
+
+    offload_train = colocated and bool(getattr(args, "offload_train", False))
+    offload_rollout = colocated and bool(getattr(args, "offload_rollout", False))
+    if offload_train:
+        plan.host_items.append((f"trainer state offloaded by {ranks_per_node} rank(s): parameters + optimizer"
+                                + (" + reference model" if ref_rank else "") + " (--offload-train)",
+                                ranks_per_node * (params_rank + optimizer_rank + ref_rank) / GIB))
+    if offload_rollout:
+        plan.host_items.append((f"engine weights held on the host by {engine_gpus_node} engine GPU(s) while training "
+                                "(--offload-rollout)", engine_gpus_node * engine_weights_gpu / GIB))
+    export = P * 2
+    plan.host_items.append(("one weight export in Ray's object store during a push (--update-weight-buffer-size "
+                            "buckets, read in place by the engines)", export / GIB))
+    temporaries = (P * 2) if (megatron and tp > 1) else (shape.converted * 2 if megatron else 0)
+    if not offload_train and not megatron:
+        temporaries = 0  # the torch backend copies GPU tensors straight into the export
+    if temporaries:
+        plan.host_items.append(("export conversion on train rank 0 (megatron -> HF names; TP shards gathered)",
+                                temporaries / GIB))
+    processes = ranks_per_node + (0 if colocated else engine_gpus_node // per_engine) + 1  # + rollout manager
+    plan.host_items.append((f"{processes} processes with CUDA and torch loaded, Ray and the driver",
+                            processes * GPU_PROCESS_GIB + RAY_AND_DRIVER_GIB))
+
+    plan.gpu_items.append((f"trainer parameters, gradients and optimizer state per rank (TP {tp} × PP {pp}, DP {dp})",
+                           (params_rank + optimizer_rank + P * grad_bytes / model_parallel + ref_rank) / GIB))
+    if colocated:
+        plan.gpu_items.append(("engine weights on the same GPU" + (" (released while training)" if offload_rollout else ""),
+                               engine_weights_gpu / GIB))
+    return plan
+
+
+def host_memory_problem(plan: MemoryPlan | None, args) -> str | None:
+    """The refusal for a plan whose host peak cannot fit this machine, naming what to change."""
+    if plan is None or not plan.node_gib:
+        return None
+    limit = RAY_KILL_FRACTION * plan.node_gib
+    if plan.host_gib <= limit:
+        return None
+    fixes = []
+    if getattr(args, "offload_train", False):
+        fixes.append("--no-offload-train (the trainer keeps its state on the GPU while the engine generates)")
+    if getattr(args, "offload_rollout", False):
+        fixes.append("--no-offload-rollout")
+    if _needs_ref(args) and float(getattr(args, "kl_coef", 0.0) or 0.0) == 0.0 and \
+            float(getattr(args, "kl_loss_coef", 0.0) or 0.0) == 0.0:
+        fixes.append("--no-use-kl-loss (its coefficient is 0: the reference model only costs memory)")
+    fixes.append("more train GPUs per node or more nodes (the state is split over ranks)")
+    return (f"host memory: this plan needs ~{plan.host_gib:.0f} GiB at peak on one node, but Ray kills workers above "
+            f"{limit:.0f} GiB on this {plan.node_gib:.0f} GiB machine (--dry-run lists where it goes); try "
+            + "; or ".join(fixes) + ". PLUGRL_SKIP_MEMORY_CHECK=1 starts anyway")
+
+
+def skip_check() -> bool:
+    return os.environ.get("PLUGRL_SKIP_MEMORY_CHECK", "") not in ("", "0")
