@@ -181,3 +181,18 @@ def test_driver_checks():
     assert "not one of" in _problems(["--loss-agg-mode", "token-sum"])
     assert "only applies" in _problems(["--loss-scale-factor", "8"])
     assert "must be > 0" in _problems(["--loss-agg-mode", "seq-mean-token-sum-norm", "--loss-scale-factor", "0"])
+
+
+def test_an_explicit_mode_overrides_the_estimators_and_sets_the_step_normaliser():
+    lengths = [3, 1, 4, 2]
+    masks = [torch.ones(n, dtype=torch.long) for n in lengths]
+    args = SimpleNamespace(eps_clip=EPS, loss_agg_mode="token-mean", n_samples_per_prompt=GROUP)
+    estimator = DrGRPOEstimator(args)
+    prepared = prepare_rollout(args, _data([0.5, -0.5, 0.5, -0.5], lengths, masks), estimator, "cpu", num_steps=1,
+                               has_ref=False, compute_log_probs=None, gather=None)
+    assert prepared.loss_agg_mode == "token-mean"
+    assert prepared.step_scale(range(4)) == pytest.approx(1 / 10)  # the step's tokens, not its 4 rollouts
+    per_token = SimpleNamespace(eps_clip=EPS, calculate_per_token_loss=True, n_samples_per_prompt=GROUP)
+    grpo = prepare_rollout(per_token, _data([0.5, -0.5, 0.5, -0.5], lengths, masks), GRPOEstimator(per_token), "cpu",
+                           num_steps=1, has_ref=False, compute_log_probs=None, gather=None)
+    assert grpo.loss_agg_mode == "token-mean"
