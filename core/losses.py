@@ -301,9 +301,9 @@ def tis_weights(
 
     ``w = clamp(exp(logπ_train − logπ_rollout), clip_low, clip)`` (no grad), multiplied into the
     per-token policy loss. ``log_ratio`` replaces the per-token log-ratio (``--tis-level sequence`` /
-    ``geometric``, from ``mismatch_log_ratio``; bounded to ±20 before ``exp``). Per-token metrics:
-    ``tis`` (the unclamped ratio), ``tis_clipfrac`` (1 where the clamp changed it) and
-    ``tis_abs = |ratio − 1|``."""
+    ``geometric``, from ``mismatch_log_ratio``); the log-ratio is bounded to ±20 before ``exp`` so a
+    long sequence cannot overflow. Per-token metrics: ``tis`` (the ratio before the clamp),
+    ``tis_clipfrac`` (1 where the clamp changed it) and ``tis_abs = |ratio − 1|``."""
     with torch.no_grad():
         if log_ratio is None:
             log_ratio = train_log_probs.float() - rollout_log_probs.float()
