@@ -138,7 +138,7 @@ def test_vocab_parallel_log_probs_and_grads_equal_autograd_reference(monkeypatch
 
     monkeypatch.setattr(vocab_parallel, "CHUNK_ROWS", chunk)
     if compiled:
-        monkeypatch.setattr(fused_ops, "fused", lambda fn, tensor, enabled: fused_ops._compiled(fn))
+        monkeypatch.setattr(fused_ops, "fused", lambda fn, tensor, enabled: fused_ops.dispatcher(fn))
     torch.manual_seed(0)
     vocab, padded, temperature = 50, 56, 0.7
     logits = torch.randn(9, padded, dtype=torch.float64, requires_grad=True)
