@@ -134,6 +134,30 @@ def test_release_and_resume_memory(backend):
     assert asyncio.run(backend.generate(PROMPT, {"max_new_tokens": 1}))["completion_tokens"] == 1
 
 
+def test_resume_sends_only_released_tags(backend):
+    """plugrl serve dies like SGLang when asked to resume a tag that is not released; the client
+    resumes only what it released, so weights-then-everything (what the loop once did) is safe."""
+    backend.release_memory()
+    backend.resume_memory(["weights"])
+    backend.resume_memory(None)  # everything still released: kv_cache and cuda_graph
+    backend.resume_memory(["weights"])  # nothing released: no request
+    assert backend.health()
+    assert asyncio.run(backend.generate(PROMPT, {"max_new_tokens": 1}))["completion_tokens"] == 1
+    assert backend.reproducible_sampling  # plugrl serve honours sampling_seed (and says so)
+
+
+def test_abort_refuses_to_read_a_missing_v1_loads_as_idle(backend):
+    """A server without /v1/loads (SGLang < 0.5.9) answers 404: the abort must fail, not report idle."""
+    from .test_sglang_compat import FakeServer
+
+    old = FakeServer({"/abort_request": (200, {})})
+    try:
+        with pytest.raises(RuntimeError, match=r"/v1/loads answered 404.*>=0\.5\.9"):
+            asyncio.run(backend._abort_worker("http://" + old.addr))
+    finally:
+        old.close()
+
+
 def test_external_engines_share_a_new_router(backend, checkpoint):
     addrs = [u.removeprefix("http://") for u in backend.worker_urls]
     other = SGLangRolloutBackend(checkpoint, external_engine_addrs=addrs, request_retries=2, retry_interval=0.2)
@@ -197,6 +221,33 @@ def test_launched_engines_see_the_gpus_the_placement_gave_them(checkpoint, tmp_p
         b.close()
     assert [line.split()[0] for line in seen] == ["5", "7"]
     assert all("--base-gpu-id 0" in line for line in seen)
+
+
+def test_colocated_engines_get_slimes_memory_saver_setup(checkpoint, tmp_path, monkeypatch):
+    """memory_saver (colocated): --enable-memory-saver, SGLANG_MEMORY_SAVER_CUDA_GRAPH and the TP
+    imbalance check off in the engine's environment, PYTORCH_CUDA_ALLOC_CONF removed, the prefill CUDA
+    graph disabled where the installed SGLang has the flag; every engine gets its own --nccl-port."""
+    from plugrl.plugins.backends.sglang import compat
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    wrapper = tmp_path / "record_then_serve.sh"
+    seen = tmp_path / "seen.txt"
+    wrapper.write_text('#!/bin/sh\necho "${PYTORCH_CUDA_ALLOC_CONF:-unset} $SGLANG_MEMORY_SAVER_CUDA_GRAPH '
+                       '$SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK $*" >> "' + str(seen) + '"\n'
+                       f'exec {SERVE} "$@"\n')
+    wrapper.chmod(0o755)
+    b = SGLangRolloutBackend(checkpoint, device="cpu", seed=0, num_engines=2, launch_command=str(wrapper),
+                             memory_saver=True, startup_timeout=120)
+    try:
+        lines = sorted(seen.read_text().splitlines())
+    finally:
+        b.close()
+    assert [line.split()[:3] for line in lines] == [["unset", "true", "false"]] * 2
+    assert all("--enable-memory-saver" in line for line in lines)
+    ports = [line.split("--nccl-port ")[1].split()[0] for line in lines]
+    assert len(set(ports)) == 2
+    has_flag = "disable_prefill_cuda_graph" in compat.installed_server_fields()
+    assert all(("--disable-prefill-cuda-graph" in line) == has_flag for line in lines)
 
 
 def test_engine_gpu_ids_follow_the_sorted_bundles():
