@@ -159,3 +159,19 @@ def test_multi_node_and_port_flags_are_refused_with_true_reasons():
                                 memory_saver=True, device=None, nccl_port=7, defaults={"disable_prefill_cuda_graph": True},
                                 overrides={"disable_prefill_cuda_graph": False})
     assert values["nccl_port"] == 7 and values["disable_prefill_cuda_graph"] is False  # the user's override wins
+
+
+def test_fp8_pushes_to_blackwell_engines_are_refused(monkeypatch):
+    """Engine GPUs (physical ids from the placement) of compute capability 10.x with JIT DeepGEMM on
+    would misread float32 scales: the backend refuses at start, naming the variable that avoids it."""
+    from plugrl.plugins.backends.sglang import engine as sglang_engine
+
+    monkeypatch.delenv("SGLANG_ENABLE_JIT_DEEPGEMM", raising=False)
+    monkeypatch.setattr(sglang_engine, "_compute_caps", lambda: {0: (9, 0), 1: (9, 0), 2: (10, 0), 3: (10, 0)})
+    backend = SimpleNamespace(_options={"engine_gpu_ids": [[0, 1], [2, 3]]}, device=None, _external_urls=lambda: [])
+    with pytest.raises(RuntimeError, match=r"engines \[1\] run on sm_100.*SGLANG_ENABLE_JIT_DEEPGEMM=0"):
+        sglang_engine.SGLangRolloutBackend._check_fp8_scales(backend)
+    backend._options["engine_env"] = {"SGLANG_ENABLE_JIT_DEEPGEMM": "0"}
+    sglang_engine.SGLangRolloutBackend._check_fp8_scales(backend)  # DeepGEMM off: float32 scales are read as such
+    backend._options = {"engine_gpu_ids": [[0, 1]]}
+    sglang_engine.SGLangRolloutBackend._check_fp8_scales(backend)  # Hopper

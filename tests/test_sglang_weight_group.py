@@ -143,6 +143,32 @@ def _common_path(side: str) -> str | None:
     return str(root / "srt" / "utils" / "common.py")
 
 
+def _push(urls: list[str], buckets: list, **options) -> None:
+    """Build the group and push, in a thread bounded by 3 x TIMEOUT_S: a rank 0 that builds its group
+    differently from the engines hangs in its own rendezvous (30 minutes by default), and the test
+    must fail instead of hanging with it."""
+    errors = []
+
+    def run():
+        try:
+            with httpx.Client(timeout=120, trust_env=False) as client:
+                pusher = DistributedPusher(client, urls, host="127.0.0.1", port=launch.free_port(), backend="gloo",
+                                           timeout_s=TIMEOUT_S, **options)
+                try:
+                    pusher.push(buckets, "3")
+                finally:
+                    pusher.close()
+        except BaseException as exc:  # noqa: BLE001  reported by the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(3 * TIMEOUT_S)
+    assert not thread.is_alive(), "rank 0 and the engines never formed the weights update group (hang)"
+    if errors:
+        raise errors[0]
+
+
 def _bucket(seed: int):
     g = torch.Generator().manual_seed(seed)
     return [("a.weight", torch.randn(4, 3, generator=g)), ("b.bias", torch.randn(5, generator=g).to(torch.bfloat16)),
@@ -155,14 +181,8 @@ def test_rank0_joins_the_group_sglang_engines_build(side):
     names (a raw TCPStore on rank 0 and PrefixStore(group_name) on the engine hang until the timeout)."""
     engine = FakeEngine(1, _common_path(side))
     try:
-        with httpx.Client(timeout=120, trust_env=False) as client:
-            pusher = DistributedPusher(client, [engine.url], host="127.0.0.1", port=launch.free_port(),
-                                       backend="gloo", timeout_s=TIMEOUT_S)
-            try:
-                bucket = _bucket(0)
-                pusher.push([bucket], "3")
-            finally:
-                pusher.close()
+        bucket = _bucket(0)
+        _push([engine.url], [bucket])
         assert engine.received == [[{n: t.double().sum().item() for n, t in bucket}]]
     finally:
         engine.close()
@@ -175,14 +195,8 @@ def test_every_tp_rank_of_every_engine_has_its_own_rank(side):
     common = _common_path(side)
     engines = [FakeEngine(2, common), FakeEngine(1, common)]
     try:
-        with httpx.Client(timeout=120, trust_env=False) as client:
-            pusher = DistributedPusher(client, [e.url for e in engines], host="127.0.0.1", port=launch.free_port(),
-                                       backend="gloo", timeout_s=TIMEOUT_S, tp_sizes=[2, 1])
-            try:
-                buckets = [_bucket(1), _bucket(2)]
-                pusher.push(buckets, "4")
-            finally:
-                pusher.close()
+        buckets = [_bucket(1), _bucket(2)]
+        _push([e.url for e in engines], buckets, tp_sizes=[2, 1])
         assert [(b["world_size"], b["rank_offset"]) for e in engines for b in e.init_bodies] == [(4, 1), (4, 3)]
         expected = [{n: t.double().sum().item() for n, t in bucket} for bucket in buckets]
         for engine in engines:

@@ -142,7 +142,7 @@ class SGLangRolloutBackend:
         defaults = {}
         if memory_saver and "disable_prefill_cuda_graph" in compat.installed_server_fields():
             # As slime for colocated engines: the prefill graph's memory is not released with the
-            # memory saver's tags (SGLang >= 0.5.10 only has the flag; older ones have no prefill graph).
+            # memory saver's tags (0.5.15.post1 has the flag; 0.5.9 has neither the flag nor the graph by default).
             defaults["disable_prefill_cuda_graph"] = True
         gpu_ids = self._options.get("engine_gpu_ids")
         if gpu_ids is not None and len(gpu_ids) < n:
@@ -186,8 +186,8 @@ class SGLangRolloutBackend:
         self._tp_sizes = [int(info.get("tp_size") or 1) for info in infos]
         self.reproducible_sampling = all(info.get("enable_deterministic_inference") for info in infos)
         if not self.reproducible_sampling:
-            # SGLang reads sampling_seed only with deterministic inference on (sampling/sampling_params.py,
-            # layers/sampler.py); without it the seeds plugrl sends per sample change nothing.
+            # SGLang keeps sampling_seed only with deterministic inference on (sampling/sampling_batch_info.py
+            # builds the seed tensor only then); without it the seeds plugrl sends per sample change nothing.
             logger.warning("sglang engines run without --enable-deterministic-inference: the per-sample "
                            "sampling_seed is ignored and rollouts are not reproducible; pass "
                            "--sglang-enable-deterministic-inference for reproducible (slower) sampling")
@@ -205,6 +205,9 @@ class SGLangRolloutBackend:
                            "SGLANG_ENABLE_JIT_DEEPGEMM=0 or on Hopper")
             return
         caps = _compute_caps()
+        if not caps:
+            logger.warning("nvidia-smi gave no compute capabilities: cannot check whether the engines expect UE8M0 "
+                           "FP8 scales (Blackwell with JIT DeepGEMM); there, set SGLANG_ENABLE_JIT_DEEPGEMM=0")
         bad = compat.ue8m0_engines([max((caps.get(g) or (0, 0) for g in gpus), default=None) for gpus in ids], env)
         if bad:
             raise RuntimeError(
