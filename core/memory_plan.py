@@ -32,10 +32,19 @@ RAY_AND_DRIVER_GIB = 2.0
 RAY_KILL_FRACTION = 0.95
 
 
+def pinned_bytes(nbytes: int) -> int:
+    """Host bytes a pinned buffer of ``nbytes`` takes: torch's caching host allocator (behind
+    ``torch.empty(..., pin_memory=True)``) rounds every block up to a power of two, so per-tensor
+    pinned copies of a model cost up to twice its size (a 4B model's fp32 moments: ~1.33x)."""
+    return 0 if nbytes <= 0 else 1 << (int(nbytes) - 1).bit_length()
+
+
 @dataclass
 class ModelShape:
     params: int  # every parameter, tied embeddings counted once
     converted: int  # parameters the megatron -> HF export rebuilds (fused qkv, gate/up)
+    hf_tensors: list[int] = field(default_factory=list)  # element counts of the HF parameters
+    megatron_tensors: list[int] = field(default_factory=list)  # ... of megatron's (fused qkv, fc1), TP 1
 
     @classmethod
     def from_config(cls, config: dict) -> ModelShape | None:
@@ -48,11 +57,21 @@ class ModelShape:
             ffn = int(text["intermediate_size"])
         except (KeyError, TypeError, ValueError):
             return None
-        qkv = hidden * (heads + 2 * kv_heads) * head_dim
-        mlp_in = 2 * hidden * ffn
-        per_layer = qkv + heads * head_dim * hidden + mlp_in + hidden * ffn + 2 * hidden + 2 * head_dim
-        embeddings = vocab * hidden * (1 if text.get("tie_word_embeddings", config.get("tie_word_embeddings")) else 2)
-        return cls(params=layers * per_layer + embeddings + hidden, converted=layers * (qkv + mlp_in))
+        q, kv, o = hidden * heads * head_dim, hidden * kv_heads * head_dim, heads * head_dim * hidden
+        qk_norms = [head_dim, head_dim] if text.get("model_type", config.get("model_type")) == "qwen3" else []
+        tied = bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings")))
+        hf_layer = [q, kv, kv, o, hidden * ffn, hidden * ffn, ffn * hidden, hidden, hidden, *qk_norms]
+        megatron_layer = [q + 2 * kv, o, 2 * hidden * ffn, ffn * hidden, hidden, hidden, *qk_norms]
+        heads_out = [] if tied else [vocab * hidden]
+        hf = [vocab * hidden, *hf_layer * layers, hidden, *heads_out]
+        megatron = [vocab * hidden, *megatron_layer * layers, hidden, *heads_out]
+        return cls(params=sum(hf), converted=layers * (q + 2 * kv + 2 * hidden * ffn), hf_tensors=hf,
+                   megatron_tensors=megatron)
+
+    def pinned_copies(self, layout: str, element_bytes: int, shards: int = 1) -> int:
+        """Host bytes of one pinned copy per parameter tensor (``shards``: TP x PP split)."""
+        tensors = self.megatron_tensors if layout == "megatron" else self.hf_tensors
+        return sum(pinned_bytes(n * element_bytes // shards) for n in tensors)
 
 
 def read_model_shape(hf_checkpoint: str | None) -> ModelShape | None:
@@ -131,8 +150,8 @@ def plan_memory(args, *, colocated: bool, on_gpu: bool = True, node_bytes: int |
     dp = max(1, world // (tp * pp * int(getattr(args, "context_parallel_size", 1) or 1)))
     ranks_per_node = int(args.actor_num_gpus_per_node)
     model_parallel = tp * pp
+    distributed = megatron and on_gpu and getattr(args, "use_distributed_optimizer", None) is not False
     if megatron:  # bf16 params + fp32 main params and two fp32 moments (sharded over DP when distributed)
-        distributed = on_gpu and getattr(args, "use_distributed_optimizer", None) is not False
         optimizer_bytes = 12 / (dp if distributed else 1) if bf16 else 8
         grad_bytes = 4  # fp32 main grads
     else:  # AdamW moments in the parameter dtype
@@ -148,12 +167,24 @@ def plan_memory(args, *, colocated: bool, on_gpu: bool = True, node_bytes: int |
     offload_train = colocated and bool(getattr(args, "offload_train", False))
     offload_rollout = colocated and bool(getattr(args, "offload_rollout", False))
     if offload_train:
+        # What the offload keeps, as the pinned blocks it allocates (core/gpu_offload.py: one per storage)
+        layout = "megatron" if megatron else "hf"
+        if megatron and distributed:  # DDP's one contiguous parameter buffer; per-tensor fp32 main params
+            params_host = pinned_bytes(int(params_rank))  # and moments (their DP shards when DP > 1)
+            optimizer_host = 3 * shape.pinned_copies(layout, 4, model_parallel * dp) if bf16 else \
+                2 * shape.pinned_copies(layout, 4, model_parallel * dp)
+        else:
+            params_host = shape.pinned_copies(layout, param_bytes, model_parallel)
+            states = 3 if megatron and bf16 else 2
+            optimizer_host = states * shape.pinned_copies(layout, 4 if megatron else param_bytes, model_parallel)
+        ref_host = shape.pinned_copies(layout, param_bytes, model_parallel) if ref_rank else 0
         plan.host_items.append((f"trainer state offloaded by {ranks_per_node} rank(s): parameters + optimizer"
-                                + (" + reference model" if ref_rank else "") + " (--offload-train)",
-                                ranks_per_node * (params_rank + optimizer_rank + ref_rank) / GIB))
+                                + (" + reference model" if ref_rank else "") + " (--offload-train; pinned blocks "
+                                "rounded up to powers of two)", ranks_per_node * (params_host + optimizer_host + ref_host) / GIB))
     if offload_rollout:
         plan.host_items.append((f"engine weights held on the host by {engine_gpus_node} engine GPU(s) while training "
-                                "(--offload-rollout)", engine_gpus_node * engine_weights_gpu / GIB))
+                                "(--offload-rollout; pinned, per tensor)",
+                                engine_gpus_node * shape.pinned_copies("hf", 2, per_engine) / GIB))
     export = P * 2
     plan.host_items.append(("one weight export in Ray's object store during a push (--update-weight-buffer-size "
                             "buckets, read in place by the engines)", export / GIB))
