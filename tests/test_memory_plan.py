@@ -1,0 +1,100 @@
+"""Host-memory planning (core/memory_plan.py): model sizes from config.json against a real transformers
+model built on the meta device, pinned-block rounding, the 4B recipe's plan on one 128 GiB node, and
+the refusal of a plan that cannot fit, naming the flags to change (driver side, --dry-run included)."""
+
+import json
+
+import pytest
+import torch
+
+from plugrl.core.config import parse_config
+from plugrl.core.memory_plan import GIB, ModelShape, host_memory_problem, pinned_bytes, plan_memory
+from plugrl.core.plugins import make_plugin_manager
+
+QWEN3_4B = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 2560,
+            "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+            "intermediate_size": 9728, "vocab_size": 151936, "tie_word_embeddings": True, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 40960, "rope_theta": 1000000}
+SMALL_UNTIED = {**QWEN3_4B, "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96, "vocab_size": 300,
+                "tie_word_embeddings": False}
+
+
+@pytest.mark.parametrize("n,expected", [(0, 0), (1, 1), (3, 4), (4, 4), (5, 8), (1_555_824_640, 2**31)])
+def test_pinned_blocks_round_up_to_powers_of_two(n, expected):
+    assert pinned_bytes(n) == expected
+
+
+@pytest.mark.parametrize("config", [QWEN3_4B, SMALL_UNTIED], ids=["qwen3-4b", "small-untied"])
+def test_shape_matches_transformers_parameters(config):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(Qwen3Config(**config))
+    numels = [p.numel() for p in model.parameters()]  # tied embeddings appear once
+    shape = ModelShape.from_config(config)
+    assert shape.params == sum(numels)
+    assert sorted(shape.hf_tensors) == sorted(numels)
+    assert sum(shape.megatron_tensors) == sum(numels)  # same weights, fused qkv and gate/up
+
+
+def test_unknown_architecture_gives_no_plan(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mystery"}))
+    assert ModelShape.from_config({"model_type": "mystery"}) is None
+
+
+def recipe_args(tmp_path, *extra):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_4B))
+    ps = make_plugin_manager(entry_points=False)
+    return parse_config(["--recipe", "qwen3-4b-8xh100", "--hf-checkpoint", str(tmp_path), "--actor-num-gpus-per-node",
+                         "1", "--tensor-model-parallel-size", "1", "--no-sequence-parallel",
+                         "--rollout-num-gpus-per-engine", "1", *extra], ps)
+
+
+def test_4b_recipe_on_one_gpu_plan(tmp_path):
+    """Items from first principles: 4.02e9 params; trainer: one 8 GiB DDP buffer, three per-tensor fp32
+    copies (main params + 2 moments) and a per-tensor bf16 reference model; the engine's per-tensor bf16
+    copy; one bf16 export."""
+    args = recipe_args(tmp_path)
+    plan = plan_memory(args, colocated=True, node_bytes=128 * GIB)
+    items = dict((what.split(" (")[0].split(":")[0], gib) for what, gib in plan.host_items)
+    shape = ModelShape.from_config(QWEN3_4B)
+    fp32_blocks = sum(pinned_bytes(4 * n) for n in shape.megatron_tensors)
+    bf16_ref = sum(pinned_bytes(2 * n) for n in shape.megatron_tensors)
+    trainer = [gib for what, gib in items.items() if what.startswith("trainer state")][0]
+    assert trainer * GIB == pytest.approx(pinned_bytes(2 * shape.params) + 3 * fp32_blocks + bf16_ref)
+    assert 1.2 < fp32_blocks / (4 * shape.params) < 1.45  # the rounding costs a third here
+    export = [gib for what, gib in items.items() if what.startswith("one weight export")][0]
+    assert export == pytest.approx(2 * shape.params / GIB)
+    assert 95 < plan.host_gib < 118  # fits under Ray's 0.95 x 128 GiB
+    assert host_memory_problem(plan, args) is None
+
+
+def test_a_plan_that_cannot_fit_names_the_flags(tmp_path):
+    args = recipe_args(tmp_path)
+    problem = host_memory_problem(plan_memory(args, colocated=True, node_bytes=64 * GIB), args)
+    assert problem and "--no-offload-train" in problem and "--no-use-kl-loss" in problem and "64 GiB" in problem
+    without = recipe_args(tmp_path, "--no-offload-train", "--no-offload-rollout")
+    kept = plan_memory(without, colocated=True, node_bytes=64 * GIB)
+    assert not any(what.startswith("trainer state") for what, _ in kept.host_items)
+    assert host_memory_problem(kept, without) is None
+
+
+def test_dry_run_prints_the_plan_and_lists_the_problem(tmp_path, capsys):
+    from plugrl.core.config import environment_problems
+    from plugrl.core.dry_run import describe_run
+
+    args = recipe_args(tmp_path, "--device", "cuda")
+    ps = make_plugin_manager(entry_points=False)
+    lines = describe_run(args, ps)
+    assert any(line.startswith("host memory, busiest node") for line in lines)
+    assert any("GPU memory, busiest GPU" in line for line in lines)
+    from plugrl.core import memory_plan
+
+    real = memory_plan.node_memory_bytes
+    try:
+        memory_plan.node_memory_bytes = lambda: 24 * GIB
+        problems = environment_problems(args, ps)
+    finally:
+        memory_plan.node_memory_bytes = real
+    assert any(p.startswith("host memory:") and "--no-offload-train" in p for p in problems), problems
