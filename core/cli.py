@@ -73,7 +73,7 @@ COMMANDS = {
     "train": "plugrl.core.train_cli:main",
     "serve": "plugrl.core.serve:main",
     "report": "plugrl.core.report:main",
-    "convert": "plugrl.plugins.backends.megatron.convert:main",
+    "convert": "plugrl.core.plugin_commands:convert",  # declared by the megatron backend
 }
 
 

@@ -419,7 +419,7 @@ def config_problems(args: argparse.Namespace, plugin_set) -> list[str]:
     problems: list[str] = []
     _check_plugins(args, plugin_set, problems)
     _check_choices(args, problems)
-    _check_rollout(args, problems)
+    _check_rollout(args, problems, plugin_set)
     _check_algorithm(args, plugin_set, problems)
     _check_data_flags(args, problems)
     _check_cluster(args, plugin_set, problems)
@@ -535,7 +535,7 @@ def _positive(args, problems: list[str], *dests: str, minimum: int = 1) -> None:
             problems.append(f"--{dest.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
-def _check_rollout(args, problems: list[str]) -> None:
+def _check_rollout(args, problems: list[str], plugin_set=None) -> None:
     _positive(args, problems, *POSITIVE_FLAGS)
     _positive(args, problems, "num_rollout", "sft_warmup_steps", minimum=0)
     if args.rollout_batch_size is None:
@@ -567,10 +567,10 @@ def _check_rollout(args, problems: list[str]) -> None:
         problems.append("--eval-interval needs --eval-prompt-data NAME PATH (what to evaluate)")
     if args.use_dynamic_batch_size and not args.max_tokens_per_gpu:
         problems.append("--use-dynamic-batch-size needs --max-tokens-per-gpu (the packing capacity)")
-    if args.overlong_buffer_len is not None and "overlong_penalty" not in args.reward_post_process:
-        problems.append("--overlong-buffer-len has no effect without --reward-post-process overlong_penalty")
-    if "overlong_penalty" in args.reward_post_process and not args.rollout_max_response_len:
-        problems.append("--reward-post-process overlong_penalty needs --rollout-max-response-len")
+    from .plugin_traits import idle_flag_problems, selected_checks
+
+    problems.extend(idle_flag_problems(args, _selected_names(args), plugin_set))  # declared by the plugins
+    problems.extend(selected_checks(args, _selected_names(args), ("reward_post_processor",), plugin_set))
     _check_batch(args, problems)
 
 
@@ -740,16 +740,9 @@ def _check_cluster(args, plugin_set, problems: list[str]) -> None:
         except ValueError as exc:
             problems.append(f"--placement {args.placement}: {exc}")
     problems.extend(layout_problems(args))
-    if args.train_backend == "megatron":
-        from plugrl.plugins.backends.megatron_options import backend_problems
+    from .plugin_traits import backend_problems
 
-        problems.extend(backend_problems(args))
-    if args.rollout_backend == "sglang":
-        from plugrl.plugins.backends.sglang_options import (
-            backend_problems as sglang_problems,
-        )
-
-        problems.extend(sglang_problems(args))
+    problems.extend(backend_problems(args, plugin_set))  # each backend's declared ``check``
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from .plugin_traits import train_trait
+
 # dest -> flag of the Megatron parallel sizes (owned by the megatron backend's options; absent = 1)
 PARALLEL_FLAGS = {
     "tensor_model_parallel_size": "--tensor-model-parallel-size",
@@ -127,7 +129,7 @@ def layout_problems(args: argparse.Namespace) -> list[str]:
             f"--expert-model-parallel-size {ep} × --expert-tensor-parallel-size {etp or layout.tp} × "
             f"--pipeline-model-parallel-size {layout.pp} = {expert} does not divide {gpus}; lower one of them"
         )
-    if args.train_backend == "megatron":
+    if train_trait(args, "full_dp_steps", False):  # e.g. megatron's schedule
         problems.extend(_step_problems(args, layout))
     return problems
 
@@ -309,7 +311,7 @@ def _batch_lines(args: argparse.Namespace) -> list[str]:
 
 def describe_run(args: argparse.Namespace, plugin_set) -> list[str]:
     """The plan lines ``--dry-run`` prints (for a config that passed ``check_config``)."""
-    from plugrl.plugins.backends.placement import describe_plan
+    from .placement_layout import describe_plan
 
     lines = []
     if args.device == "cpu":

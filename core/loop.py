@@ -144,7 +144,8 @@ class Cluster:
     def _gpu_options(self, args, plugin_set, world_size: int) -> tuple[dict, list[dict]]:
         """One placement group for the plan; Ray options of the rollout manager and of each train rank."""
         import ray
-        from plugrl.plugins.backends.placement import sort_bundles
+        from .placement_layout import engine_gpu_ids, sort_bundles
+        from .plugin_traits import engine_pool
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -179,15 +180,14 @@ class Cluster:
                          else {"num_cpus": 1, "num_gpus": 1, "scheduling_strategy": pinned(b)}
                          for b in plan.actor_bundles]
         rollout_options = {"num_cpus": 0.2, "num_gpus": 0.2, "scheduling_strategy": pinned(plan.rollout_bundles[0])}
-        if args.rollout_backend == "hf" and len(plan.engine_bundles) > 1:
+        pool = engine_pool(args, plugin_set)
+        if pool == "actors" and len(plan.engine_bundles) > 1:
             # Engines of the rollout backend itself (``from_placement``): one Ray actor per engine,
             # on the first bundle of each engine's share, next to the train rank on a shared GPU.
             self.engine_placement = {"placement_group": self.placement_group, "num_gpus": 0.2,
                                      "bundles": [physical[bundles[0]] for bundles in plan.engine_bundles]}
-        elif args.rollout_backend != "hf" and not args.rollout_external_engine_addrs:
+        elif pool == "processes":
             # Engines the rollout manager launches see their own GPUs, not the manager's one.
-            from plugrl.plugins.backends.placement import engine_gpu_ids
-
             self.engine_gpu_ids = engine_gpu_ids(plan.engine_bundles, physical, infos, plan.rollout_bundles[0])
         return rollout_options, train_options
 

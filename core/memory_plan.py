@@ -141,7 +141,9 @@ def plan_memory(args, *, colocated: bool, on_gpu: bool = True, node_bytes: int |
     node = node_bytes if node_bytes is not None else node_memory_bytes()
     plan = MemoryPlan(node_gib=node / GIB if node else None)
     P = shape.params
-    megatron = getattr(args, "train_backend", None) == "megatron"
+    from .plugin_traits import train_trait
+
+    megatron = train_trait(args, "memory_model", "hf") == "megatron"  # the backend's declared memory model
     bf16 = on_gpu and not getattr(args, "fp32", False) and getattr(args, "bf16", None) is not False
     param_bytes = 2 if bf16 else 4
     tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1) if megatron else 1

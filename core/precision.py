@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
+from .plugin_traits import train_trait
+
 
 
 @cache
@@ -50,9 +52,9 @@ def precision_problems(args) -> list[str]:
         problems.append("--bf16 and --fp32 are both set (on the command line, in --config or in the recipe): "
                         "keep one (--no-bf16 turns a recipe's bf16 off)")
     wants_fp32 = fp32 or getattr(args, "bf16", None) is False
-    if wants_fp32 and getattr(args, "train_backend", None) == "megatron" and getattr(args, "device", None) != "cpu":
-        flag = "--fp32" if fp32 else "--no-bf16"
-        problems.append(f"{flag} with --train-backend megatron: on GPUs the megatron backend trains bf16 parameters "
+    if wants_fp32 and getattr(args, "device", None) != "cpu" and train_trait(args, "gpu_bf16_only", False):
+        flag, name = ("--fp32" if fp32 else "--no-bf16"), args.train_backend
+        problems.append(f"{flag} with --train-backend {name}: on GPUs the {name} backend trains bf16 parameters "
                         "with fp32 main parameters and gradients (slime's --bf16); drop "
                         f"{flag}, or use --train-backend torch for an fp32 run")
     return problems

@@ -87,7 +87,7 @@ def prepare_rollout(args, data: dict, estimator, device, *, num_steps: int, has_
     """Log-probs, KL and advantages of one rollout. Old log-probs are recomputed unless the rollout
     engine's are used (``--use-rollout-logprobs``) or, as slime does, there is one optimizer step with
     no KL and no TIS (then old = current, detached, inside the loss)."""
-    from plugrl.plugins.estimators.returns import whiten_advantages
+    from .whiten import whiten_advantages
 
     def tensors(rows):
         return [torch.tensor(x, dtype=torch.float32, device=device) for x in rows]

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 def _build_filter(args, plugin_set):
     if getattr(args, "dynamic_sampling_filter_path", None):
-        from plugrl.plugins.filters.slime_compat import slime_dynamic_sampling_filter
+        from .slime_compat import slime_dynamic_sampling_filter
 
         return slime_dynamic_sampling_filter(args.dynamic_sampling_filter_path, args), "dynamic_filter"
     name = getattr(args, "dynamic_sampling_filter", None)
@@ -47,10 +47,22 @@ def _build_filter(args, plugin_set):
 def _build_buffer(args, plugin_set):
     n = int(args.n_samples_per_prompt)
     if getattr(args, "buffer_filter_path", None):
-        from plugrl.plugins.filters.slime_compat import slime_buffer_policy
-
-        return slime_buffer_policy(args.buffer_filter_path, args, n)
+        return _slime_buffer_adapter(args, plugin_set)(args.buffer_filter_path, args, n)
     return plugin_set.get("buffer_policy", getattr(args, "buffer_filter", None) or "fifo")(n)
+
+
+def _slime_buffer_adapter(args, plugin_set):
+    """The ``slime_adapter`` a buffer policy declared (the selected one first) for ``--buffer-filter-path``."""
+    from .plugin_traits import trait
+
+    registry = plugin_set.registries["buffer_policy"]
+    selected = getattr(args, "buffer_filter", None)
+    for name in [selected] * (selected in registry) + registry.names():
+        adapter = trait("buffer_policy", name, "slime_adapter", None, plugin_set)
+        if adapter is not None:
+            return adapter
+    raise ValueError(f"--buffer-filter-path {args.buffer_filter_path}: no loaded buffer policy declares a "
+                     "slime_adapter to run it on (the bundled 'fifo' does; is it blocked?)")
 
 
 class RolloutManager:

@@ -1,11 +1,11 @@
 """``plugrl serve``: one SGLang-API engine server around the embedded ``hf`` engine (runs as its own
-process; see ``plugrl.plugins.backends.sglang.server``). Kept here so ``core.cli`` dispatches it like
-its other commands; the server itself belongs to the sglang backend plugin."""
+process). Kept here so ``core.cli`` dispatches it like its other commands; the server itself belongs to
+the sglang backend plugin, which declares it as ``commands={"serve": ...}`` (core/plugin_commands.py)."""
 
 from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> int:
-    from plugrl.plugins.backends.sglang.server import main as serve_main
+    from .plugin_commands import run_command
 
-    return serve_main(argv)
+    return run_command("serve", argv)

@@ -15,12 +15,13 @@ DEFAULT_RECIPE = "tiny-default"
 
 def tiny_default_values() -> dict:
     """The embedded default run (a few minutes on 2 CPU cores): see ``tiny_default.py`` for the task."""
-    from plugrl.plugins.backends import tiny_default as tiny
+    from .plugin_traits import default_data
 
+    files = default_data()  # declared by the train backend that supplies the default run
     return {
-        "prompt_data": str(tiny.TRAIN_FILE), "input_key": "prompt", "label_key": "label",
+        "prompt_data": str(files["train"]), "input_key": "prompt", "label_key": "label",
         "apply_chat_template": True, "rollout_shuffle": True,
-        "eval_prompt_data": ["toy_math", str(tiny.EVAL_FILE)], "eval_interval": 20,
+        "eval_prompt_data": ["toy_math", str(files["eval"])], "eval_interval": 20,
         "n_samples_per_eval_prompt": 4,
         "rm_type": "deepscaler", "advantage_estimator": "grpo",
         "rollout_batch_size": 32, "n_samples_per_prompt": 8, "num_rollout": 100,
@@ -28,7 +29,7 @@ def tiny_default_values() -> dict:
         "global_batch_size": 256, "micro_batch_size": 64,
         "lr": 1e-3, "adam_beta1": 0.9, "adam_beta2": 0.98, "weight_decay": 0.0, "clip_grad": 1.0,
         "sft_warmup_steps": 1000, "sft_warmup_lr": 3e-3, "sft_warmup_batch_size": 32,
-        "sft_warmup_prompt_loss_weight": 1.0, "sft_warmup_data": str(tiny.SFT_FILE),
+        "sft_warmup_prompt_loss_weight": 1.0, "sft_warmup_data": str(files["sft"]),
     }
 
 
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> int:
     try:
         args = parse_config(argv, plugin_set)
         if getattr(args, "recipe", None) == DEFAULT_RECIPE and not args.hf_checkpoint:
-            from plugrl.plugins.backends.tiny_default import default_checkpoint
+            from .plugin_traits import default_checkpoint
 
             args.hf_checkpoint = str(default_checkpoint())
         if args.dry_run:

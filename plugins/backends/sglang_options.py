@@ -51,6 +51,12 @@ SERVER_FIELDS = {
 ROUTER_DEFAULTS = {"router_balance_abs_threshold": 10, "router_balance_rel_threshold": 1.2, "router_log_level": "warn"}
 
 
+def engine_pool(args) -> str:
+    """How the rollout manager gets its SGLang servers (read by core through the registry): it launches
+    them on its node, or uses ``--rollout-external-engine-addrs``."""
+    return "external" if getattr(args, "rollout_external_engine_addrs", None) else "processes"
+
+
 def backend_problems(args) -> list[str]:
     """slime flags the sglang backend accepts but does not implement, refused on the driver."""
     problems = []

@@ -172,5 +172,10 @@ def default_checkpoint() -> Path:
     return path
 
 
+def default_data() -> dict:
+    """The bundled toy data files (the ``default_data`` trait of the torch backend's registration)."""
+    return {"train": TRAIN_FILE, "eval": EVAL_FILE, "sft": SFT_FILE}
+
+
 if __name__ == "__main__":  # python -m plugrl.plugins.backends.tiny_default  regenerates the data files
     write_bundled_data()

@@ -58,4 +58,5 @@ class FifoBuffer:
 
 @hookimpl
 def plugrl_register_buffer_policies(register):
-    register("fifo", FifoBuffer, description="first in, first out (slime's pop_first)")
+    register("fifo", FifoBuffer, description="first in, first out (slime's pop_first)",
+             slime_adapter="plugrl.plugins.filters.slime_compat:slime_buffer_policy")

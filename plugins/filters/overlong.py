@@ -58,7 +58,14 @@ def overlong_penalty(samples, args: Any) -> None:
             sample.reward = sample.reward + penalty
 
 
+def overlong_problems(args: Any) -> list[str]:
+    """Config check on the driver (``--dry-run`` too), declared at registration."""
+    if not getattr(args, "rollout_max_response_len", None):
+        return ["--reward-post-process overlong_penalty needs --rollout-max-response-len"]
+    return []
+
+
 @hookimpl
 def plugrl_register_reward_post_processors(register):
-    register("overlong_penalty", overlong_penalty,
+    register("overlong_penalty", overlong_penalty, check=overlong_problems, idle_flags=("overlong_buffer_len",),
              description="DAPO soft overlong punishment (--overlong-buffer-len, --overlong-penalty-factor)")

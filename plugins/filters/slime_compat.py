@@ -10,33 +10,17 @@ Used in the rollout manager; ``args`` is the run config namespace the slime func
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Any, Callable
 
-from plugrl.core import FilterDecision
-from plugrl.core.registry import import_object
+from plugrl.core.slime_compat import (  # noqa: F401 - public names stay importable here
+    BUFFER,
+    DYNAMIC_SAMPLING,
+    _guess_kind,
+    _resolve,
+    slime_dynamic_sampling_filter,
+)
 
 from .fifo import FifoBuffer
-
-DYNAMIC_SAMPLING = "dynamic_sampling"
-BUFFER = "buffer"
-
-
-def _resolve(fn_or_path: Callable | str) -> Callable:
-    # slime writes paths as module.attr; plugrl also accepts module:attr.
-    return import_object(fn_or_path) if isinstance(fn_or_path, str) else fn_or_path
-
-
-def _guess_kind(fn: Callable) -> str:
-    """A buffer filter takes four positional parameters, a dynamic-sampling filter two."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return DYNAMIC_SAMPLING
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                  and p.default is p.empty]
-    return BUFFER if len(positional) == 4 else DYNAMIC_SAMPLING
 
 
 class SlimeBufferPolicy(FifoBuffer):
@@ -59,17 +43,6 @@ class SlimeBufferPolicy(FifoBuffer):
                 f"but removed {before - len(self._groups)} from the buffer; it must pop what it returns"
             )
         return groups
-
-
-def slime_dynamic_sampling_filter(fn_or_path: Callable | str, args: Any) -> Callable:
-    """Our filter ``fn(group, **options) -> FilterDecision`` around slime's ``fn(args, samples, **kw)``."""
-    fn = _resolve(fn_or_path)
-
-    @functools.wraps(fn)
-    def plugrl_filter(group, **options):
-        return FilterDecision.coerce(fn(args, group, **options))
-
-    return plugrl_filter
 
 
 def slime_buffer_policy(fn_or_path: Callable | str, args: Any, n_samples_per_prompt: int | None = None,

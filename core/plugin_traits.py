@@ -1,0 +1,141 @@
+"""What core knows about a plugin: the traits it declared at registration, read through the registry.
+
+Core imports no plugin module and branches on no plugin name; where the loop, the config check or the
+memory plan needs a fact about the selected plugin, it asks here. A plugin declares a trait as a
+keyword of its ``register(...)`` call (stored in ``Entry.metadata``); a value written as
+``"module:attr"`` in a key ending in ``TRAIT_CALLABLES`` is imported only when core asks for it.
+
+Traits core reads (all optional; the default applies when a plugin does not declare one):
+
+advantage_estimator  needs_critic (False), needs_ref_log_probs (False)
+train_backend        check(args) -> list[str]       config problems, on the driver (``--dry-run`` too)
+                     supplies_critic (False)         the backend computes critic values
+                     memory_model ("hf")             "megatron": bf16 params + fp32 main params and grads,
+                                                     distributed optimizer, TP x PP shards (core/memory_plan.py)
+                     gpu_bf16_only (False)           refuses --fp32 / --no-bf16 on GPUs (core/precision.py)
+                     default_data() -> dict          the embedded default run's files (train, eval, sft)
+                     default_checkpoint() -> Path    its tiny checkpoint, built once and cached
+rollout_backend      check(args) -> list[str]
+                     engine_pool(args) -> str        "actors": core starts one Ray actor per engine on the
+                                                     plan's bundles; "processes": the manager launches the
+                                                     engines and needs their GPU ids; "external": neither
+buffer_policy        slime_adapter(path, args, n)    runs a slime ``--buffer-filter-path`` on this policy
+reward_post_processor check(args) -> list[str]; idle_flags (dests that do nothing unless it is selected)
+any kind             commands {"name": "module:function"}  ``plugrl NAME`` subcommands (core/plugin_commands.py)
+                     options (a dataclass type), check_options(options) (see core/plugin_options.py)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .registry import UnknownPluginError, import_object
+
+# Traits whose value may be a "module:attr" string imported on first use.
+TRAIT_CALLABLES = ("check", "engine_pool", "default_data", "default_checkpoint", "slime_adapter", "options",
+                   "check_options")
+
+
+def _plugin_set(plugin_set):
+    if plugin_set is not None:
+        return plugin_set
+    from .plugins import load_plugins
+
+    return load_plugins()
+
+
+def trait(kind: str, name: str | None, key: str, default: Any = None, plugin_set=None) -> Any:
+    """The trait ``key`` that plugin ``name`` of ``kind`` declared, or ``default`` (also for an unknown
+    or unset name: the config check reports those)."""
+    if not name:
+        return default
+    try:
+        entry = _plugin_set(plugin_set).entry(kind, name)
+    except UnknownPluginError:
+        return default
+    value = entry.metadata.get(key, default)
+    if key in TRAIT_CALLABLES and isinstance(value, str):
+        value = import_object(value)
+    return value
+
+
+def train_trait(args, key: str, default: Any = None, plugin_set=None) -> Any:
+    """A trait of the selected ``--train-backend``."""
+    return trait("train_backend", getattr(args, "train_backend", None), key, default, plugin_set)
+
+
+def rollout_trait(args, key: str, default: Any = None, plugin_set=None) -> Any:
+    """A trait of the selected ``--rollout-backend``."""
+    return trait("rollout_backend", getattr(args, "rollout_backend", None), key, default, plugin_set)
+
+
+def engine_pool(args, plugin_set=None) -> str:
+    """How the selected rollout backend's engines are started (see the module docstring)."""
+    pool = rollout_trait(args, "engine_pool", "processes", plugin_set)
+    pool = pool(args) if callable(pool) else pool
+    if pool not in ("actors", "processes", "external"):
+        raise ValueError(f"rollout backend '{args.rollout_backend}' declared engine_pool {pool!r}; "
+                         "it must be 'actors', 'processes' or 'external'")
+    return pool
+
+
+def backend_problems(args, plugin_set=None) -> list[str]:
+    """The selected train and rollout backends' own config checks (driver side, ``--dry-run`` too)."""
+    problems: list[str] = []
+    for kind, name in (("train_backend", getattr(args, "train_backend", None)),
+                       ("rollout_backend", getattr(args, "rollout_backend", None))):
+        check = trait(kind, name, "check", None, plugin_set)
+        if check is not None:
+            problems.extend(check(args))
+    return problems
+
+
+def selected_checks(args, selected, kinds, plugin_set=None) -> list[str]:
+    """The declared ``check(args)`` problems of the selected plugins of ``kinds`` (``selected``: the
+    config's (kind, flag, name) picks)."""
+    problems: list[str] = []
+    for kind, _flag, name in selected:
+        check = trait(kind, name, "check", None, plugin_set) if kind in kinds else None
+        if check is not None:
+            problems.extend(check(args))
+    return problems
+
+
+def idle_flag_problems(args, selected, plugin_set=None) -> list[str]:
+    """A flag a plugin declared in ``idle_flags`` (it does nothing unless the plugin is selected), given
+    while that plugin is not selected."""
+    from .registry import SELECTING_FLAG
+
+    picked = {(kind, name) for kind, _flag, name in selected}
+    problems = []
+    for entry in _plugin_set(plugin_set).registries.all_entries():
+        if (entry.kind, entry.name) in picked:
+            continue
+        for dest in entry.metadata.get("idle_flags", ()):
+            if getattr(args, dest, None) is not None:
+                problems.append(f"--{dest.replace('_', '-')} has no effect without {SELECTING_FLAG[entry.kind]} "
+                                f"{entry.name}")
+    return problems
+
+
+def default_run_provider(plugin_set=None):
+    """The train backend entry that supplies the embedded default run (``default_data`` and
+    ``default_checkpoint``); an error when no loaded plugin declares them."""
+    plugin_set = _plugin_set(plugin_set)
+    for entry in plugin_set.registries["train_backend"]:
+        if "default_data" in entry.metadata and "default_checkpoint" in entry.metadata:
+            return entry
+    raise UnknownPluginError("no loaded train backend declares the embedded default run (default_data, "
+                             "default_checkpoint); pass --prompt-data and --hf-checkpoint, or --recipe")
+
+
+def default_data(plugin_set=None) -> dict:
+    """``{"train": path, "eval": path, "sft": path}`` of the embedded default run."""
+    entry = default_run_provider(plugin_set)
+    return trait("train_backend", entry.name, "default_data", None, plugin_set)()
+
+
+def default_checkpoint(plugin_set=None):
+    """The embedded default run's tiny checkpoint directory (built on first use)."""
+    entry = default_run_provider(plugin_set)
+    return trait("train_backend", entry.name, "default_checkpoint", None, plugin_set)()

@@ -1,0 +1,79 @@
+"""DESIGN.md §2: core imports no plugin module and branches on no plugin name. An AST scan of core/."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+CORE = Path(__file__).resolve().parent.parent / "core"
+# The name-selecting config attributes: comparing one of them to a literal is branching on a plugin name.
+SELECTORS = {"train_backend", "rollout_backend", "advantage_estimator", "rm_type", "dynamic_sampling_filter",
+             "buffer_filter", "reward_post_process"}
+PLUGIN_PATH = re.compile(r"^plugrl\.plugins(\.[A-Za-z_][\w.]*)?(:[\w.]+)?$")
+# core/plugins.py lists the built-in plugin modules to register (what entry points are for third-party code).
+ALLOWED_PATH_STRINGS = {"plugins.py": "BUILTIN_PLUGINS"}
+
+
+def _selector(node: ast.AST) -> bool:
+    if isinstance(node, ast.Attribute):
+        return node.attr in SELECTORS
+    if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "getattr":
+        return len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value in SELECTORS
+    return False
+
+
+def _literal(node: ast.AST) -> bool:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return True
+    return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(_literal(e) for e in node.elts)
+
+
+def violations(source: str, filename: str) -> list[str]:
+    """Plugin imports, plugin import paths and name branches in one core module's source."""
+    tree = ast.parse(source, filename)
+    allowed_assign = ALLOWED_PATH_STRINGS.get(Path(filename).name)
+    allowed_nodes: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == allowed_assign for t in node.targets):
+            allowed_nodes.update(id(n) for n in ast.walk(node.value))
+    found = []
+    for node in ast.walk(tree):
+        where = f"{filename}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Import):
+            found += [f"{where}: import {a.name}" for a in node.names if a.name.startswith("plugrl.plugins")]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if module.startswith("plugrl.plugins") or (node.level >= 2 and module.split(".")[0] == "plugins") or (
+                    node.level >= 2 and not module and any(a.name == "plugins" for a in node.names)):
+                found.append(f"{where}: from {'.' * node.level}{module} import ...")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and PLUGIN_PATH.match(node.value):
+            if id(node) not in allowed_nodes:
+                found.append(f"{where}: plugin import path {node.value!r}")
+        elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(_selector(s) for s in sides) and any(_literal(s) for s in sides):
+                found.append(f"{where}: branches on a plugin name ({ast.unparse(node)})")
+    return found
+
+
+def test_core_imports_no_plugin_and_branches_on_no_plugin_name():
+    found = [v for path in sorted(CORE.glob("*.py")) for v in violations(path.read_text(), str(path))]
+    assert not found, "core must reach plugins through the registry (DESIGN.md §2):\n" + "\n".join(found)
+
+
+def test_the_scan_catches_each_kind_of_violation():
+    cases = {
+        "import plugrl.plugins.rewards.dapo": "import plugrl.plugins",
+        "from plugrl.plugins.backends import tiny_default": "from plugrl.plugins",
+        "from ..plugins.filters import fifo": "from ..plugins",
+        "from .. import plugins": "from ..",
+        "X = import_object('plugrl.plugins.backends.megatron.convert:main')": "plugin import path",
+        "if args.train_backend == 'megatron': pass": "branches on a plugin name",
+        "ok = getattr(args, 'rollout_backend', None) in ('hf', 'x')": "branches on a plugin name",
+    }
+    for source, expected in cases.items():
+        found = violations(source, "core/example.py")
+        assert len(found) == 1 and expected in found[0], (source, found)
+    assert not violations("from .registry import import_object\nif args.placement == 'x': pass", "core/x.py")
+    assert not violations("BUILTIN_PLUGINS = ('plugrl.plugins.rewards.dapo',)", "core/plugins.py")
