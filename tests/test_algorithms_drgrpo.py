@@ -9,9 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from plugrl.core.config import ConfigError, check_config, parse_config
 from plugrl.core.losses import log_probs_from_logits
-from plugrl.core.plugins import load_plugins
 from plugrl.core.rl_step import prepare_rollout
 from plugrl.plugins.estimators.dr_grpo import DrGRPOEstimator
 from plugrl.plugins.estimators.grpo import GRPOEstimator
@@ -162,17 +160,8 @@ def test_shape_rewards_centres_without_std():
     assert raw is table
 
 
-def _problems(argv):
-    plugin_set = load_plugins()
-    args = parse_config(["--recipe", "tiny-default", *argv], plugin_set)
-    try:
-        check_config(args, plugin_set)
-    except ConfigError as exc:
-        return str(exc)
-    return ""
-
-
-def test_driver_checks():
+def test_driver_checks(tiny_config_problems):
+    _problems = tiny_config_problems
     assert _problems(["--advantage-estimator", "dr_grpo"]) == ""
     assert _problems(["--advantage-estimator", "dr_grpo", "--loss-scale-factor", "64"]) == ""
     assert "contradicts" in _problems(["--advantage-estimator", "dr_grpo", "--calculate-per-token-loss"])

@@ -11,9 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from plugrl.core.config import ConfigError, check_config, parse_config
 from plugrl.core.losses import log_probs_from_logits
-from plugrl.core.plugins import load_plugins
 from plugrl.core.rl_step import add_scaled, prepare_rollout
 from plugrl.plugins.estimators.grpo import GRPOEstimator
 
@@ -224,17 +222,8 @@ def test_a_huge_sequence_ratio_neither_overflows_nor_nans():
     assert metrics["rs_masked_samples"] == 1 and metrics["rs_masked_tokens"] == n
 
 
-def _problems(argv):
-    plugin_set = load_plugins()
-    args = parse_config(["--recipe", "tiny-default", *argv], plugin_set)
-    try:
-        check_config(args, plugin_set)
-    except ConfigError as exc:
-        return str(exc)
-    return ""
-
-
-def test_driver_checks():
+def test_driver_checks(tiny_config_problems):
+    _problems = tiny_config_problems
     assert _problems(["--use-tis", "--tis-level", "sequence", "--use-rs", "--rs-level", "geometric",
                       "--rs-lower-bound", "0.5", "--rs-upper-bound", "2", "--rs-veto-threshold", "1e-4"]) == ""
     assert "not one of" in _problems(["--use-tis", "--tis-level", "seq"])
