@@ -457,7 +457,8 @@ def _eval(p: PlugrlArgumentParser) -> None:
 
 def _algorithm(p: PlugrlArgumentParser) -> None:
     g = p.add_argument_group("algorithm")
-    g.add_argument("--loss-type", default="policy_loss", metavar="{policy_loss,sft_loss,custom_loss}")
+    g.add_argument("--loss-type", default="policy_loss", metavar="{policy_loss,sft_loss,custom_loss}",
+                   help="custom_loss is not implemented: refused")
     g.add_argument("--use-kl-loss", action="store_true", help="add kl_loss_coef * KL(policy, ref) to the loss")
     g.add_argument("--kl-loss-coef", type=float, default=0.0)
     g.add_argument("--kl-loss-type", default="k1", metavar="{k1,k2,k3,low_var_kl}")
@@ -551,13 +552,15 @@ def _logging(p: PlugrlArgumentParser) -> None:
 def _custom_functions(p: PlugrlArgumentParser) -> None:
     g = p.add_argument_group(
         "custom functions (slime --*-path)",
-        "module.attr or module:attr of a function with slime's signature (reference §10); imported by the loop.",
+        "module.attr or module:attr of a function with slime's signature (docs/plugin-guide.md, 'slime --*-path "
+        "functions'); imported by the loop.",
     )
     g.add_argument("--custom-generate-function-path", metavar="MODULE.ATTR")
     g.add_argument("--rollout-sample-hook-path", action=ReplaceAppendAction, metavar="MODULE.ATTR", help="(repeatable)")
     g.add_argument("--custom-reward-post-process-path", metavar="MODULE.ATTR")
     g.add_argument("--custom-advantage-function-path", metavar="MODULE.ATTR")
-    g.add_argument("--custom-loss-function-path", metavar="MODULE.ATTR", help="with --loss-type custom_loss")
+    g.add_argument("--custom-loss-function-path", metavar="MODULE.ATTR",
+                   help="not implemented: refused (use --custom-pg-loss-reducer-function-path)")
     g.add_argument("--custom-pg-loss-reducer-function-path", metavar="MODULE.ATTR")
     g.add_argument("--custom-config-path", metavar="YAML", help="YAML whose keys become extra attributes of args")
 
