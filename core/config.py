@@ -427,6 +427,10 @@ def config_problems(args: argparse.Namespace, plugin_set) -> list[str]:
     from .preflight import value_problems
 
     problems.extend(value_problems(args))  # reward limits
+    if not problems:  # plugins validate a config that passed core's own checks (``--dry-run`` too)
+        from .configure import configure_plugins
+
+        problems.extend(configure_plugins(plugin_set, args))
     return problems
 
 
@@ -475,6 +479,9 @@ def _check_plugins(args, plugin_set, problems: list[str]) -> None:
         registry = plugin_set.registries[kind]
         if name not in registry:
             problems.append(f"{flag}: {registry.unknown_message(name)}")
+    from .plugin_options import option_problems
+
+    problems.extend(option_problems(args, _selected_names(args), plugin_set))  # each plugin's declared options
     if args.dynamic_sampling_filter and args.dynamic_sampling_filter_path:
         problems.append("--dynamic-sampling-filter and --dynamic-sampling-filter-path both given; keep one")
     if not (args.rm_type or args.custom_rm_path) and args.loss_type == "policy_loss" and not args.debug_train_only:
@@ -615,10 +622,26 @@ def _check_algorithm(args, plugin_set, problems: list[str]) -> None:
         try:
             estimator = plugin_set.get("advantage_estimator", args.advantage_estimator)
             estimator.check_config(args)
+            _check_critic(args, plugin_set, estimator, problems)
         except (ValueError, PluginError, ImportError) as exc:
             problem = str(exc)
             if problem not in problems:
                 problems.append(problem)
+
+
+def _check_critic(args, plugin_set, estimator, problems: list[str]) -> None:
+    """An estimator that needs critic values (``needs_critic``) runs only on a train backend that
+    declares ``supplies_critic``."""
+    from .plugin_traits import train_trait
+
+    entry = plugin_set.entry("advantage_estimator", args.advantage_estimator)
+    needs = entry.metadata.get("needs_critic", getattr(estimator, "needs_critic", False))
+    if needs and not train_trait(args, "supplies_critic", False, plugin_set):
+        suppliers = [e.name for e in plugin_set.registries["train_backend"] if e.metadata.get("supplies_critic")]
+        problems.append(
+            f"--advantage-estimator {args.advantage_estimator} needs critic values, which --train-backend "
+            f"{args.train_backend} does not supply (train backends that do: {', '.join(suppliers) or 'none'}); "
+            "choose another estimator, e.g. grpo, reinforce_plus_plus or rloo")
 
 
 def _recipe_hint(args, flag: str, usage: str) -> str:

@@ -239,7 +239,11 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
     steps_per_rollout = max(1, (args.rollout_batch_size * args.n_samples_per_prompt) // args.global_batch_size)
     cluster = None
     summary = RunSummary(output_dir=args.output_dir)
-    plugin_set.pm.hook.plugrl_configure.call_historic(kwargs={"config": args})
+    from .configure import configure_plugins
+
+    problems = configure_plugins(plugin_set, args)  # a no-op when the config check already ran it
+    if problems:
+        raise ValueError(problems[0])
     host_memory = HostMemoryMonitor()
     memory_plan = None
     try:

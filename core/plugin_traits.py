@@ -53,6 +53,11 @@ def trait(kind: str, name: str | None, key: str, default: Any = None, plugin_set
         entry = _plugin_set(plugin_set).entry(kind, name)
     except UnknownPluginError:
         return default
+    return entry_trait(entry, key, default)
+
+
+def entry_trait(entry, key: str, default: Any = None) -> Any:
+    """The trait ``key`` of one registry entry (a ``"module:attr"`` callable is imported now)."""
     value = entry.metadata.get(key, default)
     if key in TRAIT_CALLABLES and isinstance(value, str):
         value = import_object(value)

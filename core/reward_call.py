@@ -251,5 +251,8 @@ def resolve_reward(args: argparse.Namespace, options: dict) -> Reward:
 
     plugin_set = load_plugins()
     entry = plugin_set.entry("reward", args.rm_type)
+    from .plugin_options import as_kwargs, build_options
+
+    options = as_kwargs(build_options(entry, args, options))  # the reward's declared options, checked
     return Reward(entry.load(), options, batched=bool(entry.metadata.get("batched")), timeout=timeout,
                   name=f"--rm-type {args.rm_type}")

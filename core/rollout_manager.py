@@ -38,7 +38,9 @@ def _build_filter(args, plugin_set):
     if not name:
         return None, "dynamic_filter"
     fn = plugin_set.get("filter", name)
-    options = dict(getattr(args, "filter_opt", None) or {})
+    from .plugin_options import as_kwargs, build_options
+
+    options = as_kwargs(build_options(plugin_set.entry("filter", name), args))  # the filter's declared options
     if getattr(args, "reward_key", None) and "reward_key" not in options:
         options["reward_key"] = args.reward_key
     return (lambda group: fn(group, **options)), "dynamic_filter"

@@ -275,7 +275,8 @@ def test_yaml_values_and_cli_precedence(ps, base, files):
             "n_samples_per_prompt": 4,  # underscore key
             "lr": 1e-5,
             "update-weight-buffer-size": "1GB",
-            "rm_opt": {"timeout": 3, "mode": "strict"},
+            # a reward with two options: deepscaler has only timeout, and an unknown key is now an error
+            "rm_opt": {"timeout": 3, "require_boxed": False},
             "reward_post_process": ["overlong_penalty"],
             "rollout_max_response_len": 64,
             "async": True,  # the flag name of dest async_train
@@ -293,6 +294,8 @@ def test_yaml_values_and_cli_precedence(ps, base, files):
             "2e-5",
             "--rm-opt",
             "timeout=9",
+            "--rm-type",
+            "math_verify",
             "--reward-post-process",
             "overlong_penalty",
         ],
@@ -301,7 +304,7 @@ def test_yaml_values_and_cli_precedence(ps, base, files):
     assert args.rollout_batch_size == 8 and args.n_samples_per_prompt == 4
     assert args.lr == 2e-5  # CLI over YAML
     assert args.update_weight_buffer_size == 10**9
-    assert args.rm_opt == {"timeout": 9, "mode": "strict"}  # CLI keys override YAML keys
+    assert args.rm_opt == {"timeout": 9, "require_boxed": False}  # CLI keys override YAML keys
     assert args.reward_post_process == ["overlong_penalty"]  # CLI replaces, does not extend
     assert args.async_train is True and args.rollout_stop_token_ids == [1, 2]
     assert args._sources["--lr"] == "cli" and args._sources["--rollout-batch-size"] == f"yaml:{path}"

@@ -8,6 +8,8 @@ reason ``zero_std_<round(rewards[0], 1)>``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import statistics
 
 from plugrl.core import FilterDecision, hookimpl
@@ -42,9 +44,16 @@ def nonzero_std_with_fallback(group: list[Sample], reward_key: str | None = None
     return FilterDecision(keep=decision.keep, reason=decision.reason, keep_when_insufficient=True)
 
 
+@dataclasses.dataclass
+class RewardKeyOptions:
+    """``--filter-opt`` options of the ``nonzero_std`` filters (``--reward-key`` fills ``reward_key``)."""
+
+    reward_key: str | None = dataclasses.field(default=None, metadata={"help": "key of a dict reward"})
+
+
 @hookimpl
 def plugrl_register_filters(register):
-    register("nonzero_std", nonzero_std,
+    register("nonzero_std", nonzero_std, options=RewardKeyOptions,
              description="drop groups whose rewards all agree (std <= 1e-6); option reward_key")
-    register("nonzero_std_with_fallback", nonzero_std_with_fallback,
+    register("nonzero_std_with_fallback", nonzero_std_with_fallback, options=RewardKeyOptions,
              description="nonzero_std, but keep zero-std groups rather than over-sample again")

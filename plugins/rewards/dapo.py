@@ -12,6 +12,8 @@ int label never matched there; plugrl compares against ``str(label)``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 
 from plugrl.core import hookimpl
@@ -93,7 +95,23 @@ def dapo_reward(sample, *, strict_box_verify=False) -> dict:
     return dapo_score(sample.response, sample.label, strict_box_verify=strict)
 
 
+@dataclasses.dataclass
+class DapoOptions:
+    """``--rm-opt`` options of ``dapo``."""
+
+    strict_box_verify: bool | str = dataclasses.field(
+        default=False, metadata={"help": "only the last \\boxed{} counts (slime's strict box check): true/false"})
+
+
+def check_dapo_options(options) -> list[str]:
+    try:
+        math_utils.flag_option(options.strict_box_verify, "strict_box_verify")
+    except ValueError as exc:
+        return [str(exc)]
+    return []
+
+
 @hookimpl
 def plugrl_register_rewards(register):
-    register("dapo", dapo_reward,
+    register("dapo", dapo_reward, options=DapoOptions, check_options=check_dapo_options,
              description='{"score": 1.0|-1.0, "acc", "pred"} from the last "Answer:" line (use --reward-key score)')

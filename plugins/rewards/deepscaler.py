@@ -50,5 +50,7 @@ def plugrl_register_rewards(register):
     register(
         "deepscaler",
         deepscaler_reward,
+        options=math_utils.GraderOptions,
+        check_options=math_utils.check_grader_options,
         description="1/0: last \\boxed{} after </think> (or ###Response) equals the label (Hendrycks or sympy)",
     )

@@ -31,4 +31,5 @@ def math_reward(sample, *, timeout=math_utils.DEFAULT_TIMEOUT) -> int:
 
 @hookimpl
 def plugrl_register_rewards(register):
-    register("math", math_reward, description="1/0: last \\boxed{} in the response equals the label")
+    register("math", math_reward, options=math_utils.GraderOptions, check_options=math_utils.check_grader_options,
+             description="1/0: last \\boxed{} in the response equals the label")

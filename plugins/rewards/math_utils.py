@@ -8,6 +8,8 @@ same reward as under slime. sympy and pylatexenc are imported on first use.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import logging
 import re
@@ -420,6 +422,23 @@ def sympy_grade(given: str | None, truth: str | None, *, timeout: float = DEFAUL
 def grade(given: str | None, truth: str | None, *, timeout: float = DEFAULT_TIMEOUT) -> bool:
     """deepscaler's equivalence: Hendrycks-normalised equality, else the sympy check."""
     return mathd_equal(given, truth) or sympy_grade(given, truth, timeout=timeout)
+
+
+@dataclasses.dataclass
+class GraderOptions:
+    """``--rm-opt`` options of the math graders (deepscaler, math)."""
+
+    timeout: float | str | None = dataclasses.field(
+        default=DEFAULT_TIMEOUT, metadata={"help": "seconds one grading may take; 0 or none disables the guard"})
+
+
+def check_grader_options(options) -> list[str]:
+    """The ``check_options`` of the math graders: a timeout they can read, >= 0."""
+    try:
+        seconds = timeout_option(options.timeout)
+    except ValueError:
+        return [f"option 'timeout' must be seconds or none, got {options.timeout!r}"]
+    return [] if seconds >= 0 else [f"option 'timeout' must be >= 0, got {options.timeout!r}"]
 
 
 def timeout_option(value) -> float:

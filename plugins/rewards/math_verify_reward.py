@@ -12,6 +12,8 @@ answer anywhere in the response).
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import re
 
@@ -95,7 +97,24 @@ def math_verify_reward(sample, *, timeout=math_utils.DEFAULT_TIMEOUT, require_bo
                              require_boxed=math_utils.flag_option(require_boxed, "require_boxed"))
 
 
+@dataclasses.dataclass
+class MathVerifyOptions(math_utils.GraderOptions):
+    """``--rm-opt`` options of ``math_verify``."""
+
+    require_boxed: bool | str = dataclasses.field(
+        default=True, metadata={"help": "grade only a \\boxed{} answer (true/false)"})
+
+
+def check_math_verify_options(options) -> list[str]:
+    problems = math_utils.check_grader_options(options)
+    try:
+        math_utils.flag_option(options.require_boxed, "require_boxed")
+    except ValueError as exc:
+        problems.append(str(exc))
+    return problems
+
+
 @hookimpl
 def plugrl_register_rewards(register):
-    register("math_verify", math_verify_reward,
+    register("math_verify", math_verify_reward, options=MathVerifyOptions, check_options=check_math_verify_options,
              description="1.0/0.0: math_verify parse+verify of the last \\boxed{} against the label")

@@ -9,6 +9,8 @@ raised. Connections are pooled per event loop (64 at most), as in slime.
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import logging
 import random
@@ -80,7 +82,27 @@ async def remote_rm(sample, *, url=None, timeout=120.0, max_attempts=10, backoff
 remote_rm.aclose = aclose
 
 
+@dataclasses.dataclass
+class RemoteRMOptions:
+    """``--rm-opt`` options of ``remote_rm`` (``--rm-url URL`` fills ``url``)."""
+
+    url: str | None = dataclasses.field(default=None, metadata={"help": "the reward server's URL"})
+    timeout: float = dataclasses.field(default=120.0, metadata={"help": "seconds per request"})
+    max_attempts: int = dataclasses.field(default=10, metadata={"help": "tries before a sample scores as failed"})
+    backoff_scale: float = dataclasses.field(default=1.0, metadata={"help": "scale of the retry back-off"})
+
+
+def check_remote_rm_options(options) -> list[str]:
+    problems = [] if options.url else ["needs the reward server's URL: --rm-opt url=http://host:port/path"]
+    if options.timeout <= 0:
+        problems.append(f"option 'timeout' must be > 0, got {options.timeout}")
+    if options.max_attempts < 1:
+        problems.append(f"option 'max_attempts' must be >= 1, got {options.max_attempts}")
+    return problems
+
+
 @hookimpl
 def plugrl_register_rewards(register):
-    register("remote_rm", remote_rm, requires=("aiohttp",),
+    register("remote_rm", remote_rm, requires=("aiohttp",), options=RemoteRMOptions,
+             check_options=check_remote_rm_options,
              description="POSTs prompt/response/label to --rm-opt url=..., returns its JSON")
