@@ -13,7 +13,7 @@ USAGE = """plugrl <command> [options]
 
 commands:
   train            run RL post-training (plugrl train --help lists every flag, grouped by plugin)
-  plugins list     list registered plugins   [--kind KIND] [--json]
+  plugins list     list registered plugins and where each comes from   [--kind KIND] [--json]
   plugins check    exit non-zero on any plugin load failure or duplicate name
   score            score rows of a JSONL file with a reward plugin
   serve            one SGLang-API engine server around the hf engine (plugrl serve --hf-checkpoint DIR)
@@ -23,18 +23,23 @@ commands:
 
 
 def _plugins_command(argv: list[str]) -> int:
-    from .plugins import make_plugin_manager
+    from .plugins import make_plugin_manager, strict_from_env
     from .registry import KINDS
 
-    parser = argparse.ArgumentParser(prog="plugrl plugins")
+    parser = argparse.ArgumentParser(
+        prog="plugrl plugins",
+        epilog="exit status: list 0 (1 under PLUGRL_STRICT_PLUGINS=1 when a plugin failed to load or a name "
+               "is registered twice); check 1 on any such problem")
     sub = parser.add_subparsers(dest="action", required=True)
-    list_parser = sub.add_parser("list", help="list registered plugins")
+    list_parser = sub.add_parser("list", help="list registered plugins with their origin")
     list_parser.add_argument("--kind", choices=sorted(KINDS), help="only this kind")
     list_parser.add_argument("--json", action="store_true", help="print a JSON array")
     sub.add_parser("check", help="exit 1 on any load failure or duplicate name")
     args = parser.parse_args(argv)
 
     plugin_set = make_plugin_manager()
+    for warning in plugin_set.warnings:
+        print(f"plugrl plugins: warning: {warning}", file=sys.stderr)
     if args.action == "check":
         problems = plugin_set.problems
         for problem in problems:
@@ -43,27 +48,47 @@ def _plugins_command(argv: list[str]) -> int:
         print(f"{count} names registered, {len(problems)} problem(s)")
         return 1 if problems else 0
 
-    rows = []
-    for entry in plugin_set.registries.all_entries():
-        if args.kind and entry.kind != args.kind:
-            continue
-        rows.append({"kind": entry.kind, "name": entry.name, "plugin": entry.plugin,
-                     "builtin": entry.builtin, "status": entry.status})
-    for failure in plugin_set.failures:
-        rows.append({"kind": None, "name": None, "plugin": failure.plugin, "builtin": failure.distribution == "plugrl",
-                     "status": f"failed: {failure.error}"})
+    rows = _plugin_rows(plugin_set, args.kind)
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
+    else:
+        _print_plugin_table(rows)
+    if strict_from_env() and plugin_set.problems:
+        print("plugrl plugins: error: plugin problems (PLUGRL_STRICT_PLUGINS=1):\n  " + "\n  ".join(plugin_set.problems),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _plugin_rows(plugin_set, kind: str | None) -> list[dict]:
+    """One row per registered name (both rows of a duplicate), then one per plugin that failed to load."""
+    rows = []
+    for entry in plugin_set.registries.all_entries():
+        if kind and entry.kind != kind:
+            continue
+        registry = plugin_set.registries[entry.kind]
+        status = entry.status
+        if entry.name not in registry:  # registered twice: only the qualified name selects it
+            status = f"duplicate name: select as {entry.qualified_name}"
+        rows.append({"kind": entry.kind, "name": entry.name, "plugin": entry.plugin, "builtin": entry.builtin,
+                     "origin": entry.origin, "distribution": "plugrl" if entry.builtin else entry.distribution,
+                     "version": entry.version, "qualified_name": entry.qualified_name, "status": status})
+    for failure in plugin_set.failures:
+        rows.append({"kind": None, "name": None, "plugin": failure.plugin, "builtin": failure.distribution == "plugrl",
+                     "origin": failure.distribution or failure.plugin, "distribution": failure.distribution,
+                     "version": None, "qualified_name": None, "status": f"failed: {failure.error}"})
+    return rows
+
+
+def _print_plugin_table(rows: list[dict]) -> None:
     width = max((len(r["name"] or "") for r in rows), default=4)
+    origin_width = max((len(r["origin"]) for r in rows), default=6)
     current_kind = object()
     for row in rows:
         if row["kind"] != current_kind:
             current_kind = row["kind"]
             print(f"\n[{current_kind or 'load failures'}]")
-        origin = "builtin" if row["builtin"] else "third-party"
-        print(f"  {(row['name'] or '-'):<{width}}  {row['plugin']} ({origin})  {row['status']}")
-    return 0
+        print(f"  {(row['name'] or '-'):<{width}}  {row['origin']:<{origin_width}}  {row['status']}")
 
 
 # command -> "module:function" taking the remaining argv; imported only when the command runs.

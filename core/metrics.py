@@ -8,6 +8,10 @@ Files under the run's output directory:
 * ``metrics.jsonl``: one JSON object per (rollout, phase) — ``{"rollout_id", "phase", "time",
   **metrics}`` — flushed line by line, so a killed run keeps everything logged so far;
   :func:`read_metrics` reads it back (and ``plugrl report`` plots it).
+  The first line of a run is ``{"rollout_id": -1, "phase": "meta", "reward": ..., "advantage_estimator":
+  ..., "filter": ..., "plugins": {kind: {"name", "origin"}}, "plugrl_version", "rm_opt", "filter_opt"}``:
+  which plugins (and whose) produced the numbers (:meth:`MetricsLogger.log_meta`). A resumed run adds a
+  meta line (at its first rollout id) only when its selection differs. Readers filter on ``phase``.
 * ``config.yaml``: the resolved run configuration (:meth:`MetricsLogger.write_config`).
 * ``tensorboard/``: event files when ``--use-tensorboard``.
 
@@ -361,6 +365,16 @@ class MetricsLogger:
         if self._wandb_run is not None and numeric:
             self._wandb_run.log({"rollout_id": int(step), **numeric})
         return row
+
+    def log_meta(self, meta: Mapping[str, Any], *, rollout_id: int = -1) -> dict | None:
+        """Write the ``phase: "meta"`` line naming the run's plugins, unless the file's last meta line
+        (a resumed run's first attempt) already says the same; returns the row written."""
+        previous = [row for row in read_metrics(self.metrics_path) if row.get("phase") == "meta"] \
+            if self.metrics_path.stat().st_size else []
+        fields = json.loads(json.dumps(dict(meta), default=str))
+        if previous and {k: previous[-1].get(k) for k in fields} == fields:
+            return None
+        return self.log(rollout_id, fields, phase="meta")
 
     def close(self) -> None:
         if self._file is not None:

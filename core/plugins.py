@@ -1,14 +1,16 @@
 """Plugin manager factory and ``load_plugins()``: built-ins, entry points, failures, env controls.
 
 Environment (forwarded to every Ray worker so all processes load the same set):
-  PLUGRL_DISABLE_PLUGINS  comma-separated plugin names to block (entry-point names or built-in
-                          module names, e.g. ``example`` or ``plugrl.plugins.rewards.dapo``)
+  PLUGRL_DISABLE_PLUGINS  comma-separated plugins to block: entry-point names, distribution names or
+                          built-in module names (``example``, ``plugrl-example-plugin``,
+                          ``plugrl.plugins.rewards.dapo``); a name that matches nothing is warned about
   PLUGRL_LOAD_PLUGINS     allow-list of entry-point or distribution names; empty string = none
   PLUGRL_STRICT_PLUGINS   ``1``: any load failure or duplicate name is fatal
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import os
@@ -19,7 +21,7 @@ import pluggy
 
 from . import hookspecs
 from .hookimpl import PROJECT
-from .registry import KINDS, DuplicatePluginError, LoadFailure, PluginError, Registries
+from .registry import KINDS, LoadFailure, PluginError, Registries, _normalise_dist
 
 ENV_VARS = ("PLUGRL_DISABLE_PLUGINS", "PLUGRL_LOAD_PLUGINS", "PLUGRL_STRICT_PLUGINS")
 
@@ -60,6 +62,8 @@ class PluginSet:
     failures: list[LoadFailure]
     builtin_names: set[str] = field(default_factory=set)
     distributions: dict[str, str] = field(default_factory=dict)  # plugin name -> distribution
+    versions: dict[str, str] = field(default_factory=dict)  # plugin name -> distribution version
+    warnings: list[str] = field(default_factory=list)  # e.g. a PLUGRL_DISABLE_PLUGINS name matching nothing
 
     def get(self, kind: str, name: str):
         return self.registries.resolve(kind, name)
@@ -73,9 +77,15 @@ class PluginSet:
 
     def raise_if_strict(self, strict: bool | None = None) -> None:
         if strict is None:
-            strict = os.environ.get("PLUGRL_STRICT_PLUGINS", "") not in ("", "0")
+            strict = strict_from_env()
         if strict and self.problems:
-            raise PluginLoadError("plugin problems (PLUGRL_STRICT_PLUGINS=1):\n  " + "\n  ".join(self.problems))
+            raise PluginLoadError("plugin problems (PLUGRL_STRICT_PLUGINS=1):\n  " + "\n  ".join(self.problems)
+                                  + "\nFix or uninstall them, block them with PLUGRL_DISABLE_PLUGINS=NAME, "
+                                  "or unset PLUGRL_STRICT_PLUGINS to only warn")
+
+
+def strict_from_env() -> bool:
+    return os.environ.get("PLUGRL_STRICT_PLUGINS", "") not in ("", "0")
 
 
 def _env_list(name: str) -> list[str] | None:
@@ -85,14 +95,50 @@ def _env_list(name: str) -> list[str] | None:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _load_entry_points(pm: pluggy.PluginManager, failures: list[LoadFailure], distributions: dict) -> None:
+class _Blocklist:
+    """PLUGRL_DISABLE_PLUGINS: matches entry-point, distribution and built-in module names, and
+    remembers what it blocked (for "unknown name" hints) and which of its names matched nothing."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.used: set[str] = set()
+        self.blocked: list[str] = []  # descriptions of blocked plugins
+
+    def blocks(self, *candidates: str | None) -> bool:
+        for name in self.names:
+            if any(c is not None and (name == c or _normalise_dist(name) == _normalise_dist(c)) for c in candidates):
+                self.used.add(name)
+                return True
+        return False
+
+    def warnings(self, known: list[str], registries: Registries) -> list[str]:
+        out = []
+        for name in self.names:
+            if name in self.used:
+                continue
+            hint = ""
+            providers = [e for r in registries.by_kind.values() for e in r if e.name == name]
+            close = difflib.get_close_matches(name, known, n=1)
+            if providers:
+                hint = f"; '{name}' is a {providers[0].kind} name: block its plugin '{providers[0].plugin}'"
+            elif close:
+                hint = f"; did you mean '{close[0]}'?"
+            out.append(f"PLUGRL_DISABLE_PLUGINS: '{name}' matches no plugin (entry point, distribution or "
+                       f"built-in module){hint}")
+        return out
+
+
+def _load_entry_points(pm, failures: list[LoadFailure], distributions: dict, versions: dict,
+                       blocklist: _Blocklist, known: list[str]) -> None:
     allow = _env_list("PLUGRL_LOAD_PLUGINS")
     seen: dict[str, str] = {}
     for ep in importlib.metadata.entry_points(group=PROJECT):
         dist = ep.dist.name if ep.dist is not None else None
+        known.extend(n for n in (ep.name, dist) if n)
         if allow is not None and ep.name not in allow and dist not in allow:
             continue
-        if pm.is_blocked(ep.name):
+        if blocklist.blocks(ep.name, dist):
+            blocklist.blocked.append(f"{ep.name} ({dist})" if dist else ep.name)
             continue
         if ep.name in seen:
             failures.append(LoadFailure(ep.name, dist, f"entry-point name also used by distribution '{seen[ep.name]}'"))
@@ -110,6 +156,8 @@ def _load_entry_points(pm: pluggy.PluginManager, failures: list[LoadFailure], di
             failures.append(LoadFailure(ep.name, dist, f"unknown hook(s) {', '.join(unknown)} (misspelled?)"))
             continue
         distributions[ep.name] = dist or ""
+        if ep.dist is not None and ep.dist.version:
+            versions[ep.name] = ep.dist.version
 
 
 def _unknown_hooks(pm: pluggy.PluginManager, plugin) -> list[str]:
@@ -123,10 +171,12 @@ def _unknown_hooks(pm: pluggy.PluginManager, plugin) -> list[str]:
     return names
 
 
-def _register_builtins(pm: pluggy.PluginManager, modules, failures: list[LoadFailure]) -> set[str]:
+def _register_builtins(pm: pluggy.PluginManager, modules, failures: list[LoadFailure],
+                       blocklist: _Blocklist) -> set[str]:
     names = set()
     for module_name in modules:
-        if pm.is_blocked(module_name):
+        if blocklist.blocks(module_name):
+            blocklist.blocked.append(module_name)
             continue
         try:
             module = importlib.import_module(module_name)
@@ -138,15 +188,15 @@ def _register_builtins(pm: pluggy.PluginManager, modules, failures: list[LoadFai
     return names
 
 
-def _tolerant_register(registry, plugin_name: str, builtin: bool):
-    """The ``register`` callback a plugin receives: a duplicate name is recorded (and reported by
-    ``plugins check``) without stopping the plugin's other registrations."""
+def _register_callback(registry, plugin_set: PluginSet, plugin_name: str):
+    """The ``register`` callback a plugin receives; it records the plugin's origin with each name.
+    A duplicate name is kept and reported (``plugins check``), never a silent replacement."""
+    builtin = plugin_name in plugin_set.builtin_names
 
     def register(name, obj, *, replace: bool = False, **metadata):
-        try:
-            registry.add(name, obj, plugin=plugin_name, builtin=builtin, replace=replace, **metadata)
-        except DuplicatePluginError:
-            pass
+        registry.add(name, obj, plugin=plugin_name, builtin=builtin, replace=replace,
+                     distribution=plugin_set.distributions.get(plugin_name) or None,
+                     version=plugin_set.versions.get(plugin_name), **metadata)
 
     return register
 
@@ -158,9 +208,8 @@ def _fill_registries(plugin_set: PluginSet) -> None:
         registry = plugin_set.registries[kind]
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             plugin_name = impl.plugin_name
-            register = _tolerant_register(registry, plugin_name, plugin_name in plugin_set.builtin_names)
             try:
-                impl.function(register=register)
+                impl.function(register=_register_callback(registry, plugin_set, plugin_name))
             except Exception as exc:
                 plugin_set.failures.append(
                     LoadFailure(plugin_name, plugin_set.distributions.get(plugin_name),
@@ -175,22 +224,28 @@ def make_plugin_manager(
     ``extra_plugins={name: module_or_object}`` to add plugins without installing them."""
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
-    for name in _env_list("PLUGRL_DISABLE_PLUGINS") or []:
-        pm.set_blocked(name)
+    blocklist = _Blocklist(_env_list("PLUGRL_DISABLE_PLUGINS") or [])
     failures: list[LoadFailure] = []
     distributions: dict[str, str] = {}
+    versions: dict[str, str] = {}
+    known: list[str] = list(BUILTIN_PLUGINS)
     if entry_points:
-        _load_entry_points(pm, failures, distributions)
-    builtin_names = _register_builtins(pm, BUILTIN_PLUGINS, failures) if builtins else set()
+        _load_entry_points(pm, failures, distributions, versions, blocklist, known)
+    builtin_names = _register_builtins(pm, BUILTIN_PLUGINS, failures, blocklist) if builtins else set()
     for name, plugin in (extra_plugins or {}).items():
-        if not pm.is_blocked(name):
+        known.append(name)
+        if blocklist.blocks(name):
+            blocklist.blocked.append(name)
+        else:
             pm.register(plugin, name=name)
     pm.check_pending()  # a misspelled hook name in a plugin is an error, not a silent no-op
     if os.environ.get("PLUGRL_TRACE_PLUGINS"):
         pm.trace.root.setwriter(print)
         pm.enable_tracing()
-    plugin_set = PluginSet(pm, Registries(failures), failures, builtin_names, distributions)
+    registries = Registries(failures, blocklist.blocked)
+    plugin_set = PluginSet(pm, registries, failures, builtin_names, distributions, versions)
     _fill_registries(plugin_set)
+    plugin_set.warnings.extend(blocklist.warnings(known, registries))
     return plugin_set
 
 

@@ -74,6 +74,33 @@ class Entry:
     plugin: str
     builtin: bool
     metadata: dict = field(default_factory=dict)
+    distribution: str | None = None  # the installed distribution of an entry-point plugin
+    version: str | None = None
+
+    @property
+    def qualifier(self) -> str:
+        """What selects this entry explicitly as ``qualifier:name``: ``plugrl`` for built-ins, else the
+        plugin's entry-point name (its distribution name works too)."""
+        return "plugrl" if self.builtin else self.plugin
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.qualifier}:{self.name}"
+
+    @property
+    def origin(self) -> str:
+        """Where the name comes from, for ``plugins list`` and duplicate errors."""
+        if self.builtin:
+            return f"plugrl built-in ({self.plugin})"
+        if self.distribution:
+            version = f" {self.version}" if self.version else ""
+            return f"{self.distribution}{version} (entry point '{self.plugin}')"
+        return f"plugin '{self.plugin}'"
+
+    def answers_to(self, qualifier: str) -> bool:
+        norm = _normalise_dist
+        return qualifier in (self.qualifier, self.plugin) or (
+            self.distribution is not None and norm(qualifier) == norm(self.distribution))
 
     @property
     def requires(self) -> tuple[str, ...]:
@@ -104,6 +131,11 @@ class Entry:
                 )
             return import_object(self.obj)
         return self.obj
+
+
+def _normalise_dist(name: str) -> str:
+    # PEP 503: distribution names compare case-insensitively, with runs of -_. equal
+    return "-".join(name.replace("_", "-").replace(".", "-").lower().split("-"))
 
 
 def _unimportable(modules) -> list[str]:
@@ -140,29 +172,54 @@ def import_object(path: str) -> Any:
 
 
 class Registry:
-    """Names of one kind; ``failures`` is shared so that an unknown name can mention broken plugins."""
+    """Names of one kind. ``failures`` and ``blocked`` are shared so that an unknown name can mention
+    plugins that failed to load or were blocked. A name registered twice keeps both entries: the bare
+    name is then ambiguous (an error naming both origins) and ``qualifier:name`` picks one."""
 
-    def __init__(self, kind: str, failures: list[LoadFailure] | None = None):
+    def __init__(self, kind: str, failures: list[LoadFailure] | None = None, blocked: list[str] | None = None):
         self.kind = kind
-        self._entries: dict[str, Entry] = {}
+        self._entries: dict[str, list[Entry]] = {}
         self.duplicates: list[str] = []
         self.failures = failures if failures is not None else []
+        self.blocked = blocked if blocked is not None else []
 
-    def add(self, name: str, obj: Any, *, plugin: str, builtin: bool, replace: bool = False, **metadata) -> None:
-        if not isinstance(name, str) or not name:
-            raise PluginError(f"plugin '{plugin}' registered a {self.kind} with an invalid name {name!r}")
-        if name in self._entries and not replace:
-            first = self._entries[name].plugin
-            message = f"{self.kind} '{name}' is registered by both '{first}' and '{plugin}'"
-            self.duplicates.append(message)
-            raise DuplicatePluginError(message + "; uninstall or block one of them (PLUGRL_DISABLE_PLUGINS)")
-        self._entries[name] = Entry(self.kind, name, obj, plugin, builtin, dict(metadata))
+    def add(self, name: str, obj: Any, *, plugin: str, builtin: bool, replace: bool = False,
+            distribution: str | None = None, version: str | None = None, **metadata) -> None:
+        """Record ``name``; ``replace=True`` replaces the same plugin's earlier registration only."""
+        if not isinstance(name, str) or not name or ":" in name:
+            raise PluginError(f"plugin '{plugin}' registered a {self.kind} with an invalid name {name!r} "
+                              "(a non-empty string without ':')")
+        entry = Entry(self.kind, name, obj, plugin, builtin, dict(metadata), distribution, version)
+        candidates = self._entries.setdefault(name, [])
+        if replace:
+            candidates[:] = [e for e in candidates if e.plugin != plugin]
+        if candidates:
+            self.duplicates.append(self._ambiguity(name, [*candidates, entry]))
+        candidates.append(entry)
+
+    def _ambiguity(self, name: str, candidates: list[Entry]) -> str:
+        candidates = sorted(candidates, key=lambda e: not e.builtin)  # the built-in first
+        flag = SELECTING_FLAG.get(self.kind, "the selecting flag")
+        origins = " and ".join(e.origin for e in candidates)
+        choices = " or ".join(f"{flag} {e.qualified_name}" for e in candidates)
+        blockable = [e.plugin for e in candidates if not e.builtin]
+        block = f", or block one with PLUGRL_DISABLE_PLUGINS={blockable[-1]}" if blockable else ""
+        return f"{self.kind} '{name}' is registered by both {origins}: select one explicitly ({choices}){block}"
+
+    def _candidates(self, name: str) -> list[Entry]:
+        if name in self._entries:
+            return self._entries[name]
+        qualifier, sep, bare = name.rpartition(":")
+        if not sep:
+            return []
+        return [e for e in self._entries.get(bare, []) if e.answers_to(qualifier)]
 
     def __contains__(self, name: str) -> bool:
-        return name in self._entries
+        """True when ``name`` selects exactly one entry (an ambiguous bare name does not)."""
+        return len(self._candidates(name)) == 1
 
     def __iter__(self):
-        return iter(self._entries.values())
+        return (e for candidates in self._entries.values() for e in candidates)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -171,8 +228,11 @@ class Registry:
         return sorted(self._entries)
 
     def entry(self, name: str) -> Entry:
-        if name in self._entries:
-            return self._entries[name]
+        candidates = self._candidates(name)
+        if len(candidates) == 1:
+            return candidates[0]
+        if len(candidates) > 1:
+            raise DuplicatePluginError(self._ambiguity(name.rpartition(":")[2], candidates))
         raise UnknownPluginError(self.unknown_message(name))
 
     def get(self, name: str) -> Any:
@@ -180,14 +240,26 @@ class Registry:
         return self.entry(name).load()
 
     def unknown_message(self, name: str) -> str:
+        """Why ``name`` selects nothing: ambiguous (both origins named), or unknown (choices, a close
+        match, plugins that failed to load or are blocked)."""
+        candidates = self._candidates(name)
+        if len(candidates) > 1:
+            return self._ambiguity(name.rpartition(":")[2], candidates)
         names = self.names()
         parts = [f"unknown {self.kind} '{name}'."]
         parts.append(f"Available: {', '.join(names) if names else '(none)'}.")
+        qualifier, sep, bare = name.rpartition(":")
+        if sep and bare in self._entries:
+            given = ", ".join(e.qualified_name for e in self._entries[bare])
+            parts.append(f"No plugin '{qualifier}' registers '{bare}' (registered as {given}).")
         close = difflib.get_close_matches(name, names, n=1)
         if close:
             parts.append(f"Did you mean '{close[0]}'?")
         for failure in self.failures:
             parts.append(f"Note: {failure.describe()}.")
+        if self.blocked:
+            parts.append(f"Note: PLUGRL_DISABLE_PLUGINS blocks {', '.join(self.blocked)}; "
+                         "a blocked plugin may provide it.")
         parts.append("Run `plugrl plugins list` to see every plugin.")
         return " ".join(parts)
 
@@ -195,9 +267,10 @@ class Registry:
 class Registries:
     """All kinds of one plugin manager."""
 
-    def __init__(self, failures: list[LoadFailure] | None = None):
+    def __init__(self, failures: list[LoadFailure] | None = None, blocked: list[str] | None = None):
         self.failures: list[LoadFailure] = failures if failures is not None else []
-        self.by_kind = {kind: Registry(kind, self.failures) for kind in KINDS}
+        self.blocked: list[str] = blocked if blocked is not None else []
+        self.by_kind = {kind: Registry(kind, self.failures, self.blocked) for kind in KINDS}
 
     def __getitem__(self, kind: str) -> Registry:
         return self.by_kind[kind]

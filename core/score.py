@@ -8,21 +8,26 @@ bounded by ``--reward-timeout``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .reward_call import Reward, describe_failure, resolve_reward
 from .types import Sample
+
+if TYPE_CHECKING:
+    from .reward_call import Reward
+
+# reward_call (asyncio, ssl) is imported when rows are scored, not for --help or a usage error:
+# start-up is most of a small grading run (benchmarks/cli_startup.py).
 
 DESCRIPTION = """\
 Score each row of a JSONL file with a reward plugin and print count, mean and errors.
 
-Each row is a JSON object; its response and label (keys set by --response-key/--label-key) and
-optional "prompt" and "metadata" become a Sample. With --output, every scored row is written there
-with a "reward" field added (dict rewards are written as dicts). Rows that are malformed or whose
+Each row is a JSON object with a response and a label: both keys (--response-key, default
+"response"; --label-key, default "label") are required in every row, and a row missing either is
+reported and left out (write "label": null for a reward that needs none). Optional "prompt" and
+"metadata" keys are passed on; each row becomes a Sample. With --output, every scored row is
+written there with a "reward" field added (dict rewards are written as dicts). Rows that are malformed or whose
 reward raised are reported on stderr as FILE:LINE: reason and left out; the others are still scored.
 
 exit status: 0 every row was scored; 1 some row was malformed or failed; 2 usage error (unknown
@@ -40,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="reward option, repeatable; VALUE is parsed as JSON when it can be (timeout=5 -> 5)")
     parser.add_argument("--input", required=True, help="JSONL file of rows to score")
     parser.add_argument("--output", help="write the scored rows here (JSONL, with a reward field)")
-    parser.add_argument("--response-key", default="response")
-    parser.add_argument("--label-key", default="label")
+    parser.add_argument("--response-key", default="response", help="key of the response; required in every row")
+    parser.add_argument("--label-key", default="label",
+                        help="key of the label (ground truth); required in every row, null allowed")
     parser.add_argument("--reward-key", help="key of the scalar in dict rewards (e.g. score for dapo)")
     parser.add_argument("--concurrency", type=int, default=64, help="rows scored at once (default 64)")
     parser.add_argument("--reward-timeout", type=float, metavar="SECONDS",
@@ -105,9 +111,12 @@ def _check_reward(value: Any) -> Any:
     raise TypeError(f"a reward must be a number or a dict, got {type(value).__name__}: {value!r}")
 
 
-async def score_rows(reward: Reward, rows, concurrency: int, errors: list) -> list:
+async def score_rows(reward: "Reward", rows, concurrency: int, errors: list) -> list:
     """The reward of each row (None where it failed or ran past ``reward.timeout``; the failure is
     added to ``errors``)."""
+    import asyncio
+
+    from .reward_call import describe_failure
     results: list = [None] * len(rows)
     reward.concurrency = max(1, concurrency)
     try:
@@ -166,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plugrl score: {exc}", file=sys.stderr)
         return 2
 
+    import asyncio
+    import math
+
     from .registry import PluginError
+    from .reward_call import resolve_reward
 
     try:
         reward = resolve_reward(args, options)

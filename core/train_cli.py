@@ -51,7 +51,13 @@ def main(argv: list[str]) -> int:
     from .registry import PluginError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    plugin_set = load_plugins()
+    try:
+        plugin_set = load_plugins()  # PLUGRL_STRICT_PLUGINS=1: a broken or duplicate plugin stops here
+    except PluginError as exc:
+        print(f"plugrl train: error: {exc}", file=sys.stderr)
+        return 2
+    if not any(a in ("-h", "--help") for a in argv):
+        warn_plugin_problems(plugin_set)
     if _uses_default_run(argv) and not any(a in ("-h", "--help") for a in argv):
         argv = ["--recipe", DEFAULT_RECIPE, *argv]
     try:
@@ -77,12 +83,13 @@ def main(argv: list[str]) -> int:
     from .loop import run_training
     from .metrics import MetricsLogger
 
-    prepare_dirs(args)
+    resume_from = prepare_dirs(args)
     metrics_logger = MetricsLogger(args.output_dir, use_tensorboard=bool(args.use_tensorboard),
                                    use_wandb=bool(args.use_wandb), wandb_project=args.wandb_project,
                                    wandb_group=args.wandb_group, wandb_mode=args.wandb_mode, wandb_key=args.wandb_key,
                                    config=config_to_dict(args))
     metrics_logger.write_config(config_to_dict(args))
+    metrics_logger.log_meta(run_plugins(args, plugin_set), rollout_id=-1 if resume_from is None else resume_from + 1)
     started = time.time()
     print(f"plugrl train: {args.num_rollout} rollouts, output in {args.output_dir}", flush=True)
     from .loop import ActorDiedError
@@ -115,10 +122,52 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def prepare_dirs(args) -> None:
+def warn_plugin_problems(plugin_set) -> None:
+    """Once, on the driver: installed plugins that failed to load or reuse a name, and
+    PLUGRL_DISABLE_PLUGINS names that match nothing (strict mode has already refused problems)."""
+    for warning in plugin_set.warnings:
+        print(f"plugrl train: warning: {warning}", file=sys.stderr)
+    for problem in plugin_set.problems:
+        print(f"plugrl train: warning: {problem} (the run is unaffected unless it selects one of these names; "
+              "`plugrl plugins check` lists every problem, PLUGRL_STRICT_PLUGINS=1 makes them fatal)", file=sys.stderr)
+
+
+def run_plugins(args, plugin_set) -> dict:
+    """What produced this run's numbers, for the ``phase: "meta"`` line of ``metrics.jsonl``: each selected
+    plugin's name and origin (``--*-path`` functions by their import path)."""
+    import plugrl
+
+    def pick(kind: str, name: str | None, path_flag: str, path: str | None):
+        if path:
+            return {"name": None, "origin": f"{path_flag} {path}"}
+        if not name:
+            return None
+        entry = plugin_set.entry(kind, name)
+        return {"name": entry.name, "origin": entry.origin}
+
+    plugins = {
+        "reward": pick("reward", args.rm_type, "--custom-rm-path", args.custom_rm_path),
+        "advantage_estimator": pick("advantage_estimator", args.advantage_estimator, "--custom-advantage-function-path",
+                                    getattr(args, "custom_advantage_function_path", None)),
+        "filter": pick("filter", args.dynamic_sampling_filter, "--dynamic-sampling-filter-path",
+                       args.dynamic_sampling_filter_path),
+        "buffer_policy": pick("buffer_policy", args.buffer_filter, "--buffer-filter-path", args.buffer_filter_path),
+        "reward_post_processors": [pick("reward_post_processor", n, "", None) for n in args.reward_post_process],
+        "train_backend": pick("train_backend", args.train_backend, "", None),
+        "rollout_backend": pick("rollout_backend", args.rollout_backend, "", None),
+        "placement": pick("placement", args.placement, "", None),
+    }
+    short = {k: (v["name"] or v["origin"]) if isinstance(v, dict) else v
+             for k, v in plugins.items() if k in ("reward", "advantage_estimator", "filter")}
+    return {**short, "plugrl_version": plugrl.__version__, "plugins": plugins,
+            "rm_opt": dict(args.rm_opt or {}), "filter_opt": dict(args.filter_opt or {})}
+
+
+def prepare_dirs(args) -> int | None:
     """Before anything writes: tidy what a killed run left under ``--save`` / ``--load``, apply
     ``--overwrite-save``, and keep ``metrics.jsonl`` one history (a resumed run moves the lines it
-    will log again to ``metrics.superseded.jsonl``; a new run renames an old file)."""
+    will log again to ``metrics.superseded.jsonl``; a new run renames an old file). Returns the rollout
+    id of the checkpoint the run resumes from (None for a fresh run)."""
     from .checkpoint import checkpoint_rollout_id, clean_interrupted_writes, delete_checkpoints, find_latest_checkpoint
     from .metrics import set_aside_rows, start_fresh_metrics
     from .preflight import same_dir
@@ -142,6 +191,7 @@ def prepare_dirs(args) -> None:
         if kept:
             print(f"plugrl train: {args.output_dir} held another run's metrics.jsonl; kept it as {kept.name}",
                   flush=True)
+    return resume_from
 
 
 class ProgressBars:

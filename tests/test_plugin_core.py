@@ -63,17 +63,56 @@ class RewardPlugin:
 def test_duplicate_names_name_both_providers():
     plugin_set = fresh(first_plugin=RewardPlugin("shared", "only_first"), second_plugin=RewardPlugin("shared"))
     (message,) = plugin_set.registries.duplicates
-    # Registration hooks run in registration order: the first plugin keeps the name.
-    assert message == "reward 'shared' is registered by both 'first_plugin' and 'second_plugin'"
+    assert message == ("reward 'shared' is registered by both plugin 'first_plugin' and plugin 'second_plugin': "
+                       "select one explicitly (--rm-type first_plugin:shared or --rm-type second_plugin:shared), "
+                       "or block one with PLUGRL_DISABLE_PLUGINS=second_plugin")
     assert plugin_set.problems == [message]
-    assert plugin_set.entry("reward", "shared").plugin == "first_plugin"
+    registry = plugin_set.registries["reward"]
+    # Neither plugin silently wins: the bare name is an error naming both, a qualified name selects one.
+    assert "shared" not in registry and "first_plugin:shared" in registry
+    with pytest.raises(DuplicatePluginError, match="registered by both plugin 'first_plugin' and plugin 'second_plugin'"):
+        plugin_set.get("reward", "shared")
+    assert registry.unknown_message("shared") == message
+    assert plugin_set.entry("reward", "second_plugin:shared").plugin == "second_plugin"
     assert plugin_set.entry("reward", "only_first").plugin == "first_plugin"
+    assert plugin_set.entry("reward", "first_plugin:only_first").plugin == "first_plugin"
+    with pytest.raises(UnknownPluginError, match="No plugin 'second_plugin' registers 'only_first' "
+                                                 "\\(registered as first_plugin:only_first\\)"):
+        plugin_set.get("reward", "second_plugin:only_first")
+    # replace=True replaces the same plugin's earlier registration, never another plugin's.
     registry = Registry("reward")
     registry.add("x", 1, plugin="a", builtin=False)
-    with pytest.raises(DuplicatePluginError, match="registered by both 'a' and 'b'.*PLUGRL_DISABLE_PLUGINS"):
-        registry.add("x", 2, plugin="b", builtin=False)
+    registry.add("x", 2, plugin="a", builtin=False, replace=True)
+    assert registry.get("x") == 2 and not registry.duplicates
     registry.add("x", 3, plugin="b", builtin=False, replace=True)
-    assert registry.get("x") == 3
+    assert "x" not in registry and registry.get("b:x") == 3 and registry.get("a:x") == 2
+    with pytest.raises(Exception, match="invalid name 'a:b'"):
+        registry.add("a:b", 1, plugin="a", builtin=False)
+
+
+class ShadowingPlugin:
+    """A third-party plugin reusing a built-in's name."""
+
+    @core_hookimpl
+    def plugrl_register_rewards(self, register):
+        register("deepscaler", lambda sample: 1.0)
+
+
+def test_a_third_party_plugin_cannot_replace_a_builtin():
+    plugin_set = make_plugin_manager(entry_points=False, extra_plugins={"shadow": ShadowingPlugin()})
+    (problem,) = plugin_set.registries.duplicates
+    assert problem.startswith("reward 'deepscaler' is registered by both plugrl built-in "
+                              "(plugrl.plugins.rewards.deepscaler) and plugin 'shadow'")
+    assert "--rm-type plugrl:deepscaler or --rm-type shadow:deepscaler" in problem
+    assert "PLUGRL_DISABLE_PLUGINS=shadow" in problem
+    with pytest.raises(DuplicatePluginError, match="plugrl built-in"):
+        plugin_set.get("reward", "deepscaler")
+    assert plugin_set.get("reward", "plugrl:deepscaler").__module__ == "plugrl.plugins.rewards.deepscaler"
+    assert plugin_set.get("reward", "plugrl.plugins.rewards.deepscaler:deepscaler") is \
+        plugin_set.get("reward", "plugrl:deepscaler")  # the plugin's own name qualifies too
+    assert plugin_set.get("reward", "shadow:deepscaler")(None) == 1.0
+    with pytest.raises(PluginLoadError, match="(?s)PLUGRL_STRICT_PLUGINS=1.*'deepscaler' is registered by both"):
+        plugin_set.raise_if_strict(strict=True)
 
 
 def test_unknown_name_lists_choices_suggests_and_mentions_failures():
@@ -133,6 +172,30 @@ def test_disable_blocks_a_builtin_and_an_extra_plugin(monkeypatch):
     assert "fifo" in plugin_set.registries["buffer_policy"]
     assert "plugrl.plugins.filters.nonzero_std" not in plugin_set.builtin_names
     assert not [f for f in plugin_set.failures if "nonzero_std" in f.plugin]  # blocked is not failed
+
+
+def test_disable_warns_about_names_that_match_nothing(monkeypatch):
+    monkeypatch.setenv("PLUGRL_DISABLE_PLUGINS", "plugrl.plugins.rewards.dapo,plugrl.plugins.rewards.deepscalr,"
+                                                 "math,zzz_nothing")
+    plugin_set = make_plugin_manager(entry_points=False)
+    assert "dapo" not in plugin_set.registries["reward"]  # the one real plugin name is blocked
+    assert plugin_set.warnings == [
+        "PLUGRL_DISABLE_PLUGINS: 'plugrl.plugins.rewards.deepscalr' matches no plugin (entry point, distribution "
+        "or built-in module); did you mean 'plugrl.plugins.rewards.deepscaler'?",
+        "PLUGRL_DISABLE_PLUGINS: 'math' matches no plugin (entry point, distribution or built-in module); "
+        "'math' is a reward name: block its plugin 'plugrl.plugins.rewards.math_answer'",
+        "PLUGRL_DISABLE_PLUGINS: 'zzz_nothing' matches no plugin (entry point, distribution or built-in module)",
+    ]
+    assert not plugin_set.problems  # a warning, not a load problem
+
+
+def test_unknown_name_says_a_blocked_plugin_may_provide_it(monkeypatch):
+    monkeypatch.setenv("PLUGRL_DISABLE_PLUGINS", "plugrl.plugins.rewards.dapo")
+    plugin_set = make_plugin_manager(entry_points=False)
+    with pytest.raises(UnknownPluginError, match="PLUGRL_DISABLE_PLUGINS blocks plugrl.plugins.rewards.dapo; "
+                                                 "a blocked plugin may provide it"):
+        plugin_set.get("reward", "dapo")
+    assert "blocks" not in make_plugin_manager(entry_points=False, builtins=False).registries["reward"].unknown_message("x")
 
 
 def test_strict_mode_raises(monkeypatch):
@@ -263,6 +326,25 @@ def test_strict_load_plugins_raises_on_broken_entry_point(fake_site, monkeypatch
     monkeypatch.setenv("PLUGRL_DISABLE_PLUGINS", "bad")
     reset_plugins()
     assert "bad" not in [f.plugin for f in load_plugins().failures]
+
+
+def test_entry_point_origin_duplicates_and_blocking_by_distribution(fake_site, monkeypatch):
+    module = f"plugrl_shadow_{fake_site.tag}"
+    write_dist(fake_site.path, "plugrl-shadow", "shadow", module, reward="deepscaler", version="2.3")
+    plugin_set = make_plugin_manager()
+    third_party = plugin_set.entry("reward", "shadow:deepscaler")
+    assert third_party.origin == "plugrl-shadow 2.3 (entry point 'shadow')"
+    assert plugin_set.entry("reward", "plugrl-shadow:deepscaler") is third_party  # the distribution name too
+    (problem,) = plugin_set.registries.duplicates
+    assert problem == ("reward 'deepscaler' is registered by both plugrl built-in (plugrl.plugins.rewards.deepscaler) "
+                       "and plugrl-shadow 2.3 (entry point 'shadow'): select one explicitly "
+                       "(--rm-type plugrl:deepscaler or --rm-type shadow:deepscaler), "
+                       "or block one with PLUGRL_DISABLE_PLUGINS=shadow")
+    monkeypatch.setenv("PLUGRL_DISABLE_PLUGINS", "plugrl_shadow")  # a distribution name, PEP 503-normalised
+    blocked = make_plugin_manager()
+    assert not blocked.problems and not blocked.warnings
+    assert blocked.entry("reward", "deepscaler").builtin
+    assert blocked.registries.blocked == ["shadow (plugrl-shadow)"]
 
 
 def test_load_plugins_allow_list(fake_site, monkeypatch):
