@@ -547,6 +547,11 @@ def _check_rollout(args, problems: list[str], plugin_set=None) -> None:
     _positive(args, problems, "num_rollout", "sft_warmup_steps", minimum=0)
     if args.rollout_batch_size is None:
         problems.append("--rollout-batch-size is required (prompts per rollout)")
+    if args.max_staleness is not None and (args.max_staleness < 1 or not args.async_train):
+        problems.append(f"--max-staleness {args.max_staleness}: it bounds the --async loop and must be >= 1 "
+                        "(1 = one step off); add --async or drop it")
+    if args.stale_partial_rollout is not None and args.max_staleness is None:
+        problems.append("--stale-partial-rollout only applies with --max-staleness")
     if args.use_fault_tolerance:
         problems.append("--use-fault-tolerance (engine restarts) is not implemented yet: a dying engine stops "
                         "the run with a message naming it; resume with --load from the last --save checkpoint")

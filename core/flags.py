@@ -275,8 +275,16 @@ def _run_and_cluster(p: PlugrlArgumentParser) -> None:
         "--async",
         dest="async_train",
         action="store_true",
-        help="one-step-off async loop: generate rollout k+1 while training on k (not with --colocate)",
+        help="async loop: generate the next rollouts while training (not with --colocate); "
+             "--max-staleness bounds how far ahead",
     )
+    g.add_argument("--max-staleness", type=int, metavar="K",
+                   help="with --async: rollout r may be generated with weights up to K optimizer steps older than "
+                        "the step that trains it (default 1: one step off, slime's train_async.py); buffered partial "
+                        "groups begun with older weights are handled by --stale-partial-rollout")
+    g.add_argument("--stale-partial-rollout", choices=("regenerate", "drop"),
+                   help="with --max-staleness: a partial-rollout group older than K is regenerated from its prompt "
+                        "(default) or dropped; counted in rollout/stale_*_groups")
     g.add_argument("--debug-train-only", action="store_true", help="train only (no rollout engines)")
     g.add_argument("--debug-rollout-only", action="store_true", help="generate only (no training)")
 

@@ -15,7 +15,8 @@ the trainer is offloaded before the first push, so the first rollout already has
 Per-rollout timers (driver wall seconds, in the rollout's ``metrics.jsonl`` line), which partition
 ``perf/step_time`` up to the loop's own bookkeeping (``benchmarks/step_breakdown.py`` reports the rest):
 ``perf/wait_rollout_time`` (blocked on the rollout manager: the whole generation in the sync loop; with
-``--async`` taking the prefetched rollout plus waiting for the next one to finish before a weight push),
+``--async`` taking the rollout generated ahead plus waiting for the generation running at a weight
+push or eval: ``core/rollout_pipeline.py``, at most ``--max-staleness`` versions ahead),
 ``perf/offload_time`` (colocated GPU only: engine memory release/resume and trainer offload/onload),
 ``perf/train_time``, ``perf/weight_sync_time`` (the push only), ``perf/eval_time`` (rollouts with an
 eval), ``perf/save_time`` (colocated GPU, save due: the trainer's part of the checkpoint). The rollout
@@ -41,6 +42,7 @@ from .flags import without_secrets
 from .host_memory_monitor import HostMemoryMonitor
 from .memory_plan import plan_memory
 from .precision import resolve_precision
+from .rollout_pipeline import RolloutPipeline
 from .train_group import RankDiedError, TrainGroup, probe_bundles, remote_actor_class
 
 logger = logging.getLogger(__name__)
@@ -245,7 +247,7 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
     if problems:
         raise ValueError(problems[0])
     host_memory = HostMemoryMonitor()
-    memory_plan = None
+    memory_plan = rollouts = None
     try:
         phase("starting actors", -1)
         cluster = Cluster(args, plugin_set, total_optimizer_steps=max(1, args.num_rollout) * steps_per_rollout)
@@ -275,12 +277,14 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
             _observe(plugin_set.pm.hook.plugrl_on_eval_end, -1, summary.first_eval)
             metrics_logger.log(-1, summary.first_eval, phase="eval")
         last_rollout = args.num_rollout - 1
-        rollouts = Prefetcher(cluster, args.num_rollout) if args.async_train else None
+        if args.async_train:
+            rollouts = _rollout_pipeline(cluster, args, start_rollout, version)
         for rollout_id in range(start_rollout, args.num_rollout):
             step_started = time.perf_counter()
             phase("generate", rollout_id)
-            if rollouts is not None:  # --async: rollout k+1 generates while k trains
-                data, metrics = rollouts.take(rollout_id)
+            if rollouts is not None:  # --async: later rollouts generate while this one trains
+                (data, metrics), generated_with = rollouts.take(rollout_id)
+                metrics["rollout/weight_staleness"] = rollout_id - generated_with
             else:
                 data, metrics = watch(cluster.rollout.generate.remote(rollout_id), cluster.rollout)
             metrics["perf/wait_rollout_time"] = time.perf_counter() - step_started
@@ -311,24 +315,30 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
                         ray.get(cluster.rollout.resume_memory.remote(["weights"]))
             phase("sync", rollout_id)
             metrics["perf/weight_sync_time"] = 0.0  # logged every rollout, also when no push is due
-            if (rollout_id + 1) % max(1, int(args.update_weights_interval)) == 0:
-                if rollouts is not None:
-                    # Never change weights mid-generation: this wait is for rollout k+1, not the push.
-                    with _timed(metrics, "wait_rollout"):
-                        rollouts.finish_in_flight()
+            pushing = (rollout_id + 1) % max(1, int(args.update_weights_interval)) == 0
+            evaluating = bool(args.eval_prompt_data) and _due(args.eval_interval, rollout_id, rollout_id == last_rollout)
+            engines = contextlib.ExitStack()
+            if rollouts is not None and (pushing or evaluating):
+                # Never change weights mid-generation: wait for the generation running now (not the push)
+                with _timed(metrics, "wait_rollout"):
+                    engines.enter_context(rollouts.engine())
+            if pushing:
                 with _timed(metrics, "weight_sync"):
                     _push_weights(cluster, args, rollout_id + 1)
+                if rollouts is not None:
+                    rollouts.set_version(rollout_id + 1)
             if cluster.colocated_gpu and args.offload_rollout:
                 with _timed(metrics, "offload"):
                     # slime's second resume: only what is still released. SGLang removes each tag from
                     # its offloaded set, so resuming "weights" twice (None = all tags) raises KeyError.
                     ray.get(cluster.rollout.resume_memory.remote(["kv_cache", "cuda_graph"]))
-            if args.eval_prompt_data and _due(args.eval_interval, rollout_id, rollout_id == last_rollout):
+            if evaluating:
                 phase("eval", rollout_id)
                 with _timed(metrics, "eval"):
                     summary.last_eval = ray.get(cluster.rollout.evaluate.remote(rollout_id))
                 _observe(plugin_set.pm.hook.plugrl_on_eval_end, rollout_id, summary.last_eval)
                 metrics.update(summary.last_eval)
+            engines.close()  # the next generation may start
             metrics["perf/step_time"] = time.perf_counter() - step_started
             if host_memory.available:
                 metrics["perf/host_mem_peak_gib"] = host_memory.peak_gib()  # since the run started
@@ -349,6 +359,8 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
     except (ray.exceptions.RayActorError, RankDiedError) as exc:
         raise ActorDiedError(_death_message(exc, args)) from exc
     finally:
+        if rollouts is not None:
+            rollouts.close()
         host_memory.close()
         if memory_plan is not None and host_memory.available:
             print(f"plugrl train: host memory peak {host_memory.peak_gib():.1f} GiB in use on this machine "
@@ -360,37 +372,20 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
     return summary
 
 
-class Prefetcher:
-    """The async loop's one-step overlap (slime ``train_async.py``): taking rollout k launches the
-    generation of k + 1, which then runs while k trains; ``finish_in_flight`` waits for it before a
-    weight push, so rollout k + 1 is generated entirely with the weights after step k - 1."""
+def _rollout_pipeline(cluster, args, start_rollout: int, version: int):
+    """--async: rollouts generated ahead of training, at most --max-staleness weight versions behind
+    the step that trains them (``core/rollout_pipeline.py``; 1 when the flag is not given)."""
+    import ray
 
-    def __init__(self, cluster, num_rollout: int):
-        self.cluster = cluster
-        self.num_rollout = num_rollout
-        self.in_flight = None  # (rollout_id, ObjectRef)
-        self.ready: dict[int, tuple] = {}
+    bound = args.max_staleness is not None
+    staleness = int(args.max_staleness or 1)
 
-    def _launch(self, rollout_id: int) -> None:
-        if rollout_id < self.num_rollout:
-            self.in_flight = (rollout_id, self.cluster.rollout.generate.remote(rollout_id))
+    def launch(rollout_id: int, _version: int):
+        # with the flag, buffered partial groups older than the bound are restarted or dropped
+        return cluster.rollout.generate.remote(rollout_id, rollout_id - staleness if bound else None)
 
-    def finish_in_flight(self) -> None:
-        import ray
-
-        if self.in_flight is not None:
-            rollout_id, ref = self.in_flight
-            self.ready[rollout_id] = ray.get(ref)
-            self.in_flight = None
-
-    def take(self, rollout_id: int):
-        if rollout_id not in self.ready:
-            if self.in_flight is None or self.in_flight[0] != rollout_id:
-                self._launch(rollout_id)
-            self.finish_in_flight()
-        result = self.ready.pop(rollout_id)
-        self._launch(rollout_id + 1)
-        return result
+    return RolloutPipeline(launch, ray.get, start=start_rollout, num_rollout=args.num_rollout,
+                           max_staleness=staleness, version=version)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from typing import Any
 
 from .reward_call import RewardError  # noqa: F401 - defined here before; importers keep the name
 from .types import FilterDecision, Group, Sample, Status
+from .staleness import STALE_METRICS, handle_stale
 
 logger = logging.getLogger(__name__)
 
@@ -222,19 +223,24 @@ def scalar_reward(sample: Sample, reward_key: str | None) -> float:
 async def generate_rollout(
     generator: SampleGenerator, data_source, buffer, *, rollout_id: int, rollout_batch_size: int,
     over_sampling_batch_size: int, sampling_params: dict, sample_filter=None, filter_name: str = "dynamic_filter",
-    partial_rollout: bool = False,
+    partial_rollout: bool = False, min_weight_version: int | None = None, stale_policy: str = "regenerate",
 ) -> RolloutResult:
-    """One training rollout with dynamic sampling (slime §2.6): exactly ``rollout_batch_size`` kept groups."""
+    """One training rollout with dynamic sampling (slime §2.6): exactly ``rollout_batch_size`` kept groups.
+    ``min_weight_version`` (async with ``--max-staleness``): buffered partial groups begun with older
+    weights are restarted or dropped (``core/staleness.py``)."""
     target = rollout_batch_size
     kept: list[Group] = []
     drops: Counter = Counter()
     remaining = 0  # submitted - dropped: kept groups stay counted
     pending: set[asyncio.Task] = set()
     submitted_groups = 0
+    stale: Counter = Counter()
     started = time.perf_counter()
     while len(kept) < target:
         while remaining < target:
             groups = buffer.take(over_sampling_batch_size, rollout_id=rollout_id) if len(buffer) else []
+            groups, counts = handle_stale(groups, min_weight_version, stale_policy)
+            stale.update(counts)
             if len(groups) < over_sampling_batch_size:
                 groups += data_source.next_groups(over_sampling_batch_size - len(groups))
             for group in groups:
@@ -276,6 +282,8 @@ async def generate_rollout(
     }
     for reason, count in drops.items():
         metrics[f"rollout/{filter_name}/drop_{reason}"] = count
+    if min_weight_version is not None:
+        metrics.update({key: stale.get(key, 0) for key in STALE_METRICS})
     return RolloutResult(kept, metrics)
 
 

@@ -121,14 +121,17 @@ class RolloutManager:
         return SampleGenerator(self.args, self.engine, self.tokenizer, reward, concurrency=concurrency)
 
     # ---- training rollouts ------------------------------------------------------------------------
-    def generate(self, rollout_id: int) -> tuple[dict, dict]:
-        """One rollout: ``(train_data, metrics)``; runs dynamic sampling and partial rollout."""
+    def generate(self, rollout_id: int, min_weight_version: int | None = None) -> tuple[dict, dict]:
+        """One rollout: ``(train_data, metrics)``; runs dynamic sampling and partial rollout.
+        ``min_weight_version``: the async loop's staleness bound for buffered partial groups."""
         args = self.args
         started = time.perf_counter()
         self.generator.reward.new_window()  # this rollout's reward failures, for its metrics and threshold
-        # The async loop saves a checkpoint while the next rollout generates: it needs the cursor and
-        # buffer as they were before that rollout started.
-        self._state_before = {rollout_id: self.state_dict()}
+        # The async loop saves a checkpoint while later rollouts generate (up to --max-staleness of
+        # them): it needs the cursor and buffer as they were before the next one started.
+        window = 2 + int(getattr(args, "max_staleness", None) or 1)
+        saved = {k: v for k, v in getattr(self, "_state_before", {}).items() if k > rollout_id - window}
+        self._state_before = {**saved, rollout_id: self.state_dict()}
         self.generator.generated = self.generator.rewarded = 0
         self._progress_total = int(args.rollout_batch_size) * int(args.n_samples_per_prompt)
         result = self.loop.run(generate_rollout(
@@ -137,6 +140,8 @@ class RolloutManager:
             over_sampling_batch_size=int(getattr(args, "over_sampling_batch_size", None) or args.rollout_batch_size),
             sampling_params=sampling_params_from_args(args), sample_filter=self.sample_filter,
             filter_name=self.filter_name, partial_rollout=bool(getattr(args, "partial_rollout", False)),
+            min_weight_version=min_weight_version,
+            stale_policy=getattr(args, "stale_partial_rollout", None) or "regenerate",
         ))
         for group in result.groups:
             for sample in group:
