@@ -130,7 +130,13 @@ class PlacementPlan:
 
 
 class RolloutEngine(Protocol):
-    """One generation engine (embedded ``hf`` or an SGLang server): the calls the rollout manager makes."""
+    """One generation engine (embedded ``hf``, its GPU pool, or SGLang servers): every call the
+    rollout manager makes. Built as ``cls(hf_checkpoint, *, device, seed, max_batch_size)``; the
+    methods in ``OPTIONAL_METHODS`` are looked up and skipped when absent."""
+
+    OPTIONAL_METHODS: ClassVar[tuple[str, ...]] = (
+        "state_dict", "load_state_dict", "gpu_memory_gib", "update_weights_from_ref", "close",
+    )
 
     async def generate(self, input_ids: list[int], sampling_params: dict) -> dict:
         """SGLang ``/generate`` semantics (field names and defaults) ->
@@ -144,28 +150,66 @@ class RolloutEngine(Protocol):
     def update_weights(self, named_tensors: Any, version: int) -> None:
         """HF-named tensors (dict, pairs or buckets) between two decode steps; sets ``weight_version``."""
 
-    def release_memory(self, tags: Sequence[str] | None = None) -> None: ...
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Colocated GPU runs, before training: free ``tags`` (None: all of weights, kv_cache, cuda_graph)."""
 
-    def resume_memory(self, tags: Sequence[str] | None = None) -> None: ...
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """After training: ``["weights"]`` before the push, then ``["kv_cache", "cuda_graph"]``."""
 
-    def health(self) -> bool: ...
+    def log_probs_of(self, sequences: list[list[int]], response_lengths: list[int],
+                     temperature: float = 1.0) -> list[list[float]]:
+        """The engine's response log-probs for fixed sequences (checks that a push landed)."""
 
-    def load_stats(self) -> dict:
-        """``{"num_running": int, "num_waiting": int}``"""
+    # optional
+    def state_dict(self) -> dict:
+        """Sampling state (RNG) for checkpoints, so a resumed run samples as an uninterrupted one."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def gpu_memory_gib(self) -> float | None:
+        """What the engine still holds on its GPU (logged after ``release_memory``)."""
+
+    def update_weights_from_ref(self, ref: Any, version: int) -> None:
+        """Engines in other actors read the trainer's export from Ray's object store themselves."""
+
+    def close(self) -> None:
+        """Stop what the engine launched (servers, router) at the end of the run."""
 
 
 class TrainBackend(Protocol):
-    def train(self, rollout_id: int, data: dict) -> dict: ...
+    """The train actors' backend: every call ``core/train_worker.py`` makes. Built as
+    ``cls(args, *, estimator, total_optimizer_steps)`` in each train actor (it joins the process group)."""
 
-    def export_weights(self) -> Any: ...
+    progress: tuple[int, int]  # (micro-batches done, planned) of the running ``train`` call; polled on rank 0
+
+    def train(self, rollout_id: int, data: dict) -> dict:
+        """All optimizer steps of one rollout; returns the rollout's train metrics (same on every rank)."""
+
+    def export_weights(self, bucket_bytes: int | None = None) -> Any:
+        """HF-named CPU tensors in buckets (rank 0; other ranks return ``[]``), also while offloaded."""
+
+    def log_probs(self, sequences: list[list[int]], response_lengths: list[int]) -> list[list[float]]:
+        """Response log-probs for fixed sequences, without grad; every rank calls it."""
+
+    def sft_warmup(self, batches: Any, *, lr: float, prompt_loss_weight: float = 0.0) -> list[float]:
+        """Supervised steps on (prompt, response) token batches before RL; the loss per step."""
 
     def save(self, path: str) -> None: ...
 
     def load(self, path: str) -> None: ...
 
-    def offload(self) -> None: ...
+    def save_hf(self, path: str) -> None: ...
+
+    def offload(self) -> None:
+        """Colocated GPU runs: free the GPU, keep the state on the host."""
 
     def onload(self) -> None: ...
+
+
+def protocol_methods(protocol: type) -> dict[str, Any]:
+    """The methods a protocol class declares (name -> function), for conformance checks."""
+    return {name: value for name, value in vars(protocol).items()
+            if callable(value) and not name.startswith("_") and name != "OPTIONAL_METHODS"}
 
 
 __all__ = [

@@ -136,13 +136,6 @@ class TrainWorker:
         return self.backend.sft_warmup(batches, lr=lr, prompt_loss_weight=prompt_loss_weight)
 
     def log_probs(self, sequences: list[list[int]], response_lengths: list[int]) -> list[list[float]]:
-        """The trainer's response log-probs for fixed sequences (weight-push checks); no collectives,
-        every rank computes the same values. A backend with its own ``log_probs`` (same signature,
-        e.g. one whose forward is a collective) is called on every rank instead."""
-        import torch
-
-        if hasattr(self.backend, "log_probs"):
-            return self.backend.log_probs(sequences, response_lengths)
-        with torch.no_grad():
-            lp, _ = self.backend._forward_response(self.backend.model, sequences, response_lengths, with_entropy=False)
-        return [chunk.tolist() for chunk in lp.split(response_lengths)]
+        """The trainer's response log-probs for fixed sequences (weight-push checks); called on every
+        rank (a backend's forward may be a collective)."""
+        return self.backend.log_probs(sequences, response_lengths)

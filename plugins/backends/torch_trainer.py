@@ -143,6 +143,14 @@ def _load_model(path: str, dtype: torch.dtype, device: torch.device):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device), True
 
 
+def response_log_probs(backend, sequences: list[list[int]], response_lengths: list[int]) -> list[list[float]]:
+    """``backend.log_probs`` of both train backends: the trainer's response log-probs for fixed
+    sequences (weight-push checks), one forward without grad; every rank calls it."""
+    with torch.no_grad():
+        lp, _ = backend._forward_response(backend.model, sequences, response_lengths, with_entropy=False)
+    return [chunk.tolist() for chunk in lp.split(response_lengths)]
+
+
 def response_slices(token_lists: list[list[int]], response_lengths: list[int]) -> list[tuple[int, int]]:
     """For each packed sequence, the [start, end) range of logits that predict its response tokens
     (the logit at position p predicts token p + 1)."""
@@ -390,6 +398,9 @@ class TorchTrainBackend:
     def load(self, path: str) -> None:
         """Every rank restores the same state (``path`` must be readable from every rank's node)."""
         self.load_state_dict(torch.load(os.path.join(path, "train_state.pt"), map_location=self.device, weights_only=False))
+
+    def log_probs(self, sequences: list[list[int]], response_lengths: list[int]) -> list[list[float]]:
+        return response_log_probs(self, sequences, response_lengths)
 
     def save_hf(self, path: str) -> None:
         from transformers import AutoTokenizer

@@ -34,6 +34,7 @@ from plugrl.plugins.backends.torch_trainer import (
     lr_lambda_factory,
     offload_report,
     resolve_device,
+    response_log_probs,
     response_slices,
 )
 
@@ -480,6 +481,10 @@ class MegatronTrainBackend:
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"])
+
+    def log_probs(self, sequences: list[list[int]], response_lengths: list[int]) -> list[list[float]]:
+        """Every rank calls it (with TP the forward is a collective)."""
+        return response_log_probs(self, sequences, response_lengths)
 
     def save_hf(self, path: str) -> None:
         """An HF checkpoint of the current weights (rank 0 writes; all ranks take part in the gather)."""
