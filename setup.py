@@ -14,6 +14,6 @@ subpackages = find_packages(include=["core", "core.*", "plugins", "plugins.*"])
 setup(
     package_dir={"plugrl": "."},
     packages=["plugrl"] + [f"plugrl.{p}" for p in subpackages],
-    package_data={"plugrl.plugins.backends": ["data/*.jsonl"], "plugrl.plugins.backends.sglang": ["sglang_names.json"]},
+    package_data={"plugrl.plugins.backends.torch": ["data/*.jsonl"], "plugrl.plugins.backends.sglang": ["sglang_names.json"]},
     cmdclass={"build_py": BuildPyWithoutSetup},
 )

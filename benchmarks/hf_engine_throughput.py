@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from plugrl.plugins.backends.hf_engine import HFRolloutEngine, _attention_backends
-from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
+from plugrl.plugins.backends.hf.engine import HFRolloutEngine, _attention_backends
+from plugrl.plugins.backends.torch.tiny_default import build_tiny_checkpoint
 
 SHAPES = {
     "tiny": {},

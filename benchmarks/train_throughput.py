@@ -131,7 +131,7 @@ def worker(opts) -> dict | None:
     args = backend_args(opts.checkpoint, opts.worker, opts.tokens, device=opts.device, tp=tp,
                         recompute=opts.megatron_recompute)
     if opts.worker == "torch":
-        from plugrl.plugins.backends.torch_trainer import TorchTrainBackend as Backend
+        from plugrl.plugins.backends.torch.trainer import TorchTrainBackend as Backend
     else:
         from plugrl.plugins.backends.megatron.backend import (
             MegatronTrainBackend as Backend,

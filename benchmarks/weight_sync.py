@@ -51,7 +51,7 @@ SHAPES = {
 
 def build(size: str, directory: Path) -> Path:
     """A random bf16 Qwen3 checkpoint of ``SHAPES[size]`` with the tiny tokenizer."""
-    from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
+    from plugrl.plugins.backends.torch.tiny_default import build_tiny_checkpoint
 
     return build_tiny_checkpoint(directory / size, bf16=True, **SHAPES[size])
 
@@ -97,7 +97,7 @@ def timed(fn, repeats: int) -> float:
 def embedded_seconds(path: Path, device: str, state: dict, repeats: int) -> float:
     """The baseline: a second engine in this process loads the dict in place (freed on return, so
     the served engine started next has the memory)."""
-    from plugrl.plugins.backends.hf_engine import HFRolloutEngine
+    from plugrl.plugins.backends.hf.engine import HFRolloutEngine
 
     engine = HFRolloutEngine(str(path), device=device, dtype="bfloat16")
     try:
@@ -112,7 +112,7 @@ PATHS = ("embedded", "tensor", "distributed", "distributed-nccl")
 def bench_size(size: str, device: str, repeats: int, buffer_size: int, workdir: Path,
                paths: tuple[str, ...] = PATHS) -> list[tuple]:
     import httpx
-    from plugrl.plugins.backends.hf_engine import HFRolloutEngine
+    from plugrl.plugins.backends.hf.engine import HFRolloutEngine
     from plugrl.plugins.backends.sglang import launch
     from plugrl.plugins.backends.sglang.weights import DistributedPusher, push_tensor
     from plugrl.plugins.backends.sglang.wire import bucket_by_size

@@ -1,0 +1,50 @@
+"""The bundled plugins, one folder per kind: rewards, estimators, filters (dynamic sampling), buffers
+(partial-rollout buffer policies), placements, backends (one folder per backend: hf, torch, megatron,
+sglang).
+
+Modules that moved in the layout change keep their old import paths: ``import
+plugrl.plugins.backends.hf_engine`` yields the module now at ``plugrl.plugins.backends.hf.engine``
+(the same module object, so patching either name patches both).
+"""
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+
+MOVED = {
+    "plugrl.plugins.backends.hf_batch": "plugrl.plugins.backends.hf.batch",
+    "plugrl.plugins.backends.hf_engine": "plugrl.plugins.backends.hf.engine",
+    "plugrl.plugins.backends.hf_packed_attention": "plugrl.plugins.backends.hf.packed_attention",
+    "plugrl.plugins.backends.hf_pool": "plugrl.plugins.backends.hf.pool",
+    "plugrl.plugins.backends.hf_sampling": "plugrl.plugins.backends.hf.sampling",
+    "plugrl.plugins.backends.hf_scheduler": "plugrl.plugins.backends.hf.scheduler",
+    "plugrl.plugins.backends.hf_weights": "plugrl.plugins.backends.hf.weights",
+    "plugrl.plugins.backends.torch_trainer": "plugrl.plugins.backends.torch.trainer",
+    "plugrl.plugins.backends.tiny_default": "plugrl.plugins.backends.torch.tiny_default",
+    "plugrl.plugins.backends.megatron_options": "plugrl.plugins.backends.megatron.options",
+    "plugrl.plugins.backends.sglang_options": "plugrl.plugins.backends.sglang.options",
+    "plugrl.plugins.backends.placement": "plugrl.plugins.placements.placement",
+    "plugrl.plugins.filters.fifo": "plugrl.plugins.buffers.fifo",
+}
+
+
+class _MovedModuleLoader(importlib.abc.Loader):
+    def create_module(self, spec):
+        return importlib.import_module(MOVED[spec.name])  # the module at its new path, imported once
+
+    def exec_module(self, module):
+        pass  # already executed under its new name
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder):
+    """Resolves the old paths in ``MOVED`` (looked up only for those names)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname in MOVED:
+            return importlib.util.spec_from_loader(fullname, _MovedModuleLoader())
+        return None
+
+
+if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _MovedModuleFinder())

@@ -9,12 +9,12 @@ from plugrl.core import hookimpl
 
 from . import megatron_options, sglang_options
 
-TINY = "plugrl.plugins.backends.tiny_default"
+TINY = "plugrl.plugins.backends.torch.tiny_default"
 
 
 @hookimpl
 def plugrl_register_train_backends(register):
-    register("torch", "plugrl.plugins.backends.torch_trainer:TorchTrainBackend",
+    register("torch", "plugrl.plugins.backends.torch.trainer:TorchTrainBackend",
              requires=("torch", "transformers"), extra="train",
              description="embedded trainer: HF AutoModelForCausalLM + AdamW, CPU or one GPU",
              default_data=f"{TINY}:default_data", default_checkpoint=f"{TINY}:default_checkpoint")
@@ -27,7 +27,7 @@ def plugrl_register_train_backends(register):
 
 @hookimpl
 def plugrl_register_rollout_backends(register):
-    register("hf", "plugrl.plugins.backends.hf_engine:HFRolloutEngine",
+    register("hf", "plugrl.plugins.backends.hf.engine:HFRolloutEngine",
              requires=("torch", "transformers"), extra="train",
              description="embedded engine: transformers generation in-process, CPU or one GPU",
              engine_pool="actors")

@@ -30,7 +30,7 @@ from plugrl.core.packing import plan_micro_batches, split_into_steps
 from plugrl.core.types import option as _opt
 from plugrl.core.weight_buckets import WeightBuckets
 from plugrl.core.precision import resolve_precision
-from plugrl.plugins.backends.torch_trainer import (
+from plugrl.plugins.backends.torch.trainer import (
     lr_lambda_factory,
     offload_report,
     resolve_device,
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 def check_megatron_args(args) -> None:
     """In the train actor (the driver runs the same checks in ``validate_config``)."""
-    from plugrl.plugins.backends.megatron_options import backend_problems
+    from plugrl.plugins.backends.megatron.options import backend_problems
 
     problems = backend_problems(args)
     if problems:
@@ -176,7 +176,7 @@ class MegatronTrainBackend:
             "masked_softmax_fusion": False, "apply_rope_fusion": False,
             "gradient_accumulation_fusion": False,  # needs apex / Transformer Engine
         }
-        from plugrl.plugins.backends.megatron_options import passthrough_overrides
+        from plugrl.plugins.backends.megatron.options import passthrough_overrides
 
         overrides.update(passthrough_overrides(args))  # --megatron-<field> flags win
         granularity = getattr(args, "recompute_granularity", None)

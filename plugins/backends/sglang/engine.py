@@ -33,7 +33,7 @@ _OPTIONS = {
 
 def _options_from_args(args) -> dict:
     """The run-config values this backend reads (slime's flag names)."""
-    from plugrl.plugins.backends.sglang_options import router_settings, server_overrides
+    from plugrl.plugins.backends.sglang.options import router_settings, server_overrides
 
     per_engine = int(getattr(args, "rollout_num_gpus_per_engine", 1) or 1)
     total = getattr(args, "rollout_num_gpus", None)
@@ -334,7 +334,7 @@ class SGLangRolloutBackend:
     def update_weights(self, named_tensors, version: int | str) -> None:
         """pause -> flush -> push buckets (``update_weight_buffer_size`` each) -> continue. With an
         FP8 checkpoint the linears go out as float8_e4m3fn + ``weight_scale_inv`` (``fp8.py``)."""
-        from plugrl.plugins.backends.hf_weights import flatten_named_tensors
+        from plugrl.plugins.backends.hf.weights import flatten_named_tensors
 
         from .fp8 import fp8_named_tensors
         from .wire import bucket_by_size

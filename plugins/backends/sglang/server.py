@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tp_size != 1:
         raise SystemExit("plugrl serve runs one device per engine (--tp-size 1)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from plugrl.plugins.backends.hf_engine import HFRolloutEngine
+    from plugrl.plugins.backends.hf.engine import HFRolloutEngine
 
     device = args.device
     if device == "cuda":

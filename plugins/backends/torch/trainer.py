@@ -130,7 +130,7 @@ def _load_model(path: str, dtype: torch.dtype, device: torch.device):
     whose attention cannot be swapped (HF raises at load), with its own attention fed dense masks."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .hf_packed_attention import register, supports
+    from ..hf.packed_attention import register, supports
 
     lacking = supports(AutoConfig.from_pretrained(path))
     if lacking is None:

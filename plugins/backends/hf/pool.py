@@ -23,7 +23,7 @@ class _EngineActor:
     thread so the actor's event loop keeps delivering results)."""
 
     def __init__(self, hf_checkpoint: str, kwargs: dict):
-        from plugrl.plugins.backends.hf_engine import HFRolloutEngine
+        from plugrl.plugins.backends.hf.engine import HFRolloutEngine
 
         self.engine = HFRolloutEngine(hf_checkpoint, **kwargs)
 

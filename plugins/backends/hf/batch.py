@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .hf_sampling import SamplingParams
+from .sampling import SamplingParams
 
 
 @dataclass

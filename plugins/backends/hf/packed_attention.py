@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .packed_attention import attention_within_segments, default_implementation
+from ..packed_attention import attention_within_segments, default_implementation
 
 NAME = "plugrl_packed"
 

@@ -177,5 +177,5 @@ def default_data() -> dict:
     return {"train": TRAIN_FILE, "eval": EVAL_FILE, "sft": SFT_FILE}
 
 
-if __name__ == "__main__":  # python -m plugrl.plugins.backends.tiny_default  regenerates the data files
+if __name__ == "__main__":  # python -m plugrl.plugins.backends.torch.tiny_default  regenerates the data files
     write_bundled_data()

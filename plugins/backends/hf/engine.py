@@ -21,10 +21,10 @@ import contextlib
 import torch
 from plugrl.core.gpu_offload import StorageOffload
 
-from .hf_batch import Request, StopContext
-from .hf_sampling import SamplingParams
-from .hf_scheduler import DecodeScheduler
-from .hf_weights import load_named_tensors
+from .batch import Request, StopContext
+from .sampling import SamplingParams
+from .scheduler import DecodeScheduler
+from .weights import load_named_tensors
 
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # SGLang's release/resume_memory_occupation tags
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -119,10 +119,10 @@ class HFRolloutEngine:
     def from_placement(cls, hf_checkpoint: str, *, placement: dict, **kwargs):
         """The rollout manager's constructor when the placement plan has engine bundles for this
         backend (GPU runs): one engine in this process for one bundle, else an ``HFEnginePool`` of
-        one Ray actor per bundle (``plugins/backends/hf_pool.py``)."""
+        one Ray actor per bundle (``plugins/backends/hf/pool.py``)."""
         if len(placement["bundles"]) <= 1:
             return cls(hf_checkpoint, **kwargs)
-        from .hf_pool import HFEnginePool
+        from .pool import HFEnginePool
 
         return HFEnginePool(hf_checkpoint, placement=placement, **kwargs)
 

@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 
-from .hf_batch import DecodeBatch, Request, StopContext
-from .hf_sampling import RowSampling
+from .batch import DecodeBatch, Request, StopContext
+from .sampling import RowSampling
 
 logger = logging.getLogger(__name__)
 

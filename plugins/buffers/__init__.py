@@ -1,0 +1,1 @@
+"""Partial-rollout buffer policies (``fifo``: slime's pop_first)."""

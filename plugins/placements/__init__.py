@@ -1,0 +1,1 @@
+"""Placement strategies: where train ranks and rollout engines go (``colocate``, ``decoupled``)."""
