@@ -155,3 +155,34 @@ def custom_advantages(path: str, args, data: dict, loss_masks: list[torch.Tensor
 def add_scaled(total: dict[str, float], metrics: dict[str, float], scale: float) -> None:
     for key, value in metrics.items():
         total[key] = total.get(key, 0.0) + value * scale
+
+
+def run_rl_steps(prepared: PreparedRollout, step_positions: list, planned: list[list[list[int]]], *,
+                 forward: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor | None]],
+                 zero_grad: Callable[[], None], finish_step: Callable[[dict[str, float]], dict[str, float]],
+                 loss_multiplier: float = 1.0, before_step: Callable[[int], None] | None = None,
+                 on_micro_batch: Callable[[], None] | None = None) -> dict[str, float]:
+    """The optimizer steps of one rollout, shared by the train backends (in each train actor).
+
+    ``planned[s]`` is this rank's micro-batches (sample positions) of step ``s``; ``forward(mb)`` gives
+    their response log-probs and entropy; each micro-batch's loss is scaled by the step's
+    ``step_scale`` (so packing never changes the per-sample-mean objective) times ``loss_multiplier``
+    (e.g. DP size where the backend's DDP averages gradients) before ``backward``. ``finish_step``
+    reduces over ranks and steps the optimizer, returning the step's metrics with ``grad_norm`` and
+    ``lr``; the result is their mean over steps."""
+    totals: dict[str, float] = {}
+    for step_id, (positions, micro_batches) in enumerate(zip(step_positions, planned)):
+        if before_step is not None:
+            before_step(step_id)
+        scale = prepared.step_scale(positions)
+        zero_grad()
+        step_metrics: dict[str, float] = {}
+        for mb in micro_batches:
+            log_probs, entropy = forward(mb)
+            loss, metrics = prepared.loss(mb, log_probs, entropy)
+            (loss * (scale * loss_multiplier)).backward()
+            add_scaled(step_metrics, metrics, scale)
+            if on_micro_batch is not None:
+                on_micro_batch()
+        add_scaled(totals, finish_step(step_metrics), 1.0 / len(step_positions))
+    return totals

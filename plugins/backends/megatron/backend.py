@@ -347,7 +347,7 @@ class MegatronTrainBackend:
 
     # ---- training ----------------------------------------------------------------------------------
     def train(self, rollout_id: int, data: dict) -> dict:
-        from plugrl.core.rl_step import add_scaled, prepare_rollout
+        from plugrl.core.rl_step import prepare_rollout, run_rl_steps
 
         args = self.args
         tokens, response_lengths = data["tokens"], data["response_lengths"]
@@ -371,34 +371,35 @@ class MegatronTrainBackend:
         prepared = prepare_rollout(args, data, self.estimator, self.device, num_steps=len(step_positions),
                                    has_ref=self.ref_model is not None, compute_log_probs=compute_log_probs,
                                    gather=self._gather_over_dp)
-        totals: dict[str, float] = {}
         self.model.train()
         self.progress = (0, sum(len(step) for step in planned))
-        for step_id, (positions, micro_batches) in enumerate(zip(step_positions, planned)):
+
+        def before_step(step_id: int) -> None:
             if self.hooks["before_train_step_hook"]:
                 self.hooks["before_train_step_hook"](args, rollout_id, step_id, [self.ddp_model],
                                                      self.optimizer.optimizer, None)
-            scale = prepared.step_scale(positions)
-            self.optimizer.zero_grad()
-            step_metrics: dict[str, float] = {}
-            for mb in micro_batches:
-                log_probs, entropy = self._forward_response(self.ddp_model, [tokens[i] for i in mb],
-                                                            [response_lengths[i] for i in mb], with_entropy=True)
-                loss, metrics = prepared.loss(mb, log_probs, entropy)
-                # Megatron's DDP averages gradients over DP; the step objective is a sum over all of the
-                # step's samples (each scaled by 1/G or 1/tokens of the whole step), hence x dp_size.
-                (loss * (scale * self.layout.dp_size)).backward()
-                add_scaled(step_metrics, metrics, scale)
-                self.progress = (self.progress[0] + 1, self.progress[1])
+
+        def forward(mb: list[int]):
+            return self._forward_response(self.ddp_model, [tokens[i] for i in mb], [response_lengths[i] for i in mb],
+                                          with_entropy=True)
+
+        def finish_step(step_metrics: dict[str, float]) -> dict[str, float]:
             self.optimizer.set_lr(self.base_lr * self.lr_multiplier(self.optimizer_steps))
             grad_norm = self.optimizer.step()
             self.optimizer_steps += 1
-            step_metrics = self._sum_over_dp(step_metrics)
-            step_metrics["grad_norm"] = grad_norm
-            step_metrics["lr"] = self.base_lr * self.lr_multiplier(self.optimizer_steps - 1)
-            add_scaled(totals, step_metrics, 1.0 / len(step_positions))
+            return {**self._sum_over_dp(step_metrics), "grad_norm": grad_norm,
+                    "lr": self.base_lr * self.lr_multiplier(self.optimizer_steps - 1)}
+
+        # Megatron's DDP averages gradients over DP; the step objective is a sum over all of the step's
+        # samples (each scaled by 1/G or 1/tokens of the whole step), hence the loss x dp_size.
+        totals = run_rl_steps(prepared, step_positions, planned, forward=forward, zero_grad=self.optimizer.zero_grad,
+                              finish_step=finish_step, loss_multiplier=self.layout.dp_size, before_step=before_step,
+                              on_micro_batch=self._count_micro_batch)
         totals.update(getattr(self, "offload_report", {}))
         return {f"train/{k}": v for k, v in totals.items()}
+
+    def _count_micro_batch(self) -> None:
+        self.progress = (self.progress[0] + 1, self.progress[1])
 
     def _sum_over_dp(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.layout.dp_size == 1:

@@ -288,7 +288,7 @@ class TorchTrainBackend:
 
     # ---- training ------------------------------------------------------------------------------
     def train(self, rollout_id: int, data: dict) -> dict:
-        from plugrl.core.rl_step import add_scaled, prepare_rollout
+        from plugrl.core.rl_step import prepare_rollout, run_rl_steps
 
         args = self.args
         tokens = data["tokens"]
@@ -312,21 +312,15 @@ class TorchTrainBackend:
         prepared = prepare_rollout(args, data, self.estimator, self.device, num_steps=len(step_positions),
                                    has_ref=self.ref_model is not None, compute_log_probs=compute_log_probs,
                                    gather=self._all_gather_samples)
-        totals: dict[str, float] = {}
         self.model.train()
         planned = [self._micro_batches(share, lengths) for share in step_shares]
         self.progress = (0, sum(len(p) for p in planned))
-        for positions, micro_batches in zip(step_positions, planned):
-            scale = prepared.step_scale(positions)
-            self.optimizer.zero_grad(set_to_none=True)
-            step_metrics: dict[str, float] = {}
-            for mb in micro_batches:
-                log_probs, entropy = self._forward_response(self.model, [tokens[i] for i in mb],
-                                                            [response_lengths[i] for i in mb], with_entropy=True)
-                loss, metrics = prepared.loss(mb, log_probs, entropy)
-                (loss * scale).backward()
-                add_scaled(step_metrics, metrics, scale)
-                self.progress = (self.progress[0] + 1, self.progress[1])
+
+        def forward(mb: list[int]):
+            return self._forward_response(self.model, [tokens[i] for i in mb], [response_lengths[i] for i in mb],
+                                          with_entropy=True)
+
+        def finish_step(step_metrics: dict[str, float]) -> dict[str, float]:
             if self.world_size > 1:
                 # Each rank holds its share of the step's sum: summing over ranks gives the full step.
                 self._all_reduce_grads()
@@ -335,11 +329,16 @@ class TorchTrainBackend:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer_steps += 1
-            step_metrics["grad_norm"] = float(grad_norm)
-            step_metrics["lr"] = self.scheduler.get_last_lr()[0]
-            add_scaled(totals, step_metrics, 1.0 / len(step_positions))
+            return {**step_metrics, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
+
+        totals = run_rl_steps(prepared, step_positions, planned, forward=forward,
+                              zero_grad=lambda: self.optimizer.zero_grad(set_to_none=True), finish_step=finish_step,
+                              on_micro_batch=self._count_micro_batch)
         totals.update(getattr(self, "offload_report", {}))
         return {f"train/{k}": v for k, v in totals.items()}
+
+    def _count_micro_batch(self) -> None:
+        self.progress = (self.progress[0] + 1, self.progress[1])
 
     # ---- weights and checkpoints ----------------------------------------------------------------
     def export_weights(self, bucket_bytes: int | None = None) -> list[dict[str, torch.Tensor]]:
