@@ -30,7 +30,7 @@ from plugrl.core.packing import plan_micro_batches, split_into_steps
 from plugrl.core.types import option as _opt
 from plugrl.core.weight_buckets import WeightBuckets
 from plugrl.core.precision import resolve_precision
-from plugrl.plugins.backends.torch.trainer import (
+from plugrl.plugins.backends.trainer_common import (
     lr_lambda_factory,
     offload_report,
     resolve_device,

@@ -19,7 +19,6 @@ identically on every rank. Metrics are summed over ranks, so rank 0 reports sing
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any
 
@@ -31,38 +30,15 @@ from plugrl.core.precision import resolve_precision
 from plugrl.core.types import option as _opt
 from plugrl.core.weight_buckets import WeightBuckets
 
+from ..trainer_common import (  # noqa: F401 - resolve_device and friends stay importable from here
+    lr_lambda_factory,
+    offload_report,
+    resolve_device,
+    response_log_probs,
+    response_slices,
+)
+
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(requested: str | None) -> torch.device:
-    if requested in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
-def lr_lambda_factory(args, total_steps: int):
-    """LR multiplier per optimizer step: linear warmup, then constant / linear / cosine to ``--min-lr``."""
-    base = float(args.lr)
-    min_ratio = (float(_opt(args, "min_lr", 0.0)) / base) if base > 0 else 0.0
-    warmup = int(_opt(args, "lr_warmup_iters", 0) or 0)
-    if getattr(args, "lr_warmup_fraction", None):
-        warmup = int(args.lr_warmup_fraction * total_steps)
-    decay_steps = int(_opt(args, "lr_decay_iters", 0) or total_steps) or 1
-    style = _opt(args, "lr_decay_style", "constant")
-
-    def multiplier(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if style == "constant":
-            return 1.0
-        progress = min(1.0, max(0.0, (step - warmup) / max(1, decay_steps - warmup)))
-        if style == "linear":
-            return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
-        if style == "cosine":
-            return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-        raise ValueError(f"--lr-decay-style must be constant, linear or cosine, got '{style}'")
-
-    return multiplier
 
 
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
@@ -91,13 +67,6 @@ def rank_share(positions: list[int], lengths: list[int], rank: int, world: int) 
         return list(positions)
     parts = karmarkar_karp([lengths[p] for p in positions], world, equal_size=len(positions) % world == 0)
     return [positions[i] for i in parts[rank]]
-
-
-def offload_report(allocated_before: int) -> dict[str, float]:
-    """After a trainer offload (colocated GPU runs): what it freed and what it leaves on the GPU for
-    the engine, in GiB; the backend adds it to its next ``train`` metrics (``train/offload_*``)."""
-    left = torch.cuda.memory_allocated()
-    return {"offload_freed_gib": (allocated_before - left) / 2**30, "offload_left_gib": left / 2**30}
 
 
 def packed_inputs(token_lists: list[list[int]], device, *, dense_mask: bool = False,
@@ -141,25 +110,6 @@ def _load_model(path: str, dtype: torch.dtype, device: torch.device):
     logger.warning("%s: plugrl's packed attention does not fit this model (%s); packing with dense block masks",
                    path, lacking)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device), True
-
-
-def response_log_probs(backend, sequences: list[list[int]], response_lengths: list[int]) -> list[list[float]]:
-    """``backend.log_probs`` of both train backends: the trainer's response log-probs for fixed
-    sequences (weight-push checks), one forward without grad; every rank calls it."""
-    with torch.no_grad():
-        lp, _ = backend._forward_response(backend.model, sequences, response_lengths, with_entropy=False)
-    return [chunk.tolist() for chunk in lp.split(response_lengths)]
-
-
-def response_slices(token_lists: list[list[int]], response_lengths: list[int]) -> list[tuple[int, int]]:
-    """For each packed sequence, the [start, end) range of logits that predict its response tokens
-    (the logit at position p predicts token p + 1)."""
-    slices, offset = [], 0
-    for tokens, resp in zip(token_lists, response_lengths):
-        end = offset + len(tokens) - 1
-        slices.append((end - resp, end))
-        offset += len(tokens)
-    return slices
 
 
 class TorchTrainBackend:
