@@ -32,6 +32,22 @@ def main(checkpoint: str, workdir: str, device: str, tp: str, sequence_parallel:
         with open(os.path.join(workdir, "metrics.json"), "w") as f:
             json.dump(metrics, f)
         torch.save(weights[0], os.path.join(workdir, "weights.pt"))
+    shut_down_process_groups()
+
+
+def shut_down_process_groups() -> None:
+    """Join gloo's worker threads while the interpreter is whole. A rank that simply returned could
+    die with SIGABRT ("terminate called without an active exception") on a busy machine: a gloo worker
+    thread still held the last collective's tensors when interpreter finalization began, and freeing
+    them there aborts (reproduced with plain all_reduce/all_gather pairs; pytorch/pytorch#190489).
+    The barrier keeps one rank from tearing down while the other is still in a collective."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if dist.is_initialized():
+        dist.barrier()
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
