@@ -58,8 +58,9 @@ def test_plugrl_train_with_megatron_tp2_checkpoints_and_resumes(tmp_path):
     resumed rollout equals the one of a straight run (same weights, prompts and sampling seeds)."""
     import json
     import os
-    import subprocess
     import sys
+
+    from .test_train_e2e import run_plugrl
 
     env = {**os.environ, "PLUGRL_CACHE": str(tmp_path / "cache"), "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled"}
@@ -69,7 +70,7 @@ def test_plugrl_train_with_megatron_tp2_checkpoints_and_resumes(tmp_path):
             "--global-batch-size", "64"]
 
     def run(*extra):
-        proc = subprocess.run(base + list(extra), env=env, capture_output=True, text=True, timeout=900, check=False)
+        proc = run_plugrl(base[3:] + list(extra), env)  # limits only a hang reaches (no output for 15 min)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     def rows(run_dir):

@@ -6,17 +6,60 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+
+from .test_resume import kill_session
 
 pytestmark = pytest.mark.slow
 
 PLUGRL = [sys.executable, "-m", "plugrl.core.cli"]
 
+# Limits only a hang reaches: a run prints a line at least every 30 s while it works (rollout lines,
+# progress lines outside a terminal, model-build and warm-up lines), so 15 silent minutes mean it is
+# stuck, however slow a shared machine makes each step. The total cap only bounds a run that keeps
+# printing yet never ends.
+STALL_S = 900
+TOTAL_S = 4 * 3600
 
-def run_plugrl(args, env, timeout=900):
-    return subprocess.run(PLUGRL + args, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+def run_plugrl(args, env, stall=STALL_S, total=TOTAL_S) -> subprocess.CompletedProcess:
+    """``plugrl ARGS`` to completion; killed with every process of its session (Ray's too) after
+    ``stall`` seconds without output or ``total`` seconds in all, then the assertion says which."""
+    proc = subprocess.Popen(PLUGRL + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    out: dict[str, list[str]] = {"stdout": [], "stderr": []}
+    last = [time.monotonic()]
+
+    def pump(stream, lines):
+        for line in stream:
+            lines.append(line)
+            last[0] = time.monotonic()
+
+    readers = [threading.Thread(target=pump, args=(proc.stdout, out["stdout"]), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, out["stderr"]), daemon=True)]
+    for reader in readers:
+        reader.start()
+    started, why = time.monotonic(), None
+    while proc.poll() is None:
+        now = time.monotonic()
+        if now - last[0] > stall:
+            why = f"no output for {stall} s (a hang)"
+        elif now - started > total:
+            why = f"still running after {total} s"
+        if why:
+            kill_session(proc.pid)
+            break
+        time.sleep(1)
+    proc.wait()
+    for reader in readers:
+        reader.join(timeout=10)
+    stdout, stderr = "".join(out["stdout"]), "".join(out["stderr"])
+    assert why is None, f"plugrl {' '.join(args)}: {why}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def eval_accuracies(metrics_path: Path) -> list[float]:
@@ -76,7 +119,7 @@ def test_run_directory_has_config_metrics_and_checkpoint(trained_run):
 
 def test_report_from_the_run(trained_run, env):
     run_dir, _ = trained_run
-    result = run_plugrl(["report", str(run_dir)], env, timeout=300)
+    result = run_plugrl(["report", str(run_dir)], env)
     assert result.returncode == 0, result.stderr
     assert (run_dir / "report.png").stat().st_size > 1000
     assert "raw_reward" in (run_dir / "report.md").read_text()
