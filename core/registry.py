@@ -53,6 +53,10 @@ class UnavailablePluginError(PluginError):
     pass
 
 
+class AmbiguousPluginError(DuplicatePluginError, UnknownPluginError):
+    """A bare name that two plugins register: it selects nothing until qualified (``plugin:name``)."""
+
+
 @dataclass(frozen=True)
 class LoadFailure:
     """A plugin (entry point or built-in module) that could not be imported or registered."""
@@ -232,7 +236,7 @@ class Registry:
         if len(candidates) == 1:
             return candidates[0]
         if len(candidates) > 1:
-            raise DuplicatePluginError(self._ambiguity(name.rpartition(":")[2], candidates))
+            raise AmbiguousPluginError(self._ambiguity(name.rpartition(":")[2], candidates))
         raise UnknownPluginError(self.unknown_message(name))
 
     def get(self, name: str) -> Any:

@@ -94,6 +94,24 @@ def _resolve(kind: str, obj_or_name: Any) -> tuple[Any, str, dict]:
     return obj_or_name, f"{kind} '{name}'", {}
 
 
+def _option_kwargs(kind: str, fn: Any, label: str, metadata: dict, options: dict | None,
+                   options_type: type | None) -> dict:
+    """The keyword arguments core would pass for ``--rm-opt``/``--filter-opt`` pairs ``options``: with a
+    declared options dataclass, every field (defaults filled in, types checked); without one, the
+    pairs themselves, refused when the function has no such keyword."""
+    from .plugin_options import OptionsError, as_kwargs, build_options
+    from .registry import Entry
+
+    metadata = {**metadata, **({"options": options_type} if options_type is not None else {})}
+    entry = Entry(kind, label, fn, plugin="(under test)", builtin=False, metadata=metadata)
+    try:
+        return as_kwargs(build_options(entry, None, dict(options or {})))
+    except OptionsError as exc:
+        raise _fail(label, f"options {options or {}} are refused as core would refuse them: {exc}") from exc
+    except TypeError as exc:  # e.g. a declared options field without a default
+        raise _fail(label, f"its options type cannot be built from {options or {}}: {exc}") from exc
+
+
 def _fail(label: str, message: str) -> AssertionError:
     return AssertionError(f"{label}: {message}")
 
@@ -142,25 +160,30 @@ def _check_reward_value(label: str, value: Any, where: str) -> None:
 
 
 def check_reward(fn_or_name: Callable | str, samples: Sequence[Sample] | None = None, batched: bool = False,
-                 options: dict | None = None, deterministic: bool = True) -> list:
-    """Run a reward on fake samples: per-sample ``fn(sample, **options) -> float | dict | None`` or, when
-    batched, ``fn(samples, **options) -> list`` of the same length. Sync or async. Returns the rewards."""
+                 options: dict | None = None, deterministic: bool = True,
+                 options_type: type | None = None) -> list:
+    """Run a reward on fake samples the way the rollout manager calls it: per-sample ``fn(sample,
+    **kwargs) -> float | dict | None`` or, when batched, ``fn(samples, **kwargs) -> list`` of the same
+    length; sync or async. ``kwargs`` are built from ``options`` (``--rm-opt`` pairs) as core builds
+    them: with an options dataclass (registered ``options=``, or ``options_type`` for a bare function)
+    every field is passed, defaults included, so a reward that cannot take its own options fails here.
+    Checks values (finite number, dict with a number, or None), determinism. Returns the rewards."""
     fn, label, metadata = _resolve("reward", fn_or_name)
     batched = bool(metadata.get("batched", batched))
-    options = dict(options or {})
-    samples = list(samples) if samples is not None else fake_samples()
     if not callable(fn):
         raise _fail(label, f"is not callable ({type(fn).__name__})")
+    kwargs = _option_kwargs("reward", fn, label, metadata, options, options_type)
+    samples = list(samples) if samples is not None else fake_samples()
 
     def run(batch):
         if batched:
-            out = _call(label, fn, batch, **options)
+            out = _call(label, fn, batch, **kwargs)
             if not isinstance(out, (list, tuple)):
                 raise _fail(label, f"batched reward returned {type(out).__name__}; expected a list")
             if len(out) != len(batch):
                 raise _fail(label, f"batched reward returned {len(out)} values for {len(batch)} samples")
             return list(out)
-        return [_call(label, fn, sample, **options) for sample in batch]
+        return [_call(label, fn, sample, **kwargs) for sample in batch]
 
     rewards = run(copy.deepcopy(samples))
     for i, value in enumerate(rewards):
@@ -270,11 +293,13 @@ FILTER_GROUPS = {
 
 
 def check_filter(fn_or_name: Callable | str, groups: Sequence[Sequence[Sample]] | None = None,
-                 options: dict | None = None) -> list[FilterDecision]:
-    """Run a filter on fake groups: it must return ``FilterDecision`` or bool, leave the group unchanged
-    and decide the same way twice. Returns the decisions (coerced)."""
-    fn, label, _ = _resolve("filter", fn_or_name)
-    options = dict(options or {})
+                 options: dict | None = None, options_type: type | None = None) -> list[FilterDecision]:
+    """Run a filter on fake groups (by default four groups of 4 with rewards spread, all 1, all 0 and
+    fractional) as the rollout manager calls it: ``fn(group, **kwargs)`` with ``kwargs`` built from
+    ``options`` (``--filter-opt`` pairs) like ``check_reward``'s. It must return ``FilterDecision`` or
+    bool, leave the group unchanged and decide the same way twice. Returns the decisions (coerced)."""
+    fn, label, metadata = _resolve("filter", fn_or_name)
+    options = _option_kwargs("filter", fn, label, metadata, options, options_type)
     if groups is None:
         groups = [fake_samples(rewards=r, group_index=g) for g, r in enumerate(FILTER_GROUPS.values())]
     decisions = []

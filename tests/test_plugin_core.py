@@ -1,6 +1,8 @@
 """Plugin loading, registries and every hook's calling convention, on fresh plugin managers."""
 
 import argparse
+import dataclasses
+import subprocess
 import sys
 import textwrap
 import types
@@ -641,3 +643,62 @@ def _flipper():
         return state["calls"] % 2 == 1
 
     return _named("noisy", noisy)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The kit calls rewards and filters with their options the way core does
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ScaleOptions:
+    scale: float = 2.0
+
+
+class OptionedPlugin:
+    """A reward that declares ``scale`` but forgot to accept it, and one that takes it."""
+
+    @core_hookimpl
+    def plugrl_register_rewards(self, register):
+        register("forgetful", lambda sample: 1.0, options=ScaleOptions)
+        register("scaled", lambda sample, scale: scale, options=ScaleOptions)
+
+    @core_hookimpl
+    def plugrl_register_filters(self, register):
+        register("spread_at_least", lambda group, spread=0.5: max(s.reward for s in group) - min(
+            s.reward for s in group) >= spread)
+
+
+def test_check_reward_passes_declared_options_as_core_does(monkeypatch):
+    import plugrl.core.plugins as plugins_module
+
+    plugin_set = make_plugin_manager(entry_points=False, builtins=False, extra_plugins={"opt": OptionedPlugin()})
+    monkeypatch.setattr(plugins_module, "make_plugin_manager", lambda **kw: plugin_set)
+    # Core passes every declared field (defaults too): a reward that cannot take them fails here.
+    with pytest.raises(AssertionError, match="reward 'forgetful' \\(plugin opt\\): raised TypeError: .*'scale'"):
+        check_reward("forgetful")
+    assert check_reward("scaled") == [2.0] * 5
+    assert check_reward("scaled", options={"scale": 0.5}) == [0.5] * 5
+    with pytest.raises(AssertionError, match="refused as core would refuse them: .*has no option 'scael'; "
+                                             "allowed: scale; did you mean 'scale'"):
+        check_reward("scaled", options={"scael": 1})
+    with pytest.raises(AssertionError, match="option 'scale' of .*expected a number"):
+        check_reward("scaled", options={"scale": "big"})
+    # No options type: keys are checked against the function's keywords.
+    assert [d.keep for d in check_filter("spread_at_least", options={"spread": 0.3})] == [True, False, False, True]
+    with pytest.raises(AssertionError, match="has no option 'sprad'; allowed: spread"):
+        check_filter("spread_at_least", options={"sprad": 0.3})
+    # A bare function with its options type given directly.
+    with pytest.raises(AssertionError, match="raised TypeError"):
+        check_reward(_named("bare", lambda sample: 1.0), options_type=ScaleOptions)
+
+
+def test_the_plugrl_package_exports_what_plugin_authors_need():
+    code = ("import sys, plugrl; from plugrl.core import protocols, hookspecs;"
+            "assert plugrl.AdvantageEstimator is protocols.AdvantageEstimator;"
+            "assert plugrl.AdvantageInputs is protocols.AdvantageInputs;"
+            "assert plugrl.Register is hookspecs.Register;"
+            "assert {'BufferPolicy', 'PlacementPlan', 'PlacementRequest', 'TrainBackend', 'RolloutEngine',"
+            "        'FilterDecision', 'Sample', 'hookimpl'} <= set(plugrl.__all__);"
+            "assert 'torch' not in sys.modules, 'import plugrl must stay light'")
+    subprocess.run([sys.executable, "-c", code], check=True)
