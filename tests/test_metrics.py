@@ -60,6 +60,35 @@ def test_logger_appends_on_resume(tmp_path):
     assert [r["a"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1.0, 2.0]
 
 
+def test_meta_line_names_the_plugins_once_per_selection(tmp_path):
+    meta = {"reward": "deepscaler", "advantage_estimator": "grpo", "filter": None,
+            "plugins": {"reward": {"name": "deepscaler", "origin": "plugrl built-in (x)"}}, "rm_opt": {}}
+    with MetricsLogger(tmp_path) as logger:
+        row = logger.log_meta(meta)
+        logger.log(0, {"a": 1.0}, phase="train")
+    assert row["phase"] == "meta" and row["rollout_id"] == -1 and row["plugins"] == meta["plugins"]
+    with MetricsLogger(tmp_path) as logger:  # a resume with the same selection adds nothing
+        assert logger.log_meta(meta, rollout_id=1) is None
+        logger.log(1, {"a": 2.0}, phase="train")
+    with MetricsLogger(tmp_path) as logger:  # a resume that changed the estimator says so where it starts
+        assert logger.log_meta({**meta, "advantage_estimator": "rloo"}, rollout_id=2)["rollout_id"] == 2
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["rollout_id"], r["phase"]) for r in rows] == [(-1, "meta"), (0, "train"), (1, "train"), (2, "meta")]
+    assert [r["advantage_estimator"] for r in rows if r["phase"] == "meta"] == ["grpo", "rloo"]
+
+
+def test_report_ignores_the_meta_line(tmp_path):
+    from plugrl.core.report import main as report_main
+
+    with MetricsLogger(tmp_path) as logger:
+        logger.log_meta({"reward": "deepscaler", "plugins": {"reward": {"name": "deepscaler"}}})
+        for step in range(3):
+            logger.log(step, {"rollout/raw_reward": 0.1 * step}, phase="train")
+    assert report_main([str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "raw_reward" in text and "plugins" not in text and "deepscaler" not in text
+
+
 def test_read_metrics_tolerates_truncated_last_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"rollout_id": 0, "a": 1}\n{"rollout_id": 1, "a": 2}\n{"rollout_id": 2, "a"')
