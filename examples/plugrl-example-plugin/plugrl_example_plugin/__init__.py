@@ -4,8 +4,7 @@ plugrl finds this module through the ``plugrl`` entry-point group and calls its 
 hooks once per process. Nothing heavy is imported here: torch is imported inside the estimator.
 """
 
-from plugrl import hookimpl
-from plugrl.core.protocols import AdvantageEstimator
+from plugrl import AdvantageEstimator, hookimpl
 
 
 def contains_42(sample, **options) -> float:
