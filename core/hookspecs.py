@@ -2,7 +2,9 @@
 
 Registration hooks run once per process inside ``load_plugins()`` (driver, rollout manager, every train
 actor), so they must stay cheap: no torch.cuda, megatron or sglang imports. Each receives a
-``register(name, obj, **metadata)`` callback; plugrl records which plugin registered each name.
+``register(name, obj, *, description="", options=None, check_options=None, replace=False, **traits)``
+callback; plugrl records which plugin (and distribution) registered each name, and a name two plugins
+register is selectable only as ``plugin:name``. docs/plugin-guide.md is the author's guide.
 The loop never calls plugins through pluggy in the hot path: it resolves names in the registries.
 """
 
@@ -25,9 +27,10 @@ Register = Callable[..., None]
 def plugrl_register_rewards(register: Register) -> None:
     """Register reward functions, selected with ``--rm-type NAME``.
 
-    ``register(name, fn, batched=False, blocking=True, description="")``. A per-sample ``fn(sample,
-    **options) -> float | dict`` (sync or ``async``); with ``batched=True`` ``fn(samples, **options) ->
-    list``. Runs in every process at plugin load; rewards are called in the rollout manager.
+    ``register(name, fn, batched=False, options=None, description="")``. A per-sample ``fn(sample,
+    **options) -> float | dict | None`` (sync or ``async``); with ``batched=True`` ``fn(samples,
+    **options) -> list``. Options come from ``--rm-opt KEY=VALUE`` (the fields of ``options``, a
+    dataclass, when declared). Rewards are called in the rollout manager and by ``plugrl score``.
     """
 
 
@@ -44,8 +47,9 @@ def plugrl_register_advantage_estimators(register: Register) -> None:
 def plugrl_register_filters(register: Register) -> None:
     """Register dynamic-sampling filters (``--dynamic-sampling-filter NAME``).
 
-    ``fn(group: list[Sample], **options) -> FilterDecision | bool``; called in the rollout manager
-    once per finished group.
+    ``fn(group: list[Sample], **options) -> FilterDecision | bool`` (options from ``--filter-opt``,
+    plus ``reward_key`` when ``--reward-key`` is set); called in the rollout manager once per finished
+    group; drops are counted as ``rollout/dynamic_filter/drop_{reason}``.
     """
 
 
