@@ -39,13 +39,13 @@ BUILTIN_PLUGINS = (
     "plugrl.plugins.estimators.cispo",
     "plugrl.plugins.estimators.dr_grpo",
     "plugrl.plugins.filters.nonzero_std",
-    "plugrl.plugins.filters.fifo",
+    "plugrl.plugins.buffers.fifo",
     "plugrl.plugins.filters.overlong",
-    "plugrl.plugins.backends.placement",
+    "plugrl.plugins.placements.placement",
     "plugrl.plugins.backends.registrations",
-    "plugrl.plugins.backends.megatron_options",
+    "plugrl.plugins.backends.megatron.options",
     "plugrl.plugins.backends.megatron.bridge",
-    "plugrl.plugins.backends.sglang_options",
+    "plugrl.plugins.backends.sglang.options",
 )
 
 

@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 
-DEFAULT_RECIPE = "tiny-default"
+from .config import DEFAULT_RECIPE
 
 
 def tiny_default_values() -> dict:
