@@ -739,8 +739,8 @@ def _check_host_memory(args, plugin_set, problems: list[str]) -> None:
 
     if args.device == "cpu" or skip_check():
         return
-    if args.device == "auto" and not args.dry_run and not _has_nvidia_gpu():
-        return  # the run falls back to CPU: no offload, no GPU export
+    if args.device == "auto" and not _has_nvidia_gpu():
+        return  # here the run falls back to CPU (no offload, no GPU export); --dry-run still prints the plan
     colocated = planned_colocation(args, plugin_set)
     if colocated is None:
         return

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import json
 import types
 import typing
 from typing import Any
@@ -63,14 +62,6 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     return None
 
 
-def _wants_text(hint: Any, value: Any) -> bool:
-    """A number or boolean given for an option typed ``str`` (or ``str | None``) that takes no number."""
-    if not isinstance(value, (int, float, bool)):
-        return False
-    arms = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    return str in arms and _type_problem(value, hint) is not None
-
-
 def _declared(entry) -> tuple[type | None, Any]:
     from .plugin_traits import entry_trait
 
@@ -100,9 +91,6 @@ def build_options(entry, args, pairs: dict | None = None) -> Any:
                             f"{', '.join(fields) or '(none)'}{hint}")
             continue
         values[key] = value
-    for key, value in list(values.items()):
-        if _wants_text(hints.get(key), value):  # `--rm-opt keyword=41`: JSON made a number of the text
-            values[key] = json.dumps(value)
     for name in fields:
         if name not in values and getattr(args, name, None) is not None:
             values[name] = getattr(args, name)  # a flag of the run config with the field's name

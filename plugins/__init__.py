@@ -31,10 +31,14 @@ MOVED = {
 
 class _MovedModuleLoader(importlib.abc.Loader):
     def create_module(self, spec):
-        return importlib.import_module(MOVED[spec.name])  # the module at its new path, imported once
+        module = importlib.import_module(MOVED[spec.name])  # the module at its new path, imported once
+        self._own_spec = module.__spec__
+        return module
 
     def exec_module(self, module):
-        pass  # already executed under its new name
+        # already executed under its new name; the import system has just set the old name's spec on
+        # it: give it back its own, so the module stays the one at its new path in every respect
+        module.__spec__ = self._own_spec
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder):

@@ -24,11 +24,12 @@ from plugrl.core.config import (
 )
 from plugrl.core.flags import parse_size
 from plugrl.core.plugins import BUILTIN_PLUGINS, make_plugin_manager
-from plugrl.plugins.backends import megatron_options, sglang_options
+from plugrl.plugins.backends.megatron import options as megatron_options
+from plugrl.plugins.backends.sglang import options as sglang_options
 
 OPTION_MODULES = {
-    "plugrl.plugins.backends.megatron_options": megatron_options,
-    "plugrl.plugins.backends.sglang_options": sglang_options,
+    "plugrl.plugins.backends.megatron.options": megatron_options,
+    "plugrl.plugins.backends.sglang.options": sglang_options,
 }
 
 

@@ -105,11 +105,3 @@ def test_cli_dry_run_exits_2_naming_the_option():
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "reward 'deepscaler'" in run.stderr and "'timout'" in run.stderr
 
-
-def test_a_number_given_for_a_text_option_is_taken_as_text(ps):
-    """`--filter-opt reward_key=41`: the pair's value parses as JSON (the number 41) but the option is
-    text, so the text is kept instead of a type error; a number option still refuses text."""
-    args = parse_config([*DRY, "--dynamic-sampling-filter", "nonzero_std", "--filter-opt", "reward_key=41"], ps)
-    assert as_kwargs(build_options(ps.entry("filter", "nonzero_std"), args)) == {"reward_key": "41"}
-    message = problems(ps, "--rm-type", "remote_rm", "--rm-opt", "url=http://h", "--rm-opt", "max_attempts=two")
-    assert "expected an integer" in message
