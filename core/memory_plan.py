@@ -191,8 +191,6 @@ def plan_memory(args, *, colocated: bool, on_gpu: bool = True, node_bytes: int |
     plan.host_items.append(("one weight export in Ray's object store during a push (--update-weight-buffer-size "
                             "buckets, read in place by the engines)", export / GIB))
     temporaries = (P * 2) if (megatron and tp > 1) else (shape.converted * 2 if megatron else 0)
-    if not offload_train and not megatron:
-        temporaries = 0  # the torch backend copies GPU tensors straight into the export
     if temporaries:
         plan.host_items.append(("export conversion on train rank 0 (megatron -> HF names; TP shards gathered)",
                                 temporaries / GIB))

@@ -34,6 +34,8 @@ class WeightBuckets(list):
     """``list[dict[str, torch.Tensor]]`` (CPU tensors) whose pickled form is numpy byte arrays."""
 
     def __reduce__(self):
+        import torch
+
         specs, arrays = [], []
         for bucket in self:
             spec = []
@@ -43,15 +45,10 @@ class WeightBuckets(list):
                     tensor = tensor.cpu()
                 tensor = tensor.contiguous()
                 spec.append((name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape)))
-                arrays.append(tensor.reshape(-1).view(_byte_dtype()).numpy())
+                arrays.append(tensor.reshape(-1).view(torch.uint8).numpy())
             specs.append(spec)
         return _rebuild, (specs, arrays)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for bucket in self for t in bucket.values())
 
-
-def _byte_dtype():
-    import torch
-
-    return torch.uint8

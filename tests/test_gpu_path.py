@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from .test_resume import latest_id
+
 torch = pytest.importorskip("torch")
 
 pytestmark = [
@@ -142,14 +144,6 @@ def test_decoupled_recipe_on_two_gpus(tmp_path, env, recipe_checkpoint):
     assert all(r["train_rollout_logprob_abs_diff"] < LOGPROB_DIFF_BOUND for r in train)
 
 
-def _latest(ckpt: Path) -> int | None:
-    try:
-        name = (ckpt / "latest").read_text().strip()
-    except OSError:
-        return None
-    return int(name.split("_")[1]) if name.startswith("rollout_") else None
-
-
 def test_kill_on_gpu_then_resume(tmp_path, env):
     """SIGKILL the whole run after its second checkpoint; `--load` continues at the next rollout and the
     metrics file continues (each train rollout id once, in order)."""
@@ -161,14 +155,14 @@ def test_kill_on_gpu_then_resume(tmp_path, env):
                                 start_new_session=True)
         try:
             deadline = time.monotonic() + 600
-            while (_latest(ckpt) or -1) < 3:
+            while (latest_id(ckpt) or -1) < 3:
                 assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, "no second checkpoint in 10 minutes"
                 time.sleep(0.2)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    last = _latest(ckpt)
+    last = latest_id(ckpt)
     assert last is not None and last >= 3
     code, text = run(short + ["--num-rollout", str(last + 3), "--load", str(ckpt)], env, tmp_path / "resumed.log",
                      timeout=600)
