@@ -59,7 +59,8 @@ def trait(kind: str, name: str | None, key: str, default: Any = None, plugin_set
 def entry_trait(entry, key: str, default: Any = None) -> Any:
     """The trait ``key`` of one registry entry (a ``"module:attr"`` callable is imported now)."""
     value = entry.metadata.get(key, default)
-    if key in TRAIT_CALLABLES and isinstance(value, str):
+    # a trait may be a plain value ("actors") or a callable given as "module:attr": only the latter imports
+    if key in TRAIT_CALLABLES and isinstance(value, str) and (":" in value or "." in value):
         value = import_object(value)
     return value
 
