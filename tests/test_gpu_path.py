@@ -123,7 +123,7 @@ def test_4b_recipe_on_one_gpu_with_its_own_offload_defaults(tmp_path, env, recip
     for row in train:
         for phase in ("wait_rollout", "train", "weight_sync", "offload", "step"):
             assert row[f"perf/{phase}_time"] > 0, (phase, row)
-        assert row["train_rollout_logprob_abs_diff"] < LOGPROB_DIFF_BOUND, row["train_rollout_logprob_abs_diff"]
+        assert row["train/train_rollout_logprob_abs_diff"] < LOGPROB_DIFF_BOUND, row
     peak, plan = train[-1]["perf/host_mem_peak_gib"], train[-1]["perf/host_mem_plan_gib"]
     assert abs(peak - plan) <= 0.15 * peak, (peak, plan)
     assert RECOMPILE_WARNING not in log
@@ -141,7 +141,7 @@ def test_decoupled_recipe_on_two_gpus(tmp_path, env, recipe_checkpoint):
     assert code == 0, log[-5000:]
     train = rows(out / "metrics.jsonl")
     assert [r["rollout_id"] for r in train] == [0, 1]
-    assert all(r["train_rollout_logprob_abs_diff"] < LOGPROB_DIFF_BOUND for r in train)
+    assert all(r["train/train_rollout_logprob_abs_diff"] < LOGPROB_DIFF_BOUND for r in train)
 
 
 def test_kill_on_gpu_then_resume(tmp_path, env):
