@@ -29,7 +29,8 @@ from .weights import load_named_tensors
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # SGLang's release/resume_memory_occupation tags
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
-_OPTIONS = {"context_length", "max_prefill_tokens", "weight_version", "trust_remote_code", "cudnn_attention"}
+_OPTIONS = {"context_length", "max_prefill_tokens", "weight_version", "trust_remote_code", "cudnn_attention",
+            "fast_decode", "cuda_graphs"}
 
 
 def _attention_backends(use_cudnn: bool):
@@ -67,7 +68,11 @@ class HFRolloutEngine:
     ``max_position_embeddings``; prompts must be shorter, ``max_new_tokens`` is clipped to the rest),
     ``max_prefill_tokens`` (padded prompt tokens per prefill forward, default 16384),
     ``weight_version`` (initial, default ``"default"`` like SGLang), ``trust_remote_code``,
-    ``cudnn_attention`` (default False: keep SDPA off cuDNN, see ``_attention_backends``)."""
+    ``cudnn_attention`` (default False: keep SDPA off cuDNN, see ``_attention_backends``),
+    ``fast_decode`` (default True: Llama-family models decode through ``slot_batch`` — a preallocated
+    slot KV cache and the engine's own forward; other models, or False, use HF forwards over a
+    ``DynamicCache``), ``cuda_graphs`` (default True: on CUDA the fast path replays decode steps as
+    CUDA graphs). ``decode_path`` says which path runs."""
 
     def __init__(self, hf_checkpoint: str, *, device: str | None = None, dtype: str | None = None,
                  max_batch_size: int = 256, seed: int = 0, attn_implementation: str | None = None, **options):
@@ -109,10 +114,24 @@ class HFRolloutEngine:
         self._generator = generator  # the sampling RNG; checkpointed by state_dict()
         self._ctx = StopContext(self.tokenizer, _eos_ids(self.tokenizer, config, self.model.generation_config))
         self._forward_context = _attention_backends(bool(options.get("cudnn_attention", False)))
+        fast = None
+        if options.get("fast_decode", True):
+            from .decode_forward import unsupported_reason
+            from .slot_batch import SlotDecoder
+
+            reason = unsupported_reason(self.model)
+            if reason is None:
+                fast = SlotDecoder(self.model, self.device, max_batch_size=self.max_batch_size,
+                                   cuda_graphs=bool(options.get("cuda_graphs", True)))
+                self.decode_path = fast.name
+            else:
+                self.decode_path = f"hf ({reason})"
+        else:
+            self.decode_path = "hf (fast_decode=False)"
         self._scheduler = DecodeScheduler(
             self.model, self.device, self._ctx, generator, max_batch_size=self.max_batch_size,
             max_prefill_tokens=self.max_prefill_tokens, weight_version=lambda: self._weight_version,
-            forward_context=self._forward_context,
+            forward_context=self._forward_context, fast=fast,
         )
 
     @classmethod
@@ -172,6 +191,12 @@ class HFRolloutEngine:
         """Counters since start: decode steps, prefill forwards, most rows in one step, tokens."""
         return self._scheduler.stats()
 
+    def decode_info(self) -> dict:
+        """Which decode path runs and, on the fast path, its cache size and CUDA graphs."""
+        fast = self._scheduler.fast
+        with self._scheduler.exclusive():
+            return fast.info() if fast is not None else {"decode_path": self.decode_path}
+
     def health(self) -> bool:
         return self._scheduler.healthy()
 
@@ -211,8 +236,10 @@ class HFRolloutEngine:
 
     def release_memory(self, tags=None) -> None:
         """Colocated training: free the GPU. ``weights`` frees the model's GPU memory and keeps a host
-        copy (a no-op on CPU); ``kv_cache``/``cuda_graph`` hold nothing between batches. Refused while
-        requests are in flight (abort them first, as slime does before releasing)."""
+        copy (a no-op on CPU); ``kv_cache``/``cuda_graph`` free the fast path's slot cache and CUDA
+        graphs (the generic path holds nothing between batches). Any tag drops the graphs: they read
+        the weights and the cache by address, and both may come back elsewhere (recaptured lazily).
+        Refused while requests are in flight (abort them first, as slime does before releasing)."""
         tags = self._check_tags(tags)
         with self._scheduler.exclusive():  # the decode thread is parked: the load cannot change under us
             load = self._scheduler.load_stats()
@@ -223,6 +250,13 @@ class HFRolloutEngine:
                 # Freed in place with a host copy (reused pinned buffers, core/gpu_offload.py), so a
                 # resume without a weight push still generates with the same weights.
                 self._weights_offload.offload((t.data, True) for t in (*self.model.parameters(), *self.model.buffers()))
+            fast = self._scheduler.fast
+            if fast is not None:
+                if "kv_cache" in tags:
+                    fast.release()
+                elif fast.graphs is not None:
+                    fast.graphs.clear()
+            if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self._released |= set(tags)
 

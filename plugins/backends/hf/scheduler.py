@@ -23,6 +23,7 @@ import torch
 
 from .batch import DecodeBatch, Request, StopContext
 from .sampling import RowSampling
+from .slot_batch import SlotDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,11 @@ logger = logging.getLogger(__name__)
 class DecodeScheduler:
     def __init__(self, model, device: torch.device, ctx: StopContext, generator: torch.Generator, *,
                  max_batch_size: int, max_prefill_tokens: int, weight_version: Callable[[], str],
-                 forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+                 forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 fast: SlotDecoder | None = None):
         self.model, self.device, self._ctx, self._generator = model, device, ctx, generator
+        # The slot-cache fast path (Llama-family models) or None: HF forwards over a DynamicCache.
+        self.fast = fast
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self._weight_version = weight_version
         self._forward_context = forward_context  # entered around every forward (attention backends)
@@ -179,7 +183,10 @@ class DecodeScheduler:
         try:
             for chunk in self._prefill_chunks(admit):
                 with self._model_turn():
-                    new, logits = DecodeBatch.prefill(self.model, chunk, self.device)
+                    if self.fast is not None:
+                        new, logits = self.fast.prefill(chunk)
+                    else:
+                        new, logits = DecodeBatch.prefill(self.model, chunk, self.device)
                     self._sample_into(new, logits, prefill=True)
                 new = self._drop(new, lambda r: r.finish is not None)
                 if new is not None:
@@ -199,6 +206,8 @@ class DecodeScheduler:
             for r in failed.values():
                 if r.finish is None:
                     self._complete(r, exc)
+            if self.fast is not None:  # every row holding a slot was just failed
+                self.fast.reset()
             return None
 
     def _prefill_chunks(self, requests: list[Request]):
@@ -225,7 +234,10 @@ class DecodeScheduler:
             self._stats[key] += 1
             self._stats["max_rows_per_step"] = max(self._stats["max_rows_per_step"], len(rows))
             self._stats["generated_tokens"] += len(rows)
-        for r, token, lp in zip(rows, tokens.tolist(), log_probs.tolist()):
+        # One device->host copy for the whole batch (each .tolist() would synchronise separately);
+        # float64 holds both the token ids and the float32 log-probs exactly.
+        host = torch.stack([tokens.to(torch.float64), log_probs.to(torch.float64)]).cpu()
+        for r, token, lp in zip(rows, host[0].long().tolist(), host[1].tolist()):
             if r.observe(token, lp, self._ctx):
                 self._complete(r, r.result(self._ctx, self._weight_version()))
 
