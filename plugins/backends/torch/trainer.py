@@ -335,9 +335,10 @@ class TorchTrainBackend:
             logger.warning("the checkpoint holds no optimizer state (saved with --no-save-optim): AdamW starts fresh")
         self.scheduler.load_state_dict(state["scheduler"])
         self.optimizer_steps = state["optimizer_steps"]
-        torch.set_rng_state(state["rng"]["torch"])
+        # RNG states must be CPU byte tensors; ``load`` maps the checkpoint to the train device
+        torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"].get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
 
     def save(self, path: str) -> None:
         """Rank 0 writes (every rank holds the same weights and optimizer state); the others return."""
