@@ -342,6 +342,7 @@ def resolve_defaults(args: argparse.Namespace) -> None:
     if args.rm_url:
         args.rm_opt.setdefault("url", args.rm_url)
     args.filter_opt = dict(args.filter_opt or {})
+    args.adv_opt = dict(args.adv_opt or {})
     args.apply_chat_template_kwargs = dict(args.apply_chat_template_kwargs or {})
     args.reward_post_process = list(args.reward_post_process or [])
     args.rollout_sample_hook_path = list(args.rollout_sample_hook_path or [])
@@ -613,6 +614,7 @@ def _check_algorithm(args, plugin_set, problems: list[str]) -> None:
     if args.eps_clip_c is not None and args.eps_clip_c <= 1:
         problems.append(f"--eps-clip-c must be > 1, got {args.eps_clip_c}")
     from .loss_options import loss_option_problems
+    from .plugin_options import declares_options
 
     problems.extend(loss_option_problems(args, plugin_set))
     if args.loss_type == "custom_loss" and not args.custom_loss_function_path:
@@ -626,7 +628,8 @@ def _check_algorithm(args, plugin_set, problems: list[str]) -> None:
     if args.advantage_estimator in plugin_set.registries["advantage_estimator"]:
         try:
             estimator = plugin_set.get("advantage_estimator", args.advantage_estimator)
-            estimator.check_config(args)
+            if not declares_options(plugin_set.entry("advantage_estimator", args.advantage_estimator)):
+                estimator.check_config(args)  # the older hook; declared options are checked with the plugin's
             _check_critic(args, plugin_set, estimator, problems)
         except (ValueError, PluginError, ImportError) as exc:
             problem = str(exc)

@@ -316,6 +316,13 @@ def _plugins(p: PlugrlArgumentParser) -> None:
     g.add_argument("--group-rm", action="store_true", help="score each group once, after all its samples finish")
     g.add_argument("--advantage-estimator", default="grpo", metavar="NAME", help="advantage estimator plugin")
     g.add_argument(
+        "--adv-opt",
+        action=KeyValueAction,
+        type=key_value,
+        metavar="KEY=VALUE",
+        help="option for the advantage estimator (repeatable; a field of its declared options)",
+    )
+    g.add_argument(
         "--dynamic-sampling-filter", metavar="NAME", help="dynamic-sampling filter plugin (default: keep all)"
     )
     g.add_argument(

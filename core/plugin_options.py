@@ -2,16 +2,20 @@
 
 ``register(name, obj, options=MyOptions, check_options=my_check)``: ``MyOptions`` is a dataclass whose
 fields (name, type, default, ``metadata={"help": ...}``) are the plugin's options. Core fills it from
-the plugin's ``--*-opt key=value`` pairs (``--rm-opt`` for rewards, ``--filter-opt`` for filters, also
-YAML's ``rm_opt: {key: value}``) and, for a field with no such pair, from the run-config value of the
-same name (a flag the plugin owns, e.g. ``--reward-key``). Unknown keys, wrong types and failed checks
+the plugin's ``--*-opt key=value`` pairs (``--rm-opt`` for rewards, ``--filter-opt`` for filters,
+``--adv-opt`` for advantage estimators, also YAML's ``rm_opt: {key: value}``) and, for a field with no
+such pair, from the run-config value of the same name (a flag the plugin owns, e.g. ``--reward-key``,
+or one it reads, e.g. ``--gamma``). A field whose metadata says ``RUN_SETTING: True`` is a setting core
+reads too (``--kl-coef``, ``--n-samples-per-prompt``): it comes from its flag only, and a pair for it is
+refused, so the plugin and core never disagree about it. Unknown keys, wrong types and failed checks
 are errors naming the plugin, the key and the allowed values; ``config_problems`` runs this on the
 driver, ``--dry-run`` included, and every process builds the same object again where the plugin is
 called. ``check_options(options) -> list[str]`` (or raising ``ValueError``) adds the plugin's own rules.
 
 Rewards and filters then receive the object's fields as keyword arguments (their calling convention),
-the other kinds the object itself. A plugin that declares no options type keeps the old behaviour: its
-pairs are passed through unchecked, unless its function takes no such keyword (then it is an error too).
+an advantage estimator class the object itself (``build_estimator``). A plugin that declares no options
+type keeps the old behaviour: its pairs are passed through unchecked, unless its function takes no such
+keyword (then it is an error too), and an estimator class is called with the run config.
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ import typing
 from typing import Any
 
 # kind -> (config attribute holding the key=value pairs, the flag that gives them)
-PAIR_SOURCES = {"reward": ("rm_opt", "--rm-opt"), "filter": ("filter_opt", "--filter-opt")}
+PAIR_SOURCES = {"reward": ("rm_opt", "--rm-opt"), "filter": ("filter_opt", "--filter-opt"),
+                "advantage_estimator": ("adv_opt", "--adv-opt")}
+
+# Field metadata key: the field mirrors a run setting core reads too; filled from its flag only.
+RUN_SETTING = "run_setting"
 
 
 class OptionsError(ValueError):
@@ -63,9 +71,15 @@ def _type_problem(value: Any, hint: Any) -> str | None:
 
 
 def _declared(entry) -> tuple[type | None, Any]:
+    """(options type, check) from the registration; an estimator class may instead carry them as the
+    class attributes ``options_type`` and ``check_options`` (like ``needs_critic``)."""
     from .plugin_traits import entry_trait
 
-    return entry_trait(entry, "options"), entry_trait(entry, "check_options")
+    cls, check = entry_trait(entry, "options"), entry_trait(entry, "check_options")
+    if entry.kind == "advantage_estimator" and isinstance(entry.obj, type):
+        cls = cls or getattr(entry.obj, "options_type", None)
+        check = check or getattr(entry.obj, "check_options", None)
+    return cls, check
 
 
 def _pairs(entry, args) -> tuple[dict, str]:
@@ -73,11 +87,12 @@ def _pairs(entry, args) -> tuple[dict, str]:
     return (dict(getattr(args, attr, None) or {}) if attr and args is not None else {}), flag or "options"
 
 
-def build_options(entry, args, pairs: dict | None = None) -> Any:
+def build_options(entry, args, pairs: dict | None = None, *, check: bool = True) -> Any:
     """The plugin's options object (its declared dataclass), or the plain ``pairs`` dict when it declares
-    none; raises ``OptionsError`` naming the plugin, the key and what is allowed."""
+    none; raises ``OptionsError`` naming the plugin, the key and what is allowed. ``check=False`` skips
+    ``check_options`` (a process rebuilding options the driver checked)."""
     given, flag = _pairs(entry, args) if pairs is None else (dict(pairs), _pairs(entry, None)[1])
-    cls, check = _declared(entry)
+    cls, check_fn = _declared(entry)
     if cls is None:
         return _undeclared(entry, given, flag)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -88,7 +103,12 @@ def build_options(entry, args, pairs: dict | None = None) -> Any:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             problems.append(f"{flag} {key}={value!r}: {_describe(entry)} has no option '{key}'; allowed: "
-                            f"{', '.join(fields) or '(none)'}{hint}")
+                            f"{', '.join(k for k in fields if not _run_setting(fields[k])) or '(none)'}{hint}")
+            continue
+        if _run_setting(fields[key]):
+            dashed = "--" + key.replace("_", "-")
+            problems.append(f"{flag} {key}={value!r}: option '{key}' of {_describe(entry)} is the run's {dashed}, "
+                            f"which core reads too: set {dashed} instead")
             continue
         values[key] = value
     for name in fields:
@@ -102,14 +122,18 @@ def build_options(entry, args, pairs: dict | None = None) -> Any:
     if problems:
         raise OptionsError(problems)
     options = cls(**values)
-    if check is not None:
+    if check and check_fn is not None:
         try:
-            found = list(check(options) or [])
+            found = list(check_fn(options) or [])
         except ValueError as exc:
             found = [str(exc)]
         if found:
             raise OptionsError([f"{_describe(entry)}: {p}" for p in found])
     return options
+
+
+def _run_setting(field: dataclasses.Field) -> bool:
+    return bool(field.metadata.get(RUN_SETTING, False))
 
 
 def _undeclared(entry, given: dict, flag: str) -> dict:
@@ -149,3 +173,33 @@ def option_problems(args, selected, plugin_set) -> list[str]:
         except ImportError as exc:  # an options type given as "module:attr" that does not import
             problems.append(f"{kind} '{name}': its options type does not import: {exc}")
     return problems
+
+
+def declares_options(entry) -> bool:
+    """Whether the plugin declared an options type (at registration or, estimators, as a class attribute)."""
+    return _declared(entry)[0] is not None
+
+
+def build_estimator(entry, args) -> Any:
+    """The advantage estimator of ``entry`` built for a run: its class called with its options object
+    (filled from ``--adv-opt`` pairs and same-named flags, checked), or with the run config ``args`` when
+    it declares no options type (the older convention, kept for third-party estimators)."""
+    cls = entry.load()
+    options_type, _check = _declared(entry)
+    return cls(args if options_type is None else build_options(entry, args))
+
+
+def estimator_options(cls: type, given: Any) -> Any:
+    """What an estimator class that declares ``options_type`` keeps as its options: ``given`` itself when
+    it is one (``build_estimator``), else ``given`` is a run config (or None) and the options are filled
+    from it as on the driver, without the checks (the driver ran them). Called from the estimator's
+    ``__init__``: code that still builds estimators as ``cls(args)`` (the rollout manager and train
+    actors, ``plugrl.core.testing.check_estimator``, tests) gets the same object as ``build_estimator``."""
+    from .registry import Entry
+
+    options_type = getattr(cls, "options_type", None)
+    if options_type is None or isinstance(given, options_type):
+        return given
+    entry = Entry("advantage_estimator", getattr(cls, "name", "") or cls.__name__, cls, plugin=cls.__module__,
+                  builtin=cls.__module__.startswith("plugrl."))
+    return build_options(entry, given, check=False)

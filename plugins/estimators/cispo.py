@@ -15,12 +15,14 @@ or more) and tunes only the upper one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, ClassVar
 
 from plugrl.core import hookimpl
+from plugrl.core.plugin_options import RUN_SETTING
 
-from .grpo import GRPOEstimator
+from .grpo import GRPOEstimator, GRPOOptions
 
 logger = logging.getLogger(__name__)
 
@@ -35,25 +37,40 @@ def cispo_loss(log_probs, ppo_kl, advantages, eps_clip: float, eps_clip_high: fl
     return -weight * advantages * log_probs, (weight != ratio).float()
 
 
+@dataclasses.dataclass
+class CISPOOptions(GRPOOptions):
+    # slime's loss flags: run settings, so the IS-weight band is set where PPO's clip is.
+    eps_clip: float = dataclasses.field(default=0.2, metadata={
+        "help": "lower bound 1 - eps_clip of the IS weight (--eps-clip)", RUN_SETTING: True})
+    eps_clip_high: float | None = dataclasses.field(default=None, metadata={
+        "help": "upper bound 1 + eps_clip_high (--eps-clip-high; default --eps-clip)", RUN_SETTING: True})
+    eps_clip_c: float | None = dataclasses.field(default=None, metadata={
+        "help": "PPO's dual clip (--eps-clip-c): cispo has no clipped surrogate, so it must stay unset",
+        RUN_SETTING: True})
+
+
+def check_cispo(options: CISPOOptions) -> list[str]:
+    """Driver check (``--dry-run`` too)."""
+    if options.eps_clip_c is not None:
+        return ["--eps-clip-c (dual clip) bounds PPO's clipped surrogate; --advantage-estimator cispo has none: "
+                "drop it"]
+    if options.eps_clip < 1.0:
+        # As slime: allowed, but the paper's CISPO has no lower bound on the weight.
+        logger.warning("--advantage-estimator cispo with --eps-clip %s bounds the IS weight below by %s; "
+                       "the paper sets no lower bound (--eps-clip 1.0) and tunes --eps-clip-high (e.g. 4)",
+                       options.eps_clip, 1.0 - options.eps_clip)
+    return []
+
+
 class CISPOEstimator(GRPOEstimator):
     name: ClassVar[str] = "cispo"
+    options_type: ClassVar[type] = CISPOOptions
+    check_options = staticmethod(check_cispo)
 
-    @classmethod
-    def check_config(cls, args: Any) -> None:
-        if getattr(args, "eps_clip_c", None) is not None:
-            raise ValueError("--eps-clip-c (dual clip) bounds PPO's clipped surrogate; --advantage-estimator "
-                             "cispo has none: drop it")
-        eps_clip = float(getattr(args, "eps_clip", 0.2) or 0.0)
-        if eps_clip < 1.0:
-            # As slime: allowed, but the paper's CISPO has no lower bound on the weight.
-            logger.warning("--advantage-estimator cispo with --eps-clip %s bounds the IS weight below by %s; "
-                           "the paper sets no lower bound (--eps-clip 1.0) and tunes --eps-clip-high (e.g. 4)",
-                           eps_clip, 1.0 - eps_clip)
-
-    def policy_loss(self, log_probs, ppo_kl, advantages, args):
+    def policy_loss(self, log_probs, ppo_kl, advantages, args: Any = None):
         """Train actors, per micro-batch (from ``compute_rl_loss``): the CISPO term instead of PPO's."""
-        eps_clip = float(self.option("eps_clip", 0.2))
-        eps_clip_high = float(self.option("eps_clip_high", eps_clip))
+        eps_clip = self.options.eps_clip
+        eps_clip_high = eps_clip if self.options.eps_clip_high is None else self.options.eps_clip_high
         return cispo_loss(log_probs, ppo_kl, advantages, eps_clip, eps_clip_high)
 
 

@@ -9,10 +9,12 @@ two normalisations, which bias the update towards long wrong answers and easy/ha
   ``(1/G) Σ_i Σ_t m_it ℓ_it / C``. Declared as ``loss_agg_mode``; ``--loss-agg-mode`` overrides it.
 
 ``grpo --disable-grpo-std-normalization --loss-agg-mode seq-mean-token-sum-norm`` is the same run.
+Options (``DrGRPOOptions``): ``disable_rewards_normalization`` (flag or ``--adv-opt``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 from plugrl.core import hookimpl
@@ -21,8 +23,15 @@ from plugrl.core.loss_options import SEQ_MEAN_TOKEN_SUM_NORM
 from .grpo import GRPOEstimator
 
 
+@dataclasses.dataclass
+class DrGRPOOptions:
+    disable_rewards_normalization: bool = dataclasses.field(default=False, metadata={
+        "help": "train on the raw rewards (no centering)"})
+
+
 class DrGRPOEstimator(GRPOEstimator):
     name: ClassVar[str] = "dr_grpo"
+    options_type: ClassVar[type] = DrGRPOOptions
     loss_agg_mode: ClassVar[str] = SEQ_MEAN_TOKEN_SUM_NORM
 
     def std_normalize(self, group_size: int) -> bool:

@@ -6,16 +6,32 @@ prompt, ``r ← r − mean``; then, unless ``--disable-grpo-std-normalization`` 
 ``--disable-rewards-normalization`` skips all of it.
 Train side (``compute``, in the train actors): ``A_t = R_t = r`` for every response token; the
 reward-shaping KL (``--kl-coef``) never enters GRPO advantages (use ``--use-kl-loss``).
+Options (``GRPOOptions``; also ``gspo``'s and the base of ``cispo``'s): the three flags above, each also
+given as ``--adv-opt KEY=VALUE`` except the run's group size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 from plugrl.core import hookimpl
-from plugrl.core.protocols import AdvantageEstimator, AdvantageInputs
+from plugrl.core.plugin_options import RUN_SETTING
+from plugrl.core.protocols import AdvantageInputs
+
+from .base import OptionsEstimator
 
 STD_EPS = 1e-6
+
+
+@dataclasses.dataclass
+class GRPOOptions:
+    n_samples_per_prompt: int | None = dataclasses.field(default=None, metadata={
+        "help": "samples per prompt (--n-samples-per-prompt); 1 turns the std division off", RUN_SETTING: True})
+    disable_rewards_normalization: bool = dataclasses.field(default=False, metadata={
+        "help": "train on the raw rewards (no group normalisation)"})
+    disable_grpo_std_normalization: bool = dataclasses.field(default=False, metadata={
+        "help": "center on the group mean only, no std division (Dr.GRPO)"})
 
 
 def as_groups(rewards):
@@ -51,19 +67,21 @@ def constant_per_token(inputs: AdvantageInputs) -> tuple[list, list]:
     return advantages, [a.clone() for a in advantages]
 
 
-class GRPOEstimator(AdvantageEstimator):
+class GRPOEstimator(OptionsEstimator):
     name: ClassVar[str] = "grpo"
+    options_type: ClassVar[type] = GRPOOptions
     normalizes_group_rewards: ClassVar[bool] = True
     # The trainer uses ``getattr(estimator, "sequence_level_ratio", False)`` to pick the PPO ratio.
     sequence_level_ratio: ClassVar[bool] = False
 
     def std_normalize(self, group_size: int) -> bool:
-        if self.option("disable_grpo_std_normalization", False):
+        if self.options.disable_grpo_std_normalization:
             return False
-        return int(self.option("n_samples_per_prompt", group_size)) > 1 and group_size > 1
+        n = self.options.n_samples_per_prompt
+        return (group_size if n is None else n) > 1 and group_size > 1
 
     def shape_rewards(self, rewards):
-        if self.option("disable_rewards_normalization", False):
+        if self.options.disable_rewards_normalization:
             return rewards
         groups = as_groups(rewards)
         return group_normalize(rewards, self.std_normalize(groups.shape[-1]))

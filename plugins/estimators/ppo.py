@@ -6,28 +6,37 @@ token; ``δ_t = ρ_t + γ V_{t+1} − V_t`` (``V_T = 0``), ``A_t = δ_t + γλ A
 computed before the critic update (``inputs.values``). slime adds the reward at the very last
 response token and does not mask the KL; the two agree whenever the response ends with a trainable
 token and has no environment tokens (single-turn generation).
+Options (``PPOOptions``): ``kl_coef`` (the run's), ``gamma`` and ``lambd`` (flags or ``--adv-opt``).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import dataclasses
+from typing import ClassVar
 
 from plugrl.core import hookimpl
 from plugrl.core.protocols import AdvantageInputs
 
-from .reinforce import KLShapedEstimator, check_kl_options, check_unit_interval
+from .reinforce import GAMMA, KL_COEF, KLShapedEstimator, unit_interval_problems
 from .returns import gae, kl_shaped_token_rewards
+
+
+@dataclasses.dataclass
+class PPOOptions:
+    kl_coef: float = dataclasses.field(default=0.0, metadata=KL_COEF)
+    gamma: float = dataclasses.field(default=1.0, metadata=GAMMA)
+    lambd: float = dataclasses.field(default=1.0, metadata={"help": "GAE's lambda (--lambd), in [0, 1]"})
+
+
+def check_ppo(options: PPOOptions) -> list[str]:
+    return unit_interval_problems(options, "gamma", "lambd")
 
 
 class PPOEstimator(KLShapedEstimator):
     name: ClassVar[str] = "ppo"
+    options_type: ClassVar[type] = PPOOptions
+    check_options = staticmethod(check_ppo)
     needs_critic: ClassVar[bool] = True
-
-    @classmethod
-    def check_config(cls, args: Any) -> None:
-        check_kl_options(args)
-        check_unit_interval(args, "gamma", "--gamma")
-        check_unit_interval(args, "lambd", "--lambd")
 
     def compute(self, inputs: AdvantageInputs):
         if inputs.values is None:
@@ -36,7 +45,7 @@ class PPOEstimator(KLShapedEstimator):
             inputs.rewards, inputs.kl, inputs.loss_masks, inputs.response_lengths, self.kl_coef
         )
         values = [v.detach().reshape(-1).float().to(r.device) for v, r in zip(inputs.values, token_rewards)]
-        return gae(token_rewards, values, float(self.option("gamma", 1.0)), float(self.option("lambd", 1.0)))
+        return gae(token_rewards, values, float(self.options.gamma), float(self.options.lambd))
 
 
 @hookimpl

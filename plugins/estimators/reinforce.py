@@ -11,73 +11,110 @@ Both require ``--normalize-advantages`` (the trainer whitens the advantages over
 ``returns.whiten_advantages``). ``needs_ref_log_probs`` is set on the *instance* when ``--kl-coef`` is
 non-zero: only then does ``compute`` need the per-token KL (old vs ref), so only then must the
 trainer run the reference model for the estimator.
+
+Options: ``ReinforceOptions`` (``kl_coef``, ``normalize_advantages``, ``gamma``) and
+``ReinforceBaselineOptions`` (``kl_coef``, ``normalize_advantages``, ``disable_rewards_normalization``);
+``gamma`` and ``disable_rewards_normalization`` may also be given as ``--adv-opt KEY=VALUE``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 from plugrl.core import hookimpl
-from plugrl.core.protocols import AdvantageEstimator, AdvantageInputs
+from plugrl.core.plugin_options import RUN_SETTING
+from plugrl.core.protocols import AdvantageInputs
 
+from .base import OptionsEstimator
 from .returns import discounted_returns, kl_shaped_token_rewards
+
+# Fields shared by the options below (dataclass fields are copied per class).
+KL_COEF = {"help": "reward-shaping KL coefficient (--kl-coef); non-zero needs the reference model",
+           RUN_SETTING: True}
+NORMALIZE = {"help": "whiten the advantages over the batch (--normalize-advantages); required", RUN_SETTING: True}
+GAMMA = {"help": "discount of the token rewards (--gamma), in [0, 1]"}
+
+
+@dataclasses.dataclass
+class ReinforceOptions:
+    kl_coef: float = dataclasses.field(default=0.0, metadata=KL_COEF)
+    normalize_advantages: bool = dataclasses.field(default=False, metadata=NORMALIZE)
+    gamma: float = dataclasses.field(default=1.0, metadata=GAMMA)
+
+
+@dataclasses.dataclass
+class ReinforceBaselineOptions:
+    kl_coef: float = dataclasses.field(default=0.0, metadata=KL_COEF)
+    normalize_advantages: bool = dataclasses.field(default=False, metadata=NORMALIZE)
+    disable_rewards_normalization: bool = dataclasses.field(default=False, metadata={
+        "help": "train on the raw rewards (no group-mean centering)"})
 
 
 def check_kl_options(args: Any) -> None:
-    """Reward-shaping KL and KL loss are alternatives; slime refuses both at once."""
+    """Reward-shaping KL and KL loss are alternatives; slime refuses both at once. A run-config rule that
+    core's config check applies to every estimator; kept here for ``check_config`` callers."""
     kl_coef = float(getattr(args, "kl_coef", 0.0) or 0.0)
     kl_loss_coef = float(getattr(args, "kl_loss_coef", 0.0) or 0.0)
     if kl_coef != 0.0 and kl_loss_coef != 0.0:
         raise ValueError("--kl-coef and --kl-loss-coef may not both be non-zero; keep one of them")
 
 
-def check_unit_interval(args: Any, key: str, flag: str) -> None:
-    value = getattr(args, key, None)
-    if value is not None and not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{flag} must be in [0, 1], got {value}")
+def unit_interval_problems(options: Any, *keys: str) -> list[str]:
+    """``--<key> must be in [0, 1]`` for each of ``keys`` outside it."""
+    return [f"--{key} must be in [0, 1], got {getattr(options, key)}" for key in keys
+            if not 0.0 <= getattr(options, key) <= 1.0]
 
 
-class KLShapedEstimator(AdvantageEstimator):
+class KLShapedEstimator(OptionsEstimator):
     """Estimators whose token rewards carry ``−kl_coef · kl_t`` (reinforce++ variants, ppo)."""
 
     sequence_level_ratio: ClassVar[bool] = False
 
-    def __init__(self, args: Any = None):
-        super().__init__(args)
-        self.kl_coef = float(self.option("kl_coef", 0.0))
+    def __init__(self, options: Any = None):
+        super().__init__(options)
+        self.kl_coef = float(self.options.kl_coef)
         # Per instance: the reference model is needed for the reward KL only when --kl-coef != 0.
         self.needs_ref_log_probs = self.kl_coef != 0.0
+
+    @classmethod
+    def check_config(cls, args: Any) -> None:
+        check_kl_options(args)
+        super().check_config(args)
 
 
 class _ReinforceBase(KLShapedEstimator):
 
     @classmethod
-    def check_config(cls, args: Any) -> None:
-        if not getattr(args, "normalize_advantages", False):
-            raise ValueError(f"--advantage-estimator {cls.name} requires --normalize-advantages")
-        check_kl_options(args)
-        check_unit_interval(args, "gamma", "--gamma")
+    def check_options(cls, options: Any) -> list[str]:
+        return [] if options.normalize_advantages else [f"--advantage-estimator {cls.name} requires --normalize-advantages"]
 
 
 class ReinforcePlusPlusEstimator(_ReinforceBase):
     name: ClassVar[str] = "reinforce_plus_plus"
+    options_type: ClassVar[type] = ReinforceOptions
+
+    @classmethod
+    def check_options(cls, options: ReinforceOptions) -> list[str]:
+        return super().check_options(options) + unit_interval_problems(options, "gamma")
 
     def compute(self, inputs: AdvantageInputs):
         token_rewards = kl_shaped_token_rewards(
             inputs.rewards, inputs.kl, inputs.loss_masks, inputs.response_lengths, self.kl_coef
         )
-        returns = discounted_returns(token_rewards, float(self.option("gamma", 1.0)))
+        returns = discounted_returns(token_rewards, float(self.options.gamma))
         return [g.clone() for g in returns], returns
 
 
 class ReinforcePlusPlusBaselineEstimator(_ReinforceBase):
     name: ClassVar[str] = "reinforce_plus_plus_baseline"
+    options_type: ClassVar[type] = ReinforceBaselineOptions
     normalizes_group_rewards: ClassVar[bool] = True
 
     def shape_rewards(self, rewards):
         from .grpo import group_normalize
 
-        if self.option("disable_rewards_normalization", False):
+        if self.options.disable_rewards_normalization:
             return rewards
         return group_normalize(rewards, std_normalize=False)
 

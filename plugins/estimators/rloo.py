@@ -5,16 +5,33 @@ Rollout side: each sample's reward minus the mean of the *other* samples of its 
 estimator, so ``--disable-rewards-normalization`` does not switch it off.
 Train side: ``A_t = R_t = shaped reward`` for every token (like GRPO; the reward-shaping KL is not
 folded in, use ``--use-kl-loss``).
+Options (``RLOOOptions``): the run's group size, checked on the driver.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import dataclasses
+from typing import ClassVar
 
 from plugrl.core import hookimpl
-from plugrl.core.protocols import AdvantageEstimator, AdvantageInputs
+from plugrl.core.plugin_options import RUN_SETTING
+from plugrl.core.protocols import AdvantageInputs
 
+from .base import OptionsEstimator
 from .grpo import as_groups, constant_per_token
+
+
+@dataclasses.dataclass
+class RLOOOptions:
+    n_samples_per_prompt: int | None = dataclasses.field(default=None, metadata={
+        "help": "samples per prompt (--n-samples-per-prompt); at least 2", RUN_SETTING: True})
+
+
+def check_rloo(options: RLOOOptions) -> list[str]:
+    n = options.n_samples_per_prompt
+    if n is not None and n < 2:
+        return [f"--advantage-estimator rloo needs --n-samples-per-prompt >= 2, got {n}"]
+    return []
 
 
 def leave_one_out(rewards):
@@ -30,16 +47,12 @@ def leave_one_out(rewards):
     return (r - others_mean).reshape(shape)
 
 
-class RLOOEstimator(AdvantageEstimator):
+class RLOOEstimator(OptionsEstimator):
     name: ClassVar[str] = "rloo"
+    options_type: ClassVar[type] = RLOOOptions
+    check_options = staticmethod(check_rloo)
     normalizes_group_rewards: ClassVar[bool] = True
     sequence_level_ratio: ClassVar[bool] = False
-
-    @classmethod
-    def check_config(cls, args: Any) -> None:
-        n = getattr(args, "n_samples_per_prompt", None)
-        if n is not None and int(n) < 2:
-            raise ValueError(f"--advantage-estimator rloo needs --n-samples-per-prompt >= 2, got {n}")
 
     def shape_rewards(self, rewards):
         return leave_one_out(rewards)
