@@ -189,17 +189,28 @@ def build_estimator(entry, args) -> Any:
     return cls(args if options_type is None else build_options(entry, args))
 
 
-def estimator_options(cls: type, given: Any) -> Any:
-    """What an estimator class that declares ``options_type`` keeps as its options: ``given`` itself when
-    it is one (``build_estimator``), else ``given`` is a run config (or None) and the options are filled
-    from it as on the driver, without the checks (the driver ran them). Called from the estimator's
-    ``__init__``: code that still builds estimators as ``cls(args)`` (the rollout manager and train
-    actors, ``plugrl.core.testing.check_estimator``, tests) gets the same object as ``build_estimator``."""
+def options_from_config(kind: str, name: str, obj: Any, options_type: type, given: Any) -> Any:
+    """``given`` when it already is an ``options_type`` object, else the options filled from ``given`` (a
+    run config, or None) as on the driver, without the checks (the driver ran them). For a plugin that a
+    call site still hands the run config (``cls(args)``, ``post_process(samples, args)``)."""
     from .registry import Entry
 
-    options_type = getattr(cls, "options_type", None)
-    if options_type is None or isinstance(given, options_type):
+    if isinstance(given, options_type):
         return given
-    entry = Entry("advantage_estimator", getattr(cls, "name", "") or cls.__name__, cls, plugin=cls.__module__,
-                  builtin=cls.__module__.startswith("plugrl."))
+    module = getattr(obj, "__module__", "") or ""
+    entry = Entry(kind, name, obj, plugin=module, builtin=module.startswith("plugrl."),
+                  metadata={"options": options_type})
     return build_options(entry, given, check=False)
+
+
+def estimator_options(cls: type, given: Any) -> Any:
+    """What an estimator class that declares ``options_type`` keeps as its options: ``given`` itself when
+    it is one (``build_estimator``), else the options filled from the run config ``given``
+    (``options_from_config``). Called from the estimator's ``__init__``, so code that still builds
+    estimators as ``cls(args)`` (the rollout manager and train actors, ``plugrl.core.testing``, tests)
+    gets the same object as ``build_estimator``."""
+    options_type = getattr(cls, "options_type", None)
+    if options_type is None:
+        return given
+    return options_from_config("advantage_estimator", getattr(cls, "name", "") or cls.__name__, cls,
+                               options_type, given)

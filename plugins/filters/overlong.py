@@ -15,13 +15,31 @@ also holds for a response longer than ``L_max`` (possible after a partial-rollou
 ``|y|`` is ``sample.response_length``. Default buffer: ``L_max // 4``.
 
 Runs in the rollout manager after the reward function and before the estimator's ``shape_rewards``.
+Options (``OverlongOptions``, from the flags above): checked on the driver (``--dry-run`` too).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from plugrl.core import hookimpl
+from plugrl.core.plugin_options import RUN_SETTING, options_from_config
+
+
+@dataclasses.dataclass
+class OverlongOptions:
+    rollout_max_response_len: int | None = dataclasses.field(default=None, metadata={
+        "help": "L_max, the generation budget (--rollout-max-response-len); required", RUN_SETTING: True})
+    overlong_buffer_len: int | None = dataclasses.field(default=None, metadata={
+        "help": "L_cache, the length band before L_max that is penalised (--overlong-buffer-len; default L_max // 4)"})
+    overlong_penalty_factor: float | None = dataclasses.field(default=None, metadata={
+        "help": "scale of the penalty (--overlong-penalty-factor; default 1.0)"})
+    reward_key: str | None = dataclasses.field(default=None, metadata={
+        "help": "the key of a dict reward that gets the penalty (--reward-key)", RUN_SETTING: True})
+
+    def buffer_len(self) -> int:
+        return self.rollout_max_response_len // 4 if self.overlong_buffer_len is None else self.overlong_buffer_len
 
 
 def overlong_penalty_value(response_length: int, max_len: int, buffer_len: int, factor: float = 1.0) -> float:
@@ -33,19 +51,20 @@ def overlong_penalty_value(response_length: int, max_len: int, buffer_len: int, 
     return min(-exceed_len / buffer_len * factor, 0.0)
 
 
-def overlong_penalty(samples, args: Any) -> None:
+def overlong_penalty(samples, options: OverlongOptions | Any) -> None:
     """Add the soft overlong penalty to each sample's scalar reward, in place.
 
-    Dict rewards get it on ``reward[args.reward_key]``. Samples without a reward (aborted) are left alone.
+    Dict rewards get it on ``reward[options.reward_key]``. Samples without a reward (aborted) are left
+    alone. ``options`` may also be the run config (core's call site hands it), filled into the same object.
     """
-    max_len = getattr(args, "rollout_max_response_len", None)
+    options = options_from_config("reward_post_processor", "overlong_penalty", overlong_penalty, OverlongOptions,
+                                  options)
+    max_len = options.rollout_max_response_len
     if not max_len:
         raise ValueError("overlong_penalty needs --rollout-max-response-len")
-    buffer_len = getattr(args, "overlong_buffer_len", None)
-    buffer_len = max_len // 4 if buffer_len is None else buffer_len
-    factor = getattr(args, "overlong_penalty_factor", None)
-    factor = 1.0 if factor is None else float(factor)
-    reward_key = getattr(args, "reward_key", None)
+    buffer_len = options.buffer_len()
+    factor = 1.0 if options.overlong_penalty_factor is None else float(options.overlong_penalty_factor)
+    reward_key = options.reward_key
     for sample in samples:
         if sample.reward is None:
             continue
@@ -58,14 +77,18 @@ def overlong_penalty(samples, args: Any) -> None:
             sample.reward = sample.reward + penalty
 
 
-def overlong_problems(args: Any) -> list[str]:
-    """Config check on the driver (``--dry-run`` too), declared at registration."""
-    if not getattr(args, "rollout_max_response_len", None):
+def check_overlong(options: OverlongOptions) -> list[str]:
+    """Driver check (``--dry-run`` too)."""
+    max_len = options.rollout_max_response_len
+    if not max_len:
         return ["--reward-post-process overlong_penalty needs --rollout-max-response-len"]
+    if not 1 <= options.buffer_len() <= max_len:
+        return [f"--overlong-buffer-len must be in 1..{max_len} (--rollout-max-response-len), got {options.buffer_len()}"]
     return []
 
 
 @hookimpl
 def plugrl_register_reward_post_processors(register):
-    register("overlong_penalty", overlong_penalty, check=overlong_problems, idle_flags=("overlong_buffer_len",),
+    register("overlong_penalty", overlong_penalty, options=OverlongOptions, check_options=check_overlong,
+             idle_flags=("overlong_buffer_len",),
              description="DAPO soft overlong punishment (--overlong-buffer-len, --overlong-penalty-factor)")
