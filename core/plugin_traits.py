@@ -7,7 +7,8 @@ keyword of its ``register(...)`` call (stored in ``Entry.metadata``); a value wr
 
 Traits core reads (all optional; the default applies when a plugin does not declare one):
 
-advantage_estimator  needs_critic (False), needs_ref_log_probs (False)
+advantage_estimator  needs_critic (False), needs_ref_log_probs (False); options and check_options may also be
+                     the class attributes ``options_type`` and ``check_options`` (core/plugin_options.py)
 train_backend        check(args) -> list[str]       config problems, on the driver (``--dry-run`` too)
                      supplies_critic (False)         the backend computes critic values
                      memory_model ("hf")             "megatron": bf16 params + fp32 main params and grads,
@@ -20,7 +21,8 @@ rollout_backend      check(args) -> list[str]
                                                      plan's bundles; "processes": the manager launches the
                                                      engines and needs their GPU ids; "external": neither
 buffer_policy        slime_adapter(path, args, n)    runs a slime ``--buffer-filter-path`` on this policy
-reward_post_processor check(args) -> list[str]; idle_flags (dests that do nothing unless it is selected)
+reward_post_processor check(args) -> list[str] (or declared options); idle_flags (dests that do nothing unless
+                     it is selected)
 any kind             commands {"name": "module:function"}  ``plugrl NAME`` subcommands (core/plugin_commands.py)
                      options (a dataclass type), check_options(options) (see core/plugin_options.py)
 """
