@@ -9,8 +9,12 @@ every request runs to ``--new-tokens``) and times them end to end. ``--compare-g
 ``model.generate`` on the same batch (sampling, same lengths, same SDPA backends) as a reference.
 ``--cudnn-attention`` lets SDPA use cuDNN, which re-plans for every new KV length: on an H100 with
 torch 2.11 that made every decode step ~30 ms slower per layer call (engine and generate alike).
+The header reports the engine's decode path: ``slots+cuda_graphs`` / ``slots`` (the fast path: slot KV
+cache and the engine's own forward, with or without CUDA graphs) or ``hf (why)`` (HF forwards over a
+``DynamicCache``); ``--no-fast-decode`` / ``--no-cuda-graphs`` select the slower ones for comparison.
 
     python benchmarks/hf_engine_throughput.py --model tiny --batch-sizes 1,64,256
+    python benchmarks/hf_engine_throughput.py --model 4b --batch-sizes 64,256 --prompt-len 256 --new-tokens 256 --compare-generate
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--compare-generate", action="store_true", help="also time model.generate")
     parser.add_argument("--cudnn-attention", action="store_true", help="let SDPA use cuDNN (engine option)")
+    parser.add_argument("--no-fast-decode", action="store_true", help="engine option fast_decode=False")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="engine option cuda_graphs=False")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,22 +101,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint or build(args.model, Path(tmp))
         engine = HFRolloutEngine(str(path), device=args.device, dtype=args.dtype, max_batch_size=max(batches),
-                                 cudnn_attention=args.cudnn_attention)
+                                 cudnn_attention=args.cudnn_attention, fast_decode=not args.no_fast_decode,
+                                 cuda_graphs=not args.no_cuda_graphs)
         try:
             asyncio.run(time_engine(engine, 2, args.prompt_len, 4, args.temperature))  # warm-up
             dtype = next(engine.model.parameters()).dtype
             name = args.checkpoint or args.model
-            print(f"model={name} device={engine.device} dtype={dtype} threads={torch.get_num_threads()} "
-                  f"cudnn_attention={args.cudnn_attention} "
+            device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
+            print(f"model={name} device={engine.device} ({device_name}) dtype={dtype} torch={torch.__version__} "
+                  f"threads={torch.get_num_threads()} cudnn_attention={args.cudnn_attention} "
                   f"prompt={args.prompt_len} new={args.new_tokens} T={args.temperature}")
-            header = f"{'batch':>6} {'engine tok/s':>13} {'steps':>6}"
-            print(header + (f" {'generate tok/s':>15}" if args.compare_generate else ""))
+            print(f"decode path: {engine.decode_path}")
+            header = f"{'batch':>6} {'engine tok/s':>13} {'cold tok/s':>11} {'steps':>6}"
+            print(header + (f" {'generate tok/s':>15} {'engine/generate':>16}" if args.compare_generate else ""))
             for batch in batches:
+                # first pass at a new batch size captures its CUDA graphs; the timed pass replays them
+                # (a rollout engine runs the same shapes again and again)
+                # ("cold tok/s" is that first pass, capture included)
+                cold, _ = asyncio.run(time_engine(engine, batch, args.prompt_len, args.new_tokens, args.temperature))
                 rate, steps = asyncio.run(time_engine(engine, batch, args.prompt_len, args.new_tokens, args.temperature))
-                row = f"{batch:>6} {rate:>13,.0f} {steps:>6}"
+                row = f"{batch:>6} {rate:>13,.0f} {cold:>11,.0f} {steps:>6}"
                 if args.compare_generate:
-                    row += f" {time_generate(engine, batch, args.prompt_len, args.new_tokens, args.temperature, args.cudnn_attention):>15,.0f}"
+                    time_generate(engine, batch, args.prompt_len, 8, args.temperature, args.cudnn_attention)  # warm-up
+                    ref = time_generate(engine, batch, args.prompt_len, args.new_tokens, args.temperature,
+                                        args.cudnn_attention)
+                    row += f" {ref:>15,.0f} {rate / ref:>15.2f}x"
                 print(row, flush=True)
+            print(f"engine decode info: {engine.decode_info()}")
         finally:
             engine.close()
 

@@ -52,6 +52,10 @@ class SlotDecoder:
         self.cache = SlotKVCache(len(f.layers), f.kv_heads, f.head_dim, f.dtype, device)
         self.max_slots = batch_bucket(max_batch_size)
         self.graphs = DecodeGraphs(device) if cuda_graphs and device.type == "cuda" else None
+        # Bucketed shapes (rows and KV length rounded up, free slots computed along): what graphs need.
+        # Eager runs use exact shapes; CPU tests turn this on to check the padded rows cost nothing.
+        self.bucketed = self.graphs is not None
+        self.moves = 0  # rows moved down by compaction, since start
         self._owner: dict[int, Request] = {}
         # Allocated in the decode thread (under its inference mode): next token / position per slot.
         self._tokens: torch.Tensor | None = None
@@ -65,7 +69,7 @@ class SlotDecoder:
 
     def info(self) -> dict:
         return {"decode_path": self.name, "kv_slots": self.cache.slots, "kv_length": self.cache.length,
-                "cuda_graphs": len(self.graphs) if self.graphs else 0,
+                "slot_moves": self.moves, "cuda_graphs": len(self.graphs) if self.graphs else 0,
                 "cuda_graph_captures": self.graphs.captures if self.graphs else 0}
 
     # ------------------------------------------------------------------ memory
@@ -155,7 +159,7 @@ class SlotDecoder:
         need = max(len(r.prompt) + len(r.tokens) for r in batch.requests)  # newest position + 1
         bucket = batch_bucket(hi)
         self._ensure(bucket, kv_bucket(need))
-        if self.graphs is not None:
+        if self.bucketed:
             b, kv_len = bucket, kv_bucket(need)
         else:  # eager: exactly the rows and positions in use
             b, kv_len = hi, need
@@ -189,6 +193,7 @@ class SlotDecoder:
             self._owner.pop(batch.slots[i])
             self._owner[hole] = batch.requests[i]
             batch.slots[i] = hole
+        self.moves += len(holes)
         batch.reorder()
 
 
