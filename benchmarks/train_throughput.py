@@ -1,5 +1,6 @@
-"""Training throughput: the ``torch`` backend (HF model + gradient checkpointing) against the
-``megatron`` backend (megatron-core, packed THD micro-batches, full recompute), same GPU, same run.
+"""Training throughput: the ``torch`` backend (HF model + gradient checkpointing) and the ``megatron``
+backend (megatron-core, packed THD micro-batches, full recompute) against two baselines in the same run:
+plain ``transformers`` and ``transformers+liger`` (benchmarks/hf_train_baseline.py), same GPU.
 
 Each backend runs in its own process (fresh CUDA memory, its own process group) on a Qwen3-shaped
 checkpoint with random bf16 weights built here (no hub): ``4b`` is Qwen3-4B's shape (4.02 B params).
@@ -10,6 +11,7 @@ shared/MEASURED.md does. ``--profile`` adds the top CUDA kernels of one step per
 ``--attention`` a micro-benchmark of the packed attention implementations (fwd + bwd).
 
     python benchmarks/train_throughput.py --model 4b --tokens 9216 --samples 8 --steps 5
+    python benchmarks/train_throughput.py --model 4b --backends transformers,transformers+liger,torch,megatron
     python benchmarks/train_throughput.py --model 4b --backends torch,megatron --megatron-tp 2 --profile
     python benchmarks/train_throughput.py --model 4b --backends megatron --megatron-dp 2 --checkpoint-cache /tmp/ckpt
     python benchmarks/train_throughput.py --model 4b --backends megatron --megatron-dp 2 --megatron-unfused
@@ -37,6 +39,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_engine_throughput import build
+from hf_train_baseline import NAMES as BASELINES
+from hf_train_baseline import baseline_worker, megatron_memory_parts
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -126,6 +130,8 @@ def worker(opts) -> dict | None:
     ``--steps`` timed train() calls. Rank 0 returns the result."""
     from plugrl.plugins.estimators.grpo import GRPOEstimator
 
+    if opts.worker in BASELINES:
+        return baseline_worker(opts.worker, opts.checkpoint, opts.tokens, opts.samples, opts.steps, opts.device)
     tp = opts.megatron_tp if opts.worker == "megatron" else 1
     dp = opts.megatron_dp if opts.worker == "megatron" else 1
     args = backend_args(opts.checkpoint, opts.worker, opts.tokens, device=opts.device, tp=tp,
@@ -167,7 +173,7 @@ def worker(opts) -> dict | None:
         label += " unfused"
     if opts.worker == "megatron" and opts.megatron_set:
         label += " +" + ",".join(setting.split("=")[0] for setting in opts.megatron_set)
-    result = {"backend": label, "gpus": tp * dp, "params": n_params,
+    result = {"backend": label, "gpus": tp * dp, "params": n_params, "tp": tp, "dp": dp,
               "tokens": tokens, "step_s": sorted(times)[len(times) // 2],
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
               "device": torch.cuda.get_device_name() if cuda else "cpu"}
@@ -268,7 +274,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="sequences packed into the micro-batch")
     parser.add_argument("--response", type=int, default=1024, help="response tokens per sequence")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--backends", default="torch,megatron")
+    parser.add_argument("--backends", default="transformers,transformers+liger,torch,megatron",
+                        help="rows to run, in order: the baselines " + ", ".join(BASELINES) + ", then torch, megatron")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per backend with --profile")
     parser.add_argument("--megatron-unfused", action="store_true",
@@ -314,15 +321,22 @@ def main() -> None:
     device = torch.cuda.get_device_name() if opts.device == "cuda" else "cpu (smoke run)"
     print(f"\ndevice: {device}; model {opts.model}; {opts.tokens} tokens/step "
           f"({opts.samples} x {opts.tokens // opts.samples}), GRPO step incl. optimizer; per GPU = per process")
-    print(f"{'backend':<18}{'GPUs':>5}{'params':>10}{'step s':>9}{'tok/s/GPU':>11}{'MFU(6N)':>9}{'peak GiB':>10}"
-          f"{'vs torch/GPU':>14}")
-    base = next((r for r in results if r["backend"] == "torch"), None)
+    print(f"{'backend':<20}{'GPUs':>5}{'params':>10}{'step s':>9}{'tok/s/GPU':>11}{'MFU(6N)':>9}{'peak GiB':>10}"
+          f"{'vs best baseline':>18}")
+    per_gpu = {r["backend"]: r["tokens"] / r["step_s"] / r["gpus"] for r in results}
+    baselines = [per_gpu[r["backend"]] for r in results if r.get("baseline")]
+    best = max(baselines) if baselines else float("nan")
     for r in results:
-        tps = r["tokens"] / r["step_s"] / r["gpus"]
+        tps = per_gpu[r["backend"]]
         mfu = 6 * r["params"] * tps / peak
-        ratio = (tps / (base["tokens"] / base["step_s"])) if base else float("nan")
-        print(f"{r['backend']:<18}{r['gpus']:>5}{r['params'] / 1e9:>9.2f}B{r['step_s']:>9.3f}{tps:>11.0f}{mfu:>9.1%}"
-              f"{r['peak_gib']:>10.1f}{ratio:>13.2f}x")
+        print(f"{r['backend']:<20}{r['gpus']:>5}{r['params'] / 1e9:>9.2f}B{r['step_s']:>9.3f}{tps:>11.0f}{mfu:>9.1%}"
+              f"{r['peak_gib']:>10.1f}{tps / best:>17.2f}x")
+    for r in results:
+        if r["backend"].startswith("megatron") and r["peak_gib"] == r["peak_gib"]:  # not NaN: measured on a GPU
+            parts = megatron_memory_parts(r["params"] // max(1, r.get("tp", 1)), r["peak_gib"],
+                                          distributed_optimizer_dp=r.get("dp", 1))
+            print(f"{r['backend']} peak by part (GiB/GPU; TP shards counted evenly): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     for r in results:
         if "kernel_groups" in r:
             busy = sum(r["kernel_groups"].values())
