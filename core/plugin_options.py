@@ -25,7 +25,9 @@ import difflib
 import inspect
 import types
 import typing
-from typing import Any
+from typing import Any, ClassVar
+
+from .protocols import AdvantageEstimator
 
 # kind -> (config attribute holding the key=value pairs, the flag that gives them)
 PAIR_SOURCES = {"reward": ("rm_opt", "--rm-opt"), "filter": ("filter_opt", "--filter-opt"),
@@ -214,3 +216,31 @@ def estimator_options(cls: type, given: Any) -> Any:
         return given
     return options_from_config("advantage_estimator", getattr(cls, "name", "") or cls.__name__, cls,
                                options_type, given)
+
+
+class OptionsEstimator(AdvantageEstimator):
+    """Base of an advantage estimator that declares options: set the class attributes ``options_type`` (a
+    dataclass of the options, run-config fields it reads included) and, optionally, ``check_options``
+    (a static or class method, ``options -> list[str]``), and read ``self.options.<field>``: a misspelled
+    field is an ``AttributeError``, never a silent default.
+
+    Core builds it with its options object (``build_estimator``); given a run config instead (``cls(args)``
+    as the rollout manager, the train actors and ``plugrl.core.testing.check_estimator`` call it) it
+    fills the same object from it. ``check_config(args)`` runs ``check_options`` for callers that hold a
+    run config; core's config check runs ``check_options`` itself, on the driver."""
+
+    options_type: ClassVar[type]
+
+    def __init__(self, options: Any = None):
+        self.options = estimator_options(type(self), options)
+        super().__init__(self.options)
+
+    @staticmethod
+    def check_options(options: Any) -> list[str]:
+        return []
+
+    @classmethod
+    def check_config(cls, args: Any) -> None:
+        problems = cls.check_options(estimator_options(cls, args))
+        if problems:
+            raise ValueError("; ".join(problems))

@@ -16,10 +16,9 @@ import dataclasses
 from typing import ClassVar
 
 from plugrl.core import hookimpl
-from plugrl.core.plugin_options import RUN_SETTING
+from plugrl.core.plugin_options import RUN_SETTING, OptionsEstimator
 from plugrl.core.protocols import AdvantageInputs
 
-from .base import OptionsEstimator
 
 STD_EPS = 1e-6
 

@@ -23,10 +23,9 @@ import dataclasses
 from typing import Any, ClassVar
 
 from plugrl.core import hookimpl
-from plugrl.core.plugin_options import RUN_SETTING
+from plugrl.core.plugin_options import RUN_SETTING, OptionsEstimator
 from plugrl.core.protocols import AdvantageInputs
 
-from .base import OptionsEstimator
 from .returns import discounted_returns, kl_shaped_token_rewards
 
 # Fields shared by the options below (dataclass fields are copied per class).
