@@ -119,3 +119,23 @@ def test_example_package_own_tests(installed, tmp_path):
                  "--rootdir", str(source), str(source / "tests"), module=(), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+EXAMPLE_TRAIN = ["train", "--dry-run", "--rm-type", "contains_42", "--advantage-estimator", "mean_baseline",
+                 "--dynamic-sampling-filter", "min_reward_spread"]
+
+
+def test_train_dry_run_checks_the_example_plugins_options(installed):
+    ok = run(installed, *EXAMPLE_TRAIN, "--adv-opt", "scale=2", "--filter-opt", "spread=0.3")
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    bad = run(installed, *EXAMPLE_TRAIN, "--adv-opt", "scael=2", "--filter-opt", "sprad=0.3")
+    assert bad.returncode == 2, bad.stdout[-2000:] + bad.stderr[-2000:]
+    assert ("--adv-opt scael=2: advantage estimator 'mean_baseline' (plugin example) has no option 'scael'; "
+            "allowed: scale; did you mean 'scale'?") in bad.stderr
+    assert ("--filter-opt sprad=0.3: filter 'min_reward_spread' (plugin example) has no option 'sprad'; "
+            "allowed: spread; did you mean 'spread'?") in bad.stderr
+    assert "Traceback" not in bad.stderr
+    checked = run(installed, *EXAMPLE_TRAIN, "--adv-opt", "scale=0", "--filter-opt", "spread=-1")
+    assert checked.returncode == 2
+    assert "advantage estimator 'mean_baseline' (plugin example): option 'scale' must be > 0, got 0" in checked.stderr
+    assert "filter 'min_reward_spread' (plugin example): option 'spread' must be >= 0, got -1" in checked.stderr

@@ -1,5 +1,7 @@
 """The example plugin passes plugrl's conformance checks, found by name through its entry point."""
 
+import types
+
 import pytest
 
 from plugrl.core.testing import check_estimator, check_filter, check_reward, fake_samples
@@ -14,6 +16,15 @@ def test_mean_baseline_by_name():
     check_estimator("mean_baseline")
 
 
+def test_mean_baseline_options():
+    # --adv-opt pairs arrive in the run config's adv_opt, as `plugrl train` parses them
+    check_estimator("mean_baseline", args=types.SimpleNamespace(adv_opt={"scale": 2.0}))
+    with pytest.raises(AssertionError, match="option 'scale' must be > 0, got 0"):
+        check_estimator("mean_baseline", args=types.SimpleNamespace(adv_opt={"scale": 0}))
+    with pytest.raises(AssertionError, match="has no option 'scael'; allowed: scale"):
+        check_estimator("mean_baseline", args=types.SimpleNamespace(adv_opt={"scael": 2.0}))
+
+
 def test_min_reward_spread_by_name():
     decisions = check_filter("min_reward_spread")
     assert [d.keep for d in decisions] == [True, False, False, True]
@@ -23,6 +34,13 @@ def test_min_reward_spread_by_name():
 def test_spread_option(spread, keep):
     group = fake_samples(rewards=[0.1, 0.3, 0.45])
     assert check_filter(min_reward_spread, groups=[group], options={"spread": spread})[0].keep is keep
+
+
+def test_spread_option_is_checked():
+    with pytest.raises(AssertionError, match="option 'spread' must be >= 0"):
+        check_filter("min_reward_spread", options={"spread": -1})
+    with pytest.raises(AssertionError, match="has no option 'sprad'; allowed: spread"):
+        check_filter("min_reward_spread", options={"sprad": 0.3})
 
 
 def test_fixtures(plugin_set, make_samples):
