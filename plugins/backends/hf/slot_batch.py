@@ -18,12 +18,16 @@ hold token 0 at position 0 (always a valid write and a non-empty attention row).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .batch import Request
 from .cuda_graphs import DecodeGraphs
 from .decode_forward import LlamaLikeForward
 from .kv_cache import SlotKVCache
+
+logger = logging.getLogger(__name__)
 
 
 def batch_bucket(n: int) -> int:
@@ -56,6 +60,7 @@ class SlotDecoder:
         # Eager runs use exact shapes; CPU tests turn this on to check the padded rows cost nothing.
         self.bucketed = self.graphs is not None
         self.moves = 0  # rows moved down by compaction, since start
+        self.graph_error: str | None = None  # why graphs were turned off, if a capture failed
         self._owner: dict[int, Request] = {}
         # Allocated in the decode thread (under its inference mode): next token / position per slot.
         self._tokens: torch.Tensor | None = None
@@ -68,7 +73,8 @@ class SlotDecoder:
         return "slots+cuda_graphs" if self.graphs is not None else "slots"
 
     def info(self) -> dict:
-        return {"decode_path": self.name, "kv_slots": self.cache.slots, "kv_length": self.cache.length,
+        return {"decode_path": self.name, "graph_error": self.graph_error, "kv_slots": self.cache.slots,
+                "kv_length": self.cache.length,
                 "slot_moves": self.moves, "cuda_graphs": len(self.graphs) if self.graphs else 0,
                 "cuda_graph_captures": self.graphs.captures if self.graphs else 0}
 
@@ -76,9 +82,11 @@ class SlotDecoder:
     def release(self) -> None:
         """``release_memory``: drop the cache and every graph (no rows may be live). The next prefill
         allocates again; graphs are recaptured, reading the (possibly moved) weights afresh."""
-        assert not self._owner, "release with live rows"
+        # The engine refuses to release with requests in flight: no live rows are lost. Called from
+        # the engine's thread (outside the decode thread's inference mode): drop, do not modify.
+        self._owner.clear()
         self.cache.release()
-        self._arange = None
+        self._tokens = self._positions = self._ones = self._arange = None
         if self.graphs is not None:
             self.graphs.clear()
 
@@ -86,8 +94,9 @@ class SlotDecoder:
         """After a failed forward: every live row has been failed by the caller; free all slots."""
         self._owner.clear()
         if self._tokens is not None:
-            self._tokens.zero_()
-            self._positions.zero_()
+            with torch.inference_mode():  # the buffers are inference tensors (made in the decode thread)
+                self._tokens.zero_()
+                self._positions.zero_()
 
     def _buffers(self) -> None:
         if self._tokens is None:
@@ -169,7 +178,17 @@ class SlotDecoder:
         def step() -> torch.Tensor:
             return self.forward.decode(tokens, positions, keys, values, kv_len, arange)
 
-        logits = self.graphs.run((b, kv_len), step) if self.graphs is not None else step()
+        if self.graphs is not None:
+            try:
+                logits = self.graphs.run((b, kv_len), step)
+            except Exception as exc:  # noqa: BLE001 - keep generating, loudly, rather than fail every request
+                logger.warning("hf engine: CUDA graph capture failed (%r); decoding eagerly from now on", exc)
+                self.graph_error = repr(exc)
+                self.graphs.clear()
+                self.graphs = None
+                logits = step()
+        else:
+            logits = step()
         index = batch.slot_index()
         self._positions.index_add_(0, index, self._ones[: len(batch)])
         if hi == len(batch):  # rows are slots 0..n-1 in order
