@@ -8,8 +8,11 @@ does, so logical bundle i (train rank i) is the i-th GPU in that order.
 Sync loop order (slime ``train.py``, reference §1.2): push weights once before step 0; per rollout:
 generate (+reward, filter) -> [colocated GPU: release engine memory, onload trainer] -> train ->
 [colocated GPU, save due: write the trainer's state] -> [colocated GPU: offload trainer, resume engine
-weights] -> push weights -> [colocated GPU: resume engine KV] -> eval? -> log line -> save?. Colocated,
-the trainer is offloaded before the first push, so the first rollout already has the GPU to itself.
+weights] -> push weights -> [colocated GPU: resume engine KV] -> eval? -> log line -> save?. When the
+push streams from the trainer's GPU (CUDA IPC or broadcast, ``core/weight_sync.py``, chosen and
+printed at start) the trainer offloads after the push instead: ... train -> [resume engine weights]
+-> push -> [offload trainer] -> [resume engine KV] (``sync_steps``; the first push likewise comes
+before the first offload). Either way the first rollout has the GPU to itself.
 ``--no-offload-train``/``--no-offload-rollout`` keep that side's memory where it is.
 
 Per-rollout timers (driver wall seconds, in the rollout's ``metrics.jsonl`` line), which partition
@@ -18,7 +21,7 @@ Per-rollout timers (driver wall seconds, in the rollout's ``metrics.jsonl`` line
 ``--async`` taking the rollout generated ahead plus waiting for the generation running at a weight
 push or eval: ``core/rollout_pipeline.py``, at most ``--max-staleness`` versions ahead),
 ``perf/offload_time`` (colocated GPU only: engine memory release/resume and trainer offload/onload),
-``perf/train_time``, ``perf/weight_sync_time`` (the push only), ``perf/eval_time`` (rollouts with an
+``perf/train_time``, ``perf/weight_sync_time`` (the whole push, any transport), ``perf/eval_time`` (rollouts with an
 eval), ``perf/save_time`` (colocated GPU, save due: the trainer's part of the checkpoint). The rollout
 manager adds ``perf/rollout_time`` (its side of ``generate``) and ``perf/generate_time`` (generation +
 reward), which in the sync loop sit inside ``wait_rollout`` and with ``--async`` overlap the previous
@@ -44,6 +47,7 @@ from .memory_plan import plan_memory
 from .precision import resolve_precision
 from .rollout_pipeline import RolloutPipeline
 from .train_group import RankDiedError, TrainGroup, probe_bundles, remote_actor_class
+from .weight_sync import WeightSync, first_push_steps, sync_steps
 
 logger = logging.getLogger(__name__)
 
@@ -267,10 +271,14 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
                 seed=int(args.seed))
             metrics_logger.log(-1, {"sft/loss_first": history[0], "sft/loss_last": history[-1]}, phase="sft")
         version = start_rollout
-        if cluster.colocated_gpu and args.offload_train:
-            cluster.train.offload()  # the engines generate first; the push below reads the host copy
         phase("sync", start_rollout)
-        _push_weights(cluster, args, version)
+        cluster.weight_sync = _weight_sync(cluster, args)
+        for step in first_push_steps(colocated=cluster.colocated_gpu, offload_train=bool(args.offload_train),
+                                     streams=cluster.weight_sync.streams):
+            if step == "push":
+                _push_weights(cluster, args, version)
+            else:  # the engines generate first (an object-store push then reads the host copy)
+                cluster.train.offload()
         if args.eval_interval and start_rollout == 0 and args.eval_prompt_data:
             phase("eval", -1)
             summary.first_eval = ray.get(cluster.rollout.evaluate.remote(-1))
@@ -307,31 +315,37 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
                 # completed (and becomes visible) after this rollout's metrics line, as below.
                 with _timed(metrics, "save"):
                     staged_train_state = _stage_train_state(cluster, args, rollout_id)
-            if cluster.colocated_gpu:
-                with _timed(metrics, "offload"):
-                    if args.offload_train:
-                        cluster.train.offload()
-                    if args.offload_rollout:
-                        ray.get(cluster.rollout.resume_memory.remote(["weights"]))
             phase("sync", rollout_id)
             metrics["perf/weight_sync_time"] = 0.0  # logged every rollout, also when no push is due
             pushing = (rollout_id + 1) % max(1, int(args.update_weights_interval)) == 0
             evaluating = bool(args.eval_prompt_data) and _due(args.eval_interval, rollout_id, rollout_id == last_rollout)
             engines = contextlib.ExitStack()
-            if rollouts is not None and (pushing or evaluating):
-                # Never change weights mid-generation: wait for the generation running now (not the push)
+            steps = sync_steps(colocated=cluster.colocated_gpu, offload_train=bool(args.offload_train),
+                               offload_rollout=bool(args.offload_rollout), streams=cluster.weight_sync.streams,
+                               pushing=pushing)
+            if "push" not in steps and rollouts is not None and evaluating:
                 with _timed(metrics, "wait_rollout"):
                     engines.enter_context(rollouts.engine())
-            if pushing:
-                with _timed(metrics, "weight_sync"):
-                    _push_weights(cluster, args, rollout_id + 1)
-                if rollouts is not None:
-                    rollouts.set_version(rollout_id + 1)
-            if cluster.colocated_gpu and args.offload_rollout:
+            for step in steps:
+                if step == "push":
+                    if rollouts is not None:
+                        # Never change weights mid-generation: wait for the generation running now (not the push)
+                        with _timed(metrics, "wait_rollout"):
+                            engines.enter_context(rollouts.engine())
+                    with _timed(metrics, "weight_sync"):
+                        _push_weights(cluster, args, rollout_id + 1)
+                    if rollouts is not None:
+                        rollouts.set_version(rollout_id + 1)
+                    continue
                 with _timed(metrics, "offload"):
-                    # slime's second resume: only what is still released. SGLang removes each tag from
-                    # its offloaded set, so resuming "weights" twice (None = all tags) raises KeyError.
-                    ray.get(cluster.rollout.resume_memory.remote(["kv_cache", "cuda_graph"]))
+                    if step == "offload_train":
+                        cluster.train.offload()
+                    elif step == "resume_weights":
+                        ray.get(cluster.rollout.resume_memory.remote(["weights"]))
+                    else:  # "resume_kv"
+                        # slime's second resume: only what is still released. SGLang removes each tag from
+                        # its offloaded set, so resuming "weights" twice (None = all tags) raises KeyError.
+                        ray.get(cluster.rollout.resume_memory.remote(["kv_cache", "cuda_graph"]))
             if evaluating:
                 phase("eval", rollout_id)
                 with _timed(metrics, "eval"):
@@ -406,14 +420,19 @@ def _observe(hook, rollout_id: int, metrics: dict) -> None:
         metrics.update(extra or {})
 
 
-def _push_weights(cluster, args, version: int) -> None:
-    import ray
+def _weight_sync(cluster, args) -> WeightSync:
+    """The run's weight transport, chosen from where train rank 0 and the engines are (printed)."""
+    sync = WeightSync(cluster.train, cluster.rollout, use_gpu=cluster.use_gpu,
+                      bucket_bytes=int(args.update_weight_buffer_size),
+                      engine_by_reference=bool(cluster.engine_placement))
+    print(f"plugrl train: {sync.choice.describe()}", flush=True)
+    return sync
 
-    buckets = cluster.train.export_weights(int(args.update_weight_buffer_size))  # rank 0's, as an ObjectRef
-    if cluster.engine_placement:  # engine actors read the export from the object store themselves
-        ray.get(cluster.rollout.update_weights.remote(None, version, by_reference=[buckets]))
-    else:  # Ray resolves the reference for the rollout manager
-        ray.get(cluster.rollout.update_weights.remote(buckets, version))
+
+def _push_weights(cluster, args, version: int) -> None:
+    """Train rank 0's weights to every engine (``core/weight_sync.py``: CUDA IPC, broadcast or the
+    object store, as chosen at start)."""
+    cluster.weight_sync.push(version)
 
 
 def _stage_train_state(cluster, args, rollout_id: int) -> str:

@@ -9,7 +9,10 @@ Where the host memory of a GPU run goes (per node):
 - the engines' host copy of their weights (colocated, ``--offload-rollout``);
 - one weight export in Ray's object store during a push (``core/weight_buckets.py``: readers map it,
   nobody copies it), plus the export's conversion temporaries on train rank 0 (megatron: the
-  qkv split and gate/up halves; with TP > 1 the gathered shards);
+  qkv split and gate/up halves; with TP > 1 the gathered shards); only where the push goes through
+  the object store (``core/weight_sync.py``): a streamed push (CUDA IPC, broadcast) touches no host
+  memory, but on a colocated GPU it holds the trainer's whole state, the engine's weights and two
+  flat buckets (``--update-weight-buffer-size``) at once, listed as that moment's GPU peak;
 - a fixed cost per process that holds a CUDA context and torch (measured below).
 
 The sizes come from the checkpoint's ``config.json`` (read as JSON: no torch import).
@@ -109,6 +112,7 @@ class MemoryPlan:
     host_items: list[tuple[str, float]] = field(default_factory=list)  # (what, GiB) on the busiest node
     gpu_items: list[tuple[str, float]] = field(default_factory=list)  # (what, GiB) on the busiest GPU
     node_gib: float | None = None
+    weight_transport: str = "object_store"  # the push the plan assumes (core/weight_sync.expected_transport)
 
     @property
     def host_gib(self) -> float:
@@ -123,7 +127,8 @@ class MemoryPlan:
                  f"{RAY_KILL_FRACTION * self.node_gib:.0f})") if self.node_gib else ""
         out = [f"host memory, busiest node: ~{self.host_gib:.1f} GiB at peak{limit}"]
         out += [f"  {gib:6.1f} GiB  {what}" for what, gib in self.host_items]
-        out.append(f"GPU memory, busiest GPU: ~{self.gpu_state_gib:.1f} GiB of model state, before activations and KV")
+        out.append(f"GPU memory, busiest GPU: ~{self.gpu_state_gib:.1f} GiB of model state, before activations and KV"
+                   f" (weight push: {self.weight_transport})")
         out += [f"  {gib:6.1f} GiB  {what}" for what, gib in self.gpu_items]
         return out
 
@@ -187,11 +192,16 @@ def plan_memory(args, *, colocated: bool, on_gpu: bool = True, node_bytes: int |
         plan.host_items.append((f"engine weights held on the host by {engine_gpus_node} engine GPU(s) while training "
                                 "(--offload-rollout; pinned, per tensor)",
                                 engine_gpus_node * shape.pinned_copies("hf", 2, per_engine) / GIB))
+    from .weight_sync import OBJECT_STORE, WINDOW_BUCKETS, expected_transport
+
+    transport = expected_transport(args, colocated=colocated, on_gpu=on_gpu)
+    streamed = transport != OBJECT_STORE
     export = P * 2
-    plan.host_items.append(("one weight export in Ray's object store during a push (--update-weight-buffer-size "
-                            "buckets, read in place by the engines)", export / GIB))
+    if not streamed:
+        plan.host_items.append(("one weight export in Ray's object store during a push (--update-weight-buffer-size "
+                                "buckets, read in place by the engines)", export / GIB))
     temporaries = (P * 2) if (megatron and tp > 1) else (shape.converted * 2 if megatron else 0)
-    if temporaries:
+    if temporaries and not streamed:
         plan.host_items.append(("export conversion on train rank 0 (megatron -> HF names; TP shards gathered)",
                                 temporaries / GIB))
     processes = ranks_per_node + (0 if colocated else engine_gpus_node // per_engine) + 1  # + rollout manager
@@ -203,6 +213,15 @@ def plan_memory(args, *, colocated: bool, on_gpu: bool = True, node_bytes: int |
     if colocated:
         plan.gpu_items.append(("engine weights on the same GPU" + (" (released while training)" if offload_rollout else ""),
                                engine_weights_gpu / GIB))
+    if streamed:
+        # The push packs at most WINDOW_BUCKETS flat buckets at a time (a tensor larger than the
+        # buffer size travels alone: the largest HF tensor bounds one bucket from below).
+        bucket = max(int(getattr(args, "update_weight_buffer_size", 0) or 0), max(shape.hf_tensors) * 2)
+        where = "CUDA IPC push on the trainer's GPU while the trainer's state and the engine's weights are " \
+                "both resident" if colocated else "broadcast push, on the trainer's GPU and on each engine's"
+        plan.gpu_items.append((f"{WINDOW_BUCKETS} weight buckets in flight ({transport}: {where})",
+                               WINDOW_BUCKETS * bucket / GIB))
+    plan.weight_transport = transport
     return plan
 
 

@@ -215,7 +215,9 @@ class RolloutManager:
     def update_weights(self, buckets: list | None, version: int, *, by_reference: list | None = None) -> None:
         """Push ``buckets`` to the engine. The driver passes ``by_reference=[ObjectRef]`` instead (in a
         list, so Ray hands over the reference unresolved): an engine pool lets each engine actor read
-        the trainer's export from the object store, with no copy through this process."""
+        the trainer's export from the object store, with no copy through this process. ``buckets``
+        may also be a weight stream (``core/weight_stream.py``): an iterable of buckets that pulls
+        its bytes by CUDA IPC or broadcast in whichever engine process iterates it."""
         if by_reference is not None:
             (ref,) = by_reference
             push = getattr(self.engine, "update_weights_from_ref", None)
@@ -226,6 +228,39 @@ class RolloutManager:
 
             buckets = ray.get(ref)
         self.engine.update_weights(buckets, version)
+
+    def weight_receivers(self) -> list[dict] | None:
+        """Where the engines' weights live, for the driver's choice of weight transport
+        (``core/weight_sync.py``): one ``{"uuid", "node", "where"}`` per engine process, or None when
+        the engines are not ours to stream into (launched servers: their own push path). An engine
+        pool answers itself; an engine core builds in this process (engine_pool "actors") is on this
+        process's device."""
+        receivers = getattr(self.engine, "weight_receivers", None)
+        if callable(receivers):
+            return receivers()
+        from .plugin_traits import engine_pool
+
+        if engine_pool(self.args) != "actors":
+            return None
+        import ray
+
+        from .weight_handles import device_uuid
+
+        device = str(getattr(self.engine, "device", "cpu"))
+        return [{"uuid": device_uuid() if device.startswith("cuda") else None,
+                 "node": ray.util.get_node_ip_address(), "where": "rollout manager (in-process engine)"}]
+
+    def join_weight_group(self, name: str, address: str, port: int, first_rank: int, world_size: int,
+                          backend: str) -> None:
+        """Join the weight broadcast group (``core/weight_broadcast.py``) as ranks ``first_rank``...:
+        the engine pool's actors each, or this process for an in-process engine."""
+        joiner = getattr(self.engine, "join_weight_group", None)
+        if callable(joiner):
+            joiner(name, address, port, first_rank, world_size, backend)
+            return
+        from .weight_broadcast import join
+
+        join(name, address, port, first_rank, world_size, backend=backend)
 
     def release_memory(self) -> None:
         """Colocated GPU runs, before training. Engines that can tell (the embedded one) report what

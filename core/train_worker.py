@@ -14,6 +14,11 @@ Fan-out calling convention (the driver side is ``core/train_group.py``; every tr
 * ``save`` / ``save_hf``: the backend decides who writes (all ranks must return); ``load``: every
   rank restores its state from the same directory (a filesystem the driver and all ranks share).
 * ``progress()`` is polled on rank 0 only, from the driver, while ``train`` runs.
+* Streamed weight pushes (``core/weight_sync.py``) call rank 0 only, with no collectives in between:
+  ``weight_source_info`` once at start, ``weights_join`` once (broadcast transport), then per push
+  ``weights_begin`` -> ``weights_bucket`` (pulled by each engine) or ``weights_broadcast`` ->
+  ``weights_end``. A backend streams when it has ``weight_sources()`` (live HF-named tensors on its
+  device, rank 0 holding the whole model) and no ``weight_stream_problem()``.
 
 The torch.distributed rendezvous (env vars set by ``build`` before the backend exists) is described in
 ``core/train_group.py``.
@@ -88,6 +93,66 @@ class TrainWorker:
 
     def export_weights(self, bucket_bytes: int | None = None) -> list:
         return self.backend.export_weights(bucket_bytes)
+
+    # ---- streamed weight pushes (rank 0; core/weight_sync.py) ----------------------------------
+    def weight_source_info(self) -> dict:
+        """Where this rank's weights live and whether its backend can stream them."""
+        import ray
+
+        from .weight_handles import device_uuid
+
+        problem = None
+        if not callable(getattr(self.backend, "weight_sources", None)):
+            problem = f"the {self.args.train_backend} train backend has no weight_sources()"
+        elif callable(getattr(self.backend, "weight_stream_problem", None)):
+            problem = self.backend.weight_stream_problem()
+        device = getattr(self.backend, "device", None)
+        on_gpu = getattr(device, "type", None) == "cuda"
+        return {"uuid": device_uuid() if on_gpu else None, "node": ray.util.get_node_ip_address(),
+                "problem": problem}
+
+    def weights_begin(self, bucket_bytes: int | None, push_id: int) -> list:
+        """Plan push ``push_id`` over the live weights; returns its manifest (``[BucketSpec]``)."""
+        from .weight_source import WeightSource
+
+        self.weights_end(None)
+        named, dtype = self.backend.weight_sources()
+        self._weight_source = WeightSource(named, bucket_bytes or None, dtype=dtype)
+        self._weight_push_id = int(push_id)
+        return self._weight_source.manifest()
+
+    def _source_of(self, push_id: int):
+        source = getattr(self, "_weight_source", None)
+        if source is None or self._weight_push_id != int(push_id):
+            raise RuntimeError(f"weight push {push_id} is not open on this train rank "
+                               f"(open: {getattr(self, '_weight_push_id', None)})")
+        return source
+
+    def weights_bucket(self, push_id: int, index: int) -> dict:
+        """A handle of bucket ``index`` (CUDA IPC / ``/dev/shm``), pulled by an engine."""
+        return self._source_of(push_id).bucket(int(index))
+
+    def weights_broadcast(self, push_id: int, group_name: str) -> bool:
+        """Send every bucket to the weight group; False when an engine refused the push."""
+        from .weight_broadcast import get
+
+        return self._source_of(push_id).broadcast(get(group_name))
+
+    def weights_end(self, push_id: int | None) -> int:
+        """Free the push's buffers (any open push when ``push_id`` is None); returns how many
+        buffers were packed (a bucket pulled again after its buffer went is packed again)."""
+        source = getattr(self, "_weight_source", None)
+        if source is None or (push_id is not None and self._weight_push_id != int(push_id)):
+            return 0
+        self._weight_source = None
+        source.end()
+        return source.packs
+
+    def weights_join(self, name: str, address: str, port: int, world_size: int, backend: str) -> None:
+        """Host the weight broadcast group as its rank 0 (``core/weight_broadcast.py``)."""
+        from .weight_broadcast import join
+
+        join(name, address, port, 0, world_size, backend=backend)
 
     def save(self, path: str) -> None:
         self.backend.save(path)

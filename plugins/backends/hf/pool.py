@@ -6,7 +6,9 @@ one Ray actor per engine, pinned to the engine's bundle of the run's placement g
 rollout GPU generates (before, the one embedded engine used the first rollout GPU only). A request
 goes to the engine with the fewest requests in flight, as a router would; weight pushes, memory
 release/resume, abort and checkpoint state fan out to all engines. Engine ``i`` samples with
-``seed + i``.
+``seed + i``. A streamed weight push (``core/weight_stream.py``) is handed to every engine actor,
+which pulls the buckets itself (CUDA IPC from the trainer on its GPU, or the weight broadcast group
+it joined: ``join_weight_group``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,22 @@ class _EngineActor:
         import ray
 
         return ray.get_gpu_ids()
+
+    def receiver_info(self) -> dict:
+        """Where this engine's weights live (``RolloutManager.weight_receivers``)."""
+        import ray
+        from plugrl.core.weight_handles import device_uuid
+
+        on_gpu = self.engine.device.type == "cuda"
+        return {"uuid": device_uuid() if on_gpu else None, "node": ray.util.get_node_ip_address(),
+                "where": f"engine actor (GPU ids {ray.get_gpu_ids()})"}
+
+    async def join_weight_group(self, name: str, address: str, port: int, rank: int, world_size: int,
+                                backend: str) -> None:
+        """Join the weight broadcast group (the rendezvous blocks until every member joins: off the loop)."""
+        from plugrl.core.weight_broadcast import join
+
+        await asyncio.to_thread(join, name, address, port, rank, world_size, backend=backend)
 
     async def call(self, method: str, *args) -> Any:
         return await asyncio.to_thread(getattr(self.engine, method), *args)
@@ -119,6 +137,20 @@ class HFEnginePool:
 
         ray.get([actor.call.remote("update_weights", ref, version) for actor in self.actors])
         self._weight_version = str(version)
+
+    def weight_receivers(self) -> list[dict]:
+        """One ``{"uuid", "node", "where"}`` per engine actor (the driver picks the weight transport)."""
+        import ray
+
+        return ray.get([actor.receiver_info.remote() for actor in self.actors])
+
+    def join_weight_group(self, name: str, address: str, port: int, first_rank: int, world_size: int,
+                          backend: str) -> None:
+        """Every engine actor joins the weight broadcast group, engine i as rank ``first_rank + i``."""
+        import ray
+
+        ray.get([actor.join_weight_group.remote(name, address, port, first_rank + i, world_size, backend)
+                 for i, actor in enumerate(self.actors)])
 
     def release_memory(self, tags=None) -> None:
         self._all("release_memory", tags)

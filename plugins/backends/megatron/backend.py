@@ -443,6 +443,34 @@ class MegatronTrainBackend:
             return WeightBuckets([dict(pairs)])
         return WeightBuckets(dict(bucket) for bucket in self.bridge.export_hf_buckets(pairs, int(bucket_bytes)))
 
+    def weight_stream_problem(self) -> str | None:
+        """Why this trainer cannot stream its weights from rank 0 alone (None: it can)."""
+        if self.tp_size != 1:
+            return (f"--tensor-model-parallel-size {self.tp_size}: train rank 0 holds one TP shard, the export "
+                    "gathers the shards over TP first")
+        return None
+
+    def weight_sources(self) -> tuple[list, torch.dtype]:
+        """A streamed push (``core/weight_source.py``, train rank 0, TP 1): HF-named views of the live
+        megatron parameters on the GPU (the built-in bridge maps names and fused tensors without a
+        copy: ``weights.hf_views``; another bridge's ``megatron_to_hf`` runs on the GPU tensors), and
+        the dtype they travel in (as ``export_weights``)."""
+        if self._offloaded.cpu_state:
+            raise RuntimeError("a streamed weight push reads the trainer's weights on its device, but they are "
+                               "offloaded; push before offload() (core/loop.py does when streaming)")
+        problem = self.weight_stream_problem()
+        if problem:
+            raise RuntimeError(f"streamed weight push: {problem}")
+        state = {k: v for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
+        from .bridge import DenseDecoderBridge
+
+        if type(self.bridge) is DenseDecoderBridge:
+            from .weights import hf_shapes, hf_views
+
+            shapes = hf_shapes(self.cfg)
+            return [(name, view, shapes[name]) for name, view in hf_views(state, self.cfg)], self.dtype
+        return list(self.bridge.megatron_to_hf([state], self.cfg).items()), self.dtype
+
     def save(self, path: str) -> None:
         """Per-rank model shard, optimizer state and RNG; ``meta`` from rank 0. Every rank calls it."""
         rank = self.layout.rank

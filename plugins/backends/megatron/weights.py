@@ -221,3 +221,76 @@ def export_hf_buckets(
         size += nbytes
     if bucket:
         yield bucket
+
+
+def hf_views(state: Mapping[str, torch.Tensor], cfg: MegatronModelConfig) -> list[tuple[str, torch.Tensor]]:
+    """``[(hf_name, view)]`` of one TP-1 model's state dict, in ``megatron_to_hf``'s order, without a
+    copy: each view lives on the state's device and its row-major order is the HF tensor's (fused
+    qkv is viewed per KV group: ``[g, rows, hidden]`` slices; fc1's halves and the unpadded vocabulary
+    are plain slices), so a streamed weight push (``core/weight_packing.pack``) copies each straight
+    into its bucket, on the GPU, and the shapes differ from the HF shapes only by a reshape.
+    The names and element order equal ``megatron_to_hf([state], cfg)`` (checked in the tests)."""
+    g, d = cfg.num_query_groups, cfg.kv_channels
+    per_group = cfg.num_attention_heads // g
+
+    def get(name: str) -> torch.Tensor:
+        try:
+            return state[name].detach()
+        except KeyError:
+            raise KeyError(f"Megatron state dict lacks {name!r}") from None
+
+    def qkv_views(qkv: torch.Tensor) -> list[torch.Tensor]:
+        grouped = qkv.view(g, (per_group + 2) * d, *qkv.shape[1:])
+        return [grouped[:, : per_group * d], grouped[:, per_group * d: (per_group + 1) * d],
+                grouped[:, (per_group + 1) * d:]]
+
+    out: list[tuple[str, torch.Tensor]] = [("model.embed_tokens.weight",
+                                            get("embedding.word_embeddings.weight")[: cfg.vocab_size])]
+    for i in range(cfg.num_layers):
+        m, h = LAYER.format(i), HF_LAYER.format(i)
+        simple = {h_name: get(m + m_name) for m_name, h_name, _ in _SIMPLE}
+        attn = h + "self_attn."
+        # the same order as megatron_to_hf's dict
+        out += [(h + "input_layernorm.weight", simple["input_layernorm.weight"]),
+                (h + "self_attn.o_proj.weight", simple["self_attn.o_proj.weight"]),
+                (h + "post_attention_layernorm.weight", simple["post_attention_layernorm.weight"]),
+                (h + "mlp.down_proj.weight", simple["mlp.down_proj.weight"])]
+        q, k, v = qkv_views(get(m + "self_attention.linear_qkv.weight"))
+        out += [(attn + "q_proj.weight", q), (attn + "k_proj.weight", k), (attn + "v_proj.weight", v)]
+        if cfg.add_qkv_bias:
+            q, k, v = qkv_views(get(m + "self_attention.linear_qkv.bias"))
+            out += [(attn + "q_proj.bias", q), (attn + "k_proj.bias", k), (attn + "v_proj.bias", v)]
+        if cfg.qk_layernorm:
+            out += [(h + h_name, get(m + m_name)) for m_name, h_name in _QK_NORMS]
+        gate, up = get(m + "mlp.linear_fc1.weight").chunk(2, dim=0)
+        out += [(h + "mlp.gate_proj.weight", gate), (h + "mlp.up_proj.weight", up)]
+    out.append(("model.norm.weight", get("decoder.final_layernorm.weight")))
+    if cfg.untie_embeddings_and_output_weights:
+        out.append(("lm_head.weight", get("output_layer.weight")[: cfg.vocab_size]))
+    return out
+
+
+def hf_shapes(cfg: MegatronModelConfig) -> dict[str, tuple[int, ...]]:
+    """The HF shape of every name ``hf_views`` lists (its views may be shaped per KV group)."""
+    hidden, d = cfg.hidden_size, cfg.kv_channels
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, hidden), "model.norm.weight": (hidden,)}
+    for i in range(cfg.num_layers):
+        h = HF_LAYER.format(i)
+        attn = h + "self_attn."
+        shapes.update({h + "input_layernorm.weight": (hidden,), h + "post_attention_layernorm.weight": (hidden,),
+                       attn + "o_proj.weight": (hidden, cfg.num_attention_heads * d),
+                       attn + "q_proj.weight": (cfg.num_attention_heads * d, hidden),
+                       attn + "k_proj.weight": (cfg.num_query_groups * d, hidden),
+                       attn + "v_proj.weight": (cfg.num_query_groups * d, hidden),
+                       h + "mlp.gate_proj.weight": (cfg.ffn_hidden_size, hidden),
+                       h + "mlp.up_proj.weight": (cfg.ffn_hidden_size, hidden),
+                       h + "mlp.down_proj.weight": (hidden, cfg.ffn_hidden_size)})
+        if cfg.add_qkv_bias:
+            shapes.update({attn + "q_proj.bias": (cfg.num_attention_heads * d,),
+                           attn + "k_proj.bias": (cfg.num_query_groups * d,),
+                           attn + "v_proj.bias": (cfg.num_query_groups * d,)})
+        if cfg.qk_layernorm:
+            shapes.update({attn + "q_norm.weight": (d,), attn + "k_norm.weight": (d,)})
+    if cfg.untie_embeddings_and_output_weights:
+        shapes["lm_head.weight"] = (cfg.vocab_size, hidden)
+    return shapes

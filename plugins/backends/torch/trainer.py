@@ -313,6 +313,14 @@ class TorchTrainBackend:
             buckets.append(current)
         return buckets
 
+    def weight_sources(self) -> tuple[list, None]:
+        """A streamed push (``core/weight_source.py``, train rank 0): the live HF-named tensors on
+        this rank's device (no copy) and no dtype change. The loop pushes before it offloads."""
+        if self._offloaded.offloaded:
+            raise RuntimeError("a streamed weight push reads the trainer's weights on its device, but they are "
+                               "offloaded; push before offload() (core/loop.py does when streaming)")
+        return list(self.model.state_dict().items()), None
+
     def state_dict(self) -> dict:
         """The checkpointed state; ``--no-save-optim`` leaves out the AdamW moments (a resume starts
         them fresh; the LR schedule and step count are kept)."""
