@@ -232,6 +232,8 @@ class OptionsEstimator(AdvantageEstimator):
     options_type: ClassVar[type]
 
     def __init__(self, options: Any = None):
+        if getattr(type(self), "options_type", None) is None:
+            raise TypeError(f"{type(self).__name__} subclasses OptionsEstimator but sets no options_type")
         self.options = estimator_options(type(self), options)
         super().__init__(self.options)
 

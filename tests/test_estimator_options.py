@@ -239,3 +239,13 @@ def test_cli_dry_run_refuses_a_misspelled_adv_opt_and_ppo_without_a_critic():
     assert "advantage estimator 'ppo'" in run.stderr and "'lamda'" in run.stderr
     assert "needs critic values" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_an_options_estimator_without_an_options_type_is_a_clear_error():
+    from plugrl.core.plugin_options import OptionsEstimator
+
+    class Forgot(OptionsEstimator):
+        name = "forgot"
+
+    with pytest.raises(TypeError, match="Forgot subclasses OptionsEstimator but sets no options_type"):
+        Forgot(None)
