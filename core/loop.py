@@ -10,8 +10,8 @@ generate (+reward, filter) -> [colocated GPU: release engine memory, onload trai
 [colocated GPU, save due: write the trainer's state] -> [colocated GPU: offload trainer, resume engine
 weights] -> push weights -> [colocated GPU: resume engine KV] -> eval? -> log line -> save?. When the
 push streams from the trainer's GPU (CUDA IPC or broadcast, ``core/weight_sync.py``, chosen and
-printed at start) the trainer offloads after the push instead: ... train -> [resume engine weights]
--> push -> [offload trainer] -> [resume engine KV] (``sync_steps``; the first push likewise comes
+printed at start) the trainer offloads after the push instead: ... train -> [trainer frees its cached
+GPU blocks, resume engine weights] -> push -> [offload trainer] -> [resume engine KV] (``sync_steps``; the first push likewise comes
 before the first offload). Either way the first rollout has the GPU to itself.
 ``--no-offload-train``/``--no-offload-rollout`` keep that side's memory where it is.
 
@@ -340,6 +340,8 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
                 with _timed(metrics, "offload"):
                     if step == "offload_train":
                         cluster.train.offload()
+                    elif step == "trim_train":
+                        cluster.train.release_cached_memory()
                     elif step == "resume_weights":
                         ray.get(cluster.rollout.resume_memory.remote(["weights"]))
                     else:  # "resume_kv"

@@ -205,6 +205,9 @@ class TrainGroup:
     def onload(self) -> None:
         self._all("onload")
 
+    def release_cached_memory(self) -> None:
+        self._all("release_cached_memory")
+
     def sft_warmup(self, path: str, **kwargs) -> list[float]:
         return self._all("sft_warmup", path, **kwargs)
 

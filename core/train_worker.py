@@ -169,6 +169,14 @@ class TrainWorker:
     def onload(self) -> None:
         self.backend.onload()
 
+    def release_cached_memory(self) -> None:
+        """Colocated GPU, streamed push: give the allocator's cached, unused blocks (training's
+        activations) back to the GPU before the engine resumes its weights next to this state."""
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
     def sft_warmup(self, path: str, *, steps: int, batch_size: int, lr: float, prompt_loss_weight: float,
                    seed: int) -> list[float]:
         """Supervised format warm-up on a JSONL of {prompt, response} rows (chat template applied).

@@ -95,10 +95,14 @@ def sync_steps(*, colocated: bool, offload_train: bool, offload_rollout: bool, s
     """The colocated GPU loop's steps after ``train``, in order: ``offload_train``,
     ``resume_weights``, ``push``, ``resume_kv``. A streamed push reads the trainer's weights on
     the GPU, so there both models' weights are resident at the push and the trainer offloads after
-    it (the engine's KV cache comes back only then: ``core/memory_plan.py`` counts that moment)."""
+    it (the engine's KV cache comes back only then: ``core/memory_plan.py`` counts that moment);
+    first ``trim_train`` hands the trainer's cached, unused GPU blocks (training's activations)
+    back, so the engine's weights have room."""
     steps: list[str] = []
     if colocated and offload_train and not streams:
         steps.append("offload_train")
+    if colocated and offload_train and streams:
+        steps.append("trim_train")
     if colocated and offload_rollout:
         steps.append("resume_weights")
     if pushing:

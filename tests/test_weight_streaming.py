@@ -273,7 +273,7 @@ def test_expected_transport_from_the_config():
 
 def test_colocated_streamed_push_runs_before_the_trainer_offloads():
     steps = sync_steps(colocated=True, offload_train=True, offload_rollout=True, streams=True, pushing=True)
-    assert steps == ["resume_weights", "push", "offload_train", "resume_kv"]
+    assert steps == ["trim_train", "resume_weights", "push", "offload_train", "resume_kv"]
     assert first_push_steps(colocated=True, offload_train=True, streams=True) == ["push", "offload_train"]
 
 
@@ -285,9 +285,11 @@ def test_object_store_push_keeps_slimes_order():
 
 def test_no_push_due_or_not_colocated():
     assert sync_steps(colocated=True, offload_train=True, offload_rollout=True, streams=True, pushing=False) == \
-        ["resume_weights", "offload_train", "resume_kv"]
+        ["trim_train", "resume_weights", "offload_train", "resume_kv"]
     assert sync_steps(colocated=False, offload_train=True, offload_rollout=True, streams=True, pushing=True) == ["push"]
     assert sync_steps(colocated=True, offload_train=False, offload_rollout=False, streams=True, pushing=True) == ["push"]
+    assert sync_steps(colocated=True, offload_train=True, offload_rollout=False, streams=True, pushing=True) == \
+        ["trim_train", "push", "offload_train"]
     assert first_push_steps(colocated=False, offload_train=True, streams=False) == ["push"]
 
 
