@@ -28,7 +28,7 @@ from plugrl.core.protocols import AdvantageInputs
 
 from .returns import discounted_returns, kl_shaped_token_rewards
 
-# Fields shared by the options below (dataclass fields are copied per class).
+# Field metadata shared by the options classes below and ppo.py's.
 KL_COEF = {"help": "reward-shaping KL coefficient (--kl-coef); non-zero needs the reference model",
            RUN_SETTING: True}
 NORMALIZE = {"help": "whiten the advantages over the batch (--normalize-advantages); required", RUN_SETTING: True}
