@@ -20,9 +20,21 @@ really changes the weights) through each path:
 
 Every timed push is bracketed by nothing else (no pause/flush: those are constant HTTP round trips).
 
+The in-loop transports (``core/weight_sync.py``), between two Ray actors (processes) as a run has
+them: a train rank (``TrainWorker``, torch backend, holding the model) and the embedded engine in an
+actor of its own, both on the one device (with CUDA: fractions of GPU 0, as colocated):
+
+  loop-object-store  what the loop did before: the trainer offloads, exports host views of its offload
+                     buffers through Ray's object store, the engine copies them onto its GPU;
+  loop-ipc           the streamed push: flat GPU buckets packed by the trainer, opened by CUDA IPC
+                     handle in the engine (``/dev/shm`` handles with ``--device cpu``).
+
+The table then names the device and the ratio of the two rows.
+
     python benchmarks/weight_sync.py                      # CPU: ~4, 40, 200 MB states
     python benchmarks/weight_sync.py --device cuda --size 4b
     python benchmarks/weight_sync.py --device cuda --size 4b --paths tensor,distributed-nccl
+    python benchmarks/weight_sync.py --device cuda --size 4b --paths loop-object-store,loop-ipc
 """
 
 from __future__ import annotations
@@ -106,32 +118,122 @@ def embedded_seconds(path: Path, device: str, state: dict, repeats: int) -> floa
         engine.close()
 
 
-PATHS = ("embedded", "tensor", "distributed", "distributed-nccl")
+PATHS = ("embedded", "tensor", "distributed", "distributed-nccl", "loop-object-store", "loop-ipc")
+LOOP_PATHS = ("loop-object-store", "loop-ipc")
+
+
+def _engine_actor_class():
+    """The embedded engine in its own actor, with the rollout manager's weight API (defined in a
+    function so Ray ships it by value)."""
+
+    class EngineActor:
+        def __init__(self, path: str, device: str):
+            from plugrl.plugins.backends.hf.engine import HFRolloutEngine
+
+            self.engine = HFRolloutEngine(path, device=device, dtype="bfloat16")
+
+        def weight_receivers(self) -> list:
+            import ray
+
+            from plugrl.core.weight_handles import device_uuid
+
+            uuid = device_uuid() if self.engine.device.type == "cuda" else None
+            return [{"uuid": uuid, "node": ray.util.get_node_ip_address(), "where": "benchmark engine"}]
+
+        def update_weights(self, payload, version) -> None:
+            self.engine.update_weights(payload, version)
+
+    return EngineActor
+
+
+def loop_rows(path: Path, device: str, repeats: int, buffer_size: int, paths: tuple[str, ...]) -> dict:
+    """Seconds of each in-loop transport in ``paths`` (see the module docstring)."""
+    import ray
+    from plugrl.core.config import parse_config
+    from plugrl.core.plugins import make_plugin_manager
+    from plugrl.core.train_group import TrainGroup, remote_actor_class
+    from plugrl.core.train_worker import TrainWorker
+    from plugrl.core.weight_sync import CUDA_IPC, OBJECT_STORE, WeightSync
+
+    cuda = device != "cpu"
+    args = parse_config(["--recipe", "tiny-default", "--hf-checkpoint", str(path)], make_plugin_manager(entry_points=False))
+    config = {**vars(args), "device": "cuda" if cuda else "cpu", "rollout_device": "cuda" if cuda else "cpu",
+              "bf16": True, "fp32": False}
+    share = {"num_cpus": 1, "num_gpus": 0.4} if cuda else {"num_cpus": 1}
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    out = {}
+    train = engine = None
+    try:
+        train = TrainGroup(remote_actor_class(TrainWorker), config, 1, [share])
+        engine = ray.remote(_engine_actor_class()).options(**share).remote(str(path), "cuda" if cuda else "cpu")
+        ray.get(engine.__ray_ready__.remote())
+        if "loop-object-store" in paths:
+            sync = WeightSync(train, engine, use_gpu=cuda, bucket_bytes=buffer_size, transport=OBJECT_STORE)
+            if cuda:
+                train.offload()  # as the loop pushed: from host views of the offload buffers
+            try:
+                out["loop-object-store"] = timed(sync.push, repeats)
+            finally:
+                if cuda:
+                    train.onload()
+        if "loop-ipc" in paths:
+            # on CUDA the driver's own choice must be CUDA IPC (same GPU by UUID); CPU forces the shm handles
+            sync = WeightSync(train, engine, use_gpu=cuda, bucket_bytes=buffer_size,
+                              transport=None if cuda else CUDA_IPC)
+            if sync.name != CUDA_IPC:
+                raise RuntimeError(f"expected CUDA IPC between two actors on one GPU, got {sync.choice.describe()}")
+            out["loop-ipc"] = timed(sync.push, repeats)
+    finally:
+        if train is not None:
+            train.kill()
+        if engine is not None:
+            ray.kill(engine)
+        ray.shutdown()
+    return out
+
+
+def _checkpoint_state(path: Path, device: str = "cpu") -> dict:
+    from plugrl.plugins.backends.hf.engine import HFRolloutEngine
+
+    engine = HFRolloutEngine(str(path), device=device, dtype="bfloat16")
+    try:
+        return dict(engine.model.state_dict())
+    finally:
+        engine.close()
 
 
 def bench_size(size: str, device: str, repeats: int, buffer_size: int, workdir: Path,
                paths: tuple[str, ...] = PATHS) -> list[tuple]:
     import httpx
-    from plugrl.plugins.backends.hf.engine import HFRolloutEngine
     from plugrl.plugins.backends.sglang import launch
     from plugrl.plugins.backends.sglang.weights import DistributedPusher, push_tensor
     from plugrl.plugins.backends.sglang.wire import bucket_by_size
 
     path = build(size, workdir)
-    engine = HFRolloutEngine(str(path), device=device, dtype="bfloat16")
     # The trainer's side: the same names and shapes, different values, on the source device.
-    state = {n: (t + 0.01).to(device) for n, t in engine.model.state_dict().items()}
-    engine.close()
+    state = {n: (t + 0.01).to(device) for n, t in _checkpoint_state(path, device).items()}
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     pairs = list(state.items())
+    count = len(pairs)
     rows = []
 
     def row(path_name: str, seconds: float) -> None:
-        rows.append((path_name, device, size, nbytes / 1e6, len(pairs), seconds, nbytes / seconds / 1e9))
-        print(f"  {path_name:<16} {seconds:8.3f} s", file=sys.stderr, flush=True)
+        rows.append((path_name, device, size, nbytes / 1e6, count, seconds, nbytes / seconds / 1e9))
+        print(f"  {path_name:<17} {seconds:8.3f} s", file=sys.stderr, flush=True)
 
     if "embedded" in paths:
         row("embedded", embedded_seconds(path, device, state, repeats))
+    if any(p in paths for p in LOOP_PATHS):
+        del state, pairs  # the loop rows' actors hold their own copies
+        if device != "cpu":
+            torch.cuda.empty_cache()
+        for name, seconds in loop_rows(path, device, repeats, buffer_size, paths).items():
+            row(name, seconds)
+        if not set(paths) - set(LOOP_PATHS) - {"embedded"}:
+            return rows
+        state = {n: (t + 0.01).to(device) for n, t in _checkpoint_state(path).items()}
+        pairs = list(state.items())
     buckets = bucket_by_size(pairs, buffer_size)
     if "tensor" in paths or "distributed" in paths:
         child, url = start_engine(path, device, workdir)
@@ -185,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--buffer-size", type=int, default=512 << 20, help="bucket bytes (slime's default 512 MiB)")
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma list of {list(PATHS)} (default: all; "
-                   "distributed-nccl runs with --device cuda only)")
+                   "distributed-nccl runs with --device cuda only; loop-* start a local Ray)")
     args = p.parse_args(argv)
     paths = tuple(args.paths.split(","))
     if unknown := [name for name in paths if name not in PATHS]:
@@ -201,10 +303,15 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_size(size, device, args.repeats, args.buffer_size, Path(tmp), paths)
     print(f"device: {device_name(device)}; torch {torch.__version__}; bucket {args.buffer_size >> 20} MiB; "
           f"best of {args.repeats} pushes after a warm-up")
-    print(f"| {'path':<16} | {'device':<6} | {'size':<5} | {'MB':>8} | {'tensors':>7} | {'seconds':>8} | {'GB/s':>6} |")
-    print(f"|{'-' * 18}|{'-' * 8}|{'-' * 7}|{'-' * 10}|{'-' * 9}|{'-' * 10}|{'-' * 8}|")
+    print(f"| {'path':<17} | {'device':<6} | {'size':<5} | {'MB':>8} | {'tensors':>7} | {'seconds':>8} | {'GB/s':>6} |")
+    print(f"|{'-' * 19}|{'-' * 8}|{'-' * 7}|{'-' * 10}|{'-' * 9}|{'-' * 10}|{'-' * 8}|")
     for name, dev, size, mb, count, seconds, gbps in rows:
-        print(f"| {name:<16} | {dev:<6} | {size:<5} | {mb:8.1f} | {count:7d} | {seconds:8.3f} | {gbps:6.3f} |")
+        print(f"| {name:<17} | {dev:<6} | {size:<5} | {mb:8.1f} | {count:7d} | {seconds:8.3f} | {gbps:6.3f} |")
+    for size in sizes:
+        loop = {name: seconds for name, _, s, _, _, seconds, _ in rows if s == size and name in LOOP_PATHS}
+        if len(loop) == 2:
+            print(f"{size}: loop-object-store / loop-ipc = {loop['loop-object-store'] / loop['loop-ipc']:.1f}x "
+                  f"({loop['loop-object-store']:.3f} s vs {loop['loop-ipc']:.3f} s per push) on {device_name(device)}")
     return 0
 
 
