@@ -10,9 +10,10 @@ generate (+reward, filter) -> [colocated GPU: release engine memory, onload trai
 [colocated GPU, save due: write the trainer's state] -> [colocated GPU: offload trainer, resume engine
 weights] -> push weights -> [colocated GPU: resume engine KV] -> eval? -> log line -> save?. When the
 push streams from the trainer's GPU (CUDA IPC or broadcast, ``core/weight_sync.py``, chosen and
-printed at start) the trainer offloads after the push instead: ... train -> [trainer frees its cached
-GPU blocks, resume engine weights] -> push -> [offload trainer] -> [resume engine KV] (``sync_steps``; the first push likewise comes
-before the first offload). Either way the first rollout has the GPU to itself.
+printed at start) the trainer offloads after the push instead: ... train -> [trainer frees its
+cached GPU blocks, resume engine weights] -> push -> [offload trainer] -> [resume engine KV]
+(``sync_steps``; the first push likewise comes before the first offload). Either way the first
+rollout has the GPU to itself.
 ``--no-offload-train``/``--no-offload-rollout`` keep that side's memory where it is.
 
 Per-rollout timers (driver wall seconds, in the rollout's ``metrics.jsonl`` line), which partition
@@ -99,6 +100,7 @@ class Cluster:
         self.bundle_infos = None  # on GPU: (node IP, GPU id) of logical bundle i
         self.engine_gpu_ids = None  # on GPU, launched engines: the physical GPU ids of engine i
         self.engine_placement = None  # on GPU, in-process engines: the bundles the engine actors take
+        self.weight_sync = None  # core/weight_sync.WeightSync, chosen once the actors report where they are
         try:
             self._start(args, plugin_set, total_optimizer_steps)
         except BaseException:
