@@ -276,7 +276,9 @@ def test_cuda_graphs_greedy_equals_eager_bf16(ckpt):
     """Graph replay vs the same forward run eagerly with the same bucketed shapes: the same kernels on
     the same inputs, so bf16 greedy tokens must be identical (no mismatch allowed). Against HF's own
     bf16 forward the kernels differ (batched GEMM shapes, attention kernels), so rounding may flip a
-    near-tie: there every chosen token must be within 0.1 logits of the fp32 reference's best."""
+    near-tie: there every chosen token must be within 0.25 logits of the fp32 reference's best (the
+    logits reach ~10 here; bf16 keeps 8 mantissa bits, and the bf16 fast path measured 0.064 on CPU;
+    a wrong mask or position misses by whole units)."""
     graphs = make_engine(ckpt, device="cuda", dtype="bfloat16")
     eager = make_engine(ckpt, device="cuda", dtype="bfloat16", cuda_graphs=False, bucketed=True)
     try:
@@ -290,7 +292,7 @@ def test_cuda_graphs_greedy_equals_eager_bf16(ckpt):
             with torch.no_grad():
                 logits = ref(input_ids=ids).logits[0, len(prompt) - 1: -1].float()
             chosen = logits.gather(1, ids[0, len(prompt):, None]).squeeze(1)
-            assert (logits.max(dim=1).values - chosen).max().item() < 0.1
+            assert (logits.max(dim=1).values - chosen).max().item() < 0.25
     finally:
         graphs.close()
         eager.close()

@@ -125,6 +125,7 @@ class SlotDecoder:
         free = [s for s in range(self.max_slots) if s not in self._owner]
         if len(free) < len(requests):
             raise RuntimeError(f"no free KV slots: {len(requests)} requested, {len(free)} free")
+        # Ascending, like ``requests``: the batch's slot order is the prefill logits' row order.
         slots = free[: len(requests)]
         self._owner.update(zip(slots, requests))
         return slots
