@@ -140,7 +140,9 @@ def test_abort_mid_generation_returns_partial(server):
 def test_pause_holds_new_requests_until_continue(server):
     assert server.post("/pause_generation", json={}).json()["status"] == "ok"
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(server.post, "/generate", json={"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 2}})
+        # ignore_eos: a sampled EOS would end it with "stop" (the CI flake this once was)
+        future = pool.submit(server.post, "/generate",
+                             json={"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 2, "ignore_eos": True}})
         launch.wait_until(lambda: server.get("/v1/loads").json()["loads"][0]["num_waiting_reqs"] == 1,
                           timeout=30, interval=0.02, what="the request to wait")
         assert not future.done()
