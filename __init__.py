@@ -13,6 +13,7 @@ from plugrl.core import (  # absolute: pytest imports this file as the rootdir p
     hookimpl,
 )
 from plugrl.core.hookspecs import Register
+from plugrl.core.plugin_options import OptionsError, OptionsEstimator
 from plugrl.core.protocols import (
     AdvantageEstimator,
     AdvantageInputs,
@@ -32,6 +33,8 @@ __all__ = [
     "Group",
     "FilterDecision",
     "AdvantageEstimator",
+    "OptionsEstimator",
+    "OptionsError",
     "AdvantageInputs",
     "BufferPolicy",
     "PlacementPlan",

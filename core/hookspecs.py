@@ -86,8 +86,9 @@ def plugrl_register_rollout_backends(register: Register) -> None:
 @hookspec
 def plugrl_register_reward_post_processors(register: Register) -> None:
     """Register reward post-processors (``--reward-post-process NAME``, repeatable), e.g. DAPO's
-    overlong penalty: ``fn(samples, args) -> None`` edits raw rewards in the rollout manager before
-    the estimator's ``shape_rewards``."""
+    overlong penalty: ``fn(samples, options) -> None`` edits raw rewards in the rollout manager before
+    the estimator's ``shape_rewards``; ``options`` is its declared options object (``register(...,
+    options=MyOptions)``, checked on the driver) or, when it declares none, the run config."""
 
 
 # --------------------------------------------------------------------------------------------------

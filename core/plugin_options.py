@@ -182,6 +182,13 @@ def declares_options(entry) -> bool:
     return _declared(entry)[0] is not None
 
 
+def build_plugin_input(entry, args) -> Any:
+    """What a plugin called as ``fn(inputs, options)`` (a reward post-processor) receives as ``options``:
+    its declared options object, filled from the run config without re-running the checks (the driver
+    ran them), or the run config itself when it declares none (the older convention)."""
+    return args if not declares_options(entry) else build_options(entry, args, check=False)
+
+
 def build_estimator(entry, args) -> Any:
     """The advantage estimator of ``entry`` built for a run: its class called with its options object
     (filled from ``--adv-opt`` pairs and same-named flags, checked), or with the run config ``args`` when
@@ -194,7 +201,7 @@ def build_estimator(entry, args) -> Any:
 def options_from_config(kind: str, name: str, obj: Any, options_type: type, given: Any) -> Any:
     """``given`` when it already is an ``options_type`` object, else the options filled from ``given`` (a
     run config, or None) as on the driver, without the checks (the driver ran them). For a plugin that a
-    call site still hands the run config (``cls(args)``, ``post_process(samples, args)``)."""
+    caller (a test, ``plugrl.core.testing``) hands the run config (``cls(args)``, ``fn(samples, args)``)."""
     from .registry import Entry
 
     if isinstance(given, options_type):
@@ -208,9 +215,9 @@ def options_from_config(kind: str, name: str, obj: Any, options_type: type, give
 def estimator_options(cls: type, given: Any) -> Any:
     """What an estimator class that declares ``options_type`` keeps as its options: ``given`` itself when
     it is one (``build_estimator``), else the options filled from the run config ``given``
-    (``options_from_config``). Called from the estimator's ``__init__``, so code that still builds
-    estimators as ``cls(args)`` (the rollout manager and train actors, ``plugrl.core.testing``, tests)
-    gets the same object as ``build_estimator``."""
+    (``options_from_config``). Called from the estimator's ``__init__``, so code that builds
+    estimators as ``cls(args)`` itself (``plugrl.core.testing``, tests) gets the same object as core's
+    ``build_estimator``."""
     options_type = getattr(cls, "options_type", None)
     if options_type is None:
         return given
@@ -224,9 +231,9 @@ class OptionsEstimator(AdvantageEstimator):
     (a static or class method, ``options -> list[str]``), and read ``self.options.<field>``: a misspelled
     field is an ``AttributeError``, never a silent default.
 
-    Core builds it with its options object (``build_estimator``); given a run config instead (``cls(args)``
-    as the rollout manager, the train actors and ``plugrl.core.testing.check_estimator`` call it) it
-    fills the same object from it. ``check_config(args)`` runs ``check_options`` for callers that hold a
+    Core builds it with its options object (``build_estimator``, in the rollout manager and the train
+    actors); given a run config instead (``cls(args)``, as ``plugrl.core.testing.check_estimator`` calls
+    it) it fills the same object from it. ``check_config(args)`` runs ``check_options`` for callers that hold a
     run config; core's config check runs ``check_options`` itself, on the driver."""
 
     options_type: ClassVar[type]

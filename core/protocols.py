@@ -44,8 +44,10 @@ class AdvantageInputs:
 class AdvantageEstimator:
     """Base class for estimators; subclasses set ``name`` and override what they need.
 
-    Built as ``cls(args)`` where ``args`` is the run config namespace (``getattr`` with defaults, so
-    an estimator also works with a bare ``types.SimpleNamespace``).
+    Built by core (``plugin_options.build_estimator``, in the rollout manager and in every train
+    actor) as ``cls(options)`` with its declared options object (subclass ``OptionsEstimator``, the
+    way every bundled estimator does), or as ``cls(args)`` with the run config namespace when it
+    declares no options type (then read it with ``getattr`` and defaults).
     """
 
     name: ClassVar[str] = ""

@@ -98,9 +98,15 @@ class RolloutManager:
         )
         self.buffer = _build_buffer(args, plugin_set)
         self.sample_filter, self.filter_name = _build_filter(args, plugin_set)
-        self.estimator = plugin_set.get("advantage_estimator", args.advantage_estimator)(args)
-        self.post_processors = [plugin_set.get("reward_post_processor", name)
-                                for name in (getattr(args, "reward_post_process", None) or [])]
+        from .plugin_options import build_estimator, build_plugin_input
+
+        self.estimator = build_estimator(plugin_set.entry("advantage_estimator", args.advantage_estimator), args)
+        # (function, what it is called with): its declared options object, else the run config
+        self.post_processors = [
+            (entry.load(), build_plugin_input(entry, args))
+            for entry in (plugin_set.entry("reward_post_processor", name)
+                          for name in (getattr(args, "reward_post_process", None) or []))
+        ]
         custom = getattr(args, "custom_reward_post_process_path", None)
         self.custom_reward_post_process = import_object(custom) if custom else None
         engine_cls = plugin_set.get("rollout_backend", args.rollout_backend)

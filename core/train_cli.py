@@ -160,7 +160,8 @@ def run_plugins(args, plugin_set) -> dict:
     short = {k: (v["name"] or v["origin"]) if isinstance(v, dict) else v
              for k, v in plugins.items() if k in ("reward", "advantage_estimator", "filter")}
     return {**short, "plugrl_version": plugrl.__version__, "plugins": plugins,
-            "rm_opt": dict(args.rm_opt or {}), "filter_opt": dict(args.filter_opt or {})}
+            "rm_opt": dict(args.rm_opt or {}), "filter_opt": dict(args.filter_opt or {}),
+            "adv_opt": dict(getattr(args, "adv_opt", None) or {})}
 
 
 def prepare_dirs(args) -> int | None:

@@ -44,14 +44,15 @@ def custom_rewards(fn: Callable, args: Any, samples: list[Sample]) -> tuple[list
 
 def samples_to_train_data(
     groups: Sequence[Group], estimator, *, reward_key: str | None = None,
-    post_processors: Sequence[Callable[[list[Sample], Any], None]] = (), args: Any = None,
+    post_processors: Sequence[tuple[Callable[[list[Sample], Any], None], Any]] = (), args: Any = None,
     reward_post_process: Callable | None = None,
 ) -> dict:
     """Flatten groups into per-sample lists; every sample is its own rollout unless it has a rollout_id.
+    ``post_processors`` are ``(function, its options object or the run config)`` pairs, applied in order;
     ``reward_post_process`` (``--custom-reward-post-process-path``) replaces the estimator's shaping."""
     samples = [s for g in groups for s in g]
-    for post_process in post_processors:
-        post_process(samples, args)
+    for post_process, options in post_processors:
+        post_process(samples, options)
     if reward_post_process is not None:
         raw, shaped = custom_rewards(reward_post_process, args, samples)
     else:

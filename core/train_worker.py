@@ -74,7 +74,9 @@ class TrainWorker:
                 # Ranks of one node train at the same time: split the cores instead of oversubscribing.
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
         plugin_set = load_plugins()
-        estimator = plugin_set.get("advantage_estimator", self.args.advantage_estimator)(self.args)
+        from .plugin_options import build_estimator
+
+        estimator = build_estimator(plugin_set.entry("advantage_estimator", self.args.advantage_estimator), self.args)
         backend_cls = plugin_set.get("train_backend", self.args.train_backend)
         # A line before and after (rank 0): building a large model takes minutes and reports nothing itself.
         started = time.monotonic()

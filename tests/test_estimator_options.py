@@ -249,3 +249,48 @@ def test_an_options_estimator_without_an_options_type_is_a_clear_error():
 
     with pytest.raises(TypeError, match="Forgot subclasses OptionsEstimator but sets no options_type"):
         Forgot(None)
+
+
+def test_core_builds_estimators_through_build_estimator():
+    """The rollout manager and the train actors build the estimator with ``build_estimator`` (its options
+    object), never as ``plugin_set.get("advantage_estimator", name)(args)`` with the run config."""
+    direct = []
+    for path in sorted((ROOT / "core").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            inner = node.func if isinstance(node, ast.Call) else None
+            if (isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute) and inner.func.attr == "get"
+                    and inner.args and isinstance(inner.args[0], ast.Constant)
+                    and inner.args[0].value == "advantage_estimator"):
+                direct.append(f"{path.name}:{node.lineno}")
+    assert not direct, direct
+    uses = [p.name for p in (ROOT / "core").glob("*.py") if "build_estimator(plugin_set.entry(" in p.read_text()]
+    assert sorted(uses) == ["rollout_manager.py", "train_worker.py"]
+
+
+def test_reward_post_processors_receive_their_options_object(ps):
+    """Core hands ``overlong_penalty`` its ``OverlongOptions`` (filled from its flags) and a post-processor
+    that declares none the run config; the penalty applied through ``samples_to_train_data`` is DAPO's
+    closed form: L_max=16, L_cache=4, a 14-token response exceeds 12 by 2 -> -2/4 * factor 0.5 = -0.25."""
+    from plugrl.core.plugin_options import build_plugin_input
+    from plugrl.core.registry import Entry
+    from plugrl.core.train_data import samples_to_train_data
+    from plugrl.core.types import Sample
+    from plugrl.plugins.filters.overlong import OverlongOptions
+
+    args = args_for(ps, "--reward-post-process", "overlong_penalty", "--rollout-max-response-len", "16",
+                    "--overlong-buffer-len", "4", "--overlong-penalty-factor", "0.5")
+    check_config(args, ps)
+    entry = ps.entry("reward_post_processor", "overlong_penalty")
+    options = build_plugin_input(entry, args)
+    assert options == OverlongOptions(rollout_max_response_len=16, overlong_buffer_len=4, overlong_penalty_factor=0.5,
+                                      reward_key=args.reward_key)
+    seen = []
+    legacy = Entry("reward_post_processor", "legacy", lambda samples, run: seen.append(run), plugin="third",
+                   builtin=False)
+    assert build_plugin_input(legacy, args) is args
+
+    group = [Sample(tokens=[1] * 20, response_length=n, reward=1.0, loss_mask=[1] * n) for n in (14, 8)]
+    estimator = build_estimator(ps.entry("advantage_estimator", "grpo"), args)
+    data = samples_to_train_data([group], estimator, post_processors=[(entry.load(), options),
+                                                                      (legacy.obj, args)], args=args)
+    assert data["raw_reward"] == pytest.approx([0.75, 1.0]) and seen == [args]

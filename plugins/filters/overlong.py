@@ -55,7 +55,8 @@ def overlong_penalty(samples, options: OverlongOptions | Any) -> None:
     """Add the soft overlong penalty to each sample's scalar reward, in place.
 
     Dict rewards get it on ``reward[options.reward_key]``. Samples without a reward (aborted) are left
-    alone. ``options`` may also be the run config (core's call site hands it), filled into the same object.
+    alone. ``options`` is what core hands it (an ``OverlongOptions``); a run config, for callers that hold
+    one, is filled into the same object.
     """
     options = options_from_config("reward_post_processor", "overlong_penalty", overlong_penalty, OverlongOptions,
                                   options)
