@@ -424,6 +424,7 @@ def config_problems(args: argparse.Namespace, plugin_set) -> list[str]:
     _check_algorithm(args, plugin_set, problems)
     _check_data_flags(args, problems)
     _check_cluster(args, plugin_set, problems)
+    _check_weight_transport(args, plugin_set, problems)
     problems += precision_problems(args)
     from .preflight import value_problems
 
@@ -750,6 +751,40 @@ def _check_host_memory(args, plugin_set, problems: list[str]) -> None:
     problem = host_memory_problem(plan_memory(args, colocated=colocated), args)
     if problem:
         problems.append(problem)
+
+
+def _check_weight_transport(args, plugin_set, problems: list[str]) -> None:
+    """A forced ``--weight-transport`` that cannot work for this placement is refused on the driver."""
+    forced = getattr(args, "weight_transport", "auto") or "auto"
+    if forced in ("auto", "object_store"):
+        return
+    from .plugin_traits import engine_pool
+
+    flag = f"--weight-transport {forced}"
+    try:
+        pool = engine_pool(args, plugin_set)
+    except (PluginError, ImportError, ValueError):
+        return  # the rollout backend's own problem is reported by the plugin checks
+    if pool != "actors":
+        problems.append(f"{flag}: rollout backend '{args.rollout_backend}' launches its engines itself and takes "
+                        "weights through the object store; use --weight-transport auto or object_store")
+        return
+    from .weight_sync import colocated_engine_count
+
+    colocated = planned_colocation(args, plugin_set)
+    no_gpu = args.device == "cpu" or (args.device == "auto" and not _has_nvidia_gpu())
+    if forced == "cuda_ipc" and no_gpu:
+        problems.append(f"{flag}: CUDA IPC needs a GPU; this run is on the CPU (--device {args.device}); "
+                        "use auto or object_store")
+    elif forced == "cuda_ipc" and colocated is False:
+        problems.append(f"{flag}: CUDA IPC needs the engines on the trainer's GPU; this placement is decoupled "
+                        "(use broadcast, auto or object_store)")
+    elif forced == "cuda_ipc" and colocated and colocated_engine_count(args) > 1:
+        problems.append(f"{flag}: CUDA IPC reaches only the engine on train rank 0's GPU; this run starts "
+                        f"{colocated_engine_count(args)} engines (use auto or object_store)")
+    elif forced == "broadcast" and colocated:
+        problems.append(f"{flag}: broadcast needs the engines on other GPUs than the trainer's (NCCL cannot join "
+                        "two ranks on one GPU); this placement is colocated (use cuda_ipc, auto or object_store)")
 
 
 def _check_cluster(args, plugin_set, problems: list[str]) -> None:

@@ -436,6 +436,14 @@ def _rollout(p: PlugrlArgumentParser) -> None:
         help="bucket size of the weight push: 512MiB, 1GB or bytes",
     )
     g.add_argument(
+        "--weight-transport",
+        choices=["auto", "cuda_ipc", "broadcast", "object_store"],
+        default="auto",
+        help="how weights reach the engines: auto picks from where they are (cuda_ipc when colocated on one GPU, "
+        "broadcast when the engines are on other GPUs, object_store otherwise); object_store is the fallback "
+        "that works everywhere",
+    )
+    g.add_argument(
         "--rollout-concurrency",
         type=int,
         default=512,

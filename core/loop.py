@@ -424,11 +424,18 @@ def _observe(hook, rollout_id: int, metrics: dict) -> None:
         metrics.update(extra or {})
 
 
+def _forced_transport(args) -> str | None:
+    """``--weight-transport`` when the user forces one; None lets ``WeightSync`` choose (auto)."""
+    forced = getattr(args, "weight_transport", "auto") or "auto"
+    return None if forced == "auto" else forced
+
+
 def _weight_sync(cluster, args) -> WeightSync:
     """The run's weight transport, chosen from where train rank 0 and the engines are (printed)."""
     sync = WeightSync(cluster.train, cluster.rollout, use_gpu=cluster.use_gpu,
                       bucket_bytes=int(args.update_weight_buffer_size),
-                      engine_by_reference=bool(cluster.engine_placement))
+                      engine_by_reference=bool(cluster.engine_placement),
+                      transport=_forced_transport(args))
     print(f"plugrl train: {sync.choice.describe()}", flush=True)
     return sync
 

@@ -75,6 +75,9 @@ def expected_transport(args, *, colocated: bool, on_gpu: bool = True) -> str:
     exists (the memory plan, ``--dry-run``); the run itself decides from the actors' reports."""
     from .plugin_traits import engine_pool, train_trait
 
+    forced = getattr(args, "weight_transport", "auto") or "auto"
+    if forced != "auto":
+        return forced  # --weight-transport (checked against the placement on the driver)
     if not on_gpu or engine_pool(args) != "actors":
         return OBJECT_STORE
     megatron = train_trait(args, "memory_model", "hf") == "megatron"
@@ -82,12 +85,16 @@ def expected_transport(args, *, colocated: bool, on_gpu: bool = True) -> str:
         return OBJECT_STORE
     if not colocated:
         return BROADCAST
+    # one engine sits on train rank 0's GPU; more engines colocated are on other train GPUs too (mixed)
+    return CUDA_IPC if colocated_engine_count(args) == 1 else OBJECT_STORE
+
+
+def colocated_engine_count(args) -> int:
+    """Engines a colocated run starts (one per ``--rollout-num-gpus-per-engine`` train GPUs)."""
     train_gpus = int(args.actor_num_nodes) * int(args.actor_num_gpus_per_node)
     rollout_gpus = int(getattr(args, "rollout_num_gpus", None) or train_gpus)  # colocate's default
     per_engine = max(1, int(getattr(args, "rollout_num_gpus_per_engine", 1) or 1))
-    engines = max(1, -(-rollout_gpus // per_engine))
-    # one engine sits on train rank 0's GPU; more engines colocated are on other train GPUs too (mixed)
-    return CUDA_IPC if engines == 1 else OBJECT_STORE
+    return max(1, -(-rollout_gpus // per_engine))
 
 
 def sync_steps(*, colocated: bool, offload_train: bool, offload_rollout: bool, streams: bool,

@@ -317,3 +317,30 @@ def test_memory_plan_counts_the_buckets_when_both_models_are_resident(tmp_path):
     assert not any("object store" in what for what, _ in streamed.host_items)  # no host export
     assert any("object store" in what for what, _ in object_store.host_items)
     assert not any("buckets in flight" in what for what, _ in object_store.gpu_items)
+
+
+def test_weight_transport_flag_overrides_the_prediction():
+    assert expected_transport(_run_args(weight_transport="object_store"), colocated=True) == OBJECT_STORE
+    assert expected_transport(_run_args(weight_transport="broadcast"), colocated=False, on_gpu=False) == BROADCAST
+    assert expected_transport(_run_args(weight_transport="auto"), colocated=True) == CUDA_IPC
+
+
+@pytest.mark.parametrize("argv, refusal", [
+    (["--weight-transport", "cuda_ipc", "--device", "cpu"], "--weight-transport cuda_ipc: CUDA IPC needs a GPU"),
+    (["--weight-transport", "broadcast"], "--weight-transport broadcast: broadcast needs the engines on other GPUs"),
+    (["--weight-transport", "cuda_ipc", "--device", "cuda", "--actor-num-gpus-per-node", "2"],
+     "CUDA IPC reaches only the engine on train rank 0's GPU; this run starts 2 engines"),
+    (["--weight-transport", "cuda_ipc", "--device", "cuda", "--no-colocate", "--rollout-num-gpus", "1"],
+     "CUDA IPC needs the engines on the trainer's GPU; this placement is decoupled"),
+    (["--weight-transport", "broadcast", "--rollout-backend", "sglang"], "launches its engines itself"),
+])
+def test_a_forced_transport_that_cannot_work_is_refused_on_the_driver(argv, refusal):
+    from plugrl.core.config import config_problems, parse_config
+    from plugrl.core.plugins import make_plugin_manager
+
+    plugin_set = make_plugin_manager(entry_points=False)
+    args = parse_config(["--recipe", "tiny-default", *argv], plugin_set)
+    found = config_problems(args, plugin_set)
+    assert any(refusal in p for p in found), found
+    fine = parse_config(["--recipe", "tiny-default", "--weight-transport", "object_store"], plugin_set)
+    assert not [p for p in config_problems(fine, plugin_set) if "--weight-transport" in p]
