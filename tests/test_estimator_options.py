@@ -12,26 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from plugrl.core import hookimpl
-from plugrl.core.config import ConfigError, check_config, parse_config
+from plugrl.core.config import check_config, parse_config
 from plugrl.core.plugin_options import RUN_SETTING, build_estimator, build_options
 from plugrl.core.plugins import make_plugin_manager
 from plugrl.core.protocols import AdvantageEstimator, AdvantageInputs
 
+from .test_plugin_options import DRY, problems, ps  # noqa: F401  (ps: the module's plugin-set fixture)
+
 ROOT = Path(__file__).resolve().parent.parent
-DRY = ["--dry-run", "--recipe", "tiny-default", "--hf-checkpoint", "/nonexistent"]
 BUNDLED = ["grpo", "gspo", "dr_grpo", "cispo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo"]
-
-
-@pytest.fixture(scope="module")
-def ps():
-    return make_plugin_manager(entry_points=False)
-
-
-def problems(ps, *argv) -> str:
-    args = parse_config([*DRY, *argv], ps)
-    with pytest.raises(ConfigError) as info:
-        check_config(args, ps)
-    return str(info.value)
 
 
 def args_for(ps, *argv):
