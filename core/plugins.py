@@ -2,8 +2,9 @@
 
 Environment (forwarded to every Ray worker so all processes load the same set):
   PLUGRL_DISABLE_PLUGINS  comma-separated plugins to block: entry-point names, distribution names or
-                          built-in module names (``example``, ``plugrl-example-plugin``,
-                          ``plugrl.plugins.rewards.dapo``); a name that matches nothing is warned about
+                          built-in module names (``example``, ``plugrl-example-plugin``, or a module
+                          of the built-in manifest, ``builtin_plugin_modules()``); a name that matches
+                          nothing is warned about
   PLUGRL_LOAD_PLUGINS     allow-list of entry-point or distribution names; empty string = none
   PLUGRL_STRICT_PLUGINS   ``1``: any load failure or duplicate name is fatal
 """
@@ -11,6 +12,7 @@ Environment (forwarded to every Ray worker so all processes load the same set):
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.metadata
 import os
@@ -25,32 +27,35 @@ from .registry import KINDS, LoadFailure, PluginError, Registries, _normalise_di
 
 ENV_VARS = ("PLUGRL_DISABLE_PLUGINS", "PLUGRL_LOAD_PLUGINS", "PLUGRL_STRICT_PLUGINS")
 
-BUILTIN_PLUGINS = (
-    "plugrl.plugins.rewards.deepscaler",
-    "plugrl.plugins.rewards.math_answer",
-    "plugrl.plugins.rewards.dapo",
-    "plugrl.plugins.rewards.remote_rm",
-    "plugrl.plugins.rewards.math_verify_reward",
-    "plugrl.plugins.estimators.grpo",
-    "plugrl.plugins.estimators.gspo",
-    "plugrl.plugins.estimators.reinforce",
-    "plugrl.plugins.estimators.rloo",
-    "plugrl.plugins.estimators.ppo",
-    "plugrl.plugins.estimators.cispo",
-    "plugrl.plugins.estimators.dr_grpo",
-    "plugrl.plugins.filters.nonzero_std",
-    "plugrl.plugins.buffers.fifo",
-    "plugrl.plugins.filters.overlong",
-    "plugrl.plugins.placements.placement",
-    "plugrl.plugins.backends.registrations",
-    "plugrl.plugins.backends.megatron.options",
-    "plugrl.plugins.backends.megatron.bridge",
-    "plugrl.plugins.backends.sglang.options",
-)
-
-
 class PluginLoadError(PluginError):
     pass
+
+
+BUILTIN_GROUP = "plugrl_builtins"
+
+
+@functools.cache
+def builtin_plugin_modules() -> tuple[str, ...]:
+    """The built-in plugin modules, in registration order: the manifest that plugrl's own distribution
+    declares as its ``plugrl_builtins`` entry point (core names no plugin module itself). Another
+    distribution cannot add built-ins this way; it registers ordinary plugins (group ``plugrl``)."""
+    modules: list[str] = []
+    for ep in importlib.metadata.entry_points(group=BUILTIN_GROUP):
+        if ep.dist is not None and _normalise_dist(ep.dist.name) != "plugrl":
+            continue
+        modules.extend(str(name) for name in ep.load())
+    if not modules:
+        raise PluginLoadError(
+            f"plugrl's built-in plugins are not declared: no '{BUILTIN_GROUP}' entry point of the plugrl "
+            "distribution was found (its install metadata is missing or stale); reinstall plugrl, e.g. "
+            "`pip install -e .` in its checkout")
+    return tuple(dict.fromkeys(modules))
+
+
+def __getattr__(name: str):
+    if name == "BUILTIN_PLUGINS":  # the manifest's former name, kept for importers
+        return builtin_plugin_modules()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -228,10 +233,11 @@ def make_plugin_manager(
     failures: list[LoadFailure] = []
     distributions: dict[str, str] = {}
     versions: dict[str, str] = {}
-    known: list[str] = list(BUILTIN_PLUGINS)
+    builtin_modules = builtin_plugin_modules() if builtins else ()
+    known: list[str] = list(builtin_modules)
     if entry_points:
         _load_entry_points(pm, failures, distributions, versions, blocklist, known)
-    builtin_names = _register_builtins(pm, BUILTIN_PLUGINS, failures, blocklist) if builtins else set()
+    builtin_names = _register_builtins(pm, builtin_modules, failures, blocklist) if builtins else set()
     for name, plugin in (extra_plugins or {}).items():
         known.append(name)
         if blocklist.blocks(name):

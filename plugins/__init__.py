@@ -5,12 +5,39 @@ sglang).
 Modules that moved in the layout change keep their old import paths: ``import
 plugrl.plugins.backends.hf_engine`` yields the module now at ``plugrl.plugins.backends.hf.engine``
 (the same module object, so patching either name patches both).
+
+``BUILTIN_MODULES`` is the manifest of built-in plugin modules, in registration order. plugrl's own
+distribution declares it as its ``plugrl_builtins`` entry point (pyproject.toml), which is how
+``plugrl.core.plugins`` finds it: core imports no plugin module by name.
 """
 
 import importlib
 import importlib.abc
 import importlib.util
 import sys
+
+BUILTIN_MODULES = (
+    "plugrl.plugins.rewards.deepscaler",
+    "plugrl.plugins.rewards.math_answer",
+    "plugrl.plugins.rewards.dapo",
+    "plugrl.plugins.rewards.remote_rm",
+    "plugrl.plugins.rewards.math_verify_reward",
+    "plugrl.plugins.estimators.grpo",
+    "plugrl.plugins.estimators.gspo",
+    "plugrl.plugins.estimators.reinforce",
+    "plugrl.plugins.estimators.rloo",
+    "plugrl.plugins.estimators.ppo",
+    "plugrl.plugins.estimators.cispo",
+    "plugrl.plugins.estimators.dr_grpo",
+    "plugrl.plugins.filters.nonzero_std",
+    "plugrl.plugins.buffers.fifo",
+    "plugrl.plugins.filters.overlong",
+    "plugrl.plugins.placements.placement",
+    "plugrl.plugins.backends.registrations",
+    "plugrl.plugins.backends.megatron.options",
+    "plugrl.plugins.backends.megatron.bridge",
+    "plugrl.plugins.backends.sglang.options",
+)
 
 MOVED = {
     "plugrl.plugins.backends.hf_batch": "plugrl.plugins.backends.hf.batch",
