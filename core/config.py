@@ -34,6 +34,7 @@ from .flags import (
     read_layer,
     read_yaml,
 )
+from .plugin_config import flag_owners
 from .precision import precision_problems
 from .registry import SELECTING_FLAG, PluginError, import_object
 
@@ -224,6 +225,7 @@ def parse_config(argv: list[str], plugin_set=None) -> argparse.Namespace:
     args.recipe = recipe
     args._sources = sources
     args._flag_dests = sorted({a.dest for a in parser.flag_actions()} | set(passthrough))
+    args._flag_owners = flag_owners(parser)  # what each plugin may read of the config (core/plugin_config.py)
     if args.custom_config_path:
         _set_extra(args, read_yaml(args.custom_config_path, "--custom-config-path"), "--custom-config-path")
     _set_extra(args, yaml_layer.extra, f"{pre.config}: extra")

@@ -9,15 +9,15 @@ Traits core reads (all optional; the default applies when a plugin does not decl
 
 advantage_estimator  needs_critic (False), needs_ref_log_probs (False); options and check_options may also be
                      the class attributes ``options_type`` and ``check_options`` (core/plugin_options.py)
-train_backend        check(args) -> list[str]       config problems, on the driver (``--dry-run`` too)
+train_backend        check(config) -> list[str]     config problems, on the driver (``--dry-run`` too)
                      supplies_critic (False)         the backend computes critic values
                      memory_model ("hf")             "megatron": bf16 params + fp32 main params and grads,
                                                      distributed optimizer, TP x PP shards (core/memory_plan.py)
                      gpu_bf16_only (False)           refuses --fp32 / --no-bf16 on GPUs (core/precision.py)
                      default_data() -> dict          the embedded default run's files (train, eval, sft)
                      default_checkpoint() -> Path    its tiny checkpoint, built once and cached
-rollout_backend      check(args) -> list[str]
-                     engine_pool(args) -> str        "actors": core starts one Ray actor per engine on the
+rollout_backend      check(config) -> list[str]
+                     engine_pool(config) -> str      "actors": core starts one Ray actor per engine on the
                                                      plan's bundles; "processes": the manager launches the
                                                      engines and needs their GPU ids; "external": neither
 buffer_policy        slime_adapter(path, args, n)    runs a slime ``--buffer-filter-path`` on this policy
@@ -25,6 +25,9 @@ reward_post_processor check(args) -> list[str] (or declared options); idle_flags
                      it is selected)
 any kind             commands {"name": "module:function"}  ``plugrl NAME`` subcommands (core/plugin_commands.py)
                      options (a dataclass type), check_options(options) (see core/plugin_options.py)
+
+A backend's ``check`` and ``engine_pool`` receive its ``PluginConfig`` view of the run config (core's
+settings and its own flags, ``core/plugin_config.py``); the backends themselves are built with the same view.
 """
 
 from __future__ import annotations
@@ -77,10 +80,18 @@ def rollout_trait(args, key: str, default: Any = None, plugin_set=None) -> Any:
     return trait("rollout_backend", getattr(args, "rollout_backend", None), key, default, plugin_set)
 
 
+def plugin_view(args, kind: str, name: str):
+    """What plugin ``name`` of ``kind`` is given of the run config: a strict read-only view
+    (``core/plugin_config.py``)."""
+    from .plugin_config import PluginConfig
+
+    return PluginConfig.for_plugin(args, kind, name)
+
+
 def engine_pool(args, plugin_set=None) -> str:
     """How the selected rollout backend's engines are started (see the module docstring)."""
     pool = rollout_trait(args, "engine_pool", "processes", plugin_set)
-    pool = pool(args) if callable(pool) else pool
+    pool = pool(plugin_view(args, "rollout_backend", args.rollout_backend)) if callable(pool) else pool
     if pool not in ("actors", "processes", "external"):
         raise ValueError(f"rollout backend '{args.rollout_backend}' declared engine_pool {pool!r}; "
                          "it must be 'actors', 'processes' or 'external'")
@@ -94,8 +105,18 @@ def backend_problems(args, plugin_set=None) -> list[str]:
                        ("rollout_backend", getattr(args, "rollout_backend", None))):
         check = trait(kind, name, "check", None, plugin_set)
         if check is not None:
-            problems.extend(check(args))
+            problems.extend(_run_check(check, args, kind, name))
     return problems
+
+
+def _run_check(check, args, kind: str, name: str) -> list[str]:
+    """A plugin's ``check``, given its view of the config; a read the view refuses is a problem too."""
+    from .plugin_options import OptionsError
+
+    try:
+        return list(check(plugin_view(args, kind, name)))
+    except OptionsError as exc:
+        return list(exc.problems)
 
 
 def selected_checks(args, selected, kinds, plugin_set=None) -> list[str]:
@@ -105,7 +126,7 @@ def selected_checks(args, selected, kinds, plugin_set=None) -> list[str]:
     for kind, _flag, name in selected:
         check = trait(kind, name, "check", None, plugin_set) if kind in kinds else None
         if check is not None:
-            problems.extend(check(args))
+            problems.extend(_run_check(check, args, kind, name))
     return problems
 
 

@@ -14,6 +14,7 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+from .plugin_config import PluginConfig
 from .registry import import_object
 from .reward_call import rollout_reward_metrics
 from .rollout import (
@@ -110,7 +111,9 @@ class RolloutManager:
         custom = getattr(args, "custom_reward_post_process_path", None)
         self.custom_reward_post_process = import_object(custom) if custom else None
         engine_cls = plugin_set.get("rollout_backend", args.rollout_backend)
-        extra = {"args": args} if getattr(engine_cls, "accepts_run_config", False) else {}
+        extra = {}
+        if getattr(engine_cls, "accepts_run_config", False):  # core's settings and its own flags only
+            extra["args"] = PluginConfig.for_plugin(args, "rollout_backend", args.rollout_backend)
         placement = config.get("engine_placement")
         if placement and hasattr(engine_cls, "from_placement"):  # one engine per engine bundle (hf on GPUs)
             engine_cls = functools.partial(engine_cls.from_placement, placement=placement)

@@ -74,6 +74,7 @@ class TrainWorker:
                 # Ranks of one node train at the same time: split the cores instead of oversubscribing.
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
         plugin_set = load_plugins()
+        from .plugin_config import PluginConfig
         from .plugin_options import build_estimator
 
         estimator = build_estimator(plugin_set.entry("advantage_estimator", self.args.advantage_estimator), self.args)
@@ -82,7 +83,9 @@ class TrainWorker:
         started = time.monotonic()
         if _is_rank0():
             print(f"[model build] {self.args.train_backend} backend from {self.args.hf_checkpoint}", flush=True)
-        self.backend = backend_cls(self.args, estimator=estimator, total_optimizer_steps=self.total_optimizer_steps)
+        # The backend reads core's settings and its own flags only (core/plugin_config.py).
+        backend_config = PluginConfig.for_plugin(self.args, "train_backend", self.args.train_backend)
+        self.backend = backend_cls(backend_config, estimator=estimator, total_optimizer_steps=self.total_optimizer_steps)
         if _is_rank0():
             print(f"[model build] done in {time.monotonic() - started:.0f} s", flush=True)
 

@@ -26,9 +26,15 @@ def checkpoint(tmp_path_factory):
 
 
 def megatron_backend(args):
+    """The backend built as core builds it: given its strict view of a whole parsed config (the test's
+    values over the defaults), so a misspelled or foreign setting read on any CPU path fails here."""
+    from plugrl.core.config import parse_config
+    from plugrl.core.plugin_config import PluginConfig
     from plugrl.plugins.backends.megatron.backend import MegatronTrainBackend
 
-    return MegatronTrainBackend(args, estimator=GRPOEstimator(args))
+    values = {**vars(parse_config(["--train-backend", "megatron"])), **vars(args)}
+    view = PluginConfig.for_plugin(values, "train_backend", "megatron")
+    return MegatronTrainBackend(view, estimator=GRPOEstimator(args))
 
 
 def test_packed_log_probs_equal_hf(checkpoint):

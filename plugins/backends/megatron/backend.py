@@ -542,12 +542,12 @@ class MegatronTrainBackend:
         """Supervised steps before RL, as the torch backend's (per-sample mean of −log p over response
         tokens, prompt tokens weighted by ``prompt_loss_weight``), with a separate optimizer so the RL
         optimizer starts fresh; every DP rank takes its share of each batch."""
-        from types import SimpleNamespace
+        from plugrl.core.plugin_config import with_settings
 
         from .optimizers import build_optimizer
         from .vocab_parallel import vocab_parallel_log_probs
 
-        warm_args = SimpleNamespace(**{**vars(self.args), "weight_decay": 0.0, "lr": lr})
+        warm_args = with_settings(self.args, weight_decay=0.0, lr=lr)
         optimizer = build_optimizer(self.ddp_model, warm_args, device=self.device, lr=lr, tp_group=self.tp_group)
         self.model.train()
         history = []

@@ -147,9 +147,12 @@ def _flag(dest: str) -> str:
 
 def check_flags(hf_config: Any, args: Any = None) -> dict:
     """The checkpoint's architecture values; raises ValueError if an explicit flag contradicts one."""
+    from .options import MODEL_FLAGS
+
     values = _checkpoint_values(hf_config)
     for dest, expected in values.items():
-        given = getattr(args, dest, None) if args is not None else None
+        # only values that have a flag can be given (padded sizes and the like are derived, never set)
+        given = getattr(args, dest, None) if args is not None and dest in MODEL_FLAGS else None
         if given is None:
             continue
         # Switch flags are store_true with default None: a given switch is True. A given switch whose

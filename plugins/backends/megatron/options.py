@@ -28,6 +28,7 @@ MODEL_FLAGS = (
     "normalization",
     "norm_epsilon",
     "qk_layernorm",
+    "add_qkv_bias",
     "swiglu",
     "untie_embeddings_and_output_weights",
     "vocab_size",
@@ -182,6 +183,8 @@ def plugrl_add_options(parser):
     g.add_argument("--normalization", metavar="{LayerNorm,RMSNorm}")
     g.add_argument("--norm-epsilon", type=float)
     _switch(g, "--qk-layernorm")
+    _switch(g, "--add-qkv-bias", "q/k/v projection biases (slime's Qwen2.5 scripts; the checkpoint's model type "
+            "decides it, so the flag only confirms it)")
     _switch(g, "--swiglu")
     _switch(g, "--untie-embeddings-and-output-weights")
     g.add_argument("--vocab-size", type=int)
