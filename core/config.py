@@ -230,7 +230,7 @@ def parse_config(argv: list[str], plugin_set=None) -> argparse.Namespace:
         _set_extra(args, read_yaml(args.custom_config_path, "--custom-config-path"), "--custom-config-path")
     _set_extra(args, yaml_layer.extra, f"{pre.config}: extra")
     resolve_owned_flags(parser, args)
-    resolve_defaults(args)
+    resolve_defaults(args, plugin_set)
     return args
 
 
@@ -336,7 +336,7 @@ def _drop_replaced_recipe_values(parser: PlugrlArgumentParser, args: argparse.Na
     args._dropped = dropped
 
 
-def resolve_defaults(args: argparse.Namespace) -> None:
+def resolve_defaults(args: argparse.Namespace, plugin_set=None) -> None:
     """Derived defaults (slime's rules); idempotent, leaves inconsistent values for validation."""
     if not args.output_dir:
         args.output_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
@@ -345,6 +345,8 @@ def resolve_defaults(args: argparse.Namespace) -> None:
         args.rm_opt.setdefault("url", args.rm_url)
     args.filter_opt = dict(args.filter_opt or {})
     args.adv_opt = dict(args.adv_opt or {})
+    args.buffer_opt = dict(args.buffer_opt or {})
+    args.placement_opt = dict(args.placement_opt or {})
     args.apply_chat_template_kwargs = dict(args.apply_chat_template_kwargs or {})
     args.reward_post_process = list(args.reward_post_process or [])
     args.rollout_sample_hook_path = list(args.rollout_sample_hook_path or [])
@@ -356,7 +358,7 @@ def resolve_defaults(args: argparse.Namespace) -> None:
     if args.placement is None:
         decoupled = args.rollout_num_gpus is not None and not args.colocate
         args.placement = "decoupled" if decoupled else "colocate"
-    if args.rollout_num_gpus is None and (args.colocate or args.placement == "colocate"):
+    if args.rollout_num_gpus is None and (args.colocate or planned_colocation(args, plugin_set)):
         args.rollout_num_gpus = args.actor_num_nodes * args.actor_num_gpus_per_node
     offload = bool(args.colocate or args.offload)
     for dest in ("offload_train", "offload_rollout"):
@@ -723,10 +725,11 @@ def _check_device(args, problems: list[str]) -> None:
 
 def planned_colocation(args, plugin_set) -> bool | None:
     """Whether the placement puts engines on the train GPUs (None when it cannot plan here)."""
-    from .dry_run import placement_request
+    from .dry_run import placement_plan
 
+    plugin_set = plugin_set or _default_plugin_set()
     try:
-        return bool(plugin_set.get("placement", args.placement)(placement_request(args)).colocated)
+        return bool(placement_plan(args, plugin_set).colocated)
     except (PluginError, ImportError, ValueError):
         return None
 
@@ -790,21 +793,25 @@ def _check_weight_transport(args, plugin_set, problems: list[str]) -> None:
 
 
 def _check_cluster(args, plugin_set, problems: list[str]) -> None:
-    from .dry_run import layout_problems, placement_request
+    from .dry_run import layout_problems, placement_plan
+    from .plugin_options import OptionsError
 
     if args.async_train and args.colocate:
         problems.append(
             "--async with --colocate: colocated async cannot keep weights fixed during generation; "
             "drop --colocate or --async"
         )
-    if args.colocate and args.placement != "colocate":
-        problems.append(f"--colocate conflicts with --placement {args.placement}; drop one")
+    if args.colocate and planned_colocation(args, plugin_set) is False:
+        problems.append(f"--colocate conflicts with --placement {args.placement}, which gives the engines GPUs of "
+                        "their own; drop one")
     if args.debug_train_only and args.debug_rollout_only:
         problems.append("--debug-train-only and --debug-rollout-only exclude each other")
     registry = plugin_set.registries["placement"]
     if args.placement in registry and not registry.entry(args.placement).missing_requirements():
         try:
-            plugin_set.get("placement", args.placement)(placement_request(args))
+            placement_plan(args, plugin_set)
+        except OptionsError:
+            pass  # reported by the options check, naming the key
         except ValueError as exc:
             problems.append(f"--placement {args.placement}: {exc}")
     problems.extend(layout_problems(args))

@@ -71,7 +71,7 @@ def train_layout(args: argparse.Namespace) -> TrainLayout:
     )
 
 
-def placement_request(args: argparse.Namespace):
+def placement_request(args: argparse.Namespace, options=None):
     from .protocols import PlacementRequest
 
     return PlacementRequest(
@@ -80,7 +80,18 @@ def placement_request(args: argparse.Namespace):
         args.rollout_num_gpus,
         args.rollout_num_gpus_per_engine,
         args.num_gpus_per_node,
+        options,
     )
+
+
+def placement_plan(args: argparse.Namespace, plugin_set):
+    """The selected placement's plan (driver: config check, ``--dry-run``, the loop): the plugin called
+    with the request, its declared options in ``request.options`` (``--placement-opt``; a plain dict
+    when it declares none). Raises ValueError (``OptionsError`` for bad options) for a plan it refuses."""
+    from .plugin_options import build_options
+
+    options = build_options(plugin_set.entry("placement", args.placement), args, check=False)
+    return plugin_set.get("placement", args.placement)(placement_request(args, options))
 
 
 def _divisors(n: int) -> str:
@@ -320,7 +331,7 @@ def describe_run(args: argparse.Namespace, plugin_set) -> list[str]:
         from .registry import PluginError
 
         try:
-            plan = plugin_set.get("placement", args.placement)(placement_request(args))
+            plan = placement_plan(args, plugin_set)
         except (PluginError, ImportError, ValueError) as exc:  # e.g. a third-party placement missing a package
             return lines + [f"placement {args.placement}: cannot plan on this machine ({exc})"] + _batch_lines(args)
         lines += describe_plan(plan, args.placement).splitlines()

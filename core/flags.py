@@ -256,6 +256,13 @@ def _run_and_cluster(p: PlugrlArgumentParser) -> None:
         metavar="NAME",
         help="placement plugin (default: colocate; decoupled when --rollout-num-gpus is given without --colocate)",
     )
+    g.add_argument(
+        "--placement-opt",
+        action=KeyValueAction,
+        type=key_value,
+        metavar="KEY=VALUE",
+        help="option for the placement (repeatable; a field of its declared options, in request.options)",
+    )
     g.add_argument("--offload", action="store_true", help="same as --offload-train --offload-rollout")
     g.add_argument(
         "--offload-train",
@@ -336,6 +343,13 @@ def _plugins(p: PlugrlArgumentParser) -> None:
         help="option for the dynamic-sampling filter (repeatable)",
     )
     g.add_argument("--buffer-filter", default="fifo", metavar="NAME", help="partial-rollout buffer policy plugin")
+    g.add_argument(
+        "--buffer-opt",
+        action=KeyValueAction,
+        type=key_value,
+        metavar="KEY=VALUE",
+        help="option for the buffer policy (repeatable; a field of its declared options)",
+    )
     g.add_argument(
         "--buffer-filter-path", metavar="MODULE.ATTR", help="slime-signature buffer filter (overrides --buffer-filter)"
     )

@@ -157,14 +157,9 @@ class Cluster:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from .protocols import PlacementRequest
+        from .dry_run import placement_plan
 
-        placement = plugin_set.get("placement", args.placement)
-        plan = placement(PlacementRequest(
-            actor_num_nodes=args.actor_num_nodes, actor_num_gpus_per_node=args.actor_num_gpus_per_node,
-            rollout_num_gpus=args.rollout_num_gpus, rollout_num_gpus_per_engine=args.rollout_num_gpus_per_engine,
-            num_gpus_per_node=args.num_gpus_per_node,
-        ))
+        plan = placement_plan(args, plugin_set)
         if len(plan.actor_bundles) != world_size:
             raise ValueError(f"--placement {args.placement} gave {len(plan.actor_bundles)} train bundles for "
                              f"--actor-num-nodes x --actor-num-gpus-per-node = {world_size} train ranks")

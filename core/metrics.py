@@ -9,7 +9,8 @@ Files under the run's output directory:
   **metrics}`` — flushed line by line, so a killed run keeps everything logged so far;
   :func:`read_metrics` reads it back (and ``plugrl report`` plots it).
   The first line of a run is ``{"rollout_id": -1, "phase": "meta", "reward": ..., "advantage_estimator":
-  ..., "filter": ..., "plugins": {kind: {"name", "origin"}}, "plugrl_version", "rm_opt", "filter_opt", "adv_opt"}``:
+  ..., "filter": ..., "plugins": {kind: {"name", "origin"}}, "plugrl_version", "rm_opt", "filter_opt", "adv_opt",
+  "buffer_opt", "placement_opt"}``:
   which plugins (and whose) produced the numbers (:meth:`MetricsLogger.log_meta`). A resumed run adds a
   meta line (at its first rollout id) only when its selection differs. Readers filter on ``phase``.
 * ``config.yaml``: the resolved run configuration (:meth:`MetricsLogger.write_config`).

@@ -3,7 +3,8 @@
 ``register(name, obj, options=MyOptions, check_options=my_check)``: ``MyOptions`` is a dataclass whose
 fields (name, type, default, ``metadata={"help": ...}``) are the plugin's options. Core fills it from
 the plugin's ``--*-opt key=value`` pairs (``--rm-opt`` for rewards, ``--filter-opt`` for filters,
-``--adv-opt`` for advantage estimators, also YAML's ``rm_opt: {key: value}``) and, for a field with no
+``--adv-opt`` for advantage estimators, ``--buffer-opt`` for buffer policies, ``--placement-opt`` for
+placements, also YAML's ``rm_opt: {key: value}``) and, for a field with no
 such pair, from the run-config value of the same name (a flag the plugin owns, e.g. ``--reward-key``,
 or one it reads, e.g. ``--gamma``). A field whose metadata says ``RUN_SETTING: True`` is a setting core
 reads too (``--kl-coef``, ``--n-samples-per-prompt``): it comes from its flag only, and a pair for it is
@@ -12,8 +13,9 @@ are errors naming the plugin, the key and the allowed values; ``config_problems`
 driver, ``--dry-run`` included, and every process builds the same object again where the plugin is
 called. ``check_options(options) -> list[str]`` (or raising ``ValueError``) adds the plugin's own rules.
 
-Rewards and filters then receive the object's fields as keyword arguments (their calling convention),
-an advantage estimator class the object itself (``build_estimator``). A plugin that declares no options
+Rewards, filters and buffer policies then receive the object's fields as keyword arguments (their
+calling convention), an advantage estimator class the object itself (``build_estimator``), a placement
+the object as ``request.options`` (``core/dry_run.placement_plan``). A plugin that declares no options
 type keeps the old behaviour: its pairs are passed through unchecked, unless its function takes no such
 keyword (then it is an error too), and an estimator class is called with the run config.
 """
@@ -31,7 +33,8 @@ from .protocols import AdvantageEstimator
 
 # kind -> (config attribute holding the key=value pairs, the flag that gives them)
 PAIR_SOURCES = {"reward": ("rm_opt", "--rm-opt"), "filter": ("filter_opt", "--filter-opt"),
-                "advantage_estimator": ("adv_opt", "--adv-opt")}
+                "advantage_estimator": ("adv_opt", "--adv-opt"), "buffer_policy": ("buffer_opt", "--buffer-opt"),
+                "placement": ("placement_opt", "--placement-opt")}
 
 # Field metadata key: the field mirrors a run setting core reads too; filled from its flag only.
 RUN_SETTING = "run_setting"

@@ -100,13 +100,15 @@ class BufferPolicy(Protocol):
 @dataclass(frozen=True)
 class PlacementRequest:
     """What the run needs, from ``--actor-num-nodes --actor-num-gpus-per-node --rollout-num-gpus
-    --rollout-num-gpus-per-engine --num-gpus-per-node``."""
+    --rollout-num-gpus-per-engine --num-gpus-per-node``; ``options``: the placement's declared options
+    object (``--placement-opt``), or the plain dict of pairs when it declares none."""
 
     actor_num_nodes: int = 1
     actor_num_gpus_per_node: int = 1
     rollout_num_gpus: int | None = None
     rollout_num_gpus_per_engine: int = 1
     num_gpus_per_node: int = 8
+    options: Any = None
 
     @property
     def actor_gpus(self) -> int:

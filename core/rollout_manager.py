@@ -51,7 +51,11 @@ def _build_buffer(args, plugin_set):
     n = int(args.n_samples_per_prompt)
     if getattr(args, "buffer_filter_path", None):
         return _slime_buffer_adapter(args, plugin_set)(args.buffer_filter_path, args, n)
-    return plugin_set.get("buffer_policy", getattr(args, "buffer_filter", None) or "fifo")(n)
+    from .plugin_options import as_kwargs, build_options
+
+    name = getattr(args, "buffer_filter", None) or "fifo"
+    options = as_kwargs(build_options(plugin_set.entry("buffer_policy", name), args, check=False))
+    return plugin_set.get("buffer_policy", name)(n, **options)  # its declared options (--buffer-opt)
 
 
 def _slime_buffer_adapter(args, plugin_set):

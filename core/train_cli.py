@@ -161,7 +161,9 @@ def run_plugins(args, plugin_set) -> dict:
              for k, v in plugins.items() if k in ("reward", "advantage_estimator", "filter")}
     return {**short, "plugrl_version": plugrl.__version__, "plugins": plugins,
             "rm_opt": dict(args.rm_opt or {}), "filter_opt": dict(args.filter_opt or {}),
-            "adv_opt": dict(getattr(args, "adv_opt", None) or {})}
+            "adv_opt": dict(getattr(args, "adv_opt", None) or {}),
+            "buffer_opt": dict(getattr(args, "buffer_opt", None) or {}),
+            "placement_opt": dict(getattr(args, "placement_opt", None) or {})}
 
 
 def prepare_dirs(args) -> int | None:

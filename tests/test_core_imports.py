@@ -9,7 +9,7 @@ from pathlib import Path
 CORE = Path(__file__).resolve().parent.parent / "core"
 # The name-selecting config attributes: comparing one of them to a literal is branching on a plugin name.
 SELECTORS = {"train_backend", "rollout_backend", "advantage_estimator", "rm_type", "dynamic_sampling_filter",
-             "buffer_filter", "reward_post_process"}
+             "buffer_filter", "reward_post_process", "placement"}
 PLUGIN_PATH = re.compile(r"^plugrl\.plugins(\.[A-Za-z_][\w.]*)?(:[\w.]+)?$")
 
 
@@ -67,7 +67,7 @@ def test_the_scan_catches_each_kind_of_violation():
     for source, expected in cases.items():
         found = violations(source, "core/example.py")
         assert len(found) == 1 and expected in found[0], (source, found)
-    assert not violations("from .registry import import_object\nif args.placement == 'x': pass", "core/x.py")
+    assert not violations("from .registry import import_object\nif args.device == 'x': pass", "core/x.py")
     # the built-in manifest lives with the plugins (plugins/__init__.py), not in core
     assert violations("BUILTIN_PLUGINS = ('plugrl.plugins.rewards.dapo',)", "core/plugins.py")
 

@@ -15,9 +15,8 @@ class FifoBuffer:
 
     name = "fifo"
 
-    def __init__(self, n_samples_per_prompt: int | None = None, **options):
+    def __init__(self, n_samples_per_prompt: int | None = None):
         self.n_samples_per_prompt = n_samples_per_prompt
-        self.options = options
         self._groups: list[Group] = []
 
     def _check_sizes(self, groups: list[Group]) -> None:
