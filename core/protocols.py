@@ -140,7 +140,10 @@ class RolloutEngine(Protocol):
 
     OPTIONAL_METHODS: ClassVar[tuple[str, ...]] = (
         "state_dict", "load_state_dict", "gpu_memory_gib", "update_weights_from_ref", "close",
+        "weight_receivers", "join_weight_group",
     )
+
+    device: Any  # optional: where an in-process engine runs ("cpu", "cuda:0"); read for the weight transport
 
     async def generate(self, input_ids: list[int], sampling_params: dict) -> dict:
         """SGLang ``/generate`` semantics (field names and defaults) ->
@@ -179,12 +182,26 @@ class RolloutEngine(Protocol):
     def close(self) -> None:
         """Stop what the engine launched (servers, router) at the end of the run."""
 
+    def weight_receivers(self) -> list[dict]:
+        """An engine pool (engines in other processes): one ``{"uuid", "node", "where"}`` per engine
+        process, for the driver's choice of weight transport (``core/weight_sync.py``); without it an
+        in-process engine is taken to be on ``device``."""
+
+    def join_weight_group(self, name: str, address: str, port: int, first_rank: int, world_size: int,
+                          backend: str) -> None:
+        """An engine pool: each engine process joins the weight broadcast group as ranks
+        ``first_rank``...; without it the rollout manager's own process joins (in-process engine)."""
+
 
 class TrainBackend(Protocol):
     """The train actors' backend: every call ``core/train_worker.py`` makes. Built as
-    ``cls(args, *, estimator, total_optimizer_steps)`` in each train actor (it joins the process group)."""
+    ``cls(config, *, estimator, total_optimizer_steps)`` in each train actor (it joins the process
+    group); ``config`` is its ``PluginConfig`` view of the run config (``core/plugin_config.py``)."""
+
+    OPTIONAL_METHODS: ClassVar[tuple[str, ...]] = ("weight_sources", "weight_stream_problem")
 
     progress: tuple[int, int]  # (micro-batches done, planned) of the running ``train`` call; polled on rank 0
+    device: Any  # optional: the torch device of this rank's weights (CUDA IPC needs "cuda")
 
     def train(self, rollout_id: int, data: dict) -> dict:
         """All optimizer steps of one rollout; returns the rollout's train metrics (same on every rank)."""
@@ -208,6 +225,14 @@ class TrainBackend(Protocol):
         """Colocated GPU runs: free the GPU, keep the state on the host."""
 
     def onload(self) -> None: ...
+
+    # optional: streamed weight pushes (core/weight_sync.py), else export_weights through the object store
+    def weight_sources(self) -> tuple[list, Any]:
+        """Rank 0 holding the whole model: ``([(hf_name, live tensor), ...], dtype to send or None)``,
+        the tensors on the backend's device, read between train steps without a copy."""
+
+    def weight_stream_problem(self) -> str | None:
+        """Why this layout cannot stream (e.g. tensor parallelism: no rank holds whole tensors), or None."""
 
 
 def protocol_methods(protocol: type) -> dict[str, Any]:

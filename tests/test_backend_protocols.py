@@ -90,3 +90,27 @@ def test_core_calls_no_private_backend_method():
                 if name in ("backend", "engine"):
                     offenders.append(f"{path.name}:{node.lineno} {name}.{node.attr}")
     assert offenders == []
+
+
+def _called_names(owner: str) -> dict[str, str]:
+    """Every ``self.<owner>.X`` / ``getattr(self.<owner>, "X", ...)`` that core reads -> where."""
+    found = {}
+    for path in (ROOT / "core").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and ast.unparse(node.value) == f"self.{owner}":
+                found.setdefault(node.attr, f"{path.name}:{node.lineno}")
+            elif (isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("getattr", "hasattr")
+                  and len(node.args) >= 2 and ast.unparse(node.args[0]) == f"self.{owner}"
+                  and isinstance(node.args[1], ast.Constant)):
+                found.setdefault(node.args[1].value, f"{path.name}:{node.lineno}")
+    return found
+
+
+@pytest.mark.parametrize("owner,protocol", [("backend", TrainBackend), ("engine", RolloutEngine)])
+def test_the_protocol_lists_everything_core_reads_of_a_backend(owner, protocol):
+    """core/protocols.py is the whole contract: a method or attribute core probes for must be declared
+    there (required, or optional in OPTIONAL_METHODS / as an annotated attribute)."""
+    declared = set(protocol_methods(protocol)) | set(getattr(protocol, "__annotations__", {}))
+    missing = {name: where for name, where in _called_names(owner).items() if name not in declared}
+    assert missing == {}
+    assert set(getattr(protocol, "OPTIONAL_METHODS", ())) <= set(protocol_methods(protocol))

@@ -58,7 +58,8 @@ def engine_pool(args) -> str:
 
 
 def backend_problems(args) -> list[str]:
-    """slime flags the sglang backend accepts but does not implement, refused on the driver."""
+    """slime flags the sglang backend accepts but does not implement, and passed-through words that the
+    installed SGLang server or router does not know (``flag_names.py``), refused on the driver."""
     problems = []
     if getattr(args, "sglang_config", None):
         problems.append(f"--sglang-config {args.sglang_config}: server groups (several engine configurations in "
@@ -67,6 +68,9 @@ def backend_problems(args) -> list[str]:
     if getattr(args, "prefill_num_servers", None):
         problems.append(f"--prefill-num-servers {args.prefill_num_servers}: prefill/decode disaggregation is not "
                         "implemented; leave it unset (every engine prefills and decodes)")
+    from .flag_names import passthrough_problems
+
+    problems.extend(passthrough_problems(args))  # misspelled --sglang-*/--router-* words
     return problems
 
 
