@@ -15,22 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .plugin_traits import train_trait
-
-# dest -> flag of the Megatron parallel sizes (owned by the megatron backend's options; absent = 1)
-PARALLEL_FLAGS = {
-    "tensor_model_parallel_size": "--tensor-model-parallel-size",
-    "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
-    "context_parallel_size": "--context-parallel-size",
-    "expert_model_parallel_size": "--expert-model-parallel-size",
-    "expert_tensor_parallel_size": "--expert-tensor-parallel-size",
-}
-
-
-def _size(args: argparse.Namespace, dest: str) -> int:
-    value = getattr(args, dest, None)
-    return 1 if value is None else value
-
+from .plugin_traits import parallel_sizes, plugin_view, rollout_trait, train_trait
 
 @dataclass(frozen=True)
 class TrainLayout:
@@ -61,13 +46,12 @@ class TrainLayout:
         }
 
 
-def train_layout(args: argparse.Namespace) -> TrainLayout:
+def train_layout(args: argparse.Namespace, sizes=None) -> TrainLayout:
+    """The train world and the selected backend's model-parallel sizes (its ``parallel_sizes`` trait)."""
+    sizes = sizes or parallel_sizes(args)
     return TrainLayout(
         world=args.actor_num_nodes * args.actor_num_gpus_per_node,
-        tp=_size(args, "tensor_model_parallel_size"),
-        pp=_size(args, "pipeline_model_parallel_size"),
-        cp=_size(args, "context_parallel_size"),
-        sequence_parallel=bool(getattr(args, "sequence_parallel", None)),
+        tp=sizes.tp, pp=sizes.pp, cp=sizes.cp, sequence_parallel=sizes.sequence_parallel,
     )
 
 
@@ -101,10 +85,11 @@ def _divisors(n: int) -> str:
 def layout_problems(args: argparse.Namespace) -> list[str]:
     """What the train layout needs before any GPU work: parallel sizes that divide the train GPUs, and
     (megatron) steps big enough for every data-parallel rank. Each problem names the flags to change."""
+    sizes = parallel_sizes(args)  # declared by the train backend (its flags)
     problems = [
-        f"{flag} must be >= 1, got {getattr(args, dest)}"
-        for dest, flag in PARALLEL_FLAGS.items()
-        if getattr(args, dest, None) is not None and getattr(args, dest) < 1
+        f"{sizes.flag(name)} must be >= 1, got {getattr(sizes, name)}"
+        for name in ("tp", "pp", "cp", "ep", "etp")
+        if getattr(sizes, name) is not None and getattr(sizes, name) < 1
     ]
     nodes, per_node = args.actor_num_nodes, args.actor_num_gpus_per_node
     if not all(isinstance(v, int) and v >= 1 for v in (nodes, per_node, args.num_gpus_per_node)):
@@ -116,13 +101,13 @@ def layout_problems(args: argparse.Namespace) -> list[str]:
         )
     if problems or args.debug_rollout_only:
         return problems
-    layout = train_layout(args)
+    layout = train_layout(args, sizes)
     gpus = f"the {layout.world} train GPUs (--actor-num-nodes {nodes} × --actor-num-gpus-per-node {per_node})"
-    sizes = [(flag, _size(args, dest)) for dest, flag in list(PARALLEL_FLAGS.items())[:3]]
-    shown = [f"{flag} {value}" for flag, value in sizes if value > 1 or flag == "--tensor-model-parallel-size"]
+    model = [(sizes.flag(name), getattr(sizes, name)) for name in ("tp", "pp", "cp")]
+    shown = [f"{flag} {value}" for flag, value in model if value > 1 or flag == sizes.flag("tp")]
     if layout.world % layout.model_parallel:
-        if sum(value > 1 for _, value in sizes) <= 1:
-            flag, value = next(((f, v) for f, v in sizes if v > 1), sizes[0])
+        if sum(value > 1 for _, value in model) <= 1:
+            flag, value = next(((f, v) for f, v in model if v > 1), model[0])
             problems.append(
                 f"{flag} {value} does not divide {gpus}; use a size that divides {layout.world} "
                 f"({_divisors(layout.world)}) or change the train GPUs"
@@ -133,12 +118,12 @@ def layout_problems(args: argparse.Namespace) -> list[str]:
                 f"divide {layout.world}: lower one of them or change the train GPUs"
             )
         return problems
-    ep, etp = _size(args, "expert_model_parallel_size"), getattr(args, "expert_tensor_parallel_size", None)
+    ep, etp = sizes.ep, sizes.etp
     expert = ep * (layout.tp if etp is None else etp) * layout.pp
     if layout.world % expert:
         problems.append(
-            f"--expert-model-parallel-size {ep} × --expert-tensor-parallel-size {etp or layout.tp} × "
-            f"--pipeline-model-parallel-size {layout.pp} = {expert} does not divide {gpus}; lower one of them"
+            f"{sizes.flag('ep')} {ep} × {sizes.flag('etp')} {etp or layout.tp} × "
+            f"{sizes.flag('pp')} {layout.pp} = {expert} does not divide {gpus}; lower one of them"
         )
     if train_trait(args, "full_dp_steps", False):  # e.g. megatron's schedule
         problems.extend(_step_problems(args, layout))
@@ -204,7 +189,8 @@ def _train_lines(args: argparse.Namespace, plan) -> list[str]:
 def _rollout_lines(args: argparse.Namespace, plan) -> list[str]:
     if args.debug_train_only:
         return ["rollout: none (--debug-train-only)"]
-    external = getattr(args, "rollout_external_engine_addrs", None)
+    declared = rollout_trait(args, "external_engines", None)
+    external = declared(plugin_view(args, "rollout_backend", args.rollout_backend)) if declared else None
     if external:
         return [f"rollout: {args.rollout_backend} backend, external engines {' '.join(external)} (no local engines)"]
     per_engine, per_node = args.rollout_num_gpus_per_engine, args.num_gpus_per_node

@@ -146,18 +146,18 @@ def plan_memory(args, *, colocated: bool, on_gpu: bool = True, node_bytes: int |
     node = node_bytes if node_bytes is not None else node_memory_bytes()
     plan = MemoryPlan(node_gib=node / GIB if node else None)
     P = shape.params
-    from .plugin_traits import train_trait
+    from .plugin_traits import parallel_sizes, train_trait
 
     megatron = train_trait(args, "memory_model", "hf") == "megatron"  # the backend's declared memory model
     bf16 = on_gpu and not getattr(args, "fp32", False) and getattr(args, "bf16", None) is not False
     param_bytes = 2 if bf16 else 4
-    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1) if megatron else 1
-    pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1) if megatron else 1
+    sizes = parallel_sizes(args)  # the train backend's declared TP/PP/CP (all 1 when it declares none)
+    tp, pp = int(sizes.tp), int(sizes.pp)
     world = int(args.actor_num_nodes) * int(args.actor_num_gpus_per_node)
-    dp = max(1, world // (tp * pp * int(getattr(args, "context_parallel_size", 1) or 1)))
+    dp = max(1, world // (tp * pp * int(sizes.cp)))
     ranks_per_node = int(args.actor_num_gpus_per_node)
     model_parallel = tp * pp
-    distributed = megatron and on_gpu and getattr(args, "use_distributed_optimizer", None) is not False
+    distributed = megatron and on_gpu and sizes.distributed_optimizer
     if megatron:  # bf16 params + fp32 main params and two fp32 moments (sharded over DP when distributed)
         optimizer_bytes = 12 / (dp if distributed else 1) if bf16 else 8
         grad_bytes = 4  # fp32 main grads

@@ -128,8 +128,12 @@ def flag_owners(parser) -> dict[str, list[str]]:
     (a ``PlugrlArgumentParser``); stored on the parsed config as ``_flag_owners``."""
     from .flags import canonical_flag
 
+    owned = parser.owned_actions()
+    # a dest that a core flag also sets (--rollout-concurrency, spelled --sglang-server-concurrency by
+    # the sglang backend too) is core's setting
+    core_dests = {action.dest for action in parser.flag_actions() if action not in owned}
     owners = {action.dest: [kind, name, canonical_flag(action)]
-              for action, (kind, name) in parser.owned_actions().items()}
+              for action, (kind, name) in owned.items() if action.dest not in core_dests}
     for spec in parser.passthroughs:
         if spec.kind and spec.name:
             owners[spec.dest] = [spec.kind, spec.name, spec.prefix + "*"]

@@ -11,6 +11,8 @@ advantage_estimator  needs_critic (False), needs_ref_log_probs (False); options 
                      the class attributes ``options_type`` and ``check_options`` (core/plugin_options.py)
 train_backend        check(config) -> list[str]     config problems, on the driver (``--dry-run`` too)
                      supplies_critic (False)         the backend computes critic values
+                     parallel_sizes(config) -> ParallelSizes  TP/PP/CP/EP sizes (core/protocols.py); DP only
+                                                     when absent (layout check, --dry-run, memory plan)
                      memory_model ("hf")             "megatron": bf16 params + fp32 main params and grads,
                                                      distributed optimizer, TP x PP shards (core/memory_plan.py)
                      gpu_bf16_only (False)           refuses --fp32 / --no-bf16 on GPUs (core/precision.py)
@@ -20,6 +22,7 @@ rollout_backend      check(config) -> list[str]
                      engine_pool(config) -> str      "actors": core starts one Ray actor per engine on the
                                                      plan's bundles; "processes": the manager launches the
                                                      engines and needs their GPU ids; "external": neither
+                     external_engines(config) -> list[str]  addresses of running engines (``--dry-run``)
 buffer_policy        slime_adapter(path, args, n)    runs a slime ``--buffer-filter-path`` on this policy
 reward_post_processor check(args) -> list[str] (or declared options); idle_flags (dests that do nothing unless
                      it is selected)
@@ -37,8 +40,8 @@ from typing import Any
 from .registry import UnknownPluginError, import_object
 
 # Traits whose value may be a "module:attr" string imported on first use.
-TRAIT_CALLABLES = ("check", "engine_pool", "default_data", "default_checkpoint", "slime_adapter", "options",
-                   "check_options")
+TRAIT_CALLABLES = ("check", "engine_pool", "parallel_sizes", "external_engines", "default_data", "default_checkpoint",
+                   "slime_adapter", "options", "check_options")
 
 
 def _plugin_set(plugin_set):
@@ -96,6 +99,21 @@ def engine_pool(args, plugin_set=None) -> str:
         raise ValueError(f"rollout backend '{args.rollout_backend}' declared engine_pool {pool!r}; "
                          "it must be 'actors', 'processes' or 'external'")
     return pool
+
+
+def parallel_sizes(args, plugin_set=None):
+    """The selected train backend's model-parallel sizes (its ``parallel_sizes(config)`` trait, given
+    its view of the config), or all 1 when it declares none."""
+    from .protocols import ParallelSizes
+
+    declared = train_trait(args, "parallel_sizes", None, plugin_set)
+    if declared is None:
+        return ParallelSizes()
+    sizes = declared(plugin_view(args, "train_backend", args.train_backend))
+    if not isinstance(sizes, ParallelSizes):
+        raise TypeError(f"train backend '{args.train_backend}': parallel_sizes() returned {type(sizes).__name__}, "
+                        "not plugrl.core.protocols.ParallelSizes")
+    return sizes
 
 
 def backend_problems(args, plugin_set=None) -> list[str]:

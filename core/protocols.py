@@ -193,6 +193,27 @@ class RolloutEngine(Protocol):
         ``first_rank``...; without it the rollout manager's own process joins (in-process engine)."""
 
 
+@dataclass(frozen=True)
+class ParallelSizes:
+    """A train backend's model-parallel sizes, its ``parallel_sizes(config)`` trait (read by the layout
+    check, the ``--dry-run`` rank table, the memory plan and the weight-transport choice); data
+    parallelism is what TP × PP × CP leave of the train GPUs. A backend that declares none trains
+    data-parallel only. ``flags`` names the flag that sets each size (``{"tp": "--tensor-..."}``),
+    for messages."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int | None = None  # expert tensor parallelism (None: as tp)
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False  # optimizer state sharded over DP (the memory plan divides it)
+    flags: dict = field(default_factory=dict)
+
+    def flag(self, size: str) -> str:
+        return self.flags.get(size, f"the {size.upper()} size")
+
+
 class TrainBackend(Protocol):
     """The train actors' backend: every call ``core/train_worker.py`` makes. Built as
     ``cls(config, *, estimator, total_optimizer_steps)`` in each train actor (it joins the process
@@ -247,6 +268,7 @@ __all__ = [
     "BufferPolicy",
     "FilterDecision",
     "Group",
+    "ParallelSizes",
     "PlacementPlan",
     "PlacementRequest",
     "RolloutEngine",

@@ -73,15 +73,14 @@ def choose_transport(*, use_gpu: bool, trainer: dict | None, receivers: list[dic
 def expected_transport(args, *, colocated: bool, on_gpu: bool = True) -> str:
     """What ``choose_transport`` will pick for a config, predicted on the driver before any actor
     exists (the memory plan, ``--dry-run``); the run itself decides from the actors' reports."""
-    from .plugin_traits import engine_pool, train_trait
+    from .plugin_traits import engine_pool, parallel_sizes
 
     forced = getattr(args, "weight_transport", "auto") or "auto"
     if forced != "auto":
         return forced  # --weight-transport (checked against the placement on the driver)
     if not on_gpu or engine_pool(args) != "actors":
         return OBJECT_STORE
-    megatron = train_trait(args, "memory_model", "hf") == "megatron"
-    if megatron and int(getattr(args, "tensor_model_parallel_size", 1) or 1) > 1:
+    if parallel_sizes(args).tp > 1:  # no rank holds whole tensors: the backend's weight_stream_problem
         return OBJECT_STORE
     if not colocated:
         return BROADCAST

@@ -115,3 +115,24 @@ def test_a_missing_manifest_is_a_load_error_that_says_to_reinstall(monkeypatch):
     finally:
         monkeypatch.undo()
         plugins.builtin_plugin_modules.cache_clear()
+
+
+def test_core_reads_no_flag_that_a_plugin_owns():
+    """A backend's flags (Megatron's parallel sizes, SGLang's router address) reach core only through
+    the backend's declared traits (``parallel_sizes``, ``external_engines``, ...), never by name."""
+    from plugrl.core.config import build_parser
+    from plugrl.core.plugin_config import flag_owners
+
+    owners = flag_owners(build_parser())
+    found = []
+    for path in sorted(CORE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = None
+            if isinstance(node, ast.Attribute) and ast.unparse(node.value) in ("args", "self.args", "config"):
+                name = node.attr
+            elif (isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("getattr", "hasattr")
+                  and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)):
+                name = node.args[1].value
+            if name in owners:
+                found.append(f"{path.name}:{node.lineno} reads {owners[name][2]} of the {owners[name][1]} plugin")
+    assert not found, "\n".join(found)

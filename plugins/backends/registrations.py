@@ -22,6 +22,7 @@ def plugrl_register_train_backends(register):
              requires=("torch", "megatron.core"), extra="megatron",
              description="megatron-core GPTModel with TP/PP/CP, distributed optimizer",
              check=megatron_options.backend_problems, memory_model="megatron", gpu_bf16_only=True,
+             parallel_sizes=megatron_options.parallel_sizes,
              full_dp_steps=True, commands={"convert": "plugrl.plugins.backends.megatron.convert:main"})
 
 
@@ -35,4 +36,5 @@ def plugrl_register_rollout_backends(register):
              requires=("sglang_router", "httpx"), extra="sglang",
              description="SGLang servers behind the sglang_router",
              check=sglang_options.backend_problems, engine_pool=sglang_options.engine_pool,
+             external_engines=sglang_options.external_engines,
              commands={"serve": "plugrl.plugins.backends.sglang.server:main"})

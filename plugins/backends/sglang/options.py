@@ -57,6 +57,11 @@ def engine_pool(args) -> str:
     return "external" if getattr(args, "rollout_external_engine_addrs", None) else "processes"
 
 
+def external_engines(args) -> list[str]:
+    """The running servers this run uses instead of launching engines (``--dry-run`` lists them)."""
+    return list(getattr(args, "rollout_external_engine_addrs", None) or [])
+
+
 def backend_problems(args) -> list[str]:
     """slime flags the sglang backend accepts but does not implement, and passed-through words that the
     installed SGLang server or router does not know (``flag_names.py``), refused on the driver."""
