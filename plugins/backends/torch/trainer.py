@@ -18,6 +18,8 @@ identically on every rank. Metrics are summed over ranks, so rank 0 reports sing
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 from typing import Any
@@ -94,6 +96,21 @@ def packed_inputs(token_lists: list[list[int]], device, *, dense_mask: bool = Fa
     return {"input_ids": ids[None], "position_ids": positions[None], "attention_mask": mask[None, None]}
 
 
+def response_logits(model, inputs: dict, index: torch.Tensor) -> torch.Tensor:
+    """``[len(index), V]`` logits at the packed row's positions ``index`` (the tokens before each
+    response token). The LM head runs on those positions only (``logits_to_keep``, which HF causal LMs
+    take), not on every prompt token: at 4B scale a full row of logits is ~0.3 MB per token in bf16,
+    plus as much again for its gradient. Models whose forward lacks it get the full row, then index."""
+    if _takes_logits_to_keep(type(model)):
+        return model(**inputs, logits_to_keep=index).logits[0]
+    return model(**inputs).logits[0][index]
+
+
+@functools.cache
+def _takes_logits_to_keep(model_type: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_type.forward).parameters
+
+
 def _load_model(path: str, dtype: torch.dtype, device: torch.device):
     """-> ``(model, dense_mask)``: the HF model with plugrl's packed attention, or, for an architecture
     whose attention cannot be swapped (HF raises at load), with its own attention fed dense masks."""
@@ -156,12 +173,11 @@ class TorchTrainBackend:
     # ---- log-probs -----------------------------------------------------------------------------
     def _forward_response(self, model, token_lists, response_lengths, *, with_entropy: bool):
         inputs = packed_inputs(token_lists, self.device, dense_mask=self.dense_mask, dtype=self.dtype)
-        logits = model(**inputs).logits[0]
         temperature = float(_opt(self.args, "rollout_temperature", 1.0))
         spans = response_slices(token_lists, response_lengths)
         index = torch.cat([torch.arange(s, e, device=self.device) for s, e in spans])
         targets = inputs["input_ids"][0][index + 1]
-        selected = logits[index]
+        selected = response_logits(model, inputs, index)
         log_probs = losses.log_probs_from_logits(selected, targets, temperature)
         entropy = losses.entropy_from_logits(selected, temperature) if with_entropy else None
         return log_probs, entropy
