@@ -13,10 +13,13 @@ shared/MEASURED.md does. ``--profile`` adds the top CUDA kernels of one step per
     python benchmarks/train_throughput.py --model 4b --tokens 9216 --samples 8 --steps 5
     python benchmarks/train_throughput.py --model 4b --backends transformers,transformers+liger,torch,megatron
     python benchmarks/train_throughput.py --model 4b --backends torch,megatron --megatron-tp 2 --profile
+    python benchmarks/train_throughput.py --model 4b --backends transformers+liger,torch,torch-full-logits
     python benchmarks/train_throughput.py --model 4b --backends megatron --megatron-dp 2 --checkpoint-cache /tmp/ckpt
     python benchmarks/train_throughput.py --model 4b --backends megatron --megatron-dp 2 --megatron-unfused
     python benchmarks/train_throughput.py --model 4b --backends megatron --megatron-dp 2 --megatron-recompute block:24
 
+``torch-full-logits`` is the torch backend computing the scored positions' log-probs from full logits
+(``--no-fused-log-probs``) instead of from hidden states in slices (its default, fused_log_probs.py).
 ``--megatron-tp``/``--megatron-dp`` run the megatron backend on TP x DP GPUs (one process each); with DP
 every data-parallel rank trains its own ``--tokens`` micro-batch, so tokens/s per GPU stay comparable.
 ``--megatron-unfused`` runs its elementwise kernels unfused (the ``--no-*-fusion`` flags), the baseline
@@ -62,6 +65,8 @@ def backend_args(checkpoint: str, backend: str, tokens: int, *, device: str = "c
                   "n_samples_per_prompt": 8}
     if backend == "torch":
         return SimpleNamespace(**common, gradient_checkpointing=True)
+    if backend == "torch-full-logits":  # the torch backend's log-probs from full logits (its own LM head)
+        return SimpleNamespace(**common, gradient_checkpointing=True, no_fused_log_probs=True)
     # fp32 grad buffers as slime's recipe sets (--accumulate-allreduce-grads-in-fp32): with bf16 buffers
     # megatron's distributed optimizer makes an fp32 copy of every grad at step time (+4 bytes/param).
     if recompute == "none":
@@ -136,7 +141,7 @@ def worker(opts) -> dict | None:
     dp = opts.megatron_dp if opts.worker == "megatron" else 1
     args = backend_args(opts.checkpoint, opts.worker, opts.tokens, device=opts.device, tp=tp,
                         recompute=opts.megatron_recompute)
-    if opts.worker == "torch":
+    if opts.worker.startswith("torch"):
         from plugrl.plugins.backends.torch.trainer import TorchTrainBackend as Backend
     else:
         from plugrl.plugins.backends.megatron.backend import (
@@ -275,7 +280,8 @@ def main() -> None:
     parser.add_argument("--response", type=int, default=1024, help="response tokens per sequence")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--backends", default="transformers,transformers+liger,torch,megatron",
-                        help="rows to run, in order: the baselines " + ", ".join(BASELINES) + ", then torch, megatron")
+                        help="rows to run, in order: the baselines " + ", ".join(BASELINES)
+                        + ", then torch, torch-full-logits, megatron")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per backend with --profile")
     parser.add_argument("--megatron-unfused", action="store_true",

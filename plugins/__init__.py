@@ -34,6 +34,7 @@ BUILTIN_MODULES = (
     "plugrl.plugins.filters.overlong",
     "plugrl.plugins.placements.placement",
     "plugrl.plugins.backends.registrations",
+    "plugrl.plugins.backends.torch.options",
     "plugrl.plugins.backends.megatron.options",
     "plugrl.plugins.backends.megatron.bridge",
     "plugrl.plugins.backends.sglang.options",

@@ -1,0 +1,104 @@
+"""Per-token log-probs (and entropy) straight from hidden states and the LM head's weight, in slices
+of tokens: neither the ``[tokens, vocab]`` logits nor their gradient ever exist whole.
+
+Used by the torch backend's forward for the scored positions (``TorchTrainBackend._forward_response``)
+when the model's logits are exactly ``hidden @ lm_head.weight.T`` (``plain_lm_head``). At the Qwen3-4B
+shape the logits of one 9k-token micro-batch are 2.8 GB in bf16 and as much again for their gradient;
+here each slice's fp32 softmax (at most ``CHUNK_ELEMENTS``) is recomputed in the backward instead,
+the idea behind Liger's fused linear cross-entropy, written in plain torch so it runs on CPU too.
+
+Math (z = h·Wᵀ / T per token, p = softmax(z), lse = logsumexp(z)):
+  log p[target] = z[target] − lse;   H = lse − Σ p·z
+  ∂ log p[target]/∂z = onehot(target) − p;   ∂H/∂z = p·(Σ p·z − z)
+  ∂/∂h = (∂/∂z)·W / T;   ∂/∂W = (∂/∂z)ᵀ·h / T
+"""
+
+from __future__ import annotations
+
+import torch
+
+# fp32 elements of one slice's logits (256 MiB): bounds the temporaries at any vocabulary size.
+CHUNK_ELEMENTS = 64 * 1024 * 1024
+# model types whose causal-LM logits are exactly lm_head(last hidden state): no bias, scaling or soft-capping
+PLAIN_HEAD_MODEL_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
+
+
+def plain_lm_head(model) -> torch.nn.Linear | None:
+    """The LM head when ``model``'s logits are ``hidden @ head.weight.T`` and its decoder can be called
+    alone (``model.model``), else None (the caller then runs the model's own forward)."""
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or not isinstance(head, torch.nn.Linear):
+        return None
+    if head.bias is not None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    return head if isinstance(getattr(model, "model", None), torch.nn.Module) else None
+
+
+def _slices(num_tokens: int, vocab: int, chunk_tokens: int | None):
+    step = chunk_tokens or max(1, CHUNK_ELEMENTS // max(1, vocab))
+    for start in range(0, num_tokens, step):
+        yield start, min(num_tokens, start + step)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32  # fp64 kept for gradient checks
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_tokens):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        acc = _acc(hidden.dtype)
+        log_probs = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        mean_z = torch.empty(n, dtype=acc, device=hidden.device) if with_entropy else None
+        for s, e in _slices(n, vocab, chunk_tokens):
+            z = (hidden[s:e] @ weight.t()).to(acc) / temperature
+            lse[s:e] = torch.logsumexp(z, dim=-1)
+            log_probs[s:e] = z.gather(-1, targets[s:e, None]).squeeze(-1) - lse[s:e]
+            if with_entropy:
+                mean_z[s:e] = (torch.exp(z - lse[s:e, None]) * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, targets, lse, mean_z if with_entropy else lse)
+        ctx.temperature, ctx.with_entropy, ctx.chunk_tokens = temperature, with_entropy, chunk_tokens
+        entropy = lse - mean_z if with_entropy else None
+        if entropy is None:
+            return log_probs, torch.empty(0, dtype=acc, device=hidden.device)
+        return log_probs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_entropy):
+        hidden, weight, targets, lse, mean_z = ctx.saved_tensors
+        t = ctx.temperature
+        use_entropy = ctx.with_entropy and grad_entropy is not None and grad_entropy.numel() > 0
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=_acc(weight.dtype), device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        acc = lse.dtype
+        for s, e in _slices(hidden.shape[0], weight.shape[0], ctx.chunk_tokens):
+            z = (hidden[s:e] @ weight.t()).to(acc) / t
+            p = torch.exp(z - lse[s:e, None])
+            g = torch.zeros_like(z)
+            if grad_log_probs is not None:
+                g_lp = grad_log_probs[s:e, None].to(acc)
+                g = -p * g_lp
+                g.scatter_add_(-1, targets[s:e, None], g_lp)
+            if use_entropy:
+                g = g + grad_entropy[s:e, None].to(acc) * p * (mean_z[s:e, None] - z)
+            g = (g / t).to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[s:e] = g @ weight
+            if grad_weight is not None:
+                grad_weight += (g.t() @ hidden[s:e]).to(grad_weight.dtype)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None)
+
+
+def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                     with_entropy: bool = False, chunk_tokens: int | None = None):
+    """``(log_softmax(h·Wᵀ/T)[target], entropy or None)`` for ``hidden [N, H]``, ``weight [V, H]``,
+    ``targets [N]``, both fp32 (fp64 for fp64 inputs); differentiable in ``hidden`` and ``weight``."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (--rollout-temperature), got {temperature}")
+    log_probs, entropy = _LinearLogProbs.apply(hidden, weight, targets.long(), float(temperature), with_entropy,
+                                               chunk_tokens)
+    return log_probs, (entropy if with_entropy else None)

@@ -1,0 +1,99 @@
+"""Log-probs and entropy from hidden states and the LM head in slices of tokens
+(plugins/backends/torch/fused_log_probs.py): values and gradients against autograd through the full
+logits (fp64 gradcheck, several slice sizes), and the torch backend's forward and train step with it
+against the same backend computing full logits (--no-fused-log-probs)."""
+
+import copy
+
+import pytest
+import torch
+
+from plugrl.plugins.backends.torch.fused_log_probs import linear_log_probs, plain_lm_head
+from plugrl.plugins.backends.torch_trainer import TorchTrainBackend
+from plugrl.plugins.estimators.grpo import GRPOEstimator
+
+from .test_torch_trainer import _grads_after_one_step, checkpoint, make_args, random_sequences  # noqa: F401  (fixture)
+
+
+def _reference(hidden, weight, targets, temperature):
+    z = (hidden @ weight.t()) / temperature
+    log_p = torch.log_softmax(z, -1)
+    return log_p.gather(1, targets[:, None])[:, 0], -(log_p.exp() * log_p).sum(-1)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, None])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_values_and_gradients_equal_autograd_through_full_logits(chunk, temperature):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 11, (7,), generator=gen)
+    g_lp, g_ent = torch.randn(7, dtype=torch.float64, generator=gen), torch.randn(7, dtype=torch.float64, generator=gen)
+
+    lp, ent = linear_log_probs(hidden, weight, targets, temperature=temperature, with_entropy=True, chunk_tokens=chunk)
+    ref_lp, ref_ent = _reference(hidden, weight, targets, temperature)
+    torch.testing.assert_close(lp, ref_lp)
+    torch.testing.assert_close(ent, ref_ent)
+    grads = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), (hidden, weight))
+    ref_grads = torch.autograd.grad((ref_lp * g_lp).sum() + (ref_ent * g_ent).sum(), (hidden, weight))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+
+    def both(h, w):
+        return linear_log_probs(h, w, targets, temperature=temperature, with_entropy=True, chunk_tokens=chunk)
+
+    assert torch.autograd.gradcheck(both, (hidden, weight))
+    assert torch.autograd.gradcheck(
+        lambda h, w: linear_log_probs(h, w, targets, temperature=temperature, chunk_tokens=chunk)[0], (hidden, weight))
+
+
+def test_no_entropy_is_returned_unless_asked_and_a_bad_temperature_is_refused():
+    hidden, weight = torch.randn(3, 4), torch.randn(6, 4)
+    lp, ent = linear_log_probs(hidden, weight, torch.tensor([0, 5, 2]))
+    assert ent is None and lp.dtype == torch.float32 and lp.shape == (3,)
+    with pytest.raises(ValueError, match="--rollout-temperature"):
+        linear_log_probs(hidden, weight, torch.tensor([0, 5, 2]), temperature=0)
+
+
+def test_only_plain_heads_take_the_fused_path(checkpoint):
+    backend = TorchTrainBackend(make_args(checkpoint), estimator=GRPOEstimator(None))
+    model = backend.model
+    assert plain_lm_head(model) is model.get_output_embeddings()  # Qwen3: logits = lm_head(hidden)
+    other = copy.deepcopy(model)
+    other.config.model_type = "gemma2"  # soft-capped logits: not a plain head
+    assert plain_lm_head(other) is None
+    biased = copy.deepcopy(model)
+    biased.lm_head = torch.nn.Linear(biased.lm_head.in_features, biased.lm_head.out_features, bias=True)
+    assert plain_lm_head(biased) is None
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_the_backend_forward_equals_full_logits(checkpoint, with_entropy):
+    fused = TorchTrainBackend(make_args(checkpoint, rollout_temperature=0.8), estimator=GRPOEstimator(None))
+    full = TorchTrainBackend(make_args(checkpoint, rollout_temperature=0.8, no_fused_log_probs=True),
+                             estimator=GRPOEstimator(None))
+    assert fused.fused_log_probs and not full.fused_log_probs
+    seqs, resp = random_sequences(seed=2)
+    lp, ent = fused._forward_response(fused.model, seqs, resp, with_entropy=with_entropy)
+    ref_lp, ref_ent = full._forward_response(full.model, seqs, resp, with_entropy=with_entropy)
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-5)
+    if with_entropy:
+        torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+    (lp.sum() + (ent.sum() if with_entropy else 0)).backward()
+    (ref_lp.sum() + (ref_ent.sum() if with_entropy else 0)).backward()
+    for (name, a), (_, b) in zip(fused.model.named_parameters(), full.model.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_grpo_step_with_the_fused_path_equals_the_full_logits_step(checkpoint):
+    """One step's gradients (lr 0; with an entropy term and gradient checkpointing) and metrics."""
+    args = dict(micro_batch_size=2, entropy_coef=0.01, gradient_checkpointing=True)
+    fused, metrics = _grads_after_one_step(checkpoint, **args)
+    full, ref_metrics = _grads_after_one_step(checkpoint, no_fused_log_probs=True, **args)
+    assert fused.keys() == full.keys() and len(full) > 10
+    for name, grad in full.items():
+        torch.testing.assert_close(fused[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    compared = [k for k in ("train/loss", "train/pg_loss", "train/entropy_loss", "train/grad_norm") if k in ref_metrics]
+    assert len(compared) >= 2, sorted(ref_metrics)
+    for key in compared:
+        assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5, abs=1e-7), key
