@@ -13,13 +13,14 @@ shared/MEASURED.md does. ``--profile`` adds the top CUDA kernels of one step per
     python benchmarks/train_throughput.py --model 4b --tokens 9216 --samples 8 --steps 5
     python benchmarks/train_throughput.py --model 4b --backends transformers,transformers+liger,torch,megatron
     python benchmarks/train_throughput.py --model 4b --backends torch,megatron --megatron-tp 2 --profile
-    python benchmarks/train_throughput.py --model 4b --backends transformers+liger,torch,torch-full-logits
+    python benchmarks/train_throughput.py --model 4b --backends transformers+liger,torch-fused,torch-full-logits
     python benchmarks/train_throughput.py --model 4b --backends megatron --megatron-dp 2 --checkpoint-cache /tmp/ckpt
     python benchmarks/train_throughput.py --model 4b --backends megatron --megatron-dp 2 --megatron-unfused
     python benchmarks/train_throughput.py --model 4b --backends megatron --megatron-dp 2 --megatron-recompute block:24
 
-``torch-full-logits`` is the torch backend computing the scored positions' log-probs from full logits
-(``--no-fused-log-probs``) instead of from hidden states in slices (its default, fused_log_probs.py).
+``torch-full-logits`` and ``torch-fused`` are the torch backend with ``--fused-log-probs never`` (log-probs
+from full logits) and ``always`` (from hidden states in slices, fused_log_probs.py); ``torch`` is its
+default, ``auto`` (fused when a micro-batch's logits exceed one slice, as at the 4B shape).
 ``--megatron-tp``/``--megatron-dp`` run the megatron backend on TP x DP GPUs (one process each); with DP
 every data-parallel rank trains its own ``--tokens`` micro-batch, so tokens/s per GPU stay comparable.
 ``--megatron-unfused`` runs its elementwise kernels unfused (the ``--no-*-fusion`` flags), the baseline
@@ -66,7 +67,9 @@ def backend_args(checkpoint: str, backend: str, tokens: int, *, device: str = "c
     if backend == "torch":
         return SimpleNamespace(**common, gradient_checkpointing=True)
     if backend == "torch-full-logits":  # the torch backend's log-probs from full logits (its own LM head)
-        return SimpleNamespace(**common, gradient_checkpointing=True, no_fused_log_probs=True)
+        return SimpleNamespace(**common, gradient_checkpointing=True, fused_log_probs="never")
+    if backend == "torch-fused":  # ... from hidden states in slices, whatever the size
+        return SimpleNamespace(**common, gradient_checkpointing=True, fused_log_probs="always")
     # fp32 grad buffers as slime's recipe sets (--accumulate-allreduce-grads-in-fp32): with bf16 buffers
     # megatron's distributed optimizer makes an fp32 copy of every grad at step time (+4 bytes/param).
     if recompute == "none":
@@ -281,7 +284,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--backends", default="transformers,transformers+liger,torch,megatron",
                         help="rows to run, in order: the baselines " + ", ".join(BASELINES)
-                        + ", then torch, torch-full-logits, megatron")
+                        + ", then torch, torch-fused, torch-full-logits, megatron")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per backend with --profile")
     parser.add_argument("--megatron-unfused", action="store_true",

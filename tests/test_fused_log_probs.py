@@ -1,7 +1,8 @@
 """Log-probs and entropy from hidden states and the LM head in slices of tokens
 (plugins/backends/torch/fused_log_probs.py): values and gradients against autograd through the full
 logits (fp64 gradcheck, several slice sizes), and the torch backend's forward and train step with it
-against the same backend computing full logits (--no-fused-log-probs)."""
+against the same backend computing full logits (--fused-log-probs always / never), and 'auto' choosing
+by the size of the logits."""
 
 import copy
 
@@ -69,10 +70,10 @@ def test_only_plain_heads_take_the_fused_path(checkpoint):
 
 @pytest.mark.parametrize("with_entropy", [False, True])
 def test_the_backend_forward_equals_full_logits(checkpoint, with_entropy):
-    fused = TorchTrainBackend(make_args(checkpoint, rollout_temperature=0.8), estimator=GRPOEstimator(None))
-    full = TorchTrainBackend(make_args(checkpoint, rollout_temperature=0.8, no_fused_log_probs=True),
+    fused = TorchTrainBackend(make_args(checkpoint, rollout_temperature=0.8, fused_log_probs="always"),
+                              estimator=GRPOEstimator(None))
+    full = TorchTrainBackend(make_args(checkpoint, rollout_temperature=0.8, fused_log_probs="never"),
                              estimator=GRPOEstimator(None))
-    assert fused.fused_log_probs and not full.fused_log_probs
     seqs, resp = random_sequences(seed=2)
     lp, ent = fused._forward_response(fused.model, seqs, resp, with_entropy=with_entropy)
     ref_lp, ref_ent = full._forward_response(full.model, seqs, resp, with_entropy=with_entropy)
@@ -88,8 +89,8 @@ def test_the_backend_forward_equals_full_logits(checkpoint, with_entropy):
 def test_a_grpo_step_with_the_fused_path_equals_the_full_logits_step(checkpoint):
     """One step's gradients (lr 0; with an entropy term and gradient checkpointing) and metrics."""
     args = dict(micro_batch_size=2, entropy_coef=0.01, gradient_checkpointing=True)
-    fused, metrics = _grads_after_one_step(checkpoint, **args)
-    full, ref_metrics = _grads_after_one_step(checkpoint, no_fused_log_probs=True, **args)
+    fused, metrics = _grads_after_one_step(checkpoint, fused_log_probs="always", **args)
+    full, ref_metrics = _grads_after_one_step(checkpoint, fused_log_probs="never", **args)
     assert fused.keys() == full.keys() and len(full) > 10
     for name, grad in full.items():
         torch.testing.assert_close(fused[name], grad, atol=1e-6, rtol=1e-4, msg=name)
@@ -97,3 +98,23 @@ def test_a_grpo_step_with_the_fused_path_equals_the_full_logits_step(checkpoint)
     assert len(compared) >= 2, sorted(ref_metrics)
     for key in compared:
         assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5, abs=1e-7), key
+
+
+def test_auto_fuses_only_when_the_logits_exceed_one_slice(checkpoint, monkeypatch):
+    """The default: a micro-batch whose [tokens, vocab] logits fit one slice keeps the full logits (the
+    backward's recomputation would cost more than it saves); a bigger one takes the fused path."""
+    from plugrl.plugins.backends.torch import trainer
+
+    backend = TorchTrainBackend(make_args(checkpoint), estimator=GRPOEstimator(None))
+    assert backend.fused_log_probs == "auto"
+    calls = []
+    real = trainer.linear_log_probs
+    monkeypatch.setattr(trainer, "linear_log_probs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    seqs, resp = random_sequences(seed=6)
+    scored, vocab = sum(resp), backend.model.config.vocab_size
+    monkeypatch.setattr(trainer, "CHUNK_ELEMENTS", scored * vocab)  # exactly one slice: not fused
+    backend._forward_response(backend.model, seqs, resp, with_entropy=False)
+    assert calls == []
+    monkeypatch.setattr(trainer, "CHUNK_ELEMENTS", scored * vocab - 1)  # more than one slice: fused
+    backend._forward_response(backend.model, seqs, resp, with_entropy=False)
+    assert calls == [1]

@@ -11,8 +11,9 @@ def plugrl_add_options(parser):
     g = parser.add_plugin_group("torch backend", "Owned by --train-backend torch (the embedded trainer).",
                                 kind="train_backend", name="torch")
     g.add_argument(
-        "--no-fused-log-probs", action="store_true", default=None,
-        help="compute the scored positions' log-probs from full logits (the model's own LM head) instead of "
-             "from hidden states in slices of tokens (plugins/backends/torch/fused_log_probs.py); for "
-             "comparisons, or a model whose head the fused path misreads",
+        "--fused-log-probs", choices=("auto", "always", "never"), default=None,
+        help="log-probs of the scored positions from hidden states in slices of tokens "
+             "(plugins/backends/torch/fused_log_probs.py) instead of from full logits: 'auto' (default) when a "
+             "micro-batch's logits would exceed one slice (large vocabularies: at 4B, ~440 tokens), 'always', "
+             "or 'never' (the model's own LM head)",
     )

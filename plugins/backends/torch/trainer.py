@@ -32,7 +32,7 @@ from plugrl.core.precision import resolve_precision
 from plugrl.core.types import option as _opt
 from plugrl.core.weight_buckets import WeightBuckets
 
-from .fused_log_probs import linear_log_probs, plain_lm_head
+from .fused_log_probs import CHUNK_ELEMENTS, linear_log_probs, plain_lm_head
 
 from ..trainer_common import (  # noqa: F401 - resolve_device and friends stay importable from here
     lr_lambda_factory,
@@ -145,8 +145,8 @@ class TorchTrainBackend:
         if getattr(args, "gradient_checkpointing", False):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.config.use_cache = False
-        # log-probs from hidden states in slices (fused_log_probs.py) unless --no-fused-log-probs
-        self.fused_log_probs = not getattr(args, "no_fused_log_probs", None)
+        # log-probs from hidden states in slices (fused_log_probs.py): --fused-log-probs auto|always|never
+        self.fused_log_probs = getattr(args, "fused_log_probs", None) or "auto"
         self.estimator = estimator
         self.ref_model = None
         if self._needs_ref():
@@ -181,8 +181,10 @@ class TorchTrainBackend:
         spans = response_slices(token_lists, response_lengths)
         index = torch.cat([torch.arange(s, e, device=self.device) for s, e in spans])
         targets = inputs["input_ids"][0][index + 1]
-        head = plain_lm_head(model) if self.fused_log_probs else None
-        if head is not None:  # log-probs from hidden states in slices: no [tokens, vocab] logits (fused_log_probs.py)
+        head = plain_lm_head(model) if self.fused_log_probs != "never" else None
+        if head is not None and (self.fused_log_probs == "always" or len(index) * head.out_features > CHUNK_ELEMENTS):
+            # log-probs from hidden states in slices: no [tokens, vocab] logits (fused_log_probs.py). Below one
+            # slice the full logits are small and the backward's recomputation would cost more than it saves.
             hidden = model.model(**inputs).last_hidden_state[0][index]
             return linear_log_probs(hidden, head.weight, targets, temperature=temperature, with_entropy=with_entropy)
         selected = response_logits(model, inputs, index)
