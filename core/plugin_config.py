@@ -49,9 +49,10 @@ class PluginConfig:
     @classmethod
     def for_plugin(cls, config, kind: str, name: str) -> PluginConfig:
         """The view of ``config`` (a namespace or a dict, as parsed by ``core/config.py``) for one plugin."""
-        values = dict(config) if isinstance(config, Mapping) else dict(vars(config))
-        if isinstance(config, PluginConfig):
+        if isinstance(config, PluginConfig):  # narrowing a view again: what it may read
             values = config.to_dict()
+        else:
+            values = dict(config) if isinstance(config, Mapping) else dict(vars(config))
         owners = values.get("_flag_owners") or {}
         foreign = {dest: (owner[0], owner[1], owner[2]) for dest, owner in owners.items()
                    if (owner[0], owner[1]) != (kind, name)}

@@ -85,6 +85,18 @@ def test_the_view_is_read_only_and_replace_makes_a_checked_copy(parsed):
     assert with_settings(view, lr=0.2).lr == 0.2
 
 
+def test_a_view_of_a_view_keeps_the_narrower_rules(parsed):
+    megatron = PluginConfig.for_plugin(parsed, "train_backend", "megatron")
+    again = PluginConfig.for_plugin(megatron, "train_backend", "megatron")
+    assert again.tensor_model_parallel_size == megatron.tensor_model_parallel_size and again.lr == 3e-4
+    with pytest.raises(OptionsError, match="sglang"):
+        again.sglang_mem_fraction_static
+    # another plugin's view of a megatron view: megatron's flags are gone, not readable
+    torch_view = PluginConfig.for_plugin(megatron, "train_backend", "torch")
+    with pytest.raises(OptionsError, match="megatron train backend"):
+        torch_view.tensor_model_parallel_size
+
+
 def test_the_view_survives_pickle_and_deepcopy_with_its_rules(parsed):
     view = PluginConfig.for_plugin(parsed, "rollout_backend", "sglang")
     for clone in (pickle.loads(pickle.dumps(view)), copy.deepcopy(view), copy.copy(view)):
