@@ -801,19 +801,22 @@ def _check_cluster(args, plugin_set, problems: list[str]) -> None:
             "--async with --colocate: colocated async cannot keep weights fixed during generation; "
             "drop --colocate or --async"
         )
-    if args.colocate and planned_colocation(args, plugin_set) is False:
+    plan, refused = None, None  # the placement's plan, computed once for the checks below
+    registry = plugin_set.registries["placement"]
+    if args.placement in registry and not registry.entry(args.placement).missing_requirements():
+        try:
+            plan = placement_plan(args, plugin_set)
+        except OptionsError:
+            pass  # reported by the options check, naming the key
+        except ValueError as exc:
+            refused = f"--placement {args.placement}: {exc}"
+    if args.colocate and plan is not None and not plan.colocated:
         problems.append(f"--colocate conflicts with --placement {args.placement}, which gives the engines GPUs of "
                         "their own; drop one")
     if args.debug_train_only and args.debug_rollout_only:
         problems.append("--debug-train-only and --debug-rollout-only exclude each other")
-    registry = plugin_set.registries["placement"]
-    if args.placement in registry and not registry.entry(args.placement).missing_requirements():
-        try:
-            placement_plan(args, plugin_set)
-        except OptionsError:
-            pass  # reported by the options check, naming the key
-        except ValueError as exc:
-            problems.append(f"--placement {args.placement}: {exc}")
+    if refused:
+        problems.append(refused)
     problems.extend(layout_problems(args))
     from .plugin_traits import backend_problems
 

@@ -17,6 +17,7 @@ from typing import TextIO
 
 from .plugin_traits import parallel_sizes, plugin_view, rollout_trait, train_trait
 
+
 @dataclass(frozen=True)
 class TrainLayout:
     """Train world and Megatron parallel sizes; DP is what TP × PP × CP leave of the world."""

@@ -38,7 +38,8 @@ Reducer = Callable[[torch.Tensor], torch.Tensor]
 
 # Above this many fp32 elements per chunk, log-prob/entropy kernels work on slices of tokens so the
 # fp32 temporaries (softmax of a [tokens, vocab] slab) stay bounded (~256 MiB) for large vocabularies.
-_DEFAULT_CHUNK_ELEMENTS = 64 * 1024 * 1024
+# (Also the slice size of the torch backend's fused log-probs, plugins/backends/torch/fused_log_probs.py.)
+CHUNK_ELEMENTS = 64 * 1024 * 1024
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -46,14 +47,16 @@ _DEFAULT_CHUNK_ELEMENTS = 64 * 1024 * 1024
 # ---------------------------------------------------------------------------------------------------
 
 
-def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
-    # fp32 for bf16/fp16/fp32 logits; fp64 stays fp64 (gradient checks).
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 logits; fp64 stays fp64 (gradient checks)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _token_chunks(num_tokens: int, vocab: int, chunk_size: int | None):
+def token_chunks(num_tokens: int, vocab: int, chunk_size: int | None):
+    """``(start, end)`` slices of tokens whose ``[tokens, vocab]`` fp32 slab stays within
+    ``CHUNK_ELEMENTS`` (``chunk_size`` tokens each when given)."""
     if chunk_size is None:
-        chunk_size = max(1, _DEFAULT_CHUNK_ELEMENTS // max(1, vocab))
+        chunk_size = max(1, CHUNK_ELEMENTS // max(1, vocab))
     for start in range(0, num_tokens, chunk_size):
         yield start, min(num_tokens, start + chunk_size)
 
@@ -68,10 +71,10 @@ class _LogProbFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, temperature, chunk_size):
         n, vocab = logits.shape
-        acc = _acc_dtype(logits)
+        acc = accumulation_dtype(logits.dtype)
         out = torch.empty(n, dtype=acc, device=logits.device)
         lse = torch.empty(n, dtype=acc, device=logits.device)
-        for s, e in _token_chunks(n, vocab, chunk_size):
+        for s, e in token_chunks(n, vocab, chunk_size):
             z = logits[s:e].to(acc) / temperature
             lse[s:e] = torch.logsumexp(z, dim=-1)
             out[s:e] = z.gather(-1, target[s:e, None]).squeeze(-1) - lse[s:e]
@@ -84,7 +87,7 @@ class _LogProbFn(torch.autograd.Function):
         logits, target, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
         t = ctx.temperature
-        for s, e in _token_chunks(logits.shape[0], logits.shape[1], ctx.chunk_size):
+        for s, e in token_chunks(logits.shape[0], logits.shape[1], ctx.chunk_size):
             p = torch.exp(logits[s:e].to(lse.dtype) / t - lse[s:e, None])
             # d logp_target / dz = onehot(target) - softmax(z)
             g = -p * grad_out[s:e, None]
@@ -99,10 +102,10 @@ class _EntropyFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, temperature, chunk_size):
         n, vocab = logits.shape
-        acc = _acc_dtype(logits)
+        acc = accumulation_dtype(logits.dtype)
         ent = torch.empty(n, dtype=acc, device=logits.device)
         lse = torch.empty(n, dtype=acc, device=logits.device)
-        for s, e in _token_chunks(n, vocab, chunk_size):
+        for s, e in token_chunks(n, vocab, chunk_size):
             z = logits[s:e].to(acc) / temperature
             lse[s:e] = torch.logsumexp(z, dim=-1)
             p = torch.exp(z - lse[s:e, None])
@@ -116,7 +119,7 @@ class _EntropyFn(torch.autograd.Function):
         logits, lse, ent = ctx.saved_tensors
         grad = torch.empty_like(logits)
         t = ctx.temperature
-        for s, e in _token_chunks(logits.shape[0], logits.shape[1], ctx.chunk_size):
+        for s, e in token_chunks(logits.shape[0], logits.shape[1], ctx.chunk_size):
             log_p = logits[s:e].to(lse.dtype) / t - lse[s:e, None]
             # dH/dz_k = -p_k (log p_k + H)
             g = -torch.exp(log_p) * (log_p + ent[s:e, None]) * grad_out[s:e, None]

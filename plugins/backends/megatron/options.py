@@ -43,28 +43,25 @@ UNSUPPORTED_PARALLELISM = ("pipeline_model_parallel_size", "context_parallel_siz
                            "expert_tensor_parallel_size")
 
 
-# size -> (dest, flag) of the parallel sizes this backend declares to core (parallel_sizes)
-SIZE_FLAGS = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size", "cp": "context_parallel_size",
+# size -> dest of the parallel sizes this backend declares to core (parallel_sizes)
+SIZE_DESTS = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size", "cp": "context_parallel_size",
               "ep": "expert_model_parallel_size", "etp": "expert_tensor_parallel_size"}
 
 
 def parallel_sizes(args):
     """The model-parallel sizes this run's flags give (read by core through the registry: the layout
-    check, the ``--dry-run`` rank table, the memory plan). Unset sizes are 1; the distributed optimizer
-    shards optimizer state over DP unless ``--use-distributed-optimizer`` is switched off."""
+    check, the ``--dry-run`` rank table, the memory plan). Unset sizes are 1 (expert TP: None, meaning
+    as TP); the distributed optimizer shards optimizer state over DP unless
+    ``--use-distributed-optimizer`` is switched off."""
     from plugrl.core.protocols import ParallelSizes
 
-    def size(dest: str) -> int:
-        value = getattr(args, dest, None)
-        return 1 if value is None else value
-
+    given = {size: getattr(args, dest, None) for size, dest in SIZE_DESTS.items()}
     return ParallelSizes(
-        tp=size("tensor_model_parallel_size"), pp=size("pipeline_model_parallel_size"),
-        cp=size("context_parallel_size"), ep=size("expert_model_parallel_size"),
-        etp=getattr(args, "expert_tensor_parallel_size", None),
+        **{size: 1 if value is None else value for size, value in given.items() if size != "etp"},
+        etp=given["etp"],
         sequence_parallel=bool(getattr(args, "sequence_parallel", None)),
         distributed_optimizer=getattr(args, "use_distributed_optimizer", None) is not False,
-        flags={size: "--" + dest.replace("_", "-") for size, dest in SIZE_FLAGS.items()},
+        flags={size: "--" + dest.replace("_", "-") for size, dest in SIZE_DESTS.items()},
     )
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
-# fp32 elements of one slice's logits (256 MiB): bounds the temporaries at any vocabulary size.
-CHUNK_ELEMENTS = 64 * 1024 * 1024
+# slices of at most CHUNK_ELEMENTS fp32 logits (256 MiB), as core's log-prob kernels take them
+from plugrl.core.losses import CHUNK_ELEMENTS, accumulation_dtype, token_chunks
+
 # model types whose causal-LM logits are exactly lm_head(last hidden state): no bias, scaling or soft-capping
 PLAIN_HEAD_MODEL_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
 
@@ -35,25 +36,15 @@ def plain_lm_head(model) -> torch.nn.Linear | None:
     return head if isinstance(getattr(model, "model", None), torch.nn.Module) else None
 
 
-def _slices(num_tokens: int, vocab: int, chunk_tokens: int | None):
-    step = chunk_tokens or max(1, CHUNK_ELEMENTS // max(1, vocab))
-    for start in range(0, num_tokens, step):
-        yield start, min(num_tokens, start + step)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32  # fp64 kept for gradient checks
-
-
 class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_tokens):
         n, vocab = hidden.shape[0], weight.shape[0]
-        acc = _acc(hidden.dtype)
+        acc = accumulation_dtype(hidden.dtype)
         log_probs = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         mean_z = torch.empty(n, dtype=acc, device=hidden.device) if with_entropy else None
-        for s, e in _slices(n, vocab, chunk_tokens):
+        for s, e in token_chunks(n, vocab, chunk_tokens):
             z = (hidden[s:e] @ weight.t()).to(acc) / temperature
             lse[s:e] = torch.logsumexp(z, dim=-1)
             log_probs[s:e] = z.gather(-1, targets[s:e, None]).squeeze(-1) - lse[s:e]
@@ -72,10 +63,10 @@ class _LinearLogProbs(torch.autograd.Function):
         t = ctx.temperature
         use_entropy = ctx.with_entropy and grad_entropy is not None and grad_entropy.numel() > 0
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=_acc(weight.dtype), device=weight.device) \
+        grad_weight = torch.zeros(weight.shape, dtype=accumulation_dtype(weight.dtype), device=weight.device) \
             if ctx.needs_input_grad[1] else None
         acc = lse.dtype
-        for s, e in _slices(hidden.shape[0], weight.shape[0], ctx.chunk_tokens):
+        for s, e in token_chunks(hidden.shape[0], weight.shape[0], ctx.chunk_tokens):
             z = (hidden[s:e] @ weight.t()).to(acc) / t
             p = torch.exp(z - lse[s:e, None])
             g = torch.zeros_like(z)
