@@ -20,7 +20,8 @@ shared/MEASURED.md does. ``--profile`` adds the top CUDA kernels of one step per
 
 ``torch-full-logits`` and ``torch-fused`` are the torch backend with ``--fused-log-probs never`` (log-probs
 from full logits) and ``always`` (from hidden states in slices, fused_log_probs.py); ``torch`` is its
-default, ``auto`` (fused when a micro-batch's logits exceed one slice, as at the 4B shape).
+default, ``auto`` (fused when a micro-batch's logits exceed one slice, as at the 4B shape), with Liger's
+RoPE / RMSNorm / SwiGLU kernels on CUDA when liger-kernel is installed; ``torch-no-liger`` turns those off.
 ``--megatron-tp``/``--megatron-dp`` run the megatron backend on TP x DP GPUs (one process each); with DP
 every data-parallel rank trains its own ``--tokens`` micro-batch, so tokens/s per GPU stay comparable.
 ``--megatron-unfused`` runs its elementwise kernels unfused (the ``--no-*-fusion`` flags), the baseline
@@ -70,6 +71,8 @@ def backend_args(checkpoint: str, backend: str, tokens: int, *, device: str = "c
         return SimpleNamespace(**common, gradient_checkpointing=True, fused_log_probs="never")
     if backend == "torch-fused":  # ... from hidden states in slices, whatever the size
         return SimpleNamespace(**common, gradient_checkpointing=True, fused_log_probs="always")
+    if backend == "torch-no-liger":  # the torch backend without Liger's RoPE / RMSNorm / SwiGLU kernels
+        return SimpleNamespace(**common, gradient_checkpointing=True, liger_kernels="off")
     # fp32 grad buffers as slime's recipe sets (--accumulate-allreduce-grads-in-fp32): with bf16 buffers
     # megatron's distributed optimizer makes an fp32 copy of every grad at step time (+4 bytes/param).
     if recompute == "none":
@@ -284,7 +287,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--backends", default="transformers,transformers+liger,torch,megatron",
                         help="rows to run, in order: the baselines " + ", ".join(BASELINES)
-                        + ", then torch, torch-fused, torch-full-logits, megatron")
+                        + ", then torch, torch-fused, torch-full-logits, torch-no-liger, megatron")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per backend with --profile")
     parser.add_argument("--megatron-unfused", action="store_true",

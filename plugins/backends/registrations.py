@@ -8,6 +8,7 @@ model, how its engines start, the embedded default run); ``plugrl.core.plugin_tr
 from plugrl.core import hookimpl
 
 from . import megatron_options, sglang_options
+from .torch import options as torch_options
 
 TINY = "plugrl.plugins.backends.torch.tiny_default"
 
@@ -17,6 +18,7 @@ def plugrl_register_train_backends(register):
     register("torch", "plugrl.plugins.backends.torch.trainer:TorchTrainBackend",
              requires=("torch", "transformers"), extra="train",
              description="embedded trainer: HF AutoModelForCausalLM + AdamW, CPU or one GPU",
+             check=torch_options.backend_problems,
              default_data=f"{TINY}:default_data", default_checkpoint=f"{TINY}:default_checkpoint")
     register("megatron", "plugrl.plugins.backends.megatron.backend:MegatronTrainBackend",
              requires=("torch", "megatron.core"), extra="megatron",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from plugrl.core import hookimpl
 
+from . import liger
+
 
 @hookimpl
 def plugrl_add_options(parser):
@@ -17,3 +19,14 @@ def plugrl_add_options(parser):
              "micro-batch's logits would exceed one slice (large vocabularies: at 4B, ~440 tokens), 'always', "
              "or 'never' (the model's own LM head)",
     )
+    g.add_argument(
+        "--liger-kernels", choices=liger.MODES, default=None,
+        help="Liger's Triton kernels for RoPE, RMSNorm and SwiGLU in the HF model (plugins/backends/torch/liger.py): "
+             "'auto' (default) on CUDA when liger-kernel is installed and knows the architecture, 'on' (an error "
+             "where it cannot apply), 'off'",
+    )
+
+
+def backend_problems(config) -> list[str]:
+    """The torch backend's config check, on the driver (``--dry-run`` too)."""
+    return liger.driver_problems(config.liger_kernels, config.device)

@@ -32,6 +32,7 @@ from plugrl.core.precision import resolve_precision
 from plugrl.core.types import option as _opt
 from plugrl.core.weight_buckets import WeightBuckets
 
+from . import liger
 from .fused_log_probs import CHUNK_ELEMENTS, linear_log_probs, plain_lm_head
 
 from ..trainer_common import (  # noqa: F401 - resolve_device and friends stay importable from here
@@ -142,6 +143,11 @@ class TorchTrainBackend:
         # The driver resolves --bf16/--fp32/auto for the device it gives this actor (core/precision.py).
         self.dtype = torch.bfloat16 if resolve_precision(args, self.device.type).dtype == "bf16" else torch.float32
         self.model, self.dense_mask = _load_model(args.hf_checkpoint, self.dtype, self.device)
+        # Liger's RoPE / RMSNorm / SwiGLU kernels on CUDA (--liger-kernels auto|on|off), before checkpointing wraps layers
+        use_liger, why = liger.choose(getattr(args, "liger_kernels", None), self.device.type,
+                                      getattr(self.model.config, "model_type", None))
+        self.liger_kernels = liger.apply(self.model) if use_liger else []
+        logger.info("torch backend: Liger kernels %s [%s]", ", ".join(self.liger_kernels) or "off", why)
         if getattr(args, "gradient_checkpointing", False):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.config.use_cache = False
@@ -162,6 +168,7 @@ class TorchTrainBackend:
             self.model.parameters(), lr=float(args.lr), weight_decay=float(_opt(args, "weight_decay", 0.0)),
             betas=(float(_opt(args, "adam_beta1", 0.9)), float(_opt(args, "adam_beta2", 0.999))),
             eps=float(_opt(args, "adam_eps", 1e-8)),
+            fused=True if self.device.type == "cuda" else None,  # one kernel for the whole step on CUDA
         )
         total = total_optimizer_steps or 1
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda_factory(args, total))
