@@ -7,6 +7,7 @@ fused log-probs and Liger's RoPE / RMSNorm / SwiGLU."""
 import pytest
 import torch
 
+from .qwen3_gpu_checkpoint import SHAPE, build_checkpoint
 from .test_torch_trainer import make_args
 
 pytestmark = [
@@ -14,9 +15,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-SHAPE = {"num_hidden_layers": 4, "hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 8,
-         "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 4000, "rms_norm_eps": 1e-6,
-         "rope_theta": 1_000_000.0, "max_position_embeddings": 4096, "tie_word_embeddings": True}
 # bf16 forward/backward in differently ordered kernels (packed varlen flash vs SDPA per sequence, Triton
 # vs torch norms): per-token log-probs of a 4,000-way distribution differ by rounding only, a few 1e-3
 # nats typically; a wrong RoPE, norm or packing boundary moves them by tenths to whole nats. Gradients
@@ -26,17 +24,7 @@ LOGPROB_MAX_DIFF, LOGPROB_MEAN_DIFF, GRAD_REL = 0.08, 0.01, 0.05
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3", **SHAPE)).to(torch.bfloat16)
-    with torch.no_grad():  # random norm weights: a norm that ignores its weight would show
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + 0.2 * torch.randn_like(param))
-    path = tmp_path_factory.mktemp("qwen3") / "ckpt"
-    model.save_pretrained(path)
-    return str(path)
+    return build_checkpoint(tmp_path_factory.mktemp("qwen3") / "ckpt")
 
 
 @pytest.fixture

@@ -12,9 +12,6 @@ are their own processes, and ``auto`` never applies them off CUDA.
 from __future__ import annotations
 
 import importlib.util
-import logging
-
-logger = logging.getLogger(__name__)
 
 MODES = ("auto", "on", "off")
 KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
