@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 def main(checkpoint: str, workdir: str, device: str, tp: str, sequence_parallel: str) -> None:
     import torch
-    from test_megatron_gpu import make_args, megatron
+    from megatron_ranks import make_args, megatron
 
     args = make_args(checkpoint, device=device, tensor_model_parallel_size=int(tp),
                      sequence_parallel=sequence_parallel == "1")

@@ -11,7 +11,7 @@ pytest.importorskip("megatron.core", reason="megatron-core not installed (plugrl
 
 from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
 
-from .test_megatron_gpu import run_ranks, train_data
+from .megatron_ranks import run_ranks, train_data
 from .test_torch_trainer import make_args, random_sequences
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
