@@ -48,6 +48,30 @@ def test_values_and_gradients_equal_autograd_through_full_logits(chunk, temperat
         lambda h, w: linear_log_probs(h, w, targets, temperature=temperature, chunk_tokens=chunk)[0], (hidden, weight))
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_bf16_gradients_accumulate_over_slices_like_an_fp64_reference(device):
+    """bf16 operands: the LM head's gradient is summed over 9 slices in fp32 (on CUDA inside the GEMM,
+    on CPU by a cast and add) and matches autograd through the full fp64 logits of the same values."""
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(64, 32, generator=gen).to(device, torch.bfloat16).requires_grad_()
+    weight = (0.3 * torch.randn(96, 32, generator=gen)).to(device, torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 96, (64,), generator=gen).to(device)
+    g_lp = torch.randn(64, generator=gen).to(device)
+    lp, _ = linear_log_probs(hidden, weight, targets, temperature=0.7, chunk_tokens=8)
+    grad_hidden, grad_weight = torch.autograd.grad((lp * g_lp).sum(), (hidden, weight))
+    assert grad_weight.dtype == torch.bfloat16
+
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref_lp, _ = _reference(h64, w64, targets, 0.7)
+    ref_hidden, ref_weight = torch.autograd.grad((ref_lp * g_lp.double()).sum(), (h64, w64))
+    for got, want in ((grad_weight, ref_weight), (grad_hidden, ref_hidden)):
+        assert float((got.double() - want).norm() / want.norm()) < 1e-2
+
+
 def test_no_entropy_is_returned_unless_asked_and_a_bad_temperature_is_refused():
     hidden, weight = torch.randn(3, 4), torch.randn(6, 4)
     lp, ent = linear_log_probs(hidden, weight, torch.tensor([0, 5, 2]))

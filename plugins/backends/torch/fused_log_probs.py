@@ -36,6 +36,21 @@ def plain_lm_head(model) -> torch.nn.Linear | None:
     return head if isinstance(getattr(model, "model", None), torch.nn.Module) else None
 
 
+def add_weight_grad(grad_weight: torch.Tensor, g: torch.Tensor, hidden: torch.Tensor) -> None:
+    """``grad_weight += gᵀ·hidden`` in place; runs once per slice in the backward.
+
+    With bf16 operands on CUDA the fp32 sum is taken by the GEMM itself (``out_dtype``): a separate
+    bf16->fp32 cast and fp32 add of the whole LM head per slice cost 65 ms of a 692 ms Qwen3-4B step on
+    an H100. Same-dtype operands (the fp32/fp64 CPU paths) are one ``addmm_``. Elsewhere (bf16 on CPU,
+    where the dtype overload does not exist) the slice's product is cast and added."""
+    if grad_weight.dtype == g.dtype:
+        grad_weight.addmm_(g.t(), hidden)
+    elif grad_weight.is_cuda:
+        torch.addmm(grad_weight, g.t(), hidden, out_dtype=grad_weight.dtype, out=grad_weight)
+    else:
+        grad_weight += (g.t() @ hidden).to(grad_weight.dtype)
+
+
 class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_tokens):
@@ -80,7 +95,7 @@ class _LinearLogProbs(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[s:e] = g @ weight
             if grad_weight is not None:
-                grad_weight += (g.t() @ hidden[s:e]).to(grad_weight.dtype)
+                add_weight_grad(grad_weight, g, hidden[s:e])
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None)
 
 
