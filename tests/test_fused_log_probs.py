@@ -54,8 +54,9 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_bf16_gradients_accumulate_over_slices_like_an_fp64_reference(device):
-    """bf16 operands: the LM head's gradient is summed over 9 slices in fp32 (on CUDA inside the GEMM,
-    on CPU by a cast and add) and matches autograd through the full fp64 logits of the same values."""
+    """bf16 operands: logits in fp32 (on CUDA straight from the GEMM), the LM head's gradient summed over
+    8 slices in fp32 (on CUDA inside the GEMM, on CPU by a cast and add); log-probs and gradients match
+    autograd through the full fp64 logits of the same values."""
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(64, 32, generator=gen).to(device, torch.bfloat16).requires_grad_()
     weight = (0.3 * torch.randn(96, 32, generator=gen)).to(device, torch.bfloat16).requires_grad_()
@@ -67,6 +68,10 @@ def test_bf16_gradients_accumulate_over_slices_like_an_fp64_reference(device):
 
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     ref_lp, _ = _reference(h64, w64, targets, 0.7)
+    # each logit is off by at most half a bf16 ulp (2^-9 relative) where the GEMM writes bf16 (CPU), and a
+    # log-softmax adds at most twice its inputs' largest error
+    logit_bound = 2 * 2.0 ** -9 * float((h64 @ w64.t()).abs().max()) / 0.7
+    assert float((lp.double() - ref_lp).abs().max()) < logit_bound
     ref_hidden, ref_weight = torch.autograd.grad((ref_lp * g_lp.double()).sum(), (h64, w64))
     for got, want in ((grad_weight, ref_weight), (grad_hidden, ref_hidden)):
         assert float((got.double() - want).norm() / want.norm()) < 1e-2

@@ -36,6 +36,19 @@ def plain_lm_head(model) -> torch.nn.Linear | None:
     return head if isinstance(getattr(model, "model", None), torch.nn.Module) else None
 
 
+def slice_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float, acc: torch.dtype) -> torch.Tensor:
+    """``hidden·Wᵀ / T`` for one slice of tokens, in ``acc`` (fp32, or fp64 for fp64 inputs); runs once
+    per slice in the forward and again in the backward.
+
+    bf16/fp16 on CUDA: the GEMM writes fp32 itself (``out_dtype``), sparing a half-precision slab and
+    its cast, and keeping the logits' low bits. The division is skipped at T = 1."""
+    if hidden.is_cuda and hidden.dtype != acc and acc == torch.float32:
+        z = torch.mm(hidden, weight.t(), out_dtype=acc)
+    else:
+        z = (hidden @ weight.t()).to(acc)
+    return z if temperature == 1.0 else z.div_(temperature)
+
+
 def add_weight_grad(grad_weight: torch.Tensor, g: torch.Tensor, hidden: torch.Tensor) -> None:
     """``grad_weight += gᵀ·hidden`` in place; runs once per slice in the backward.
 
@@ -60,7 +73,7 @@ class _LinearLogProbs(torch.autograd.Function):
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         mean_z = torch.empty(n, dtype=acc, device=hidden.device) if with_entropy else None
         for s, e in token_chunks(n, vocab, chunk_tokens):
-            z = (hidden[s:e] @ weight.t()).to(acc) / temperature
+            z = slice_logits(hidden[s:e], weight, temperature, acc)
             lse[s:e] = torch.logsumexp(z, dim=-1)
             log_probs[s:e] = z.gather(-1, targets[s:e, None]).squeeze(-1) - lse[s:e]
             if with_entropy:
@@ -82,16 +95,21 @@ class _LinearLogProbs(torch.autograd.Function):
             if ctx.needs_input_grad[1] else None
         acc = lse.dtype
         for s, e in token_chunks(hidden.shape[0], weight.shape[0], ctx.chunk_tokens):
-            z = (hidden[s:e] @ weight.t()).to(acc) / t
-            p = torch.exp(z - lse[s:e, None])
-            g = torch.zeros_like(z)
+            z = slice_logits(hidden[s:e], weight, t, acc)
+            p = torch.sub(z, lse[s:e, None]).exp_()
+            # ∂/∂z, built in place in the slice's buffers: each pass over a [slice, vocab] fp32 slab is
+            # a memory-bound kernel, and at the 4B shape there are dozens of slices per step
+            g = (mean_z[s:e, None] - z).mul_(p).mul_(grad_entropy[s:e, None].to(acc)) if use_entropy else None
+            del z
             if grad_log_probs is not None:
                 g_lp = grad_log_probs[s:e, None].to(acc)
-                g = -p * g_lp
-                g.scatter_add_(-1, targets[s:e, None], g_lp)
-            if use_entropy:
-                g = g + grad_entropy[s:e, None].to(acc) * p * (mean_z[s:e, None] - z)
-            g = (g / t).to(hidden.dtype)
+                from_lp = p.mul_(-g_lp).scatter_add_(-1, targets[s:e, None], g_lp)
+                g = from_lp if g is None else g.add_(from_lp)
+            if g is None:
+                g = torch.zeros_like(p)
+            if t != 1.0:
+                g.div_(t)
+            g = g.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[s:e] = g @ weight
             if grad_weight is not None:
