@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from plugrl.plugins.backends.state_memory import at_next_optimizer_step, state_bytes
+
 NAMES = ("transformers", "transformers+liger")
 
 
@@ -65,6 +67,7 @@ def baseline_worker(name: str, checkpoint: str, tokens: int, samples: int, steps
     _synchronize(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    state = at_next_optimizer_step([optimizer], lambda: state_bytes(model.parameters(), optimizers=[optimizer]))
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -75,18 +78,4 @@ def baseline_worker(name: str, checkpoint: str, tokens: int, samples: int, steps
     return {"backend": name, "gpus": 1, "params": sum(p.numel() for p in model.parameters()),
             "tokens": samples * length, "step_s": sorted(times)[len(times) // 2],
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-            "device": torch.cuda.get_device_name() if cuda else "cpu", "baseline": True}
-
-
-def megatron_memory_parts(params_per_gpu: int, peak_gib: float, *, fp32_grads: bool = True,
-                          distributed_optimizer_dp: int = 1) -> dict[str, float]:
-    """Peak memory of a megatron row by its parts (GiB per GPU): bf16 weights (2 bytes per parameter),
-    gradient buffers (4 bytes with fp32 accumulation, else 2), the fp32 master copy and Adam's two fp32
-    moments (12 bytes, divided over DP with the distributed optimizer), and the rest of the measured peak
-    (activations, logits, workspace, allocator slack)."""
-    gib = 2**30
-    weights = 2 * params_per_gpu / gib
-    grads = (4 if fp32_grads else 2) * params_per_gpu / gib
-    optimizer = 12 * params_per_gpu / max(1, distributed_optimizer_dp) / gib
-    return {"weights": weights, "grads": grads, "master+adam": optimizer,
-            "activations+other": peak_gib - weights - grads - optimizer}
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "baseline": True, "state_bytes": state}

@@ -7,7 +7,9 @@ checkpoint with random bf16 weights built here (no hub): ``4b`` is Qwen3-4B's sh
 One train() call = one GRPO optimizer step on one micro-batch of ``--tokens`` tokens (``--samples``
 sequences, each ``--response`` response tokens after its prompt), forward + backward + optimizer.
 MFU counts 6·N FLOPs per token (N = parameters) against the GPU's dense bf16 peak, as
-shared/MEASURED.md does. ``--profile`` adds the top CUDA kernels of one step per backend, and
+shared/MEASURED.md does. Below the table each row's memory by part, measured from its tensors at an
+optimizer step (plugins/backends/state_memory.py): weights, grads, fp32 master weights, optimizer
+state, and the rest of the peak (activations, logits, workspace). ``--profile`` adds the top CUDA kernels of one step per backend, and
 ``--attention`` a micro-benchmark of the packed attention implementations (fwd + bwd).
 
     python benchmarks/train_throughput.py --model 4b --tokens 9216 --samples 8 --steps 5
@@ -45,7 +47,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_engine_throughput import build
 from hf_train_baseline import NAMES as BASELINES
-from hf_train_baseline import baseline_worker, megatron_memory_parts
+from hf_train_baseline import baseline_worker
+
+from plugrl.plugins.backends.state_memory import at_next_optimizer_step
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -118,6 +122,17 @@ def kernel_groups(kernels: list[tuple[str, float, int]]) -> dict[str, float]:
     return dict(sorted(groups.items(), key=lambda item: -item[1]))
 
 
+PART_LABELS = {"weights": "weights", "ref_weights": "ref weights", "grads": "grads",
+               "master_weights": "fp32 master", "optimizer_state": "optimizer state"}
+
+
+def memory_parts_line(parts: dict[str, int], peak_gib: float) -> str:
+    """``weights 7.5, grads 15.0, ..., rest 6.2`` (GiB; parts that are 0 left out; rest = peak - parts)."""
+    shown = [f"{PART_LABELS.get(name, name)} {value / 2**30:.2f}" for name, value in parts.items() if value]
+    rest = peak_gib - sum(parts.values()) / 2**30
+    return ", ".join(shown + [f"rest {rest:.2f}" if rest == rest else "rest n/a (no GPU peak)"])
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -168,6 +183,7 @@ def worker(opts) -> dict | None:
     _sync(opts.device)
     if opts.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    state = at_next_optimizer_step(backend.torch_optimizers(), backend.state_memory)
     times = []
     for step in range(opts.steps):
         start = time.perf_counter()
@@ -187,7 +203,7 @@ def worker(opts) -> dict | None:
     result = {"backend": label, "gpus": tp * dp, "params": n_params, "tp": tp, "dp": dp,
               "tokens": tokens, "step_s": sorted(times)[len(times) // 2],
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-              "device": torch.cuda.get_device_name() if cuda else "cpu"}
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "state_bytes": state}
     if opts.profile and cuda:
         from torch.profiler import ProfilerActivity, profile
 
@@ -343,12 +359,11 @@ def main() -> None:
         mfu = 6 * r["params"] * tps / peak
         print(f"{r['backend']:<20}{r['gpus']:>5}{r['params'] / 1e9:>9.2f}B{r['step_s']:>9.3f}{tps:>11.0f}{mfu:>9.1%}"
               f"{r['peak_gib']:>10.1f}{tps / best:>17.2f}x")
+    print("\nmemory by part at an optimizer step (GiB per GPU, measured from the tensors; rest = peak minus "
+          "the parts: activations, logits, workspace, allocator slack):")
     for r in results:
-        if r["backend"].startswith("megatron") and r["peak_gib"] == r["peak_gib"]:  # not NaN: measured on a GPU
-            parts = megatron_memory_parts(r["params"] // max(1, r.get("tp", 1)), r["peak_gib"],
-                                          distributed_optimizer_dp=r.get("dp", 1))
-            print(f"{r['backend']} peak by part (GiB/GPU; TP shards counted evenly): "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+        if r.get("state_bytes"):
+            print(f"  {r['backend']:<18} " + memory_parts_line(r["state_bytes"], r["peak_gib"]))
     for r in results:
         if "kernel_groups" in r:
             busy = sum(r["kernel_groups"].values())

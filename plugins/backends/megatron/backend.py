@@ -525,6 +525,18 @@ class MegatronTrainBackend:
                                 max_shard_bytes=5 * 2**30)
         dist.barrier()
 
+    def torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The torch optimizers that step this rank's parameters or their fp32 master copies."""
+        return self.optimizer.torch_optimizers()
+
+    def state_memory(self) -> dict[str, int]:
+        """Bytes this rank's weights, reference weights, grad buffers, fp32 master weights and
+        optimizer state hold now (plugins/backends/state_memory.py)."""
+        from ..state_memory import state_bytes
+
+        return state_bytes(self.model.parameters(), optimizers=self.torch_optimizers(),
+                           ref_params=self.ref_model.parameters() if self.ref_model is not None else ())
+
     def offload(self) -> None:
         """Colocated: move params, grad buffers and optimizer state to CPU while the engine generates."""
         if self.device.type == "cuda":
@@ -601,9 +613,7 @@ class _OffloadedStorages:
                     yield param.data, True
                     if getattr(param, "main_grad", None) is not None:
                         yield param.main_grad, False  # gradients are zeroed before every step anyway
-        inner = getattr(backend.optimizer.optimizer, "chained_optimizers", [backend.optimizer.optimizer])
-        for optimizer in inner:
-            torch_optimizer = getattr(optimizer, "optimizer", optimizer)
+        for torch_optimizer in backend.torch_optimizers():
             for group in torch_optimizer.param_groups:
                 for param in group["params"]:
                     yield param.data, True

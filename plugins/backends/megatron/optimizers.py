@@ -45,7 +45,7 @@ class MegatronCoreOptimizer:
         # Without apex / Transformer Engine megatron-core steps torch's Adam, whose default foreach
         # path allocates temporaries the size of all fp32 moments at once (an OOM for a 4B model on
         # one 80 GB GPU next to 12 bytes/param of fp32 state); the fused kernel needs none.
-        for inner in self._inner():
+        for inner in self.torch_optimizers():
             if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
                 for group in inner.param_groups:
                     group["foreach"], group["fused"] = False, True
@@ -70,7 +70,7 @@ class MegatronCoreOptimizer:
         """The model's params changed outside this optimizer (SFT warm-up): refresh the fp32 copies."""
         self.optimizer.reload_model_params()
 
-    def _inner(self) -> list:
+    def torch_optimizers(self) -> list:
         """The torch optimizers megatron wraps, each over this rank's fp32 main params (its DP shard
         with the distributed optimizer)."""
         chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
@@ -80,7 +80,7 @@ class MegatronCoreOptimizer:
         # Each rank keeps its own shard: fp32 main params and Adam moments as the inner torch optimizer
         # holds them. (megatron-core 0.19's save/load_parameter_state round trip fails on the 'step'
         # tensor of torch's Adam, which it does not save; resume needs the same TP and world size.)
-        inner = self._inner()
+        inner = self.torch_optimizers()
         torch.save({"inner": [opt.state_dict() for opt in inner],
                     "main_params": [[p.detach().cpu() for g in opt.param_groups for p in g["params"]] for opt in inner]},
                    optimizer_file(directory, rank))
@@ -88,7 +88,7 @@ class MegatronCoreOptimizer:
     def load(self, directory: str, rank: int) -> None:
         state = torch.load(optimizer_file(directory, rank), map_location="cpu",
                            weights_only=False)
-        for opt, saved_state, saved_params in zip(self._inner(), state["inner"], state["main_params"], strict=True):
+        for opt, saved_state, saved_params in zip(self.torch_optimizers(), state["inner"], state["main_params"], strict=True):
             with torch.no_grad():
                 for param, saved in zip((p for g in opt.param_groups for p in g["params"]), saved_params, strict=True):
                     param.copy_(saved)
@@ -150,6 +150,10 @@ class TorchAdamWOptimizer:
     def zero_grad(self) -> None:
         self.ddp_model.zero_grad_buffer()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def torch_optimizers(self) -> list:
+        """The one AdamW, over the model's own fp32 params."""
+        return [self.optimizer]
 
     def reload_model_params(self) -> None:
         """Params are stepped in place here; nothing is cached."""

@@ -33,6 +33,7 @@ from plugrl.core.types import option as _opt
 from plugrl.core.weight_buckets import WeightBuckets
 
 from . import liger
+from ..state_memory import state_bytes
 from .fused_log_probs import CHUNK_ELEMENTS, linear_log_probs, plain_lm_head
 
 from ..trainer_common import (  # noqa: F401 - resolve_device and friends stay importable from here
@@ -403,6 +404,16 @@ class TorchTrainBackend:
             state = {name: self._offloaded.host_view(t) for name, t in self.model.state_dict().items()}
         self.model.save_pretrained(path, state_dict=state)
         AutoTokenizer.from_pretrained(self.args.hf_checkpoint).save_pretrained(path)
+
+    def torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The torch optimizers that step this rank's parameters (benchmarks hook their step)."""
+        return [self.optimizer]
+
+    def state_memory(self) -> dict[str, int]:
+        """Bytes this rank's weights, reference weights, grads and optimizer state hold now
+        (plugins/backends/state_memory.py)."""
+        return state_bytes(self.model.parameters(), optimizers=self.torch_optimizers(),
+                           ref_params=self.ref_model.parameters() if self.ref_model is not None else ())
 
     def offload(self) -> None:
         """Colocated on a GPU: free the memory of the model, the reference model and the optimizer
