@@ -11,7 +11,10 @@ every request runs to ``--new-tokens``) and times them end to end. ``--compare-g
 torch 2.11 that made every decode step ~30 ms slower per layer call (engine and generate alike).
 The header reports the engine's decode path: ``slots+cuda_graphs`` / ``slots`` (the fast path: slot KV
 cache and the engine's own forward, with or without CUDA graphs) or ``hf (why)`` (HF forwards over a
-``DynamicCache``); ``--no-fast-decode`` / ``--no-cuda-graphs`` select the slower ones for comparison.
+``DynamicCache``); ``--no-fast-decode`` / ``--no-cuda-graphs`` select the slower ones for comparison. After the table, where
+each timed pass's time went (the engine's ``stats()`` split: prefill, and per decode step the launch,
+the wait for the sampled tokens, the host's per-row bookkeeping); ``--profile`` adds the CUDA kernels of
+one more pass at the largest batch.
 
     python benchmarks/hf_engine_throughput.py --model tiny --batch-sizes 1,64,256
     python benchmarks/hf_engine_throughput.py --model 4b --batch-sizes 64,256 --prompt-len 256 --new-tokens 256 --compare-generate
@@ -52,14 +55,30 @@ def prompts(batch: int, length: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(10, 300) for _ in range(length)] for _ in range(batch)]
 
 
-async def time_engine(engine, batch, prompt_len, new_tokens, temperature) -> tuple[float, int]:
-    """-> (generated tokens per second, decode steps taken)."""
+SPLIT = ("prefill_s", "decode_launch_s", "decode_wait_s", "decode_host_s")  # the engine's time split (stats())
+
+
+async def time_engine(engine, batch, prompt_len, new_tokens, temperature) -> tuple[float, int, dict]:
+    """-> (generated tokens per second, decode steps taken, the engine's time split in seconds plus
+    the wall time as "wall_s")."""
     params = {"max_new_tokens": new_tokens, "temperature": temperature, "ignore_eos": True}
-    steps = engine.stats()["decode_steps"]
+    before = engine.stats()
     start = time.perf_counter()
     outs = await asyncio.gather(*[engine.generate(p, params) for p in prompts(batch, prompt_len, batch)])
     elapsed = time.perf_counter() - start
-    return sum(len(o["tokens"]) for o in outs) / elapsed, engine.stats()["decode_steps"] - steps
+    after = engine.stats()
+    split = {key: after[key] - before[key] for key in SPLIT} | {"wall_s": elapsed}
+    return sum(len(o["tokens"]) for o in outs) / elapsed, after["decode_steps"] - before["decode_steps"], split
+
+
+def split_line(batch: int, steps: int, split: dict) -> str:
+    """Where the timed pass's wall time went: prefill, and per decode step the forward's launch, the wait
+    for the sampled tokens (the GPU working) and the host's per-row bookkeeping (the GPU idle)."""
+    per_step = {key: 1e3 * split[key] / max(1, steps) for key in SPLIT[1:]}
+    other = split["wall_s"] - sum(split[key] for key in SPLIT)
+    return (f"{batch:>6} prefill {split['prefill_s']:.2f} s | per decode step: launch {per_step['decode_launch_s']:.2f} ms, "
+            f"wait {per_step['decode_wait_s']:.2f} ms, host {per_step['decode_host_s']:.2f} ms | "
+            f"outside the decode thread's phases {other:.2f} s of {split['wall_s']:.2f} s")
 
 
 def time_generate(engine, batch, prompt_len, new_tokens, temperature, engine_cudnn: bool) -> float:
@@ -94,6 +113,9 @@ def main() -> None:
     parser.add_argument("--cudnn-attention", action="store_true", help="let SDPA use cuDNN (engine option)")
     parser.add_argument("--no-fast-decode", action="store_true", help="engine option fast_decode=False")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="engine option cuda_graphs=False")
+    parser.add_argument("--profile", action="store_true",
+                        help="CUDA kernel profile of one more pass at the largest batch (benchmarks/kernel_profile.py)")
+    parser.add_argument("--top", type=int, default=25, help="kernels listed with --profile")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,12 +136,15 @@ def main() -> None:
             print(f"decode path: {engine.decode_path}")
             header = f"{'batch':>6} {'engine tok/s':>13} {'cold tok/s':>11} {'steps':>6}"
             print(header + (f" {'generate tok/s':>15} {'engine/generate':>16}" if args.compare_generate else ""))
+            splits = []
             for batch in batches:
                 # first pass at a new batch size captures its CUDA graphs; the timed pass replays them
                 # (a rollout engine runs the same shapes again and again)
                 # ("cold tok/s" is that first pass, capture included)
-                cold, _ = asyncio.run(time_engine(engine, batch, args.prompt_len, args.new_tokens, args.temperature))
-                rate, steps = asyncio.run(time_engine(engine, batch, args.prompt_len, args.new_tokens, args.temperature))
+                cold, _, _ = asyncio.run(time_engine(engine, batch, args.prompt_len, args.new_tokens, args.temperature))
+                rate, steps, split = asyncio.run(time_engine(engine, batch, args.prompt_len, args.new_tokens,
+                                                             args.temperature))
+                splits.append(split_line(batch, steps, split))
                 row = f"{batch:>6} {rate:>13,.0f} {cold:>11,.0f} {steps:>6}"
                 if args.compare_generate:
                     time_generate(engine, batch, args.prompt_len, 8, args.temperature, args.cudnn_attention)  # warm-up
@@ -127,7 +152,15 @@ def main() -> None:
                                         args.cudnn_attention)
                     row += f" {ref:>15,.0f} {rate / ref:>15.2f}x"
                 print(row, flush=True)
+            print("\nthe engine's time in the timed passes:\n" + "\n".join(splits))
             print(f"engine decode info: {engine.decode_info()}")
+            if args.profile and engine.device.type == "cuda":
+                from kernel_profile import profile_cuda, profile_lines
+
+                batch = max(batches)
+                profiled = profile_cuda(lambda: asyncio.run(time_engine(
+                    engine, batch, args.prompt_len, args.new_tokens, args.temperature)), top=args.top)
+                print("\n" + "\n".join(profile_lines(f"engine bs{batch}", profiled)))
         finally:
             engine.close()
 

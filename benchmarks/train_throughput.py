@@ -9,8 +9,9 @@ sequences, each ``--response`` response tokens after its prompt), forward + back
 MFU counts 6·N FLOPs per token (N = parameters) against the GPU's dense bf16 peak, as
 shared/MEASURED.md does. Below the table each row's memory by part, measured from its tensors at an
 optimizer step (plugins/backends/state_memory.py): weights, grads, fp32 master weights, optimizer
-state, and the rest of the peak (activations, logits, workspace). ``--profile`` adds the top CUDA kernels of one step per backend, and
-``--attention`` a micro-benchmark of the packed attention implementations (fwd + bwd).
+state, and the rest of the peak (activations, logits, workspace). ``--profile`` adds the top CUDA
+kernels of one step per backend (benchmarks/kernel_profile.py), and ``--attention`` a micro-benchmark
+of the packed attention implementations (fwd + bwd).
 
     python benchmarks/train_throughput.py --model 4b --tokens 9216 --samples 8 --steps 5
     python benchmarks/train_throughput.py --model 4b --backends transformers,transformers+liger,torch,megatron
@@ -48,6 +49,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from hf_engine_throughput import build
 from hf_train_baseline import NAMES as BASELINES
 from hf_train_baseline import baseline_worker
+from kernel_profile import profile_cuda, profile_lines
 
 from plugrl.plugins.backends.state_memory import at_next_optimizer_step
 
@@ -97,29 +99,6 @@ def batch(samples: int, tokens: int, response: int, vocab: int) -> dict:
     return {"tokens": seqs, "response_lengths": resp, "rewards": rewards, "raw_reward": rewards,
             "loss_masks": [[1] * r for r in resp], "rollout_log_probs": [[0.0] * r for r in resp],
             "rollout_ids": list(range(samples)), "rollout_mask_sums": resp}
-
-
-KERNEL_GROUPS = (  # first match wins; names as the CUDA profiler reports them on H100 (cuBLAS, flash, NCCL, torch)
-    ("nccl", r"nccl"),
-    ("attention", r"flash|fmha|attention|varlen"),  # before gemm: flash kernels' names carry "cutlass::"
-    ("compiled", r"^triton_"),  # torch.compile'd (inductor) fusions: RMSNorm, RoPE, SwiGLU, log-probs
-    ("gemm", r"gemm|cutlass|nvjet|xmma|sm90_|cublas"),
-    ("optimizer", r"adam|multi_tensor|foreach"),
-    ("copy/cast", r"copy|Memcpy|Memset|fill|CatArray|index|gather|scatter"),
-    ("reduction", r"reduce|norm|softmax"),
-    ("elementwise", r"elementwise|vectorized|unrolled"),
-)
-
-
-def kernel_groups(kernels: list[tuple[str, float, int]]) -> dict[str, float]:
-    """Device milliseconds per kernel group (``KERNEL_GROUPS``; the rest is 'other')."""
-    import re
-
-    groups: dict[str, float] = {}
-    for name, ms, _count in kernels:
-        group = next((g for g, pattern in KERNEL_GROUPS if re.search(pattern, name, re.IGNORECASE)), "other")
-        groups[group] = groups.get(group, 0.0) + ms
-    return dict(sorted(groups.items(), key=lambda item: -item[1]))
 
 
 PART_LABELS = {"weights": "weights", "ref_weights": "ref weights", "grads": "grads",
@@ -205,17 +184,7 @@ def worker(opts) -> dict | None:
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
               "device": torch.cuda.get_device_name() if cuda else "cpu", "state_bytes": state}
     if opts.profile and cuda:
-        from torch.profiler import ProfilerActivity, profile
-
-        start = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            backend.train(99, data)
-            torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - start) * 1e3
-        kernels = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages() if e.device_time_total > 0]
-        result["top_kernels"] = [(name[:90], ms, n) for name, ms, n in sorted(kernels, key=lambda k: -k[1])[:opts.top]]
-        result["kernel_groups"] = kernel_groups(kernels)
-        result["profiled_wall_ms"] = wall_ms
+        result["profile"] = profile_cuda(lambda: (backend.train(99, data), torch.cuda.synchronize()), top=opts.top)
     return result if int(os.environ.get("RANK", "0")) == 0 else None
 
 
@@ -365,12 +334,8 @@ def main() -> None:
         if r.get("state_bytes"):
             print(f"  {r['backend']:<18} " + memory_parts_line(r["state_bytes"], r["peak_gib"]))
     for r in results:
-        if "kernel_groups" in r:
-            busy = sum(r["kernel_groups"].values())
-            print(f"\n{r['backend']}: profiled step {r['profiled_wall_ms']:.0f} ms wall, {busy:.0f} ms of kernels "
-                  "(streams overlap): " + ", ".join(f"{g} {ms:.0f}" for g, ms in r["kernel_groups"].items()))
-        for name, ms, count in r.get("top_kernels", []):
-            print(f"  {r['backend']:<16} {ms:9.1f} ms {count:6d}x  {name}")
+        if "profile" in r:
+            print("\n" + "\n".join(profile_lines(r["backend"], r["profile"])))
     if opts.attention:
         print(f"\npacked attention, {opts.samples} x {opts.tokens // opts.samples} tokens, 32 heads / 8 KV, dim 128, "
               "fwd+bwd")

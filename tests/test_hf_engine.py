@@ -89,6 +89,26 @@ def test_log_probs_equal_teacher_forcing_in_mixed_batch(engine, reference):
     assert engine.stats()["max_rows_per_step"] >= 8
 
 
+def test_the_decode_threads_time_split_fits_in_the_wall_time(fresh_engine):
+    """stats() splits the decode thread's time into prefill, and per decode step launch, wait and host
+    bookkeeping: each grows with work, and together they cannot exceed the wall time they ran in."""
+    import time
+
+    before = fresh_engine.stats()
+    start = time.perf_counter()
+    async def main():
+        return await asyncio.gather(*[fresh_engine.generate(prompt_of(i, 5), {"max_new_tokens": 12, "ignore_eos": True})
+                                      for i in range(6)])
+
+    run(main())
+    wall = time.perf_counter() - start
+    after = fresh_engine.stats()
+    spent = {key: after[key] - before[key] for key in ("prefill_s", "decode_launch_s", "decode_wait_s", "decode_host_s")}
+    assert after["decode_steps"] - before["decode_steps"] >= 11
+    assert all(value > 0 for value in spent.values()), spent
+    assert sum(spent.values()) <= wall
+
+
 def test_greedy_equals_plain_argmax_loop(engine, reference):
     prompt = prompt_of(3, 9)
     out = run(engine.generate(prompt, {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}))

@@ -94,7 +94,6 @@ def test_torch_backend_at_its_optimizer_step(checkpoint):
 def test_megatron_backend_at_its_optimizer_step(checkpoint):
     pytest.importorskip("megatron.core", reason="megatron-core not installed (plugrl[megatron])")
     from .test_megatron_backend import megatron_backend
-    from .test_megatron_gpu import one_process_world  # noqa: F401
 
     backend = megatron_backend(make_args(checkpoint))
     try:

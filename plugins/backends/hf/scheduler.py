@@ -48,7 +48,12 @@ class DecodeScheduler:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._stats = {"decode_steps": 0, "prefill_forwards": 0, "max_rows_per_step": 0, "generated_tokens": 0}
+        # counters, and where the decode thread's time goes (seconds, summed over steps): prefill forwards
+        # + their sampling; per decode step the forward's launch (on CUDA it returns before the GPU is
+        # done), sampling up to the tokens on the host (mostly waiting for the GPU), and the per-row
+        # bookkeeping after that, during which a GPU has nothing queued
+        self._stats = {"decode_steps": 0, "prefill_forwards": 0, "max_rows_per_step": 0, "generated_tokens": 0,
+                       "prefill_s": 0.0, "decode_launch_s": 0.0, "decode_wait_s": 0.0, "decode_host_s": 0.0}
         self._turnstile = threading.Lock()
         self._model_lock = threading.Lock()
 
@@ -183,11 +188,12 @@ class DecodeScheduler:
         try:
             for chunk in self._prefill_chunks(admit):
                 with self._model_turn():
+                    start = time.perf_counter()
                     if self.fast is not None:
                         new, logits = self.fast.prefill(chunk)
                     else:
                         new, logits = DecodeBatch.prefill(self.model, chunk, self.device)
-                    self._sample_into(new, logits, prefill=True)
+                    self._sample_into(new, logits, prefill=True, started=start)
                 new = self._drop(new, lambda r: r.finish is not None)
                 if new is not None:
                     if batch is None:
@@ -196,8 +202,9 @@ class DecodeScheduler:
                         batch.merge(new)
             if batch is not None:
                 with self._model_turn():
+                    start = time.perf_counter()
                     logits = batch.decode(self.model)
-                    self._sample_into(batch, logits, prefill=False)
+                    self._sample_into(batch, logits, prefill=False, started=start)
                 batch = self._drop(batch, lambda r: r.finish is not None)
             return batch
         except Exception as exc:
@@ -221,7 +228,10 @@ class DecodeScheduler:
         if chunk:
             yield chunk
 
-    def _sample_into(self, batch: DecodeBatch, logits: torch.Tensor, *, prefill: bool) -> None:
+    def _sample_into(self, batch: DecodeBatch, logits: torch.Tensor, *, prefill: bool, started: float) -> None:
+        """Sample each row's next token from ``logits`` and hand it to its request; ``started``: when
+        the forward that made ``logits`` began (perf_counter), for the time split in ``stats``."""
+        launched = time.perf_counter()
         rows = batch.requests
         if batch.sampling is None:
             batch.sampling = RowSampling([r.params for r in rows], logits.device, logits.shape[-1])
@@ -237,9 +247,18 @@ class DecodeScheduler:
         # One device->host copy for the whole batch (each .tolist() would synchronise separately);
         # float64 holds both the token ids and the float32 log-probs exactly.
         host = torch.stack([tokens.to(torch.float64), log_probs.to(torch.float64)]).cpu()
+        on_host = time.perf_counter()
         for r, token, lp in zip(rows, host[0].long().tolist(), host[1].tolist()):
             if r.observe(token, lp, self._ctx):
                 self._complete(r, r.result(self._ctx, self._weight_version()))
+        done = time.perf_counter()
+        with self._cond:
+            if prefill:
+                self._stats["prefill_s"] += done - started
+            else:
+                self._stats["decode_launch_s"] += launched - started
+                self._stats["decode_wait_s"] += on_host - launched
+                self._stats["decode_host_s"] += done - on_host
 
     def _drop(self, batch: DecodeBatch, gone) -> DecodeBatch | None:
         """Remove rows for which ``gone(request)``; aborted/cancelled ones are answered here."""
