@@ -611,9 +611,13 @@ def compute_rl_loss(
         raise ValueError(f"unknown --loss-type '{loss_type}'; compute_rl_loss handles policy_loss and sft_loss")
 
     if entropy is not None:
+        if entropy_coef == 0.0:
+            # a metric only: no gradient flows back through it, so the log-prob kernels' backward
+            # skips the entropy terms (several passes over the [tokens, vocab] logits per micro-batch)
+            entropy = entropy.detach()
         entropy_loss = reduce_terms(entropy)
         metrics["entropy_loss"] = entropy_loss
-        loss = loss - entropy_coef * entropy_loss
+        loss = loss - entropy_coef * entropy_loss if entropy_coef != 0.0 else loss
     elif loss_type == "policy_loss":
         metrics["entropy_loss"] = torch.zeros((), device=device)
 

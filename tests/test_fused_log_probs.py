@@ -77,6 +77,26 @@ def test_bf16_gradients_accumulate_over_slices_like_an_fp64_reference(device):
         assert float((got.double() - want).norm() / want.norm()) < 1e-2
 
 
+def test_an_unused_entropy_or_log_prob_output_gives_the_same_gradients():
+    """Entropy computed but left out of the loss (a metric) and log-probs left out: the backward sees
+    None for that output and must give what autograd gives with that output weighted by zero."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(9, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(13, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 13, (9,), generator=gen)
+    w = torch.randn(9, dtype=torch.float64, generator=gen)
+    lp, ent = linear_log_probs(hidden, weight, targets, temperature=0.8, with_entropy=True, chunk_tokens=4)
+    for used, unused in ((lp, ent), (ent, lp)):
+        alone = torch.autograd.grad((used * w).sum(), (hidden, weight), retain_graph=True)
+        with_zero = torch.autograd.grad((used * w).sum() + 0.0 * unused.sum(), (hidden, weight), retain_graph=True)
+        for got, want in zip(alone, with_zero):
+            torch.testing.assert_close(got, want)
+        ref_lp, ref_ent = _reference(hidden, weight, targets, 0.8)
+        ref_used = ref_lp if used is lp else ref_ent
+        for got, want in zip(alone, torch.autograd.grad((ref_used * w).sum(), (hidden, weight))):
+            torch.testing.assert_close(got, want)
+
+
 def test_no_entropy_is_returned_unless_asked_and_a_bad_temperature_is_refused():
     hidden, weight = torch.randn(3, 4), torch.randn(6, 4)
     lp, ent = linear_log_probs(hidden, weight, torch.tensor([0, 5, 2]))

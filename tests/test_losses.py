@@ -353,6 +353,27 @@ def test_kl_loss_and_metrics_closed_form():
     assert metrics["entropy_loss"] == 0.0
 
 
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.25])
+def test_entropy_gets_a_gradient_only_when_it_is_in_the_loss(entropy_coef):
+    """With --entropy-coef 0 the entropy is a metric: the same value is logged, but the backward never
+    reaches it (the log-prob kernels then skip their entropy terms); otherwise its gradient is
+    -coef times the reduction's weights (each sample's token mean, summed over samples; the step
+    divides by the sample count later)."""
+    logp = torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64, requires_grad=True)
+    entropy = torch.tensor([0.5, 1.5, 2.0], dtype=torch.float64, requires_grad=True)
+    loss, metrics = compute_rl_loss(
+        logp, advantages=torch.tensor([1.0, 1.0, -1.0]), entropy=entropy, loss_masks=[torch.tensor([1, 1]),
+                                                                                     torch.tensor([1])],
+        response_lengths=[2, 1], mask_sums=[2, 1], config=_cfg(entropy_coef=entropy_coef))
+    # per-sample means (0.5 + 1.5) / 2 and 2.0, summed
+    assert metrics["entropy_loss"] == pytest.approx(3.0)
+    loss.backward()
+    if entropy_coef == 0.0:
+        assert entropy.grad is None
+    else:  # d(sum of per-sample means)/d entropy = [1/2, 1/2, 1]
+        torch.testing.assert_close(entropy.grad, -entropy_coef * torch.tensor([0.5, 0.5, 1.0], dtype=torch.float64))
+
+
 def test_tis_multiplies_the_policy_loss():
     logp = torch.tensor([-1.0, -1.0], dtype=torch.float64, requires_grad=True)
     old = torch.tensor([-1.0, -1.0], dtype=torch.float64)

@@ -79,6 +79,9 @@ class _LinearLogProbs(torch.autograd.Function):
             if with_entropy:
                 mean_z[s:e] = (torch.exp(z - lse[s:e, None]) * z).sum(-1)
         ctx.save_for_backward(hidden, weight, targets, lse, mean_z if with_entropy else lse)
+        # an output the loss does not use (entropy as a metric only) reaches backward as None, not as
+        # zeros, so its terms are skipped there
+        ctx.set_materialize_grads(False)
         ctx.temperature, ctx.with_entropy, ctx.chunk_tokens = temperature, with_entropy, chunk_tokens
         entropy = lse - mean_z if with_entropy else None
         if entropy is None:
