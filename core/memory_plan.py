@@ -50,7 +50,9 @@ class ModelShape:
     megatron_tensors: list[int] = field(default_factory=list)  # ... of megatron's (fused qkv, fc1), TP 1
 
     @classmethod
-    def from_config(cls, config: dict) -> ModelShape | None:
+    def from_config(cls, config: dict, *, vocab_multiple: int = 1) -> ModelShape | None:
+        """``vocab_multiple``: megatron pads the vocabulary (embedding and output rows) to a multiple of
+        ``--make-vocab-size-divisible-by`` x TP; those rows are trained state but never exported."""
         text = config.get("text_config", config)
         try:
             hidden, layers, vocab = int(text["hidden_size"]), int(text["num_hidden_layers"]), int(text["vocab_size"])
@@ -67,7 +69,8 @@ class ModelShape:
         megatron_layer = [q + 2 * kv, o, 2 * hidden * ffn, ffn * hidden, hidden, hidden, *qk_norms]
         heads_out = [] if tied else [vocab * hidden]
         hf = [vocab * hidden, *hf_layer * layers, hidden, *heads_out]
-        megatron = [vocab * hidden, *megatron_layer * layers, hidden, *heads_out]
+        padded = -(-vocab // max(1, vocab_multiple)) * max(1, vocab_multiple)
+        megatron = [padded * hidden, *megatron_layer * layers, hidden, *([] if tied else [padded * hidden])]
         return cls(params=sum(hf), converted=layers * (q + 2 * kv + 2 * hidden * ffn), hf_tensors=hf,
                    megatron_tensors=megatron)
 
@@ -77,12 +80,12 @@ class ModelShape:
         return sum(pinned_bytes(n * element_bytes // shards) for n in tensors)
 
 
-def read_model_shape(hf_checkpoint: str | None) -> ModelShape | None:
+def read_model_shape(hf_checkpoint: str | None, *, vocab_multiple: int = 1) -> ModelShape | None:
     try:
         config = json.loads((Path(hf_checkpoint) / "config.json").read_text())
     except (TypeError, OSError, ValueError):
         return None
-    return ModelShape.from_config(config) if isinstance(config, dict) else None
+    return ModelShape.from_config(config, vocab_multiple=vocab_multiple) if isinstance(config, dict) else None
 
 
 def node_memory_bytes() -> int | None:
@@ -140,19 +143,20 @@ def _needs_ref(args) -> bool:
 def plan_memory(args, *, colocated: bool, on_gpu: bool = True, node_bytes: int | None = None) -> MemoryPlan | None:
     """The plan for a validated config, or None when the checkpoint's size is unknown. ``colocated``:
     the placement puts engines on the train GPUs."""
-    shape = read_model_shape(getattr(args, "hf_checkpoint", None))
+    from .plugin_traits import parallel_sizes, train_trait
+
+    megatron = train_trait(args, "memory_model", "hf") == "megatron"  # the backend's declared memory model
+    sizes = parallel_sizes(args)  # the train backend's declared TP/PP/CP (all 1 when it declares none)
+    tp, pp = int(sizes.tp), int(sizes.pp)
+    vocab_multiple = int(getattr(args, "make_vocab_size_divisible_by", None) or 128) * tp if megatron else 1
+    shape = read_model_shape(getattr(args, "hf_checkpoint", None), vocab_multiple=vocab_multiple)
     if shape is None:
         return None
     node = node_bytes if node_bytes is not None else node_memory_bytes()
     plan = MemoryPlan(node_gib=node / GIB if node else None)
-    P = shape.params
-    from .plugin_traits import parallel_sizes, train_trait
-
-    megatron = train_trait(args, "memory_model", "hf") == "megatron"  # the backend's declared memory model
+    P = sum(shape.megatron_tensors) if megatron else shape.params  # the trained parameters (padded vocab)
     bf16 = on_gpu and not getattr(args, "fp32", False) and getattr(args, "bf16", None) is not False
     param_bytes = 2 if bf16 else 4
-    sizes = parallel_sizes(args)  # the train backend's declared TP/PP/CP (all 1 when it declares none)
-    tp, pp = int(sizes.tp), int(sizes.pp)
     world = int(args.actor_num_nodes) * int(args.actor_num_gpus_per_node)
     dp = max(1, world // (tp * pp * int(sizes.cp)))
     ranks_per_node = int(args.actor_num_gpus_per_node)
@@ -169,7 +173,7 @@ def plan_memory(args, *, colocated: bool, on_gpu: bool = True, node_bytes: int |
     per_engine = int(getattr(args, "rollout_num_gpus_per_engine", 1) or 1)
     engine_gpus_node = (ranks_per_node if colocated else
                         min(int(getattr(args, "rollout_num_gpus", 0) or 0), int(getattr(args, "num_gpus_per_node", 8) or 8)))
-    engine_weights_gpu = P * 2 / per_engine  # engines serve bf16 on GPUs
+    engine_weights_gpu = shape.params * 2 / per_engine  # engines serve bf16 on GPUs (HF shape)
 
     offload_train = colocated and bool(getattr(args, "offload_train", False))
     offload_rollout = colocated and bool(getattr(args, "offload_rollout", False))
@@ -196,7 +200,7 @@ def plan_memory(args, *, colocated: bool, on_gpu: bool = True, node_bytes: int |
 
     transport = expected_transport(args, colocated=colocated, on_gpu=on_gpu)
     streamed = transport != OBJECT_STORE
-    export = P * 2
+    export = shape.params * 2  # HF names and shapes: the vocabulary padding is not exported
     if not streamed:
         plan.host_items.append(("one weight export in Ray's object store during a push (--update-weight-buffer-size "
                                 "buckets, read in place by the engines)", export / GIB))

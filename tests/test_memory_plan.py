@@ -38,6 +38,21 @@ def test_shape_matches_transformers_parameters(config):
     assert sum(shape.megatron_tensors) == sum(numels)  # same weights, fused qkv and gate/up
 
 
+def test_megatron_pads_the_vocabulary_rows_it_trains():
+    """Megatron's embedding (and an untied output layer) has the vocabulary padded to the multiple;
+    the HF shape, which is exported and served, does not."""
+    plain = ModelShape.from_config(SMALL_UNTIED)
+    padded = ModelShape.from_config(SMALL_UNTIED, vocab_multiple=128)  # 300 -> 384
+    assert padded.params == plain.params and padded.hf_tensors == plain.hf_tensors
+    assert sum(padded.megatron_tensors) - sum(plain.megatron_tensors) == 2 * (384 - 300) * 64
+    tied = ModelShape.from_config({**SMALL_UNTIED, "tie_word_embeddings": True}, vocab_multiple=128)
+    assert sum(tied.megatron_tensors) - tied.params == (384 - 300) * 64
+    qwen3_4b = ModelShape.from_config(QWEN3_4B)
+    # 151,936 = 1,187 x 128: nothing to pad at TP 1; at TP 2 (multiple 256) 152,064, 128 rows more
+    assert ModelShape.from_config(QWEN3_4B, vocab_multiple=128).megatron_tensors == qwen3_4b.megatron_tensors
+    assert sum(ModelShape.from_config(QWEN3_4B, vocab_multiple=256).megatron_tensors) - qwen3_4b.params == 128 * 2560
+
+
 def test_unknown_architecture_gives_no_plan(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mystery"}))
     assert ModelShape.from_config({"model_type": "mystery"}) is None

@@ -113,3 +113,41 @@ def test_megatron_backend_at_its_optimizer_step(checkpoint):
         parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "megatron"])
+def test_the_memory_plans_trainer_state_is_what_the_backend_holds(checkpoint, backend_name):
+    """core/memory_plan.py plans the trainer's state per rank from config.json alone (bytes per
+    parameter for weights, grads and optimizer state); the backend's tensors at an optimizer step
+    must add up to it (fp32 on CPU: 4 + 4 + 8 bytes per parameter; megatron's padded vocabulary rows
+    included: the tiny model's 317 tokens become 384)."""
+    if backend_name == "megatron":
+        pytest.importorskip("megatron.core", reason="megatron-core not installed (plugrl[megatron])")
+    from plugrl.core.config import parse_config
+    from plugrl.core.memory_plan import GIB, plan_memory
+    from plugrl.core.plugins import make_plugin_manager
+
+    config = parse_config(["--train-backend", backend_name, "--hf-checkpoint", checkpoint,
+                           "--actor-num-gpus-per-node", "1"], make_plugin_manager(entry_points=False))
+    plan = plan_memory(config, colocated=False, on_gpu=False, node_bytes=64 * GIB)
+    planned = next(gib for what, gib in plan.gpu_items if what.startswith("trainer parameters")) * GIB
+    if backend_name == "torch":
+        backend = TorchTrainBackend(make_args(checkpoint), estimator=GRPOEstimator(None))
+    else:
+        from .test_megatron_backend import megatron_backend
+
+        backend = megatron_backend(make_args(checkpoint))
+    try:
+        backend.train(0, _data())
+        measured = sum(_measured_step(backend, _data()).values())
+        tensors = sum(len(group["params"]) for opt in backend.torch_optimizers() for group in opt.param_groups)
+    finally:
+        if backend_name == "megatron":
+            import torch.distributed as dist
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    # the plan leaves out only Adam's scalar step count per parameter tensor
+    assert 0 <= measured - planned <= 8 * tensors
