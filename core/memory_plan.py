@@ -148,8 +148,7 @@ def plan_memory(args, *, colocated: bool, on_gpu: bool = True, node_bytes: int |
     megatron = train_trait(args, "memory_model", "hf") == "megatron"  # the backend's declared memory model
     sizes = parallel_sizes(args)  # the train backend's declared TP/PP/CP (all 1 when it declares none)
     tp, pp = int(sizes.tp), int(sizes.pp)
-    vocab_multiple = int(getattr(args, "make_vocab_size_divisible_by", None) or 128) * tp if megatron else 1
-    shape = read_model_shape(getattr(args, "hf_checkpoint", None), vocab_multiple=vocab_multiple)
+    shape = read_model_shape(getattr(args, "hf_checkpoint", None), vocab_multiple=int(sizes.vocab_multiple))
     if shape is None:
         return None
     node = node_bytes if node_bytes is not None else node_memory_bytes()

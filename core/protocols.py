@@ -208,6 +208,7 @@ class ParallelSizes:
     etp: int | None = None  # expert tensor parallelism (None: as tp)
     sequence_parallel: bool = False
     distributed_optimizer: bool = False  # optimizer state sharded over DP (the memory plan divides it)
+    vocab_multiple: int = 1  # the trained embedding/output rows are padded to a multiple of this (memory plan)
     flags: dict = field(default_factory=dict)
 
     def flag(self, size: str) -> str:

@@ -61,8 +61,17 @@ def parallel_sizes(args):
         etp=given["etp"],
         sequence_parallel=bool(getattr(args, "sequence_parallel", None)),
         distributed_optimizer=getattr(args, "use_distributed_optimizer", None) is not False,
+        vocab_multiple=vocab_multiple(args, given["tp"] or 1),
         flags={size: "--" + dest.replace("_", "-") for size, dest in SIZE_DESTS.items()},
     )
+
+
+def vocab_multiple(args, tp: int) -> int:
+    """Megatron pads the vocabulary to a multiple of ``--make-vocab-size-divisible-by`` x TP; the padded
+    rows are trained state (Adam moments included) but never exported."""
+    from .config_bridge import DEFAULT_VOCAB_DIVISOR
+
+    return int(getattr(args, "make_vocab_size_divisible_by", None) or DEFAULT_VOCAB_DIVISOR) * int(tp)
 
 
 def backend_problems(args) -> list[str]:
