@@ -11,13 +11,17 @@ every request runs to ``--new-tokens``) and times them end to end. ``--compare-g
 torch 2.11 that made every decode step ~30 ms slower per layer call (engine and generate alike).
 The header reports the engine's decode path: ``slots+cuda_graphs`` / ``slots`` (the fast path: slot KV
 cache and the engine's own forward, with or without CUDA graphs) or ``hf (why)`` (HF forwards over a
-``DynamicCache``); ``--no-fast-decode`` / ``--no-cuda-graphs`` select the slower ones for comparison. After the table, where
+``DynamicCache``); ``--no-fast-decode`` / ``--no-cuda-graphs`` select the slower ones for comparison;
+``--decode-attention sdpa,matmul,flash`` runs one engine per attention implementation (rows labelled,
+one ``generate`` baseline per batch). After the table, where
 each timed pass's time went (the engine's ``stats()`` split: prefill, and per decode step the launch,
 the wait for the sampled tokens, the host's per-row bookkeeping); ``--profile`` adds the CUDA kernels of
 one more pass at the largest batch.
 
     python benchmarks/hf_engine_throughput.py --model tiny --batch-sizes 1,64,256
     python benchmarks/hf_engine_throughput.py --model 4b --batch-sizes 64,256 --prompt-len 256 --new-tokens 256 --compare-generate
+    python benchmarks/hf_engine_throughput.py --model 4b --batch-sizes 64,256 --prompt-len 256 --new-tokens 256 \
+        --compare-generate --decode-attention sdpa,matmul,flash --profile
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def split_line(batch: int, steps: int, split: dict) -> str:
     for the sampled tokens (the GPU working) and the host's per-row bookkeeping (the GPU idle)."""
     per_step = {key: 1e3 * split[key] / max(1, steps) for key in SPLIT[1:]}
     other = split["wall_s"] - sum(split[key] for key in SPLIT)
-    return (f"{batch:>6} prefill {split['prefill_s']:.2f} s | per decode step: launch {per_step['decode_launch_s']:.2f} ms, "
+    return (f"{batch:>6} prefill {split['prefill_s']:.3f} s | per decode step: launch {per_step['decode_launch_s']:.2f} ms, "
             f"wait {per_step['decode_wait_s']:.2f} ms, host {per_step['decode_host_s']:.2f} ms | "
             f"outside the decode thread's phases {other:.2f} s of {split['wall_s']:.2f} s")
 
@@ -98,6 +102,54 @@ def time_generate(engine, batch, prompt_len, new_tokens, temperature, engine_cud
     return (out.shape[1] - prompt_len) * batch / (time.perf_counter() - start)
 
 
+def run_engine(args, path, attention: str, batches: list[int], baseline: dict, *, header: bool) -> list[str]:
+    """One engine with ``decode_attention=attention``: a table row per batch size (the ``generate`` baseline
+    is timed once per batch, on the first engine, and kept in ``baseline``; ``header``: print the run's
+    header and the table's first). Returns the time-split lines."""
+    engine = HFRolloutEngine(str(path), device=args.device, dtype=args.dtype, max_batch_size=max(batches),
+                             cudnn_attention=args.cudnn_attention, fast_decode=not args.no_fast_decode,
+                             cuda_graphs=not args.no_cuda_graphs, decode_attention=attention)
+    try:
+        asyncio.run(time_engine(engine, 2, args.prompt_len, 4, args.temperature))  # warm-up
+        if header:
+            dtype = next(engine.model.parameters()).dtype
+            name = args.checkpoint or args.model
+            device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
+            print(f"model={name} device={engine.device} ({device_name}) dtype={dtype} torch={torch.__version__} "
+                  f"threads={torch.get_num_threads()} cudnn_attention={args.cudnn_attention} "
+                  f"prompt={args.prompt_len} new={args.new_tokens} T={args.temperature}")
+            header = f"{'attention':>9} {'batch':>6} {'engine tok/s':>13} {'cold tok/s':>11} {'steps':>6}"
+            print(header + (f" {'generate tok/s':>15} {'engine/generate':>16}" if args.compare_generate else ""))
+        splits = [f"decode path: {engine.decode_path}, decode_attention={attention}"]
+        for batch in batches:
+            # first pass at a new batch size captures its CUDA graphs; the timed pass replays them
+            # (a rollout engine runs the same shapes again and again)
+            # ("cold tok/s" is that first pass, capture included)
+            cold, _, _ = asyncio.run(time_engine(engine, batch, args.prompt_len, args.new_tokens, args.temperature))
+            rate, steps, split = asyncio.run(time_engine(engine, batch, args.prompt_len, args.new_tokens,
+                                                         args.temperature))
+            splits.append(split_line(batch, steps, split))
+            row = f"{attention:>9} {batch:>6} {rate:>13,.0f} {cold:>11,.0f} {steps:>6}"
+            if args.compare_generate:
+                if batch not in baseline:
+                    time_generate(engine, batch, args.prompt_len, 8, args.temperature, args.cudnn_attention)  # warm-up
+                    baseline[batch] = time_generate(engine, batch, args.prompt_len, args.new_tokens, args.temperature,
+                                                    args.cudnn_attention)
+                row += f" {baseline[batch]:>15,.0f} {rate / baseline[batch]:>15.2f}x"
+            print(row, flush=True)
+        splits.append(f"engine decode info: {engine.decode_info()}")
+        if args.profile and engine.device.type == "cuda":
+            from kernel_profile import profile_cuda, profile_lines
+
+            batch = max(batches)
+            profiled = profile_cuda(lambda: asyncio.run(time_engine(
+                engine, batch, args.prompt_len, args.new_tokens, args.temperature)), top=args.top)
+            splits += [""] + profile_lines(f"engine ({attention}) bs{batch}", profiled)
+        return splits
+    finally:
+        engine.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(SHAPES), default="tiny")
@@ -113,6 +165,8 @@ def main() -> None:
     parser.add_argument("--cudnn-attention", action="store_true", help="let SDPA use cuDNN (engine option)")
     parser.add_argument("--no-fast-decode", action="store_true", help="engine option fast_decode=False")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="engine option cuda_graphs=False")
+    parser.add_argument("--decode-attention", default="sdpa",
+                        help="comma-separated engine decode_attention values, one engine each (sdpa, matmul, flash)")
     parser.add_argument("--profile", action="store_true",
                         help="CUDA kernel profile of one more pass at the largest batch (benchmarks/kernel_profile.py)")
     parser.add_argument("--top", type=int, default=25, help="kernels listed with --profile")
@@ -120,49 +174,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch_sizes.split(",")]
+    attentions = [a.strip() for a in args.decode_attention.split(",") if a.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint or build(args.model, Path(tmp))
-        engine = HFRolloutEngine(str(path), device=args.device, dtype=args.dtype, max_batch_size=max(batches),
-                                 cudnn_attention=args.cudnn_attention, fast_decode=not args.no_fast_decode,
-                                 cuda_graphs=not args.no_cuda_graphs)
-        try:
-            asyncio.run(time_engine(engine, 2, args.prompt_len, 4, args.temperature))  # warm-up
-            dtype = next(engine.model.parameters()).dtype
-            name = args.checkpoint or args.model
-            device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
-            print(f"model={name} device={engine.device} ({device_name}) dtype={dtype} torch={torch.__version__} "
-                  f"threads={torch.get_num_threads()} cudnn_attention={args.cudnn_attention} "
-                  f"prompt={args.prompt_len} new={args.new_tokens} T={args.temperature}")
-            print(f"decode path: {engine.decode_path}")
-            header = f"{'batch':>6} {'engine tok/s':>13} {'cold tok/s':>11} {'steps':>6}"
-            print(header + (f" {'generate tok/s':>15} {'engine/generate':>16}" if args.compare_generate else ""))
-            splits = []
-            for batch in batches:
-                # first pass at a new batch size captures its CUDA graphs; the timed pass replays them
-                # (a rollout engine runs the same shapes again and again)
-                # ("cold tok/s" is that first pass, capture included)
-                cold, _, _ = asyncio.run(time_engine(engine, batch, args.prompt_len, args.new_tokens, args.temperature))
-                rate, steps, split = asyncio.run(time_engine(engine, batch, args.prompt_len, args.new_tokens,
-                                                             args.temperature))
-                splits.append(split_line(batch, steps, split))
-                row = f"{batch:>6} {rate:>13,.0f} {cold:>11,.0f} {steps:>6}"
-                if args.compare_generate:
-                    time_generate(engine, batch, args.prompt_len, 8, args.temperature, args.cudnn_attention)  # warm-up
-                    ref = time_generate(engine, batch, args.prompt_len, args.new_tokens, args.temperature,
-                                        args.cudnn_attention)
-                    row += f" {ref:>15,.0f} {rate / ref:>15.2f}x"
-                print(row, flush=True)
-            print("\nthe engine's time in the timed passes:\n" + "\n".join(splits))
-            print(f"engine decode info: {engine.decode_info()}")
-            if args.profile and engine.device.type == "cuda":
-                from kernel_profile import profile_cuda, profile_lines
-
-                batch = max(batches)
-                profiled = profile_cuda(lambda: asyncio.run(time_engine(
-                    engine, batch, args.prompt_len, args.new_tokens, args.temperature)), top=args.top)
-                print("\n" + "\n".join(profile_lines(f"engine bs{batch}", profiled)))
-        finally:
-            engine.close()
+        baseline: dict = {}
+        splits = []
+        for i, attention in enumerate(attentions):
+            splits += [""] + run_engine(args, path, attention, batches, baseline, header=i == 0)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the next engine loads its own copy of the weights
+        print("\nthe engine's time in the timed passes:" + "\n".join(splits))
 
 
 if __name__ == "__main__":

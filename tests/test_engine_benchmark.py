@@ -1,5 +1,6 @@
 """benchmarks/hf_engine_throughput.py on CPU (the tiny model): the table and, per batch size, where
-the timed pass's time went (the engine's stats() split), whose phases fit in the pass's wall time;
+the timed pass's time went (the engine's stats() split), whose phases fit in the pass's wall time, for
+one engine per --decode-attention value;
 and benchmarks/kernel_profile.py's grouping of CUDA kernel names."""
 
 import re
@@ -12,13 +13,15 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 def test_engine_benchmark_prints_each_passes_time_split():
     proc = subprocess.run([sys.executable, str(BENCH / "hf_engine_throughput.py"), "--model", "tiny", "--device", "cpu",
-                           "--batch-sizes", "1,8", "--new-tokens", "12"],
+                           "--batch-sizes", "1,8", "--new-tokens", "12", "--decode-attention", "sdpa,matmul"],
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     splits = re.findall(r"^\s+(\d+) prefill ([\d.]+) s \| per decode step: launch ([\d.]+) ms, wait ([\d.]+) ms, "
                         r"host ([\d.]+) ms \| outside the decode thread's phases (-?[\d.]+) s of ([\d.]+) s$",
                         proc.stdout, re.MULTILINE)
-    assert [int(s[0]) for s in splits] == [1, 8], proc.stdout
+    assert [int(s[0]) for s in splits] == [1, 8, 1, 8], proc.stdout  # one engine per decode attention
+    rows = re.findall(r"^\s+(sdpa|matmul)\s+(\d+)\s+([\d,]+)\s", proc.stdout, re.MULTILINE)
+    assert [(name, int(batch)) for name, batch, _ in rows] == [("sdpa", 1), ("sdpa", 8), ("matmul", 1), ("matmul", 8)]
     for _batch, prefill, launch, _wait, _host, outside, wall in splits:
         assert float(prefill) > 0 and float(launch) > 0  # on CPU the launch is the whole forward
         assert float(outside) >= -0.01 and float(outside) <= float(wall)  # printed to 0.01 s

@@ -79,11 +79,17 @@ def teacher_forced(model, prompt, response, temperature):
     return lp.gather(1, torch.tensor(response, device=model.device).unsqueeze(1)).squeeze(1).tolist()
 
 
-def make_engine(path, *, bucketed=False, **kwargs):
+def make_engine(path, *, bucketed=False, layout=None, **kwargs):
     eng = HFRolloutEngine(str(path), device=kwargs.pop("device", "cpu"), seed=0, **kwargs)
     if bucketed:
         eng._scheduler.fast.bucketed = True  # the shapes the CUDA graphs run, eagerly on CPU
+    if layout:  # before the first prefill allocates it: the cache layout flash reads, tested with sdpa on CPU
+        eng._scheduler.fast.cache.layout = layout
     return eng
+
+
+# (decode_attention, KV cache layout): the CPU-runnable attentions over both layouts
+ATTENTIONS = [("sdpa", None), ("matmul", None), ("sdpa", "token")]
 
 
 async def waves(engine, first, second, params):
@@ -120,9 +126,10 @@ def test_fast_path_selected_for_qwen3(ckpt):
         off.close()
 
 
+@pytest.mark.parametrize("attention,layout", ATTENTIONS)
 @pytest.mark.parametrize("bucketed", [False, True])
-def test_greedy_equals_hf_generate_with_rows_joining_and_leaving(ckpt, reference, bucketed):
-    eng = make_engine(ckpt, bucketed=bucketed, max_batch_size=32)
+def test_greedy_equals_hf_generate_with_rows_joining_and_leaving(ckpt, reference, bucketed, attention, layout):
+    eng = make_engine(ckpt, bucketed=bucketed, max_batch_size=32, decode_attention=attention, layout=layout)
     try:
         first = [(prompt_of(i, 2 + 3 * i), 30 - 3 * i, {}) for i in range(7)]  # leave at different steps
         second = [(prompt_of(50 + i, 11 - i), 8 + i, {}) for i in range(5)]
@@ -137,9 +144,10 @@ def test_greedy_equals_hf_generate_with_rows_joining_and_leaving(ckpt, reference
         eng.close()
 
 
+@pytest.mark.parametrize("attention,layout", ATTENTIONS)
 @pytest.mark.parametrize("bucketed", [False, True])
-def test_sampled_log_probs_equal_teacher_forcing(ckpt, reference, bucketed):
-    eng = make_engine(ckpt, bucketed=bucketed)
+def test_sampled_log_probs_equal_teacher_forcing(ckpt, reference, bucketed, attention, layout):
+    eng = make_engine(ckpt, bucketed=bucketed, decode_attention=attention, layout=layout)
     try:
         extras = [{"temperature": 0.7}, {"temperature": 1.0, "top_p": 0.9}, {"temperature": 1.3, "top_k": 20},
                   {"temperature": 0.9, "min_p": 0.05}, {"temperature": 1.0, "sampling_seed": 5}]
@@ -156,9 +164,10 @@ def test_sampled_log_probs_equal_teacher_forcing(ckpt, reference, bucketed):
         eng.close()
 
 
+@pytest.mark.parametrize("attention,layout", ATTENTIONS)
 @pytest.mark.parametrize("bucketed", [False, True])
-def test_slots_are_reused_and_a_draining_batch_is_compacted(ckpt, reference, bucketed):
-    eng = make_engine(ckpt, bucketed=bucketed, max_batch_size=8)
+def test_slots_are_reused_and_a_draining_batch_is_compacted(ckpt, reference, bucketed, attention, layout):
+    eng = make_engine(ckpt, bucketed=bucketed, max_batch_size=8, decode_attention=attention, layout=layout)
     try:
         # 20 requests through 8 slots; lengths chosen so that low slots finish first and the last
         # rows sit high: the batch drains from 8 rows to 2, which must compact (bucket 8 -> 2).
@@ -175,6 +184,18 @@ def test_slots_are_reused_and_a_draining_batch_is_compacted(ckpt, reference, buc
         assert info["kv_slots"] == 8  # never more slots than rows in flight: finished slots were reused
         assert info["slot_moves"] > 0
         assert eng.load_stats() == {"num_running": 0, "num_waiting": 0}
+    finally:
+        eng.close()
+
+
+def test_decode_attention_option_is_checked(ckpt):
+    with pytest.raises(ValueError, match="decode_attention='paged'.*sdpa"):
+        make_engine(ckpt, decode_attention="paged")
+    with pytest.raises(ValueError, match="'flash' needs CUDA.*use 'sdpa' or 'matmul'"):
+        make_engine(ckpt, decode_attention="flash")
+    eng = make_engine(ckpt, decode_attention="matmul")
+    try:
+        assert eng.decode_info()["decode_attention"] == "matmul"
     finally:
         eng.close()
 
@@ -272,19 +293,22 @@ GPU_SPECS = [(prompt_of(i, 3 + 5 * i), 40 - 2 * i) for i in range(12)]
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graphs_greedy_equals_eager_bf16(ckpt):
+@pytest.mark.parametrize("attention", ["sdpa", "matmul", "flash"])
+def test_cuda_graphs_greedy_equals_eager_bf16(ckpt, attention):
     """Graph replay vs the same forward run eagerly with the same bucketed shapes: the same kernels on
     the same inputs, so bf16 greedy tokens must be identical (no mismatch allowed). Against HF's own
     bf16 forward the kernels differ (batched GEMM shapes, attention kernels), so rounding may flip a
     near-tie: there every chosen token must be within 0.25 logits of the fp32 reference's best (the
     logits reach ~10 here; bf16 keeps 8 mantissa bits, and the bf16 fast path measured 0.064 on CPU;
     a wrong mask or position misses by whole units)."""
-    graphs = make_engine(ckpt, device="cuda", dtype="bfloat16")
-    eager = make_engine(ckpt, device="cuda", dtype="bfloat16", cuda_graphs=False, bucketed=True)
+    graphs = make_engine(ckpt, device="cuda", dtype="bfloat16", decode_attention=attention)
+    eager = make_engine(ckpt, device="cuda", dtype="bfloat16", cuda_graphs=False, bucketed=True,
+                        decode_attention=attention)
     try:
         assert graphs.decode_path == "slots+cuda_graphs" and eager.decode_path == "slots"
         got = _greedy_batch(graphs, GPU_SPECS)
         assert graphs.decode_info()["cuda_graph_captures"] > 0
+        assert graphs.decode_info()["graph_error"] is None  # the attention was captured, not run eagerly
         assert got == _greedy_batch(eager, GPU_SPECS)
         ref = load_ref(ckpt, "cuda", torch.float32)
         for (prompt, _), tokens in zip(GPU_SPECS, got):

@@ -10,17 +10,17 @@ attention over each row's own length, and computing logits for the last position
 * ``prefill``: prompts packed into one row (no padding), causal attention within each prompt
   (``plugins/backends/packed_attention``: varlen flash attention on CUDA in 16 bits, SDPA per prompt
   elsewhere), K/V scattered into the slots.
-* ``decode``: one token per slot for slots ``[0, B)``; attention over the first ``kv_len`` cache
-  positions, masked at each row's length. Fixed shapes and no host synchronisation, so it can be
-  captured in a CUDA graph (``cuda_graphs.py``).
+* ``decode``: one token per slot for slots ``[0, B)``; attention over each row's own length within the
+  first ``kv_len`` cache positions (``decode_attention.py``: sdpa, matmul or flash). Fixed shapes and
+  no host synchronisation, so it can be captured in a CUDA graph (``cuda_graphs.py``).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..packed_attention import attention_within_segments, default_implementation
+from .decode_attention import StepInputs, attend
 
 SUPPORTED_CLASSES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 
@@ -66,8 +66,9 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 class LlamaLikeForward:
     """Holds references to the HF model's submodules (never copies of their weights)."""
 
-    def __init__(self, model):
+    def __init__(self, model, attention: str = "sdpa"):
         inner = model.model
+        self.attention = attention  # decode_attention.IMPLEMENTATIONS
         self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, list(inner.layers), inner.norm, inner.rotary_emb
         self.lm_head = model.lm_head
         config = model.config.get_text_config()
@@ -75,7 +76,6 @@ class LlamaLikeForward:
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(getattr(attn, "head_dim", None) or config.hidden_size // self.heads)
-        self.groups = self.heads // self.kv_heads
         self.scale = float(getattr(attn, "scaling", self.head_dim ** -0.5))
         self.qk_norm = hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
         param = next(model.parameters())
@@ -90,8 +90,7 @@ class LlamaLikeForward:
         return q, k, v
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, slot_of_token: torch.Tensor,
-                cu_seqlens: torch.Tensor, max_len: int, last: torch.Tensor, keys: list[torch.Tensor],
-                values: list[torch.Tensor]) -> torch.Tensor:
+                cu_seqlens: torch.Tensor, max_len: int, last: torch.Tensor, cache) -> torch.Tensor:
         """``ids/positions/slot_of_token [T]`` (prompts packed back to back), ``cu_seqlens [n+1]``,
         ``last [n]`` (index of each prompt's last token) -> next-token logits ``[n, V]``."""
         t = ids.shape[0]
@@ -104,24 +103,22 @@ class LlamaLikeForward:
             residual = x
             q, k, v = self._qkv(attn, layer.input_layernorm(x), (t,))
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)  # [T, heads, D]
-            keys[i][slot_of_token, :, positions] = k
-            values[i][slot_of_token, :, positions] = v
+            cache.write(i, slot_of_token, positions, k, v)
             out = attention_within_segments(q, k, v, cu_seqlens, max_len, scale=self.scale, implementation=impl)
             x = residual + attn.o_proj(out.reshape(1, t, self.heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         # RMSNorm is per token: normalising only the last tokens gives the same values.
         return self.lm_head(self.norm(x[0, last]))
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
-               values: list[torch.Tensor], kv_len: int, arange: torch.Tensor) -> torch.Tensor:
-        """One token per slot: ``tokens/positions [B]`` for slots ``0..B-1`` (position = the row's
-        length so far, where its K/V go) -> logits ``[B, V]``. Free slots must hold position 0.
-        ``arange``: ``torch.arange(n)`` with ``n >= max(B, kv_len)``, owned by the caller so that a
-        captured graph's view of it stays valid."""
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache, kv_len: int,
+               arange: torch.Tensor) -> torch.Tensor:
+        """One token per slot: ``tokens/positions [B]`` for slots ``0..B-1`` of the ``SlotKVCache``
+        (position = the row's length so far, where its K/V go) -> logits ``[B, V]``. Free slots must
+        hold position 0. ``arange``: ``torch.arange(n)`` with ``n > max(B, kv_len)``, owned by the
+        caller so that a captured graph's view of it stays valid."""
         b = tokens.shape[0]
         rows = arange[:b]
-        # [B, 1, 1, L]: row r sees cache positions 0..positions[r] (its own new token included)
-        mask = (arange[:kv_len][None] <= positions[:, None])[:, None, None]
+        step = StepInputs(self.attention, positions, kv_len, arange, cache.length)
         x = self.embed(tokens)[:, None]  # [B, 1, H]
         cos, sin = self.rotary(x, positions[:, None])  # [B, 1, D]
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D]
@@ -130,14 +127,8 @@ class LlamaLikeForward:
             residual = x
             q, k, v = self._qkv(attn, layer.input_layernorm(x), (b, 1))  # [B, 1, heads, D]
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-            keys[i][rows, :, positions] = k[:, 0]
-            values[i][rows, :, positions] = v[:, 0]
-            # GQA without repeating K/V: the query heads sharing one KV head become that head's
-            # "query positions" ([B, kv_heads, groups, D]), so SDPA reads each cached K/V once and
-            # can use its masked (memory-efficient) kernel.
-            q = q.view(b, self.kv_heads, self.groups, self.head_dim)
-            out = F.scaled_dot_product_attention(q, keys[i][:b, :, :kv_len], values[i][:b, :, :kv_len],
-                                                 attn_mask=mask, scale=self.scale)
+            cache.write(i, rows, positions, k[:, 0], v[:, 0])
+            out = attend(self.attention, q[:, 0], cache, i, step, self.scale)  # [B, heads, D]
             x = residual + attn.o_proj(out.reshape(b, 1, self.heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.norm(x[:, 0]))

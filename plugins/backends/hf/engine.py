@@ -30,7 +30,7 @@ MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # SGLang's release/resume_m
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 _OPTIONS = {"context_length", "max_prefill_tokens", "weight_version", "trust_remote_code", "cudnn_attention",
-            "fast_decode", "cuda_graphs"}
+            "fast_decode", "cuda_graphs", "decode_attention"}
 
 
 def _attention_backends(use_cudnn: bool):
@@ -72,7 +72,9 @@ class HFRolloutEngine:
     ``fast_decode`` (default True: Llama-family models decode through ``slot_batch`` — a preallocated
     slot KV cache and the engine's own forward; other models, or False, use HF forwards over a
     ``DynamicCache``), ``cuda_graphs`` (default True: on CUDA the fast path replays decode steps as
-    CUDA graphs). ``decode_path`` says which path runs."""
+    CUDA graphs), ``decode_attention`` (the fast path's attention over the slot cache: ``sdpa``
+    (default), ``matmul`` or ``flash`` (CUDA, 16-bit); ``decode_attention.py``). ``decode_path`` says
+    which path runs."""
 
     def __init__(self, hf_checkpoint: str, *, device: str | None = None, dtype: str | None = None,
                  max_batch_size: int = 256, seed: int = 0, attn_implementation: str | None = None, **options):
@@ -116,13 +118,21 @@ class HFRolloutEngine:
         self._forward_context = _attention_backends(bool(options.get("cudnn_attention", False)))
         fast = None
         if options.get("fast_decode", True):
-            from .decode_forward import unsupported_reason
+            from .decode_attention import IMPLEMENTATIONS, unavailable_reason
+            from .decode_forward import LlamaLikeForward, unsupported_reason
             from .slot_batch import SlotDecoder
 
+            attention = str(options.get("decode_attention", "sdpa"))
+            if attention not in IMPLEMENTATIONS:
+                raise ValueError(f"HFRolloutEngine option decode_attention={attention!r}: one of {IMPLEMENTATIONS}")
             reason = unsupported_reason(self.model)
             if reason is None:
+                forward = LlamaLikeForward(self.model)  # references only: its shapes and dtype
+                refused = unavailable_reason(attention, self.device.type, forward.dtype, forward.head_dim)
+                if refused:
+                    raise ValueError(f"HFRolloutEngine option decode_attention: {refused}")
                 fast = SlotDecoder(self.model, self.device, max_batch_size=self.max_batch_size,
-                                   cuda_graphs=bool(options.get("cuda_graphs", True)))
+                                   cuda_graphs=bool(options.get("cuda_graphs", True)), decode_attention=attention)
                 self.decode_path = fast.name
             else:
                 self.decode_path = f"hf ({reason})"

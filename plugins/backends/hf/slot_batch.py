@@ -25,6 +25,7 @@ import torch
 from .batch import Request
 from .cuda_graphs import DecodeGraphs
 from .decode_forward import LlamaLikeForward
+from .decode_attention import LAYOUT as DECODE_LAYOUT
 from .kv_cache import SlotKVCache
 
 logger = logging.getLogger(__name__)
@@ -49,11 +50,13 @@ def kv_bucket(n: int) -> int:
 class SlotDecoder:
     """Owns the fast path's state for one engine: forward, cache, slots, per-slot buffers, graphs."""
 
-    def __init__(self, model, device: torch.device, *, max_batch_size: int, cuda_graphs: bool):
-        self.forward = LlamaLikeForward(model)
+    def __init__(self, model, device: torch.device, *, max_batch_size: int, cuda_graphs: bool,
+                 decode_attention: str = "sdpa"):
+        self.forward = LlamaLikeForward(model, decode_attention)
         f = self.forward
         self.device = device
-        self.cache = SlotKVCache(len(f.layers), f.kv_heads, f.head_dim, f.dtype, device)
+        self.cache = SlotKVCache(len(f.layers), f.kv_heads, f.head_dim, f.dtype, device,
+                                 layout=DECODE_LAYOUT[decode_attention])
         self.max_slots = batch_bucket(max_batch_size)
         self.graphs = DecodeGraphs(device) if cuda_graphs and device.type == "cuda" else None
         # Bucketed shapes (rows and KV length rounded up, free slots computed along): what graphs need.
@@ -73,7 +76,7 @@ class SlotDecoder:
         return "slots+cuda_graphs" if self.graphs is not None else "slots"
 
     def info(self) -> dict:
-        return {"decode_path": self.name, "graph_error": self.graph_error, "kv_slots": self.cache.slots,
+        return {"decode_path": self.name, "decode_attention": self.forward.attention, "graph_error": self.graph_error, "kv_slots": self.cache.slots,
                 "kv_length": self.cache.length,
                 "slot_moves": self.moves, "cuda_graphs": len(self.graphs) if self.graphs else 0,
                 "cuda_graph_captures": self.graphs.captures if self.graphs else 0}
@@ -116,7 +119,8 @@ class SlotDecoder:
         if slots > cache.slots:
             slots = max(slots, min(self.max_slots, 2 * cache.slots))
         cache.ensure(slots, length)
-        self._arange = torch.arange(max(self.max_slots, cache.length), device=self.device)
+        # + 1: the flash attention's cumulative offsets take B + 1 entries
+        self._arange = torch.arange(max(self.max_slots + 1, cache.length), device=self.device)
         if self.graphs is not None:
             self.graphs.clear()
 
@@ -155,7 +159,7 @@ class SlotDecoder:
             as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
             cu_t = as_tensor(cu)
             logits = self.forward.prefill(as_tensor(ids), as_tensor(positions), as_tensor(slot_of_token), cu_t,
-                                          max(lengths), cu_t[1:] - 1, self.cache.keys, self.cache.values)
+                                          max(lengths), cu_t[1:] - 1, self.cache)
             self._positions.index_copy_(0, as_tensor(slots), as_tensor(lengths))
         except BaseException:
             self.free(slots)
@@ -173,11 +177,10 @@ class SlotDecoder:
             b, kv_len = bucket, kv_bucket(need)
         else:  # eager: exactly the rows and positions in use
             b, kv_len = hi, need
-        keys, values, tokens, positions, arange = (self.cache.keys, self.cache.values, self._tokens[:b],
-                                                   self._positions[:b], self._arange)
+        cache, tokens, positions, arange = self.cache, self._tokens[:b], self._positions[:b], self._arange
 
         def step() -> torch.Tensor:
-            return self.forward.decode(tokens, positions, keys, values, kv_len, arange)
+            return self.forward.decode(tokens, positions, cache, kv_len, arange)
 
         if self.graphs is not None:
             try:

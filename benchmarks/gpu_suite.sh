@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The GPU suite on one GPU machine within a time budget: the `pytest -m gpu` files in parallel lanes
+# (they share the GPU: each lane's models are small, except the 4B recipe, which runs only with
+# RECIPE=1 and on its own), then the benchmarks the GPU issues are measured with.
+#
+#   bash benchmarks/gpu_suite.sh tests     # the GPU tests, lanes in parallel; a table of lane results
+#   bash benchmarks/gpu_suite.sh bench     # engine vs generate (each decode attention), train step
+#   RECIPE=1 bash benchmarks/gpu_suite.sh recipe   # the 4B recipe test (H200 + 128 GiB host RAM)
+#
+# DEADLINE (seconds, default 540) bounds the whole call: lanes still running then are stopped and
+# reported as such. Logs go to $OUT (default ./gpu-suite-logs), one file per lane or benchmark.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+phase=${1:-tests}
+OUT=${OUT:-./gpu-suite-logs}
+mkdir -p "$OUT"
+DEADLINE=${DEADLINE:-540}
+start=$(date +%s)
+left() { echo $((DEADLINE - ($(date +%s) - start))); }
+
+# The lanes and their pytest arguments; the default-command and resume tests are the longest (~2 min
+# each on an H100), so they get lanes of their own.
+LANE_NAMES=(default_command gpu_path_rest megatron engine torch_backend weights)
+lane_args() {
+  case $1 in
+    default_command) echo "tests/test_gpu_path.py -k default_command" ;;
+    gpu_path_rest) echo "tests/test_gpu_path.py -k 'not default_command and not 4b_recipe'" ;;
+    megatron) echo "tests/test_megatron_gpu.py" ;;
+    engine) echo "tests/test_hf_fast_decode.py tests/test_decode_attention.py tests/test_hf_engine.py" ;;
+    torch_backend) echo "tests/test_fused_log_probs.py tests/test_torch_backend_gpu.py" ;;
+    weights) echo "tests/test_gpu_offload.py tests/test_weight_sync_gpu.py tests/test_sglang_weights_ipc.py" ;;
+  esac
+}
+
+run_lanes() {
+  local pids=() name
+  for name in "${LANE_NAMES[@]}"; do
+    eval "timeout $(left) python -m pytest -q -m gpu -p no:cacheprovider $(lane_args "$name")" >"$OUT/$name.log" 2>&1 &
+    pids+=($!)
+  done
+  printf '%-16s %4s %6s  %s\n' lane rc secs "pytest summary"
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}"
+    rc=$?
+    name=${LANE_NAMES[$i]}
+    summary=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/$name.log" | tail -1)
+    [[ $rc -eq 124 ]] && summary="stopped at the deadline; $summary"
+    printf '%-16s %4s %6s  %s\n' "$name" "$rc" "$(($(date +%s) - start))" "$summary"
+  done
+}
+
+case "$phase" in
+  tests)
+    run_lanes
+    ;;
+  recipe)
+    [[ "${RECIPE:-0}" == 1 ]] || { echo "the 4B recipe test needs RECIPE=1 (one H200, 128 GiB host RAM)"; exit 2; }
+    timeout "$(left)" python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_path.py -k 4b_recipe \
+      >"$OUT/recipe.log" 2>&1
+    echo "recipe rc=$?: $(tail -1 "$OUT/recipe.log")"
+    ;;
+  bench)
+    (cd benchmarks && timeout "$(left)" python hf_engine_throughput.py --model 4b --batch-sizes 64,256 \
+      --prompt-len 256 --new-tokens 256 --compare-generate --decode-attention sdpa,matmul,flash --profile) \
+      >"$OUT/engine.log" 2>&1
+    echo "engine benchmark rc=$?"
+    grep -E "^(model=| *attention| *(sdpa|matmul|flash) )" "$OUT/engine.log"
+    (cd benchmarks && timeout "$(left)" python train_throughput.py --model 4b --steps 3 \
+      --backends transformers+liger,torch) >"$OUT/train.log" 2>&1
+    echo "train benchmark rc=$?"
+    grep -E "(s/step|tok/s|vs |^\|)" "$OUT/train.log" | tail -12
+    ;;
+  *)
+    echo "usage: bash benchmarks/gpu_suite.sh tests|bench|recipe" >&2
+    exit 2
+    ;;
+esac
