@@ -4,7 +4,8 @@
 # RECIPE=1 and on its own), then the benchmarks the GPU issues are measured with.
 #
 #   bash benchmarks/gpu_suite.sh tests     # the GPU tests, lanes in parallel; a table of lane results
-#   bash benchmarks/gpu_suite.sh bench     # engine vs generate (each decode attention), train step
+#   bash benchmarks/gpu_suite.sh engine    # the engine vs generate at the 4B shape, one row set per decode attention
+#   bash benchmarks/gpu_suite.sh train     # one train step at the 4B shape: transformers+Liger vs the torch backend
 #   RECIPE=1 bash benchmarks/gpu_suite.sh recipe   # the 4B recipe test (H200 + 128 GiB host RAM)
 #
 # DEADLINE (seconds, default 540) bounds the whole call: lanes still running then are stopped and
@@ -49,29 +50,39 @@ run_lanes() {
   done
 }
 
+# Run "$@" under what is left of the deadline; refuse to start when nothing is (timeout 0 means no limit).
+bounded() {
+  local budget
+  budget=$(left)
+  if (( budget <= 0 )); then echo "no time left before the deadline: not started: $*" >&2; return 124; fi
+  timeout "$budget" "$@"
+}
+
 case "$phase" in
   tests)
     run_lanes
     ;;
   recipe)
     [[ "${RECIPE:-0}" == 1 ]] || { echo "the 4B recipe test needs RECIPE=1 (one H200, 128 GiB host RAM)"; exit 2; }
-    timeout "$(left)" python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_path.py -k 4b_recipe \
-      >"$OUT/recipe.log" 2>&1
+    bounded python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_path.py -k 4b_recipe >"$OUT/recipe.log" 2>&1
     echo "recipe rc=$?: $(tail -1 "$OUT/recipe.log")"
     ;;
-  bench)
-    (cd benchmarks && timeout "$(left)" python hf_engine_throughput.py --model 4b --batch-sizes 64,256 \
-      --prompt-len 256 --new-tokens 256 --compare-generate --decode-attention sdpa,matmul,flash --profile) \
+  engine)
+    # one engine per decode attention, each against the same generate baseline
+    (cd benchmarks && bounded python hf_engine_throughput.py --model 4b --batch-sizes 64,256 --prompt-len 256 \
+      --new-tokens 256 --compare-generate --decode-attention "${ATTENTION:-sdpa,matmul,flash}" --profile) \
       >"$OUT/engine.log" 2>&1
     echo "engine benchmark rc=$?"
     grep -E "^(model=| *attention| *(sdpa|matmul|flash) )" "$OUT/engine.log"
-    (cd benchmarks && timeout "$(left)" python train_throughput.py --model 4b --steps 3 \
-      --backends transformers+liger,torch) >"$OUT/train.log" 2>&1
+    ;;
+  train)
+    (cd benchmarks && bounded python train_throughput.py --model 4b --steps 3 \
+      --backends "${BACKENDS:-transformers+liger,torch}") >"$OUT/train.log" 2>&1
     echo "train benchmark rc=$?"
     grep -E "(s/step|tok/s|vs |^\|)" "$OUT/train.log" | tail -12
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_suite.sh tests|bench|recipe" >&2
+    echo "usage: bash benchmarks/gpu_suite.sh tests|engine|train|recipe" >&2
     exit 2
     ;;
 esac

@@ -80,7 +80,7 @@ def split_line(batch: int, steps: int, split: dict) -> str:
     for the sampled tokens (the GPU working) and the host's per-row bookkeeping (the GPU idle)."""
     per_step = {key: 1e3 * split[key] / max(1, steps) for key in SPLIT[1:]}
     other = split["wall_s"] - sum(split[key] for key in SPLIT)
-    return (f"{batch:>6} prefill {split['prefill_s']:.3f} s | per decode step: launch {per_step['decode_launch_s']:.2f} ms, "
+    return (f"{batch:>6} prefill {1e3 * split['prefill_s']:.2f} ms | per decode step: launch {per_step['decode_launch_s']:.2f} ms, "
             f"wait {per_step['decode_wait_s']:.2f} ms, host {per_step['decode_host_s']:.2f} ms | "
             f"outside the decode thread's phases {other:.2f} s of {split['wall_s']:.2f} s")
 

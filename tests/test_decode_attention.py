@@ -81,12 +81,35 @@ def test_cache_keeps_what_was_written_when_it_grows(layout):
     assert cache.keys[0].shape == expected_shape
 
 
+def test_flash_inputs_select_each_rows_own_keys():
+    """What the flash kernel is given, checked without it: row r's keys are the flattened token-major
+    cache's entries ``cu_seq_k[r] .. cu_seq_k[r] + seqused_k[r]``; attending over exactly those (fp64,
+    here) is the per-row reference."""
+    cache, k, v = filled_cache("token", 6, 40, "cpu", torch.float32)
+    positions = torch.tensor([0, 31, 7, 19, 1])
+    step = StepInputs("flash", positions, 32, torch.arange(41), cache.length)
+    assert step.cu_seq_q.tolist() == list(range(6)) and step.cu_seq_q.dtype == torch.int32
+    assert step.seqused_k.dtype == step.cu_seq_k.dtype == torch.int32
+    flat_k, flat_v = cache.keys[0].view(-1, KV_HEADS, HEAD_DIM), cache.values[0].view(-1, KV_HEADS, HEAD_DIM)
+    q = torch.randn(5, HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(1))
+    groups = HEADS // KV_HEADS
+    for r in range(5):
+        start, used = int(step.cu_seq_k[r]), int(step.seqused_k[r])
+        keys = flat_k[start: start + used].double().repeat_interleave(groups, dim=1)
+        values = flat_v[start: start + used].double().repeat_interleave(groups, dim=1)
+        weights = torch.einsum("hd,nhd->hn", q[r].double(), keys).mul(HEAD_DIM ** -0.5).softmax(dim=-1)
+        got = torch.einsum("hn,nhd->hd", weights, values)
+        assert torch.allclose(got, reference(q[r: r + 1], k[r: r + 1], v[r: r + 1], positions[r: r + 1],
+                                             HEAD_DIM ** -0.5)[0], atol=1e-6)
+
+
 def test_flash_is_refused_where_it_cannot_run():
-    assert "needs CUDA" in unavailable_reason("flash", "cpu", torch.bfloat16, 128)
-    assert "bf16 or fp16" in unavailable_reason("flash", "cuda", torch.float32, 128)
-    assert "multiple of 8" in unavailable_reason("flash", "cuda", torch.bfloat16, 12)
-    assert "unknown decode attention" in unavailable_reason("paged", "cpu", torch.float32, 128)
-    assert all(unavailable_reason(n, "cpu", torch.float32, 128) is None for n in ("sdpa", "matmul"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert "needs CUDA" in unavailable_reason("flash", cpu, torch.bfloat16, 128)
+    assert "bf16 or fp16" in unavailable_reason("flash", cuda, torch.float32, 128)
+    assert "multiple of 8" in unavailable_reason("flash", cuda, torch.bfloat16, 12)
+    assert "unknown decode attention" in unavailable_reason("paged", cpu, torch.float32, 128)
+    assert all(unavailable_reason(n, cpu, torch.float32, 128) is None for n in ("sdpa", "matmul"))
     assert set(LAYOUT) == set(IMPLEMENTATIONS)
 
 
@@ -97,7 +120,7 @@ def test_attention_equals_the_per_row_reference_on_cuda_bf16(name):
     """bf16 inputs, fp32 softmax inside each kernel (matmul: bf16 scores, like HF's eager attention):
     outputs are convex combinations of values of magnitude ~1-3, so 2e-2 is a few bf16 ulps at most;
     a wrong mask or row offset misses by ~0.5."""
-    reason = unavailable_reason(name, "cuda", torch.bfloat16, HEAD_DIM)
+    reason = unavailable_reason(name, torch.device("cuda"), torch.bfloat16, HEAD_DIM)
     assert reason is None, reason  # the GPU machine's torch must offer every implementation
     got, expected = run_case(name, LAYOUT[name], "cuda", torch.bfloat16)
     assert (got - expected).abs().max().item() < 2e-2

@@ -16,7 +16,7 @@ def test_engine_benchmark_prints_each_passes_time_split():
                            "--batch-sizes", "1,8", "--new-tokens", "12", "--decode-attention", "sdpa,matmul"],
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    splits = re.findall(r"^\s+(\d+) prefill ([\d.]+) s \| per decode step: launch ([\d.]+) ms, wait ([\d.]+) ms, "
+    splits = re.findall(r"^\s+(\d+) prefill ([\d.]+) ms \| per decode step: launch ([\d.]+) ms, wait ([\d.]+) ms, "
                         r"host ([\d.]+) ms \| outside the decode thread's phases (-?[\d.]+) s of ([\d.]+) s$",
                         proc.stdout, re.MULTILINE)
     assert [int(s[0]) for s in splits] == [1, 8, 1, 8], proc.stdout  # one engine per decode attention

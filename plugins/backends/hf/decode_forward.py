@@ -114,7 +114,7 @@ class LlamaLikeForward:
                arange: torch.Tensor) -> torch.Tensor:
         """One token per slot: ``tokens/positions [B]`` for slots ``0..B-1`` of the ``SlotKVCache``
         (position = the row's length so far, where its K/V go) -> logits ``[B, V]``. Free slots must
-        hold position 0. ``arange``: ``torch.arange(n)`` with ``n > max(B, kv_len)``, owned by the
+        hold position 0. ``arange``: ``torch.arange(n)`` with ``n >= max(B + 1, kv_len)``, owned by the
         caller so that a captured graph's view of it stays valid."""
         b = tokens.shape[0]
         rows = arange[:b]

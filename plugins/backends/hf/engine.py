@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 
 import torch
 from plugrl.core.gpu_offload import StorageOffload
@@ -26,6 +27,7 @@ from .sampling import SamplingParams
 from .scheduler import DecodeScheduler
 from .weights import load_named_tensors
 
+logger = logging.getLogger(__name__)
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # SGLang's release/resume_memory_occupation tags
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -128,7 +130,7 @@ class HFRolloutEngine:
             reason = unsupported_reason(self.model)
             if reason is None:
                 forward = LlamaLikeForward(self.model)  # references only: its shapes and dtype
-                refused = unavailable_reason(attention, self.device.type, forward.dtype, forward.head_dim)
+                refused = unavailable_reason(attention, self.device, forward.dtype, forward.head_dim)
                 if refused:
                     raise ValueError(f"HFRolloutEngine option decode_attention: {refused}")
                 fast = SlotDecoder(self.model, self.device, max_batch_size=self.max_batch_size,
@@ -136,6 +138,9 @@ class HFRolloutEngine:
                 self.decode_path = fast.name
             else:
                 self.decode_path = f"hf ({reason})"
+                if attention != "sdpa":
+                    logger.warning("hf engine: decode_attention=%r is not used: this model decodes through HF's "
+                                   "forward (%s)", attention, reason)
         else:
             self.decode_path = "hf (fast_decode=False)"
         self._scheduler = DecodeScheduler(
