@@ -121,7 +121,7 @@ class HFRolloutEngine:
         fast = None
         if options.get("fast_decode", True):
             from .decode_attention import IMPLEMENTATIONS, unavailable_reason
-            from .decode_forward import LlamaLikeForward, unsupported_reason
+            from .decode_forward import unsupported_reason
             from .slot_batch import SlotDecoder
 
             attention = str(options.get("decode_attention", "sdpa"))
@@ -129,12 +129,12 @@ class HFRolloutEngine:
                 raise ValueError(f"HFRolloutEngine option decode_attention={attention!r}: one of {IMPLEMENTATIONS}")
             reason = unsupported_reason(self.model)
             if reason is None:
-                forward = LlamaLikeForward(self.model)  # references only: its shapes and dtype
-                refused = unavailable_reason(attention, self.device, forward.dtype, forward.head_dim)
-                if refused:
-                    raise ValueError(f"HFRolloutEngine option decode_attention: {refused}")
                 fast = SlotDecoder(self.model, self.device, max_batch_size=self.max_batch_size,
                                    cuda_graphs=bool(options.get("cuda_graphs", True)), decode_attention=attention)
+                # the decoder allocates nothing until its first prefill: checking after building it is free
+                refused = unavailable_reason(attention, self.device, fast.forward.dtype, fast.forward.head_dim)
+                if refused:
+                    raise ValueError(f"HFRolloutEngine option decode_attention: {refused}")
                 self.decode_path = fast.name
             else:
                 self.decode_path = f"hf ({reason})"
