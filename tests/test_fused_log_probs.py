@@ -48,12 +48,42 @@ def test_values_and_gradients_equal_autograd_through_full_logits(chunk, temperat
         lambda h, w: linear_log_probs(h, w, targets, temperature=temperature, chunk_tokens=chunk)[0], (hidden, weight))
 
 
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                        reason="needs a CUDA GPU")])
+def test_compiled_slice_kernels_match_autograd_and_compile_once_for_every_length():
+    """--compile-log-prob-slices: the slice kernels under torch.compile (inductor's C++ backend here, Triton
+    on CUDA) give autograd's values and gradients through the full logits, for micro-batches of three
+    lengths whose slices have four lengths between them, from one graph per kernel (no recompile per
+    length, which would hit dynamo's recompile limit over a run)."""
+    from torch._dynamo.utils import counters
+
+    from plugrl.plugins.backends.torch import slice_kernels
+
+    counters.clear()
+    for n in (13, 17, 9):  # slices of 5 and a last slice of 3, 2 or 4 tokens
+        gen = torch.Generator().manual_seed(n)
+        hidden = torch.randn(n, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+        weight = torch.randn(19, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+        targets = torch.randint(0, 19, (n,), generator=gen)
+        g_lp, g_ent = torch.randn(n, dtype=torch.float64, generator=gen), torch.randn(n, dtype=torch.float64, generator=gen)
+        lp, ent = linear_log_probs(hidden, weight, targets, temperature=0.7, with_entropy=True, chunk_tokens=5,
+                                   compiled=True)
+        assert not slice_kernels._failed, slice_kernels._failed
+        ref_lp, ref_ent = _reference(hidden, weight, targets, 0.7)
+        torch.testing.assert_close(lp, ref_lp)
+        torch.testing.assert_close(ent, ref_ent)
+        grads = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), (hidden, weight))
+        ref_grads = torch.autograd.grad((ref_lp * g_lp).sum() + (ref_ent * g_ent).sum(), (hidden, weight))
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # the forward and the gradient kernel
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_bf16_gradients_accumulate_over_slices_like_an_fp64_reference(device):
+ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+CUDA_EAGER = pytest.param("cuda", False, marks=ON_CUDA, id="cuda-eager")
+CUDA_COMPILED = pytest.param("cuda", True, marks=ON_CUDA, id="cuda-compiled")
+
+
+@pytest.mark.parametrize("device,compiled", [("cpu", False), CUDA_EAGER, CUDA_COMPILED])
+def test_bf16_gradients_accumulate_over_slices_like_an_fp64_reference(device, compiled):
     """bf16 operands: logits in fp32 (on CUDA straight from the GEMM), the LM head's gradient summed over
     8 slices in fp32 (on CUDA inside the GEMM, on CPU by a cast and add); log-probs and gradients match
     autograd through the full fp64 logits of the same values."""
@@ -62,7 +92,7 @@ def test_bf16_gradients_accumulate_over_slices_like_an_fp64_reference(device):
     weight = (0.3 * torch.randn(96, 32, generator=gen)).to(device, torch.bfloat16).requires_grad_()
     targets = torch.randint(0, 96, (64,), generator=gen).to(device)
     g_lp = torch.randn(64, generator=gen).to(device)
-    lp, _ = linear_log_probs(hidden, weight, targets, temperature=0.7, chunk_tokens=8)
+    lp, _ = linear_log_probs(hidden, weight, targets, temperature=0.7, chunk_tokens=8, compiled=compiled)
     grad_hidden, grad_weight = torch.autograd.grad((lp * g_lp).sum(), (hidden, weight))
     assert grad_weight.dtype == torch.bfloat16
 

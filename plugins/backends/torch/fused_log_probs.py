@@ -6,6 +6,7 @@ when the model's logits are exactly ``hidden @ lm_head.weight.T`` (``plain_lm_he
 shape the logits of one 9k-token micro-batch are 2.8 GB in bf16 and as much again for their gradient;
 here each slice's fp32 softmax (at most ``CHUNK_ELEMENTS``) is recomputed in the backward instead,
 the idea behind Liger's fused linear cross-entropy, written in plain torch so it runs on CPU too.
+The elementwise work between the GEMMs is in slice_kernels.py (compiled on CUDA by default).
 
 Math (z = h·Wᵀ / T per token, p = softmax(z), lse = logsumexp(z)):
   log p[target] = z[target] − lse;   H = lse − Σ p·z
@@ -19,6 +20,8 @@ import torch
 
 # slices of at most CHUNK_ELEMENTS fp32 logits (256 MiB), as core's log-prob kernels take them
 from plugrl.core.losses import CHUNK_ELEMENTS, accumulation_dtype, token_chunks
+
+from .slice_kernels import kernels
 
 # model types whose causal-LM logits are exactly lm_head(last hidden state): no bias, scaling or soft-capping
 PLAIN_HEAD_MODEL_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
@@ -36,17 +39,16 @@ def plain_lm_head(model) -> torch.nn.Linear | None:
     return head if isinstance(getattr(model, "model", None), torch.nn.Module) else None
 
 
-def slice_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float, acc: torch.dtype) -> torch.Tensor:
-    """``hidden·Wᵀ / T`` for one slice of tokens, in ``acc`` (fp32, or fp64 for fp64 inputs); runs once
-    per slice in the forward and again in the backward.
+def slice_logits(hidden: torch.Tensor, weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``hidden·Wᵀ`` for one slice of tokens, in ``acc`` (fp32, or fp64 for fp64 inputs); runs once
+    per slice in the forward and again in the backward. The temperature is applied by the slice
+    kernels (slice_kernels.py), fused with their first read.
 
     bf16/fp16 on CUDA: the GEMM writes fp32 itself (``out_dtype``), sparing a half-precision slab and
-    its cast, and keeping the logits' low bits. The division is skipped at T = 1."""
+    its cast, and keeping the logits' low bits."""
     if hidden.is_cuda and hidden.dtype != acc and acc == torch.float32:
-        z = torch.mm(hidden, weight.t(), out_dtype=acc)
-    else:
-        z = (hidden @ weight.t()).to(acc)
-    return z if temperature == 1.0 else z.div_(temperature)
+        return torch.mm(hidden, weight.t(), out_dtype=acc)
+    return (hidden @ weight.t()).to(acc)
 
 
 def add_weight_grad(grad_weight: torch.Tensor, g: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -66,66 +68,55 @@ def add_weight_grad(grad_weight: torch.Tensor, g: torch.Tensor, hidden: torch.Te
 
 class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_tokens):
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_tokens, compiled):
         n, vocab = hidden.shape[0], weight.shape[0]
         acc = accumulation_dtype(hidden.dtype)
+        forward_slice, _ = kernels(compiled)
         log_probs = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         mean_z = torch.empty(n, dtype=acc, device=hidden.device) if with_entropy else None
         for s, e in token_chunks(n, vocab, chunk_tokens):
-            z = slice_logits(hidden[s:e], weight, temperature, acc)
-            lse[s:e] = torch.logsumexp(z, dim=-1)
-            log_probs[s:e] = z.gather(-1, targets[s:e, None]).squeeze(-1) - lse[s:e]
+            lp, lse_s, mean_z_s = forward_slice(slice_logits(hidden[s:e], weight, acc), targets[s:e],
+                                                 1.0 / temperature, with_entropy)
+            log_probs[s:e], lse[s:e] = lp, lse_s
             if with_entropy:
-                mean_z[s:e] = (torch.exp(z - lse[s:e, None]) * z).sum(-1)
+                mean_z[s:e] = mean_z_s
         ctx.save_for_backward(hidden, weight, targets, lse, mean_z if with_entropy else lse)
         # an output the loss does not use (entropy as a metric only) reaches backward as None, not as
         # zeros, so its terms are skipped there
         ctx.set_materialize_grads(False)
-        ctx.temperature, ctx.with_entropy, ctx.chunk_tokens = temperature, with_entropy, chunk_tokens
-        entropy = lse - mean_z if with_entropy else None
-        if entropy is None:
+        ctx.temperature, ctx.with_entropy, ctx.chunk_tokens, ctx.compiled = temperature, with_entropy, chunk_tokens, compiled
+        if not with_entropy:
             return log_probs, torch.empty(0, dtype=acc, device=hidden.device)
-        return log_probs, entropy
+        return log_probs, lse - mean_z
 
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy):
         hidden, weight, targets, lse, mean_z = ctx.saved_tensors
-        t = ctx.temperature
         use_entropy = ctx.with_entropy and grad_entropy is not None and grad_entropy.numel() > 0
+        _, grad_slice = kernels(ctx.compiled)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=accumulation_dtype(weight.dtype), device=weight.device) \
             if ctx.needs_input_grad[1] else None
         acc = lse.dtype
         for s, e in token_chunks(hidden.shape[0], weight.shape[0], ctx.chunk_tokens):
-            z = slice_logits(hidden[s:e], weight, t, acc)
-            p = torch.sub(z, lse[s:e, None]).exp_()
-            # ∂/∂z, built in place in the slice's buffers: each pass over a [slice, vocab] fp32 slab is
-            # a memory-bound kernel, and at the 4B shape there are dozens of slices per step
-            g = (mean_z[s:e, None] - z).mul_(p).mul_(grad_entropy[s:e, None].to(acc)) if use_entropy else None
-            del z
-            if grad_log_probs is not None:
-                g_lp = grad_log_probs[s:e, None].to(acc)
-                from_lp = p.mul_(-g_lp).scatter_add_(-1, targets[s:e, None], g_lp)
-                g = from_lp if g is None else g.add_(from_lp)
-            if g is None:
-                g = torch.zeros_like(p)
-            if t != 1.0:
-                g.div_(t)
-            g = g.to(hidden.dtype)
+            g = grad_slice(slice_logits(hidden[s:e], weight, acc), lse[s:e], mean_z[s:e] if use_entropy else None,
+                           targets[s:e], None if grad_log_probs is None else grad_log_probs[s:e],
+                           grad_entropy[s:e] if use_entropy else None, 1.0 / ctx.temperature, hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[s:e] = g @ weight
             if grad_weight is not None:
                 add_weight_grad(grad_weight, g, hidden[s:e])
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None,
+                None)
 
 
 def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
-                     with_entropy: bool = False, chunk_tokens: int | None = None):
+                     with_entropy: bool = False, chunk_tokens: int | None = None, compiled: bool = False):
     """``(log_softmax(h·Wᵀ/T)[target], entropy or None)`` for ``hidden [N, H]``, ``weight [V, H]``,
     ``targets [N]``, both fp32 (fp64 for fp64 inputs); differentiable in ``hidden`` and ``weight``."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (--rollout-temperature), got {temperature}")
     log_probs, entropy = _LinearLogProbs.apply(hidden, weight, targets.long(), float(temperature), with_entropy,
-                                               chunk_tokens)
+                                               chunk_tokens, compiled)
     return log_probs, (entropy if with_entropy else None)

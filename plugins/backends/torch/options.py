@@ -20,6 +20,13 @@ def plugrl_add_options(parser):
              "or 'never' (the model's own LM head)",
     )
     g.add_argument(
+        "--compile-log-prob-slices", choices=("auto", "on", "off"), default=None,
+        help="compile the fused log-probs' per-slice softmax / entropy / gradient work with torch.compile "
+             "(plugins/backends/torch/slice_kernels.py; one dynamic-shape graph each, no per-step recompiles): "
+             "'auto' (default) on CUDA, 'on' everywhere (CPU needs a C++ compiler), 'off' runs them eagerly; "
+             "a failed compile falls back to eager with a warning",
+    )
+    g.add_argument(
         "--liger-kernels", choices=liger.MODES, default=None,
         help="Liger's Triton kernels for RoPE, RMSNorm and SwiGLU in the HF model (plugins/backends/torch/liger.py): "
              "'auto' (default) on CUDA when liger-kernel is installed and knows the architecture, 'on' (an error "

@@ -154,6 +154,8 @@ class TorchTrainBackend:
         self.model.config.use_cache = False
         # log-probs from hidden states in slices (fused_log_probs.py): --fused-log-probs auto|always|never
         self.fused_log_probs = getattr(args, "fused_log_probs", None) or "auto"
+        compile_slices = getattr(args, "compile_log_prob_slices", None) or "auto"
+        self.compile_log_prob_slices = compile_slices == "on" or (compile_slices == "auto" and self.device.type == "cuda")
         self.estimator = estimator
         self.ref_model = None
         if self._needs_ref():
@@ -194,7 +196,8 @@ class TorchTrainBackend:
             # log-probs from hidden states in slices: no [tokens, vocab] logits (fused_log_probs.py). Below one
             # slice the full logits are small and the backward's recomputation would cost more than it saves.
             hidden = model.model(**inputs).last_hidden_state[0][index]
-            return linear_log_probs(hidden, head.weight, targets, temperature=temperature, with_entropy=with_entropy)
+            return linear_log_probs(hidden, head.weight, targets, temperature=temperature, with_entropy=with_entropy,
+                                    compiled=self.compile_log_prob_slices)
         selected = response_logits(model, inputs, index)
         log_probs = losses.log_probs_from_logits(selected, targets, temperature)
         entropy = losses.entropy_from_logits(selected, temperature) if with_entropy else None
