@@ -22,16 +22,20 @@ def _reference(hidden, weight, targets, temperature):
     return log_p.gather(1, targets[:, None])[:, 0], -(log_p.exp() * log_p).sum(-1)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, None])
+# (tokens, vocab): 7 <= 11 takes the backward over vocabulary blocks, 13 > 5 the one over token slices
+@pytest.mark.parametrize("tokens,vocab", [(7, 11), (13, 5)])
+@pytest.mark.parametrize("chunk,block", [(1, 1), (3, 4), (None, None)])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_values_and_gradients_equal_autograd_through_full_logits(chunk, temperature):
+def test_values_and_gradients_equal_autograd_through_full_logits(tokens, vocab, chunk, block, temperature):
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
-    weight = torch.randn(11, 5, dtype=torch.float64, generator=gen, requires_grad=True)
-    targets = torch.randint(0, 11, (7,), generator=gen)
-    g_lp, g_ent = torch.randn(7, dtype=torch.float64, generator=gen), torch.randn(7, dtype=torch.float64, generator=gen)
+    hidden = torch.randn(tokens, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(vocab, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,), generator=gen)
+    g_lp = torch.randn(tokens, dtype=torch.float64, generator=gen)
+    g_ent = torch.randn(tokens, dtype=torch.float64, generator=gen)
 
-    lp, ent = linear_log_probs(hidden, weight, targets, temperature=temperature, with_entropy=True, chunk_tokens=chunk)
+    lp, ent = linear_log_probs(hidden, weight, targets, temperature=temperature, with_entropy=True, chunk_tokens=chunk,
+                               vocab_block=block)
     ref_lp, ref_ent = _reference(hidden, weight, targets, temperature)
     torch.testing.assert_close(lp, ref_lp)
     torch.testing.assert_close(ent, ref_ent)
@@ -41,31 +45,35 @@ def test_values_and_gradients_equal_autograd_through_full_logits(chunk, temperat
         torch.testing.assert_close(got, want)
 
     def both(h, w):
-        return linear_log_probs(h, w, targets, temperature=temperature, with_entropy=True, chunk_tokens=chunk)
+        return linear_log_probs(h, w, targets, temperature=temperature, with_entropy=True, chunk_tokens=chunk,
+                                vocab_block=block)
 
     assert torch.autograd.gradcheck(both, (hidden, weight))
     assert torch.autograd.gradcheck(
-        lambda h, w: linear_log_probs(h, w, targets, temperature=temperature, chunk_tokens=chunk)[0], (hidden, weight))
+        lambda h, w: linear_log_probs(h, w, targets, temperature=temperature, chunk_tokens=chunk, vocab_block=block)[0],
+        (hidden, weight))
 
 
 def test_compiled_slice_kernels_match_autograd_and_compile_once_for_every_length():
     """--compile-log-prob-slices: the slice kernels under torch.compile (inductor's C++ backend here, Triton
-    on CUDA) give autograd's values and gradients through the full logits, for micro-batches of three
-    lengths whose slices have four lengths between them, from one graph per kernel (no recompile per
-    length, which would hit dynamo's recompile limit over a run)."""
+    on CUDA) give autograd's values and gradients through the full logits, for micro-batches of four
+    lengths, slabs of many shapes and both backward orientations, from one graph per kernel (no
+    recompile per shape, which would hit dynamo's recompile limit over a run)."""
     from torch._dynamo.utils import counters
 
     from plugrl.plugins.backends.torch import slice_kernels
 
     counters.clear()
-    for n in (13, 17, 9):  # slices of 5 and a last slice of 3, 2 or 4 tokens
+    # forward slices of 5 tokens and a last one of 3, 2, 4 or 3; backward over vocabulary blocks of 7, 7
+    # and 5 rows (13, 17, 9 tokens <= 19) or over the token slices (23 tokens)
+    for n in (13, 17, 9, 23):
         gen = torch.Generator().manual_seed(n)
         hidden = torch.randn(n, 6, dtype=torch.float64, generator=gen, requires_grad=True)
         weight = torch.randn(19, 6, dtype=torch.float64, generator=gen, requires_grad=True)
         targets = torch.randint(0, 19, (n,), generator=gen)
         g_lp, g_ent = torch.randn(n, dtype=torch.float64, generator=gen), torch.randn(n, dtype=torch.float64, generator=gen)
         lp, ent = linear_log_probs(hidden, weight, targets, temperature=0.7, with_entropy=True, chunk_tokens=5,
-                                   compiled=True)
+                                   vocab_block=7, compiled=True)
         assert not slice_kernels._failed, slice_kernels._failed
         ref_lp, ref_ent = _reference(hidden, weight, targets, 0.7)
         torch.testing.assert_close(lp, ref_lp)
@@ -84,15 +92,17 @@ CUDA_COMPILED = pytest.param("cuda", True, marks=ON_CUDA, id="cuda-compiled")
 
 @pytest.mark.parametrize("device,compiled", [("cpu", False), CUDA_EAGER, CUDA_COMPILED])
 def test_bf16_gradients_accumulate_over_slices_like_an_fp64_reference(device, compiled):
-    """bf16 operands: logits in fp32 (on CUDA straight from the GEMM), the LM head's gradient summed over
-    8 slices in fp32 (on CUDA inside the GEMM, on CPU by a cast and add); log-probs and gradients match
+    """bf16 operands: logits in fp32 (on CUDA straight from the GEMM), the backward over 4 vocabulary
+    blocks (each block's LM-head gradient written by one GEMM, the hidden states' gradient summed over
+    blocks in fp32: on CUDA inside the GEMM, on CPU by a cast and add); log-probs and gradients match
     autograd through the full fp64 logits of the same values."""
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(64, 32, generator=gen).to(device, torch.bfloat16).requires_grad_()
     weight = (0.3 * torch.randn(96, 32, generator=gen)).to(device, torch.bfloat16).requires_grad_()
     targets = torch.randint(0, 96, (64,), generator=gen).to(device)
     g_lp = torch.randn(64, generator=gen).to(device)
-    lp, _ = linear_log_probs(hidden, weight, targets, temperature=0.7, chunk_tokens=8, compiled=compiled)
+    lp, _ = linear_log_probs(hidden, weight, targets, temperature=0.7, chunk_tokens=8, vocab_block=24,
+                             compiled=compiled)
     grad_hidden, grad_weight = torch.autograd.grad((lp * g_lp).sum(), (hidden, weight))
     assert grad_weight.dtype == torch.bfloat16
 

@@ -51,24 +51,35 @@ def slice_logits(hidden: torch.Tensor, weight: torch.Tensor, acc: torch.dtype) -
     return (hidden @ weight.t()).to(acc)
 
 
-def add_weight_grad(grad_weight: torch.Tensor, g: torch.Tensor, hidden: torch.Tensor) -> None:
-    """``grad_weight += gᵀ·hidden`` in place; runs once per slice in the backward.
+def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a·b`` in place, ``acc`` in fp32 (fp64 for fp64 operands); runs once per slice or block in
+    the backward, for whichever gradient accumulates there.
 
     With bf16 operands on CUDA the fp32 sum is taken by the GEMM itself (``out_dtype``): a separate
-    bf16->fp32 cast and fp32 add of the whole LM head per slice cost 65 ms of a 692 ms Qwen3-4B step on
-    an H100. Same-dtype operands (the fp32/fp64 CPU paths) are one ``addmm_``. Elsewhere (bf16 on CPU,
-    where the dtype overload does not exist) the slice's product is cast and added."""
-    if grad_weight.dtype == g.dtype:
-        grad_weight.addmm_(g.t(), hidden)
-    elif grad_weight.is_cuda:
-        torch.addmm(grad_weight, g.t(), hidden, out_dtype=grad_weight.dtype, out=grad_weight)
+    bf16->fp32 cast and fp32 add per slice cost 65 ms of a 692 ms Qwen3-4B step on an H100 when the
+    LM head's gradient accumulated this way. Same-dtype operands (the fp32/fp64 CPU paths) are one
+    ``addmm_``. Elsewhere (bf16 on CPU, where the dtype overload does not exist) the product is cast
+    and added."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
-        grad_weight += (g.t() @ hidden).to(grad_weight.dtype)
+        acc += (a @ b).to(acc.dtype)
+
+
+def vocab_blocks(num_tokens: int, vocab: int, block: int | None):
+    """``(start, end)`` vocabulary rows whose ``[tokens, rows]`` fp32 slab stays within ``CHUNK_ELEMENTS``
+    (``block`` rows each when given); the backward's blocks when ``num_tokens <= vocab``."""
+    if block is None:
+        block = max(1, CHUNK_ELEMENTS // max(1, num_tokens))
+    for start in range(0, vocab, block):
+        yield start, min(vocab, start + block)
 
 
 class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_tokens, compiled):
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_tokens, vocab_block, compiled):
         n, vocab = hidden.shape[0], weight.shape[0]
         acc = accumulation_dtype(hidden.dtype)
         forward_slice, _ = kernels(compiled)
@@ -85,7 +96,8 @@ class _LinearLogProbs(torch.autograd.Function):
         # an output the loss does not use (entropy as a metric only) reaches backward as None, not as
         # zeros, so its terms are skipped there
         ctx.set_materialize_grads(False)
-        ctx.temperature, ctx.with_entropy, ctx.chunk_tokens, ctx.compiled = temperature, with_entropy, chunk_tokens, compiled
+        ctx.temperature, ctx.with_entropy, ctx.compiled = temperature, with_entropy, compiled
+        ctx.chunk_tokens, ctx.vocab_block = chunk_tokens, vocab_block
         if not with_entropy:
             return log_probs, torch.empty(0, dtype=acc, device=hidden.device)
         return log_probs, lse - mean_z
@@ -94,29 +106,66 @@ class _LinearLogProbs(torch.autograd.Function):
     def backward(ctx, grad_log_probs, grad_entropy):
         hidden, weight, targets, lse, mean_z = ctx.saved_tensors
         use_entropy = ctx.with_entropy and grad_entropy is not None and grad_entropy.numel() > 0
-        _, grad_slice = kernels(ctx.compiled)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=accumulation_dtype(weight.dtype), device=weight.device) \
-            if ctx.needs_input_grad[1] else None
-        acc = lse.dtype
-        for s, e in token_chunks(hidden.shape[0], weight.shape[0], ctx.chunk_tokens):
-            g = grad_slice(slice_logits(hidden[s:e], weight, acc), lse[s:e], mean_z[s:e] if use_entropy else None,
-                           targets[s:e], None if grad_log_probs is None else grad_log_probs[s:e],
-                           grad_entropy[s:e] if use_entropy else None, 1.0 / ctx.temperature, hidden.dtype)
-            if grad_hidden is not None:
-                grad_hidden[s:e] = g @ weight
-            if grad_weight is not None:
-                add_weight_grad(grad_weight, g, hidden[s:e])
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None,
-                None)
+        grads = (grad_log_probs, grad_entropy if use_entropy else None)
+        n, vocab = hidden.shape[0], weight.shape[0]
+        if n <= vocab:
+            grad_hidden, grad_weight = _backward_by_vocab_blocks(ctx, hidden, weight, targets, lse, mean_z, *grads)
+        else:
+            grad_hidden, grad_weight = _backward_by_token_slices(ctx, hidden, weight, targets, lse, mean_z, *grads)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+# The backward recomputes the logits a slab at a time and turns each into its gradient g, then
+# ∂/∂h = g·W and ∂/∂W = gᵀ·h. One of the two sums over slabs: over vocabulary blocks ∂/∂h does
+# (an [n, H] fp32 sum), over token slices ∂/∂W does (a [V, H] fp32 sum). Each slab reads and writes
+# that sum once, so the smaller one is accumulated: vocabulary blocks when n <= V, as in RL training
+# (at the 4B shape a 9k-token micro-batch's ∂/∂h is 94 MB against the LM head's 1.56 GB, which token
+# slices re-read and re-wrote ~21 times per step). The other gradient is written once per slab, by
+# its GEMM, in the weights' dtype.
+
+def _backward_by_vocab_blocks(ctx, hidden, weight, targets, lse, mean_z, grad_log_probs, grad_entropy):
+    _, grad_slab = kernels(ctx.compiled)
+    acc = lse.dtype
+    grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if ctx.needs_input_grad[0] else None
+    grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+    for v0, v1 in vocab_blocks(hidden.shape[0], weight.shape[0], ctx.vocab_block):
+        block = weight[v0:v1]
+        # targets outside the block match no column of its one-hot
+        g = grad_slab(slice_logits(hidden, block, acc), lse, mean_z if grad_entropy is not None else None,
+                      targets - v0, grad_log_probs, grad_entropy, 1.0 / ctx.temperature, hidden.dtype)
+        if grad_weight is not None:
+            torch.mm(g.t(), hidden, out=grad_weight[v0:v1])
+        if grad_hidden is not None:
+            add_product(grad_hidden, g, block)
+    return None if grad_hidden is None else grad_hidden.to(hidden.dtype), grad_weight
+
+
+def _backward_by_token_slices(ctx, hidden, weight, targets, lse, mean_z, grad_log_probs, grad_entropy):
+    _, grad_slab = kernels(ctx.compiled)
+    acc = lse.dtype
+    grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+    for s, e in token_chunks(hidden.shape[0], weight.shape[0], ctx.chunk_tokens):
+        g = grad_slab(slice_logits(hidden[s:e], weight, acc), lse[s:e],
+                      mean_z[s:e] if grad_entropy is not None else None, targets[s:e],
+                      None if grad_log_probs is None else grad_log_probs[s:e],
+                      None if grad_entropy is None else grad_entropy[s:e], 1.0 / ctx.temperature, hidden.dtype)
+        if grad_hidden is not None:
+            grad_hidden[s:e] = g @ weight
+        if grad_weight is not None:
+            add_product(grad_weight, g.t(), hidden[s:e])
+    return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
 
 
 def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
-                     with_entropy: bool = False, chunk_tokens: int | None = None, compiled: bool = False):
+                     with_entropy: bool = False, chunk_tokens: int | None = None, vocab_block: int | None = None,
+                     compiled: bool = False):
     """``(log_softmax(h·Wᵀ/T)[target], entropy or None)`` for ``hidden [N, H]``, ``weight [V, H]``,
-    ``targets [N]``, both fp32 (fp64 for fp64 inputs); differentiable in ``hidden`` and ``weight``."""
+    ``targets [N]``, both fp32 (fp64 for fp64 inputs); differentiable in ``hidden`` and ``weight``.
+    ``chunk_tokens`` / ``vocab_block`` override the slab sizes (tests); ``compiled`` runs the slab
+    kernels under torch.compile (slice_kernels.py)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (--rollout-temperature), got {temperature}")
     log_probs, entropy = _LinearLogProbs.apply(hidden, weight, targets.long(), float(temperature), with_entropy,
-                                               chunk_tokens, compiled)
+                                               chunk_tokens, vocab_block, compiled)
     return log_probs, (entropy if with_entropy else None)
