@@ -207,3 +207,15 @@ def test_auto_fuses_only_when_the_logits_exceed_one_slice(checkpoint, monkeypatc
     monkeypatch.setattr(trainer, "CHUNK_ELEMENTS", scored * vocab - 1)  # more than one slice: fused
     backend._forward_response(backend.model, seqs, resp, with_entropy=False)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("tokens,vocab", [(9208, 151936), (1, 151936), (7, 11), (150000, 151936), (3000, 1000)])
+def test_vocab_blocks_cover_the_vocabulary_once_in_aligned_blocks_near_one_slab(tokens, vocab):
+    from plugrl.core.losses import CHUNK_ELEMENTS
+    from plugrl.plugins.backends.torch.fused_log_probs import vocab_blocks
+
+    blocks = list(vocab_blocks(tokens, vocab, None))
+    assert [b for _, b in blocks[:-1]] == [a for a, _ in blocks[1:]] and blocks[0][0] == 0 and blocks[-1][1] == vocab
+    widths = [b - a for a, b in blocks]
+    assert all(w % 64 == 0 for w in widths[:-1]) and len(set(widths[:-1])) <= 1
+    assert max(widths) * tokens <= CHUNK_ELEMENTS + 64 * tokens or max(widths) == 1

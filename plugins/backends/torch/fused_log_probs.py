@@ -72,7 +72,12 @@ def vocab_blocks(num_tokens: int, vocab: int, block: int | None):
     """``(start, end)`` vocabulary rows whose ``[tokens, rows]`` fp32 slab stays within ``CHUNK_ELEMENTS``
     (``block`` rows each when given); the backward's blocks when ``num_tokens <= vocab``."""
     if block is None:
-        block = max(1, CHUNK_ELEMENTS // max(1, num_tokens))
+        widest = max(1, CHUNK_ELEMENTS // max(1, num_tokens))
+        blocks = -(-vocab // widest)
+        # equal blocks, each a multiple of 64 rows where that is possible (aligned rows for the tensor-core
+        # GEMMs that read the 16-bit slabs; the slab may pass CHUNK_ELEMENTS by under 64 rows' worth)
+        block = -(-vocab // blocks)
+        block = -(-block // 64) * 64 if block >= 64 else block
     for start in range(0, vocab, block):
         yield start, min(vocab, start + block)
 
