@@ -22,20 +22,16 @@ def _reference(hidden, weight, targets, temperature):
     return log_p.gather(1, targets[:, None])[:, 0], -(log_p.exp() * log_p).sum(-1)
 
 
-# (tokens, vocab): 7 <= 11 takes the backward over vocabulary blocks, 13 > 5 the one over token slices
-@pytest.mark.parametrize("tokens,vocab", [(7, 11), (13, 5)])
-@pytest.mark.parametrize("chunk,block", [(1, 1), (3, 4), (None, None)])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_values_and_gradients_equal_autograd_through_full_logits(tokens, vocab, chunk, block, temperature):
-    gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(tokens, 5, dtype=torch.float64, generator=gen, requires_grad=True)
-    weight = torch.randn(vocab, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+def _matches_autograd(tokens: int, vocab: int, hidden_size: int, seed: int, temperature: float, **options):
+    """Random fp64 inputs; ``linear_log_probs(**options)``'s log-probs, entropy and their gradients under
+    random output weights equal autograd's through the full logits. -> (hidden, weight, targets)."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, hidden_size, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64, generator=gen, requires_grad=True)
     targets = torch.randint(0, vocab, (tokens,), generator=gen)
     g_lp = torch.randn(tokens, dtype=torch.float64, generator=gen)
     g_ent = torch.randn(tokens, dtype=torch.float64, generator=gen)
-
-    lp, ent = linear_log_probs(hidden, weight, targets, temperature=temperature, with_entropy=True, chunk_tokens=chunk,
-                               vocab_block=block)
+    lp, ent = linear_log_probs(hidden, weight, targets, temperature=temperature, with_entropy=True, **options)
     ref_lp, ref_ent = _reference(hidden, weight, targets, temperature)
     torch.testing.assert_close(lp, ref_lp)
     torch.testing.assert_close(ent, ref_ent)
@@ -43,6 +39,15 @@ def test_values_and_gradients_equal_autograd_through_full_logits(tokens, vocab, 
     ref_grads = torch.autograd.grad((ref_lp * g_lp).sum() + (ref_ent * g_ent).sum(), (hidden, weight))
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want)
+    return hidden, weight, targets
+
+
+# (tokens, vocab): 7 <= 11 takes the backward over vocabulary blocks, 13 > 5 the one over token slices
+@pytest.mark.parametrize("tokens,vocab", [(7, 11), (13, 5)])
+@pytest.mark.parametrize("chunk,block", [(1, 1), (3, 4), (None, None)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_values_and_gradients_equal_autograd_through_full_logits(tokens, vocab, chunk, block, temperature):
+    hidden, weight, targets = _matches_autograd(tokens, vocab, 5, 0, temperature, chunk_tokens=chunk, vocab_block=block)
 
     def both(h, w):
         return linear_log_probs(h, w, targets, temperature=temperature, with_entropy=True, chunk_tokens=chunk,
@@ -67,21 +72,8 @@ def test_compiled_slice_kernels_match_autograd_and_compile_once_for_every_length
     # forward slices of 5 tokens and a last one of 3, 2, 4 or 3; backward over vocabulary blocks of 7, 7
     # and 5 rows (13, 17, 9 tokens <= 19) or over the token slices (23 tokens)
     for n in (13, 17, 9, 23):
-        gen = torch.Generator().manual_seed(n)
-        hidden = torch.randn(n, 6, dtype=torch.float64, generator=gen, requires_grad=True)
-        weight = torch.randn(19, 6, dtype=torch.float64, generator=gen, requires_grad=True)
-        targets = torch.randint(0, 19, (n,), generator=gen)
-        g_lp, g_ent = torch.randn(n, dtype=torch.float64, generator=gen), torch.randn(n, dtype=torch.float64, generator=gen)
-        lp, ent = linear_log_probs(hidden, weight, targets, temperature=0.7, with_entropy=True, chunk_tokens=5,
-                                   vocab_block=7, compiled=True)
+        _matches_autograd(n, 19, 6, n, 0.7, chunk_tokens=5, vocab_block=7, compiled=True)
         assert not slice_kernels._failed, slice_kernels._failed
-        ref_lp, ref_ent = _reference(hidden, weight, targets, 0.7)
-        torch.testing.assert_close(lp, ref_lp)
-        torch.testing.assert_close(ent, ref_ent)
-        grads = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), (hidden, weight))
-        ref_grads = torch.autograd.grad((ref_lp * g_lp).sum() + (ref_ent * g_ent).sum(), (hidden, weight))
-        for got, want in zip(grads, ref_grads):
-            torch.testing.assert_close(got, want)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # the forward and the gradient kernel
 
 
