@@ -45,12 +45,16 @@ def slice_grad(z: torch.Tensor, lse: torch.Tensor, mean_z: torch.Tensor | None, 
     if inv_temperature != 1.0:
         z = z * inv_temperature
     p = torch.exp(z - lse[:, None])
-    grad = torch.zeros_like(z)
+    # no zero-filled start: run eagerly, that would be one more slab written and added
+    grad = None
     if grad_entropy is not None:
-        grad = grad + (mean_z[:, None] - z) * p * grad_entropy[:, None].to(z.dtype)
+        grad = (mean_z[:, None] - z) * p * grad_entropy[:, None].to(z.dtype)
     if grad_log_probs is not None:
         onehot = torch.arange(z.shape[-1], device=z.device)[None, :] == targets[:, None]
-        grad = grad + (onehot.to(z.dtype) - p) * grad_log_probs[:, None].to(z.dtype)
+        from_log_probs = (onehot.to(z.dtype) - p) * grad_log_probs[:, None].to(z.dtype)
+        grad = from_log_probs if grad is None else grad + from_log_probs
+    if grad is None:
+        grad = torch.zeros_like(z)
     if inv_temperature != 1.0:
         grad = grad * inv_temperature
     return grad.to(out_dtype)
@@ -60,8 +64,8 @@ def slice_grad(z: torch.Tensor, lse: torch.Tensor, mean_z: torch.Tensor | None, 
 def _compiled():
     # dynamic: a micro-batch's token count (and so its last slice) changes every step; one symbolic
     # graph serves them all instead of a recompile per length (which would hit dynamo's recompile limit)
-    return (torch.compile(slice_forward, dynamic=True, fullgraph=True),
-            torch.compile(slice_grad, dynamic=True, fullgraph=True))
+    return (_guarded(torch.compile(slice_forward, dynamic=True, fullgraph=True), slice_forward),
+            _guarded(torch.compile(slice_grad, dynamic=True, fullgraph=True), slice_grad))
 
 
 _failed: list[str] = []  # the first compile error, after which this process runs the eager functions
@@ -72,8 +76,7 @@ def kernels(compiled: bool):
     process yet, else the eager functions. Called by the fused log-probs per micro-batch."""
     if not compiled or _failed:
         return slice_forward, slice_grad
-    forward, grad = _compiled()
-    return _guarded(forward, slice_forward), _guarded(grad, slice_grad)
+    return _compiled()
 
 
 def _guarded(compiled_fn, eager_fn):
