@@ -64,8 +64,30 @@ case "$phase" in
     ;;
   recipe)
     [[ "${RECIPE:-0}" == 1 ]] || { echo "the 4B recipe test needs RECIPE=1 (one H200, 128 GiB host RAM)"; exit 2; }
-    bounded python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_path.py -k 4b_recipe >"$OUT/recipe.log" 2>&1
+    # the run's directories stay under BASETEMP (the 4B checkpoints are ~25 GB); its metrics, config and
+    # log are copied to $OUT and turned into the step table
+    basetemp=${BASETEMP:-/tmp/plugrl-recipe-test}
+    bounded python -m pytest -q -m gpu -p no:cacheprovider --basetemp="$basetemp" tests/test_gpu_path.py \
+      -k 4b_recipe >"$OUT/recipe.log" 2>&1
     echo "recipe rc=$?: $(tail -1 "$OUT/recipe.log")"
+    run_dir=$(dirname "$(find "$basetemp" -path '*/run/metrics.jsonl' | head -1)")
+    if [[ -d "$run_dir" ]]; then
+      mkdir -p "$OUT/recipe-run"
+      cp "$run_dir"/metrics.jsonl "$run_dir"/config.yaml "$OUT/recipe-run/" 2>/dev/null
+      cp "$(dirname "$run_dir")"/train.log "$OUT/recipe-run/" 2>/dev/null
+      python benchmarks/recipe_report.py "$run_dir" 2>&1 | tail -4
+      python - "$run_dir/metrics.jsonl" <<'PY'
+import json, sys
+keys = ["perf/step_time", "perf/generate_time", "perf/train_time", "perf/weight_sync_time", "perf/offload_time",
+        "perf/engine_generated_tokens", "perf/engine_decode_steps", "perf/engine_prefill_s",
+        "perf/engine_decode_launch_s", "perf/engine_decode_wait_s", "perf/engine_decode_host_s",
+        "train/train_rollout_logprob_abs_diff", "perf/host_mem_peak_gib", "perf/host_mem_plan_gib"]
+for line in open(sys.argv[1]):
+    row = json.loads(line)
+    if row.get("phase") == "train":
+        print(f"rollout {row['rollout_id']}: " + ", ".join(f"{k.split('/')[1]} {row[k]:.3f}" for k in keys if k in row))
+PY
+    fi
     ;;
   engine)
     # one engine per decode attention, each against the same generate baseline

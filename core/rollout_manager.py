@@ -72,6 +72,28 @@ def _slime_buffer_adapter(args, plugin_set):
                      "slime_adapter to run it on (the bundled 'fifo' does; is it blocked?)")
 
 
+def _engine_counters(engine) -> dict | None:
+    """The engine's own counters (the embedded ``hf`` engine's ``stats()``), or None for engines
+    without them (SGLang, pools of actors)."""
+    stats = getattr(engine, "stats", None)
+    return stats() if callable(stats) else None
+
+
+def engine_counter_metrics(before: dict | None, after: dict | None) -> dict:
+    """``perf/engine_*`` for one rollout from the engine's counters before and after it: decode
+    steps and generated tokens, and where the decode thread's seconds went (prefill, launching decode
+    forwards, waiting for the GPU, per-row host work). Tells a slow rollout's engine time from time
+    spent elsewhere (rewards, the driver, dynamic sampling)."""
+    if not before or not after:
+        return {}
+    out = {}
+    for key in ("decode_steps", "prefill_forwards", "generated_tokens", "prefill_s", "decode_launch_s",
+                "decode_wait_s", "decode_host_s"):
+        if key in before and key in after:
+            out[f"perf/engine_{key}"] = after[key] - before[key]
+    return out
+
+
 class RolloutManager:
     def __init__(self, config: dict):
         from transformers import AutoTokenizer
@@ -146,6 +168,7 @@ class RolloutManager:
         saved = {k: v for k, v in getattr(self, "_state_before", {}).items() if k > rollout_id - window}
         self._state_before = {**saved, rollout_id: self.state_dict()}
         self.generator.generated = self.generator.rewarded = 0
+        engine_before = _engine_counters(self.engine)
         self._progress_total = int(args.rollout_batch_size) * int(args.n_samples_per_prompt)
         result = self.loop.run(generate_rollout(
             self.generator, self.data_source, self.buffer, rollout_id=rollout_id,
@@ -167,6 +190,7 @@ class RolloutManager:
         metrics.update(rollout_reward_metrics(self.generator.reward, rollout_id,
                                               getattr(args, "reward_error_threshold", None)))
         metrics["perf/rollout_time"] = time.perf_counter() - started
+        metrics.update(engine_counter_metrics(engine_before, _engine_counters(self.engine)))
         if getattr(self, "_engine_left_gib", None) is not None:
             metrics["perf/engine_released_left_gib"] = self._engine_left_gib
         return data, metrics

@@ -114,3 +114,11 @@ def test_real_run_timers_nest_inside_the_step(sb, tmp_path):
         assert 0 <= parts <= row["perf/step_time"], row
         assert row["perf/generate_time"] <= row["perf/rollout_time"] <= row["perf/wait_rollout_time"]
         assert 0 < row["eval/toy_math/time"] <= row["perf/eval_time"]
+        # the engine's own counters for this rollout: at least every kept response token was decoded
+        # by it, and its decode thread's seconds lie inside the rollout
+        kept_tokens = row["rollout/response_len"] * row["rollout/num_samples"]
+        assert row["perf/engine_generated_tokens"] >= kept_tokens - 0.5, row
+        assert row["perf/engine_decode_steps"] >= 1
+        engine_s = sum(row[f"perf/engine_{k}"] for k in ("prefill_s", "decode_launch_s", "decode_wait_s",
+                                                          "decode_host_s"))
+        assert 0 < engine_s <= row["perf/rollout_time"], row
