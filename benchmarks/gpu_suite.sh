@@ -4,7 +4,8 @@
 # RECIPE=1 and on its own), then the benchmarks the GPU issues are measured with.
 #
 #   bash benchmarks/gpu_suite.sh tests     # the GPU tests, lanes in parallel; a table of lane results
-#   bash benchmarks/gpu_suite.sh engine    # the engine vs generate at the 4B shape, one row set per decode attention
+#   bash benchmarks/gpu_suite.sh engine    # the engine vs generate at the 4B shape, one row set per decode
+#                                          # attention (ATTENTION) and compile_decode (COMPILE) value
 #   bash benchmarks/gpu_suite.sh train     # one train step at the 4B shape: transformers+Liger vs the torch backend
 #   RECIPE=1 bash benchmarks/gpu_suite.sh recipe   # the 4B recipe test (H200 + 128 GiB host RAM)
 #
@@ -27,7 +28,7 @@ lane_args() {
     default_command) echo "tests/test_gpu_path.py -k default_command" ;;
     gpu_path_rest) echo "tests/test_gpu_path.py -k 'not default_command and not 4b_recipe'" ;;
     megatron) echo "tests/test_megatron_gpu.py" ;;
-    engine) echo "tests/test_hf_fast_decode.py tests/test_decode_attention.py tests/test_hf_engine.py" ;;
+    engine) echo "tests/test_hf_fast_decode.py tests/test_decode_attention.py tests/test_hf_engine.py tests/test_fused_decode_ops.py" ;;
     torch_backend) echo "tests/test_fused_log_probs.py tests/test_torch_backend_gpu.py" ;;
     weights) echo "tests/test_gpu_offload.py tests/test_weight_sync_gpu.py tests/test_sglang_weights_ipc.py" ;;
   esac
@@ -92,10 +93,11 @@ PY
   engine)
     # one engine per decode attention, each against the same generate baseline
     (cd benchmarks && bounded python hf_engine_throughput.py --model 4b --batch-sizes 64,256 --prompt-len 256 \
-      --new-tokens 256 --compare-generate --decode-attention "${ATTENTION:-sdpa,matmul,flash}" --profile) \
+      --new-tokens 256 --compare-generate --decode-attention "${ATTENTION:-sdpa,matmul}" \
+      --compile-decode "${COMPILE:-on,off}" --profile --top 15) \
       >"$OUT/engine.log" 2>&1
     echo "engine benchmark rc=$?"
-    grep -E "^(model=| *attention| *(sdpa|matmul|flash) )" "$OUT/engine.log"
+    grep -E "^(model=| *attention| *(sdpa|matmul|flash)(/ops-o[nf]+)? )" "$OUT/engine.log"
     ;;
   train)
     (cd benchmarks && bounded python train_throughput.py --model 4b --steps 3 \

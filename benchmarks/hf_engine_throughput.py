@@ -13,7 +13,8 @@ The header reports the engine's decode path: ``slots+cuda_graphs`` / ``slots`` (
 cache and the engine's own forward, with or without CUDA graphs) or ``hf (why)`` (HF forwards over a
 ``DynamicCache``); ``--no-fast-decode`` / ``--no-cuda-graphs`` select the slower ones for comparison;
 ``--decode-attention sdpa,matmul,flash`` runs one engine per attention implementation (rows labelled,
-one ``generate`` baseline per batch). After the table, where
+one ``generate`` baseline per batch); ``--compile-decode on,off`` also one per compile_decode value
+(the fused decode ops compiled or run eagerly; ``auto`` = compiled on CUDA). After the table, where
 each timed pass's time went (the engine's ``stats()`` split: prefill, and per decode step the launch,
 the wait for the sampled tokens, the host's per-row bookkeeping); ``--profile`` adds the CUDA kernels of
 one more pass at the largest batch.
@@ -102,13 +103,19 @@ def time_generate(engine, batch, prompt_len, new_tokens, temperature, engine_cud
     return (out.shape[1] - prompt_len) * batch / (time.perf_counter() - start)
 
 
-def run_engine(args, path, attention: str, batches: list[int], baseline: dict, *, header: bool) -> list[str]:
-    """One engine with ``decode_attention=attention``: a table row per batch size (the ``generate`` baseline
-    is timed once per batch, on the first engine, and kept in ``baseline``; ``header``: print the run's
-    header and the table's first). Returns the time-split lines."""
+COMPILE_DECODE = {"auto": "auto", "on": True, "off": False}  # --compile-decode values -> the engine option
+
+
+def run_engine(args, path, attention: str, compile_decode: str, batches: list[int], baseline: dict, *,
+               header: bool) -> list[str]:
+    """One engine with ``decode_attention=attention`` and ``compile_decode``: a table row per batch size
+    (the ``generate`` baseline is timed once per batch, on the first engine, and kept in ``baseline``;
+    ``header``: print the run's header and the table's first). Returns the time-split lines."""
     engine = HFRolloutEngine(str(path), device=args.device, dtype=args.dtype, max_batch_size=max(batches),
                              cudnn_attention=args.cudnn_attention, fast_decode=not args.no_fast_decode,
-                             cuda_graphs=not args.no_cuda_graphs, decode_attention=attention)
+                             cuda_graphs=not args.no_cuda_graphs, decode_attention=attention,
+                             compile_decode=COMPILE_DECODE[compile_decode])
+    label = attention if compile_decode == "auto" else f"{attention}/ops-{compile_decode}"
     try:
         asyncio.run(time_engine(engine, 2, args.prompt_len, 4, args.temperature))  # warm-up
         if header:
@@ -118,9 +125,9 @@ def run_engine(args, path, attention: str, batches: list[int], baseline: dict, *
             print(f"model={name} device={engine.device} ({device_name}) dtype={dtype} torch={torch.__version__} "
                   f"threads={torch.get_num_threads()} cudnn_attention={args.cudnn_attention} "
                   f"prompt={args.prompt_len} new={args.new_tokens} T={args.temperature}")
-            header = f"{'attention':>9} {'batch':>6} {'engine tok/s':>13} {'cold tok/s':>11} {'steps':>6}"
+            header = f"{'attention':>15} {'batch':>6} {'engine tok/s':>13} {'cold tok/s':>11} {'steps':>6}"
             print(header + (f" {'generate tok/s':>15} {'engine/generate':>16}" if args.compare_generate else ""))
-        splits = [f"decode path: {engine.decode_path}, decode_attention={attention}"]
+        splits = [f"decode path: {engine.decode_path}, decode_attention={attention}, compile_decode={compile_decode}"]
         for batch in batches:
             # first pass at a new batch size captures its CUDA graphs; the timed pass replays them
             # (a rollout engine runs the same shapes again and again)
@@ -129,7 +136,7 @@ def run_engine(args, path, attention: str, batches: list[int], baseline: dict, *
             rate, steps, split = asyncio.run(time_engine(engine, batch, args.prompt_len, args.new_tokens,
                                                          args.temperature))
             splits.append(split_line(batch, steps, split))
-            row = f"{attention:>9} {batch:>6} {rate:>13,.0f} {cold:>11,.0f} {steps:>6}"
+            row = f"{label:>15} {batch:>6} {rate:>13,.0f} {cold:>11,.0f} {steps:>6}"
             if args.compare_generate:
                 if batch not in baseline:
                     time_generate(engine, batch, args.prompt_len, 8, args.temperature, args.cudnn_attention)  # warm-up
@@ -144,7 +151,7 @@ def run_engine(args, path, attention: str, batches: list[int], baseline: dict, *
             batch = max(batches)
             profiled = profile_cuda(lambda: asyncio.run(time_engine(
                 engine, batch, args.prompt_len, args.new_tokens, args.temperature)), top=args.top)
-            splits += [""] + profile_lines(f"engine ({attention}) bs{batch}", profiled)
+            splits += [""] + profile_lines(f"engine ({label}) bs{batch}", profiled)
         return splits
     finally:
         engine.close()
@@ -167,6 +174,9 @@ def main() -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true", help="engine option cuda_graphs=False")
     parser.add_argument("--decode-attention", default="sdpa",
                         help="comma-separated engine decode_attention values, one engine each (sdpa, matmul, flash)")
+    parser.add_argument("--compile-decode", default="auto",
+                        help="comma-separated engine compile_decode values, one engine each per attention: auto (on "
+                             "CUDA), on, off (the fused decode ops compiled or not)")
     parser.add_argument("--profile", action="store_true",
                         help="CUDA kernel profile of one more pass at the largest batch (benchmarks/kernel_profile.py)")
     parser.add_argument("--top", type=int, default=25, help="kernels listed with --profile")
@@ -175,12 +185,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     attentions = [a.strip() for a in args.decode_attention.split(",") if a.strip()]
+    compiles = [c.strip() for c in args.compile_decode.split(",") if c.strip()]
+    unknown = sorted(set(compiles) - set(COMPILE_DECODE))
+    if unknown:
+        parser.error(f"--compile-decode: unknown {unknown}; use {', '.join(COMPILE_DECODE)}")
+    variants = [(a, c) for a in attentions for c in compiles]
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint or build(args.model, Path(tmp))
         baseline: dict = {}
         splits = []
-        for i, attention in enumerate(attentions):
-            splits += [""] + run_engine(args, path, attention, batches, baseline, header=i == 0)
+        for i, (attention, compile_decode) in enumerate(variants):
+            splits += [""] + run_engine(args, path, attention, compile_decode, batches, baseline, header=i == 0)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the next engine loads its own copy of the weights
         print("\nthe engine's time in the timed passes:" + "\n".join(splits))

@@ -309,6 +309,8 @@ def test_cuda_graphs_greedy_equals_eager_bf16(ckpt, attention):
         got = _greedy_batch(graphs, GPU_SPECS)
         assert graphs.decode_info()["cuda_graph_captures"] > 0
         assert graphs.decode_info()["graph_error"] is None  # the attention was captured, not run eagerly
+        # compile_decode auto = on CUDA: the fused ops ran compiled (Triton) inside the graphs
+        assert graphs.decode_info()["fused_ops"] == "compiled" and graphs.decode_info()["compile_error"] is None
         assert got == _greedy_batch(eager, GPU_SPECS)
         ref = load_ref(ckpt, "cuda", torch.float32)
         for (prompt, _), tokens in zip(GPU_SPECS, got):

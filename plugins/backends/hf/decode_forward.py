@@ -66,9 +66,16 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 class LlamaLikeForward:
     """Holds references to the HF model's submodules (never copies of their weights)."""
 
-    def __init__(self, model, attention: str = "sdpa"):
+    def __init__(self, model, attention: str = "sdpa", compiled_ops: bool = False):
+        from .fused_decode_ops import fused_ops_reason, ops
+
         inner = model.model
         self.attention = attention  # decode_attention.IMPLEMENTATIONS
+        # the fused elementwise ops (fused_decode_ops.py) where the model's modules are the ones they
+        # reproduce; ``compiled_ops`` compiles them (else they run eagerly: same arithmetic as the modules)
+        self.fused_reason = fused_ops_reason(model)
+        self.ops = ops(compiled_ops) if self.fused_reason is None else None
+        self.compiled_ops = bool(compiled_ops) and self.ops is not None
         self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, list(inner.layers), inner.norm, inner.rotary_emb
         self.lm_head = model.lm_head
         config = model.config.get_text_config()
@@ -98,14 +105,20 @@ class LlamaLikeForward:
         cos, sin = self.rotary(x, positions[None])
         cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]: broadcast over heads
         impl = default_implementation(ids.device.type, self.dtype)
+
+        def attention(i, q, k, v):  # q/k with RoPE, [T, heads, D] -> [1, T, heads * D]
+            cache.write(i, slot_of_token, positions, k, v)
+            out = attention_within_segments(q, k, v, cu_seqlens, max_len, scale=self.scale, implementation=impl)
+            return out.reshape(1, t, self.heads * self.head_dim)
+
+        if self.ops is not None:
+            return self.lm_head(self._fused_layers(x, (t,), cos, sin, attention)[0, last])
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             residual = x
             q, k, v = self._qkv(attn, layer.input_layernorm(x), (t,))
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)  # [T, heads, D]
-            cache.write(i, slot_of_token, positions, k, v)
-            out = attention_within_segments(q, k, v, cu_seqlens, max_len, scale=self.scale, implementation=impl)
-            x = residual + attn.o_proj(out.reshape(1, t, self.heads * self.head_dim))
+            x = residual + attn.o_proj(attention(i, q, k, v))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         # RMSNorm is per token: normalising only the last tokens gives the same values.
         return self.lm_head(self.norm(x[0, last]))
@@ -122,13 +135,42 @@ class LlamaLikeForward:
         x = self.embed(tokens)[:, None]  # [B, 1, H]
         cos, sin = self.rotary(x, positions[:, None])  # [B, 1, D]
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D]
+
+        def attention(i, q, k, v):  # q/k with RoPE, [B, 1, heads, D] -> [B, 1, heads * D]
+            cache.write(i, rows, positions, k[:, 0], v[:, 0])
+            out = attend(self.attention, q[:, 0], cache, i, step, self.scale)  # [B, heads, D]
+            return out.reshape(b, 1, self.heads * self.head_dim)
+
+        if self.ops is not None:
+            return self.lm_head(self._fused_layers(x, (b, 1), cos, sin, attention)[:, 0])
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             residual = x
             q, k, v = self._qkv(attn, layer.input_layernorm(x), (b, 1))  # [B, 1, heads, D]
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-            cache.write(i, rows, positions, k[:, 0], v[:, 0])
-            out = attend(self.attention, q[:, 0], cache, i, step, self.scale)  # [B, heads, D]
-            x = residual + attn.o_proj(out.reshape(b, 1, self.heads * self.head_dim))
+            x = residual + attn.o_proj(attention(i, q, k, v))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.norm(x[:, 0]))
+
+    def _fused_layers(self, x: torch.Tensor, shape: tuple[int, ...], cos, sin, attention) -> torch.Tensor:
+        """Every layer with the fused elementwise ops: the modules' GEMMs, ``attention(i, q, k, v)``
+        between them; -> the final norm's output. Each residual add is fused with the norm after it."""
+        ops, layers = self.ops, self.layers
+        first = layers[0].input_layernorm
+        h = ops["rms_norm"](x, first.weight, first.variance_epsilon)
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            q = attn.q_proj(h).view(*shape, self.heads, self.head_dim)
+            k = attn.k_proj(h).view(*shape, self.kv_heads, self.head_dim)
+            v = attn.v_proj(h).view(*shape, self.kv_heads, self.head_dim)
+            if self.qk_norm:
+                q, k = ops["qk_norm_rope"](q, k, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon,
+                                           cos, sin)
+            else:
+                q, k = ops["qk_norm_rope"](q, k, None, None, 0.0, cos, sin)
+            norm = layer.post_attention_layernorm
+            x, h = ops["add_rms_norm"](x, attn.o_proj(attention(i, q, k, v)), norm.weight, norm.variance_epsilon)
+            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+            x, h = ops["add_rms_norm"](x, mlp.down_proj(ops["silu_mul"](mlp.gate_proj(h), mlp.up_proj(h))),
+                                       norm.weight, norm.variance_epsilon)
+        return h

@@ -32,7 +32,7 @@ MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # SGLang's release/resume_m
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 _OPTIONS = {"context_length", "max_prefill_tokens", "weight_version", "trust_remote_code", "cudnn_attention",
-            "fast_decode", "cuda_graphs", "decode_attention"}
+            "fast_decode", "cuda_graphs", "decode_attention", "compile_decode"}
 
 
 def _attention_backends(use_cudnn: bool):
@@ -75,8 +75,9 @@ class HFRolloutEngine:
     slot KV cache and the engine's own forward; other models, or False, use HF forwards over a
     ``DynamicCache``), ``cuda_graphs`` (default True: on CUDA the fast path replays decode steps as
     CUDA graphs), ``decode_attention`` (the fast path's attention over the slot cache: ``sdpa``
-    (default), ``matmul`` or ``flash`` (CUDA, 16-bit); ``decode_attention.py``). ``decode_path`` says
-    which path runs."""
+    (default), ``matmul`` or ``flash`` (CUDA, 16-bit); ``decode_attention.py``), ``compile_decode``
+    (``"auto"``, the default, = on CUDA; True/False: the fast path's norms, RoPE, residual adds and
+    SiLU as compiled fused kernels, ``fused_decode_ops.py``). ``decode_path`` says which path runs."""
 
     def __init__(self, hf_checkpoint: str, *, device: str | None = None, dtype: str | None = None,
                  max_batch_size: int = 256, seed: int = 0, attn_implementation: str | None = None, **options):
@@ -129,8 +130,13 @@ class HFRolloutEngine:
                 raise ValueError(f"HFRolloutEngine option decode_attention={attention!r}: one of {IMPLEMENTATIONS}")
             reason = unsupported_reason(self.model)
             if reason is None:
+                compile_decode = options.get("compile_decode", "auto")
+                if compile_decode not in ("auto", True, False):
+                    raise ValueError(f"HFRolloutEngine option compile_decode={compile_decode!r}: 'auto' (on CUDA), "
+                                     "True or False")
                 fast = SlotDecoder(self.model, self.device, max_batch_size=self.max_batch_size,
-                                   cuda_graphs=bool(options.get("cuda_graphs", True)), decode_attention=attention)
+                                   cuda_graphs=bool(options.get("cuda_graphs", True)), decode_attention=attention,
+                                   compile_ops=self.device.type == "cuda" if compile_decode == "auto" else compile_decode)
                 # the decoder allocates nothing until its first prefill: checking after building it is free
                 refused = unavailable_reason(attention, self.device, fast.forward.dtype, fast.forward.head_dim)
                 if refused:

@@ -51,8 +51,8 @@ class SlotDecoder:
     """Owns the fast path's state for one engine: forward, cache, slots, per-slot buffers, graphs."""
 
     def __init__(self, model, device: torch.device, *, max_batch_size: int, cuda_graphs: bool,
-                 decode_attention: str = "sdpa"):
-        self.forward = LlamaLikeForward(model, decode_attention)
+                 decode_attention: str = "sdpa", compile_ops: bool = False):
+        self.forward = LlamaLikeForward(model, decode_attention, compiled_ops=compile_ops)
         f = self.forward
         self.device = device
         self.cache = SlotKVCache(len(f.layers), f.kv_heads, f.head_dim, f.dtype, device,
@@ -76,7 +76,12 @@ class SlotDecoder:
         return "slots+cuda_graphs" if self.graphs is not None else "slots"
 
     def info(self) -> dict:
-        return {"decode_path": self.name, "decode_attention": self.forward.attention, "graph_error": self.graph_error, "kv_slots": self.cache.slots,
+        from .fused_decode_ops import GROUP
+
+        return {"decode_path": self.name, "decode_attention": self.forward.attention, "graph_error": self.graph_error,
+                "fused_ops": self.forward.fused_reason or ("compiled" if self.forward.compiled_ops else "eager"),
+                "compile_error": GROUP.failed[0].splitlines()[0] if GROUP.failed else None,
+                "kv_slots": self.cache.slots,
                 "kv_length": self.cache.length,
                 "slot_moves": self.moves, "cuda_graphs": len(self.graphs) if self.graphs else 0,
                 "cuda_graph_captures": self.graphs.captures if self.graphs else 0}

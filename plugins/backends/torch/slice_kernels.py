@@ -14,11 +14,10 @@ the eager functions cover the compiled ones' math.
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 
-logger = logging.getLogger(__name__)
+from ..compile_guard import CompileGroup
 
 
 def slice_forward(z: torch.Tensor, targets: torch.Tensor, inv_temperature: float, with_entropy: bool):
@@ -60,15 +59,16 @@ def slice_grad(z: torch.Tensor, lse: torch.Tensor, mean_z: torch.Tensor | None, 
     return grad.to(out_dtype)
 
 
+_GROUP = CompileGroup("fused log-probs: compiling the slice kernels", "--compile-log-prob-slices off skips the attempt")
+_failed = _GROUP.failed  # the first compile error, after which this process runs the eager functions
+
+
 @functools.cache
 def _compiled():
     # dynamic: a micro-batch's token count (and so its last slice) changes every step; one symbolic
     # graph serves them all instead of a recompile per length (which would hit dynamo's recompile limit)
-    return (_guarded(torch.compile(slice_forward, dynamic=True, fullgraph=True), slice_forward),
-            _guarded(torch.compile(slice_grad, dynamic=True, fullgraph=True), slice_grad))
-
-
-_failed: list[str] = []  # the first compile error, after which this process runs the eager functions
+    return (_GROUP.compile(slice_forward, dynamic=True, fullgraph=True),
+            _GROUP.compile(slice_grad, dynamic=True, fullgraph=True))
 
 
 def kernels(compiled: bool):
@@ -77,21 +77,3 @@ def kernels(compiled: bool):
     if not compiled or _failed:
         return slice_forward, slice_grad
     return _compiled()
-
-
-def _guarded(compiled_fn, eager_fn):
-    """``compiled_fn``, falling back to ``eager_fn`` for good (with a warning naming the error) if
-    compiling fails, e.g. on a machine without Triton or a C++ compiler."""
-    def call(*args):
-        if _failed:
-            return eager_fn(*args)
-        try:
-            return compiled_fn(*args)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:  # torch._dynamo / inductor raise many types; any means "run eagerly"
-            _failed.append(f"{type(exc).__name__}: {exc}")
-            logger.warning("fused log-probs: compiling the slice kernels failed (%s); running them eagerly "
-                           "(--compile-log-prob-slices off skips the attempt)", _failed[0].splitlines()[0])
-            return eager_fn(*args)
-    return call
