@@ -29,7 +29,7 @@ def ckpt(tmp_path_factory):
     return build_tiny_checkpoint(tmp_path_factory.mktemp("fused") / "tiny", initializer_range=0.3)
 
 
-def forward_outputs(model, mode: str) -> list[torch.Tensor]:
+def forward_outputs(model, mode: str, device: str = "cpu") -> list[torch.Tensor]:
     """Logits of two packed prefills (2 and 3 prompts) and decode steps at batches 1..16 over
     a fresh cache, with the module calls (``modules``) or the fused ops (``eager`` / ``compiled``)."""
     forward = LlamaLikeForward(model, "sdpa", compiled_ops=mode == "compiled")
@@ -37,9 +37,9 @@ def forward_outputs(model, mode: str) -> list[torch.Tensor]:
         forward.ops = None
     else:
         assert forward.ops is not None, forward.fused_reason
-    cache = SlotKVCache(len(forward.layers), forward.kv_heads, forward.head_dim, forward.dtype, torch.device("cpu"))
+    cache = SlotKVCache(len(forward.layers), forward.kv_heads, forward.head_dim, forward.dtype, torch.device(device))
     cache.ensure(16, 256)
-    arange = torch.arange(512)
+    arange = torch.arange(512, device=device)
     gen = torch.Generator().manual_seed(0)
     outputs = []
     with torch.inference_mode():
@@ -49,11 +49,13 @@ def forward_outputs(model, mode: str) -> list[torch.Tensor]:
             positions = torch.cat([torch.arange(n) for n in lengths])
             slots = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
             cu = torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))])
+            ids, positions, slots, cu = (t.to(device) for t in (ids, positions, slots, cu))
             outputs.append(forward.prefill(ids, positions, slots, cu, max(lengths), cu[1:] - 1, cache))
         for batch in (2, 4, 8, 16, 3, 1):
             tokens = torch.randint(10, 300, (batch,), generator=gen)
             positions = torch.randint(12, 40, (batch,), generator=gen)
-            outputs.append(forward.decode(tokens, positions, cache, 256 if batch != 3 else 64, arange))
+            outputs.append(forward.decode(tokens.to(device), positions.to(device), cache, 256 if batch != 3 else 64,
+                                          arange))
     return outputs
 
 
@@ -86,6 +88,19 @@ def test_compiled_fused_ops_match_the_module_calls_from_few_graphs(ckpt):
                 torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     # per dtype at most 3 graphs for each of the 4 functions (two dtypes: 24)
     assert 8 <= counters["stats"]["unique_graphs"] <= 24, dict(counters["stats"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_fused_ops_on_cuda_match_the_module_calls(ckpt):
+    """Triton's fused kernels in fp32 (no TF32): within 1e-4 of the module calls (reduction order only)."""
+    from plugrl.plugins.backends.hf import fused_decode_ops
+
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).cuda().eval()
+    compiled, modules = forward_outputs(model, "compiled", "cuda"), forward_outputs(model, "modules", "cuda")
+    assert not fused_decode_ops.GROUP.failed, fused_decode_ops.GROUP.failed
+    for got, want in zip(compiled, modules, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
 def test_models_the_ops_do_not_reproduce_keep_the_module_calls(ckpt):
