@@ -45,6 +45,7 @@ from .checkpoint import find_latest_checkpoint, write_checkpoint_atomically
 from .flags import without_secrets
 from .host_memory_monitor import HostMemoryMonitor
 from .memory_plan import plan_memory
+from .plugin_traits import drops_released_weights
 from .precision import resolve_precision
 from .rollout_pipeline import RolloutPipeline
 from .train_group import RankDiedError, TrainGroup, probe_bundles, remote_actor_class
@@ -282,6 +283,7 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
             _observe(plugin_set.pm.hook.plugrl_on_eval_end, -1, summary.first_eval)
             metrics_logger.log(-1, summary.first_eval, phase="eval")
         last_rollout = args.num_rollout - 1
+        drop_engine_weights = drops_released_weights(args, plugin_set)
         if args.async_train:
             rollouts = _rollout_pipeline(cluster, args, start_rollout, version)
         for rollout_id in range(start_rollout, args.num_rollout):
@@ -297,8 +299,8 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
             _observe(plugin_set.pm.hook.plugrl_on_rollout_end, rollout_id, metrics)
             if cluster.colocated_gpu:
                 with _timed(metrics, "offload"):
-                    if args.offload_rollout:
-                        ray.get(cluster.rollout.release_memory.remote())
+                    if args.offload_rollout:  # without a host copy of the weights when a full push follows
+                        ray.get(cluster.rollout.release_memory.remote(keep_weights=not drop_engine_weights))
                     if args.offload_train:
                         cluster.train.onload()
             phase("train", rollout_id)

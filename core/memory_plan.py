@@ -192,9 +192,15 @@ def plan_memory(args, *, colocated: bool, on_gpu: bool = True, node_bytes: int |
                                 + (" + reference model" if ref_rank else "") + " (--offload-train; pinned blocks "
                                 "rounded up to powers of two)", ranks_per_node * (params_host + optimizer_host + ref_host) / GIB))
     if offload_rollout:
-        plan.host_items.append((f"engine weights held on the host by {engine_gpus_node} engine GPU(s) while training "
-                                "(--offload-rollout; pinned, per tensor)",
-                                engine_gpus_node * shape.pinned_copies("hf", 2, per_engine) / GIB))
+        from .plugin_traits import drops_released_weights
+
+        if drops_released_weights(args):  # a full push follows every resume: no host copy is kept
+            plan.host_items.append(("engine weights while training: released without a host copy (a full push "
+                                    "follows every resume; --update-weights-interval 1)", 0.0))
+        else:
+            plan.host_items.append((f"engine weights held on the host by {engine_gpus_node} engine GPU(s) while "
+                                    "training (--offload-rollout; pinned, per tensor)",
+                                    engine_gpus_node * shape.pinned_copies("hf", 2, per_engine) / GIB))
     from .weight_sync import OBJECT_STORE, WINDOW_BUCKETS, expected_transport
 
     transport = expected_transport(args, colocated=colocated, on_gpu=on_gpu)

@@ -23,6 +23,9 @@ rollout_backend      check(config) -> list[str]
                                                      plan's bundles; "processes": the manager launches the
                                                      engines and needs their GPU ids; "external": neither
                      external_engines(config) -> list[str]  addresses of running engines (``--dry-run``)
+                     drops_released_weights (False)  ``release_memory(keep_weights=False)`` frees the weights
+                                                     without a host copy; the colocated loop asks for it when a
+                                                     full push follows every resume (core/loop.py, memory plan)
 buffer_policy        slime_adapter(path, args, n)    runs a slime ``--buffer-filter-path`` on this policy
 reward_post_processor check(args) -> list[str] (or declared options); idle_flags (dests that do nothing unless
                      it is selected)
@@ -71,6 +74,16 @@ def entry_trait(entry, key: str, default: Any = None) -> Any:
     if key in TRAIT_CALLABLES and isinstance(value, str) and (":" in value or "." in value):
         value = import_object(value)
     return value
+
+
+def drops_released_weights(args, plugin_set=None) -> bool:
+    """Whether the colocated loop releases the engines' weights without a host copy: the rollout
+    backend can, and every resume is followed by a full push (``--update-weights-interval 1``, no
+    ``--async``, whose generations may run between pushes)."""
+    return (bool(trait("rollout_backend", getattr(args, "rollout_backend", None), "drops_released_weights", False,
+                       plugin_set))
+            and int(getattr(args, "update_weights_interval", 1) or 1) == 1
+            and not getattr(args, "async_train", False))
 
 
 def train_trait(args, key: str, default: Any = None, plugin_set=None) -> Any:

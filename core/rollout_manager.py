@@ -299,10 +299,15 @@ class RolloutManager:
 
         join(name, address, port, first_rank, world_size, backend=backend)
 
-    def release_memory(self) -> None:
+    def release_memory(self, keep_weights: bool = True) -> None:
         """Colocated GPU runs, before training. Engines that can tell (the embedded one) report what
-        they still hold on the GPU, logged with the next rollout as ``perf/engine_released_left_gib``."""
-        self.engine.release_memory()
+        they still hold on the GPU, logged with the next rollout as ``perf/engine_released_left_gib``.
+        ``keep_weights=False`` (the loop, for a backend with the ``drops_released_weights`` trait, when
+        a full push follows the resume): the engine keeps no host copy of its weights."""
+        if keep_weights:
+            self.engine.release_memory()
+        else:
+            self.engine.release_memory(keep_weights=False)
         report = getattr(self.engine, "gpu_memory_gib", None)
         self._engine_left_gib = report() if report else None
 

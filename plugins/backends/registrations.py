@@ -33,7 +33,7 @@ def plugrl_register_rollout_backends(register):
     register("hf", "plugrl.plugins.backends.hf.engine:HFRolloutEngine",
              requires=("torch", "transformers"), extra="train",
              description="embedded engine: transformers generation in-process, CPU or one GPU",
-             engine_pool="actors")
+             engine_pool="actors", drops_released_weights=True)
     register("sglang", "plugrl.plugins.backends.sglang.engine:SGLangRolloutBackend",
              requires=("sglang_router", "httpx"), extra="sglang",
              description="SGLang servers behind the sglang_router",

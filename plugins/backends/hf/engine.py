@@ -25,7 +25,7 @@ from plugrl.core.gpu_offload import StorageOffload
 from .batch import Request, StopContext
 from .sampling import SamplingParams
 from .scheduler import DecodeScheduler
-from .weights import load_named_tensors
+from .weights import load_named_tensors, missing_parameters
 
 logger = logging.getLogger(__name__)
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # SGLang's release/resume_memory_occupation tags
@@ -63,6 +63,10 @@ def _settle(future: asyncio.Future, result) -> None:
         future.set_exception(result)
     else:
         future.set_result(result)
+
+
+_DROPPED = ("hf engine weights were released without a copy (release_memory(keep_weights=False)); push every "
+            "parameter with update_weights before generating")
 
 
 class HFRolloutEngine:
@@ -114,6 +118,7 @@ class HFRolloutEngine:
         self._weight_version = str(options.get("weight_version", "default"))
         self._released: set[str] = set()
         self._weights_offload = StorageOffload()
+        self._weights_dropped = False  # released with keep_weights=False and no full push since
         generator = torch.Generator(device=self.device)
         generator.manual_seed(int(seed))
         self._generator = generator  # the sampling RNG; checkpointed by state_dict()
@@ -179,6 +184,8 @@ class HFRolloutEngine:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context length {self.context_length}")
         if self._released:
             raise RuntimeError(f"hf engine memory is released ({sorted(self._released)}); call resume_memory() first")
+        if self._weights_dropped:
+            raise RuntimeError(_DROPPED)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
 
@@ -248,29 +255,49 @@ class HFRolloutEngine:
 
     def update_weights(self, named_tensors, version: int | str) -> None:
         """Load HF-named tensors (dict, pairs or buckets; strict names/shapes) between two decode
-        steps and set ``weight_version`` to ``str(version)``."""
+        steps and set ``weight_version`` to ``str(version)``. After ``release_memory(keep_weights=False)``
+        the push must carry every parameter: one that does not is loaded but leaves the engine
+        refusing to generate, and raises naming what is missing."""
         with self._scheduler.exclusive():
-            if "weights" in self._released and self.device.type != "cpu":
+            if "weights" in self._released and self._weights_offload.offloaded:
                 raise RuntimeError("hf engine weights are released; call resume_memory(['weights']) before updating them")
-            load_named_tensors(self.model, named_tensors)
+            written = set() if self._weights_dropped else None
+            load_named_tensors(self.model, named_tensors, written)
             self._weight_version = str(version)
+            if written is not None:
+                missing = missing_parameters(self.model, written)
+                if missing:
+                    raise RuntimeError(
+                        f"hf engine: this push after release_memory(keep_weights=False) lacks {len(missing)} "
+                        f"parameter(s), e.g. {missing[:3]}; their values were dropped at the release, so the engine "
+                        "will not generate until a push carries every parameter")
+                self._weights_dropped = False
 
-    def release_memory(self, tags=None) -> None:
+    def release_memory(self, tags=None, *, keep_weights: bool = True) -> None:
         """Colocated training: free the GPU. ``weights`` frees the model's GPU memory and keeps a host
         copy (a no-op on CPU); ``kv_cache``/``cuda_graph`` free the fast path's slot cache and CUDA
         graphs (the generic path holds nothing between batches). Any tag drops the graphs: they read
         the weights and the cache by address, and both may come back elsewhere (recaptured lazily).
-        Refused while requests are in flight (abort them first, as slime does before releasing)."""
+        Refused while requests are in flight (abort them first, as slime does before releasing).
+
+        ``keep_weights=False`` (the loop, when a full push follows every resume; SGLang's default,
+        which keeps no CPU backup of released weights): the parameters are freed without a host copy
+        (no device-to-host copy now, no host-to-device copy at resume, no pinned host memory) and the
+        engine refuses to generate until a push has carried every parameter. Buffers keep their copy."""
         tags = self._check_tags(tags)
         with self._scheduler.exclusive():  # the decode thread is parked: the load cannot change under us
             load = self._scheduler.load_stats()
             busy = load["num_running"] + load["num_waiting"]
             if busy:
                 raise RuntimeError(f"release_memory with {busy} requests in flight; call abort_all() first")
-            if "weights" in tags and "weights" not in self._released and self.device.type != "cpu":
-                # Freed in place with a host copy (reused pinned buffers, core/gpu_offload.py), so a
-                # resume without a weight push still generates with the same weights.
-                self._weights_offload.offload((t.data, True) for t in (*self.model.parameters(), *self.model.buffers()))
+            if "weights" in tags and "weights" not in self._released and (self.device.type != "cpu" or not keep_weights):
+                # Freed in place (core/gpu_offload.py): with a host copy in reused pinned buffers, so a
+                # resume without a push still generates with the same weights, or without one.
+                params = {t.untyped_storage()._cdata for t in self.model.parameters()}
+                self._weights_offload.offload(
+                    (t.data, keep_weights or t.untyped_storage()._cdata not in params)
+                    for t in (*self.model.parameters(), *self.model.buffers()))
+                self._weights_dropped = not keep_weights
             fast = self._scheduler.fast
             if fast is not None:
                 if "kv_cache" in tags:
@@ -291,8 +318,8 @@ class HFRolloutEngine:
         """Undo ``release_memory`` for ``tags`` (all by default); generation needs every tag back."""
         tags = self._check_tags(tags)
         with self._scheduler.exclusive():
-            if "weights" in tags and "weights" in self._released and self.device.type != "cpu":
-                self._weights_offload.onload()
+            if "weights" in tags and "weights" in self._released and self._weights_offload.offloaded:
+                self._weights_offload.onload()  # dropped parameters come back zero-filled, awaiting a push
             self._released -= set(tags)
 
     @staticmethod
@@ -311,6 +338,8 @@ class HFRolloutEngine:
         for seq, n in zip(sequences, response_lengths):
             if not 0 <= n < len(seq):
                 raise ValueError(f"response length {n} does not fit a sequence of {len(seq)} tokens")
+        if self._weights_dropped:
+            raise RuntimeError(_DROPPED)
         out = []
         with self._scheduler.exclusive(), self._forward_context(), torch.inference_mode():
             device = next(self.model.parameters()).device

@@ -14,6 +14,7 @@ it joined: ``join_weight_group``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -57,8 +58,8 @@ class _EngineActor:
 
         await asyncio.to_thread(join, name, address, port, rank, world_size, backend=backend)
 
-    async def call(self, method: str, *args) -> Any:
-        return await asyncio.to_thread(getattr(self.engine, method), *args)
+    async def call(self, method: str, *args, **kwargs) -> Any:
+        return await asyncio.to_thread(functools.partial(getattr(self.engine, method), *args, **kwargs))
 
 
 class HFEnginePool:
@@ -93,10 +94,10 @@ class HFEnginePool:
     def __len__(self) -> int:
         return len(self.actors)
 
-    def _all(self, method: str, *args) -> list:
+    def _all(self, method: str, *args, **kwargs) -> list:
         import ray
 
-        return ray.get([actor.call.remote(method, *args) for actor in self.actors])
+        return ray.get([actor.call.remote(method, *args, **kwargs) for actor in self.actors])
 
     # ---- generation (on the rollout manager's event loop) ------------------------------------------
     async def generate(self, input_ids: list[int], sampling_params: dict) -> dict:
@@ -152,8 +153,8 @@ class HFEnginePool:
         ray.get([actor.join_weight_group.remote(name, address, port, first_rank + i, world_size, backend)
                  for i, actor in enumerate(self.actors)])
 
-    def release_memory(self, tags=None) -> None:
-        self._all("release_memory", tags)
+    def release_memory(self, tags=None, *, keep_weights: bool = True) -> None:
+        self._all("release_memory", tags, keep_weights=keep_weights)
 
     def resume_memory(self, tags=None) -> None:
         self._all("resume_memory", tags)

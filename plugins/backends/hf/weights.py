@@ -51,7 +51,7 @@ def _check(targets: Mapping[str, torch.Tensor], name: str, shape) -> None:
         )
 
 
-def load_weight_stream(model: torch.nn.Module, stream: Any) -> int:
+def load_weight_stream(model: torch.nn.Module, stream: Any, written_storages: set | None = None) -> int:
     """Load a streamed push (see the module docstring); returns how many tensors were copied.
 
     Every name and shape is checked before the first copy (a refused stream tells its sender, so
@@ -77,18 +77,21 @@ def load_weight_stream(model: torch.nn.Module, stream: Any) -> int:
                     continue
                 target.copy_(tensor)
                 written[target.data_ptr()] = name
+                if written_storages is not None:
+                    written_storages.add(target.untyped_storage()._cdata)
                 count += 1
     return count
 
 
-def load_named_tensors(model: torch.nn.Module, named_tensors: Any) -> int:
+def load_named_tensors(model: torch.nn.Module, named_tensors: Any, written_storages: set | None = None) -> int:
     """Copy the tensors into ``model`` (strict names and shapes); returns how many were copied.
+    ``written_storages``: a set that receives the storage of every tensor written (``missing_parameters``).
 
     Tied embeddings: ``model.state_dict()`` lists ``lm_head.weight`` and ``model.embed_tokens.weight``
     as one storage, so either name (or both, if equal) updates both.
     """
     if getattr(named_tensors, "is_weight_stream", False):
-        return load_weight_stream(model, named_tensors)
+        return load_weight_stream(model, named_tensors, written_storages)
     pairs = flatten_named_tensors(named_tensors)
     targets = model.state_dict()
     by_storage: dict[int, tuple[str, torch.Tensor]] = {}
@@ -104,4 +107,12 @@ def load_named_tensors(model: torch.nn.Module, named_tensors: Any) -> int:
     with torch.no_grad():
         for name, tensor in pairs:
             targets[name].copy_(tensor)
+            if written_storages is not None:
+                written_storages.add(targets[name].untyped_storage()._cdata)
     return len(pairs)
+
+
+def missing_parameters(model: torch.nn.Module, written_storages: set) -> list[str]:
+    """Parameters whose storage no push wrote (a tied parameter counts as written through its twin)."""
+    return [name for name, param in model.named_parameters(remove_duplicate=False)
+            if param.untyped_storage()._cdata not in written_storages]
