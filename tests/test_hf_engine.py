@@ -334,6 +334,43 @@ def test_release_and_resume_memory(fresh_engine):
     assert len(run(gen())["tokens"]) == 2
 
 
+def test_release_without_a_weight_copy_needs_a_full_push(fresh_engine):
+    """release_memory(keep_weights=False), what the colocated loop asks for when a full push follows
+    every resume: nothing of the parameters is kept (on CPU too, so it is testable here; the params are
+    cloned first because a checkpoint loaded on CPU may be memory-mapped), the engine refuses to
+    generate or score until a push has carried every parameter (a partial one says what is missing),
+    and after the full push it generates exactly as before the release."""
+    eng = fresh_engine
+    with torch.no_grad():
+        for param in eng.model.parameters():
+            param.data = param.data.clone()
+    weights = {name: tensor.clone() for name, tensor in eng.model.state_dict().items()}
+    before = eng.log_probs_of([prompt_of(1, 8)], [4])
+
+    eng.release_memory(keep_weights=False)
+    assert eng._weights_offload.host_buffer_bytes() < 4096  # buffers only (rotary frequencies), no parameters
+    assert all(p.untyped_storage().nbytes() == 0 for p in eng.model.parameters())
+    eng.resume_memory()
+    assert all(float(p.detach().abs().sum()) == 0.0 for p in eng.model.parameters())  # zero-filled until the push
+    with pytest.raises(RuntimeError, match="without a copy"):
+        run(eng.generate([5, 6], {"max_new_tokens": 2}))
+    with pytest.raises(RuntimeError, match="without a copy"):
+        eng.log_probs_of([prompt_of(1, 8)], [4])
+    partial = {k: v for k, v in weights.items() if k != "model.norm.weight"}
+    with pytest.raises(RuntimeError, match=r"lacks 1 parameter\(s\), e.g. \['model.norm.weight'\]"):
+        eng.update_weights(partial, 1)
+    with pytest.raises(RuntimeError, match="without a copy"):
+        run(eng.generate([5, 6], {"max_new_tokens": 2}))
+    eng.update_weights(weights, 2)
+    assert eng.weight_version == "2"
+    assert eng.log_probs_of([prompt_of(1, 8)], [4]) == before
+    assert len(run(eng.generate([5, 6], {"max_new_tokens": 2, "ignore_eos": True}))["tokens"]) == 2
+    # the default keeps the weights: no push needed after the resume
+    eng.release_memory()
+    eng.resume_memory()
+    assert eng.log_probs_of([prompt_of(1, 8)], [4]) == before
+
+
 def test_sampling_params_follow_sglang(engine):
     slime_default = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": 8, "stop": None,
                      "stop_token_ids": None, "skip_special_tokens": False, "no_stop_trim": True,

@@ -85,6 +85,34 @@ def test_4b_recipe_on_one_gpu_plan(tmp_path):
     assert host_memory_problem(plan, args) is None
 
 
+def test_engine_weights_are_planned_on_the_host_only_when_kept(tmp_path):
+    """The embedded hf engine drops its released weights when a full push follows every resume
+    (core/plugin_traits.drops_released_weights): no host copy in the plan. Pushing every 2 rollouts,
+    under --async or with SGLang (which declares no such trait here), the per-tensor bf16 copy is planned."""
+    from plugrl.core.plugin_traits import drops_released_weights
+
+    shape = ModelShape.from_config(QWEN3_4B)
+    copy_gib = shape.pinned_copies("hf", 2, 1) / GIB
+
+    def engine_item(args):
+        plan = plan_memory(args, colocated=True, node_bytes=128 * GIB)
+        return plan, [gib for what, gib in plan.host_items if what.startswith("engine weights")]
+
+    dropped = recipe_args(tmp_path, "--rollout-backend", "hf")
+    assert drops_released_weights(dropped)
+    plan_dropped, item = engine_item(dropped)
+    assert item == [0.0]
+    for extra in (("--update-weights-interval", "2"), ("--async",)):
+        kept = recipe_args(tmp_path, "--rollout-backend", "hf", *extra)
+        assert not drops_released_weights(kept)
+        plan_kept, item = engine_item(kept)
+        assert item == [pytest.approx(copy_gib)]
+    assert plan_kept.host_gib - plan_dropped.host_gib == pytest.approx(copy_gib)  # the only difference
+    sglang = recipe_args(tmp_path)  # the recipe's own rollout backend
+    assert not drops_released_weights(sglang)
+    assert engine_item(sglang)[1] == [pytest.approx(copy_gib)]
+
+
 def test_a_plan_that_cannot_fit_names_the_flags(tmp_path):
     args = recipe_args(tmp_path)
     problem = host_memory_problem(plan_memory(args, colocated=True, node_bytes=64 * GIB), args)
