@@ -79,7 +79,8 @@ case "$phase" in
       python benchmarks/recipe_report.py "$run_dir" 2>&1 | tail -4
       python - "$run_dir/metrics.jsonl" <<'PY'
 import json, sys
-keys = ["perf/step_time", "perf/generate_time", "perf/train_time", "perf/weight_sync_time", "perf/offload_time",
+keys = ["perf/step_time", "perf/generate_time", "perf/train_time", "perf/train_log_probs_time", "perf/train_update_time",
+        "perf/weight_sync_time", "perf/offload_time",
         "perf/engine_generated_tokens", "perf/engine_decode_steps", "perf/engine_prefill_s",
         "perf/engine_decode_launch_s", "perf/engine_decode_wait_s", "perf/engine_decode_host_s",
         "train/train_rollout_logprob_abs_diff", "perf/host_mem_peak_gib", "perf/host_mem_plan_gib"]

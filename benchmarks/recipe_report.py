@@ -9,7 +9,10 @@ lines). Medians skip the first rollout (start-up, first pinned allocations, warm
 Train tokens/s per GPU = ``train/tokens`` / ``perf/train_time`` / train GPUs. ``perf/train_time`` is
 the whole train phase: the old-policy (and reference) log-prob forwards as well as the update, so
 MFU here counts 6·N FLOPs per trained token and understates the FLOPs the GPUs do (each extra
-forward is another 2·N).
+forward is another 2·N). The train backends also log the two parts of the phase,
+``perf/train_log_probs_time`` (the old-policy and reference forwards) and ``perf/train_update_time`` (forward,
+backward and optimizer steps); "update MFU" is 6·N per token over the update time alone, the
+quantity ``benchmarks/train_throughput.py`` reports, so the two can be compared.
 
     python benchmarks/recipe_report.py RUN_DIR [RUN_DIR ...] [--peak-tflops 989]
 """
@@ -79,20 +82,31 @@ def summarize(run_dir: Path, *, n_params: int | None = None, peak_flops: float =
     per_gpu = [float(r["train/tokens"]) / float(r["perf/train_time"]) / train_gpus for r in rows]
     result["train_tokens_per_gpu_s"] = statistics.median(per_gpu)
     result["mfu"] = 6 * n_params * result["train_tokens_per_gpu_s"] / peak_flops
+    # the updates alone (perf/train_update_time, logged by the train backends): what train_throughput.py times
+    if all(float(r.get("perf/train_update_time", 0.0)) > 0 for r in rows):
+        update = [float(r["train/tokens"]) / float(r["perf/train_update_time"]) / train_gpus for r in rows]
+        result["update_mfu"] = 6 * n_params * statistics.median(update) / peak_flops
+        result["log_probs"] = median("perf/train_log_probs_time")
+        result["update"] = median("perf/train_update_time")
+    else:  # runs from revisions before the split
+        result["update_mfu"] = result["log_probs"] = result["update"] = None
     result["peak_gib"] = peak_memory_gib(run_dir / "smi.csv")
     return result
 
 
 def format_table(results: list[dict]) -> str:
     header = ("| run | placement | train GPUs | TP | steps | step s | rollout | train | weight sync | offload "
-              "| save | other | train tok/s/GPU | MFU (6N) | peak GiB per GPU |")
+              "| save | other | train tok/s/GPU | MFU (6N) | train: log-probs / update s | update MFU (6N) "
+              "| peak GiB per GPU |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for r in results:
         peak = " ".join(f"{r['peak_gib'][i]:.1f}" for i in sorted(r["peak_gib"])) or "-"
+        split = f"{r['log_probs']:.2f} / {r['update']:.2f}" if r.get("update") is not None else "-"
+        update_mfu = f"{r['update_mfu']:.1%}" if r.get("update_mfu") is not None else "-"
         lines.append(f"| {r['run']} | {r['placement']} | {r['train_gpus']} | {r['tp']} | {r['steps']} | {r['step']:.2f} "
                      f"| {r['rollout']:.2f} | {r['train']:.2f} | {r['weight_sync']:.2f} | {r['offload']:.2f} "
                      f"| {r['save']:.2f} | {r['other']:.2f} | {r['train_tokens_per_gpu_s']:,.0f} | {r['mfu']:.1%} "
-                     f"| {peak} |")
+                     f"| {split} | {update_mfu} | {peak} |")
     return "\n".join(lines)
 
 

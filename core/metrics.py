@@ -33,7 +33,11 @@ Metric names the console line and the report know about (producers use these nam
   data). From the driver loop (``core/loop.py`` says what each covers): ``perf/wait_rollout_time``,
   ``perf/train_time``, ``perf/weight_sync_time``, ``perf/eval_time`` (rollouts with an eval),
   ``perf/offload_time`` (colocated GPU runs), ``perf/save_time`` (colocated GPU runs, the trainer's
-  part of a due checkpoint), ``perf/step_time`` (the whole rollout).
+  part of a due checkpoint), ``perf/step_time`` (the whole rollout). From the train backends (rank 0,
+  GPU-synchronised), the two parts of ``perf/train_time``: ``perf/train_log_probs_time`` (old-policy
+  and reference forwards) and ``perf/train_update_time`` (forward, backward, optimizer). With the
+  embedded ``hf`` engine, ``perf/engine_*``: its decode steps, prefill forwards and generated tokens in the rollout, and the
+  decode thread's seconds in prefill, decode launches, waiting for the GPU and per-row host work.
   ``benchmarks/step_breakdown.py`` turns them into a per-phase table.
 """
 

@@ -27,7 +27,8 @@ def _run_dir(tmp_path, *, colocate=True, gpus=8, tp=2, checkpoint="unused"):
             (22.0, 11.0, 4.0, 3.0, 1.0, 0.0, 320_000)]):
         rows.append({"phase": "train", "rollout_id": rid, "perf/step_time": step, "perf/rollout_time": roll,
                      "perf/train_time": train, "perf/weight_sync_time": sync, "perf/offload_time": off,
-                     "perf/save_time": save, "train/tokens": tokens})
+                     "perf/save_time": save, "train/tokens": tokens, "perf/train_log_probs_time": train / 5,
+                     "perf/train_update_time": train * 4 / 5})
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (run / "smi.csv").write_text("0, 1024 MiB\n1, 2048 MiB\n0, 40960 MiB\nnot a line\n1, 512 MiB\n")
     return run
@@ -44,8 +45,23 @@ def test_summary_medians_throughput_and_memory(tmp_path):
     assert result["train_tokens_per_gpu_s"] == pytest.approx(10_000)
     assert result["mfu"] == pytest.approx(6 * 4e9 * 10_000 / 1e15)
     assert result["peak_gib"] == {0: 40.0, 1: 2.0}
+    # the updates took 4/5 of each train phase: 12,500 tokens per GPU-second
+    assert result["update_mfu"] == pytest.approx(6 * 4e9 * 12_500 / 1e15)
+    assert result["log_probs"] == pytest.approx(1.0) and result["update"] == pytest.approx(4.0)
     table = recipe_report.format_table([result])
     assert "| colocated-tp2 | colocated | 8 | 2 | 3 | 22.00 |" in table and "40.0 2.0" in table
+    assert "| 1.00 / 4.00 | 30.0% |" in table
+
+
+def test_runs_without_the_train_split_still_report(tmp_path):
+    run = _run_dir(tmp_path)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("perf/train_update_time", None)
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = recipe_report.summarize(run, n_params=4_000_000_000, peak_flops=1e15)
+    assert result["update_mfu"] is None
+    assert "| - | - |" in recipe_report.format_table([result])
 
 
 def test_parameters_are_counted_without_loading_weights(tmp_path):

@@ -271,7 +271,8 @@ def _check_two_ranks_like_one(ray_cpu, two_ranks, config, tmp_path):
     metrics = two_ranks.train(0, train_data())
     assert set(metrics) == set(expected_metrics)
     for key, value in expected_metrics.items():
-        assert metrics[key] == pytest.approx(value, abs=1e-5), key
+        if not key.startswith("perf/"):  # wall-clock timers differ between any two runs
+            assert metrics[key] == pytest.approx(value, abs=1e-5), key
     assert abs(expected_metrics["train/pg_loss"]) > 1e-3 and expected_metrics["train/grad_norm"] > 0.0
     expected = single.backend.model.state_dict()
     assert max(float((expected[k] - initial[k]).abs().max()) for k in expected) > 1e-4  # weights did move

@@ -4,6 +4,7 @@ schedule, the offload report, and response log-probs over packed rows."""
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from plugrl.core.types import option as _opt
@@ -13,6 +14,15 @@ def resolve_device(requested: str | None) -> torch.device:
     if requested in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
+
+
+def synced_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once ``device`` has run its queued work (CUDA kernels are asynchronous:
+    a clock read without waiting would charge one phase's kernels to the next). One sync per phase
+    boundary of a train call, so ``perf/train_log_probs_time`` and ``perf/train_update_time`` are the GPU's."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def lr_lambda_factory(args, total_steps: int):

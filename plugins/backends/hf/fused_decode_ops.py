@@ -57,7 +57,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 EAGER = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "qk_norm_rope": qk_norm_rope, "silu_mul": silu_mul}
 
-GROUP = CompileGroup("hf engine: compiling the fused decode ops", "engine option compile_decode=False skips the attempt")
+GROUP = CompileGroup("hf engine: compiling the fused decode ops",
+                     "engine option compile_decode=False skips the attempt")
 
 
 @functools.cache

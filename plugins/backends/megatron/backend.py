@@ -36,6 +36,7 @@ from plugrl.plugins.backends.trainer_common import (
     resolve_device,
     response_log_probs,
     response_slices,
+    synced_clock,
 )
 
 from .parallel import dp_group, init_parallel, tp_group
@@ -368,9 +369,13 @@ class MegatronTrainBackend:
                 self.hooks["before_log_prob_hook"](args, [model], "" if which == "old" else "ref_")
             return self._log_probs_all(model, tokens, response_lengths, own_mbs)
 
+        # the log-prob forwards (old policy, reference) and the updates are timed apart: the updates are
+        # what benchmarks/train_throughput.py times, so the recipe's in-loop MFU compares with it
+        started = synced_clock(self.device)
         prepared = prepare_rollout(args, data, self.estimator, self.device, num_steps=len(step_positions),
                                    has_ref=self.ref_model is not None, compute_log_probs=compute_log_probs,
                                    gather=self._gather_over_dp)
+        log_probs_done = synced_clock(self.device)
         self.model.train()
         self.progress = (0, sum(len(step) for step in planned))
 
@@ -395,8 +400,10 @@ class MegatronTrainBackend:
         totals = run_rl_steps(prepared, step_positions, planned, forward=forward, zero_grad=self.optimizer.zero_grad,
                               finish_step=finish_step, loss_multiplier=self.layout.dp_size, before_step=before_step,
                               on_micro_batch=self._count_micro_batch)
+        update_time = synced_clock(self.device) - log_probs_done
         totals.update(getattr(self, "offload_report", {}))
-        return {f"train/{k}": v for k, v in totals.items()}
+        return {**{f"train/{k}": v for k, v in totals.items()},
+                "perf/train_log_probs_time": log_probs_done - started, "perf/train_update_time": update_time}
 
     def _count_micro_batch(self) -> None:
         self.progress = (self.progress[0] + 1, self.progress[1])

@@ -42,6 +42,7 @@ from ..trainer_common import (  # noqa: F401 - resolve_device and friends stay i
     resolve_device,
     response_log_probs,
     response_slices,
+    synced_clock,
 )
 
 logger = logging.getLogger(__name__)
@@ -296,9 +297,13 @@ class TorchTrainBackend:
             model = self.model if which == "old" else self.ref_model
             return self._log_probs_all(model, tokens, response_lengths, own_mbs)
 
+        # the log-prob forwards (old policy, reference) and the updates are timed apart: the updates are
+        # what benchmarks/train_throughput.py times, so the recipe's in-loop MFU compares with it
+        started = synced_clock(self.device)
         prepared = prepare_rollout(args, data, self.estimator, self.device, num_steps=len(step_positions),
                                    has_ref=self.ref_model is not None, compute_log_probs=compute_log_probs,
                                    gather=self._all_gather_samples)
+        log_probs_done = synced_clock(self.device)
         self.model.train()
         planned = [self._micro_batches(share, lengths) for share in step_shares]
         self.progress = (0, sum(len(p) for p in planned))
@@ -321,8 +326,10 @@ class TorchTrainBackend:
         totals = run_rl_steps(prepared, step_positions, planned, forward=forward,
                               zero_grad=lambda: self.optimizer.zero_grad(set_to_none=True), finish_step=finish_step,
                               on_micro_batch=self._count_micro_batch)
+        update_time = synced_clock(self.device) - log_probs_done
         totals.update(getattr(self, "offload_report", {}))
-        return {f"train/{k}": v for k, v in totals.items()}
+        return {**{f"train/{k}": v for k, v in totals.items()},
+                "perf/train_log_probs_time": log_probs_done - started, "perf/train_update_time": update_time}
 
     def _count_micro_batch(self) -> None:
         self.progress = (self.progress[0] + 1, self.progress[1])
