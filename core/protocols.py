@@ -158,7 +158,9 @@ class RolloutEngine(Protocol):
         """HF-named tensors (dict, pairs or buckets) between two decode steps; sets ``weight_version``."""
 
     def release_memory(self, tags: Sequence[str] | None = None) -> None:
-        """Colocated GPU runs, before training: free ``tags`` (None: all of weights, kv_cache, cuda_graph)."""
+        """Colocated GPU runs, before training: free ``tags`` (None: all of weights, kv_cache, cuda_graph).
+        A backend declaring the ``drops_released_weights`` trait also takes ``keep_weights=False``: free
+        the weights without a copy, a full push follows the resume (``core/plugin_traits.py``)."""
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> None:
         """After training: ``["weights"]`` before the push, then ``["kv_cache", "cuda_graph"]``."""

@@ -357,11 +357,12 @@ def test_release_without_a_weight_copy_needs_a_full_push(fresh_engine):
     with pytest.raises(RuntimeError, match="without a copy"):
         eng.log_probs_of([prompt_of(1, 8)], [4])
     partial = {k: v for k, v in weights.items() if k != "model.norm.weight"}
-    with pytest.raises(RuntimeError, match=r"lacks 1 parameter\(s\), e.g. \['model.norm.weight'\]"):
+    with pytest.raises(RuntimeError, match=r"lack 1 parameter\(s\), e.g. \['model.norm.weight'\]"):
         eng.update_weights(partial, 1)
+    assert eng.weight_version == "default"  # a refused push does not announce a new version
     with pytest.raises(RuntimeError, match="without a copy"):
         run(eng.generate([5, 6], {"max_new_tokens": 2}))
-    eng.update_weights(weights, 2)
+    eng.update_weights({"model.norm.weight": weights["model.norm.weight"]}, 2)  # the rest, in a second call
     assert eng.weight_version == "2"
     assert eng.log_probs_of([prompt_of(1, 8)], [4]) == before
     assert len(run(eng.generate([5, 6], {"max_new_tokens": 2, "ignore_eos": True}))["tokens"]) == 2
@@ -369,6 +370,23 @@ def test_release_without_a_weight_copy_needs_a_full_push(fresh_engine):
     eng.release_memory()
     eng.resume_memory()
     assert eng.log_probs_of([prompt_of(1, 8)], [4]) == before
+    # a release with a copy after a drop without a push still knows the weights are gone
+    eng.release_memory(keep_weights=False)
+    eng.resume_memory()
+    eng.release_memory()
+    eng.resume_memory()
+    with pytest.raises(RuntimeError, match="without a copy"):
+        eng.log_probs_of([prompt_of(1, 8)], [4])
+
+
+def test_release_without_a_copy_of_memory_mapped_cpu_weights_is_a_no_op(fresh_engine):
+    """On CPU a checkpoint may be memory-mapped (not resizable): nothing is freed, nothing is lost."""
+    before = fresh_engine.log_probs_of([prompt_of(1, 8)], [4])
+    if all(p.untyped_storage().resizable() for p in fresh_engine.model.parameters()):
+        pytest.skip("this transformers build loaded the checkpoint into owned memory")
+    fresh_engine.release_memory(keep_weights=False)
+    fresh_engine.resume_memory()
+    assert fresh_engine.log_probs_of([prompt_of(1, 8)], [4]) == before
 
 
 def test_sampling_params_follow_sglang(engine):

@@ -119,6 +119,7 @@ class HFRolloutEngine:
         self._released: set[str] = set()
         self._weights_offload = StorageOffload()
         self._weights_dropped = False  # released with keep_weights=False and no full push since
+        self._written_since_drop: set = set()  # parameter storages pushed since that release
         generator = torch.Generator(device=self.device)
         generator.manual_seed(int(seed))
         self._generator = generator  # the sampling RNG; checkpointed by state_dict()
@@ -261,17 +262,18 @@ class HFRolloutEngine:
         with self._scheduler.exclusive():
             if "weights" in self._released and self._weights_offload.offloaded:
                 raise RuntimeError("hf engine weights are released; call resume_memory(['weights']) before updating them")
-            written = set() if self._weights_dropped else None
+            # parameters written since the drop, kept across calls: a push may come in several calls
+            written = self._written_since_drop if self._weights_dropped else None
             load_named_tensors(self.model, named_tensors, written)
-            self._weight_version = str(version)
             if written is not None:
                 missing = missing_parameters(self.model, written)
                 if missing:
                     raise RuntimeError(
-                        f"hf engine: this push after release_memory(keep_weights=False) lacks {len(missing)} "
+                        f"hf engine: after release_memory(keep_weights=False), pushes so far lack {len(missing)} "
                         f"parameter(s), e.g. {missing[:3]}; their values were dropped at the release, so the engine "
-                        "will not generate until a push carries every parameter")
+                        "will not generate until pushes have carried every parameter")
                 self._weights_dropped = False
+            self._weight_version = str(version)
 
     def release_memory(self, tags=None, *, keep_weights: bool = True) -> None:
         """Colocated training: free the GPU. ``weights`` frees the model's GPU memory and keeps a host
@@ -290,14 +292,19 @@ class HFRolloutEngine:
             busy = load["num_running"] + load["num_waiting"]
             if busy:
                 raise RuntimeError(f"release_memory with {busy} requests in flight; call abort_all() first")
-            if "weights" in tags and "weights" not in self._released and (self.device.type != "cpu" or not keep_weights):
+            # on CPU only a drop frees anything, and only weights that own their memory (a checkpoint
+            # loaded on CPU may be memory-mapped: then the release stays a no-op, as with a copy)
+            drop_on_cpu = not keep_weights and all(p.untyped_storage().resizable() for p in self.model.parameters())
+            if "weights" in tags and "weights" not in self._released and (self.device.type != "cpu" or drop_on_cpu):
                 # Freed in place (core/gpu_offload.py): with a host copy in reused pinned buffers, so a
                 # resume without a push still generates with the same weights, or without one.
                 params = {t.untyped_storage()._cdata for t in self.model.parameters()}
                 self._weights_offload.offload(
                     (t.data, keep_weights or t.untyped_storage()._cdata not in params)
                     for t in (*self.model.parameters(), *self.model.buffers()))
-                self._weights_dropped = not keep_weights
+                if not keep_weights:  # a later release with a copy must not forget that these are gone
+                    self._weights_dropped = True
+                    self._written_since_drop = set()
             fast = self._scheduler.fast
             if fast is not None:
                 if "kv_cache" in tags:
