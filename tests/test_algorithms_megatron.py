@@ -49,7 +49,8 @@ def test_megatron_step_equals_the_torch_backend(checkpoint, name):  # noqa: F811
     got = backend.train(0, data)
     assert set(got) >= {k for k in expected if k.startswith("train/") and k != "train/tokens"} - {"train/lr"}
     for key, value in expected.items():
-        if key in got and isinstance(value, float) and key not in ("train/lr",):
+        # perf/ keys are wall-clock timers: they differ run to run
+        if key in got and isinstance(value, float) and key != "train/lr" and not key.startswith("perf/"):
             assert got[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
     if name == "cispo":
         assert expected["train/pg_clipfrac"] > 0  # the second step's ratios left the band
