@@ -135,8 +135,9 @@ class PlacementPlan:
 
 class RolloutEngine(Protocol):
     """One generation engine (embedded ``hf``, its GPU pool, or SGLang servers): every call the
-    rollout manager makes. Built as ``cls(hf_checkpoint, *, device, seed, max_batch_size)``; the
-    methods in ``OPTIONAL_METHODS`` are looked up and skipped when absent."""
+    rollout manager makes. Built as ``cls(hf_checkpoint, *, device, seed, max_batch_size)``, plus
+    ``args=`` (its ``PluginConfig`` view of the run config, with its own flags) when the class sets
+    ``accepts_run_config``; the methods in ``OPTIONAL_METHODS`` are looked up and skipped when absent."""
 
     OPTIONAL_METHODS: ClassVar[tuple[str, ...]] = (
         "state_dict", "load_state_dict", "gpu_memory_gib", "update_weights_from_ref", "close",

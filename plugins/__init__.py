@@ -35,6 +35,7 @@ BUILTIN_MODULES = (
     "plugrl.plugins.placements.placement",
     "plugrl.plugins.backends.registrations",
     "plugrl.plugins.backends.torch.options",
+    "plugrl.plugins.backends.hf.options",
     "plugrl.plugins.backends.megatron.options",
     "plugrl.plugins.backends.megatron.bridge",
     "plugrl.plugins.backends.sglang.options",

@@ -8,6 +8,7 @@ model, how its engines start, the embedded default run); ``plugrl.core.plugin_tr
 from plugrl.core import hookimpl
 
 from . import megatron_options, sglang_options
+from .hf import options as hf_options
 from .torch import options as torch_options
 
 TINY = "plugrl.plugins.backends.torch.tiny_default"
@@ -33,7 +34,7 @@ def plugrl_register_rollout_backends(register):
     register("hf", "plugrl.plugins.backends.hf.engine:HFRolloutEngine",
              requires=("torch", "transformers"), extra="train",
              description="embedded engine: transformers generation in-process, CPU or one GPU",
-             engine_pool="actors", drops_released_weights=True)
+             check=hf_options.backend_problems, engine_pool="actors", drops_released_weights=True)
     register("sglang", "plugrl.plugins.backends.sglang.engine:SGLangRolloutBackend",
              requires=("sglang_router", "httpx"), extra="sglang",
              description="SGLang servers behind the sglang_router",

@@ -81,13 +81,22 @@ class HFRolloutEngine:
     CUDA graphs), ``decode_attention`` (the fast path's attention over the slot cache: ``sdpa``
     (default), ``matmul`` or ``flash`` (CUDA, 16-bit); ``decode_attention.py``), ``compile_decode``
     (``"auto"``, the default, = on CUDA; True/False: the fast path's norms, RoPE, residual adds and
-    SiLU as compiled fused kernels, ``fused_decode_ops.py``). ``decode_path`` says which path runs."""
+    SiLU as compiled fused kernels, ``fused_decode_ops.py``). ``decode_path`` says which path runs.
+    ``args``: the engine's view of the run config (the rollout manager passes it); its ``--hf-*`` flags
+    (``options.py``) become options, and options given by name win over them."""
+
+    accepts_run_config = True  # the rollout manager passes args=PluginConfig (its --hf-* flags)
 
     def __init__(self, hf_checkpoint: str, *, device: str | None = None, dtype: str | None = None,
-                 max_batch_size: int = 256, seed: int = 0, attn_implementation: str | None = None, **options):
+                 max_batch_size: int = 256, seed: int = 0, attn_implementation: str | None = None,
+                 args=None, **options):
         import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if args is not None:
+            from .options import engine_options
+
+            options = {**engine_options(args), **options}
         unknown = sorted(set(options) - _OPTIONS)
         if unknown:
             raise TypeError(f"HFRolloutEngine: unknown options {unknown}; known: {sorted(_OPTIONS)}")
@@ -168,7 +177,12 @@ class HFRolloutEngine:
         one Ray actor per bundle (``plugins/backends/hf/pool.py``)."""
         if len(placement["bundles"]) <= 1:
             return cls(hf_checkpoint, **kwargs)
+        from .options import engine_options
         from .pool import HFEnginePool
+
+        args = kwargs.pop("args", None)  # the engine actors get the options its flags set, not the config
+        if args is not None:
+            kwargs = {**engine_options(args), **kwargs}
 
         return HFEnginePool(hf_checkpoint, placement=placement, **kwargs)
 
