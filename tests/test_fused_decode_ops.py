@@ -136,6 +136,36 @@ def test_a_failed_compile_falls_back_to_eager_once_and_says_so(caplog):
         CompileGroup("oom", "-").compile(out_of_memory)(torch.ones(1))
 
 
+def test_the_callers_errors_are_raised_and_do_not_stop_compiling():
+    """A call that fails eagerly too (shapes that do not multiply) raises eager's error; the group has not
+    failed, and the next good call still runs the compiled function."""
+    group = CompileGroup("test: compiling matmul", "-")
+    compiled_calls = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiled_calls.append(len(example_inputs))
+        return graph_module.forward
+
+    fn = group.compile(torch.matmul, backend=counting_backend, dynamic=False)
+    with pytest.raises(RuntimeError, match="cannot be multiplied|size mismatch|shapes"):
+        fn(torch.ones(2, 3), torch.ones(2, 3))
+    assert group.failed == []
+    before = len(compiled_calls)
+    assert fn(torch.ones(2, 3), torch.ones(3, 4)).tolist() == [[3.0] * 4] * 2
+    assert group.failed == [] and len(compiled_calls) > before  # it compiled (and ran) the good call
+
+
+def test_a_backend_that_raises_is_a_compile_failure():
+    group = CompileGroup("test: compiling add", "-")
+
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("inductor could not lower this graph")
+
+    fn = group.compile(lambda x: x + 1, backend=broken_backend)
+    assert fn(torch.zeros(2)).tolist() == [1.0, 1.0]
+    assert len(group.failed) == 1 and "could not lower" in group.failed[0]
+
+
 def test_engine_option_compile_decode(ckpt):
     """compile_decode=True on CPU: the engine's greedy tokens equal the uncompiled engine's; auto is off
     on CPU; a wrong value is refused naming the option."""

@@ -5,6 +5,12 @@ Compiling needs Triton on CUDA or a C++ compiler on CPU, and inductor can fail o
 torch build. A failure must not stop training or generation: the first one is logged once, naming
 the option that skips the attempt, and every function of the same group runs eagerly from then on
 in this process. Out-of-memory is not a compile failure and is re-raised.
+
+Dynamo and inductor raise many exception types, and a compiled call may also fail for the caller's
+own reasons (a wrong shape or dtype). So an exception of the compiled call is judged by running the
+eager function on the same arguments (the functions here are pure): if eager fails too, eager's
+error is the caller's and is raised, and the group keeps compiling; if eager succeeds, compiling
+is what failed.
 """
 
 from __future__ import annotations
@@ -36,11 +42,12 @@ class CompileGroup:
                 return compiled_fn(*args, **kwargs)
             except torch.OutOfMemoryError:
                 raise
-            except Exception as exc:  # torch._dynamo / inductor raise many types; any means "run eagerly"
+            except Exception as exc:
+                result = eager_fn(*args, **kwargs)  # raises when the arguments are at fault, not the compile
                 self.failed.append(f"{type(exc).__name__}: {exc}")
                 logger.warning("%s failed (%s); running them eagerly (%s)", self.what,
                                self.failed[0].splitlines()[0], self.skip_hint)
-                return eager_fn(*args, **kwargs)
+                return result
 
         call.__name__ = getattr(eager_fn, "__name__", "compiled")
         return call
