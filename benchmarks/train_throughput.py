@@ -153,6 +153,10 @@ def worker(opts) -> dict | None:
     if opts.worker == "megatron" and opts.megatron_unfused:
         for flag in ("no_bias_swiglu_fusion", "no_bias_dropout_fusion", "no_rope_fusion", "no_rmsnorm_fusion"):
             setattr(args, flag, True)
+    if opts.worker == "megatron" and opts.megatron_local_grad_ops:
+        from plugrl.plugins.backends.megatron import foreach_grad_ops
+
+        foreach_grad_ops.install_foreach_grad_ops = lambda: []  # the optimizer calls it at construction
     if opts.worker == "megatron" and opts.megatron_set:
         args.megatron_passthrough = dict(setting.split("=", 1) for setting in opts.megatron_set)
     backend = Backend(args, estimator=GRPOEstimator(args))
@@ -180,6 +184,8 @@ def worker(opts) -> dict | None:
         label += f" rc{opts.megatron_recompute.split(':')[1]}"  # that many layers recomputed
     if opts.worker == "megatron" and opts.megatron_unfused:
         label += " unfused"
+    if opts.worker == "megatron" and opts.megatron_local_grad_ops:
+        label += " local-grad-ops"
     if opts.worker == "megatron" and opts.megatron_set:
         label += " +" + ",".join(setting.split("=")[0] for setting in opts.megatron_set)
     result = {"backend": label, "gpus": tp * dp, "params": n_params, "tp": tp, "dp": dp,
@@ -202,6 +208,7 @@ def run_worker(name: str, opts, checkpoint: str) -> dict | None:
            "--megatron-recompute", opts.megatron_recompute, "--top", str(opts.top)] + (["--profile"] if opts.profile else [])
     cmd += [arg for setting in opts.megatron_set for arg in ("--megatron-set", setting)]
     cmd += ["--megatron-unfused"] if opts.megatron_unfused else []
+    cmd += ["--megatron-local-grad-ops"] if opts.megatron_local_grad_ops else []
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # same for every backend
     if ranks > 1:
         with socket.socket() as sock:
@@ -281,6 +288,9 @@ def main() -> None:
     parser.add_argument("--megatron-unfused", action="store_true",
                         help="megatron backend with --no-bias-swiglu-fusion --no-bias-dropout-fusion --no-rope-fusion "
                              "--no-rmsnorm-fusion (the elementwise kernels as megatron-core's local spec runs them)")
+    parser.add_argument("--megatron-local-grad-ops", action="store_true",
+                        help="megatron backend with megatron-core's per-tensor grad-norm / clipping fallbacks "
+                             "instead of foreach_grad_ops.py (where neither TE nor apex is installed)")
     parser.add_argument("--megatron-set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a megatron-core TransformerConfig override for the megatron backend (as the "
                              "--megatron-<field> train flag), e.g. bias_activation_fusion=true; repeatable")

@@ -5,7 +5,8 @@ Built once in each train actor by the backend's constructor, around the megatron
 reduces over DP and, with sequence parallelism, the replicated norm weights over TP).
 
 * CUDA: megatron-core's optimizer (Adam, bf16 params with fp32 main params, ``--use-distributed-
-  optimizer`` shards the fp32 state over DP ranks; on by default as in slime's guide).
+  optimizer`` shards the fp32 state over DP ranks; on by default as in slime's guide). Without TE
+  or apex its grad norm and clipping run on torch's ``_foreach`` kernels (``foreach_grad_ops.py``).
 * CPU: megatron-core's optimizers allocate CUDA buffers, so ``torch.optim.AdamW`` steps the fp32
   params from the same ``main_grad`` buffers; the grad norm and clipping follow Megatron's rules
   (TP-sharded params counted on every TP rank, replicated ones once).
@@ -33,6 +34,9 @@ class MegatronCoreOptimizer:
     def __init__(self, ddp_model, args, *, lr: float, use_distributed_optimizer: bool):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+        from .foreach_grad_ops import install_foreach_grad_ops
+
+        install_foreach_grad_ops()  # grad norm / clipping without per-parameter loops and syncs (no TE, no apex)
         self.ddp_model = ddp_model
         self.config = OptimizerConfig(
             optimizer="adam", lr=lr, min_lr=float(_opt(args, "min_lr", 0.0)),
