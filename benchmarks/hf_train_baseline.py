@@ -36,8 +36,11 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def baseline_worker(name: str, checkpoint: str, tokens: int, samples: int, steps: int, device: str) -> dict:
-    """Warm-up step, then ``steps`` timed steps; the median step time and the peak memory."""
+def baseline_worker(name: str, checkpoint: str, tokens: int, samples: int, steps: int, device: str,
+                    micro_batches: int = 1) -> dict:
+    """Warm-up step, then ``steps`` timed steps; the median step time and the peak memory. A step is
+    ``micro_batches`` forward/backward passes of ``tokens`` tokens (gradients accumulated) and one
+    optimizer step."""
     from transformers import AutoModelForCausalLM
 
     if name not in NAMES:
@@ -57,8 +60,9 @@ def baseline_worker(name: str, checkpoint: str, tokens: int, samples: int, steps
     input_ids = torch.randint(0, model.config.vocab_size, (samples, length), generator=generator).to(device)
 
     def step() -> None:
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
+        for _ in range(micro_batches):
+            loss = model(input_ids=input_ids, labels=input_ids).loss / micro_batches
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -76,6 +80,6 @@ def baseline_worker(name: str, checkpoint: str, tokens: int, samples: int, steps
         times.append(time.perf_counter() - start)
     cuda = device == "cuda"
     return {"backend": name, "gpus": 1, "params": sum(p.numel() for p in model.parameters()),
-            "tokens": samples * length, "step_s": sorted(times)[len(times) // 2],
+            "tokens": samples * length * micro_batches, "step_s": sorted(times)[len(times) // 2],
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
             "device": torch.cuda.get_device_name() if cuda else "cpu", "baseline": True, "state_bytes": state}

@@ -139,7 +139,8 @@ def worker(opts) -> dict | None:
     from plugrl.plugins.estimators.grpo import GRPOEstimator
 
     if opts.worker in BASELINES:
-        return baseline_worker(opts.worker, opts.checkpoint, opts.tokens, opts.samples, opts.steps, opts.device)
+        return baseline_worker(opts.worker, opts.checkpoint, opts.tokens, opts.samples, opts.steps, opts.device,
+                               opts.micro_batches)
     tp = opts.megatron_tp if opts.worker == "megatron" else 1
     dp = opts.megatron_dp if opts.worker == "megatron" else 1
     args = backend_args(opts.checkpoint, opts.worker, opts.tokens, device=opts.device, tp=tp,
@@ -162,8 +163,11 @@ def worker(opts) -> dict | None:
     backend = Backend(args, estimator=GRPOEstimator(args))
     n_params = _model_parameters(backend, opts.worker)
     vocab = backend.cfg.vocab_size if opts.worker == "megatron" else backend.model.config.vocab_size
-    # --tokens per TP group: with DP every data-parallel rank gets its own micro-batch of that size.
-    data = batch(opts.samples * dp, opts.tokens * dp, opts.response, vocab)
+    # --tokens per TP group and micro-batch: with DP every data-parallel rank gets its own micro-batches of
+    # that size; with --micro-batches K, K of them per rank before the one optimizer step (gradient
+    # accumulation, as the recipe's global batch does in the loop).
+    k = opts.micro_batches * dp
+    data = batch(opts.samples * k, opts.tokens * k, opts.response, vocab)
     tokens = sum(len(t) for t in data["tokens"])
     backend.train(0, data)  # warm-up
     _sync(opts.device)
@@ -186,12 +190,15 @@ def worker(opts) -> dict | None:
         label += " unfused"
     if opts.worker == "megatron" and opts.megatron_local_grad_ops:
         label += " local-grad-ops"
+    if opts.micro_batches > 1:
+        label += f" x{opts.micro_batches}mb"
     if opts.worker == "megatron" and opts.megatron_set:
         label += " +" + ",".join(setting.split("=")[0] for setting in opts.megatron_set)
     result = {"backend": label, "gpus": tp * dp, "params": n_params, "tp": tp, "dp": dp,
               "tokens": tokens, "step_s": sorted(times)[len(times) // 2],
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-              "device": torch.cuda.get_device_name() if cuda else "cpu", "state_bytes": state}
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "state_bytes": state,
+              "micro_batches": backend.progress[1]}  # this rank's micro-batches in the last train() call
     if opts.profile and cuda:
         result["profile"] = profile_cuda(lambda: (backend.train(99, data), torch.cuda.synchronize()), top=opts.top)
     return result if int(os.environ.get("RANK", "0")) == 0 else None
@@ -204,7 +211,8 @@ def run_worker(name: str, opts, checkpoint: str) -> dict | None:
     ranks = opts.megatron_tp * opts.megatron_dp if name == "megatron" else 1
     cmd = [sys.executable, __file__, "--worker", name, "--checkpoint", checkpoint, "--tokens", str(opts.tokens),
            "--samples", str(opts.samples), "--response", str(opts.response), "--steps", str(opts.steps),
-           "--device", opts.device, "--megatron-tp", str(opts.megatron_tp), "--megatron-dp", str(opts.megatron_dp),
+           "--micro-batches", str(opts.micro_batches), "--device", opts.device,
+           "--megatron-tp", str(opts.megatron_tp), "--megatron-dp", str(opts.megatron_dp),
            "--megatron-recompute", opts.megatron_recompute, "--top", str(opts.top)] + (["--profile"] if opts.profile else [])
     cmd += [arg for setting in opts.megatron_set for arg in ("--megatron-set", setting)]
     cmd += ["--megatron-unfused"] if opts.megatron_unfused else []
@@ -280,6 +288,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="sequences packed into the micro-batch")
     parser.add_argument("--response", type=int, default=1024, help="response tokens per sequence")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--micro-batches", type=int, default=1, metavar="K",
+                        help="micro-batches of --tokens per optimizer step (gradients accumulated), for every row; "
+                             "the recipe's loop accumulates a whole global batch, so its in-loop MFU compares "
+                             "with K > 1")
     parser.add_argument("--backends", default="transformers,transformers+liger,torch,megatron",
                         help="rows to run, in order: the baselines " + ", ".join(BASELINES)
                         + ", then torch, torch-fused, torch-full-logits, torch-eager-slices, torch-no-liger, megatron")
@@ -312,6 +324,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.micro_batches < 1:
+        parser.error(f"--micro-batches {opts.micro_batches}: must be >= 1")
     if opts.megatron_recompute not in ("full", "none") and not (
             opts.megatron_recompute.startswith("block:") and opts.megatron_recompute[6:].isdigit()):
         parser.error(f"--megatron-recompute {opts.megatron_recompute!r}: use full, none or block:N")
@@ -329,8 +343,9 @@ def main() -> None:
         Path(opts.json).write_text(json.dumps(results, indent=1))
     peak = peak_flops() if opts.device == "cuda" else float("nan")
     device = torch.cuda.get_device_name() if opts.device == "cuda" else "cpu (smoke run)"
-    print(f"\ndevice: {device}; model {opts.model}; {opts.tokens} tokens/step "
-          f"({opts.samples} x {opts.tokens // opts.samples}), GRPO step incl. optimizer; per GPU = per process")
+    print(f"\ndevice: {device}; model {opts.model}; {opts.micro_batches} x {opts.tokens} tokens/step "
+          f"(micro-batches of {opts.samples} x {opts.tokens // opts.samples}), GRPO step incl. optimizer; "
+          "per GPU = per process")
     print(f"{'backend':<20}{'GPUs':>5}{'params':>10}{'step s':>9}{'tok/s/GPU':>11}{'MFU(6N)':>9}{'peak GiB':>10}"
           f"{'vs best baseline':>18}")
     per_gpu = {r["backend"]: r["tokens"] / r["step_s"] / r["gpus"] for r in results}

@@ -60,3 +60,19 @@ def test_train_throughput_data_parallel_with_a_cached_checkpoint(tmp_path):
     assert row["backend"] == "megatron tp1 dp2" and row["gpus"] == 2
     assert row["tokens"] == 2 * 256  # one micro-batch of --tokens per DP rank
     assert weights.stat().st_mtime_ns == built and sorted(p.name for p in cache.iterdir()) == ["tiny"]
+
+
+def test_train_throughput_accumulates_micro_batches_into_one_step(tmp_path):
+    """``--micro-batches 3``: every row trains 3 micro-batches of --tokens per optimizer step (the
+    backend's own micro-batch count, not the script's arithmetic) and counts all their tokens."""
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny", "--device", "cpu", "--tokens", "256",
+                           "--samples", "4", "--response", "16", "--steps", "1", "--micro-batches", "3",
+                           "--backends", "transformers,torch", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["backend"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"transformers", "torch x3mb"}, proc.stderr[-3000:]
+    assert rows["torch x3mb"]["micro_batches"] == 3
+    assert rows["torch x3mb"]["tokens"] == rows["transformers"]["tokens"] == 3 * 256
+    assert "3 x 256 tokens/step" in proc.stdout
