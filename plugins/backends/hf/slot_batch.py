@@ -41,12 +41,9 @@ def batch_bucket(n: int) -> int:
 
 
 def kv_bucket(n: int) -> int:
-    """Cache positions a decode step attends over when the longest row needs ``n``: multiples of 64,
-    coarser for long contexts (<= 25% more than needed past 256; four graphs per doubling of the length).
-    Every step reads the K/V of all those positions, and at batch 256 that read is half of a 4B decode
-    step: with multiples of 256, a 256 + 256-token rollout attended over 512 positions from its second
-    step on (a third more than it needed on average); multiples of 64 cost three more graph captures."""
-    step = max(64, 1 << max(0, n.bit_length() - 3))
+    """Cache positions a decode step attends over when the longest row needs ``n``: multiples of 256,
+    coarser for long contexts (<= 25% more than needed; four graphs per doubling of the length)."""
+    step = max(256, 1 << max(0, n.bit_length() - 3))
     return -(-n // step) * step
 
 
