@@ -14,7 +14,8 @@ cache and the engine's own forward, with or without CUDA graphs) or ``hf (why)``
 ``DynamicCache``); ``--no-fast-decode`` / ``--no-cuda-graphs`` select the slower ones for comparison;
 ``--decode-attention sdpa,matmul,flash`` runs one engine per attention implementation (rows labelled,
 one ``generate`` baseline per batch); ``--compile-decode on,off`` also one per compile_decode value
-(the fused decode ops compiled or run eagerly; ``auto`` = compiled on CUDA). After the table, where
+(the fused decode ops compiled or run eagerly; ``auto`` = compiled on CUDA); ``--kv-bucket 256,64`` also
+one per kv_bucket value (the smallest KV-length bucket the CUDA graphs are captured for). After the table, where
 each timed pass's time went (the engine's ``stats()`` split: prefill, and per decode step the launch,
 the wait for the sampled tokens, the host's per-row bookkeeping); ``--profile`` adds the CUDA kernels of
 one more pass at the largest batch.
@@ -23,6 +24,8 @@ one more pass at the largest batch.
     python benchmarks/hf_engine_throughput.py --model 4b --batch-sizes 64,256 --prompt-len 256 --new-tokens 256 --compare-generate
     python benchmarks/hf_engine_throughput.py --model 4b --batch-sizes 64,256 --prompt-len 256 --new-tokens 256 \
         --compare-generate --decode-attention sdpa,matmul,flash --profile
+    python benchmarks/hf_engine_throughput.py --model 4b --batch-sizes 64,256 --prompt-len 256 --new-tokens 256 \
+        --compare-generate --kv-bucket 256,64
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pathlib import Path
 
 import torch
 from plugrl.plugins.backends.hf.engine import HFRolloutEngine, _attention_backends
+from plugrl.plugins.backends.hf.slot_batch import KV_BUCKET
 from plugrl.plugins.backends.torch.tiny_default import build_tiny_checkpoint
 
 SHAPES = {
@@ -107,15 +111,16 @@ COMPILE_DECODE = {"auto": "auto", "on": True, "off": False}  # --compile-decode 
 
 
 def run_engine(args, path, attention: str, compile_decode: str, batches: list[int], baseline: dict, *,
-               header: bool) -> list[str]:
-    """One engine with ``decode_attention=attention`` and ``compile_decode``: a table row per batch size
+               header: bool, kv_bucket: int = KV_BUCKET) -> list[str]:
+    """One engine with ``decode_attention=attention``, ``compile_decode`` and ``kv_bucket``: a table row per batch size
     (the ``generate`` baseline is timed once per batch, on the first engine, and kept in ``baseline``;
     ``header``: print the run's header and the table's first). Returns the time-split lines."""
     engine = HFRolloutEngine(str(path), device=args.device, dtype=args.dtype, max_batch_size=max(batches),
                              cudnn_attention=args.cudnn_attention, fast_decode=not args.no_fast_decode,
                              cuda_graphs=not args.no_cuda_graphs, decode_attention=attention,
-                             compile_decode=COMPILE_DECODE[compile_decode])
+                             compile_decode=COMPILE_DECODE[compile_decode], kv_bucket=kv_bucket)
     label = attention if compile_decode == "auto" else f"{attention}/ops-{compile_decode}"
+    label += "" if kv_bucket == KV_BUCKET else f"/kv{kv_bucket}"
     try:
         asyncio.run(time_engine(engine, 2, args.prompt_len, 4, args.temperature))  # warm-up
         if header:
@@ -127,7 +132,8 @@ def run_engine(args, path, attention: str, compile_decode: str, batches: list[in
                   f"prompt={args.prompt_len} new={args.new_tokens} T={args.temperature}")
             header = f"{'attention':>15} {'batch':>6} {'engine tok/s':>13} {'cold tok/s':>11} {'steps':>6}"
             print(header + (f" {'generate tok/s':>15} {'engine/generate':>16}" if args.compare_generate else ""))
-        splits = [f"decode path: {engine.decode_path}, decode_attention={attention}, compile_decode={compile_decode}"]
+        splits = [f"decode path: {engine.decode_path}, decode_attention={attention}, compile_decode={compile_decode}, "
+                  f"kv_bucket={kv_bucket}"]
         for batch in batches:
             # first pass at a new batch size captures its CUDA graphs; the timed pass replays them
             # (a rollout engine runs the same shapes again and again)
@@ -177,6 +183,9 @@ def main() -> None:
     parser.add_argument("--compile-decode", default="auto",
                         help="comma-separated engine compile_decode values, one engine each per attention: auto (on "
                              "CUDA), on, off (the fused decode ops compiled or not)")
+    parser.add_argument("--kv-bucket", default=str(KV_BUCKET),
+                        help="comma-separated engine kv_bucket values (the smallest KV-length bucket), one engine "
+                             "each per attention and compile value")
     parser.add_argument("--profile", action="store_true",
                         help="CUDA kernel profile of one more pass at the largest batch (benchmarks/kernel_profile.py)")
     parser.add_argument("--top", type=int, default=25, help="kernels listed with --profile")
@@ -189,13 +198,20 @@ def main() -> None:
     unknown = sorted(set(compiles) - set(COMPILE_DECODE))
     if unknown:
         parser.error(f"--compile-decode: unknown {unknown}; use {', '.join(COMPILE_DECODE)}")
-    variants = [(a, c) for a in attentions for c in compiles]
+    try:
+        kv_buckets = [int(k) for k in args.kv_bucket.split(",") if k.strip()]
+    except ValueError:
+        parser.error(f"--kv-bucket {args.kv_bucket!r}: comma-separated whole numbers")
+    if not kv_buckets or min(kv_buckets) < 1:
+        parser.error(f"--kv-bucket {args.kv_bucket!r}: values must be >= 1")
+    variants = [(a, c, k) for a in attentions for c in compiles for k in kv_buckets]
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint or build(args.model, Path(tmp))
         baseline: dict = {}
         splits = []
-        for i, (attention, compile_decode) in enumerate(variants):
-            splits += [""] + run_engine(args, path, attention, compile_decode, batches, baseline, header=i == 0)
+        for i, (attention, compile_decode, kv) in enumerate(variants):
+            splits += [""] + run_engine(args, path, attention, compile_decode, batches, baseline, header=i == 0,
+                                        kv_bucket=kv)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the next engine loads its own copy of the weights
         print("\nthe engine's time in the timed passes:" + "\n".join(splits))

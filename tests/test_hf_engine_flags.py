@@ -48,6 +48,7 @@ def test_each_flag_becomes_its_engine_option(ps, checkpoint):
                                            "cuda_graphs": False, "max_prefill_tokens": 512}
     assert engine_options(_view(_config(ps, checkpoint, "--hf-compile-decode", "auto"))) == {"compile_decode": "auto"}
     assert engine_options(_view(_config(ps, checkpoint, "--hf-fast-decode", "off"))) == {"fast_decode": False}
+    assert engine_options(_view(_config(ps, checkpoint, "--hf-kv-bucket", "64"))) == {"kv_bucket": 64}
 
 
 def test_the_flags_are_the_hf_engines(ps, checkpoint):
@@ -59,6 +60,8 @@ def test_the_flags_are_the_hf_engines(ps, checkpoint):
     (("--device", "cpu", "--hf-decode-attention", "flash"), ("--hf-decode-attention flash", "CUDA")),
     (("--device", "cpu", "--hf-cuda-graphs", "on"), ("--hf-cuda-graphs on", "--device cpu")),
     (("--hf-max-prefill-tokens", "0"), ("--hf-max-prefill-tokens 0", ">= 1")),
+    (("--hf-kv-bucket", "0"), ("--hf-kv-bucket 0", ">= 1")),
+    (("--hf-fast-decode", "off", "--hf-kv-bucket", "64"), ("--hf-kv-bucket", "--hf-fast-decode off")),
     (("--hf-fast-decode", "off", "--hf-decode-attention", "matmul"), ("--hf-decode-attention", "--hf-fast-decode off")),
 ])
 def test_impossible_combinations_are_refused_on_the_driver(ps, checkpoint, flags, words):
@@ -74,12 +77,13 @@ def test_possible_combinations_pass_the_check(ps, checkpoint):
 
 def test_the_rollout_managers_engine_runs_with_the_flags(ps, checkpoint):
     args = _config(ps, checkpoint, "--hf-decode-attention", "matmul", "--hf-compile-decode", "on",
-                   "--hf-max-prefill-tokens", "64")
+                   "--hf-max-prefill-tokens", "64", "--hf-kv-bucket", "32")
     manager = RolloutManager({**vars(args), "device": "cpu", "rollout_device": "cpu"})
     try:
         engine = manager.engine
         info = engine.decode_info()
         assert (info["decode_attention"], info["fused_ops"], engine.max_prefill_tokens) == ("matmul", "compiled", 64)
+        assert engine._scheduler.fast.kv_block == 32
     finally:
         manager.engine.close()
     manager = RolloutManager({**vars(_config(ps, checkpoint, "--hf-fast-decode", "off")), "device": "cpu",

@@ -110,6 +110,30 @@ def test_buckets():
     assert all(batch_bucket(n) >= n and batch_bucket(batch_bucket(n)) == batch_bucket(n) for n in range(1, 600))
     assert [kv_bucket(n) for n in (1, 256, 257, 512, 2049, 5000)] == [256, 256, 512, 512, 2560, 5120]
     assert all(n <= kv_bucket(n) <= n + max(255, n // 4) for n in range(1, 20000, 7))  # <= 25% over past 1k
+    # the engine option kv_bucket sets the smallest bucket: multiples of it up to 4x, then as above
+    assert [kv_bucket(n, 64) for n in (1, 64, 65, 257, 300, 512, 513, 5000)] == [64, 64, 128, 320, 320, 512, 640, 5120]
+    assert all(n <= kv_bucket(n, 64) <= n + max(63, n // 4) and kv_bucket(n, 64) % 64 == 0 for n in range(1, 5000))
+
+
+def test_small_kv_buckets_decode_exactly_across_bucket_changes(ckpt, reference):
+    """kv_bucket=16 on the bucketed (CUDA-graph) shapes, run eagerly here: rows of 3..23 prompt tokens
+    grow past several 16-position buckets while they decode and others join; tokens stay HF's greedy."""
+    eng = make_engine(ckpt, bucketed=True, max_batch_size=16, kv_bucket=16)
+    try:
+        first = [(prompt_of(i, 3 + 5 * i), 26 - 4 * i, {}) for i in range(5)]
+        second = [(prompt_of(40 + i, 9 + i), 12, {}) for i in range(3)]
+        results = run(waves(eng, first, second, {"temperature": 0}))
+        for (prompt, n, _), out in zip(first + second, results):
+            assert out["tokens"] == hf_greedy(reference, prompt, n)
+        assert eng.decode_info()["kv_length"] % 16 == 0 and eng.decode_info()["kv_length"] < 256
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("bad", [0, -16, 1.5, True])
+def test_kv_bucket_option_is_checked(ckpt, bad):
+    with pytest.raises(ValueError, match="kv_bucket"):
+        make_engine(ckpt, kv_bucket=bad)
 
 
 def test_fast_path_selected_for_qwen3(ckpt):

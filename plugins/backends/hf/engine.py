@@ -32,7 +32,7 @@ MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # SGLang's release/resume_m
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 _OPTIONS = {"context_length", "max_prefill_tokens", "weight_version", "trust_remote_code", "cudnn_attention",
-            "fast_decode", "cuda_graphs", "decode_attention", "compile_decode"}
+            "fast_decode", "cuda_graphs", "decode_attention", "compile_decode", "kv_bucket"}
 
 
 def _attention_backends(use_cudnn: bool):
@@ -81,7 +81,9 @@ class HFRolloutEngine:
     CUDA graphs), ``decode_attention`` (the fast path's attention over the slot cache: ``sdpa``
     (default), ``matmul`` or ``flash`` (CUDA, 16-bit); ``decode_attention.py``), ``compile_decode``
     (``"auto"``, the default, = on CUDA; True/False: the fast path's norms, RoPE, residual adds and
-    SiLU as compiled fused kernels, ``fused_decode_ops.py``). ``decode_path`` says which path runs.
+    SiLU as compiled fused kernels, ``fused_decode_ops.py``), ``kv_bucket`` (default 256: the fast
+    path's smallest KV-length bucket, ``slot_batch.kv_bucket``; a CUDA graph per bucket). ``decode_path``
+    says which path runs.
     ``args``: the engine's view of the run config (the rollout manager passes it); its ``--hf-*`` flags
     (``options.py``) become options, and options given by name win over them."""
 
@@ -138,7 +140,7 @@ class HFRolloutEngine:
         if options.get("fast_decode", True):
             from .decode_attention import IMPLEMENTATIONS, unavailable_reason
             from .decode_forward import unsupported_reason
-            from .slot_batch import SlotDecoder
+            from .slot_batch import KV_BUCKET, SlotDecoder
 
             attention = str(options.get("decode_attention", "sdpa"))
             if attention not in IMPLEMENTATIONS:
@@ -149,9 +151,13 @@ class HFRolloutEngine:
                 if compile_decode not in ("auto", True, False):
                     raise ValueError(f"HFRolloutEngine option compile_decode={compile_decode!r}: 'auto' (on CUDA), "
                                      "True or False")
+                kv_block = options.get("kv_bucket", KV_BUCKET)
+                if isinstance(kv_block, bool) or not isinstance(kv_block, int) or kv_block < 1:
+                    raise ValueError(f"HFRolloutEngine option kv_bucket={kv_block!r}: a whole number of positions >= 1")
                 fast = SlotDecoder(self.model, self.device, max_batch_size=self.max_batch_size,
                                    cuda_graphs=bool(options.get("cuda_graphs", True)), decode_attention=attention,
-                                   compile_ops=self.device.type == "cuda" if compile_decode == "auto" else compile_decode)
+                                   compile_ops=self.device.type == "cuda" if compile_decode == "auto" else compile_decode,
+                                   kv_block=kv_block)
                 # the decoder allocates nothing until its first prefill: checking after building it is free
                 refused = unavailable_reason(attention, self.device, fast.forward.dtype, fast.forward.head_dim)
                 if refused:

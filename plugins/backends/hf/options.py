@@ -15,6 +15,7 @@ _FLAG_TO_OPTION = {
     "hf_cuda_graphs": ("cuda_graphs", ON_OFF.__getitem__),
     "hf_fast_decode": ("fast_decode", ON_OFF.__getitem__),
     "hf_max_prefill_tokens": ("max_prefill_tokens", int),
+    "hf_kv_bucket": ("kv_bucket", int),
 }
 
 
@@ -46,6 +47,12 @@ def plugrl_add_options(parser):
         "--hf-max-prefill-tokens", type=int, default=None, metavar="N",
         help="padded prompt tokens per prefill forward (default 16384); lower it when prefill runs out of memory",
     )
+    g.add_argument(
+        "--hf-kv-bucket", type=int, default=None, metavar="N",
+        help="the fast path's smallest KV-length bucket (default 256): each decode step attends over the "
+             "longest row's length rounded up to it (coarser past 4N), one CUDA graph per bucket; smaller "
+             "reads less of the KV cache per step and captures more graphs",
+    )
 
 
 def engine_options(config) -> dict:
@@ -64,13 +71,17 @@ def backend_problems(config) -> list[str]:
     tokens = getattr(config, "hf_max_prefill_tokens", None)
     if tokens is not None and tokens < 1:
         problems.append(f"--hf-max-prefill-tokens {tokens}: must be >= 1")
+    bucket = getattr(config, "hf_kv_bucket", None)
+    if bucket is not None and bucket < 1:
+        problems.append(f"--hf-kv-bucket {bucket}: must be >= 1 (positions; the default is 256)")
     on_cpu = getattr(config, "device", None) == "cpu"
     if on_cpu and getattr(config, "hf_decode_attention", None) == "flash":
         problems.append("--hf-decode-attention flash needs a CUDA device (--device cpu given); use sdpa or matmul")
     if on_cpu and getattr(config, "hf_cuda_graphs", None) == "on":
         problems.append("--hf-cuda-graphs on needs a CUDA device (--device cpu given); leave it unset or off")
     if getattr(config, "hf_fast_decode", None) == "off":
-        given = [f"--{dest.replace('_', '-')}" for dest in ("hf_decode_attention", "hf_compile_decode", "hf_cuda_graphs")
+        given = [f"--{dest.replace('_', '-')}" for dest in ("hf_decode_attention", "hf_compile_decode", "hf_cuda_graphs",
+                                                             "hf_kv_bucket")
                  if getattr(config, dest, None) is not None]
         if given:
             problems.append(f"{', '.join(given)} set the fast decode path, which --hf-fast-decode off turns off; "

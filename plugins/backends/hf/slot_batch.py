@@ -40,10 +40,16 @@ def batch_bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-def kv_bucket(n: int) -> int:
-    """Cache positions a decode step attends over when the longest row needs ``n``: multiples of 256,
-    coarser for long contexts (<= 25% more than needed; four graphs per doubling of the length)."""
-    step = max(256, 1 << max(0, n.bit_length() - 3))
+KV_BUCKET = 256  # the engine option kv_bucket's default
+
+
+def kv_bucket(n: int, smallest: int = KV_BUCKET) -> int:
+    """Cache positions a decode step attends over when the longest row needs ``n``: multiples of
+    ``smallest`` (the engine option ``kv_bucket``), coarser for long contexts (<= 25% more than needed
+    past ``4 * smallest``; four graphs per doubling of the length). Every step reads the K/V of all
+    those positions: with 256, a 256 + 256-token decode attends over 512 from its second step on; a
+    smaller step tracks the need closer at the cost of more graph captures."""
+    step = max(smallest, 1 << max(0, n.bit_length() - 3))
     return -(-n // step) * step
 
 
@@ -51,7 +57,7 @@ class SlotDecoder:
     """Owns the fast path's state for one engine: forward, cache, slots, per-slot buffers, graphs."""
 
     def __init__(self, model, device: torch.device, *, max_batch_size: int, cuda_graphs: bool,
-                 decode_attention: str = "sdpa", compile_ops: bool = False):
+                 decode_attention: str = "sdpa", compile_ops: bool = False, kv_block: int = KV_BUCKET):
         self.forward = LlamaLikeForward(model, decode_attention, compiled_ops=compile_ops)
         f = self.forward
         self.device = device
@@ -62,6 +68,7 @@ class SlotDecoder:
         # Bucketed shapes (rows and KV length rounded up, free slots computed along): what graphs need.
         # Eager runs use exact shapes; CPU tests turn this on to check the padded rows cost nothing.
         self.bucketed = self.graphs is not None
+        self.kv_block = kv_block  # the smallest KV-length bucket (kv_bucket)
         self.moves = 0  # rows moved down by compaction, since start
         self.graph_error: str | None = None  # why graphs were turned off, if a capture failed
         self._owner: dict[int, Request] = {}
@@ -118,7 +125,7 @@ class SlotDecoder:
             return
         # Grow geometrically (each growth copies the cache and drops the graphs), but never past what
         # the live rows can ever need.
-        longest = kv_bucket(max(len(r.prompt) + r.max_new_tokens for r in self._owner.values()))
+        longest = kv_bucket(max(len(r.prompt) + r.max_new_tokens for r in self._owner.values()), self.kv_block)
         if length > cache.length:
             length = max(length, min(longest, 2 * max(cache.length, length)))
         if slots > cache.slots:
@@ -154,7 +161,7 @@ class SlotDecoder:
         slots = self._take(requests)
         try:
             lengths = [len(r.prompt) for r in requests]
-            self._ensure(batch_bucket(max(slots) + 1), kv_bucket(max(lengths)))
+            self._ensure(batch_bucket(max(slots) + 1), kv_bucket(max(lengths), self.kv_block))
             ids, positions, slot_of_token, cu = [], [], [], [0]
             for r, s, n in zip(requests, slots, lengths):
                 ids += r.prompt
@@ -177,9 +184,9 @@ class SlotDecoder:
         hi = batch.slots[-1] + 1
         need = max(len(r.prompt) + len(r.tokens) for r in batch.requests)  # newest position + 1
         bucket = batch_bucket(hi)
-        self._ensure(bucket, kv_bucket(need))
+        self._ensure(bucket, kv_bucket(need, self.kv_block))
         if self.bucketed:
-            b, kv_len = bucket, kv_bucket(need)
+            b, kv_len = bucket, kv_bucket(need, self.kv_block)
         else:  # eager: exactly the rows and positions in use
             b, kv_len = hi, need
         cache, tokens, positions, arange = self.cache, self._tokens[:b], self._positions[:b], self._arange
