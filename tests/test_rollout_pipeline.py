@@ -62,7 +62,7 @@ def drive(max_staleness, rollouts=8, generate_s=0.01, train_s=0.0):
 def test_one_step_off_order():
     # Training takes time, as in the loop: rollout k + 1 starts while step k trains. With an instant
     # trainer the push after step k and the start of rollout k + 1 race for the engine (both orders keep
-    # staleness <= 1), and an exact-order check failed once on a loaded 2-core CI machine.
+    # staleness <= 1), and an exact-order check failed once in a clean-clone .ci/run on the dev machine.
     used, log = drive(1, train_s=0.05)
     assert used == [0, 0] + list(range(1, 7))  # rollout k+1 with the weights after step k-1
     starts = [e for e in log if e[0] in ("start", "push")]
