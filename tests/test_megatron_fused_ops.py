@@ -1,5 +1,5 @@
 """The fused elementwise parts of the megatron layer spec (``fused_ops``): plain versions against
-megatron-core's own RoPE and HF's rotary/GQA code, and the torch.compile'd versions (what CUDA runs)
+megatron-core's own RoPE, and the torch.compile'd versions (what CUDA runs)
 against the plain ones, forward and backward. Compiled here on CPU (inductor's C++ backend): the
 same graphs inductor lowers to Triton on GPUs; the GPU tests run the Triton kernels."""
 
@@ -30,22 +30,7 @@ def test_rotate_equals_megatron_rope(rot):
     torch.testing.assert_close(rotate(x, angles.cos(), angles.sin()), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_rotate_and_expand_equals_hf_rope_then_repeat_kv():
-    from plugrl.plugins.backends.megatron.fused_ops import rotate_and_expand
-    from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb, repeat_kv
-
-    gen = torch.Generator().manual_seed(1)
-    k = torch.randn(10, 2, 16, generator=gen)
-    angles = _angles(10, 16, gen)
-    cos, sin = angles.cos(), angles.sin()
-    # HF layout: [batch, heads, seq, dim] with cos/sin [batch, seq, dim]
-    hf_k = k.transpose(0, 1)[None]
-    _, rotated = apply_rotary_pos_emb(hf_k, hf_k, cos[:, 0][None], sin[:, 0][None])
-    expected = repeat_kv(rotated, 3)[0].transpose(0, 1)  # [t, 6, d], query head j reads KV head j // 3
-    torch.testing.assert_close(rotate_and_expand(k, cos, sin, 3), expected, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", ["rms_norm_fp32", "rotate", "rotate_and_expand"])
+@pytest.mark.parametrize("name", ["rms_norm_fp32", "rotate"])
 def test_compiled_equals_plain_forward_and_backward(name):
     from plugrl.plugins.backends.megatron import fused_ops
 
@@ -59,8 +44,7 @@ def test_compiled_equals_plain_forward_and_backward(name):
             return [x, (1 + 0.1 * torch.randn(64, generator=gen)).to(torch.bfloat16).requires_grad_()], (1e-6,)
         angles = _angles(t, 16, gen)
         x = torch.randn(t, 2, 16, generator=gen).to(torch.bfloat16)
-        extra = (3,) if name == "rotate_and_expand" else ()
-        return [x, angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)], extra
+        return [x, angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)], ()
 
     for t in (24, 40, 17):  # the pack length changes between calls (recompiled once with a symbolic length)
         tensors, extra = inputs(t)

@@ -34,27 +34,36 @@ def default_implementation(device_type: str, dtype: torch.dtype) -> str:
 def varlen_has_gqa() -> bool:
     from torch.nn.attention.varlen import varlen_attn
 
-    # torch 2.11 lacks enable_gqa (K/V heads must be repeated); newer versions take it.
+    # torch 2.11's varlen_attn lacks enable_gqa; newer versions take it.
     return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def _flash_varlen_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                      max_seqlen: int, scale: float) -> torch.Tensor:
+    """Causal varlen flash attention with K/V of fewer heads than Q, for torches whose ``varlen_attn``
+    has no ``enable_gqa``: the aten flash op under it takes grouped K/V as they are (its backward sums
+    each group's K/V gradients), so K and V are not repeated per query head, which would cost a copy of
+    4x their size forward and a reduction backward in every layer."""
+    out = torch.ops.aten._flash_attention_forward(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                                  0.0, True, False, scale=scale)
+    return out[0]
 
 
 def attention_within_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
                               max_seqlen: int, *, scale: float, implementation: str,
                               dropout: float = 0.0) -> torch.Tensor:
-    """``query [t, hq, d]``, ``key/value [t, hkv, d]`` (``hq`` a multiple of ``hkv``) -> ``[t, hq, d]``."""
+    """``query [t, hq, d]``, ``key/value [t, hkv, d]`` (``hq`` a multiple of ``hkv``) -> ``[t, hq, d]``.
+    Grouped K/V go to the kernels as they are (no per-query-head copies)."""
     groups = query.shape[1] // key.shape[1]
     if implementation == "varlen":
         from torch.nn.attention.varlen import varlen_attn
 
         if dropout:
             raise ValueError("attention dropout must be 0 with the varlen (flash) attention")
-        kwargs = {}
-        if groups > 1:
-            if varlen_has_gqa():
-                kwargs["enable_gqa"] = True
-            else:
-                key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
         cu = cu_seqlens.to(torch.int32)
+        if groups > 1 and not varlen_has_gqa():
+            return _flash_varlen_gqa(query, key, value, cu, max_seqlen, scale)
+        kwargs = {"enable_gqa": True} if groups > 1 else {}
         return varlen_attn(query, key, value, cu, cu, max_seqlen, max_seqlen, scale=scale, window_size=(-1, 0),
                            **kwargs)
     if implementation != "sdpa":

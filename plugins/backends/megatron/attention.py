@@ -23,7 +23,6 @@ from plugrl.plugins.backends.packed_attention import (
     attention_within_segments,
     default_implementation,
     varlen_available,
-    varlen_has_gqa,
 )
 
 
@@ -46,20 +45,15 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      rope: tuple[torch.Tensor, torch.Tensor] | None = None, fuse_rope: bool = False) -> torch.Tensor:
     """Causal attention within segments (``packed_attention.attention_within_segments``). ``query [t,
     hq, d]``, ``key/value [t, hkv, d]`` -> ``[t, hq, d]``. With ``rope = (cos, sin)`` (``[t, 1, d]``), q and
-    k are rotated first (``fused_ops.rotate``; compiled into one kernel each with ``fuse_rope`` on CUDA,
-    the GQA expansion of k and v included where the varlen kernel needs it)."""
-    from .fused_ops import expand_heads, fused, rotate, rotate_and_expand
+    k are rotated first (``fused_ops.rotate``; compiled into one kernel each with ``fuse_rope`` on CUDA).
+    Grouped K/V reach the attention kernel unexpanded."""
+    from .fused_ops import fused, rotate
 
     if dropout and implementation == "varlen":
         raise ValueError("--attention-dropout must be 0 with the varlen (flash) attention")
-    groups = query.shape[1] // key.shape[1]
     if rope is not None:
         query = fused(rotate, query, fuse_rope)(query, *rope)
-        if implementation == "varlen" and groups > 1 and not varlen_has_gqa():
-            key = fused(rotate_and_expand, key, fuse_rope)(key, *rope, groups)  # one kernel: rotate + expand
-            value = expand_heads(value, groups)
-        else:
-            key = fused(rotate, key, fuse_rope)(key, *rope)
+        key = fused(rotate, key, fuse_rope)(key, *rope)
     return attention_within_segments(query, key, value, cu_seqlens, max_seqlen, scale=scale,
                                      implementation=implementation, dropout=dropout)
 
@@ -76,7 +70,7 @@ class PackedCoreAttention(MegatronModule):
     ``[s, b, heads * dim]`` (one causal sequence per batch row)."""
 
     implementation: str = "sdpa"  # set per spec (``local_spec_with_packed_attention``)
-    fuse_rope: bool = False  # compile RoPE (and the GQA expansion) on CUDA; set per spec
+    fuse_rope: bool = False  # compile RoPE on CUDA; set per spec
     rope_from_pack: bool = False  # set by rotary.install: RoPE is this module's, from the pack's tables
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,

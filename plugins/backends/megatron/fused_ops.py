@@ -38,16 +38,6 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated_half * sin
 
 
-def rotate_and_expand(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: int) -> torch.Tensor:
-    """RoPE of keys ``[t, kv_heads, dim]``, then each KV head repeated for its ``groups`` query heads
-    (for attention kernels without grouped-query support)."""
-    return expand_heads(rotate(x, cos, sin), groups)
-
-
-def expand_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x.repeat_interleave(groups, dim=1) if groups > 1 else x
-
-
 def round_like_eager() -> None:
     """Make inductor round every intermediate to its eager dtype (bf16) as unfused PyTorch does,
     instead of keeping fp32 in registers across a fused chain: fused and unfused kernels then give
