@@ -211,3 +211,18 @@ def test_vocab_blocks_cover_the_vocabulary_once_in_aligned_blocks_near_one_slab(
     widths = [b - a for a, b in blocks]
     assert all(w % 64 == 0 for w in widths[:-1]) and len(set(widths[:-1])) <= 1
     assert max(widths) * tokens <= CHUNK_ELEMENTS + 64 * tokens or max(widths) == 1
+
+
+@pytest.mark.parametrize("vocab", [151936, 32000, 1000, 600_000, 10**9])
+def test_forward_token_slices_fill_whole_gemm_row_tiles_within_one_slab(vocab):
+    from plugrl.core.losses import CHUNK_ELEMENTS
+    from plugrl.plugins.backends.torch.fused_log_probs import gemm_token_slice
+
+    widest = CHUNK_ELEMENTS // vocab  # the most tokens whose fp32 [tokens, vocab] slab fits one slab
+    size = gemm_token_slice(vocab, None)
+    assert 1 <= size <= max(1, widest)
+    if widest >= 128:
+        assert size % 128 == 0 and widest - size < 128  # whole 128-row tiles, as many as fit
+    else:
+        assert size == max(1, widest)
+    assert gemm_token_slice(vocab, 7) == 7  # an explicit slice size (tests) is kept

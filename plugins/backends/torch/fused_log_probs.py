@@ -68,6 +68,17 @@ def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += (a @ b).to(acc.dtype)
 
 
+def gemm_token_slice(vocab: int, chunk_tokens: int | None) -> int:
+    """Tokens per forward slice: as many as keep the ``[tokens, vocab]`` fp32 slab within ``CHUNK_ELEMENTS``,
+    rounded down to a multiple of 128 (the GEMM's row tile) so no slice's last tile runs mostly empty
+    (at the 4B vocabulary 441 tokens would fill 4 tiles of 128 rows, 14% of them padding); ``chunk_tokens``
+    when given (tests)."""
+    if chunk_tokens is not None:
+        return chunk_tokens
+    widest = max(1, CHUNK_ELEMENTS // max(1, vocab))
+    return widest // 128 * 128 if widest >= 128 else widest
+
+
 def vocab_blocks(num_tokens: int, vocab: int, block: int | None):
     """``(start, end)`` vocabulary rows whose ``[tokens, rows]`` fp32 slab stays within ``CHUNK_ELEMENTS``
     (``block`` rows each when given); the backward's blocks when ``num_tokens <= vocab``."""
@@ -91,7 +102,7 @@ class _LinearLogProbs(torch.autograd.Function):
         log_probs = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         mean_z = torch.empty(n, dtype=acc, device=hidden.device) if with_entropy else None
-        for s, e in token_chunks(n, vocab, chunk_tokens):
+        for s, e in token_chunks(n, vocab, gemm_token_slice(vocab, chunk_tokens)):
             lp, lse_s, mean_z_s = forward_slice(slice_logits(hidden[s:e], weight, acc), targets[s:e],
                                                  1.0 / temperature, with_entropy)
             log_probs[s:e], lse[s:e] = lp, lse_s
@@ -150,7 +161,7 @@ def _backward_by_token_slices(ctx, hidden, weight, targets, lse, mean_z, grad_lo
     acc = lse.dtype
     grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
-    for s, e in token_chunks(hidden.shape[0], weight.shape[0], ctx.chunk_tokens):
+    for s, e in token_chunks(hidden.shape[0], weight.shape[0], gemm_token_slice(weight.shape[0], ctx.chunk_tokens)):
         g = grad_slab(slice_logits(hidden[s:e], weight, acc), lse[s:e],
                       mean_z[s:e] if grad_entropy is not None else None, targets[s:e],
                       None if grad_log_probs is None else grad_log_probs[s:e],
