@@ -29,7 +29,7 @@ lane_args() {
     gpu_path_rest) echo "tests/test_gpu_path.py -k 'not default_command and not 4b_recipe'" ;;
     megatron) echo "tests/test_megatron_gpu.py" ;;
     engine) echo "tests/test_hf_fast_decode.py tests/test_decode_attention.py tests/test_hf_engine.py tests/test_fused_decode_ops.py" ;;
-    torch_backend) echo "tests/test_fused_log_probs.py tests/test_torch_backend_gpu.py tests/test_packed_attention_gpu.py" ;;
+    torch_backend) echo "tests/test_fused_log_probs.py tests/test_torch_backend_gpu.py tests/test_packed_attention_gpu.py tests/test_host_sync_gpu.py" ;;
     weights) echo "tests/test_gpu_offload.py tests/test_weight_sync_gpu.py tests/test_sglang_weights_ipc.py" ;;
   esac
 }

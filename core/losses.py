@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .host_to_device import to_device
 from .types import option as _opt
 
 Reducer = Callable[[torch.Tensor], torch.Tensor]
@@ -200,8 +201,10 @@ def policy_loss(
 
 
 def _segment_ids(response_lengths: Sequence[int], device) -> torch.Tensor:
-    lengths = torch.as_tensor(list(response_lengths), dtype=torch.long, device=device)
-    return torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+    # on the host, then one copy without a host sync (a device-side repeat_interleave waits for the GPU
+    # to learn its output size)
+    lengths = torch.as_tensor([int(n) for n in response_lengths], dtype=torch.long)
+    return to_device(torch.repeat_interleave(torch.arange(len(lengths)), lengths), device)
 
 
 def _flat_mask(loss_masks: Sequence[torch.Tensor], device, dtype) -> torch.Tensor:
@@ -377,7 +380,8 @@ def sample_mean_reducer(
     if mask_sums is None:
         denom = torch.tensor([float(torch.as_tensor(m).sum()) for m in loss_masks], dtype=torch.float64, device=device)
     else:
-        denom = torch.as_tensor(mask_sums, dtype=torch.float64, device=device).reshape(-1)
+        denom = (mask_sums.to(device=device, dtype=torch.float64) if isinstance(mask_sums, torch.Tensor)
+                 else to_device([float(x) for x in mask_sums], device, torch.float64)).reshape(-1)
         if denom.numel() != len(loss_masks):
             raise ValueError(f"{len(loss_masks)} loss masks but {denom.numel()} mask_sums")
     weights = mask / denom.clamp(min=1.0)[_segment_ids(lengths, device)]
@@ -487,7 +491,8 @@ def compute_rl_loss(
     total_lengths: Sequence[int] | None = None,
     loss_agg_mode: str | None = None,
     policy_loss_fn: PolicyLossFn | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+    metrics_on_device: bool = False,
+) -> tuple[torch.Tensor, dict[str, float]] | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch's loss (unscaled: the trainer divides by G or by the step's token count).
 
     Flat response-token tensors as in the module docstring; ``mask_sums[i]`` is the loss-mask token
@@ -515,7 +520,9 @@ def compute_rl_loss(
     original masks and ``rs_masked_tokens`` / ``rs_masked_samples`` count what was masked.
 
     ``loss = pg_loss − entropy_coef·entropy_loss (+ kl_loss_coef·kl_loss)``. Returns ``(loss, metrics)``
-    with float metrics reduced by the same reducer as the loss.
+    with float metrics reduced by the same reducer as the loss; with ``metrics_on_device`` they stay
+    detached 0-d fp32 tensors on the loss's device (the trainer's micro-batch loop reads them once per
+    optimizer step, ``rl_step.run_rl_steps``, instead of waiting for the GPU at every micro-batch).
     """
     from .loss_options import TOKEN_MEAN, loss_scale_factor, resolve_loss_agg_mode, rs_bounds
 
@@ -634,7 +641,14 @@ def compute_rl_loss(
         loss = loss + float(_opt(config, "kl_loss_coef", 0.0)) * kl_loss
 
     metrics["loss"] = loss
-    # One device->host transfer for all metrics instead of one sync per metric.
+    on_device = {k: torch.as_tensor(v, device=device).detach().float().reshape(()) for k, v in metrics.items()}
+    return loss, (on_device if metrics_on_device else metrics_to_host(on_device))
+
+
+def metrics_to_host(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-d metric tensors -> floats in one device->host transfer (one sync, not one per metric)."""
+    if not metrics:
+        return {}
     names = list(metrics)
     values = torch.stack([metrics[k].detach().float().reshape(()) for k in names]).tolist()
-    return loss, {k: float(v) for k, v in zip(names, values)}
+    return {k: float(v) for k, v in zip(names, values)}

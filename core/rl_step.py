@@ -50,15 +50,17 @@ class PreparedRollout:
         whatever the micro-batch split or the number of ranks. Called by the trainer once per step,
         before the step's micro-batches."""
         if self.loss_agg_mode == TOKEN_MEAN:
-            scale = 1.0 / max(1.0, sum(float(self.loss_masks[p].sum()) for p in positions))
+            # from the host's copy of the masks: no wait for the GPU
+            scale = 1.0 / max(1.0, sum(float(sum(self.data["loss_masks"][p])) for p in positions))
         else:
             scale = 1.0 / len({self.data["rollout_ids"][p] for p in positions})
         self._scale_of.update(dict.fromkeys(positions, scale))
         return scale
 
     def loss(self, micro_batch: Sequence[int], log_probs: torch.Tensor,
-             entropy: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
-        """The RL loss of one micro-batch (unscaled) from the model's response log-probs/entropy."""
+             entropy: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The RL loss of one micro-batch (unscaled) from the model's response log-probs/entropy; its
+        metrics stay 0-d tensors on the device (``losses.metrics_to_host`` reads them)."""
 
         def cat(values):
             return None if values is None else torch.cat([values[i] for i in micro_batch])
@@ -70,7 +72,7 @@ class PreparedRollout:
             advantages=cat(self.advantages), entropy=entropy, ref_log_probs=cat(self.ref_log_probs),
             rollout_log_probs=cat(self.rollout_log_probs), sequence_level_ratio=self.sequence_level,
             total_lengths=[len(self.data["tokens"][i]) for i in micro_batch],
-            loss_agg_mode=self.loss_agg_mode, policy_loss_fn=self.policy_loss_fn,
+            loss_agg_mode=self.loss_agg_mode, policy_loss_fn=self.policy_loss_fn, metrics_on_device=True,
         )
         # Counts (masked tokens) are summed by the trainer as value x step scale, then averaged over
         # the rollout's steps: undo both so the rollout's metric is the total count.
@@ -152,7 +154,8 @@ def custom_advantages(path: str, args, data: dict, loss_masks: list[torch.Tensor
     return advantages
 
 
-def add_scaled(total: dict[str, float], metrics: dict[str, float], scale: float) -> None:
+def add_scaled(total: dict, metrics: dict, scale: float) -> None:
+    """``total += metrics * scale`` key by key (floats, or 0-d tensors summed on the device)."""
     for key, value in metrics.items():
         total[key] = total.get(key, 0.0) + value * scale
 
@@ -169,14 +172,17 @@ def run_rl_steps(prepared: PreparedRollout, step_positions: list, planned: list[
     ``step_scale`` (so packing never changes the per-sample-mean objective) times ``loss_multiplier``
     (e.g. DP size where the backend's DDP averages gradients) before ``backward``. ``finish_step``
     reduces over ranks and steps the optimizer, returning the step's metrics with ``grad_norm`` and
-    ``lr``; the result is their mean over steps."""
+    ``lr``; the result is their mean over steps.
+
+    Nothing here waits for the GPU between micro-batches: their metrics are summed on the device and
+    read once per step, before ``finish_step`` (whose clipping reads the grad norm anyway)."""
     totals: dict[str, float] = {}
     for step_id, (positions, micro_batches) in enumerate(zip(step_positions, planned)):
         if before_step is not None:
             before_step(step_id)
         scale = prepared.step_scale(positions)
         zero_grad()
-        step_metrics: dict[str, float] = {}
+        step_metrics: dict[str, torch.Tensor] = {}
         for mb in micro_batches:
             log_probs, entropy = forward(mb)
             loss, metrics = prepared.loss(mb, log_probs, entropy)
@@ -184,5 +190,5 @@ def run_rl_steps(prepared: PreparedRollout, step_positions: list, planned: list[
             add_scaled(step_metrics, metrics, scale)
             if on_micro_batch is not None:
                 on_micro_batch()
-        add_scaled(totals, finish_step(step_metrics), 1.0 / len(step_positions))
+        add_scaled(totals, finish_step(losses.metrics_to_host(step_metrics)), 1.0 / len(step_positions))
     return totals

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from plugrl.core.gpu_offload import StorageOffload
+from plugrl.core.host_to_device import to_device
 from plugrl.core.packing import plan_micro_batches, split_into_steps
 from plugrl.core.types import option as _opt
 from plugrl.core.weight_buckets import WeightBuckets
@@ -73,11 +74,11 @@ def pack_thd(token_lists: list[list[int]], device, pad_multiple: int = 1) -> Pac
     cu = torch.zeros(len(seg_lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(seg_lengths, dtype=torch.int32), 0)
     positions = torch.cat([torch.arange(n) for n in seg_lengths])
-    cu = cu.to(device)
+    cu = to_device(cu, device)  # host_to_device.py: no host sync per micro-batch
     max_len = max(seg_lengths)
     params = SegmentedPackParams(qkv_format="thd", max_seqlen_q=max_len, max_seqlen_kv=max_len, segments=cu,
                                  max_segment=max_len)
-    return PackedBatch(torch.tensor(flat, dtype=torch.long, device=device)[None], positions.to(device)[None], params)
+    return PackedBatch(to_device(flat, device, torch.long)[None], to_device(positions, device)[None], params)
 
 
 class MegatronTrainBackend:
@@ -303,7 +304,8 @@ class MegatronTrainBackend:
 
         batch = pack_thd(token_lists, self.device, self.pad_multiple)
         logits = self.logits(model, batch)
-        index = torch.cat([torch.arange(s, e, device=self.device) for s, e in response_slices(token_lists, response_lengths)])
+        index = to_device(torch.cat([torch.arange(s, e) for s, e in response_slices(token_lists, response_lengths)]),
+                          self.device)
         targets = batch.input_ids[0][index + 1]
         local_vocab = logits.shape[-1]
         return vocab_parallel_log_probs(

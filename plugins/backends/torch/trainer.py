@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from plugrl.core import losses
 from plugrl.core.gpu_offload import StorageOffload
+from plugrl.core.host_to_device import to_device
 from plugrl.core.packing import karmarkar_karp, plan_micro_batches, split_into_steps
 from plugrl.core.precision import resolve_precision
 from plugrl.core.types import option as _opt
@@ -84,12 +85,13 @@ def packed_inputs(token_lists: list[list[int]], device, *, dense_mask: bool = Fa
     that attention), as a block-diagonal causal ``[1, 1, T, T]`` additive mask in ``dtype`` (0 where
     attended, the dtype's minimum elsewhere: what HF's eager and SDPA attentions both add)."""
     lengths = [len(t) for t in token_lists]
-    ids = torch.tensor([tok for t in token_lists for tok in t], dtype=torch.long, device=device)
-    positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+    # built on the host, copied without a host sync (host_to_device.py)
+    ids = to_device([tok for t in token_lists for tok in t], device, torch.long)
+    positions = to_device(torch.cat([torch.arange(n) for n in lengths]), device)
     if not dense_mask:
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
-        cu = cu.to(device)
+        cu = to_device(cu, device)
         longest = max(lengths)
         return {"input_ids": ids[None], "position_ids": positions[None], "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
                 "max_length_q": longest, "max_length_k": longest}
@@ -190,7 +192,7 @@ class TorchTrainBackend:
         inputs = packed_inputs(token_lists, self.device, dense_mask=self.dense_mask, dtype=self.dtype)
         temperature = float(_opt(self.args, "rollout_temperature", 1.0))
         spans = response_slices(token_lists, response_lengths)
-        index = torch.cat([torch.arange(s, e, device=self.device) for s, e in spans])
+        index = to_device(torch.cat([torch.arange(s, e) for s, e in spans]), self.device)
         targets = inputs["input_ids"][0][index + 1]
         head = plain_lm_head(model) if self.fused_log_probs != "never" else None
         if head is not None and (self.fused_log_probs == "always" or len(index) * head.out_features > CHUNK_ELEMENTS):
