@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from . import losses
+from .host_to_device import to_device
 from .loss_options import SEQ_MEAN_TOKEN_MEAN, TOKEN_MEAN, estimator_loss_agg_mode, resolve_loss_agg_mode
 from .protocols import AdvantageInputs
 from .types import option as _opt
@@ -92,7 +93,10 @@ def prepare_rollout(args, data: dict, estimator, device, *, num_steps: int, has_
     from .whiten import whiten_advantages
 
     def tensors(rows):
-        return [torch.tensor(x, dtype=torch.float32, device=device) for x in rows]
+        # one host->device copy for all samples, without a host sync (host_to_device.py), then per-sample views
+        rows = [list(map(float, row)) for row in rows]
+        flat = to_device([x for row in rows for x in row], device, torch.float32)
+        return list(flat.split([len(row) for row in rows]))
 
     n = len(data["tokens"])
     loss_masks = tensors(data["loss_masks"])
