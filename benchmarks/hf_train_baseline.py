@@ -37,10 +37,10 @@ def _synchronize(device: str) -> None:
 
 
 def baseline_worker(name: str, checkpoint: str, tokens: int, samples: int, steps: int, device: str,
-                    micro_batches: int = 1) -> dict:
+                    micro_batches: int = 1, profile_top: int | None = None) -> dict:
     """Warm-up step, then ``steps`` timed steps; the median step time and the peak memory. A step is
     ``micro_batches`` forward/backward passes of ``tokens`` tokens (gradients accumulated) and one
-    optimizer step."""
+    optimizer step. With ``profile_top`` (CUDA), one more step's kernels, as the plugrl rows get them."""
     from transformers import AutoModelForCausalLM
 
     if name not in NAMES:
@@ -79,7 +79,12 @@ def baseline_worker(name: str, checkpoint: str, tokens: int, samples: int, steps
         _synchronize(device)
         times.append(time.perf_counter() - start)
     cuda = device == "cuda"
-    return {"backend": name, "gpus": 1, "params": sum(p.numel() for p in model.parameters()),
-            "tokens": samples * length * micro_batches, "step_s": sorted(times)[len(times) // 2],
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-            "device": torch.cuda.get_device_name() if cuda else "cpu", "baseline": True, "state_bytes": state}
+    result = {"backend": name, "gpus": 1, "params": sum(p.numel() for p in model.parameters()),
+              "tokens": samples * length * micro_batches, "step_s": sorted(times)[len(times) // 2],
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "baseline": True, "state_bytes": state}
+    if profile_top is not None and cuda:
+        from kernel_profile import profile_cuda
+
+        result["profile"] = profile_cuda(lambda: (step(), _synchronize(device)), top=profile_top)
+    return result

@@ -10,7 +10,7 @@ MFU counts 6·N FLOPs per token (N = parameters) against the GPU's dense bf16 pe
 shared/MEASURED.md does. Below the table each row's memory by part, measured from its tensors at an
 optimizer step (plugins/backends/state_memory.py): weights, grads, fp32 master weights, optimizer
 state, and the rest of the peak (activations, logits, workspace). ``--profile`` adds the top CUDA
-kernels of one step per backend (benchmarks/kernel_profile.py), and ``--attention`` a micro-benchmark
+kernels of one step per row, baselines included (benchmarks/kernel_profile.py), and ``--attention`` a micro-benchmark
 of the packed attention implementations (fwd + bwd).
 
     python benchmarks/train_throughput.py --model 4b --tokens 9216 --samples 8 --steps 5
@@ -140,7 +140,7 @@ def worker(opts) -> dict | None:
 
     if opts.worker in BASELINES:
         return baseline_worker(opts.worker, opts.checkpoint, opts.tokens, opts.samples, opts.steps, opts.device,
-                               opts.micro_batches)
+                               opts.micro_batches, profile_top=opts.top if opts.profile else None)
     tp = opts.megatron_tp if opts.worker == "megatron" else 1
     dp = opts.megatron_dp if opts.worker == "megatron" else 1
     args = backend_args(opts.checkpoint, opts.worker, opts.tokens, device=opts.device, tp=tp,
