@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_suite.sh engine    # the engine vs generate at the 4B shape, one row set per decode
 #                                          # attention (ATTENTION) and compile_decode (COMPILE) value
 #   bash benchmarks/gpu_suite.sh train     # one train step at the 4B shape: transformers+Liger vs the torch backend
+#                                          # (PROFILE=1: with every row's kernel profile)
+#   bash benchmarks/gpu_suite.sh megatron4b  # the megatron backend's 4B rows of issue 17 (H200)
 #   RECIPE=1 bash benchmarks/gpu_suite.sh recipe   # the 4B recipe test (H200 + 128 GiB host RAM)
 #
 # DEADLINE (seconds, default 540) bounds the whole call: lanes still running then are stopped and
@@ -17,6 +19,7 @@ phase=${1:-tests}
 OUT=${OUT:-./gpu-suite-logs}
 mkdir -p "$OUT"
 DEADLINE=${DEADLINE:-540}
+MODELS=${MODELS:-/tmp/plugrl-models}  # the random 4B checkpoint, built once per machine by the first benchmark
 start=$(date +%s)
 left() { echo $((DEADLINE - ($(date +%s) - start))); }
 
@@ -101,13 +104,26 @@ PY
     grep -E "^(model=| *attention| *(sdpa|matmul|flash)(/ops-o[nf]+)? )" "$OUT/engine.log"
     ;;
   train)
-    (cd benchmarks && bounded python train_throughput.py --model 4b --steps 3 \
-      --backends "${BACKENDS:-transformers+liger,torch}") >"$OUT/train.log" 2>&1
+    # PROFILE=1 adds every row's kernel profile (the baselines' too)
+    (cd benchmarks && bounded python train_throughput.py --model 4b --steps 3 --checkpoint-cache "$MODELS" \
+      --backends "${BACKENDS:-transformers+liger,torch}" ${PROFILE:+--profile --top 30}) >"$OUT/train.log" 2>&1
     echo "train benchmark rc=$?"
     grep -E "(s/step|tok/s|vs |^\|)" "$OUT/train.log" | tail -12
     ;;
+  megatron4b)
+    # issue 17's megatron rows at the 4B shape (the model state alone needs an H200): no recompute with the
+    # _foreach grad ops and with megatron-core's local ones, then full recompute over 15 micro-batches per
+    # optimizer step, the split the recipe's loop trains with (its in-loop update MFU compares with this row)
+    for rows in "--megatron-recompute none" "--megatron-recompute none --megatron-local-grad-ops" \
+                "--micro-batches 15 --steps 2"; do
+      (cd benchmarks && bounded python train_throughput.py --model 4b --steps 3 --checkpoint-cache "$MODELS" \
+        --backends megatron $rows) >>"$OUT/megatron4b.log" 2>&1
+      echo "megatron $rows: rc=$?"
+    done
+    grep -E "^megatron|weights" "$OUT/megatron4b.log"
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_suite.sh tests|engine|train|recipe" >&2
+    echo "usage: bash benchmarks/gpu_suite.sh tests|engine|train|megatron4b|recipe" >&2
     exit 2
     ;;
 esac
