@@ -104,9 +104,9 @@ PY
     grep -E "^(model=| *attention| *(sdpa|matmul|flash)(/ops-o[nf]+)? )" "$OUT/engine.log"
     ;;
   train)
-    # PROFILE=1 adds every row's kernel profile (the baselines' too)
+    # PROFILE=1 adds every row's kernel profile (the baselines' too), each top kernel with the ops and lines that launched it
     (cd benchmarks && bounded python train_throughput.py --model 4b --steps 3 --checkpoint-cache "$MODELS" \
-      --backends "${BACKENDS:-transformers+liger,torch}" ${PROFILE:+--profile --top 30}) >"$OUT/train.log" 2>&1
+      --backends "${BACKENDS:-transformers+liger,torch}" ${PROFILE:+--profile --profile-origins --top 30}) >"$OUT/train.log" 2>&1
     echo "train benchmark rc=$?"
     grep -E "(s/step|tok/s|vs |^\|)" "$OUT/train.log" | tail -12
     ;;

@@ -37,7 +37,7 @@ def _synchronize(device: str) -> None:
 
 
 def baseline_worker(name: str, checkpoint: str, tokens: int, samples: int, steps: int, device: str,
-                    micro_batches: int = 1, profile_top: int | None = None) -> dict:
+                    micro_batches: int = 1, profile_top: int | None = None, profile_origins: bool = False) -> dict:
     """Warm-up step, then ``steps`` timed steps; the median step time and the peak memory. A step is
     ``micro_batches`` forward/backward passes of ``tokens`` tokens (gradients accumulated) and one
     optimizer step. With ``profile_top`` (CUDA), one more step's kernels, as the plugrl rows get them."""
@@ -86,5 +86,6 @@ def baseline_worker(name: str, checkpoint: str, tokens: int, samples: int, steps
     if profile_top is not None and cuda:
         from kernel_profile import profile_cuda
 
-        result["profile"] = profile_cuda(lambda: (step(), _synchronize(device)), top=profile_top)
+        result["profile"] = profile_cuda(lambda: (step(), _synchronize(device)), top=profile_top,
+                                         origins=profile_origins)
     return result

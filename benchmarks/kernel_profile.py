@@ -1,6 +1,8 @@
 """CUDA kernel profiles for the benchmarks' ``--profile`` (train_throughput.py, hf_engine_throughput.py):
 one call run under torch.profiler, its kernels summed by name and by group, and how much of the wall
-time the GPU had work (kernel time / wall; streams that overlap can push it past 100%)."""
+time the GPU had work (kernel time / wall; streams that overlap can push it past 100%). With
+``origins``, each top kernel also names the torch ops and source lines that launched it (the profiler
+links a kernel to the op that launched it when it records CPU ops too; ``with_stack`` gives the lines)."""
 
 from __future__ import annotations
 
@@ -29,19 +31,53 @@ def kernel_groups(kernels: list[tuple[str, float, int]]) -> dict[str, float]:
     return dict(sorted(groups.items(), key=lambda item: -item[1]))
 
 
-def profile_cuda(run: Callable[[], object], *, top: int = 25) -> dict:
+def profile_cuda(run: Callable[[], object], *, top: int = 25, origins: bool = False) -> dict:
     """Run ``run()`` once under the CUDA profiler (it must synchronise before returning) ->
-    ``{"wall_ms", "kernel_ms", "kernel_groups", "top_kernels": [(name, ms, calls)]}``."""
+    ``{"wall_ms", "kernel_ms", "kernel_groups", "top_kernels": [(name, ms, calls)]}``, plus
+    ``"origins": {kernel name: [(op @ source line, ms)]}`` for the top kernels with ``origins`` (CPU ops
+    and stacks are recorded too, which slows the host: the wall time then means little)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if origins else [])
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=activities, with_stack=origins) as prof:
         run()
     wall_ms = (time.perf_counter() - start) * 1e3
-    kernels = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages() if e.device_time_total > 0]
-    return {"wall_ms": wall_ms, "kernel_ms": sum(ms for _name, ms, _n in kernels),
-            "kernel_groups": kernel_groups(kernels),
-            "top_kernels": [(name[:90], ms, n) for name, ms, n in sorted(kernels, key=lambda k: -k[1])[:top]]}
+    # kernels only: with CPU ops recorded, an op's device time repeats its kernels'
+    kernels = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages()
+               if e.device_time_total > 0 and e.device_type == DeviceType.CUDA]
+    ranked = sorted(kernels, key=lambda k: -k[1])[:top]
+    result = {"wall_ms": wall_ms, "kernel_ms": sum(ms for _name, ms, _n in kernels),
+              "kernel_groups": kernel_groups(kernels),
+              "top_kernels": [(name[:90], ms, n) for name, ms, n in ranked]}
+    if origins:
+        names = {name for name, _ms, _n in ranked}
+        result["origins"] = {name[:90]: found for name, found in kernel_origins(prof.events(), names).items()}
+    return result
+
+
+def source_line(stack: list[str] | None) -> str:
+    """The innermost frame of ``stack`` outside torch itself (the model, plugrl or library code that
+    called the op), else the innermost frame, else '?'."""
+    frames = stack or []
+    outside = [f for f in frames if "/torch/" not in f.replace("\\", "/")]
+    return (outside or frames or ["?"])[0]
+
+
+def kernel_origins(events, names: set[str], per_kernel: int = 3) -> dict[str, list[tuple[str, float]]]:
+    """For each kernel name in ``names``: the ``per_kernel`` (op @ source line) that launched most of its
+    time, with their milliseconds. ``events``: the profiler's function events, whose CPU ops carry the
+    kernels they launched (``.kernels``) and their Python stack (``.stack``)."""
+    found: dict[str, dict[str, float]] = {}
+    for event in events:
+        for kernel in getattr(event, "kernels", None) or []:
+            if kernel.name in names:
+                where = f"{event.name} @ {source_line(event.stack)}"
+                found.setdefault(kernel.name, {})
+                found[kernel.name][where] = found[kernel.name].get(where, 0.0) + kernel.duration / 1e3
+    return {name: sorted(by_origin.items(), key=lambda item: -item[1])[:per_kernel]
+            for name, by_origin in found.items()}
 
 
 def profile_lines(label: str, profiled: dict) -> list[str]:
@@ -49,5 +85,8 @@ def profile_lines(label: str, profiled: dict) -> list[str]:
     lines = [f"{label}: profiled {profiled['wall_ms']:.0f} ms wall, {profiled['kernel_ms']:.0f} ms of kernels "
              f"({profiled['kernel_ms'] / profiled['wall_ms']:.0%} of the wall; streams overlap): "
              + ", ".join(f"{g} {ms:.0f}" for g, ms in profiled["kernel_groups"].items())]
-    lines += [f"  {label:<16} {ms:9.1f} ms {count:6d}x  {name}" for name, ms, count in profiled["top_kernels"]]
+    origins = profiled.get("origins", {})
+    for name, ms, count in profiled["top_kernels"]:
+        lines.append(f"  {label:<16} {ms:9.1f} ms {count:6d}x  {name}")
+        lines += [f"  {'':<16} {where_ms:9.1f} ms  <- {where}" for where, where_ms in origins.get(name, [])]
     return lines

@@ -140,7 +140,8 @@ def worker(opts) -> dict | None:
 
     if opts.worker in BASELINES:
         return baseline_worker(opts.worker, opts.checkpoint, opts.tokens, opts.samples, opts.steps, opts.device,
-                               opts.micro_batches, profile_top=opts.top if opts.profile else None)
+                               opts.micro_batches, profile_top=opts.top if opts.profile else None,
+                               profile_origins=opts.profile_origins)
     tp = opts.megatron_tp if opts.worker == "megatron" else 1
     dp = opts.megatron_dp if opts.worker == "megatron" else 1
     args = backend_args(opts.checkpoint, opts.worker, opts.tokens, device=opts.device, tp=tp,
@@ -200,7 +201,8 @@ def worker(opts) -> dict | None:
               "device": torch.cuda.get_device_name() if cuda else "cpu", "state_bytes": state,
               "micro_batches": backend.progress[1]}  # this rank's micro-batches in the last train() call
     if opts.profile and cuda:
-        result["profile"] = profile_cuda(lambda: (backend.train(99, data), torch.cuda.synchronize()), top=opts.top)
+        result["profile"] = profile_cuda(lambda: (backend.train(99, data), torch.cuda.synchronize()), top=opts.top,
+                                         origins=opts.profile_origins)
     return result if int(os.environ.get("RANK", "0")) == 0 else None
 
 
@@ -217,6 +219,7 @@ def run_worker(name: str, opts, checkpoint: str) -> dict | None:
     cmd += [arg for setting in opts.megatron_set for arg in ("--megatron-set", setting)]
     cmd += ["--megatron-unfused"] if opts.megatron_unfused else []
     cmd += ["--megatron-local-grad-ops"] if opts.megatron_local_grad_ops else []
+    cmd += ["--profile-origins"] if opts.profile_origins else []
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # same for every backend
     if ranks > 1:
         with socket.socket() as sock:
@@ -297,6 +300,9 @@ def main() -> None:
                         + ", then torch, torch-fused, torch-full-logits, torch-eager-slices, torch-no-liger, megatron")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per backend with --profile")
+    parser.add_argument("--profile-origins", action="store_true",
+                        help="with --profile: under each top kernel, the ops and source lines that launched it "
+                             "(records CPU ops and stacks too; the profiled wall time then means little)")
     parser.add_argument("--megatron-unfused", action="store_true",
                         help="megatron backend with --no-bias-swiglu-fusion --no-bias-dropout-fusion --no-rope-fusion "
                              "--no-rmsnorm-fusion (the elementwise kernels as megatron-core's local spec runs them)")
