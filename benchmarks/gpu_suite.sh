@@ -106,7 +106,8 @@ PY
   train)
     # PROFILE=1 adds every row's kernel profile (the baselines' too), each top kernel with the ops and lines that launched it
     (cd benchmarks && bounded python train_throughput.py --model 4b --steps 3 --checkpoint-cache "$MODELS" \
-      --backends "${BACKENDS:-transformers+liger,torch}" ${PROFILE:+--profile --profile-origins --top 30}) >"$OUT/train.log" 2>&1
+      --backends "${BACKENDS:-transformers+liger,torch}" $([[ ${PROFILE:-0} == 1 ]] && echo --profile --profile-origins --top 30)) \
+      >"$OUT/train.log" 2>&1
     echo "train benchmark rc=$?"
     grep -E "(s/step|tok/s|vs |^\|)" "$OUT/train.log" | tail -12
     ;;
@@ -114,6 +115,7 @@ PY
     # issue 17's megatron rows at the 4B shape (the model state alone needs an H200): no recompute with the
     # _foreach grad ops and with megatron-core's local ones, then full recompute over 15 micro-batches per
     # optimizer step, the split the recipe's loop trains with (its in-loop update MFU compares with this row)
+    : >"$OUT/megatron4b.log"  # this call's rows only
     for rows in "--megatron-recompute none" "--megatron-recompute none --megatron-local-grad-ops" \
                 "--micro-batches 15 --steps 2"; do
       (cd benchmarks && bounded python train_throughput.py --model 4b --steps 3 --checkpoint-cache "$MODELS" \

@@ -52,16 +52,28 @@ def profile_cuda(run: Callable[[], object], *, top: int = 25, origins: bool = Fa
               "kernel_groups": kernel_groups(kernels),
               "top_kernels": [(name[:90], ms, n) for name, ms, n in ranked]}
     if origins:
-        names = {name for name, _ms, _n in ranked}
-        result["origins"] = {name[:90]: found for name, found in kernel_origins(prof.events(), names).items()}
+        # by rank, as top_kernels: templated kernels can share the first 90 characters of their names
+        found = kernel_origins(prof.events(), {name for name, _ms, _n in ranked})
+        result["origins"] = [found.get(name, []) for name, _ms, _n in ranked]
     return result
+
+
+def in_torch_package(frame: str) -> bool:
+    """Whether a profiler stack frame (``/path/file.py(line): function``) is torch's own code: under the
+    imported torch's directory or an installed ``torch`` package (plugrl's ``backends/torch/`` is not)."""
+    import os
+
+    import torch
+
+    return (frame.startswith(os.path.dirname(torch.__file__) + os.sep)
+            or re.search(r"[/\\](site|dist)-packages[/\\]torch[/\\]", frame) is not None)
 
 
 def source_line(stack: list[str] | None) -> str:
     """The innermost frame of ``stack`` outside torch itself (the model, plugrl or library code that
     called the op), else the innermost frame, else '?'."""
     frames = stack or []
-    outside = [f for f in frames if "/torch/" not in f.replace("\\", "/")]
+    outside = [f for f in frames if not in_torch_package(f)]
     return (outside or frames or ["?"])[0]
 
 
@@ -85,8 +97,8 @@ def profile_lines(label: str, profiled: dict) -> list[str]:
     lines = [f"{label}: profiled {profiled['wall_ms']:.0f} ms wall, {profiled['kernel_ms']:.0f} ms of kernels "
              f"({profiled['kernel_ms'] / profiled['wall_ms']:.0%} of the wall; streams overlap): "
              + ", ".join(f"{g} {ms:.0f}" for g, ms in profiled["kernel_groups"].items())]
-    origins = profiled.get("origins", {})
-    for name, ms, count in profiled["top_kernels"]:
+    origins = profiled.get("origins") or [[] for _ in profiled["top_kernels"]]
+    for (name, ms, count), launched_by in zip(profiled["top_kernels"], origins):
         lines.append(f"  {label:<16} {ms:9.1f} ms {count:6d}x  {name}")
-        lines += [f"  {'':<16} {where_ms:9.1f} ms  <- {where}" for where, where_ms in origins.get(name, [])]
+        lines += [f"  {'':<16} {where_ms:9.1f} ms  <- {where}" for where, where_ms in launched_by]
     return lines

@@ -25,4 +25,8 @@ def to_device(values: torch.Tensor | Sequence, device, dtype: torch.dtype | None
     device = torch.device(device)
     if device.type != "cuda" or host.device.type != "cpu":
         return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    # a fresh pinned buffer, also when ``values`` is pinned already: the caller may then change its own
+    # tensor while the copy is still queued
+    staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    staged.copy_(host)
+    return staged.to(device, non_blocking=True)

@@ -521,7 +521,7 @@ def compute_rl_loss(
 
     ``loss = pg_loss − entropy_coef·entropy_loss (+ kl_loss_coef·kl_loss)``. Returns ``(loss, metrics)``
     with float metrics reduced by the same reducer as the loss; with ``metrics_on_device`` they stay
-    detached 0-d fp32 tensors on the loss's device (the trainer's micro-batch loop reads them once per
+    detached 0-d fp64 tensors on the loss's device (the trainer's micro-batch loop reads them once per
     optimizer step, ``rl_step.run_rl_steps``, instead of waiting for the GPU at every micro-batch).
     """
     from .loss_options import TOKEN_MEAN, loss_scale_factor, resolve_loss_agg_mode, rs_bounds
@@ -641,7 +641,8 @@ def compute_rl_loss(
         loss = loss + float(_opt(config, "kl_loss_coef", 0.0)) * kl_loss
 
     metrics["loss"] = loss
-    on_device = {k: torch.as_tensor(v, device=device).detach().float().reshape(()) for k, v in metrics.items()}
+    # fp64, as the host's floats were: counts scaled up and back (rl_step) and sums over micro-batches stay exact
+    on_device = {k: torch.as_tensor(v, device=device).detach().double().reshape(()) for k, v in metrics.items()}
     return loss, (on_device if metrics_on_device else metrics_to_host(on_device))
 
 
@@ -650,5 +651,5 @@ def metrics_to_host(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     if not metrics:
         return {}
     names = list(metrics)
-    values = torch.stack([metrics[k].detach().float().reshape(()) for k in names]).tolist()
+    values = torch.stack([metrics[k].detach().double().reshape(()) for k in names]).tolist()
     return {k: float(v) for k, v in zip(names, values)}

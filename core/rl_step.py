@@ -94,9 +94,9 @@ def prepare_rollout(args, data: dict, estimator, device, *, num_steps: int, has_
 
     def tensors(rows):
         # one host->device copy for all samples, without a host sync (host_to_device.py), then per-sample views
-        rows = [list(map(float, row)) for row in rows]
-        flat = to_device([x for row in rows for x in row], device, torch.float32)
-        return list(flat.split([len(row) for row in rows]))
+        host = [torch.as_tensor(row, dtype=torch.float32, device="cpu").reshape(-1) for row in rows]
+        flat = to_device(torch.cat(host) if host else torch.zeros(0), device, torch.float32)
+        return list(flat.split([len(row) for row in host]))
 
     n = len(data["tokens"])
     loss_masks = tensors(data["loss_masks"])
