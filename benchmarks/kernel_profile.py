@@ -6,6 +6,7 @@ links a kernel to the op that launched it when it records CPU ops too; ``with_st
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable
@@ -20,6 +21,9 @@ KERNEL_GROUPS = (  # first match wins; names as the CUDA profiler reports them o
     ("reduction", r"reduce|norm|softmax"),
     ("elementwise", r"elementwise|vectorized|unrolled"),
 )
+
+
+_INSTALLED_TORCH = re.compile(r"[/\\](site|dist)-packages[/\\]torch[/\\]")
 
 
 def kernel_groups(kernels: list[tuple[str, float, int]]) -> dict[str, float]:
@@ -58,15 +62,19 @@ def profile_cuda(run: Callable[[], object], *, top: int = 25, origins: bool = Fa
     return result
 
 
-def in_torch_package(frame: str) -> bool:
-    """Whether a profiler stack frame (``/path/file.py(line): function``) is torch's own code: under the
-    imported torch's directory or an installed ``torch`` package (plugrl's ``backends/torch/`` is not)."""
+@functools.cache
+def _torch_root() -> str:
     import os
 
     import torch
 
-    return (frame.startswith(os.path.dirname(torch.__file__) + os.sep)
-            or re.search(r"[/\\](site|dist)-packages[/\\]torch[/\\]", frame) is not None)
+    return os.path.dirname(torch.__file__) + os.sep
+
+
+def in_torch_package(frame: str) -> bool:
+    """Whether a profiler stack frame (``/path/file.py(line): function``) is torch's own code: under the
+    imported torch's directory or an installed ``torch`` package (plugrl's ``backends/torch/`` is not)."""
+    return frame.startswith(_torch_root()) or _INSTALLED_TORCH.search(frame) is not None
 
 
 def source_line(stack: list[str] | None) -> str:

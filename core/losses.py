@@ -53,11 +53,16 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def slab_tokens(vocab: int) -> int:
+    """The most tokens whose ``[tokens, vocab]`` fp32 slab stays within ``CHUNK_ELEMENTS`` (at least 1)."""
+    return max(1, CHUNK_ELEMENTS // max(1, vocab))
+
+
 def token_chunks(num_tokens: int, vocab: int, chunk_size: int | None):
     """``(start, end)`` slices of tokens whose ``[tokens, vocab]`` fp32 slab stays within
     ``CHUNK_ELEMENTS`` (``chunk_size`` tokens each when given)."""
     if chunk_size is None:
-        chunk_size = max(1, CHUNK_ELEMENTS // max(1, vocab))
+        chunk_size = slab_tokens(vocab)
     for start in range(0, num_tokens, chunk_size):
         yield start, min(num_tokens, start + chunk_size)
 

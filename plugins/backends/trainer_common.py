@@ -74,3 +74,12 @@ def response_slices(token_lists: list[list[int]], response_lengths: list[int]) -
         slices.append((end - resp, end))
         offset += len(tokens)
     return slices
+
+
+def response_index(token_lists: list[list[int]], response_lengths: list[int], device) -> torch.Tensor:
+    """The packed row's positions whose logits predict response tokens (``response_slices``, concatenated),
+    built on the host and copied without a host sync; both backends' forward of every micro-batch."""
+    from plugrl.core.host_to_device import to_device
+
+    spans = response_slices(token_lists, response_lengths)
+    return to_device(torch.cat([torch.arange(s, e) for s, e in spans]), device)

@@ -36,7 +36,7 @@ from plugrl.plugins.backends.trainer_common import (
     offload_report,
     resolve_device,
     response_log_probs,
-    response_slices,
+    response_index,
     synced_clock,
 )
 
@@ -304,8 +304,7 @@ class MegatronTrainBackend:
 
         batch = pack_thd(token_lists, self.device, self.pad_multiple)
         logits = self.logits(model, batch)
-        index = to_device(torch.cat([torch.arange(s, e) for s, e in response_slices(token_lists, response_lengths)]),
-                          self.device)
+        index = response_index(token_lists, response_lengths, self.device)
         targets = batch.input_ids[0][index + 1]
         local_vocab = logits.shape[-1]
         return vocab_parallel_log_probs(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 # slices of at most CHUNK_ELEMENTS fp32 logits (256 MiB), as core's log-prob kernels take them
-from plugrl.core.losses import CHUNK_ELEMENTS, accumulation_dtype, token_chunks
+from plugrl.core.losses import CHUNK_ELEMENTS, accumulation_dtype, slab_tokens, token_chunks
 
 from .slice_kernels import kernels
 
@@ -75,7 +75,7 @@ def gemm_token_slice(vocab: int, chunk_tokens: int | None) -> int:
     when given (tests)."""
     if chunk_tokens is not None:
         return chunk_tokens
-    widest = max(1, CHUNK_ELEMENTS // max(1, vocab))
+    widest = slab_tokens(vocab)
     return widest // 128 * 128 if widest >= 128 else widest
 
 

@@ -42,6 +42,7 @@ from ..trainer_common import (  # noqa: F401 - resolve_device and friends stay i
     offload_report,
     resolve_device,
     response_log_probs,
+    response_index,
     response_slices,
     synced_clock,
 )
@@ -191,8 +192,7 @@ class TorchTrainBackend:
     def _forward_response(self, model, token_lists, response_lengths, *, with_entropy: bool):
         inputs = packed_inputs(token_lists, self.device, dense_mask=self.dense_mask, dtype=self.dtype)
         temperature = float(_opt(self.args, "rollout_temperature", 1.0))
-        spans = response_slices(token_lists, response_lengths)
-        index = to_device(torch.cat([torch.arange(s, e) for s, e in spans]), self.device)
+        index = response_index(token_lists, response_lengths, self.device)
         targets = inputs["input_ids"][0][index + 1]
         head = plain_lm_head(model) if self.fused_log_probs != "never" else None
         if head is not None and (self.fused_log_probs == "always" or len(index) * head.out_features > CHUNK_ELEMENTS):
