@@ -651,10 +651,12 @@ def compute_rl_loss(
     return loss, (on_device if metrics_on_device else metrics_to_host(on_device))
 
 
-def metrics_to_host(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    """0-d metric tensors -> floats in one device->host transfer (one sync, not one per metric)."""
-    if not metrics:
-        return {}
-    names = list(metrics)
-    values = torch.stack([metrics[k].detach().double().reshape(()) for k in names]).tolist()
-    return {k: float(v) for k, v in zip(names, values)}
+def metrics_to_host(metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """0-d metric tensors -> floats in one device->host transfer (one sync, not one per metric); values
+    that are already numbers pass through."""
+    on_device = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    host = {k: float(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
+    if on_device:
+        values = torch.stack([metrics[k].detach().double().reshape(()) for k in on_device]).tolist()
+        host.update(zip(on_device, values))
+    return {k: host[k] for k in metrics}

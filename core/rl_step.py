@@ -166,7 +166,7 @@ def add_scaled(total: dict, metrics: dict, scale: float) -> None:
 
 def run_rl_steps(prepared: PreparedRollout, step_positions: list, planned: list[list[list[int]]], *,
                  forward: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor | None]],
-                 zero_grad: Callable[[], None], finish_step: Callable[[dict[str, float]], dict[str, float]],
+                 zero_grad: Callable[[], None], finish_step: Callable[[dict[str, torch.Tensor]], dict],
                  loss_multiplier: float = 1.0, before_step: Callable[[int], None] | None = None,
                  on_micro_batch: Callable[[], None] | None = None) -> dict[str, float]:
     """The optimizer steps of one rollout, shared by the train backends (in each train actor).
@@ -175,11 +175,12 @@ def run_rl_steps(prepared: PreparedRollout, step_positions: list, planned: list[
     their response log-probs and entropy; each micro-batch's loss is scaled by the step's
     ``step_scale`` (so packing never changes the per-sample-mean objective) times ``loss_multiplier``
     (e.g. DP size where the backend's DDP averages gradients) before ``backward``. ``finish_step``
-    reduces over ranks and steps the optimizer, returning the step's metrics with ``grad_norm`` and
-    ``lr``; the result is their mean over steps.
+    gets the step's metrics as 0-d device tensors, reduces over ranks and steps the optimizer, returning
+    the metrics with ``grad_norm`` and ``lr`` (tensors or floats); the result is their mean over steps.
 
-    Nothing here waits for the GPU between micro-batches: their metrics are summed on the device and
-    read once per step, before ``finish_step`` (whose clipping reads the grad norm anyway)."""
+    Nothing here waits for the GPU before the optimizer step has been launched: the micro-batches'
+    metrics are summed on the device and read once per step, after ``finish_step``, so the host
+    queues clipping and the optimizer while the GPU still runs the backward."""
     totals: dict[str, float] = {}
     for step_id, (positions, micro_batches) in enumerate(zip(step_positions, planned)):
         if before_step is not None:
@@ -194,5 +195,5 @@ def run_rl_steps(prepared: PreparedRollout, step_positions: list, planned: list[
             add_scaled(step_metrics, metrics, scale)
             if on_micro_batch is not None:
                 on_micro_batch()
-        add_scaled(totals, finish_step(losses.metrics_to_host(step_metrics)), 1.0 / len(step_positions))
+        add_scaled(totals, losses.metrics_to_host(finish_step(step_metrics)), 1.0 / len(step_positions))
     return totals

@@ -38,3 +38,13 @@ def test_metrics_on_device_equal_the_host_metrics():
     assert all(isinstance(v, torch.Tensor) and v.shape == () and not v.requires_grad for v in dev.values())
     assert losses.metrics_to_host(dev) == host
     assert losses.metrics_to_host({}) == {}
+
+
+def test_metrics_to_host_takes_numbers_beside_tensors_and_keeps_the_order():
+    # finish_step returns the grad norm as a device tensor next to the lr as a float
+    mixed = {"lr": 1e-6, "loss": torch.tensor(0.25, dtype=torch.float64), "grad_norm": torch.tensor([3.0]),
+             "steps": 2}
+    host = losses.metrics_to_host(mixed)
+    assert list(host) == ["lr", "loss", "grad_norm", "steps"]
+    assert host == {"lr": 1e-6, "loss": 0.25, "grad_norm": 3.0, "steps": 2.0}
+    assert all(type(v) is float for v in host.values())

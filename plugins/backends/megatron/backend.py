@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from plugrl.core import losses
 from plugrl.core.gpu_offload import StorageOffload
 from plugrl.core.host_to_device import to_device
 from plugrl.core.packing import plan_micro_batches, split_into_steps
@@ -389,11 +390,11 @@ class MegatronTrainBackend:
             return self._forward_response(self.ddp_model, [tokens[i] for i in mb], [response_lengths[i] for i in mb],
                                           with_entropy=True)
 
-        def finish_step(step_metrics: dict[str, float]) -> dict[str, float]:
+        def finish_step(step_metrics: dict[str, torch.Tensor]) -> dict[str, float]:
             self.optimizer.set_lr(self.base_lr * self.lr_multiplier(self.optimizer_steps))
-            grad_norm = self.optimizer.step()
+            grad_norm = self.optimizer.step()  # megatron's step reads the grad norm on the host itself
             self.optimizer_steps += 1
-            return {**self._sum_over_dp(step_metrics), "grad_norm": grad_norm,
+            return {**self._sum_over_dp(losses.metrics_to_host(step_metrics)), "grad_norm": grad_norm,
                     "lr": self.base_lr * self.lr_multiplier(self.optimizer_steps - 1)}
 
         # Megatron's DDP averages gradients over DP; the step objective is a sum over all of the step's

@@ -257,13 +257,15 @@ class TorchTrainBackend:
                     q.grad.copy_(chunk.view_as(q.grad))
                 bucket, size = [], 0
 
-    def _all_reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+    def _all_reduce_metrics(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The step's 0-d metric tensors summed over ranks, in one collective, left on the device."""
         import torch.distributed as dist
 
         keys = sorted(metrics)
-        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=self.device).reshape(())
+                              for k in keys])
         dist.all_reduce(values)
-        return dict(zip(keys, values.tolist()))
+        return dict(zip(keys, values.unbind()))
 
     def _all_gather_samples(self, local: dict[int, torch.Tensor], n: int) -> list[torch.Tensor]:
         """Per-sample tensors computed by their owning ranks, as one full list on every rank."""
@@ -314,7 +316,7 @@ class TorchTrainBackend:
             return self._forward_response(self.model, [tokens[i] for i in mb], [response_lengths[i] for i in mb],
                                           with_entropy=True)
 
-        def finish_step(step_metrics: dict[str, float]) -> dict[str, float]:
+        def finish_step(step_metrics: dict[str, torch.Tensor]) -> dict:
             if self.world_size > 1:
                 # Each rank holds its share of the step's sum: summing over ranks gives the full step.
                 self._all_reduce_grads()
@@ -323,7 +325,9 @@ class TorchTrainBackend:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer_steps += 1
-            return {**step_metrics, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
+            # the grad norm stays a device tensor: reading it here would idle the GPU while the host
+            # launches the optimizer (run_rl_steps reads all of the step's metrics after this)
+            return {**step_metrics, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
 
         totals = run_rl_steps(prepared, step_positions, planned, forward=forward,
                               zero_grad=lambda: self.optimizer.zero_grad(set_to_none=True), finish_step=finish_step,
