@@ -55,11 +55,51 @@ def profile_cuda(run: Callable[[], object], *, top: int = 25, origins: bool = Fa
     result = {"wall_ms": wall_ms, "kernel_ms": sum(ms for _name, ms, _n in kernels),
               "kernel_groups": kernel_groups(kernels),
               "top_kernels": [(name[:90], ms, n) for name, ms, n in ranked]}
+    events = prof.events()
+    result["idle"] = device_idle(events)
     if origins:
         # by rank, as top_kernels: templated kernels can share the first 90 characters of their names
-        found = kernel_origins(prof.events(), {name for name, _ms, _n in ranked})
+        found = kernel_origins(events, {name for name, _ms, _n in ranked})
         result["origins"] = [found.get(name, []) for name, _ms, _n in ranked]
     return result
+
+
+def device_idle(events, top: int = 6, min_us: float = 20.0) -> dict:
+    """Where the GPU had no work between the profiled call's first and last kernel (or copy):
+    ``{"idle_ms", "gaps": [(ms, kernel after the gap, host op at its start, host op at its end)]}`` for
+    the ``top`` longest gaps of at least ``min_us``, and ``"lead_ms"``, the host time before the first
+    kernel. The host ops (innermost op @ source line, when CPU ops and stacks were recorded) say what
+    the host was doing while the GPU waited: typically a sync at the gap's start and a launch at its end."""
+    from torch.autograd import DeviceType
+
+    device = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                    if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if not device:
+        return {"idle_ms": 0.0, "lead_ms": float("nan"), "gaps": []}
+    host = [e for e in events if e.device_type == DeviceType.CPU and e.time_range.end > e.time_range.start]
+    gaps, busy_until = [], device[0][1]
+    for start, end, name in device[1:]:
+        if start - busy_until >= min_us:
+            gaps.append((busy_until, start, name))
+        busy_until = max(busy_until, end)
+    idle_us = sum(end - start for start, end, _ in gaps)
+    lead_ms = (device[0][0] - min(e.time_range.start for e in host)) / 1e3 if host else float("nan")
+    longest = sorted(gaps, key=lambda g: g[0] - g[1])[:top]
+    return {"idle_ms": idle_us / 1e3, "lead_ms": lead_ms,
+            "gaps": [((end - start) / 1e3, name[:60], host_op_at(host, start), host_op_at(host, end))
+                     for start, end, name in longest]}
+
+
+def host_op_at(host_events, t: float) -> str:
+    """The innermost host op running at time ``t`` (µs) as ``op @ source line``; '-' when none or no
+    CPU ops were recorded."""
+    running = [e for e in host_events if e.time_range.start <= t <= e.time_range.end]
+    if not running:
+        return "-"
+    inner = min(running, key=lambda e: e.time_range.end - e.time_range.start)
+    with_stack = [e for e in running if e.stack]
+    where = source_line(min(with_stack, key=lambda e: e.time_range.end - e.time_range.start).stack) if with_stack else "?"
+    return f"{inner.name} @ {where}"
 
 
 @functools.cache
@@ -105,6 +145,12 @@ def profile_lines(label: str, profiled: dict) -> list[str]:
     lines = [f"{label}: profiled {profiled['wall_ms']:.0f} ms wall, {profiled['kernel_ms']:.0f} ms of kernels "
              f"({profiled['kernel_ms'] / profiled['wall_ms']:.0%} of the wall; streams overlap): "
              + ", ".join(f"{g} {ms:.0f}" for g, ms in profiled["kernel_groups"].items())]
+    idle = profiled.get("idle")
+    if idle:
+        lines.append(f"  {label:<16} GPU idle {idle['idle_ms']:.1f} ms between its first and last kernel"
+                     f" ({len(idle['gaps'])} longest gaps below); host before the first kernel {idle['lead_ms']:.1f} ms")
+        lines += [f"  {'':<16} gap {ms:7.2f} ms before {name}; host: {at_start} -> {at_end}"
+                  for ms, name, at_start, at_end in idle["gaps"]]
     origins = profiled.get("origins") or [[] for _ in profiled["top_kernels"]]
     for (name, ms, count), launched_by in zip(profiled["top_kernels"], origins):
         lines.append(f"  {label:<16} {ms:9.1f} ms {count:6d}x  {name}")

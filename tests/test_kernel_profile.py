@@ -9,7 +9,7 @@ from torch.autograd.profiler_util import FunctionEvent
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from kernel_profile import kernel_origins, profile_lines, source_line  # noqa: E402
+from kernel_profile import device_idle, kernel_origins, profile_lines, source_line  # noqa: E402
 
 
 def _op(name, stack, kernels, event_id):
@@ -56,3 +56,40 @@ def test_kernels_are_attributed_to_their_launching_ops_by_time():
     at = lines.index(next(line for line in lines if line.endswith("copy_kernel")))
     assert "<- aten::copy_ @" in lines[at + 1] and "0.5 ms" in lines[at + 1]
     assert "<- aten::clone @" in lines[at + 2]
+
+
+def _timed(name, start_us, end_us, device, stack=None):
+    from torch.autograd import DeviceType
+
+    return FunctionEvent(id=0, name=name, thread=0, start_us=start_us, end_us=end_us, stack=stack,
+                         device_type=DeviceType.CUDA if device else DeviceType.CPU)
+
+
+def test_device_idle_sums_the_gaps_between_kernels_and_names_the_host_ops_around_them():
+    sync_line = ["/p/core/rl_step.py(197): run_rl_steps"]
+    launch_line = ["/p/plugins/backends/torch/trainer.py(323): finish_step"]
+    events = [
+        _timed("python step", 0, 1000, device=False, stack=["/b/train_throughput.py(9): step"]),
+        _timed("aten::item", 380, 420, device=False, stack=sync_line),
+        _timed("cudaStreamSynchronize", 385, 415, device=False),  # innermost at the gap's start, no stack
+        _timed("aten::_fused_adamw_", 590, 640, device=False, stack=launch_line),
+        _timed("gemm", 100, 300, device=True),
+        _timed("copy", 250, 400, device=True),   # overlaps the gemm: no gap between them
+        _timed("small", 410, 400 + 10 + 5, device=True),  # 10 us after: below min_us, not a gap
+        _timed("adam", 600, 700, device=True),   # 185 us after "small" ends at 415
+        _timed("norm", 730, 800, device=True),   # 30 us gap
+    ]
+    idle = device_idle(events, top=1)
+    assert abs(idle["idle_ms"] - (0.185 + 0.030)) < 1e-9  # gaps of >= 20 us only
+    assert abs(idle["lead_ms"] - 0.1) < 1e-9               # host ran 100 us before the first kernel
+    assert len(idle["gaps"]) == 1
+    ms, after, at_start, at_end = idle["gaps"][0]
+    assert abs(ms - 0.185) < 1e-9 and after == "adam"
+    # the gap starts at 415 (cudaStreamSynchronize runs then, under aten::item) and ends at 600 (the launch)
+    assert at_start == f"cudaStreamSynchronize @ {sync_line[0]}"
+    assert at_end == f"aten::_fused_adamw_ @ {launch_line[0]}"
+    assert device_idle([])["gaps"] == [] and device_idle([])["idle_ms"] == 0.0
+
+    lines = profile_lines("torch", {"wall_ms": 1.0, "kernel_ms": 0.5, "kernel_groups": {}, "top_kernels": [],
+                                    "idle": idle})
+    assert "GPU idle 0.2 ms" in lines[1] and "before adam" in lines[2] and "aten::_fused_adamw_" in lines[2]
