@@ -59,7 +59,89 @@ def test_values_and_gradients_equal_autograd_through_full_logits(tokens, vocab, 
         (hidden, weight))
 
 
-def test_compiled_slice_kernels_match_autograd_and_compile_once_for_every_length():
+# (columns kept, vocab block): all 11 columns, 5 then blocks of 4, 3 then blocks of the default size
+@pytest.mark.parametrize("budget_columns,block", [(11, None), (5, 4), (3, None)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_a_kept_gradient_basis_gives_autograds_gradients_and_skips_the_recomputed_logits(
+        budget_columns, block, temperature, monkeypatch):
+    """``grad_cache_bytes``: the forward keeps the first columns' ``onehot − softmax`` (fp64 here), the
+    backward takes their gradients from it (no logits recomputed for them) and recomputes the rest;
+    gradients equal autograd through the full logits (gradcheck), with the entropy used as a metric
+    only or, which recomputes every column, in the loss too."""
+    from plugrl.plugins.backends.torch import fused_log_probs
+
+    tokens, vocab = 7, 11
+    budget = tokens * budget_columns * 8  # fp64 inputs
+    assert fused_log_probs.cached_basis_columns(tokens, vocab, 8, budget) == budget_columns
+    _matches_autograd(tokens, vocab, 5, 0, temperature, vocab_block=block, grad_cache_bytes=budget)
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(tokens, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(vocab, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,), generator=gen)
+    assert torch.autograd.gradcheck(
+        lambda h, w: linear_log_probs(h, w, targets, temperature=temperature, with_entropy=True, vocab_block=block,
+                                      grad_cache_bytes=budget)[0], (hidden, weight))
+
+    recomputed = []  # the vocabulary rows whose logits the backward recomputes
+    slice_logits = fused_log_probs.slice_logits
+    monkeypatch.setattr(fused_log_probs, "slice_logits",
+                        lambda h, w, acc: recomputed.append(w.shape[0]) or slice_logits(h, w, acc))
+    lp, _ = linear_log_probs(hidden, weight, targets, temperature=temperature, with_entropy=True,
+                             vocab_block=block, grad_cache_bytes=budget)
+    recomputed.clear()
+    lp.sum().backward()
+    assert sum(recomputed) == vocab - budget_columns
+
+
+def test_no_gradient_basis_is_kept_without_a_budget_room_or_a_backward():
+    from plugrl.plugins.backends.torch.fused_log_probs import cached_basis_columns
+
+    assert cached_basis_columns(8192, 151936, 2, 4 * 2**30) == 151936  # the 4B shape: 2.3 GiB fits 4
+    assert cached_basis_columns(8192, 151936, 2, 2**30) == 65536  # 1 GiB: whole 128-column tiles
+    assert cached_basis_columns(8192, 151936, 2, 0) == 0
+    assert cached_basis_columns(20, 11, 4, 10**9) == 0  # more tokens than vocabulary: token-slice backward
+    assert cached_basis_columns(0, 11, 4, 10**9) == 0
+
+
+def test_the_basis_is_written_only_for_a_backward(monkeypatch):
+    """Under no_grad (the old-policy and reference log-probs) the forward keeps nothing, whatever the budget."""
+    from plugrl.plugins.backends.torch import fused_log_probs
+
+    written = []
+    monkeypatch.setattr(fused_log_probs, "grad_basis_kernel",
+                        lambda compiled: lambda z, *rest: written.append(z.shape))
+    hidden, weight, targets = torch.randn(4, 3), torch.randn(9, 3), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        linear_log_probs(hidden, weight, targets, grad_cache_bytes=10**9)
+    assert written == []
+    linear_log_probs(hidden.requires_grad_(), weight, targets, grad_cache_bytes=10**9)
+    assert written == [(4, 9)]
+
+
+def test_the_compiled_basis_kernel_matches_autograd_in_one_graph(fresh_compiles):
+    from torch._dynamo.utils import counters
+
+    from plugrl.plugins.backends.torch import slice_kernels
+
+    counters.clear()
+    for n in (13, 17, 9):  # first 8 of 19 columns kept, the rest in blocks of 7
+        _matches_autograd(n, 19, 6, n, 0.7, chunk_tokens=5, vocab_block=7, compiled=True, grad_cache_bytes=n * 8 * 8)
+        assert not slice_kernels._failed, slice_kernels._failed
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])  # forward, gradient, basis
+
+
+@pytest.fixture
+def fresh_compiles():
+    """The slice kernels compiled anew in this test (another test may have compiled them already)."""
+    from plugrl.plugins.backends.torch import slice_kernels
+
+    torch._dynamo.reset()
+    slice_kernels._compiled.cache_clear()
+    slice_kernels._compiled_basis.cache_clear()
+    yield
+
+
+def test_compiled_slice_kernels_match_autograd_and_compile_once_for_every_length(fresh_compiles):
     """--compile-log-prob-slices: the slice kernels under torch.compile (inductor's C++ backend here, Triton
     on CUDA) give autograd's values and gradients through the full logits, for micro-batches of four
     lengths, slabs of many shapes and both backward orientations, from one graph per kernel (no
@@ -83,18 +165,20 @@ CUDA_COMPILED = pytest.param("cuda", True, marks=ON_CUDA, id="cuda-compiled")
 
 
 @pytest.mark.parametrize("device,compiled", [("cpu", False), CUDA_EAGER, CUDA_COMPILED])
-def test_bf16_gradients_accumulate_over_slices_like_an_fp64_reference(device, compiled):
+@pytest.mark.parametrize("kept_columns", [0, 40, 96])
+def test_bf16_gradients_accumulate_over_slices_like_an_fp64_reference(device, compiled, kept_columns):
     """bf16 operands: logits in fp32 (on CUDA straight from the GEMM), the backward over 4 vocabulary
     blocks (each block's LM-head gradient written by one GEMM, the hidden states' gradient summed over
-    blocks in fp32: on CUDA inside the GEMM, on CPU by a cast and add); log-probs and gradients match
-    autograd through the full fp64 logits of the same values."""
+    blocks in fp32: on CUDA inside the GEMM, on CPU by a cast and add), or over a kept bf16 gradient
+    basis for the first 40 or all 96 columns; log-probs and gradients match autograd through the full
+    fp64 logits of the same values."""
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(64, 32, generator=gen).to(device, torch.bfloat16).requires_grad_()
     weight = (0.3 * torch.randn(96, 32, generator=gen)).to(device, torch.bfloat16).requires_grad_()
     targets = torch.randint(0, 96, (64,), generator=gen).to(device)
     g_lp = torch.randn(64, generator=gen).to(device)
     lp, _ = linear_log_probs(hidden, weight, targets, temperature=0.7, chunk_tokens=8, vocab_block=24,
-                             compiled=compiled)
+                             compiled=compiled, grad_cache_bytes=64 * kept_columns * 2)
     grad_hidden, grad_weight = torch.autograd.grad((lp * g_lp).sum(), (hidden, weight))
     assert grad_weight.dtype == torch.bfloat16
 
@@ -167,10 +251,20 @@ def test_the_backend_forward_equals_full_logits(checkpoint, with_entropy):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_grpo_step_with_the_fused_path_equals_the_full_logits_step(checkpoint):
-    """One step's gradients (lr 0; with an entropy term and gradient checkpointing) and metrics."""
-    args = dict(micro_batch_size=2, entropy_coef=0.01, gradient_checkpointing=True)
-    fused, metrics = _grads_after_one_step(checkpoint, fused_log_probs="always", **args)
+@pytest.mark.parametrize("entropy_coef,grad_cache", [(0.01, None), (0.0, "1"), (0.01, "1")])
+def test_a_grpo_step_with_the_fused_path_equals_the_full_logits_step(checkpoint, entropy_coef, grad_cache,
+                                                                    monkeypatch):
+    """One step's gradients (lr 0; with gradient checkpointing, with an entropy term or without) and
+    metrics; ``--log-prob-grad-cache 1`` keeps the whole gradient basis of these micro-batches (1 GiB)."""
+    from plugrl.plugins.backends.torch import fused_log_probs
+
+    kept = []
+    basis_kernel = fused_log_probs.grad_basis_kernel
+    monkeypatch.setattr(fused_log_probs, "grad_basis_kernel", lambda compiled: kept.append(1) or basis_kernel(compiled))
+    args = dict(micro_batch_size=2, entropy_coef=entropy_coef, gradient_checkpointing=True)
+    fused, metrics = _grads_after_one_step(checkpoint, fused_log_probs="always", log_prob_grad_cache=grad_cache,
+                                           **args)
+    assert bool(kept) == (grad_cache is not None)  # 'auto' on CPU keeps nothing
     full, ref_metrics = _grads_after_one_step(checkpoint, fused_log_probs="never", **args)
     assert fused.keys() == full.keys() and len(full) > 10
     for name, grad in full.items():

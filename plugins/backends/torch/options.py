@@ -27,6 +27,14 @@ def plugrl_add_options(parser):
              "a failed compile falls back to eager with a warning",
     )
     g.add_argument(
+        "--log-prob-grad-cache", default=None, metavar="{auto,off,GiB}",
+        help="the fused log-probs keep up to this much of their gradient basis (onehot - softmax, bf16) from a "
+             "micro-batch's forward for its backward, whose LM-head work then takes two GEMMs instead of three "
+             "(plugins/backends/torch/fused_log_probs.py): 'auto' (default) on CUDA up to 4 GiB and at most half "
+             "the GPU memory free when the train step starts, nothing on CPU or with a nonzero --entropy-coef "
+             "(whose gradient recomputes the logits anyway); 'off'; or a size in GiB (e.g. 2.5)",
+    )
+    g.add_argument(
         "--liger-kernels", choices=liger.MODES, default=None,
         help="Liger's Triton kernels for RoPE, RMSNorm and SwiGLU in the HF model (plugins/backends/torch/liger.py): "
              "'auto' (default) on CUDA when liger-kernel is installed and knows the architecture, 'on' (an error "
@@ -34,6 +42,44 @@ def plugrl_add_options(parser):
     )
 
 
+AUTO_GRAD_CACHE_GIB = 4.0  # 'auto''s cap: the 4B shape's 9k-token micro-batch needs 2.3 GiB
+
+
+def grad_cache_gib(value) -> float | None:
+    """``--log-prob-grad-cache`` as GiB (None for 'auto' or unset); raises ValueError naming the flag."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    if str(value).strip().lower() == "off":
+        return 0.0
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = float("nan")
+    if not 0 <= gib < float("inf"):
+        raise ValueError(f"--log-prob-grad-cache {value!r}: use auto, off or a size in GiB >= 0 (e.g. 2.5)")
+    return gib
+
+
+def grad_cache_bytes(value, device, entropy_coef: float) -> int:
+    """The fused log-probs' ``grad_cache_bytes`` for a train step starting now on ``device``; called by the
+    torch backend once per train call (the budget is read before the micro-batches allocate anything)."""
+    gib = grad_cache_gib(value)
+    if gib is not None:
+        return int(gib * 2**30)
+    if device.type != "cuda" or float(entropy_coef) != 0.0:
+        return 0
+    import torch
+
+    free, _total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the allocator's spare
+    return int(min(AUTO_GRAD_CACHE_GIB * 2**30, free // 2))
+
+
 def backend_problems(config) -> list[str]:
     """The torch backend's config check, on the driver (``--dry-run`` too)."""
-    return liger.driver_problems(config.liger_kernels, config.device)
+    problems = liger.driver_problems(config.liger_kernels, config.device)
+    try:
+        grad_cache_gib(getattr(config, "log_prob_grad_cache", None))
+    except ValueError as exc:
+        problems.append(str(exc))
+    return problems

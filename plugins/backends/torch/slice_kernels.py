@@ -59,6 +59,18 @@ def slice_grad(z: torch.Tensor, lse: torch.Tensor, mean_z: torch.Tensor | None, 
     return grad.to(out_dtype)
 
 
+def slice_grad_basis(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, inv_temperature: float,
+                     out: torch.Tensor) -> None:
+    """``out = onehot(target) − softmax(z')`` for the columns of ``z`` given (a leading block of the
+    vocabulary; targets outside it match no column), in ``out``'s dtype: the log-probs' gradient per
+    logit up to each token's scalar, kept from the forward so the backward needs no recomputed logits
+    (fused_log_probs.py, ``grad_cache_bytes``). Runs once per slice in the forward, after slice_forward."""
+    if inv_temperature != 1.0:
+        z = z * inv_temperature
+    onehot = torch.arange(z.shape[-1], device=z.device)[None, :] == targets[:, None]
+    out.copy_(onehot.to(z.dtype) - torch.exp(z - lse[:, None]))
+
+
 _GROUP = CompileGroup("fused log-probs: compiling the slice kernels", "--compile-log-prob-slices off skips the attempt")
 _failed = _GROUP.failed  # the first compile error, after which this process runs the eager functions
 
@@ -71,9 +83,22 @@ def _compiled():
             _GROUP.compile(slice_grad, dynamic=True, fullgraph=True))
 
 
+@functools.cache
+def _compiled_basis():
+    return _GROUP.compile(slice_grad_basis, dynamic=True, fullgraph=True)
+
+
 def kernels(compiled: bool):
     """-> ``(forward, grad)``: the compiled pair when ``compiled`` and no compile has failed in this
     process yet, else the eager functions. Called by the fused log-probs per micro-batch."""
     if not compiled or _failed:
         return slice_forward, slice_grad
     return _compiled()
+
+
+def grad_basis_kernel(compiled: bool):
+    """``slice_grad_basis``, compiled as ``kernels`` decides; called by the fused log-probs' forward when
+    it keeps the gradient basis."""
+    if not compiled or _failed:
+        return slice_grad_basis
+    return _compiled_basis()

@@ -36,6 +36,7 @@ from plugrl.core.weight_buckets import WeightBuckets
 from . import liger
 from ..state_memory import state_bytes
 from .fused_log_probs import CHUNK_ELEMENTS, linear_log_probs, plain_lm_head
+from .options import grad_cache_bytes
 
 from ..trainer_common import (  # noqa: F401 - resolve_device and friends stay importable from here
     lr_lambda_factory,
@@ -160,6 +161,7 @@ class TorchTrainBackend:
         self.fused_log_probs = getattr(args, "fused_log_probs", None) or "auto"
         compile_slices = getattr(args, "compile_log_prob_slices", None) or "auto"
         self.compile_log_prob_slices = compile_slices == "on" or (compile_slices == "auto" and self.device.type == "cuda")
+        self.grad_cache_bytes = 0  # the fused log-probs' kept gradient basis, set per train call
         self.estimator = estimator
         self.ref_model = None
         if self._needs_ref():
@@ -200,7 +202,7 @@ class TorchTrainBackend:
             # slice the full logits are small and the backward's recomputation would cost more than it saves.
             hidden = model.model(**inputs).last_hidden_state[0][index]
             return linear_log_probs(hidden, head.weight, targets, temperature=temperature, with_entropy=with_entropy,
-                                    compiled=self.compile_log_prob_slices)
+                                    compiled=self.compile_log_prob_slices, grad_cache_bytes=self.grad_cache_bytes)
         selected = response_logits(model, inputs, index)
         log_probs = losses.log_probs_from_logits(selected, targets, temperature)
         entropy = losses.entropy_from_logits(selected, temperature) if with_entropy else None
@@ -309,6 +311,8 @@ class TorchTrainBackend:
                                    gather=self._all_gather_samples)
         log_probs_done = synced_clock(self.device)
         self.model.train()
+        self.grad_cache_bytes = grad_cache_bytes(getattr(args, "log_prob_grad_cache", None), self.device,
+                                                 float(_opt(args, "entropy_coef", 0.0)))
         planned = [self._micro_batches(share, lengths) for share in step_shares]
         self.progress = (0, sum(len(p) for p in planned))
 
