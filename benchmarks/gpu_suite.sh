@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_suite.sh tests     # the GPU tests, lanes in parallel; a table of lane results
 #   bash benchmarks/gpu_suite.sh engine    # the engine vs generate at the 4B shape, one row set per decode
 #                                          # attention (ATTENTION) and compile_decode (COMPILE) value
-#   bash benchmarks/gpu_suite.sh train     # one train step at the 4B shape: transformers+Liger vs the torch backend
+#   bash benchmarks/gpu_suite.sh train     # one train step at the 4B shape: transformers+Liger vs the torch backend (and without its grad cache)
 #                                          # (PROFILE=1: with every row's kernel profile)
 #   bash benchmarks/gpu_suite.sh megatron4b  # the megatron backend's 4B rows of issue 17 (H200)
 #   RECIPE=1 bash benchmarks/gpu_suite.sh recipe   # the 4B recipe test (H200 + 128 GiB host RAM)
@@ -106,7 +106,7 @@ PY
   train)
     # PROFILE=1 adds every row's kernel profile (the baselines' too), each top kernel with the ops and lines that launched it
     (cd benchmarks && bounded python train_throughput.py --model 4b --steps 3 --checkpoint-cache "$MODELS" \
-      --backends "${BACKENDS:-transformers+liger,torch}" $([[ ${PROFILE:-0} == 1 ]] && echo --profile --profile-origins --top 30)) \
+      --backends "${BACKENDS:-transformers+liger,torch,torch-no-grad-cache}" $([[ ${PROFILE:-0} == 1 ]] && echo --profile --profile-origins --top 30)) \
       >"$OUT/train.log" 2>&1
     echo "train benchmark rc=$?"
     grep -E "(s/step|tok/s|vs |^\|)" "$OUT/train.log" | tail -12

@@ -25,7 +25,9 @@ of the packed attention implementations (fwd + bwd).
 from full logits) and ``always`` (from hidden states in slices, fused_log_probs.py); ``torch`` is its
 default, ``auto`` (fused when a micro-batch's logits exceed one slice, as at the 4B shape), with Liger's
 RoPE / RMSNorm / SwiGLU kernels on CUDA when liger-kernel is installed; ``torch-no-liger`` turns those off.
-``torch-eager-slices`` runs the fused log-probs' per-slice kernels eagerly (``--compile-log-prob-slices off``).
+``torch-eager-slices`` runs the fused log-probs' per-slice kernels eagerly (``--compile-log-prob-slices off``);
+``torch-no-grad-cache`` keeps no gradient basis from their forward (``--log-prob-grad-cache off``: the
+backward recomputes the logits).
 ``--megatron-tp``/``--megatron-dp`` run the megatron backend on TP x DP GPUs (one process each); with DP
 every data-parallel rank trains its own ``--tokens`` micro-batch, so tokens/s per GPU stay comparable.
 ``--megatron-unfused`` runs its elementwise kernels unfused (the ``--no-*-fusion`` flags), the baseline
@@ -80,6 +82,8 @@ def backend_args(checkpoint: str, backend: str, tokens: int, *, device: str = "c
         return SimpleNamespace(**common, gradient_checkpointing=True, fused_log_probs="always")
     if backend == "torch-eager-slices":  # the fused log-probs' slice kernels run eagerly (not compiled)
         return SimpleNamespace(**common, gradient_checkpointing=True, compile_log_prob_slices="off")
+    if backend == "torch-no-grad-cache":  # the fused log-probs recompute every logit in the backward
+        return SimpleNamespace(**common, gradient_checkpointing=True, log_prob_grad_cache="off")
     if backend == "torch-no-liger":  # the torch backend without Liger's RoPE / RMSNorm / SwiGLU kernels
         return SimpleNamespace(**common, gradient_checkpointing=True, liger_kernels="off")
     # fp32 grad buffers as slime's recipe sets (--accumulate-allreduce-grads-in-fp32): with bf16 buffers
@@ -297,7 +301,8 @@ def main() -> None:
                              "with K > 1")
     parser.add_argument("--backends", default="transformers,transformers+liger,torch,megatron",
                         help="rows to run, in order: the baselines " + ", ".join(BASELINES)
-                        + ", then torch, torch-fused, torch-full-logits, torch-eager-slices, torch-no-liger, megatron")
+                        + ", then torch, torch-fused, torch-full-logits, torch-eager-slices, torch-no-grad-cache, torch-no-liger, "
+                        "megatron")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per backend with --profile")
     parser.add_argument("--profile-origins", action="store_true",

@@ -18,12 +18,13 @@ def test_train_throughput_smoke_run_on_cpu(tmp_path):
     out = tmp_path / "rows.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny", "--device", "cpu", "--tokens", "256",
                            "--samples", "4", "--response", "16", "--steps", "1",
-                           "--backends", "torch,torch-fused,torch-full-logits,megatron",
+                           "--backends", "torch,torch-fused,torch-full-logits,torch-no-grad-cache,megatron",
                            "--megatron-tp", "2", "--json", str(out)],
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["backend"]: r for r in json.loads(out.read_text())}
-    assert set(rows) == {"torch", "torch-fused", "torch-full-logits", "megatron tp2"}, proc.stderr[-3000:]
+    assert set(rows) == {"torch", "torch-fused", "torch-full-logits", "torch-no-grad-cache", "megatron tp2"}, \
+        proc.stderr[-3000:]
     assert rows["torch-full-logits"]["params"] == rows["torch-fused"]["params"] == rows["torch"]["params"]
     assert rows["megatron tp2"]["gpus"] == 2 and rows["torch"]["gpus"] == 1
     # TP shards summed over ranks, replicated weights once: the HF model's count plus megatron's
