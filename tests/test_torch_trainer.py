@@ -100,6 +100,24 @@ def test_the_packed_attention_refuses_a_padding_mask():
         packed_attention_forward(None, q, q, q, torch.ones(2, 1, 3, 3, dtype=torch.bool))
 
 
+def test_the_packed_attention_passes_gradients_back_as_views(checkpoint):
+    """The backward of a packed train forward makes no ``select_backward`` (which writes each layer's
+    Q/K/V gradient into a zero-filled tensor, a strided copy that RoPE's and the V projection's backward
+    then copy back; on CUDA 6 copy kernels per layer): the attention function and the response
+    selection take the packed row's batch dimension away with views. Counted as the ops the CPU
+    profiler records; the GPU test counts the copy kernels (test_packed_attention_gpu.py)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    backend = TorchTrainBackend(make_args(checkpoint, fused_log_probs="always"), estimator=GRPOEstimator(None))
+    seqs, resp = random_sequences(seed=4)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        log_probs, _ = backend._forward_response(backend.model, seqs, resp, with_entropy=False)
+        log_probs.sum().backward()
+    names = [e.name for e in prof.events()]
+    assert "aten::scaled_dot_product_attention" in names  # the packed attention ran (CPU: SDPA per sample)
+    assert "aten::select_backward" not in names
+
+
 @pytest.mark.parametrize("style", ["constant", "linear", "cosine"])
 def test_lr_schedule_closed_forms(style):
     import math

@@ -78,5 +78,5 @@ def attention_within_segments(query: torch.Tensor, key: torch.Tensor, value: tor
         v = value[start:end].transpose(0, 1)[None]
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout,
                                                              enable_gqa=groups > 1)
-        out[start:end] = o[0].transpose(0, 1)
+        out[start:end] = o.squeeze(0).transpose(0, 1)  # squeeze: a view backward (o[0]'s would copy)
     return out

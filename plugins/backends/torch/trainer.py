@@ -111,8 +111,8 @@ def response_logits(model, inputs: dict, index: torch.Tensor) -> torch.Tensor:
     take), not on every prompt token: at 4B scale a full row of logits is ~0.3 MB per token in bf16,
     plus as much again for its gradient. Models whose forward lacks it get the full row, then index."""
     if _takes_logits_to_keep(type(model)):
-        return model(**inputs, logits_to_keep=index).logits[0]
-    return model(**inputs).logits[0][index]
+        return model(**inputs, logits_to_keep=index).logits.squeeze(0)
+    return model(**inputs).logits.squeeze(0)[index]
 
 
 @functools.cache
@@ -200,7 +200,7 @@ class TorchTrainBackend:
         if head is not None and (self.fused_log_probs == "always" or len(index) * head.out_features > CHUNK_ELEMENTS):
             # log-probs from hidden states in slices: no [tokens, vocab] logits (fused_log_probs.py). Below one
             # slice the full logits are small and the backward's recomputation would cost more than it saves.
-            hidden = model.model(**inputs).last_hidden_state[0][index]
+            hidden = model.model(**inputs).last_hidden_state.squeeze(0)[index]  # squeeze: no select backward
             return linear_log_probs(hidden, head.weight, targets, temperature=temperature, with_entropy=with_entropy,
                                     compiled=self.compile_log_prob_slices, grad_cache_bytes=self.grad_cache_bytes)
         selected = response_logits(model, inputs, index)
