@@ -41,7 +41,7 @@ def plain_lm_head(model) -> torch.nn.Linear | None:
 
 def slice_logits(hidden: torch.Tensor, weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """``hidden·Wᵀ`` for one slice of tokens, in ``acc`` (fp32, or fp64 for fp64 inputs); runs once
-    per slice in the forward and again in the backward. The temperature is applied by the slice
+    per slice in the forward and again in the backward for the vocabulary columns not kept. The temperature is applied by the slice
     kernels (slice_kernels.py), fused with their first read.
 
     bf16/fp16 on CUDA: the GEMM writes fp32 itself (``out_dtype``), sparing a half-precision slab and
@@ -165,7 +165,8 @@ class _LinearLogProbs(torch.autograd.Function):
 # that sum once, so the smaller one is accumulated: vocabulary blocks when n <= V, as in RL training
 # (at the 4B shape a 9k-token micro-batch's ∂/∂h is 94 MB against the LM head's 1.56 GB, which token
 # slices re-read and re-wrote ~21 times per step). The other gradient is written once per slab, by
-# its GEMM, in the weights' dtype.
+# its GEMM, in the weights' dtype. Vocabulary columns whose gradient basis the forward kept
+# (``grad_cache_bytes``) skip the recomputation: their g is the basis scaled per token.
 
 def _backward_by_vocab_blocks(ctx, hidden, weight, targets, lse, mean_z, grad_log_probs, grad_entropy, basis=None):
     _, grad_slab = kernels(ctx.compiled)
