@@ -24,6 +24,10 @@ KERNEL_GROUPS = (  # first match wins; names as the CUDA profiler reports them o
 
 
 _INSTALLED_TORCH = re.compile(r"[/\\](site|dist)-packages[/\\]torch[/\\]")
+# the profiler's Python stacks name files relative to the sys.path entry they were found under
+# ("torch/nn/modules/linear.py(130): forward") and include entries that are no source line
+# ("<built-in function linear>", "nn.Module: Linear_0")
+_SOURCE_FRAME = re.compile(r"\.py\(\d+\)")
 
 
 def kernel_groups(kernels: list[tuple[str, float, int]]) -> dict[str, float]:
@@ -45,7 +49,7 @@ def profile_cuda(run: Callable[[], object], *, top: int = 25, origins: bool = Fa
 
     activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if origins else [])
     start = time.perf_counter()
-    with profile(activities=activities, with_stack=origins) as prof:
+    with profile(activities=activities, **(stack_options() if origins else {})) as prof:
         run()
     wall_ms = (time.perf_counter() - start) * 1e3
     # kernels only: with CPU ops recorded, an op's device time repeats its kernels'
@@ -102,6 +106,14 @@ def host_op_at(host_events, t: float) -> str:
     return f"{inner.name} @ {where}"
 
 
+def stack_options() -> dict:
+    """``torch.profiler.profile`` arguments that record each op's Python stack: ``with_stack`` alone
+    records none on torch 2.11 to 2.13 (pytorch issue 100253); the verbose experimental config does."""
+    from torch._C._profiler import _ExperimentalConfig
+
+    return {"with_stack": True, "experimental_config": _ExperimentalConfig(verbose=True)}
+
+
 @functools.cache
 def _torch_root() -> str:
     import os
@@ -114,13 +126,14 @@ def _torch_root() -> str:
 def in_torch_package(frame: str) -> bool:
     """Whether a profiler stack frame (``/path/file.py(line): function``) is torch's own code: under the
     imported torch's directory or an installed ``torch`` package (plugrl's ``backends/torch/`` is not)."""
-    return frame.startswith(_torch_root()) or _INSTALLED_TORCH.search(frame) is not None
+    return (frame.startswith(_torch_root()) or frame.startswith(("torch/", "torch\\"))
+            or _INSTALLED_TORCH.search(frame) is not None)
 
 
 def source_line(stack: list[str] | None) -> str:
     """The innermost frame of ``stack`` outside torch itself (the model, plugrl or library code that
     called the op), else the innermost frame, else '?'."""
-    frames = stack or []
+    frames = [f for f in stack or [] if _SOURCE_FRAME.search(f)]
     outside = [f for f in frames if not in_torch_package(f)]
     return (outside or frames or ["?"])[0]
 

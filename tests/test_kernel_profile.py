@@ -9,7 +9,7 @@ from torch.autograd.profiler_util import FunctionEvent
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from kernel_profile import device_idle, kernel_origins, profile_lines, source_line  # noqa: E402
+from kernel_profile import device_idle, kernel_origins, profile_lines, source_line, stack_options  # noqa: E402
 
 
 def _op(name, stack, kernels, event_id):
@@ -31,6 +31,12 @@ def test_source_line_skips_torch_frames_but_not_plugrls_torch_backend():
         == "/m/modeling_qwen3.py(88): forward"
     assert source_line(["/x/site-packages/torch/a.py(1): g"]) == "/x/site-packages/torch/a.py(1): g"
     assert source_line(None) == source_line([]) == "?"
+    # the verbose profiler's stacks: paths relative to their sys.path entry, and entries that are no line
+    assert source_line(["<built-in function linear>", "torch/nn/modules/linear.py(130): forward",
+                        "nn.Module: Linear_0", "plugrl/plugins/backends/torch/trainer.py(203): _forward_response"]) \
+        == "plugrl/plugins/backends/torch/trainer.py(203): _forward_response"
+    assert source_line(["<built-in function linear>", "torch/nn/modules/linear.py(130): forward"]) \
+        == "torch/nn/modules/linear.py(130): forward"
 
 
 def test_kernels_are_attributed_to_their_launching_ops_by_time():
@@ -93,3 +99,20 @@ def test_device_idle_sums_the_gaps_between_kernels_and_names_the_host_ops_around
     lines = profile_lines("torch", {"wall_ms": 1.0, "kernel_ms": 0.5, "kernel_groups": {}, "top_kernels": [],
                                     "idle": idle})
     assert "GPU idle 0.2 ms" in lines[1] and "before adam" in lines[2] and "aten::_fused_adamw_" in lines[2]
+
+
+def _linear_here(layer, x):
+    return layer(x)  # the line the profiled op must be attributed to
+
+
+def test_the_recorded_stacks_name_the_calling_line_outside_torch():
+    """A real profile (CPU ops) with ``stack_options``: the op a linear layer runs is attributed to the line
+    in this file that called the layer, past torch's own frames."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    layer = torch.nn.Linear(8, 8)
+    with profile(activities=[ProfilerActivity.CPU], **stack_options()) as prof:
+        _linear_here(layer, torch.randn(2, 8))
+    lines = {source_line(e.stack) for e in prof.events() if e.name == "aten::addmm"}
+    assert len(lines) == 1 and "test_kernel_profile.py(" in lines.pop()
