@@ -108,11 +108,11 @@ async def waves(engine, first, second, params):
 def test_buckets():
     assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 33, 129, 256)] == [1, 2, 4, 8, 8, 16, 48, 160, 256]
     assert all(batch_bucket(n) >= n and batch_bucket(batch_bucket(n)) == batch_bucket(n) for n in range(1, 600))
-    # the engine option kv_bucket sets the smallest bucket (default 64): multiples of it up to 4x, then <= 25% over
-    assert [kv_bucket(n) for n in (1, 64, 65, 257, 300, 512, 513, 5000)] == [64, 64, 128, 320, 320, 512, 640, 5120]
-    assert all(n <= kv_bucket(n) <= n + max(63, n // 4) and kv_bucket(n) % 64 == 0 for n in range(1, 5000))
-    assert [kv_bucket(n, 256) for n in (1, 256, 257, 512, 2049, 5000)] == [256, 256, 512, 512, 2560, 5120]
-    assert all(n <= kv_bucket(n, 256) <= n + max(255, n // 4) for n in range(1, 20000, 7))  # <= 25% over past 1k
+    assert [kv_bucket(n) for n in (1, 256, 257, 512, 2049, 5000)] == [256, 256, 512, 512, 2560, 5120]
+    assert all(n <= kv_bucket(n) <= n + max(255, n // 4) for n in range(1, 20000, 7))  # <= 25% over past 1k
+    # the engine option kv_bucket sets the smallest bucket: multiples of it up to 4x, then as above
+    assert [kv_bucket(n, 64) for n in (1, 64, 65, 257, 300, 512, 513, 5000)] == [64, 64, 128, 320, 320, 512, 640, 5120]
+    assert all(n <= kv_bucket(n, 64) <= n + max(63, n // 4) and kv_bucket(n, 64) % 64 == 0 for n in range(1, 5000))
 
 
 def test_small_kv_buckets_decode_exactly_across_bucket_changes(ckpt, reference):

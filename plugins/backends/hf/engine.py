@@ -81,7 +81,7 @@ class HFRolloutEngine:
     CUDA graphs), ``decode_attention`` (the fast path's attention over the slot cache: ``sdpa``
     (default), ``matmul`` or ``flash`` (CUDA, 16-bit); ``decode_attention.py``), ``compile_decode``
     (``"auto"``, the default, = on CUDA; True/False: the fast path's norms, RoPE, residual adds and
-    SiLU as compiled fused kernels, ``fused_decode_ops.py``), ``kv_bucket`` (default 64: the fast
+    SiLU as compiled fused kernels, ``fused_decode_ops.py``), ``kv_bucket`` (default 256: the fast
     path's smallest KV-length bucket, ``slot_batch.kv_bucket``; a CUDA graph per bucket). ``decode_path``
     says which path runs.
     ``args``: the engine's view of the run config (the rollout manager passes it); its ``--hf-*`` flags

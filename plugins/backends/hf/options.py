@@ -49,7 +49,7 @@ def plugrl_add_options(parser):
     )
     g.add_argument(
         "--hf-kv-bucket", type=int, default=None, metavar="N",
-        help="the fast path's smallest KV-length bucket (default 64): each decode step attends over the "
+        help="the fast path's smallest KV-length bucket (default 256): each decode step attends over the "
              "longest row's length rounded up to it (coarser past 4N), one CUDA graph per bucket; smaller "
              "reads less of the KV cache per step and captures more graphs",
     )
@@ -73,7 +73,7 @@ def backend_problems(config) -> list[str]:
         problems.append(f"--hf-max-prefill-tokens {tokens}: must be >= 1")
     bucket = getattr(config, "hf_kv_bucket", None)
     if bucket is not None and bucket < 1:
-        problems.append(f"--hf-kv-bucket {bucket}: must be >= 1 (positions; the default is 64)")
+        problems.append(f"--hf-kv-bucket {bucket}: must be >= 1 (positions; the default is 256)")
     on_cpu = getattr(config, "device", None) == "cpu"
     if on_cpu and getattr(config, "hf_decode_attention", None) == "flash":
         problems.append("--hf-decode-attention flash needs a CUDA device (--device cpu given); use sdpa or matmul")
