@@ -41,8 +41,8 @@ def plain_lm_head(model) -> torch.nn.Linear | None:
 
 def slice_logits(hidden: torch.Tensor, weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """``hidden·Wᵀ`` for one slice of tokens, in ``acc`` (fp32, or fp64 for fp64 inputs); runs once
-    per slice in the forward and again in the backward for the vocabulary columns not kept. The temperature is applied by the slice
-    kernels (slice_kernels.py), fused with their first read.
+    per slice in the forward and again in the backward for the vocabulary columns not kept. The
+    temperature is applied by the slice kernels (slice_kernels.py), fused with their first read.
 
     bf16/fp16 on CUDA: the GEMM writes fp32 itself (``out_dtype``), sparing a half-precision slab and
     its cast, and keeping the logits' low bits."""
