@@ -110,11 +110,14 @@ def test_the_basis_is_written_only_for_a_backward(monkeypatch):
     written = []
     monkeypatch.setattr(fused_log_probs, "grad_basis_kernel",
                         lambda compiled: lambda z, *rest: written.append(z.shape))
-    hidden, weight, targets = torch.randn(4, 3), torch.randn(9, 3), torch.tensor([0, 1, 2, 3])
+    # the LM head's weight requires grad, as the policy's does while its old log-probs are computed
+    hidden, weight, targets = torch.randn(4, 3), torch.randn(9, 3, requires_grad=True), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         linear_log_probs(hidden, weight, targets, grad_cache_bytes=10**9)
     assert written == []
-    linear_log_probs(hidden.requires_grad_(), weight, targets, grad_cache_bytes=10**9)
+    linear_log_probs(hidden.detach(), weight.detach(), targets, grad_cache_bytes=10**9)  # nothing needs grad
+    assert written == []
+    linear_log_probs(hidden, weight, targets, grad_cache_bytes=10**9)
     assert written == [(4, 9)]
 
 
@@ -264,7 +267,8 @@ def test_a_grpo_step_with_the_fused_path_equals_the_full_logits_step(checkpoint,
     args = dict(micro_batch_size=2, entropy_coef=entropy_coef, gradient_checkpointing=True)
     fused, metrics = _grads_after_one_step(checkpoint, fused_log_probs="always", log_prob_grad_cache=grad_cache,
                                            **args)
-    assert bool(kept) == (grad_cache is not None)  # 'auto' on CPU keeps nothing
+    # 'auto' on CPU keeps nothing, and nothing is kept for an entropy term, whose gradient needs every logit
+    assert bool(kept) == (grad_cache is not None and entropy_coef == 0.0)
     full, ref_metrics = _grads_after_one_step(checkpoint, fused_log_probs="never", **args)
     assert fused.keys() == full.keys() and len(full) > 10
     for name, grad in full.items():

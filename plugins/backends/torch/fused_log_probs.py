@@ -120,8 +120,8 @@ class _LinearLogProbs(torch.autograd.Function):
         log_probs = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         mean_z = torch.empty(n, dtype=acc, device=hidden.device) if with_entropy else None
-        training = any(ctx.needs_input_grad[:2])
-        kept = cached_basis_columns(n, vocab, hidden.element_size(), grad_cache_bytes) if training else 0
+        # linear_log_probs passes no budget without a backward to come (no_grad, no input needing grad)
+        kept = cached_basis_columns(n, vocab, hidden.element_size(), grad_cache_bytes)
         basis = torch.empty(n, kept, dtype=hidden.dtype, device=hidden.device) if kept else None
         for s, e in token_chunks(n, vocab, gemm_token_slice(vocab, chunk_tokens)):
             z = slice_logits(hidden[s:e], weight, acc)
@@ -131,6 +131,7 @@ class _LinearLogProbs(torch.autograd.Function):
                 mean_z[s:e] = mean_z_s
             if basis is not None:
                 grad_basis_kernel(compiled)(z[:, :kept], lse[s:e], targets[s:e], 1.0 / temperature, basis[s:e])
+            del z  # one fp32 slab at a time: the next slice's GEMM would otherwise allocate beside it
         ctx.save_for_backward(hidden, weight, targets, lse, mean_z if with_entropy else lse,
                               basis if basis is not None else lse)
         ctx.kept_columns = kept
@@ -230,6 +231,10 @@ def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     ~10 ms of a 0.6 s step for 2.3 GiB held from the LM head's forward to its backward."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (--rollout-temperature), got {temperature}")
+    # ctx.needs_input_grad inside the function ignores grad mode: under no_grad (the old-policy log-probs,
+    # whose LM head still requires grad) a kept basis would be written and thrown away
+    backward_to_come = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     log_probs, entropy = _LinearLogProbs.apply(hidden, weight, targets.long(), float(temperature), with_entropy,
-                                               chunk_tokens, vocab_block, compiled, int(grad_cache_bytes))
+                                               chunk_tokens, vocab_block, compiled,
+                                               int(grad_cache_bytes) if backward_to_come else 0)
     return log_probs, (entropy if with_entropy else None)

@@ -31,8 +31,8 @@ def plugrl_add_options(parser):
         help="the fused log-probs keep up to this much of their gradient basis (onehot - softmax, bf16) from a "
              "micro-batch's forward for its backward, whose LM-head work then takes two GEMMs instead of three "
              "(plugins/backends/torch/fused_log_probs.py): 'auto' (default) on CUDA up to 4 GiB and at most half "
-             "the GPU memory free when the train step starts, nothing on CPU or with a nonzero --entropy-coef "
-             "(whose gradient recomputes the logits anyway); 'off'; or a size in GiB (e.g. 2.5)",
+             "the GPU memory free when the train step starts, nothing on CPU; 'off'; or a size in GiB (e.g. 2.5). "
+             "Nothing is kept with a nonzero --entropy-coef, whose gradient recomputes the logits anyway",
     )
     g.add_argument(
         "--liger-kernels", choices=liger.MODES, default=None,
@@ -63,10 +63,12 @@ def grad_cache_gib(value) -> float | None:
 def grad_cache_bytes(value, device, entropy_coef: float) -> int:
     """The fused log-probs' ``grad_cache_bytes`` for a train step starting now on ``device``; called by the
     torch backend once per train call (the budget is read before the micro-batches allocate anything)."""
+    if float(entropy_coef) != 0.0:
+        return 0  # the entropy's gradient needs every logit again: a kept basis would go unused
     gib = grad_cache_gib(value)
     if gib is not None:
         return int(gib * 2**30)
-    if device.type != "cuda" or float(entropy_coef) != 0.0:
+    if device.type != "cuda":
         return 0
     import torch
 

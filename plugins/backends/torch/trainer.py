@@ -501,7 +501,7 @@ class TorchTrainBackend:
             loss_value = float(loss.detach())
             if self.world_size > 1:
                 self._all_reduce_grads()
-                loss_value = self._all_reduce_metrics({"loss": loss_value})["loss"]
+                loss_value = float(self._all_reduce_metrics({"loss": loss_value})["loss"])
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(_opt(self.args, "clip_grad", 1.0)))
             optimizer.step()
             history.append(loss_value)
