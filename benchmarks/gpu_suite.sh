@@ -30,7 +30,7 @@ lane_args() {
   case $1 in
     default_command) echo "tests/test_gpu_path.py -k default_command" ;;
     gpu_path_rest) echo "tests/test_gpu_path.py -k 'not default_command and not 4b_recipe'" ;;
-    megatron) echo "tests/test_megatron_gpu.py" ;;
+    megatron) echo "tests/test_megatron_gpu.py tests/test_wgrad_accumulation.py" ;;
     engine) echo "tests/test_hf_fast_decode.py tests/test_decode_attention.py tests/test_hf_engine.py tests/test_fused_decode_ops.py" ;;
     torch_backend) echo "tests/test_fused_log_probs.py tests/test_torch_backend_gpu.py tests/test_packed_attention_gpu.py tests/test_host_sync_gpu.py" ;;
     weights) echo "tests/test_gpu_offload.py tests/test_weight_sync_gpu.py tests/test_sglang_weights_ipc.py" ;;
@@ -113,13 +113,16 @@ PY
     ;;
   megatron4b)
     # issue 17's megatron rows at the 4B shape (8 sequences of 1,152 tokens per optimizer step):
-    # - no recompute over 8 micro-batches of one sequence (peak ~72 GiB: fits an 80 GB card)
+    # - no recompute over 8 micro-batches of one sequence (peak ~73 GiB: fits an 80 GB card), with the weight
+    #   gradients accumulated by the GEMMs (the default) and without
     # - full recompute over 15 micro-batches of 9,216 tokens per optimizer step, the split the recipe's loop
     #   trains with (its in-loop update MFU compares with this row)
     # - on a card of > 100 GB (H200) also no recompute over one 9,216-token micro-batch (~114 GiB), with the
     #   _foreach grad ops and with megatron-core's local ones
     : >"$OUT/megatron4b.log"  # this call's rows only
-    rows=("--megatron-recompute none --tokens 1152 --samples 1 --micro-batches 8" "--micro-batches 15 --steps 2")
+    rows=("--megatron-recompute none --tokens 1152 --samples 1 --micro-batches 8"
+          "--megatron-recompute none --tokens 1152 --samples 1 --micro-batches 8 --megatron-no-wgrad-fusion"
+          "--micro-batches 15 --steps 2")
     gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
     if (( gpu_mib > 100000 )); then
       rows+=("--megatron-recompute none" "--megatron-recompute none --megatron-local-grad-ops")

@@ -163,6 +163,8 @@ def worker(opts) -> dict | None:
         from plugrl.plugins.backends.megatron import foreach_grad_ops
 
         foreach_grad_ops.install_foreach_grad_ops = lambda: []  # the optimizer calls it at construction
+    if opts.worker == "megatron" and opts.megatron_no_wgrad_fusion:
+        args.no_gradient_accumulation_fusion = True
     if opts.worker == "megatron" and opts.megatron_set:
         args.megatron_passthrough = dict(setting.split("=", 1) for setting in opts.megatron_set)
     backend = Backend(args, estimator=GRPOEstimator(args))
@@ -195,6 +197,8 @@ def worker(opts) -> dict | None:
         label += " unfused"
     if opts.worker == "megatron" and opts.megatron_local_grad_ops:
         label += " local-grad-ops"
+    if opts.worker == "megatron" and opts.megatron_no_wgrad_fusion:
+        label += " no-wgrad-fusion"
     if opts.micro_batches > 1:
         label += f" x{opts.micro_batches}mb"
     if opts.worker == "megatron" and opts.megatron_set:
@@ -223,6 +227,7 @@ def run_worker(name: str, opts, checkpoint: str) -> dict | None:
     cmd += [arg for setting in opts.megatron_set for arg in ("--megatron-set", setting)]
     cmd += ["--megatron-unfused"] if opts.megatron_unfused else []
     cmd += ["--megatron-local-grad-ops"] if opts.megatron_local_grad_ops else []
+    cmd += ["--megatron-no-wgrad-fusion"] if opts.megatron_no_wgrad_fusion else []
     cmd += ["--profile-origins"] if opts.profile_origins else []
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # same for every backend
     if ranks > 1:
@@ -314,6 +319,9 @@ def main() -> None:
     parser.add_argument("--megatron-local-grad-ops", action="store_true",
                         help="megatron backend with megatron-core's per-tensor grad-norm / clipping fallbacks "
                              "instead of foreach_grad_ops.py (where neither TE nor apex is installed)")
+    parser.add_argument("--megatron-no-wgrad-fusion", action="store_true",
+                        help="megatron backend with --no-gradient-accumulation-fusion (bf16 weight gradients added "
+                             "to the fp32 buffer per micro-batch instead of accumulated by the GEMM)")
     parser.add_argument("--megatron-set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a megatron-core TransformerConfig override for the megatron backend (as the "
                              "--megatron-<field> train flag), e.g. bias_activation_fusion=true; repeatable")

@@ -120,6 +120,7 @@ class MegatronTrainBackend:
         self.attention = choose_implementation(getattr(args, "attention_backend", None), self.device.type,
                                                self.dtype)
         self.fusions = self._choose_fusions()
+        self.wgrad_accumulation_fusion = self._choose_wgrad_accumulation_fusion()
         self.model = self._build_model(trainable=True)
         start = self._initial_weights()
         self._load_initial_weights(self.model, start)
@@ -158,6 +159,20 @@ class MegatronTrainBackend:
         round_like_eager()
         return {name: not getattr(self.args, f"no_{name}_fusion", False) for name in names}
 
+    def _choose_wgrad_accumulation_fusion(self) -> bool:
+        """Weight-gradient GEMMs that add into megatron's fp32 gradient buffer (as slime's Megatron does
+        with apex): on CUDA unless ``--no-gradient-accumulation-fusion``; megatron-core's
+        ``gradient_accumulation_fusion`` then calls ``wgrad_accumulation``'s kernels."""
+        if self.device.type != "cuda" or getattr(self.args, "no_gradient_accumulation_fusion", False):
+            return False
+        from .wgrad_accumulation import install
+
+        if install():
+            return True
+        logger.warning("this torch has no mixed-precision addmm (out_dtype): weight gradients are added to the "
+                       "fp32 gradient buffer by a separate kernel per weight and micro-batch")
+        return False
+
     def _transformer_overrides(self, trainable: bool) -> dict:
         args = self.args
         overrides = {
@@ -177,7 +192,8 @@ class MegatronTrainBackend:
             "bias_dropout_fusion": self.fusions["bias_dropout"],
             # RoPE is plugrl's (rotary.py, fused_ops.py); megatron's rope fusion and softmax fusion need TE / apex
             "masked_softmax_fusion": False, "apply_rope_fusion": False,
-            "gradient_accumulation_fusion": False,  # needs apex / Transformer Engine
+            # weight gradients accumulated into the fp32 buffer by the GEMM (wgrad_accumulation.py)
+            "gradient_accumulation_fusion": self.wgrad_accumulation_fusion,
         }
         from plugrl.plugins.backends.megatron.options import passthrough_overrides
 
