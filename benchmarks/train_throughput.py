@@ -181,6 +181,9 @@ def worker(opts) -> dict | None:
     if opts.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     state = at_next_optimizer_step(backend.torch_optimizers(), backend.state_memory)
+    # the caching allocator's flushes: an allocation that found no cached block frees all cached memory
+    # (a device sync plus unmapping) and retries; near a full card that can happen every micro-batch
+    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if opts.device == "cuda" else 0
     times = []
     for step in range(opts.steps):
         start = time.perf_counter()
@@ -207,7 +210,9 @@ def worker(opts) -> dict | None:
               "tokens": tokens, "step_s": sorted(times)[len(times) // 2],
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
               "device": torch.cuda.get_device_name() if cuda else "cpu", "state_bytes": state,
-              "micro_batches": backend.progress[1]}  # this rank's micro-batches in the last train() call
+              "micro_batches": backend.progress[1],  # this rank's micro-batches in the last train() call
+              "alloc_retries_per_step": ((torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries) / opts.steps
+                                         if cuda else float("nan"))}
     if opts.profile and cuda:
         result["profile"] = profile_cuda(lambda: (backend.train(99, data), torch.cuda.synchronize()), top=opts.top,
                                          origins=opts.profile_origins)
@@ -379,7 +384,9 @@ def main() -> None:
           "the parts: activations, logits, workspace, allocator slack):")
     for r in results:
         if r.get("state_bytes"):
-            print(f"  {r['backend']:<18} " + memory_parts_line(r["state_bytes"], r["peak_gib"]))
+            retries = r.get("alloc_retries_per_step", float("nan"))
+            print(f"  {r['backend']:<18} " + memory_parts_line(r["state_bytes"], r["peak_gib"])
+                  + (f"; allocator flushes {retries:.1f}/step" if retries == retries else ""))
     for r in results:
         if "profile" in r:
             print("\n" + "\n".join(profile_lines(r["backend"], r["profile"])))
