@@ -132,20 +132,27 @@ def test_fused_kernels_give_the_same_step(checkpoint):
         assert fused[key] == pytest.approx(plain[key], rel=2e-2, abs=1e-4), (key, fused[key], plain[key])
 
 
-def test_wgrad_accumulation_fusion_gives_the_same_gradients(checkpoint, monkeypatch):
-    """Weight gradients accumulated into the fp32 buffer by the GEMM (the CUDA default) against the
-    same step with --no-gradient-accumulation-fusion (bf16 .grad per micro-batch, added by megatron's
-    DDP hook), over several micro-batches. Every parameter's fp32 gradient is compared, the tied
-    embedding too (its lookup gradient must not be dropped where the output layer accumulated)."""
+@pytest.mark.parametrize("fp32_buffer", [False, True], ids=["bf16-buffer", "fp32-buffer"])
+def test_wgrad_accumulation_fusion_gives_the_same_gradients(checkpoint, monkeypatch, fp32_buffer):
+    """Weight gradients accumulated into megatron's gradient buffer by the GEMM (the CUDA default)
+    against the same step with --no-gradient-accumulation-fusion (a bf16 .grad per weight and
+    micro-batch, added by megatron's DDP hook), over several micro-batches. Every parameter's gradient
+    is compared, the tied embedding too (its lookup gradient must not be dropped where the output
+    layer accumulated). The buffer is bf16 by default, fp32 with --accumulate-allreduce-grads-in-fp32."""
+    from megatron.core.tensor_parallel import layers
     from plugrl.plugins.backends.megatron import wgrad_accumulation
 
+    assert wgrad_accumulation.install()
+    kernels = layers.fused_weight_gradient_mlp_cuda  # this module, or apex's extension where installed
     calls = []
-    real = wgrad_accumulation.wgrad_gemm_accum_fp32
-    monkeypatch.setattr(wgrad_accumulation, "wgrad_gemm_accum_fp32",
-                        lambda *operands: (calls.append(operands[2].shape), real(*operands)))
+    for name in ("wgrad_gemm_accum_fp32", "wgrad_gemm_accum_fp16"):  # by the buffer's dtype (bf16 by default)
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *operands, real=real: (calls.append(operands[2].dtype),
+                                                                          real(*operands)))
     seqs, resp = sequences(8, seed=5)
     data = train_data(seqs, resp, [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
-    small = {"max_tokens_per_gpu": 256, "clip_grad": 1e9, "lr": 1e-4}  # several micro-batches, no clipping
+    small = {"max_tokens_per_gpu": 256, "clip_grad": 1e9, "lr": 1e-4,  # several micro-batches, no clipping
+             "accumulate_allreduce_grads_in_fp32": fp32_buffer}
     gradients, norms = [], []
     for off in (False, True):
         backend = megatron(make_args(checkpoint, **small, no_gradient_accumulation_fusion=off))
@@ -156,6 +163,7 @@ def test_wgrad_accumulation_fusion_gives_the_same_gradients(checkpoint, monkeypa
         if not off:
             linear_weights = 4 * SHAPE["num_hidden_layers"] + 1  # qkv, proj, fc1, fc2 per layer; output layer
             assert micro_batches >= 3 and len(calls) == linear_weights * micro_batches
+            assert set(calls) == {torch.float32 if fp32_buffer else torch.bfloat16}
     fused, plain = gradients
     assert fused.keys() == plain.keys()
     for name in fused:

@@ -73,3 +73,60 @@ def test_installed_only_where_apex_is_absent_and_torch_can(monkeypatch):
 def test_supported_needs_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert wgrad_accumulation.supported() is False
+
+
+def test_fp32_inputs_accumulate_in_place():
+    total_input, grad_output, main_grad = operands("cpu")
+    total_input, grad_output = total_input.float(), grad_output.float()
+    expected = reference(total_input, grad_output, main_grad)
+    wgrad_accumulation.wgrad_gemm_accum_fp32(total_input, grad_output, main_grad)
+    torch.testing.assert_close(main_grad.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_megatron_step_with_the_fusion_equals_the_step_without(tmp_path, monkeypatch):
+    """megatron-core's own wiring, on CPU (fp32 model and buffer): with the fusion on, every linear
+    weight's gradient goes through these kernels once per micro-batch and megatron's DDP hook adds no
+    .grad for them; the step's gradients equal the unfused step's, the tied embedding's included (the
+    output layer accumulates into it and its lookup gradient must still be added). The fusion is a
+    CUDA default; here it is switched on by hand, and megatron's dummy weight-grad is put on the CPU."""
+    from megatron.core import parallel_state
+    from plugrl.plugins.backends.megatron import backend as megatron_backend
+    from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
+
+    from .megatron_ranks import make_args, megatron, train_data
+
+    checkpoint = str(build_tiny_checkpoint(tmp_path / "tiny"))
+    monkeypatch.setattr(wgrad_accumulation, "supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    calls = []
+    real = wgrad_accumulation.wgrad_gemm_accum_fp32
+    monkeypatch.setattr(wgrad_accumulation, "wgrad_gemm_accum_fp32",
+                        lambda *operands: (calls.append(operands[2].shape), real(*operands)))
+    from megatron.core.tensor_parallel import layers
+
+    monkeypatch.setattr(layers, "_grad_accum_fusion_available", False)  # restored after the test
+    monkeypatch.setattr(layers, "fused_weight_gradient_mlp_cuda", None, raising=False)
+    seqs = [[5 + (i * 7 + j) % 50 for j in range(30 + 3 * i)] for i in range(6)]
+    data = train_data(seqs, [12] * 6, [1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    gradients = []
+    try:
+        for fused in (True, False):
+            monkeypatch.setattr(megatron_backend.MegatronTrainBackend, "_choose_wgrad_accumulation_fusion",
+                                lambda self, fused=fused: fused and wgrad_accumulation.install())
+            backend = megatron(make_args(checkpoint, device="cpu", max_tokens_per_gpu=64, clip_grad=1e9))
+            assert backend.wgrad_accumulation_fusion is fused
+            backend.train(0, data)
+            gradients.append({name: p.main_grad.clone() for name, p in backend.model.named_parameters()})
+            if fused:
+                layers_count = backend.cfg.num_layers
+                assert backend.progress[1] >= 3
+                assert len(calls) == (4 * layers_count + 1) * backend.progress[1]  # qkv, proj, fc1, fc2; output
+    finally:
+        parallel_state.destroy_model_parallel()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    with_fusion, without = gradients
+    assert with_fusion.keys() == without.keys() and "embedding.word_embeddings.weight" in with_fusion
+    for name in with_fusion:
+        torch.testing.assert_close(with_fusion[name], without[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -160,7 +160,7 @@ class MegatronTrainBackend:
         return {name: not getattr(self.args, f"no_{name}_fusion", False) for name in names}
 
     def _choose_wgrad_accumulation_fusion(self) -> bool:
-        """Weight-gradient GEMMs that add into megatron's fp32 gradient buffer (as slime's Megatron does
+        """Weight-gradient GEMMs that add into megatron's gradient buffer (as slime's Megatron does
         with apex): on CUDA unless ``--no-gradient-accumulation-fusion``; megatron-core's
         ``gradient_accumulation_fusion`` then calls ``wgrad_accumulation``'s kernels."""
         if self.device.type != "cuda" or getattr(self.args, "no_gradient_accumulation_fusion", False):
@@ -170,7 +170,7 @@ class MegatronTrainBackend:
         if install():
             return True
         logger.warning("this torch has no mixed-precision addmm (out_dtype): weight gradients are added to the "
-                       "fp32 gradient buffer by a separate kernel per weight and micro-batch")
+                       "gradient buffer by a separate kernel per weight and micro-batch")
         return False
 
     def _transformer_overrides(self, trainable: bool) -> dict:
@@ -192,7 +192,7 @@ class MegatronTrainBackend:
             "bias_dropout_fusion": self.fusions["bias_dropout"],
             # RoPE is plugrl's (rotary.py, fused_ops.py); megatron's rope fusion and softmax fusion need TE / apex
             "masked_softmax_fusion": False, "apply_rope_fusion": False,
-            # weight gradients accumulated into the fp32 buffer by the GEMM (wgrad_accumulation.py)
+            # weight gradients accumulated into the gradient buffer by the GEMM (wgrad_accumulation.py)
             "gradient_accumulation_fusion": self.wgrad_accumulation_fusion,
         }
         from plugrl.plugins.backends.megatron.options import passthrough_overrides

@@ -1,13 +1,13 @@
-"""Weight-gradient GEMMs that accumulate straight into megatron's fp32 gradient buffer, without apex.
+"""Weight-gradient GEMMs that accumulate straight into megatron's gradient buffer, without apex.
 
 megatron-core's linear layers can add each weight gradient into ``weight.main_grad`` inside the
 GEMM (``gradient_accumulation_fusion``) but only through apex's ``fused_weight_gradient_mlp_cuda``
 extension. Without it every linear weight gets a bf16 ``.grad`` per micro-batch that the DDP hook
-then adds into the fp32 buffer: one more kernel per weight and micro-batch that reads the bf16
-gradient and reads and writes the fp32 one, and every micro-batch's gradient rounded to bf16 before
-it is summed. At the Qwen3-4B shape on one H100 that was ~17 ms per micro-batch (2,320 adds, 135 ms
-in a step of 8 micro-batches; docs/performance.md). torch's ``addmm`` with ``out_dtype`` (bf16 inputs,
-fp32 output, accumulate into the output) does the same as apex's kernel in one cuBLAS call.
+then adds into the buffer (bf16 by default, fp32 with ``--accumulate-allreduce-grads-in-fp32``):
+one more kernel per weight and micro-batch, and every micro-batch's gradient rounded to bf16 before
+it is summed. At the Qwen3-4B shape on one H100 those adds took 135 ms of a step of 8 micro-batches
+(2,320 kernels; docs/performance.md). torch's ``addmm`` does the same as apex's kernels in one cuBLAS
+call: in place in the buffer's dtype, and for an fp32 buffer with bf16 inputs through ``out_dtype``.
 
 Installed by the megatron train backend on CUDA before it builds the model (``install``), unless
 ``--no-gradient-accumulation-fusion``; an apex extension already importable is left in place.
@@ -23,8 +23,12 @@ import torch
 def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
     """``main_grad += grad_output.T @ total_input`` (``[out, in]`` fp32; inputs ``[tokens, out]`` and
     ``[tokens, in]`` in bf16/fp16), accumulated in fp32 by the GEMM itself. Called by megatron-core's
-    linear backward in place of apex's kernel of the same name and arguments."""
-    torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=torch.float32, out=main_grad)
+    linear backward in place of apex's kernel of the same name and arguments (fp32 inputs too: an
+    fp32 model, as on CPU)."""
+    if total_input.dtype == main_grad.dtype:
+        main_grad.addmm_(grad_output.t(), total_input)
+    else:
+        torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=main_grad.dtype, out=main_grad)
 
 
 def wgrad_gemm_accum_fp16(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
