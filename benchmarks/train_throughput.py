@@ -326,7 +326,7 @@ def main() -> None:
                              "instead of foreach_grad_ops.py (where neither TE nor apex is installed)")
     parser.add_argument("--megatron-no-wgrad-fusion", action="store_true",
                         help="megatron backend with --no-gradient-accumulation-fusion (bf16 weight gradients added "
-                             "to the fp32 buffer per micro-batch instead of accumulated by the GEMM)")
+                             "to the gradient buffer per micro-batch instead of accumulated by the GEMM)")
     parser.add_argument("--megatron-set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a megatron-core TransformerConfig override for the megatron backend (as the "
                              "--megatron-<field> train flag), e.g. bias_activation_fusion=true; repeatable")
