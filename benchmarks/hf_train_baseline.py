@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from gc_pauses import GcPauses
 from plugrl.plugins.backends.state_memory import at_next_optimizer_step, state_bytes
 
 NAMES = ("transformers", "transformers+liger")
@@ -73,16 +74,18 @@ def baseline_worker(name: str, checkpoint: str, tokens: int, samples: int, steps
         torch.cuda.reset_peak_memory_stats()
     state = at_next_optimizer_step([optimizer], lambda: state_bytes(model.parameters(), optimizers=[optimizer]))
     times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
+    with GcPauses() as gc_pauses:
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
     cuda = device == "cuda"
     result = {"backend": name, "gpus": 1, "params": sum(p.numel() for p in model.parameters()),
               "tokens": samples * length * micro_batches, "step_s": sorted(times)[len(times) // 2],
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-              "device": torch.cuda.get_device_name() if cuda else "cpu", "baseline": True, "state_bytes": state}
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "baseline": True, "state_bytes": state,
+              "gc_s_per_step": gc_pauses.seconds / steps, "gc_full_collections_per_step": gc_pauses.collections[2] / steps}
     if profile_top is not None and cuda:
         from kernel_profile import profile_cuda
 

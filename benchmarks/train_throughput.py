@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from hf_engine_throughput import build
 from hf_train_baseline import NAMES as BASELINES
 from hf_train_baseline import baseline_worker
+from gc_pauses import GcPauses
 from kernel_profile import profile_cuda, profile_lines
 
 from plugrl.plugins.backends.state_memory import at_next_optimizer_step
@@ -185,11 +186,12 @@ def worker(opts) -> dict | None:
     # (a device sync plus unmapping) and retries; near a full card that can happen every micro-batch
     retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if opts.device == "cuda" else 0
     times = []
-    for step in range(opts.steps):
-        start = time.perf_counter()
-        backend.train(step + 1, data)
-        _sync(opts.device)
-        times.append(time.perf_counter() - start)
+    with GcPauses() as gc_pauses:
+        for step in range(opts.steps):
+            start = time.perf_counter()
+            backend.train(step + 1, data)
+            _sync(opts.device)
+            times.append(time.perf_counter() - start)
     cuda = opts.device == "cuda"
     label = opts.worker if tp * dp == 1 else f"megatron tp{tp}" + (f" dp{dp}" if dp > 1 else "")
     if opts.worker == "megatron" and opts.megatron_recompute == "none":
@@ -211,6 +213,8 @@ def worker(opts) -> dict | None:
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
               "device": torch.cuda.get_device_name() if cuda else "cpu", "state_bytes": state,
               "micro_batches": backend.progress[1],  # this rank's micro-batches in the last train() call
+              "gc_s_per_step": gc_pauses.seconds / opts.steps,
+              "gc_full_collections_per_step": gc_pauses.collections[2] / opts.steps,
               "alloc_retries_per_step": ((torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries) / opts.steps
                                          if cuda else float("nan"))}
     if opts.profile and cuda:
@@ -386,7 +390,9 @@ def main() -> None:
         if r.get("state_bytes"):
             retries = r.get("alloc_retries_per_step", float("nan"))
             print(f"  {r['backend']:<18} " + memory_parts_line(r["state_bytes"], r["peak_gib"])
-                  + (f"; allocator flushes {retries:.1f}/step" if retries == retries else ""))
+                  + (f"; allocator flushes {retries:.1f}/step" if retries == retries else "")
+                  + (f"; Python gc {1000 * r['gc_s_per_step']:.1f} ms/step "
+                     f"({r['gc_full_collections_per_step']:.1f} full collections)" if "gc_s_per_step" in r else ""))
     for r in results:
         if "profile" in r:
             print("\n" + "\n".join(profile_lines(r["backend"], r["profile"])))

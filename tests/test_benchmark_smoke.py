@@ -40,6 +40,9 @@ def test_train_throughput_smoke_run_on_cpu(tmp_path):
     padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.hidden_size
     assert rows["megatron tp2"]["params"] == rows["torch"]["params"] + padding
     assert rows["torch"]["tokens"] == rows["megatron tp2"]["tokens"] == 256
+    for row in rows.values():  # timed-step host diagnostics (benchmarks/gc_pauses.py)
+        assert row["gc_s_per_step"] >= 0 and row["gc_full_collections_per_step"] >= 0
+    assert "Python gc" in proc.stdout
     assert "megatron tp2" in proc.stdout and "tok/s/GPU" in proc.stdout
 
 
