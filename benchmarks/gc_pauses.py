@@ -36,3 +36,8 @@ class GcPauses:
 
     def __exit__(self, *exc) -> None:
         gc.callbacks.remove(self._callback)
+
+    def per_step(self, steps: int) -> dict[str, float]:
+        """The result fields a benchmark row carries: collector seconds and full (generation 2)
+        collections per timed step."""
+        return {"gc_s_per_step": self.seconds / steps, "gc_full_collections_per_step": self.collections[2] / steps}

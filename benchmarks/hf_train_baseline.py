@@ -85,7 +85,7 @@ def baseline_worker(name: str, checkpoint: str, tokens: int, samples: int, steps
               "tokens": samples * length * micro_batches, "step_s": sorted(times)[len(times) // 2],
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
               "device": torch.cuda.get_device_name() if cuda else "cpu", "baseline": True, "state_bytes": state,
-              "gc_s_per_step": gc_pauses.seconds / steps, "gc_full_collections_per_step": gc_pauses.collections[2] / steps}
+              **gc_pauses.per_step(steps)}
     if profile_top is not None and cuda:
         from kernel_profile import profile_cuda
 

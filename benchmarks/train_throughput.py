@@ -213,8 +213,7 @@ def worker(opts) -> dict | None:
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
               "device": torch.cuda.get_device_name() if cuda else "cpu", "state_bytes": state,
               "micro_batches": backend.progress[1],  # this rank's micro-batches in the last train() call
-              "gc_s_per_step": gc_pauses.seconds / opts.steps,
-              "gc_full_collections_per_step": gc_pauses.collections[2] / opts.steps,
+              **gc_pauses.per_step(opts.steps),
               "alloc_retries_per_step": ((torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries) / opts.steps
                                          if cuda else float("nan"))}
     if opts.profile and cuda:
@@ -391,8 +390,8 @@ def main() -> None:
             retries = r.get("alloc_retries_per_step", float("nan"))
             print(f"  {r['backend']:<18} " + memory_parts_line(r["state_bytes"], r["peak_gib"])
                   + (f"; allocator flushes {retries:.1f}/step" if retries == retries else "")
-                  + (f"; Python gc {1000 * r['gc_s_per_step']:.1f} ms/step "
-                     f"({r['gc_full_collections_per_step']:.1f} full collections)" if "gc_s_per_step" in r else ""))
+                  + f"; Python gc {1000 * r['gc_s_per_step']:.1f} ms/step "
+                    f"({r['gc_full_collections_per_step']:.1f} full collections)")
     for r in results:
         if "profile" in r:
             print("\n" + "\n".join(profile_lines(r["backend"], r["profile"])))

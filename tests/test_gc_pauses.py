@@ -23,3 +23,5 @@ def test_counts_and_times_only_the_collections_inside():
     assert sum(pauses.collections) >= 3
     assert pauses.seconds > 0
     assert pauses._callback not in gc.callbacks
+    assert pauses.per_step(2) == {"gc_s_per_step": pauses.seconds / 2,
+                                  "gc_full_collections_per_step": pauses.collections[2] / 2}

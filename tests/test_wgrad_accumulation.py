@@ -1,4 +1,4 @@
-"""The megatron backend's weight-gradient GEMMs that accumulate into the fp32 gradient buffer
+"""The megatron backend's weight-gradient GEMMs that accumulate into megatron's gradient buffer
 (``plugins/backends/megatron/wgrad_accumulation.py``): the sum against an fp64 reference, in place,
 and installed into megatron-core's linear layers only where apex is absent and torch can do it.
 The fp32 kernel (bf16 inputs, fp32 output) exists on CUDA only; the train step with the fusion on
