@@ -16,6 +16,7 @@ aggregation it wants unless ``--loss-agg-mode`` / ``--calculate-per-token-loss``
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,7 +169,8 @@ def run_rl_steps(prepared: PreparedRollout, step_positions: list, planned: list[
                  forward: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor | None]],
                  zero_grad: Callable[[], None], finish_step: Callable[[dict[str, torch.Tensor]], dict],
                  loss_multiplier: float = 1.0, before_step: Callable[[int], None] | None = None,
-                 on_micro_batch: Callable[[], None] | None = None) -> dict[str, float]:
+                 on_micro_batch: Callable[[], None] | None = None,
+                 no_sync: Callable[[], AbstractContextManager] | None = None) -> dict[str, float]:
     """The optimizer steps of one rollout, shared by the train backends (in each train actor).
 
     ``planned[s]`` is this rank's micro-batches (sample positions) of step ``s``; ``forward(mb)`` gives
@@ -177,6 +179,9 @@ def run_rl_steps(prepared: PreparedRollout, step_positions: list, planned: list[
     (e.g. DP size where the backend's DDP averages gradients) before ``backward``. ``finish_step``
     gets the step's metrics as 0-d device tensors, reduces over ranks and steps the optimizer, returning
     the metrics with ``grad_norm`` and ``lr`` (tensors or floats); the result is their mean over steps.
+    ``no_sync`` (e.g. megatron DDP's ``no_sync`` with ``--overlap-grad-reduce``) wraps the forward and
+    backward of every micro-batch of a step but its last, so a DDP that reduces gradients as the backward
+    produces them does so once per step, during the last micro-batch's backward.
 
     Nothing here waits for the GPU before the optimizer step has been launched: the micro-batches'
     metrics are summed on the device and read once per step, after ``finish_step``, so the host
@@ -188,10 +193,12 @@ def run_rl_steps(prepared: PreparedRollout, step_positions: list, planned: list[
         scale = prepared.step_scale(positions)
         zero_grad()
         step_metrics: dict[str, torch.Tensor] = {}
-        for mb in micro_batches:
-            log_probs, entropy = forward(mb)
-            loss, metrics = prepared.loss(mb, log_probs, entropy)
-            (loss * (scale * loss_multiplier)).backward()
+        for index, mb in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with nullcontext() if no_sync is None or last else no_sync():
+                log_probs, entropy = forward(mb)
+                loss, metrics = prepared.loss(mb, log_probs, entropy)
+                (loss * (scale * loss_multiplier)).backward()
             add_scaled(step_metrics, metrics, scale)
             if on_micro_batch is not None:
                 on_micro_batch()

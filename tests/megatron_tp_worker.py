@@ -22,17 +22,38 @@ def main(checkpoint: str, workdir: str, device: str, tp: str, sequence_parallel:
     args = make_args(checkpoint, device=device, tensor_model_parallel_size=int(tp),
                      sequence_parallel=sequence_parallel == "1")
     with open(os.path.join(workdir, "args.json")) as f:
-        for key, value in json.load(f).items():
-            setattr(args, key, value)
+        overrides = json.load(f)
+    probe_overlap = overrides.pop("probe_overlap", False)
+    for key, value in overrides.items():
+        setattr(args, key, value)
     backend = megatron(args)
+    launched = watch_grad_reduce_launches(backend) if probe_overlap else None
     with open(os.path.join(workdir, "data.json")) as f:
         metrics = backend.train(0, json.load(f))
+    if launched is not None:
+        metrics["grad_reduce_launched_before_step"] = launched
     weights = backend.export_weights(None)
     if backend.layout.rank == 0:
         with open(os.path.join(workdir, "metrics.json"), "w") as f:
             json.dump(metrics, f)
         torch.save(weights[0], os.path.join(workdir, "weights.pt"))
     shut_down_process_groups()
+
+
+def watch_grad_reduce_launches(backend) -> list[bool]:
+    """Per optimizer step: whether every gradient bucket's DP reduction was already under way when
+    the step began, i.e. launched by the backward (``--overlap-grad-reduce``) rather than by the step."""
+    import megatron.core.distributed as distributed
+
+    launched: list[bool] = []
+    finalize = distributed.finalize_model_grads
+
+    def watched(models, *args, **kwargs):
+        launched.append(all(group.grad_reduce_handle is not None for group in backend.ddp_model.bucket_groups))
+        return finalize(models, *args, **kwargs)
+
+    distributed.finalize_model_grads = watched  # the optimizers import it at each step
+    return launched
 
 
 def shut_down_process_groups() -> None:

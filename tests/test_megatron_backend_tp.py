@@ -27,12 +27,12 @@ def checkpoint(tmp_path_factory):
     return str(build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny"))
 
 
-def single_process_reference(checkpoint, data):
+def single_process_reference(checkpoint, data, **overrides):
     """The torch backend (HF model + AdamW) in this process: an implementation independent of megatron."""
     from plugrl.plugins.backends.torch_trainer import TorchTrainBackend
     from plugrl.plugins.estimators.grpo import GRPOEstimator
 
-    args = make_args(checkpoint, **ARGS)
+    args = make_args(checkpoint, **{**ARGS, **overrides})
     backend = TorchTrainBackend(args, estimator=GRPOEstimator(args))
     return backend.train(0, data), backend.model.state_dict()
 
@@ -48,6 +48,30 @@ def test_two_ranks_equal_one(checkpoint, tmp_path, tp):
         assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), (key, got[key], expected[key])
     for name, tensor in expected_weights.items():
         if name == "lm_head.weight" and name not in weights:  # tied embeddings travel once
+            continue
+        torch.testing.assert_close(weights[name].float(), tensor.float(), atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_dp2_with_overlapped_grad_reduce_equals_one(checkpoint, tmp_path):
+    """--overlap-grad-reduce over two optimizer steps whose micro-batch counts differ (dynamic batches of
+    at most 14 tokens: one per DP rank in the first step, two in the second). Megatron's DDP learns in the
+    first step which grads a backward produces; from the second on, every bucket's reduction is launched
+    by the last micro-batch's backward, and the result is still the one-process step. Without no_sync
+    around the earlier micro-batches, the second step's reduction would start after its first micro-batch."""
+    gen = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(5, 300, (n,), generator=gen).tolist() for n in [6] * 4 + [14] * 4]
+    resp = [3] * 4 + [7] * 4
+    data = train_data(seqs, resp, [1.0, -1.0, 0.5, -0.5, 0.0, 1.0, 0.25, -0.75])
+    batching = {"global_batch_size": 4, "use_dynamic_batch_size": True, "max_tokens_per_gpu": 14}
+    expected, expected_weights = single_process_reference(checkpoint, data, **batching)
+    got, weights = run_ranks(checkpoint, tmp_path, data, world=2, tp=1, device="cpu", sequence_parallel=False,
+                             args_overrides={**ARGS, **batching, "device": "cpu", "overlap_grad_reduce": True,
+                                             "probe_overlap": True})
+    assert got["grad_reduce_launched_before_step"] == [False, True]
+    for key in ("train/pg_loss", "train/grad_norm"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), (key, got[key], expected[key])
+    for name, tensor in expected_weights.items():
+        if name == "lm_head.weight" and name not in weights:
             continue
         torch.testing.assert_close(weights[name].float(), tensor.float(), atol=2e-5, rtol=1e-4, msg=name)
 

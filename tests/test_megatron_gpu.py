@@ -1,7 +1,7 @@
 """The megatron train backend on CUDA (marker ``gpu``; run on the GPU machine: megatron-core 0.19,
 no Transformer Engine). A Qwen3-shaped model with random bf16 weights is built locally; the
 independent references are HF transformers (logits, the torch backend's GRPO step) and the
-backend's own unpacked / SDPA paths. TP=2 needs two GPUs (tests/megatron_tp_worker.py)."""
+backend's own unpacked / SDPA paths. TP=2 and DP=2 need two GPUs (tests/megatron_tp_worker.py)."""
 
 import pytest
 import torch
@@ -219,5 +219,28 @@ def test_tp2_equals_tp1(checkpoint, tmp_path):
     for key in ("train/pg_loss", "train/entropy_loss", "train/grad_norm"):
         assert got[key] == pytest.approx(expected[key], rel=2e-2, abs=1e-4), (key, got[key], expected[key])
     assert weights.keys() == expected_weights.keys()
+    for name, tensor in expected_weights.items():
+        assert rel_error(weights[name], tensor) < 1e-2, name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DP=2 needs two GPUs")
+def test_dp2_with_overlapped_grad_reduce_equals_one_process(checkpoint, tmp_path):
+    """Two processes (nccl, DP=2, the distributed optimizer's reduce-scatter, --overlap-grad-reduce) against
+    this process's one-rank backend, over two optimizer steps whose micro-batch counts differ (dynamic
+    batches: one per rank in the first step, two in the second). From the second step on every bucket's
+    reduction is launched by the last micro-batch's backward."""
+    gen = torch.Generator().manual_seed(9)
+    seqs = [torch.randint(0, 4000, (n,), generator=gen).tolist() for n in [96] * 4 + [224] * 4]
+    resp = [48] * 4 + [112] * 4
+    data = train_data(seqs, resp, [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    batching = {"global_batch_size": 4, "use_dynamic_batch_size": True, "max_tokens_per_gpu": 224}
+    one = megatron(make_args(checkpoint, **batching))
+    expected = one.train(0, data)
+    expected_weights = one.export_weights(None)[0]
+    got, weights = run_ranks(checkpoint, tmp_path, data, world=2, tp=1, device="cuda", sequence_parallel=False,
+                             args_overrides={**batching, "overlap_grad_reduce": True, "probe_overlap": True})
+    assert got["grad_reduce_launched_before_step"] == [False, True]
+    for key in ("train/pg_loss", "train/grad_norm"):
+        assert got[key] == pytest.approx(expected[key], rel=2e-2, abs=1e-4), (key, got[key], expected[key])
     for name, tensor in expected_weights.items():
         assert rel_error(weights[name], tensor) < 1e-2, name

@@ -231,6 +231,8 @@ def plugrl_add_options(parser):
     g.add_argument("--distributed-backend", metavar="{nccl,gloo}",
                    help="the train ranks' torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
     _switch(g, "--use-distributed-optimizer")
+    _switch(g, "--overlap-grad-reduce", "with more than one data-parallel rank: reduce each gradient bucket over DP "
+            "while the last micro-batch's backward still runs (Megatron's flag; off by default, as in Megatron)")
     # slime's Megatron escape hatches (reference §10)
     g.add_argument("--megatron-config-path", metavar="YAML",
                    help="megatron: [{name, role: actor, overrides: {TransformerConfig field: value}}]")
