@@ -119,6 +119,7 @@ PY
     #   trains with (its in-loop update MFU compares with this row)
     # - on a card of > 100 GB (H200) also no recompute over one 9,216-token micro-batch (~114 GiB), with the
     #   _foreach grad ops and with megatron-core's local ones
+    # - on two GPUs also DP 2, without and with --overlap-grad-reduce (issue 17: >= 1.85x one GPU's tokens/s)
     : >"$OUT/megatron4b.log"  # this call's rows only
     rows=("--megatron-recompute none --tokens 1152 --samples 1 --micro-batches 8"
           "--megatron-recompute none --tokens 1152 --samples 1 --micro-batches 8 --megatron-no-wgrad-fusion"
@@ -126,6 +127,12 @@ PY
     gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
     if (( gpu_mib > 100000 )); then
       rows+=("--megatron-recompute none" "--megatron-recompute none --megatron-local-grad-ops")
+    fi
+    # two GPUs: TP 1 x DP 2 against one GPU at the same per-rank work (4 micro-batches of 9,216 tokens per
+    # rank and step), the gradient reduction after the backward and overlapped with it (--overlap-grad-reduce)
+    if (( $(nvidia-smi -L | wc -l) >= 2 )); then
+      rows+=("--micro-batches 4 --steps 2" "--micro-batches 4 --steps 2 --megatron-dp 2"
+             "--micro-batches 4 --steps 2 --megatron-dp 2 --megatron-overlap-grad-reduce")
     fi
     for row in "${rows[@]}"; do
       (cd benchmarks && bounded python train_throughput.py --model 4b --steps 3 --checkpoint-cache "$MODELS" \

@@ -18,6 +18,7 @@ of the packed attention implementations (fwd + bwd).
     python benchmarks/train_throughput.py --model 4b --backends torch,megatron --megatron-tp 2 --profile
     python benchmarks/train_throughput.py --model 4b --backends transformers+liger,torch-fused,torch-full-logits
     python benchmarks/train_throughput.py --model 4b --backends megatron --megatron-dp 2 --checkpoint-cache /tmp/ckpt
+    python benchmarks/train_throughput.py --model 4b --backends megatron --megatron-dp 2 --micro-batches 4 --megatron-overlap-grad-reduce
     python benchmarks/train_throughput.py --model 4b --backends megatron --megatron-dp 2 --megatron-unfused
     python benchmarks/train_throughput.py --model 4b --backends megatron --megatron-dp 2 --megatron-recompute block:24
 
@@ -166,6 +167,8 @@ def worker(opts) -> dict | None:
         foreach_grad_ops.install_foreach_grad_ops = lambda: []  # the optimizer calls it at construction
     if opts.worker == "megatron" and opts.megatron_no_wgrad_fusion:
         args.no_gradient_accumulation_fusion = True
+    if opts.worker == "megatron" and opts.megatron_overlap_grad_reduce:
+        args.overlap_grad_reduce = True
     if opts.worker == "megatron" and opts.megatron_set:
         args.megatron_passthrough = dict(setting.split("=", 1) for setting in opts.megatron_set)
     backend = Backend(args, estimator=GRPOEstimator(args))
@@ -204,6 +207,8 @@ def worker(opts) -> dict | None:
         label += " local-grad-ops"
     if opts.worker == "megatron" and opts.megatron_no_wgrad_fusion:
         label += " no-wgrad-fusion"
+    if opts.worker == "megatron" and opts.megatron_overlap_grad_reduce and dp > 1:
+        label += " overlap"
     if opts.micro_batches > 1:
         label += f" x{opts.micro_batches}mb"
     if opts.worker == "megatron" and opts.megatron_set:
@@ -236,6 +241,7 @@ def run_worker(name: str, opts, checkpoint: str) -> dict | None:
     cmd += ["--megatron-unfused"] if opts.megatron_unfused else []
     cmd += ["--megatron-local-grad-ops"] if opts.megatron_local_grad_ops else []
     cmd += ["--megatron-no-wgrad-fusion"] if opts.megatron_no_wgrad_fusion else []
+    cmd += ["--megatron-overlap-grad-reduce"] if opts.megatron_overlap_grad_reduce else []
     cmd += ["--profile-origins"] if opts.profile_origins else []
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # same for every backend
     if ranks > 1:
@@ -330,6 +336,9 @@ def main() -> None:
     parser.add_argument("--megatron-no-wgrad-fusion", action="store_true",
                         help="megatron backend with --no-gradient-accumulation-fusion (bf16 weight gradients added "
                              "to the gradient buffer per micro-batch instead of accumulated by the GEMM)")
+    parser.add_argument("--megatron-overlap-grad-reduce", action="store_true",
+                        help="megatron backend with --overlap-grad-reduce (with --megatron-dp > 1: each gradient "
+                             "bucket reduced over DP during the last micro-batch's backward)")
     parser.add_argument("--megatron-set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a megatron-core TransformerConfig override for the megatron backend (as the "
                              "--megatron-<field> train flag), e.g. bias_activation_fusion=true; repeatable")

@@ -47,8 +47,9 @@ def test_train_throughput_smoke_run_on_cpu(tmp_path):
 
 
 def test_train_throughput_data_parallel_with_a_cached_checkpoint(tmp_path):
-    """``--megatron-dp 2``: two ranks, each with its own --tokens micro-batch; ``--checkpoint-cache``
-    reuses the checkpoint already there instead of building another."""
+    """``--megatron-dp 2 --micro-batches 2 --megatron-overlap-grad-reduce``: two ranks, each with its own two
+    --tokens micro-batches per step, reducing gradients during the backward; ``--checkpoint-cache`` reuses
+    the checkpoint already there instead of building another."""
     from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
 
     cache = tmp_path / "cache"
@@ -57,12 +58,13 @@ def test_train_throughput_data_parallel_with_a_cached_checkpoint(tmp_path):
     out = tmp_path / "rows.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny", "--device", "cpu", "--tokens", "256",
                            "--samples", "4", "--response", "16", "--steps", "1", "--backends", "megatron",
-                           "--megatron-dp", "2", "--checkpoint-cache", str(cache), "--json", str(out)],
+                           "--megatron-dp", "2", "--micro-batches", "2", "--megatron-overlap-grad-reduce",
+                           "--checkpoint-cache", str(cache), "--json", str(out)],
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())
-    assert row["backend"] == "megatron tp1 dp2" and row["gpus"] == 2
-    assert row["tokens"] == 2 * 256  # one micro-batch of --tokens per DP rank
+    assert row["backend"] == "megatron tp1 dp2 overlap x2mb" and row["gpus"] == 2
+    assert row["micro_batches"] == 2 and row["tokens"] == 2 * 2 * 256  # two micro-batches of --tokens per DP rank
     assert weights.stat().st_mtime_ns == built and sorted(p.name for p in cache.iterdir()) == ["tiny"]
 
 
