@@ -6,6 +6,7 @@ package's own tests, `plugins list`, `score`, `train --dry-run` and a short `tra
 import json
 import os
 import re
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +34,18 @@ def write_files(markdown: str, dest: Path) -> list[str]:
 
 
 def make_venv(where: Path) -> Path:
-    """A venv that sees the installed plugrl (and pip, setuptools, pytest) through its system site."""
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(where)],
-                   check=True, capture_output=True, text=True)
-    return where / "bin" / "python"
+    """A fresh venv that also sees this interpreter's site-packages (the installed plugrl, pip, setuptools,
+    pytest), added by a ``.pth`` file after its own. (``--system-site-packages`` would expose the base
+    interpreter's instead, which lacks plugrl when the tests run from a virtual environment, as in CI.)"""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True, capture_output=True,
+                   text=True)
+    python = where / "bin" / "python"
+    own_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+    # an "import" line runs, so addsitedir also reads the .pth files there (editable installs need them)
+    lines = [f"import site; site.addsitedir({path!r})\n" for path in site.getsitepackages()]
+    (Path(own_site) / "_parent_site.pth").write_text("".join(lines))
+    return python
 
 
 def pip_install(python: Path, *args) -> None:
