@@ -124,9 +124,6 @@ class MegatronTrainBackend:
         self.model = self._build_model(trainable=True)
         start = self._initial_weights()
         self._load_initial_weights(self.model, start)
-        # --overlap-grad-reduce: megatron's DDP reduces each bucket as the last micro-batch's backward fills
-        # it (train() runs the other micro-batches under no_sync); with one DP rank there is nothing to overlap
-        self.overlap_grad_reduce = bool(getattr(args, "overlap_grad_reduce", False)) and self.layout.dp_size > 1
         self.ddp_model = self._wrap_ddp(self.model)
         self.ref_model = None
         if self._needs_ref():
@@ -261,8 +258,11 @@ class MegatronTrainBackend:
         # Megatron's --accumulate-allreduce-grads-in-fp32 (off by default): fp32 main_grad buffers.
         # On CPU the params are fp32, so the grads are too.
         fp32_grads = bool(getattr(self.args, "accumulate_allreduce_grads_in_fp32", False)) or self.dtype == torch.float32
+        # --overlap-grad-reduce: each bucket is reduced as the last micro-batch's backward fills it (train()
+        # runs the step's other micro-batches under no_sync); with one DP rank there is nothing to overlap
+        overlap = bool(getattr(self.args, "overlap_grad_reduce", False)) and self.layout.dp_size > 1
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=fp32_grads, overlap_grad_reduce=self.overlap_grad_reduce, check_for_nan_in_grad=False,
+            grad_reduce_in_fp32=fp32_grads, overlap_grad_reduce=overlap, check_for_nan_in_grad=False,
             use_distributed_optimizer=self.device.type == "cuda" and use_distributed is not False,
         )
         return DistributedDataParallel(model.config, ddp_config, model)
@@ -418,10 +418,11 @@ class MegatronTrainBackend:
 
         # Megatron's DDP averages gradients over DP; the step objective is a sum over all of the step's
         # samples (each scaled by 1/G or 1/tokens of the whole step), hence the loss x dp_size.
+        overlapped = self.ddp_model.ddp_config.overlap_grad_reduce  # --overlap-grad-reduce with DP > 1
         totals = run_rl_steps(prepared, step_positions, planned, forward=forward, zero_grad=self.optimizer.zero_grad,
                               finish_step=finish_step, loss_multiplier=self.layout.dp_size, before_step=before_step,
                               on_micro_batch=self._count_micro_batch,
-                              no_sync=self.ddp_model.no_sync if self.overlap_grad_reduce else None)
+                              no_sync=self.ddp_model.no_sync if overlapped else None)
         update_time = synced_clock(self.device) - log_probs_done
         totals.update(getattr(self, "offload_report", {}))
         return {**{f"train/{k}": v for k, v in totals.items()},
