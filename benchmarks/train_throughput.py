@@ -227,6 +227,11 @@ def worker(opts) -> dict | None:
     return result if int(os.environ.get("RANK", "0")) == 0 else None
 
 
+# the megatron row's on/off switches (each applied and labelled in worker()), passed on to the worker process
+MEGATRON_SWITCHES = ("megatron_unfused", "megatron_local_grad_ops", "megatron_no_wgrad_fusion",
+                     "megatron_overlap_grad_reduce")
+
+
 def run_worker(name: str, opts, checkpoint: str) -> dict | None:
     """Start the worker process(es) of one backend; rank 0's result."""
     import socket
@@ -238,10 +243,7 @@ def run_worker(name: str, opts, checkpoint: str) -> dict | None:
            "--megatron-tp", str(opts.megatron_tp), "--megatron-dp", str(opts.megatron_dp),
            "--megatron-recompute", opts.megatron_recompute, "--top", str(opts.top)] + (["--profile"] if opts.profile else [])
     cmd += [arg for setting in opts.megatron_set for arg in ("--megatron-set", setting)]
-    cmd += ["--megatron-unfused"] if opts.megatron_unfused else []
-    cmd += ["--megatron-local-grad-ops"] if opts.megatron_local_grad_ops else []
-    cmd += ["--megatron-no-wgrad-fusion"] if opts.megatron_no_wgrad_fusion else []
-    cmd += ["--megatron-overlap-grad-reduce"] if opts.megatron_overlap_grad_reduce else []
+    cmd += ["--" + dest.replace("_", "-") for dest in MEGATRON_SWITCHES if getattr(opts, dest)]
     cmd += ["--profile-origins"] if opts.profile_origins else []
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # same for every backend
     if ranks > 1:
