@@ -329,6 +329,11 @@ def describe_run(args: argparse.Namespace, plugin_set) -> list[str]:
 
         memory = plan_memory(args, colocated=plan.colocated)
         lines += memory.lines() if memory else ["memory: no plan (the checkpoint's config.json is not readable here)"]
+    from .preflight import start_point
+
+    start = start_point(args)
+    if start:
+        lines.append(start)
     dropped = getattr(args, "_dropped", None)
     if dropped:
         lines.append(f"recipe values dropped (their plugin was replaced): {', '.join(dropped)}")

@@ -47,10 +47,11 @@ def value_problems(args) -> list[str]:
 
 # ---- this machine ------------------------------------------------------------------------------------
 def machine_problems(args, plugin_set=None) -> list[str]:
-    """Everything this machine must offer the run: writable --save, a complete model folder, importable
+    """Everything this machine must offer the run: writable --save, an existing --load, a complete model folder, importable
     ``--*-path`` functions with the right signature, readable and parseable data files."""
     problems = []
     problems += save_problems(args)
+    problems += load_problems(args)
     problems += model_problems(args)
     problems += import_problems(args)
     problems += data_problems(args)
@@ -105,10 +106,36 @@ def save_problems(args) -> list[str]:
     if save and not problems and not getattr(args, "overwrite_save", False):
         found = existing_checkpoints(save)
         if found and not same_dir(getattr(args, "load", None), save):
-            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+            named = [n for n in found if n not in CHECKPOINT_MARKERS] or found  # the pointer is not one more
+            shown = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
             problems.append(f"--save {save} already holds checkpoints of another run ({shown}); resume it with "
                             f"--load {save}, pass --overwrite-save to delete them, or choose another --save")
     return problems
+
+
+def load_problems(args) -> list[str]:
+    """``--load`` names an existing directory, unless it is also ``--save``: slime's ``--load DIR --save
+    DIR`` finds nothing the first time and starts fresh, then resumes. Any other missing ``--load`` is
+    a mistyped path, which would silently start a long run over."""
+    load = getattr(args, "load", None)
+    if not load or Path(load).exists() or same_dir(load, getattr(args, "save", None)):
+        return []
+    return [f"--load {load} does not exist; to resume a run, give the directory its --save wrote (it holds "
+            "`latest` and rollout_* folders); to start fresh, drop --load, or give --load and --save the same "
+            "directory (the first run then starts fresh and later runs resume)"]
+
+
+def start_point(args) -> str | None:
+    """Where a run with ``--load`` starts: printed by ``plugrl train`` at start and in the dry run's plan."""
+    load = getattr(args, "load", None)
+    if not load:
+        return None
+    from .checkpoint import checkpoint_rollout_id, find_latest_checkpoint
+
+    latest = find_latest_checkpoint(load)
+    if latest:
+        return f"--load {load}: resumes after rollout {checkpoint_rollout_id(latest)} ({Path(latest).name})"
+    return f"--load {load}: no checkpoint there (no `latest` file or rollout_* folder), so the run starts at rollout 0"
 
 
 def model_problems(args) -> list[str]:

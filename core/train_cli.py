@@ -33,9 +33,25 @@ def tiny_default_values() -> dict:
     }
 
 
+# any of these, on the command line or as a key of the --config file, makes the run the user's own
+RUN_DEFINING_FLAGS = {"--prompt-data", "--hf-checkpoint", "--recipe"}
+
+
 def _uses_default_run(argv: list[str]) -> bool:
+    """True when neither the command line nor the ``--config`` file names the data, the model or a
+    recipe: the run is then the embedded default, with the given flags and keys on top of it (so
+    moving flags into a YAML file changes nothing)."""
+    from .config import _pre_parse
+    from .flags import ConfigError, read_yaml
+
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
-    return not given & {"--prompt-data", "--hf-checkpoint", "--recipe", "--config"}
+    config = _pre_parse(argv).config
+    if config:
+        try:
+            given |= {"--" + str(key).replace("_", "-") for key in read_yaml(config, "--config")}
+        except ConfigError:
+            return False  # parse_config reports the unreadable file, naming it
+    return not given & RUN_DEFINING_FLAGS
 
 
 def main(argv: list[str]) -> int:
@@ -95,8 +111,8 @@ def main(argv: list[str]) -> int:
     from .loop import ActorDiedError
     from .reward_call import RewardError
 
+    progress = ProgressBars()
     try:
-        progress = ProgressBars()
         summary = run_training(args, plugin_set, logger_=metrics_logger, on_phase=progress.on_phase,
                                on_progress=progress.on_progress)
         progress.close()
@@ -104,6 +120,10 @@ def main(argv: list[str]) -> int:
         cause = getattr(exc, "cause", None)  # Ray wraps an actor's exception; its traceback is in the log above
         print(f"\nplugrl train: error: {cause if isinstance(cause, BaseException) else exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the loop's cleanup has stopped the actors; say what is kept
+        progress.close()
+        print(f"\nplugrl train: interrupted. {interrupted_run_message(args)}", file=sys.stderr)
+        return 130  # the shell's code for a SIGINT exit
     totals = metrics_logger.reward_totals
     if totals["samples"] and totals["failed"] >= totals["samples"]:
         print(f"plugrl train: error: every reward call of the run failed ({totals['failed']} of {totals['samples']} "
@@ -120,6 +140,21 @@ def main(argv: list[str]) -> int:
         else:
             print(f"{key}: last eval {last:.3f}")
     return 0
+
+
+def interrupted_run_message(args) -> str:
+    """What an interrupted run leaves and how to go on: the metrics file and the last checkpoint
+    (checkpoints are written atomically, so an interrupted save leaves the one before)."""
+    from .checkpoint import checkpoint_rollout_id, find_latest_checkpoint
+
+    kept = f"Metrics so far are in {args.output_dir}/metrics.jsonl"
+    latest = find_latest_checkpoint(args.save) if args.save else None
+    if latest:
+        return (f"{kept}; the last checkpoint is {latest} (after rollout {checkpoint_rollout_id(latest)}): "
+                f"resume with --load {args.save}.")
+    if args.save:
+        return f"{kept}; no checkpoint had been written to {args.save} yet."
+    return f"{kept}; no checkpoints: pass --save DIR --save-interval N to be able to resume."
 
 
 def warn_plugin_problems(plugin_set) -> None:
@@ -173,7 +208,7 @@ def prepare_dirs(args) -> int | None:
     id of the checkpoint the run resumes from (None for a fresh run)."""
     from .checkpoint import checkpoint_rollout_id, clean_interrupted_writes, delete_checkpoints, find_latest_checkpoint
     from .metrics import set_aside_rows, start_fresh_metrics
-    from .preflight import same_dir
+    from .preflight import same_dir, start_point
 
     for root in dict.fromkeys(d for d in (args.load, args.save) if d):
         for change in clean_interrupted_writes(root):
@@ -190,6 +225,8 @@ def prepare_dirs(args) -> int | None:
             print(f"plugrl train: resuming after rollout {resume_from}: {moved} metrics line(s) of later rollouts "
                   f"moved to {args.output_dir}/metrics.superseded.jsonl", flush=True)
     else:
+        if args.load:  # a fresh start despite --load: say so (the first run of --load DIR --save DIR)
+            print(f"plugrl train: {start_point(args)}", flush=True)
         kept = start_fresh_metrics(args.output_dir)
         if kept:
             print(f"plugrl train: {args.output_dir} held another run's metrics.jsonl; kept it as {kept.name}",

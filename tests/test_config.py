@@ -888,3 +888,24 @@ def test_unimplemented_sglang_flags_are_refused_on_the_driver(capsys, flags, mes
 
     assert main([*flags, "--device", "cpu", "--dry-run"]) == 2  # either flag selects the sglang backend
     assert message in capsys.readouterr().err
+
+
+def test_flags_moved_into_a_config_file_keep_the_default_run(tmp_path, capsys):
+    """A --config file that names no data, model or recipe runs the embedded default, exactly as the
+    same values given as flags do (the printed configs are equal)."""
+    import yaml
+
+    from plugrl.core.train_cli import main
+
+    flags = ["--num-rollout", "3", "--rm-type", "math", "--advantage-estimator", "rloo"]
+    assert main([*flags, "--device", "cpu", "--dry-run"]) == 0
+    from_flags = capsys.readouterr().out.split("# ---- plan")[0]
+    (tmp_path / "run.yaml").write_text("num-rollout: 3\nrm_type: math\nadvantage-estimator: rloo\n")
+    assert main(["--config", str(tmp_path / "run.yaml"), "--device", "cpu", "--dry-run"]) == 0
+    from_file = capsys.readouterr().out.split("# ---- plan")[0]
+    assert yaml.safe_load(from_file) == yaml.safe_load(from_flags)
+    assert yaml.safe_load(from_file)["recipe"] == DEFAULT_RECIPE
+    # a file that names the data is the user's own run: no default recipe under it
+    (tmp_path / "own.yaml").write_text(f"prompt-data: {tmp_path / 'none.jsonl'}\n")
+    main(["--config", str(tmp_path / "own.yaml"), "--device", "cpu", "--dry-run"])
+    assert "--rollout-batch-size is required" in capsys.readouterr().err

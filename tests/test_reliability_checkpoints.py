@@ -102,6 +102,15 @@ def test_prepare_dirs_on_resume_and_on_a_fresh_run(tmp_path, capsys):
     assert [r["rollout_id"] for r in read_metrics(kept)] == [-1, 0, 1]
 
 
+def test_a_fresh_start_with_load_says_so(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"  # --load DIR --save DIR, first run: nothing there yet
+    assert prepare_dirs(SimpleNamespace(load=str(ckpt), save=str(ckpt), output_dir=str(tmp_path / "out"),
+                                        overwrite_save=False)) is None
+    assert f"plugrl train: --load {ckpt}: no checkpoint there" in capsys.readouterr().out
+    prepare_dirs(SimpleNamespace(load=None, save=str(ckpt), output_dir=str(tmp_path / "out"), overwrite_save=False))
+    assert "--load" not in capsys.readouterr().out
+
+
 def test_overwrite_save_deletes_only_when_asked(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     save(ckpt, 4)

@@ -1,10 +1,13 @@
 """End to end (real Ray, tiny default model): a reward that hangs on its first calls does not zero the
-rest of the run, and a reward that always raises stops the run with a non-zero exit naming it."""
+rest of the run, a reward that always raises stops the run with a non-zero exit naming it, and Ctrl-C
+stops it with a message naming the last checkpoint instead of a traceback."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -61,3 +64,29 @@ def test_a_reward_that_always_raises_stops_the_run_non_zero(tmp_path, env):
                            "flaky_reward:reward failed on sample "), last
     assert "KeyError: 'no answer field'" in last
     assert train_rows(tmp_path / "out") == []  # it stopped before training on a rollout of zeros
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_how_to_resume(tmp_path, env):
+    # Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the driver and the Ray
+    # processes it started. A new session makes the test's process group the run's alone.
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.Popen([sys.executable, "-m", "plugrl.core.cli", *SHORT, "--num-rollout", "500", "--save", str(ckpt),
+                             "--save-interval", "1", "--output-dir", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (ckpt / "latest").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    latest = (ckpt / "latest").read_text().strip()  # the checkpoint the message must name
+    done = [r["rollout_id"] for r in train_rows(tmp_path / "out")]
+    assert latest == f"rollout_{max(done):06d}" or latest == f"rollout_{max(done) - 1:06d}"  # a save may be cut
+    assert (f"plugrl train: interrupted. Metrics so far are in {tmp_path / 'out'}/metrics.jsonl; the last checkpoint "
+            f"is {ckpt / latest} (after rollout {int(latest.split('_')[1])}): resume with --load {ckpt}.") in err

@@ -66,13 +66,55 @@ def test_save_with_another_runs_checkpoints_is_refused_unless_resumed_or_overwri
     (save / "latest").write_text("rollout_000005\n")
     args = SimpleNamespace(save=str(save), output_dir=None, load=None, overwrite_save=False)
     (problem,) = preflight.save_problems(args)
+    # the three checkpoints are named, and the ``latest`` pointer is not counted as a fourth
     assert problem == (f"--save {save} already holds checkpoints of another run (rollout_000001, rollout_000003, "
-                       f"rollout_000005 and 1 more); resume it with --load {save}, pass --overwrite-save to delete "
+                       f"rollout_000005); resume it with --load {save}, pass --overwrite-save to delete "
                        "them, or choose another --save")
+    (save / "rollout_000007").mkdir()
+    (problem,) = preflight.save_problems(args)
+    assert "(rollout_000001, rollout_000003, rollout_000005 and 1 more)" in problem
     args.load = str(save) + "/"  # the same directory, spelled differently
     assert preflight.save_problems(args) == []
     args.load, args.overwrite_save = None, True
     assert preflight.save_problems(args) == []
+
+
+# ---- --load -----------------------------------------------------------------------------------------
+def test_a_load_path_that_does_not_exist_is_refused_unless_it_is_also_save(tmp_path):
+    typo = tmp_path / "ckpt_typo"
+    (problem,) = preflight.load_problems(SimpleNamespace(load=str(typo), save=str(tmp_path / "ckpt")))
+    assert problem.startswith(f"--load {typo} does not exist; to resume a run, give the directory its --save wrote")
+    assert "to start fresh, drop --load" in problem
+    # slime's --load DIR --save DIR: the first run finds nothing and starts fresh
+    assert preflight.load_problems(SimpleNamespace(load=str(typo), save=str(typo) + "/")) == []
+    (tmp_path / "hf_dir").mkdir()  # an existing directory without a checkpoint (e.g. first weights) is allowed
+    assert preflight.load_problems(SimpleNamespace(load=str(tmp_path / "hf_dir"), save=None)) == []
+    assert preflight.load_problems(SimpleNamespace(load=None, save=None)) == []
+
+
+def test_where_a_run_with_load_starts(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert preflight.start_point(SimpleNamespace(load=None)) is None
+    assert preflight.start_point(SimpleNamespace(load=str(ckpt))) == (
+        f"--load {ckpt}: no checkpoint there (no `latest` file or rollout_* folder), so the run starts at rollout 0")
+    for rollout_id in (2, 5):
+        (ckpt / f"rollout_{rollout_id:06d}").mkdir(parents=True)
+        (ckpt / f"rollout_{rollout_id:06d}" / "meta.json").write_text(json.dumps({"rollout_id": rollout_id}))
+    (ckpt / "latest").write_text("rollout_000005\n")
+    assert preflight.start_point(SimpleNamespace(load=str(ckpt))) == (
+        f"--load {ckpt}: resumes after rollout 5 (rollout_000005)")
+
+
+def test_mistyped_load_stops_the_run_before_ray_and_dry_run_shows_the_start(model, tmp_path, capsys):
+    typo = tmp_path / "ckpt_typo"
+    code, _, err = run_main(base_argv(model, tmp_path, None, "--load", str(typo), "--save", str(tmp_path / "ckpt")),
+                            capsys)
+    assert code == 2 and f"--load {typo} does not exist" in err
+    code, out, err = run_main(base_argv(model, tmp_path, None, "--dry-run", "--load", str(typo), "--save", str(typo)),
+                              capsys)
+    assert code == 0, err
+    assert f"# --load {typo}: no checkpoint there (no `latest` file or rollout_* folder), so the run starts at " \
+           "rollout 0" in out
 
 
 def test_temp_folders_alone_are_not_another_runs_checkpoints(tmp_path):
