@@ -654,7 +654,7 @@ def _check_critic(args, plugin_set, estimator, problems: list[str]) -> None:
         problems.append(
             f"--advantage-estimator {args.advantage_estimator} needs critic values, which --train-backend "
             f"{args.train_backend} does not supply (train backends that do: {', '.join(suppliers) or 'none'}); "
-            "choose another estimator, e.g. grpo, reinforce_plus_plus or rloo")
+            "choose another estimator, e.g. grpo, rloo, or reinforce_plus_plus with --normalize-advantages")
 
 
 def _recipe_hint(args, flag: str, usage: str) -> str:
