@@ -119,7 +119,10 @@ class Cluster:
         self.use_gpu = use_gpu
         world_size = int(args.actor_num_nodes) * int(args.actor_num_gpus_per_node)
         if not ray.is_initialized():
-            env = {**forwarded_env(), "TOKENIZERS_PARALLELISM": "false"}
+            # the actors' HF progress bars ("Loading weights") reach the terminal late through Ray's log
+            # forwarding, among the driver's lines (even after "done in"); a user's own setting wins
+            env = {**forwarded_env(), "TOKENIZERS_PARALLELISM": "false",
+                   "HF_HUB_DISABLE_PROGRESS_BARS": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1")}
             init_kwargs = {"runtime_env": {"env_vars": env}, "include_dashboard": False, "log_to_driver": True,
                            "configure_logging": True, "logging_level": logging.WARNING}
             if args.ray_address:
@@ -220,7 +223,7 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
     """Run the whole job described by ``args`` (a validated config namespace)."""
     import ray
 
-    from .metrics import MetricsLogger, console_line
+    from .metrics import MetricsLogger, console_line, eval_accuracies
 
     os.makedirs(args.output_dir, exist_ok=True)
     metrics_logger = logger_ or MetricsLogger(
@@ -282,6 +285,9 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
             summary.first_eval = ray.get(cluster.rollout.evaluate.remote(-1))
             _observe(plugin_set.pm.hook.plugrl_on_eval_end, -1, summary.first_eval)
             metrics_logger.log(-1, summary.first_eval, phase="eval")
+            accuracies = eval_accuracies(summary.first_eval)
+            if accuracies:  # the baseline the rollout lines' accuracies are read against
+                print(" | ".join(["before training", *accuracies]), flush=True)
         last_rollout = args.num_rollout - 1
         drop_engine_weights = drops_released_weights(args, plugin_set)
         if args.async_train:

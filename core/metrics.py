@@ -108,6 +108,15 @@ def _format_seconds(value: float) -> str:
     return f"{value:.2g}s"
 
 
+def eval_accuracies(metrics: Mapping[str, Any]) -> list[str]:
+    """``{name} acc {value}`` for each ``eval/{name}/pass@1`` in ``metrics`` (console lines)."""
+    return [
+        f"{name[len('eval/') : -len('/pass@1')]} acc {format_number(value)}"
+        for name, value in metrics.items()
+        if name.startswith("eval/") and name.endswith("/pass@1") and _is_number(value)
+    ]
+
+
 def console_line(
     rollout_id: int,
     metrics: Mapping[str, Any],
@@ -124,11 +133,7 @@ def console_line(
     """
     keys = CONSOLE_KEYS if keys is None else keys
     parts = [f"rollout {rollout_id}"]
-    accuracies = [
-        f"{name[len('eval/') : -len('/pass@1')]} acc {format_number(value)}"
-        for name, value in metrics.items()
-        if name.startswith("eval/") and name.endswith("/pass@1") and _is_number(value)
-    ]
+    accuracies = eval_accuracies(metrics)
     for index, (name, label) in enumerate(keys):
         value = metrics.get(name)
         if _is_number(value):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from plugrl.core.metrics import format_number
+
 from .test_resume import kill_session
 
 pytestmark = pytest.mark.slow
@@ -95,6 +97,9 @@ def test_default_run_learns(trained_run):
     # far above noise.
     assert last - first >= 0.3, (first, last)
     assert "first eval" in result.stdout and "last eval" in result.stdout
+    # the accuracy before training is printed when it is measured, as the metrics file records it
+    assert f"before training | toy_math acc {format_number(first)}\n" in result.stdout
+    assert "Loading weights" not in result.stderr  # the actors' HF progress bars are off (Ray delivers them late)
 
 
 def test_run_directory_has_config_metrics_and_checkpoint(trained_run):
