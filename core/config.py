@@ -710,6 +710,11 @@ def _check_paths(args, problems: list[str]) -> None:
             problems.append(
                 f"--hf-checkpoint {path} has no config.json{hint or ' (it must be a Hugging Face model directory)'}"
             )
+    if getattr(args, "ref_load", None) and not Path(args.ref_load).exists():
+        # read by the train backend on the GPUs, long after start: a mistyped path must stop the run here
+        hint = _recipe_hint(args, "--ref-load", "DIR")
+        problems.append(f"--ref-load {args.ref_load} does not exist"
+                        f"{hint or ' (give the reference model: a Hugging Face directory or a torch_dist checkpoint)'}")
 
 
 def _check_device(args, problems: list[str]) -> None:

@@ -115,10 +115,13 @@ def save_problems(args) -> list[str]:
 
 def load_problems(args) -> list[str]:
     """``--load`` names an existing directory, unless it is also ``--save``: slime's ``--load DIR --save
-    DIR`` finds nothing the first time and starts fresh, then resumes. Any other missing ``--load`` is
-    a mistyped path, which would silently start a long run over."""
+    DIR`` finds nothing the first time and starts fresh, then resumes. A recipe's ``--load`` is that
+    pattern's too (nobody typed it). Any other missing ``--load`` is a mistyped path, which would
+    silently start a long run over."""
+    from .config import _from_recipe
+
     load = getattr(args, "load", None)
-    if not load or Path(load).exists() or same_dir(load, getattr(args, "save", None)):
+    if not load or Path(load).exists() or same_dir(load, getattr(args, "save", None)) or _from_recipe(args, "--load"):
         return []
     return [f"--load {load} does not exist; to resume a run, give the directory its --save wrote (it holds "
             "`latest` and rollout_* folders); to start fresh, drop --load, or give --load and --save the same "

@@ -51,7 +51,8 @@ SLIME_QWEN3_4B_RESOLVED = {
     "over_sampling_batch_size": 32, "eval_temperature": 1.0, "eval_input_key": "prompt", "eval_label_key": "label",
     "train_backend": "megatron", "rollout_backend": "sglang", "placement": "colocate",
 }
-RECIPE_PATHS = ("/root/Qwen3-4B", "/root/dapo-math-17k/dapo-math-17k.jsonl", "/root/aime-2024/aime-2024.jsonl")
+RECIPE_PATHS = ("/root/Qwen3-4B", "/root/dapo-math-17k/dapo-math-17k.jsonl", "/root/aime-2024/aime-2024.jsonl",
+                "/root/Qwen3-4B_torch_dist")
 
 
 def dry_run(capsys, *argv):
@@ -80,7 +81,9 @@ def user_files(tmp_path):
     (model / "tokenizer.json").write_text("{}")
     (model / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
     (model / "model.safetensors").write_bytes(b"")
-    return ["--prompt-data", str(prompts), "--eval-prompt-data", "aime", str(aime), "--hf-checkpoint", str(model)]
+    (tmp_path / "Qwen3-4B_torch_dist").mkdir()  # the --ref-load conversion (plugrl convert hf-to-megatron)
+    return ["--prompt-data", str(prompts), "--eval-prompt-data", "aime", str(aime),
+            "--ref-load", str(tmp_path / "Qwen3-4B_torch_dist"), "--hf-checkpoint", str(model)]
 
 
 def rank_rows(plan):
@@ -140,6 +143,9 @@ def test_qwen3_4b_dry_run_prints_slime_values_and_placement(capsys):
                 "copy there or pass --hf-checkpoint DIR)") in err
     if "/root/dapo-math-17k/dapo-math-17k.jsonl" in missing:
         assert "or pass --prompt-data PATH" in err
+    if "/root/Qwen3-4B_torch_dist" in missing:
+        assert ("--ref-load /root/Qwen3-4B_torch_dist does not exist (set by recipe 'qwen3-4b-8xh100': put your "
+                "copy there or pass --ref-load DIR)") in err
 
 
 def test_dry_run_is_ready_with_the_users_files(capsys, user_files):
@@ -218,7 +224,7 @@ def test_fp8_variant(capsys, tmp_path, user_files):
     (fp8 / "tokenizer.json").write_text("{}")  # a complete model folder (core/preflight.py)
     (fp8 / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
     (fp8 / "model.safetensors").write_bytes(b"")
-    status, config, plan, err = dry_run(capsys, "--recipe", "qwen3-4b-8xh100-fp8", *user_files[:5],
+    status, config, plan, err = dry_run(capsys, "--recipe", "qwen3-4b-8xh100-fp8", *user_files[:7],
                                         "--hf-checkpoint", str(fp8))
     assert status == 0, err
     assert any("FP8 --hf-checkpoint (block 128×128)" in line for line in plan)

@@ -255,3 +255,13 @@ def test_valid_inputs_pass_dry_run(model, tmp_path, capsys):
     code, out, err = run_main(base_argv(model, tmp_path, None, "--dry-run", "--save", str(tmp_path / "ckpt")), capsys)
     assert code == 0, err
     assert "# ready: every path and package this run needs is here" in out
+
+
+def test_a_ref_load_that_does_not_exist_stops_the_run_on_the_driver(model, tmp_path, capsys):
+    missing = tmp_path / "ref_typo"
+    code, _, err = run_main(base_argv(model, tmp_path, None, "--ref-load", str(missing)), capsys)
+    assert code == 2
+    assert f"--ref-load {missing} does not exist (give the reference model: a Hugging Face directory or a " \
+           "torch_dist checkpoint)" in err
+    code, _, err = run_main(base_argv(model, tmp_path, None, "--ref-load", str(model), "--dry-run"), capsys)
+    assert code == 0, err
