@@ -105,10 +105,9 @@ def build_options(entry, args, pairs: dict | None = None, *, check: bool = True)
     problems, values = [], {}
     for key, value in given.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
             problems.append(f"{flag} {key}={value!r}: {_describe(entry)} has no option '{key}'; allowed: "
-                            f"{', '.join(k for k in fields if not _run_setting(fields[k])) or '(none)'}{hint}")
+                            f"{', '.join(k for k in fields if not _run_setting(fields[k])) or '(none)'}"
+                            f"{_did_you_mean(key, list(fields))}")
             continue
         if _run_setting(fields[key]):
             dashed = "--" + key.replace("_", "-")
@@ -141,6 +140,11 @@ def _run_setting(field: dataclasses.Field) -> bool:
     return bool(field.metadata.get(RUN_SETTING, False))
 
 
+def _did_you_mean(key: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def _undeclared(entry, given: dict, flag: str) -> dict:
     """No options type: refuse keys a function cannot take (no matching keyword, no ``**kwargs``)."""
     obj = entry.obj
@@ -154,7 +158,7 @@ def _undeclared(entry, given: dict, flag: str) -> dict:
             bad = [k for k in given if k not in names]
             if bad:
                 raise OptionsError([f"{flag} {k}={given[k]!r}: {_describe(entry)} has no option '{k}'; allowed: "
-                                    f"{', '.join(names) or '(none)'}" for k in bad])
+                                    f"{', '.join(names) or '(none)'}{_did_you_mean(k, names)}" for k in bad])
     return given
 
 

@@ -236,7 +236,11 @@ async def generate_rollout(
     submitted_groups = 0
     stale: Counter = Counter()
     started = time.perf_counter()
+    warn_at = OVER_SAMPLING_WARNING * target  # then every further factor of 10
     while len(kept) < target:
+        if submitted_groups >= warn_at:
+            warn_at *= 10
+            _warn_over_sampling(rollout_id, submitted_groups, len(kept), target, drops)
         while remaining < target:
             groups = buffer.take(over_sampling_batch_size, rollout_id=rollout_id) if len(buffer) else []
             groups, counts = handle_stale(groups, min_weight_version, stale_policy)
@@ -285,6 +289,22 @@ async def generate_rollout(
     if min_weight_version is not None:
         metrics.update({key: stale.get(key, 0) for key in STALE_METRICS})
     return RolloutResult(kept, metrics)
+
+
+# Groups generated per group a rollout needs before the filter's drops are reported as a likely stall
+OVER_SAMPLING_WARNING = 10
+
+
+def _warn_over_sampling(rollout_id: int, submitted: int, kept: int, target: int, drops: Counter) -> None:
+    """The filter drops nearly everything: a filter no group can pass (every reward equal, a reward that
+    never scores) makes dynamic sampling run forever, as in slime; say so instead of spinning silently."""
+    reasons = ", ".join(f"{reason} {count}" for reason, count in drops.most_common()) or "none"
+    logger.warning(
+        "rollout %d: %d groups generated for %d needed, %d kept so far (dropped by the dynamic-sampling filter: %s). "
+        "If no group can pass (e.g. the reward gives every sample the same score) the rollout never ends: check "
+        "the reward on a few samples (`plugrl score`), or let the filter keep a group when too few pass "
+        "(FilterDecision(keep_when_insufficient=True), as --dynamic-sampling-filter nonzero_std_with_fallback does)",
+        rollout_id, submitted, target, kept, reasons)
 
 
 async def abort_and_drain(generator: SampleGenerator, pending: set) -> list[Group]:

@@ -165,7 +165,7 @@ def readme_section() -> str:
     return text[start:end]
 
 
-def test_the_readme_example_installs_as_written(tmp_path):
+def install_the_readme_example(tmp_path) -> Path:
     section = readme_section()
     assert "docs/plugin-guide.md" in section
     source = tmp_path / "plugrl-mine"
@@ -173,6 +173,11 @@ def test_the_readme_example_installs_as_written(tmp_path):
     assert sorted(files) == ["plugrl_mine/__init__.py", "pyproject.toml"], files
     python = make_venv(tmp_path / "venv")
     pip_install(python, "-e", str(source))  # the README says `pip install -e .`
+    return python
+
+
+def test_the_readme_example_installs_as_written(tmp_path):
+    python = install_the_readme_example(tmp_path)
     listed = plugrl(python, "plugins", "list", "--json", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     mine = {row["name"]: row["kind"] for row in json.loads(listed.stdout) if row["distribution"] == "plugrl-mine"}
@@ -182,3 +187,23 @@ def test_the_readme_example_installs_as_written(tmp_path):
             "assert [d.keep for d in check_filter('has_spread')] == [True, False, False, True]\n")
     checked = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=clean_env(), cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr
+
+
+@pytest.mark.slow
+def test_the_readme_example_command_finishes_on_the_default_model(tmp_path):
+    """The README's command with its own filter: the tiny default model never writes 42, so no group has
+    a spread; the filter's keep_when_insufficient keeps the rollout to the groups it needs (without it the
+    rollout would sample forever)."""
+    python = install_the_readme_example(tmp_path)
+    out = tmp_path / "run"
+    result = plugrl(python, "train", "--rm-type", "contains_42", "--dynamic-sampling-filter", "has_spread",
+                    "--filter-opt", "spread=0.3", "--num-rollout", "1", "--sft-warmup-steps", "0",
+                    "--rollout-batch-size", "4", "--n-samples-per-prompt", "2", "--global-batch-size", "8",
+                    "--eval-interval", "0", "--output-dir", str(out),
+                    env=clean_env(PLUGRL_CACHE=str(tmp_path / "cache")), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (meta,) = [r for r in rows if r["phase"] == "meta"]
+    assert (meta["reward"], meta["filter"], meta["filter_opt"]) == ("contains_42", "has_spread", {"spread": 0.3})
+    (train,) = [r for r in rows if r["phase"] == "train"]
+    assert train["rollout/submitted_groups"] == 4  # the 4 groups it needs, none sampled again

@@ -96,6 +96,9 @@ def test_third_party_options_check_and_configure_run_in_the_dry_run():
     assert "reward 'toy' (plugin toy): level must be 1 or 2, got 3" in problems(ps, "--rm-type", "toy",
                                                                                    "--rm-opt", "level=3")
     assert "no option 'strict_'" in problems(ps, "--rm-type", "bare", "--rm-opt", "strict_=1")
+    # a function's own keywords get the same suggestion as a declared options type's fields
+    assert "--rm-opt strikt=1: reward 'bare' (plugin toy) has no option 'strikt'; allowed: strict; did you mean " \
+           "'strict'?" in problems(ps, "--rm-type", "bare", "--rm-opt", "strikt=1")
     assert "plugrl_configure: toy: level 2 is refused" in problems(ps, "--rm-type", "toy", "--rm-opt", "level=2")
     assert ToyPlugin.configured == ["toy"]
 

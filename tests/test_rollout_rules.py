@@ -308,3 +308,23 @@ def test_rollout_sample_hooks_run_in_order_before_the_reward(checkpoint, tokeniz
     assert sorted(my_hooks.SEEN) == [("replace", 0, True), ("replace", 1, True),
                                      ("tag", 0, 7, False, None), ("tag", 1, 7, False, None)]
     assert all(s.metadata.get("replaced") and s.reward == 0.25 for s in out) and out is group
+
+
+def test_a_filter_that_drops_nearly_everything_is_reported_once_per_factor_of_ten(checkpoint, tokenizer, caplog):
+    engine = make_engine(checkpoint)
+    calls = []
+
+    def drop_the_first_fourteen(group):
+        calls.append(group)
+        return FilterDecision(keep=len(calls) > 14, reason="no_spread")
+
+    with caplog.at_level("WARNING", logger="plugrl.core.rollout"):
+        result, _, _ = run(_rollout(engine, tokenizer, args=make_args(), reward=constant_reward(), target=1, over=1,
+                                    sample_filter=drop_the_first_fourteen))
+    assert len(result.groups) == 1 and result.metrics["rollout/submitted_groups"] == 15
+    warnings = [r.getMessage() for r in caplog.records if "groups generated" in r.getMessage()]
+    # one group at a time: the 10th dropped group crosses 10 x the one group needed; 100 is never reached
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("rollout 0: 10 groups generated for 1 needed, 0 kept so far (dropped by the "
+                                  "dynamic-sampling filter: no_spread 10)")
+    assert "keep_when_insufficient=True" in warnings[0]
