@@ -252,7 +252,7 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
     if problems:
         raise ValueError(problems[0])
     host_memory = HostMemoryMonitor()
-    memory_plan = rollouts = None
+    memory_plan = rollouts = exported = None  # exported: the rollout --save-hf last wrote
     try:
         phase("starting actors", -1)
         cluster = Cluster(args, plugin_set, total_optimizer_steps=max(1, args.num_rollout) * steps_per_rollout)
@@ -371,12 +371,14 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
             if saving:
                 phase("save", rollout_id)
                 _save(cluster, args, rollout_id, staged_train_state)
+                if args.save_hf:  # slime exports with every checkpoint, to the pattern's {rollout_id}
+                    exported = _save_hf(cluster, args, rollout_id)
             phase("log", rollout_id + 1)  # closes this rollout's progress bars before its line
             if (rollout_id + 1) % int(getattr(args, "log_interval", 1) or 1) == 0 or rollout_id == last_rollout:
                 print(console_line(rollout_id, metrics), flush=True)
             summary.rollouts += 1
-        if args.save_hf:
-            cluster.train.save_hf(args.save_hf)
+        if args.save_hf and exported != last_rollout:  # the final weights, unless that save just wrote them
+            _save_hf(cluster, args, last_rollout)
     except (ray.exceptions.RayActorError, RankDiedError) as exc:
         raise ActorDiedError(_death_message(exc, args)) from exc
     finally:
@@ -481,6 +483,15 @@ def _save(cluster, args, rollout_id: int, staged_train_state: str | None = None)
                                                            if isinstance(v, (str, int, float, bool, list, dict, type(None)))}}, f)
 
     write_checkpoint_atomically(args.save, rollout_id, write)
+
+
+def _save_hf(cluster, args, rollout_id: int) -> int:
+    """``--save-hf``: a transformers checkpoint of the current weights at the pattern's path for
+    ``rollout_id`` (driver; the train backend writes it). Returns ``rollout_id``."""
+    path = args.save_hf.format(rollout_id=rollout_id)
+    cluster.train.save_hf(path)
+    print(f"plugrl train: --save-hf: wrote {path}", flush=True)
+    return rollout_id
 
 
 def _restore(cluster, load_dir: str) -> int:

@@ -95,13 +95,14 @@ def same_dir(a, b) -> bool:
 
 
 def save_problems(args) -> list[str]:
-    """``--save`` (and ``--output-dir``) writable; ``--save`` holding another run's checkpoints is
+    """``--save``, ``--output-dir`` and ``--save-hf`` writable; ``--save`` holding another run's checkpoints is
     refused unless ``--load`` resumes from it or ``--overwrite-save`` is given."""
     problems = []
     for flag, value in (("--save", getattr(args, "save", None)), ("--output-dir", getattr(args, "output_dir", None))):
         problem = value and _writable_dir_problem(flag, Path(value))
         if problem:
             problems.append(problem)
+    problems += save_hf_problems(getattr(args, "save_hf", None))
     save = getattr(args, "save", None)
     if save and not problems and not getattr(args, "overwrite_save", False):
         found = existing_checkpoints(save)
@@ -111,6 +112,20 @@ def save_problems(args) -> list[str]:
             problems.append(f"--save {save} already holds checkpoints of another run ({shown}); resume it with "
                             f"--load {save}, pass --overwrite-save to delete them, or choose another --save")
     return problems
+
+
+def save_hf_problems(pattern: str | None) -> list[str]:
+    """``--save-hf``: a path whose only placeholder is ``{rollout_id}``, in a writable place (it is
+    written at each checkpoint and at the end, long after start)."""
+    if not pattern:
+        return []
+    try:
+        path = pattern.format(rollout_id=0)
+    except (KeyError, IndexError, ValueError) as exc:
+        return [f"--save-hf {pattern}: only {{rollout_id}} may appear in braces ({type(exc).__name__}: {exc}); "
+                "e.g. --save-hf out/hf_{rollout_id}"]
+    problem = _writable_dir_problem("--save-hf", Path(path))
+    return [problem] if problem else []
 
 
 def load_problems(args) -> list[str]:

@@ -265,3 +265,13 @@ def test_a_ref_load_that_does_not_exist_stops_the_run_on_the_driver(model, tmp_p
            "torch_dist checkpoint)" in err
     code, _, err = run_main(base_argv(model, tmp_path, None, "--ref-load", str(model), "--dry-run"), capsys)
     assert code == 0, err
+
+
+def test_save_hf_pattern_and_place_are_checked_on_the_driver(tmp_path):
+    assert preflight.save_hf_problems(str(tmp_path / "hf_{rollout_id}")) == []
+    (problem,) = preflight.save_hf_problems(str(tmp_path / "hf_{step}"))
+    assert problem.startswith(f"--save-hf {tmp_path / 'hf_{step}'}: only {{rollout_id}} may appear in braces (KeyError")
+    (tmp_path / "file").write_text("x")
+    (problem,) = preflight.save_hf_problems(str(tmp_path / "file" / "hf"))
+    assert problem == f"--save-hf {tmp_path / 'file' / 'hf'} is under {tmp_path / 'file'}, which is a file, not a " \
+                      "directory; choose a directory path"

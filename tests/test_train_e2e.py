@@ -177,3 +177,33 @@ def test_a_dying_engine_gives_a_clear_error_and_keeps_what_was_produced(tmp_path
                   if json.loads(line)["phase"] == "train"]
     assert [r["rollout_id"] for r in train_rows] == [0, 1, 2]
     assert (out / "ckpt" / "latest").read_text().strip() == "rollout_000002"
+
+
+def test_save_hf_exports_with_each_checkpoint_and_at_the_end(tmp_path, env):
+    """--save-hf PATTERN (slime): a transformers checkpoint at PATTERN.format(rollout_id=...) with every
+    checkpoint (--save-interval 2 of 3 rollouts: after rollouts 1 and 2, the last) and, without --save,
+    once at the end. Each export holds the weights of the checkpoint written with it."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    result = run_plugrl(["train", "--num-rollout", "3", "--sft-warmup-steps", "5", "--rollout-batch-size", "4",
+                         "--n-samples-per-prompt", "2", "--global-batch-size", "8", "--eval-interval", "0",
+                         "--output-dir", str(out), "--save", str(out / "ckpt"), "--save-interval", "2",
+                         "--save-hf", str(out / "hf_{rollout_id}")], env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("hf_*")) == ["hf_1", "hf_2"]
+    assert sorted(p.name for p in (out / "ckpt").glob("rollout_*")) == ["rollout_000001", "rollout_000002"]
+    for rollout_id in (1, 2):  # each export holds the weights of the checkpoint written with it
+        exported = load_file(out / f"hf_{rollout_id}" / "model.safetensors")
+        saved = torch.load(out / "ckpt" / f"rollout_{rollout_id:06d}" / "train_state.pt", weights_only=False)["model"]
+        assert exported and set(exported) <= set(saved)
+        assert all(exported[name].equal(saved[name].to(exported[name].dtype)) for name in exported), rollout_id
+    assert f"--save-hf: wrote {out / 'hf_2'}" in result.stdout
+
+    alone = tmp_path / "alone"
+    result = run_plugrl(["train", "--num-rollout", "2", "--sft-warmup-steps", "0", "--rollout-batch-size", "4",
+                         "--n-samples-per-prompt", "2", "--global-batch-size", "8", "--eval-interval", "0",
+                         "--output-dir", str(alone), "--save-hf", str(alone / "hf_{rollout_id}")], env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert [p.name for p in alone.glob("hf_*")] == ["hf_1"]
