@@ -382,8 +382,9 @@ def _checkpoints(p: PlugrlArgumentParser) -> None:
     g.add_argument("--overwrite-save", action="store_true",
                    help="let --save name a directory holding another run's checkpoints (they are deleted)")
     g.add_argument("--save-interval", type=int, metavar="N", help="save every N rollouts (and after the last)")
-    g.add_argument("--save-hf", metavar="PATTERN", help="also export HF weights with each checkpoint and at the end, to this path with {rollout_id} "
-                        "filled in, e.g. out/hf_{rollout_id}")
+    g.add_argument("--save-hf", metavar="PATTERN",
+                   help="also export HF weights with each checkpoint and at the end, to this path with "
+                        "{rollout_id} filled in, e.g. out/hf_{rollout_id}")
     g.add_argument("--no-save-optim", action="store_true", help="do not save optimizer state")
 
 

@@ -47,8 +47,8 @@ def value_problems(args) -> list[str]:
 
 # ---- this machine ------------------------------------------------------------------------------------
 def machine_problems(args, plugin_set=None) -> list[str]:
-    """Everything this machine must offer the run: writable --save, an existing --load, a complete model folder, importable
-    ``--*-path`` functions with the right signature, readable and parseable data files."""
+    """Everything this machine must offer the run: writable --save, an existing --load, a complete model
+    folder, importable ``--*-path`` functions with the right signature, readable and parseable data files."""
     problems = []
     problems += save_problems(args)
     problems += load_problems(args)
@@ -95,8 +95,8 @@ def same_dir(a, b) -> bool:
 
 
 def save_problems(args) -> list[str]:
-    """``--save``, ``--output-dir`` and ``--save-hf`` writable; ``--save`` holding another run's checkpoints is
-    refused unless ``--load`` resumes from it or ``--overwrite-save`` is given."""
+    """``--save``, ``--output-dir`` and ``--save-hf`` writable; ``--save`` holding another run's
+    checkpoints is refused unless ``--load`` resumes from it or ``--overwrite-save`` is given."""
     problems = []
     for flag, value in (("--save", getattr(args, "save", None)), ("--output-dir", getattr(args, "output_dir", None))):
         problem = value and _writable_dir_problem(flag, Path(value))
