@@ -196,7 +196,8 @@ def test_save_hf_exports_with_each_checkpoint_and_at_the_end(tmp_path, env):
     assert sorted(p.name for p in (out / "ckpt").glob("rollout_*")) == ["rollout_000001", "rollout_000002"]
     for rollout_id in (1, 2):  # each export holds the weights of the checkpoint written with it
         exported = load_file(out / f"hf_{rollout_id}" / "model.safetensors")
-        saved = torch.load(out / "ckpt" / f"rollout_{rollout_id:06d}" / "train_state.pt", weights_only=False)["model"]
+        saved = torch.load(out / "ckpt" / f"rollout_{rollout_id:06d}" / "train_state.pt", map_location="cpu",
+                           weights_only=False)["model"]
         assert exported and set(exported) <= set(saved)
         assert all(exported[name].equal(saved[name].to(exported[name].dtype)) for name in exported), rollout_id
     assert f"--save-hf: wrote {out / 'hf_2'}" in result.stdout
