@@ -61,6 +61,18 @@ def find_latest_checkpoint(root: str) -> str | None:
     return os.path.join(root, names[-1]) if names else None
 
 
+def resume_hint(save: str | None) -> str:
+    """How a stopped run (killed actor, Ctrl-C) goes on from ``--save``: the last checkpoint there and the
+    ``--load`` that resumes after it (checkpoints are written atomically, so a cut save leaves the one before)."""
+    latest = find_latest_checkpoint(save) if save else None
+    if latest:
+        return (f"the last checkpoint is {latest} (after rollout {checkpoint_rollout_id(latest)}): "
+                f"resume with --load {save}")
+    if save:
+        return f"no checkpoint had been written to {save} yet"
+    return "no checkpoints: pass --save DIR --save-interval N to be able to resume"
+
+
 def clean_interrupted_writes(root: str) -> list[str]:
     """Tidy ``root`` after a kill during a save (call at start, before anything writes there): temp
     folders of unfinished checkpoints (``.rollout_*``, ``.train_rollout_*``) and the pointer's temp

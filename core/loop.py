@@ -41,7 +41,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from .checkpoint import find_latest_checkpoint, write_checkpoint_atomically
+from .checkpoint import find_latest_checkpoint, resume_hint, write_checkpoint_atomically
 from .flags import without_secrets
 from .host_memory_monitor import HostMemoryMonitor
 from .memory_plan import plan_memory
@@ -85,10 +85,8 @@ def _death_message(exc, args) -> str:
     else:
         which = "actor"
     text = str(exc)
-    resume = (f"checkpoints so far are in {args.save}; resume with --load {args.save}" if args.save
-              else "pass --save DIR --save-interval N to be able to resume after such a failure")
     return f"the {which} process died: {text.splitlines()[0] if text else type(exc).__name__}. " \
-           f"Metrics so far are in {args.output_dir}/metrics.jsonl; {resume}."
+           f"Metrics so far are in {args.output_dir}/metrics.jsonl; {resume_hint(args.save)}."
 
 
 class Cluster:

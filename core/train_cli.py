@@ -122,7 +122,10 @@ def main(argv: list[str]) -> int:
         return 1
     except KeyboardInterrupt:  # Ctrl-C: the loop's cleanup has stopped the actors; say what is kept
         progress.close()
-        print(f"\nplugrl train: interrupted. {interrupted_run_message(args)}", file=sys.stderr)
+        from .checkpoint import resume_hint
+
+        print(f"\nplugrl train: interrupted. Metrics so far are in {args.output_dir}/metrics.jsonl; "
+              f"{resume_hint(args.save)}.", file=sys.stderr)
         return 130  # the shell's code for a SIGINT exit
     totals = metrics_logger.reward_totals
     if totals["samples"] and totals["failed"] >= totals["samples"]:
@@ -140,21 +143,6 @@ def main(argv: list[str]) -> int:
         else:
             print(f"{key}: last eval {last:.3f}")
     return 0
-
-
-def interrupted_run_message(args) -> str:
-    """What an interrupted run leaves and how to go on: the metrics file and the last checkpoint
-    (checkpoints are written atomically, so an interrupted save leaves the one before)."""
-    from .checkpoint import checkpoint_rollout_id, find_latest_checkpoint
-
-    kept = f"Metrics so far are in {args.output_dir}/metrics.jsonl"
-    latest = find_latest_checkpoint(args.save) if args.save else None
-    if latest:
-        return (f"{kept}; the last checkpoint is {latest} (after rollout {checkpoint_rollout_id(latest)}): "
-                f"resume with --load {args.save}.")
-    if args.save:
-        return f"{kept}; no checkpoint had been written to {args.save} yet."
-    return f"{kept}; no checkpoints: pass --save DIR --save-interval N to be able to resume."
 
 
 def warn_plugin_problems(plugin_set) -> None:
