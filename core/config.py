@@ -445,6 +445,10 @@ def environment_problems(args: argparse.Namespace, plugin_set) -> list[str]:
     packages, a CUDA device for ``--device cuda``. ``--dry-run`` reports these without failing."""
     problems: list[str] = []
     _check_requirements(args, plugin_set, problems)
+    if not problems:  # a backend's machine check may import what a missing requirement lacks
+        from .plugin_traits import backend_machine_problems
+
+        problems.extend(backend_machine_problems(args, plugin_set))
     _check_paths(args, problems)
     _check_device(args, problems)
     _check_host_memory(args, plugin_set, problems)

@@ -378,7 +378,7 @@ def _checkpoints(p: PlugrlArgumentParser) -> None:
     )
     g.add_argument("--ref-load", metavar="DIR", help="reference model checkpoint (KL)")
     g.add_argument("--load", metavar="DIR", help="resume from this checkpoint directory")
-    g.add_argument("--save", metavar="DIR", help="save checkpoints here")
+    g.add_argument("--save", metavar="DIR", help="save checkpoints here: every --save-interval rollouts, or after the last one when no interval is given")
     g.add_argument("--overwrite-save", action="store_true",
                    help="let --save name a directory holding another run's checkpoints (they are deleted)")
     g.add_argument("--save-interval", type=int, metavar="N", help="save every N rollouts (and after the last)")

@@ -36,6 +36,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -84,9 +85,19 @@ def _death_message(exc, args) -> str:
         which = "train worker"
     else:
         which = "actor"
-    text = str(exc)
-    return f"the {which} process died: {text.splitlines()[0] if text else type(exc).__name__}. " \
+    text = _ANSI_ESCAPE.sub("", str(exc)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "creation task" in text and len(lines) > 1:
+        # raised in the actor's __init__: Ray's first line names only the constructor; the cause (the
+        # exception line) is the traceback's last line
+        what, detail = "failed to start", lines[-1]
+    else:
+        what, detail = "process died", lines[0] if lines else type(exc).__name__
+    return f"the {which} {what}: {detail.rstrip('.')}. " \
            f"Metrics so far are in {args.output_dir}/metrics.jsonl; {resume_hint(args.save)}."
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the actor's name in its error text
 
 
 class Cluster:
@@ -217,6 +228,14 @@ def _due(interval, rollout_id: int, last: bool) -> bool:
     return bool(interval) and ((rollout_id + 1) % interval == 0 or last)
 
 
+def saves_after(args, rollout_id: int, last_rollout: int) -> bool:
+    """A checkpoint after ``rollout_id``: every ``--save-interval`` rollouts and after the last; with
+    ``--save`` and no interval, after the last only (slime saves nothing then, so a run given a place to
+    save would end with nothing saved, and without a word)."""
+    last = rollout_id == last_rollout
+    return bool(args.save) and (_due(args.save_interval, rollout_id, last) or (not args.save_interval and last))
+
+
 def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=None) -> RunSummary:
     """Run the whole job described by ``args`` (a validated config namespace)."""
     import ray
@@ -311,7 +330,7 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
             poll = None if on_progress is None else (lambda: on_progress(cluster.train.progress()))
             with _timed(metrics, "train"):
                 metrics.update(cluster.train.train(rollout_id, data, poll=poll))
-            saving = bool(args.save) and _due(args.save_interval, rollout_id, rollout_id == last_rollout)
+            saving = saves_after(args, rollout_id, last_rollout)
             staged_train_state = None
             if saving and cluster.colocated_gpu and args.offload_train:
                 # The trainer's state is written now, while it is on the GPU; the checkpoint is

@@ -19,6 +19,9 @@ train_backend        check(config) -> list[str]     config problems, on the driv
                      default_data() -> dict          the embedded default run's files (train, eval, sft)
                      default_checkpoint() -> Path    its tiny checkpoint, built once and cached
 rollout_backend      check(config) -> list[str]
+                     machine_check(config) -> list[str]  what this machine lacks for the backend (a
+                                                     package it launches), listed by ``--dry-run``, refused
+                                                     by a run (train backends may declare it too)
                      engine_pool(config) -> str      "actors": core starts one Ray actor per engine on the
                                                      plan's bundles; "processes": the manager launches the
                                                      engines and needs their GPU ids; "external": neither
@@ -43,7 +46,7 @@ from typing import Any
 from .registry import UnknownPluginError, import_object
 
 # Traits whose value may be a "module:attr" string imported on first use.
-TRAIT_CALLABLES = ("check", "engine_pool", "parallel_sizes", "external_engines", "default_data", "default_checkpoint",
+TRAIT_CALLABLES = ("check", "machine_check", "engine_pool", "parallel_sizes", "external_engines", "default_data", "default_checkpoint",
                    "slime_adapter", "options", "check_options")
 
 
@@ -135,6 +138,18 @@ def backend_problems(args, plugin_set=None) -> list[str]:
     for kind, name in (("train_backend", getattr(args, "train_backend", None)),
                        ("rollout_backend", getattr(args, "rollout_backend", None))):
         check = trait(kind, name, "check", None, plugin_set)
+        if check is not None:
+            problems.extend(_run_check(check, args, kind, name))
+    return problems
+
+
+def backend_machine_problems(args, plugin_set=None) -> list[str]:
+    """The selected backends' ``machine_check`` problems (what this machine lacks; the debug modes skip
+    the backend they do not use)."""
+    problems: list[str] = []
+    for kind, name, unused in (("train_backend", getattr(args, "train_backend", None), "debug_rollout_only"),
+                               ("rollout_backend", getattr(args, "rollout_backend", None), "debug_train_only")):
+        check = None if getattr(args, unused, False) else trait(kind, name, "machine_check", None, plugin_set)
         if check is not None:
             problems.extend(_run_check(check, args, kind, name))
     return problems

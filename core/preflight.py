@@ -121,7 +121,7 @@ def save_hf_problems(pattern: str | None) -> list[str]:
         return []
     try:
         path = pattern.format(rollout_id=0)
-    except (KeyError, IndexError, ValueError) as exc:
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:  # {x}, {0}, {rollout_id.x}, {rollout_id[0]}
         return [f"--save-hf {pattern}: only {{rollout_id}} may appear in braces ({type(exc).__name__}: {exc}); "
                 "e.g. --save-hf out/hf_{rollout_id}"]
     problem = _writable_dir_problem("--save-hf", Path(path))

@@ -708,6 +708,13 @@ def test_sglang_passthrough_from_yaml(ps, files):
 def test_sglang_reserved_flags_refused(ps):
     with pytest.raises(ConfigError, match=r"--sglang-tp-size is set by plugrl \(it is --rollout-num-gpus-per-engine\)"):
         parse_config(["--sglang-tp-size", "2"], ps)
+    # SGLang's aliases of reserved flags would reach the server after plugrl's own and win
+    for argv, reason in ((["--sglang-tensor-parallel-size", "2"], "it is --sglang-tp-size"),
+                         (["--sglang-model", "/x"], "it is --sglang-model-path"),
+                         (["--sglang-nccl-init-addr", "h:1"], "it is --sglang-dist-init-addr"),
+                         (["--sglang-host", "0.0.0.0"], "plugrl serves each engine on the rollout manager's host")):
+        with pytest.raises(ConfigError, match=rf"{argv[0]} is set by plugrl \({reason}"):
+            parse_config(argv, ps)
 
 
 @pytest.mark.parametrize(
@@ -912,3 +919,27 @@ def test_flags_moved_into_a_config_file_keep_the_default_run(tmp_path, capsys):
     (tmp_path / "own.yaml").write_text(f"prompt-data: {tmp_path / 'none.jsonl'}\n")
     main(["--config", str(tmp_path / "own.yaml"), "--device", "cpu", "--dry-run"])
     assert "--rollout-batch-size is required" in capsys.readouterr().err
+
+
+def test_launched_sglang_engines_need_a_supported_sglang_package_here(ps, base, monkeypatch):
+    """A machine problem (``--dry-run`` lists it, a run stops on the driver): before, the rollout manager
+    found out after the trainer had loaded."""
+    from plugrl.plugins.backends.sglang import compat, launch
+
+    monkeypatch.delenv(launch.LAUNCH_ENV, raising=False)
+    monkeypatch.delenv(compat.ALLOW_UNSUPPORTED_ENV, raising=False)
+    args = parse_config(base + ["--rollout-backend", "sglang"], ps)
+    monkeypatch.setattr(compat, "installed_version", lambda: None)
+    (problem,) = environment_problems(args, ps)
+    assert "--rollout-backend sglang (the installed sglang package): the sglang package is not installed" in problem
+    monkeypatch.setattr(compat, "installed_version", lambda: "0.6.0rc1")
+    (problem,) = environment_problems(args, ps)
+    assert "runs SGLang '0.6.0rc1'; plugrl supports SGLang >=0.5.9,<0.6" in problem
+    monkeypatch.setattr(compat, "installed_version", lambda: "0.5.15.post1")
+    assert environment_problems(args, ps) == []
+    monkeypatch.setattr(compat, "installed_version", lambda: None)
+    # engines not launched with SGLang's server: nothing to install here
+    assert environment_problems(parse_config(base + ["--rollout-external-engine-addrs", "127.0.0.1:1"], ps), ps) == []
+    assert config_problems(args, ps) == []  # a dry run elsewhere (a laptop) still previews it
+    monkeypatch.setenv(launch.LAUNCH_ENV, "python -m plugrl.plugins.backends.sglang.server")
+    assert environment_problems(args, ps) == []

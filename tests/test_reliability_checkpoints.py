@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from plugrl.core.checkpoint import (
     checkpoint_rollout_id,
     clean_interrupted_writes,
@@ -155,3 +157,17 @@ def test_rollout_progress_bars_become_plain_lines_outside_a_terminal():
     bars.on_progress({"generate": (5, 16), "reward": (2, 16)})
     bars.close()
     assert stream.getvalue() == "rollout 3: generate 5/16, reward 2/16\n"
+
+
+@pytest.mark.parametrize("save, interval, expected", [
+    ("ckpt", None, [4]),        # --save alone: after the last rollout (slime would save nothing)
+    ("ckpt", 0, [4]),
+    ("ckpt", 2, [1, 3, 4]),     # every 2 rollouts and after the last
+    ("ckpt", 10, [4]),
+    (None, 2, []),              # nowhere to save
+])
+def test_checkpoints_follow_save_interval_and_the_last_rollout(save, interval, expected):
+    from plugrl.core.loop import saves_after
+
+    args = SimpleNamespace(save=save, save_interval=interval)
+    assert [r for r in range(5) if saves_after(args, r, last_rollout=4)] == expected

@@ -271,6 +271,10 @@ def test_save_hf_pattern_and_place_are_checked_on_the_driver(tmp_path):
     assert preflight.save_hf_problems(str(tmp_path / "hf_{rollout_id}")) == []
     (problem,) = preflight.save_hf_problems(str(tmp_path / "hf_{step}"))
     assert problem.startswith(f"--save-hf {tmp_path / 'hf_{step}'}: only {{rollout_id}} may appear in braces (KeyError")
+    for pattern, error in (("hf_{rollout_id.x}", "AttributeError"), ("hf_{rollout_id[0]}", "TypeError"),
+                           ("hf_{0}", "IndexError")):  # one line each, not a traceback
+        (problem,) = preflight.save_hf_problems(str(tmp_path / pattern))
+        assert problem.startswith(f"--save-hf {tmp_path / pattern}: only {{rollout_id}} may appear in braces ({error}")
     (tmp_path / "file").write_text("x")
     (problem,) = preflight.save_hf_problems(str(tmp_path / "file" / "hf"))
     assert problem == f"--save-hf {tmp_path / 'file' / 'hf'} is under {tmp_path / 'file'}, which is a file, not a " \

@@ -58,7 +58,8 @@ def test_supported_versions_pass(version):
     compat.check_version(version, "engine x")
 
 
-@pytest.mark.parametrize("version", ["0.5.8", "0.4.10", "0.6.0", "1.0", None, "garbage"])
+@pytest.mark.parametrize("version", ["0.5.8", "0.4.10", "0.6.0", "0.6.0rc1", "0.6.0.dev20260101", "0.5.9rc1", "1.0",
+                                     "garbage"])
 def test_unsupported_versions_are_refused_naming_the_range_and_the_override(version, monkeypatch):
     monkeypatch.delenv(compat.ALLOW_UNSUPPORTED_ENV, raising=False)
     with pytest.raises(compat.UnsupportedSGLangError) as info:
@@ -67,6 +68,13 @@ def test_unsupported_versions_are_refused_naming_the_range_and_the_override(vers
     assert "engine http://h:1" in text and ">=0.5.9,<0.6" in text and "PLUGRL_SGLANG_ALLOW_UNSUPPORTED=1" in text
     monkeypatch.setenv(compat.ALLOW_UNSUPPORTED_ENV, "1")
     compat.check_version(version, "engine http://h:1")  # a warning only
+
+
+def test_a_missing_sglang_package_is_named(monkeypatch):
+    monkeypatch.setenv(compat.ALLOW_UNSUPPORTED_ENV, "1")  # no override makes a missing package run
+    with pytest.raises(compat.UnsupportedSGLangError, match=r"the installed sglang package: the sglang package is "
+                                                             r"not installed; install sglang >=0\.5\.9,<0\.6"):
+        compat.check_version(None, "the installed sglang package")
 
 
 def test_an_old_engine_is_refused_at_start(tmp_path, monkeypatch):

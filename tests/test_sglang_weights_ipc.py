@@ -198,6 +198,20 @@ def _push_and_compare(client, url: str, device: str, version: str, checkpoint: s
     assert client.get("/get_weight_version").json() == {"weight_version": version}
 
 
+def test_remote_engines_are_given_a_routable_group_address():
+    """Engines on this host dial the group at the given local address; a remote engine gets this host's
+    address on the route to it (a loopback address would make it dial itself)."""
+    from plugrl.plugins.backends.sglang.weights import _is_local_host, master_address
+
+    assert master_address(["http://127.0.0.1:1", "localhost:2"], "127.0.0.1") == "127.0.0.1"
+    try:
+        address = master_address(["http://127.0.0.1:1", "http://192.0.2.55:30000"], "127.0.0.1")
+    except ValueError as exc:  # a host with no route beyond loopback: the error says so
+        assert "no route from this host to engine 192.0.2.55" in str(exc)
+        return
+    assert _is_local_host(address) and not address.startswith("127.")
+
+
 def test_push_through_shared_memory_into_plugrl_serve(server, checkpoint):
     url = str(server.base_url).rstrip("/")
     _push_and_compare(server, url, "cpu", "11", checkpoint)

@@ -319,3 +319,25 @@ def test_a_dead_rank_raises_rank_died(ray_cpu, checkpoint, ref_checkpoint):
     message = _death_message(info.value, args)
     assert message.startswith("the train worker (rank 1 of 2) process died: ")
     assert "--save DIR" in message
+
+
+def test_an_actor_failing_to_start_is_named_with_its_error(ray_cpu):
+    """An error in an actor's constructor: Ray's text starts with the coloured constructor name and ends
+    with the exception; the one-line message gives the exception, without colour codes."""
+    from plugrl.core.loop import _death_message
+
+    class RolloutManager:
+        def __init__(self):
+            raise ValueError("--sglang-host is computed by plugrl per engine.")
+
+        def ready(self):
+            return True
+
+    actor = ray_cpu.remote(num_cpus=0)(RolloutManager).remote()
+    with pytest.raises(ray_cpu.exceptions.RayActorError) as info:
+        ray_cpu.get(actor.ready.remote(), timeout=60)
+    args = type("Args", (), {"save": None, "output_dir": "/tmp/run"})()
+    message = _death_message(info.value, args)
+    assert message.startswith("the rollout manager (it owns the rollout engine) failed to start: ValueError: "
+                              "--sglang-host is computed by plugrl per engine. Metrics so far are in "), message
+    assert "\x1b" not in message

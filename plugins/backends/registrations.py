@@ -38,6 +38,7 @@ def plugrl_register_rollout_backends(register):
     register("sglang", "plugrl.plugins.backends.sglang.engine:SGLangRolloutBackend",
              requires=("sglang_router", "httpx"), extra="sglang",
              description="SGLang servers behind the sglang_router",
-             check=sglang_options.backend_problems, engine_pool=sglang_options.engine_pool,
+             check=sglang_options.backend_problems, machine_check=sglang_options.machine_problems,
+             engine_pool=sglang_options.engine_pool,
              external_engines=sglang_options.external_engines,
              commands={"serve": "plugrl.plugins.backends.sglang.server:main"})

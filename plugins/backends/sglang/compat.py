@@ -58,11 +58,17 @@ def check_version(version: str | None, where: str) -> None:
 
     try:
         parsed = Version(str(version))
-        ok = Version(MIN_VERSION) <= parsed < Version(MAX_VERSION_EXCLUSIVE)
+        # the upper bound compares release numbers: 0.6.0rc1 and 0.6.0.dev are 0.6 already, though they
+        # sort below Version("0.6")
+        ok = Version(MIN_VERSION) <= parsed and parsed.release < Version(MAX_VERSION_EXCLUSIVE).release
     except InvalidVersion:
         ok = False
     if ok:
         return
+    if version is None:
+        raise UnsupportedSGLangError(f"{where}: the sglang package is not installed; install sglang "
+                                     f"{supported_range()} (slime pins 0.5.15.post1), or pass "
+                                     "--rollout-external-engine-addrs to use engines started elsewhere")
     message = (f"{where} runs SGLang {version!r}; plugrl supports SGLang {supported_range()} (older servers lack "
                f"/v1/loads, which the abort before each weight push relies on; newer ones are unchecked). "
                f"Install a supported sglang (slime pins 0.5.15.post1), or set {ALLOW_UNSUPPORTED_ENV}=1 to try anyway.")

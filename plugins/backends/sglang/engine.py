@@ -19,7 +19,7 @@ import subprocess
 from typing import Any
 
 from . import compat, launch
-from .weights import DistributedPusher, push_tensor, require_local
+from .weights import DistributedPusher, master_address, push_tensor, require_local
 
 logger = logging.getLogger(__name__)
 
@@ -352,8 +352,9 @@ class SGLangRolloutBackend:
             else:
                 if self._pusher is None:
                     on_cuda = any(t.is_cuda for _, t in pairs)
-                    self._pusher = DistributedPusher(self.client, self.worker_urls, host=self.host,
-                                                     port=launch.free_port(self.host),
+                    host = master_address(self.worker_urls, self.host)  # remote engines dial a routable one
+                    self._pusher = DistributedPusher(self.client, self.worker_urls, host=host,
+                                                     port=launch.free_port(host),
                                                      backend="nccl" if on_cuda else "gloo", tp_sizes=self._tp_sizes)
                 self._pusher.push(buckets, version)
         finally:

@@ -37,7 +37,13 @@ RESERVED_SERVER_FLAGS = {
     "base-gpu-id": "it follows the placement",
     "nccl-port": "plugrl allocates a free port per engine (engines on one host must not share it)",
     "skip-server-warmup": "plugrl sets it",
+    "host": "plugrl serves each engine on the rollout manager's host",
 }
+# SGLang's other spellings of reserved flags (``aliases=`` in 0.5.15's server_args.py, a second option
+# string in 0.5.9's): given as the alias, the flag would reach the server after plugrl's own and win.
+SERVER_FLAG_ALIASES = {"model": "model-path", "tensor-parallel-size": "tp-size", "nccl-init-addr": "dist-init-addr"}
+RESERVED_SERVER_FLAGS.update({alias: f"it is --sglang-{flag}: {RESERVED_SERVER_FLAGS[flag]}"
+                              for alias, flag in SERVER_FLAG_ALIASES.items()})
 
 # Server flags with their own dests here (the rest pass through): dest -> ServerArgs field.
 SERVER_FIELDS = {
@@ -60,6 +66,23 @@ def engine_pool(args) -> str:
 def external_engines(args) -> list[str]:
     """The running servers this run uses instead of launching engines (``--dry-run`` lists them)."""
     return list(getattr(args, "rollout_external_engine_addrs", None) or [])
+
+
+def machine_problems(args) -> list[str]:
+    """Engines launched with SGLang's own server (no external engines, no ``launch_command`` /
+    ``$PLUGRL_SGLANG_LAUNCH_COMMAND``) need a supported ``sglang`` package on this machine: checked by
+    its metadata before any actor starts, instead of by the rollout manager after the trainer loaded."""
+    import os
+
+    from . import compat, launch
+
+    if engine_pool(args) != "processes" or os.environ.get(launch.LAUNCH_ENV):
+        return []
+    try:
+        compat.check_version(compat.installed_version(), "--rollout-backend sglang (the installed sglang package)")
+    except compat.UnsupportedSGLangError as exc:
+        return [str(exc)]
+    return []
 
 
 def backend_problems(args) -> list[str]:

@@ -79,6 +79,26 @@ def _is_local_host(host: str | None) -> bool:
     return False
 
 
+def master_address(urls: list[str], local: str) -> str:
+    """The address engines dial to join the weights update group hosted by this process: ``local``
+    (the engines' own host, e.g. loopback) when every engine runs here, else this host's address on
+    the interface that routes to the first remote engine (a loopback address would make a remote
+    engine dial itself until the group's timeout)."""
+    hosts = [urlsplit(url if "://" in url else f"http://{url}").hostname for url in urls]
+    remote = [host for host in hosts if not _is_local_host(host)]
+    if not remote:
+        return local
+    infos = socket.getaddrinfo(remote[0], None, proto=socket.IPPROTO_TCP)
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((sockaddr[0], 9))  # a UDP connect sends nothing: it only picks the route
+            return probe.getsockname()[0]
+        except OSError as exc:
+            raise ValueError(f"no route from this host to engine {remote[0]} ({exc}): the engines could not "
+                             "reach the weights update group hosted here") from exc
+
+
 def _tp_size(client, url: str) -> int:
     response = client.get(url + "/get_server_info")
     response.raise_for_status()
