@@ -46,19 +46,42 @@ def write_checkpoint_atomically(root: str, rollout_id: int, write: Callable[[str
     return final
 
 
-def find_latest_checkpoint(root: str) -> str | None:
-    """The directory named by ``latest`` (or the highest complete ``rollout_*``), else None."""
+def find_latest_checkpoint(root: str, *, with_moved_aside: bool = False) -> str | None:
+    """The directory named by ``latest`` (or the highest complete ``rollout_*``), else None.
+    ``with_moved_aside``: as it will be once ``clean_interrupted_writes`` has put moved-aside copies
+    back (``--dry-run`` previews a resume without changing the directory)."""
     if not root or not os.path.isdir(root):
         return None
+    found = {n: os.path.join(root, n) for n in os.listdir(root)
+             if n.startswith("rollout_") and os.path.isdir(os.path.join(root, n))}
+    if with_moved_aside:
+        found = {**_moved_aside_copies(root), **found}
     pointer = os.path.join(root, LATEST)
     if os.path.exists(pointer):
         with open(pointer) as f:
             name = f.read().strip()
-        path = os.path.join(root, name)
-        if os.path.isdir(path):
-            return path
-    names = sorted(n for n in os.listdir(root) if n.startswith("rollout_") and os.path.isdir(os.path.join(root, n)))
-    return os.path.join(root, names[-1]) if names else None
+        if name in found:
+            return found[name]
+    return found[max(found)] if found else None
+
+
+def checkpoint_name(path: str) -> str:
+    """``rollout_N`` of a checkpoint directory, also of a moved-aside copy (``.old_rollout_N.*/checkpoint``)."""
+    if os.path.basename(path) == "checkpoint" and os.path.basename(os.path.dirname(path)).startswith(".old_rollout_"):
+        return os.path.basename(os.path.dirname(path))[len(".old_"):].split(".", 1)[0]
+    return os.path.basename(path)
+
+
+def _moved_aside_copies(root: str) -> dict[str, str]:
+    """``rollout_N`` -> the copy moved aside while it was being rewritten (``.old_rollout_N.*/checkpoint``),
+    for each ``rollout_N`` that is missing: a kill fell between the two renames."""
+    copies = {}
+    for name in sorted(os.listdir(root)):
+        kept = os.path.join(root, name, "checkpoint")
+        final = name[len(".old_"):].split(".", 1)[0]
+        if name.startswith(".old_rollout_") and os.path.isdir(kept) and not os.path.exists(os.path.join(root, final)):
+            copies[final] = kept
+    return copies
 
 
 def resume_hint(save: str | None) -> str:
@@ -81,14 +104,12 @@ def clean_interrupted_writes(root: str) -> list[str]:
     if not root or not os.path.isdir(root):
         return []
     changed = []
+    for final, kept in _moved_aside_copies(root).items():
+        os.rename(kept, os.path.join(root, final))
+        changed.append(f"restored {final} from {os.path.basename(os.path.dirname(kept))}")
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
         if name.startswith(".old_rollout_") and os.path.isdir(path):
-            final = os.path.join(root, name[len(".old_"):].split(".", 1)[0])
-            kept = os.path.join(path, "checkpoint")
-            if not os.path.exists(final) and os.path.isdir(kept):
-                os.rename(kept, final)
-                changed.append(f"restored {os.path.basename(final)} from {name}")
             shutil.rmtree(path, ignore_errors=True)
             changed.append(f"removed {name}")
         elif name.startswith((".rollout_", ".train_rollout_")) and os.path.isdir(path):

@@ -393,6 +393,7 @@ def _resolve_batch(args: argparse.Namespace) -> None:
     if not args.rollout_batch_size or not args.n_samples_per_prompt:
         return
     total = args.rollout_batch_size * args.n_samples_per_prompt
+    _fit_recipe_batch(args, total)
     steps, size = args.num_steps_per_rollout, args.global_batch_size
     if steps is None and size is None:
         args.num_steps_per_rollout, args.global_batch_size = 1, total
@@ -400,6 +401,21 @@ def _resolve_batch(args: argparse.Namespace) -> None:
         args.global_batch_size = total // steps
     elif steps is None and size > 0 and total % size == 0:
         args.num_steps_per_rollout = total // size
+
+
+def _fit_recipe_batch(args: argparse.Namespace, total: int) -> None:
+    """A recipe's ``--global-batch-size`` that the user's ``--rollout-batch-size``, ``--n-samples-per-prompt``
+    or ``--num-steps-per-rollout`` no longer fits gives way: the user's steps per rollout, else the
+    recipe's (one on the embedded default). A value the user gave is never changed; one that still fits is kept."""
+    size, steps = args.global_batch_size, args.num_steps_per_rollout
+    if not size or not _from_recipe(args, "--global-batch-size") or (total % size == 0 and steps in (None, total // size)):
+        return
+    if steps is None or _from_recipe(args, "--num-steps-per-rollout"):
+        recipe = {k.replace("-", "_"): v for k, v in recipe_values(args.recipe).items()}
+        recipe_total = int(recipe.get("rollout_batch_size") or 0) * int(recipe.get("n_samples_per_prompt") or 0)
+        steps = recipe.get("num_steps_per_rollout") or (recipe_total // size if recipe_total % size == 0 else 1)
+    if steps and total % steps == 0:
+        args.num_steps_per_rollout, args.global_batch_size = steps, total // steps
 
 
 # --------------------------------------------------------------------------------------------------

@@ -87,8 +87,10 @@ def mismatch_problems(args: Any) -> list[str]:
     use_rs = bool(_opt(args, "use_rs", False))
     rs_given = [f for f, k in (("--rs-lower-bound", "rs_lower_bound"), ("--rs-upper-bound", "rs_upper_bound"),
                                ("--rs-veto-threshold", "rs_veto_threshold")) if _opt(args, k, None) is not None]
+    if _opt(args, "rs_level", None) not in (None, "token"):
+        rs_given.append("--rs-level")
     if rs_given and not use_rs:
-        problems.append(f"{', '.join(rs_given)} only apply with --use-rs")
+        problems.append(f"{', '.join(rs_given)} only appl{'y' if len(rs_given) > 1 else 'ies'} with --use-rs")
     if use_rs:
         if bool(_opt(args, "use_rollout_logprobs", False)):
             problems.append("--use-rs compares recomputed log-probs with the rollout's; --use-rollout-logprobs "

@@ -262,14 +262,21 @@ def set_aside_rows(output_dir: str | os.PathLike, from_rollout: int) -> int:
 
 def start_fresh_metrics(output_dir: str | os.PathLike) -> Path | None:
     """A new (not resumed) run in a directory that has a ``metrics.jsonl``: rename it to
-    ``metrics.<time>.jsonl`` so the new run's history is not appended to the old one."""
+    ``metrics.<time>.jsonl`` so the new run's history is not appended to the old one, and the old run's
+    ``config.yaml`` to ``config.<time>.yaml`` beside it (the new run writes its own)."""
     path = Path(output_dir) / "metrics.jsonl"
     if not path.is_file() or path.stat().st_size == 0:
         return None
-    kept = path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S', time.localtime(path.stat().st_mtime))}.jsonl")
-    while kept.exists():
-        kept = kept.with_name(kept.stem + "-1.jsonl")
+    stamp = time.strftime('%Y%m%d-%H%M%S', time.localtime(path.stat().st_mtime))
+    suffix = ""
+    while (path.with_name(f"metrics.{stamp}{suffix}.jsonl").exists()
+           or path.with_name(f"config.{stamp}{suffix}.yaml").exists()):
+        suffix += "-1"
+    kept = path.with_name(f"metrics.{stamp}{suffix}.jsonl")
     os.replace(path, kept)
+    config = path.with_name("config.yaml")
+    if config.is_file():
+        os.replace(config, path.with_name(f"config.{stamp}{suffix}.yaml"))
     return kept
 
 

@@ -169,9 +169,24 @@ def as_kwargs(options: Any) -> dict:
     return dict(options)
 
 
+# a kind's ``--*-path`` function, which may take the pairs in place of a selected plugin
+PATH_ALTERNATIVES = {"reward": "custom_rm_path", "filter": "dynamic_sampling_filter_path",
+                     "buffer_policy": "buffer_filter_path"}
+
+
 def option_problems(args, selected, plugin_set) -> list[str]:
-    """Driver check (``--dry-run`` too): every selected plugin's options, as problem lines."""
+    """Driver check (``--dry-run`` too): every selected plugin's options, as problem lines; pairs for a
+    kind with nothing selected (they would go nowhere, silently) are a problem too."""
+    from .registry import SELECTING_FLAG
+
     problems: list[str] = []
+    picked = {kind for kind, _flag, _name in selected}
+    for kind, (attr, flag) in PAIR_SOURCES.items():
+        pairs = getattr(args, attr, None)
+        if pairs and kind not in picked and not getattr(args, PATH_ALTERNATIVES.get(kind, ""), None):
+            shown = " ".join(f"{k}={v}" for k, v in pairs.items())
+            problems.append(f"{flag} {shown}: no {kind.replace('_', ' ')} is selected, so nothing reads these "
+                            f"pairs; select one with {SELECTING_FLAG[kind]} NAME or drop them")
     for kind, _flag, name in selected:
         if name not in plugin_set.registries[kind]:
             continue  # an unknown name is reported by the name check

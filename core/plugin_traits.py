@@ -16,6 +16,8 @@ train_backend        check(config) -> list[str]     config problems, on the driv
                      memory_model ("hf")             "megatron": bf16 params + fp32 main params and grads,
                                                      distributed optimizer, TP x PP shards (core/memory_plan.py)
                      gpu_bf16_only (False)           refuses --fp32 / --no-bf16 on GPUs (core/precision.py)
+                     full_dp_steps (False)           every DP rank needs micro-batches in every optimizer
+                                                     step: --global-batch-size checked against DP (core/dry_run.py)
                      default_data() -> dict          the embedded default run's files (train, eval, sft)
                      default_checkpoint() -> Path    its tiny checkpoint, built once and cached
 rollout_backend      check(config) -> list[str]

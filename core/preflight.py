@@ -148,11 +148,11 @@ def start_point(args) -> str | None:
     load = getattr(args, "load", None)
     if not load:
         return None
-    from .checkpoint import checkpoint_rollout_id, find_latest_checkpoint
+    from .checkpoint import checkpoint_name, checkpoint_rollout_id, find_latest_checkpoint
 
-    latest = find_latest_checkpoint(load)
+    latest = find_latest_checkpoint(load, with_moved_aside=True)  # as after the start's tidy-up
     if latest:
-        return f"--load {load}: resumes after rollout {checkpoint_rollout_id(latest)} ({Path(latest).name})"
+        return f"--load {load}: resumes after rollout {checkpoint_rollout_id(latest)} ({checkpoint_name(latest)})"
     return f"--load {load}: no checkpoint there (no `latest` file or rollout_* folder), so the run starts at rollout 0"
 
 

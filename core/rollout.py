@@ -65,6 +65,12 @@ def sampling_params_from_args(args: Any, *, evaluation: bool = False) -> dict:
     }
 
 
+def _rollout_seed(args) -> int:
+    """``--rollout-seed`` (0 is a seed like any other), slime's 42 when the namespace lacks it."""
+    seed = getattr(args, "rollout_seed", None)
+    return 42 if seed is None else int(seed)
+
+
 def sample_seed(rollout_seed: int, index: int, tokens_so_far: int, evaluation: bool) -> int:
     value = ((rollout_seed * 1_000_003 + index) * 65_537 + tokens_so_far) * 2 + int(evaluation)
     return value % (2**31 - 1)
@@ -157,7 +163,7 @@ class SampleGenerator:
                 # Every sample draws from its own stream (seed, sample index, tokens so far): its tokens
                 # do not depend on which other requests share its batch, so runs and resumed runs
                 # reproduce exactly; eval (evaluation=True) uses streams of its own.
-                params["sampling_seed"] = sample_seed(int(getattr(args, "rollout_seed", 42) or 42),
+                params["sampling_seed"] = sample_seed(_rollout_seed(args),
                                                       int(sample.index or 0), sample.response_length, evaluation)
             if params["max_new_tokens"] <= 0:
                 sample.status = Status.TRUNCATED

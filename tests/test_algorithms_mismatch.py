@@ -228,7 +228,10 @@ def test_driver_checks(tiny_config_problems):
                       "--rs-lower-bound", "0.5", "--rs-upper-bound", "2", "--rs-veto-threshold", "1e-4"]) == ""
     assert "not one of" in _problems(["--use-tis", "--tis-level", "seq"])
     assert "not one of" in _problems(["--use-rs", "--rs-level", "tokens"])
-    assert "only apply with --use-rs" in _problems(["--rs-upper-bound", "2"])
+    assert "--rs-upper-bound only applies with --use-rs" in _problems(["--rs-upper-bound", "2"])
+    assert "--rs-level only applies with --use-rs" in _problems(["--rs-level", "sequence"])
+    assert "--rs-lower-bound, --rs-level only apply with --use-rs" in _problems(["--rs-lower-bound", "0.5",
+                                                                                 "--rs-level", "geometric"])
     assert "only applies with --use-tis" in _problems(["--tis-level", "sequence"])
     assert "lower < upper" in _problems(["--use-rs", "--rs-lower-bound", "2", "--rs-upper-bound", "1.5"])
     assert "keep one" in _problems(["--use-rs", "--use-rollout-logprobs"])

@@ -943,3 +943,25 @@ def test_launched_sglang_engines_need_a_supported_sglang_package_here(ps, base, 
     assert config_problems(args, ps) == []  # a dry run elsewhere (a laptop) still previews it
     monkeypatch.setenv(launch.LAUNCH_ENV, "python -m plugrl.plugins.backends.sglang.server")
     assert environment_problems(args, ps) == []
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], (256, 1)),                                        # the default run: 32 x 8 samples, one step
+    (["--rollout-batch-size", "16"], (128, 1)),            # the recipe's 256 no longer divides 128: one step
+    (["--n-samples-per-prompt", "4"], (128, 1)),
+    (["--num-steps-per-rollout", "4"], (64, 4)),           # the user's steps decide the batch
+    (["--rollout-batch-size", "64"], (256, 2)),            # the recipe's 256 still fits: kept, two steps
+    (["--global-batch-size", "64"], (64, 4)),
+])
+def test_a_recipe_global_batch_size_gives_way_to_the_users_batch_flags(ps, files, flags, expected):
+    args = parse_config(["--recipe", DEFAULT_RECIPE, "--hf-checkpoint", files["ckpt"], *flags], ps)
+    assert (args.global_batch_size, args.num_steps_per_rollout) == expected
+    assert args.global_batch_size * args.num_steps_per_rollout == args.rollout_batch_size * args.n_samples_per_prompt
+
+
+def test_a_users_global_batch_size_is_never_changed(ps, files):
+    args = parse_config(["--recipe", DEFAULT_RECIPE, "--hf-checkpoint", files["ckpt"], "--rollout-batch-size", "16",
+                         "--global-batch-size", "256"], ps)
+    assert args.global_batch_size == 256
+    with pytest.raises(ConfigError, match=r"= 128 must be divisible by --global-batch-size \(256\)"):
+        check_config(args, ps)

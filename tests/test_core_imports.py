@@ -1,4 +1,4 @@
-"""DESIGN.md §2: core imports no plugin module and branches on no plugin name. An AST scan of core/."""
+"""The design rule (docs/plugin-options.md): core imports no plugin module and branches on no plugin name. An AST scan of core/."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def violations(source: str, filename: str) -> list[str]:
 
 def test_core_imports_no_plugin_and_branches_on_no_plugin_name():
     found = [v for path in sorted(CORE.glob("*.py")) for v in violations(path.read_text(), str(path))]
-    assert not found, "core must reach plugins through the registry (DESIGN.md §2):\n" + "\n".join(found)
+    assert not found, "core must reach plugins through the registry (docs/plugin-options.md):\n" + "\n".join(found)
 
 
 def test_the_scan_catches_each_kind_of_violation():

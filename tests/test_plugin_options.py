@@ -9,7 +9,7 @@ import sys
 import pytest
 from plugrl.core import hookimpl
 from plugrl.core.config import ConfigError, check_config, parse_config
-from plugrl.core.plugin_options import as_kwargs, build_options
+from plugrl.core.plugin_options import as_kwargs, build_options, option_problems
 from plugrl.core.plugins import make_plugin_manager
 
 DRY = ["--dry-run", "--recipe", "tiny-default", "--hf-checkpoint", "/nonexistent"]
@@ -46,6 +46,15 @@ def test_a_misspelled_option_of_a_bundled_plugin_fails_the_dry_run(ps, name, fla
     key = pair.split("=")[0]
     assert f"{flag} {pair.split('=')[0]}=" in message and f"'{name}'" in message
     assert f"no option '{key}'" in message and f"allowed: " in message and allowed in message
+
+
+def test_pairs_for_a_kind_with_nothing_selected_are_refused(ps):
+    """--filter-opt without a filter went nowhere, silently; a --*-path function of the kind may take them."""
+    message = problems(ps, "--filter-opt", "spread=1")
+    assert "--filter-opt spread=1: no filter is selected, so nothing reads these pairs; select one with " \
+           "--dynamic-sampling-filter NAME or drop them" in message
+    parse = parse_config([*DRY, "--dynamic-sampling-filter-path", "os:getcwd", "--filter-opt", "spread=1"], ps)
+    assert "--filter-opt" not in " ".join(option_problems(parse, [], ps))
 
 
 def test_wrong_types_and_failed_checks_name_the_plugin_and_key(ps):

@@ -96,12 +96,16 @@ def test_prepare_dirs_on_resume_and_on_a_fresh_run(tmp_path, capsys):
     assert "removed .rollout_000002.zz (left by an interrupted checkpoint write)" in printed
     assert "resuming after rollout 1: 1 metrics line(s) of later rollouts moved" in printed
     assert [r["rollout_id"] for r in read_metrics(out / "metrics.jsonl")] == [-1, 0, 1]
-    # The same output dir for a new run: the old history is renamed, not appended to.
+    # The same output dir for a new run: the old history and its config are renamed, not appended to or
+    # overwritten.
+    (out / "config.yaml").write_text("num_rollout: 3\n")
     fresh = SimpleNamespace(load=None, save=str(tmp_path / "ckpt2"), output_dir=str(out), overwrite_save=False)
     prepare_dirs(fresh)
-    assert not (out / "metrics.jsonl").exists()
+    assert not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists()
     (kept,) = [p for p in out.glob("metrics.2*.jsonl")]
     assert [r["rollout_id"] for r in read_metrics(kept)] == [-1, 0, 1]
+    stamp = kept.name[len("metrics."):-len(".jsonl")]
+    assert (out / f"config.{stamp}.yaml").read_text() == "num_rollout: 3\n"
 
 
 def test_a_fresh_start_with_load_says_so(tmp_path, capsys):

@@ -103,6 +103,19 @@ def test_where_a_run_with_load_starts(tmp_path):
     (ckpt / "latest").write_text("rollout_000005\n")
     assert preflight.start_point(SimpleNamespace(load=str(ckpt))) == (
         f"--load {ckpt}: resumes after rollout 5 (rollout_000005)")
+    # a kill between the two renames of a rewrite of rollout 5: the start puts the copy back, so the
+    # dry run (which changes nothing) already counts it
+    (ckpt / ".old_rollout_000005.xyz").mkdir()
+    (ckpt / "rollout_000005").rename(ckpt / ".old_rollout_000005.xyz" / "checkpoint")
+    assert preflight.start_point(SimpleNamespace(load=str(ckpt))) == (
+        f"--load {ckpt}: resumes after rollout 5 (rollout_000005)")
+    assert sorted(p.name for p in ckpt.iterdir()) == [".old_rollout_000005.xyz", "latest", "rollout_000002"]
+    from plugrl.core.checkpoint import clean_interrupted_writes, find_latest_checkpoint
+
+    assert find_latest_checkpoint(str(ckpt)) == str(ckpt / "rollout_000002")  # before the tidy-up
+    assert clean_interrupted_writes(str(ckpt)) == ["restored rollout_000005 from .old_rollout_000005.xyz",
+                                                   "removed .old_rollout_000005.xyz"]
+    assert find_latest_checkpoint(str(ckpt)) == str(ckpt / "rollout_000005")
 
 
 def test_mistyped_load_stops_the_run_before_ray_and_dry_run_shows_the_start(model, tmp_path, capsys):

@@ -328,3 +328,12 @@ def test_a_filter_that_drops_nearly_everything_is_reported_once_per_factor_of_te
     assert warnings[0].startswith("rollout 0: 10 groups generated for 1 needed, 0 kept so far (dropped by the "
                                   "dynamic-sampling filter: no_spread 10)")
     assert "keep_when_insufficient=True" in warnings[0]
+
+
+def test_rollout_seed_zero_is_its_own_seed():
+    """--rollout-seed 0 gives other sampling streams than the default 42 (it once fell back to 42)."""
+    from plugrl.core.rollout import _rollout_seed, sample_seed
+
+    assert _rollout_seed(SimpleNamespace(rollout_seed=0)) == 0
+    assert _rollout_seed(SimpleNamespace()) == 42
+    assert sample_seed(0, 3, 0, False) != sample_seed(42, 3, 0, False)
