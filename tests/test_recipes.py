@@ -69,8 +69,12 @@ def dry_run(capsys, *argv):
 
 
 @pytest.fixture
-def user_files(tmp_path):
-    """The user's copies of the guide's files: prompts, AIME, an HF checkpoint directory."""
+def user_files(tmp_path, monkeypatch):
+    """The user's copies of the guide's files: prompts, AIME, an HF checkpoint directory; and, as on the
+    user's machine, a supported sglang package (the recipes launch SGLang engines; its metadata is read)."""
+    from plugrl.plugins.backends.sglang import compat
+
+    monkeypatch.setattr(compat, "installed_version", lambda: "0.5.15.post1")
     prompts, aime = tmp_path / "dapo.jsonl", tmp_path / "aime.jsonl"
     prompts.write_text('{"prompt": "1+1?", "label": "2"}\n')
     aime.write_text('{"prompt": "2+2?", "label": "4"}\n')
