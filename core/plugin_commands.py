@@ -32,7 +32,11 @@ def run_command(name: str, argv: list[str] | None, plugin_set=None) -> int:
         return 2
     target, _ = providers[name]
     fn = target if callable(target) else import_object(target)
-    return fn(list(argv or []))
+    try:
+        return fn(list(argv or []))
+    except (ValueError, OSError) as exc:  # bad flags or paths: the command's own message, not a traceback
+        print(f"plugrl {name}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def convert(argv: list[str] | None = None) -> int:

@@ -79,6 +79,20 @@ def _engine_counters(engine) -> dict | None:
     return stats() if callable(stats) else None
 
 
+def engine_count(args, plugin_set=None) -> int:
+    """Engines serving the rollouts: the running ones a backend was given (``external_engines`` trait),
+    else ``--rollout-num-gpus`` / ``--rollout-num-gpus-per-engine`` (1 without GPUs). ``--rollout-concurrency``
+    (slime's ``--sglang-server-concurrency``) is per engine, so the in-flight limit is it times this."""
+    from .plugin_traits import plugin_view, rollout_trait
+
+    declared = rollout_trait(args, "external_engines", None, plugin_set)
+    external = declared(plugin_view(args, "rollout_backend", args.rollout_backend)) if declared else None
+    if external:
+        return len(external)
+    total, per_engine = getattr(args, "rollout_num_gpus", None), getattr(args, "rollout_num_gpus_per_engine", None)
+    return max(1, int(total or 0) // max(1, int(per_engine or 1)))
+
+
 def engine_counter_metrics(before: dict | None, after: dict | None) -> dict:
     """``perf/engine_*`` for one rollout from the engine's counters before and after it: decode
     steps and generated tokens, and where the decode thread's seconds went (prefill, launching decode
@@ -148,7 +162,7 @@ class RolloutManager:
                                  max_batch_size=int(getattr(args, "rollout_max_batch_size", 256) or 256), **extra)
         reward = resolve_reward(SimpleNamespace(**{**config, "rm_type": args.rm_type}), dict(args.rm_opt or {}))
         self.loop = EventLoopThread()
-        concurrency = int(getattr(args, "rollout_concurrency", None) or 512)
+        concurrency = int(getattr(args, "rollout_concurrency", None) or 512) * engine_count(args, plugin_set)
         self.generator = self.loop.run(self._make_generator(reward, concurrency))
 
     async def _make_generator(self, reward, concurrency):

@@ -965,3 +965,16 @@ def test_a_users_global_batch_size_is_never_changed(ps, files):
     assert args.global_batch_size == 256
     with pytest.raises(ConfigError, match=r"= 128 must be divisible by --global-batch-size \(256\)"):
         check_config(args, ps)
+
+
+def test_rollout_concurrency_is_per_engine(ps, base):
+    """slime's --sglang-server-concurrency bounds each engine: the run's in-flight limit is it times the
+    engines (reference §2.3)."""
+    from plugrl.core.rollout_manager import engine_count
+
+    assert engine_count(parse_config(base, ps), ps) == 1  # CPU: one engine
+    args = parse_config(base + ["--rollout-backend", "sglang", "--rollout-num-gpus", "6",
+                                "--rollout-num-gpus-per-engine", "2", "--actor-num-gpus-per-node", "2"], ps)
+    assert engine_count(args, ps) == 3
+    args = parse_config(base + ["--rollout-external-engine-addrs", "h:1", "h:2"], ps)
+    assert engine_count(args, ps) == 2

@@ -114,3 +114,16 @@ def test_megatron_to_hf_needs_a_torch_dist_checkpoint(checkpoint, tmp_path):
 def test_unknown_direction_is_usage_error(capsys):
     assert main(["sideways"]) == 2
     assert "hf-to-megatron" in capsys.readouterr().err
+
+
+def test_bad_paths_and_flags_are_one_line_errors(tmp_path, capsys):
+    """``plugrl convert`` with a missing checkpoint or a contradicting flag: one line naming it, exit 1."""
+    from plugrl.core.plugin_commands import run_command
+
+    missing = tmp_path / "Qwen3-4B"
+    assert run_command("convert", ["hf-to-megatron", "--hf-checkpoint", str(missing), "--save", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"plugrl convert: error: --hf-checkpoint {missing} is not a directory\n"
+    missing.mkdir()
+    assert run_command("convert", ["hf-to-megatron", "--hf-checkpoint", str(missing), "--save", str(tmp_path / "o")]) == 1
+    assert "no config.json there" in capsys.readouterr().err

@@ -231,3 +231,11 @@ def test_update_weights_from_distributed(server, reference):
     nccl = server.post("/init_weights_update_group", json={"master_address": "127.0.0.1", "master_port": 1,
                                                            "rank_offset": 1, "world_size": 2})
     assert nccl.status_code == 400 and "gloo" in nccl.json()["message"]  # SGLang's default backend is nccl
+
+
+def test_serve_names_a_model_path_that_is_not_a_folder(tmp_path):
+    """No hub: a missing path is named, instead of transformers' 'Repo id must use alphanumeric chars'."""
+    from plugrl.plugins.backends.sglang.server import main
+
+    with pytest.raises(SystemExit, match=rf"--model-path {tmp_path / 'nope'} is not a directory; give a Hugging Face"):
+        main(["--model-path", str(tmp_path / "nope")])

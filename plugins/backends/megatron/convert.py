@@ -49,7 +49,11 @@ _SWITCHES = ("group_query_attention", "use_rotary_position_embeddings", "disable
 
 
 def read_hf_config(path: str | Path) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"--hf-checkpoint {path}: no config.json there (give a Hugging Face checkpoint "
+                                "folder)" if Path(path).is_dir() else f"--hf-checkpoint {path} is not a directory")
+    return json.loads(config.read_text())
 
 
 def load_hf_state(path: str | Path) -> dict:

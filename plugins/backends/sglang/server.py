@@ -30,6 +30,7 @@ import binascii
 import contextlib
 import datetime
 import logging
+import os
 import pickle
 import time
 import uuid
@@ -409,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.tp_size != 1:
         raise SystemExit("plugrl serve runs one device per engine (--tp-size 1)")
+    if not os.path.isdir(args.model_path):  # transformers would read it as a hub repo id, with a confusing error
+        raise SystemExit(f"plugrl serve: --model-path {args.model_path} is not a directory; give a Hugging Face "
+                         "checkpoint folder (no model hub is used)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from plugrl.plugins.backends.hf.engine import HFRolloutEngine
 
