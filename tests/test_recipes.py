@@ -270,6 +270,14 @@ def test_precedence_for_the_qwen3_recipe(tmp_path):
     assert args.async_train is True and args.eps_clip_high == 0.3 and args.rollout_num_gpus == 6
 
 
+def test_no_colocate_without_rollout_gpus_is_refused(capsys):
+    """The placement default stays colocate without --rollout-num-gpus: --no-colocate alone would keep the
+    engines on the train GPUs, only without offloading (SGLang's memory fraction beside Megatron's state)."""
+    status, _config, _plan, err = dry_run(capsys, "--recipe", "qwen3-4b-8xh100", "--no-colocate")
+    assert status == 2
+    assert "--no-colocate without --rollout-num-gpus: the engines would still share the train GPUs" in err
+
+
 def test_switches_of_the_recipe_can_be_turned_off(capsys):
     _status, config, plan, _ = dry_run(capsys, "--recipe", "qwen3-4b-8xh100", "--no-colocate",
                                       "--actor-num-gpus-per-node", "4", "--rollout-num-gpus", "4",

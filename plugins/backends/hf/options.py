@@ -74,6 +74,11 @@ def backend_problems(config) -> list[str]:
     bucket = getattr(config, "hf_kv_bucket", None)
     if bucket is not None and bucket < 1:
         problems.append(f"--hf-kv-bucket {bucket}: must be >= 1 (positions; the default is 256)")
+    per_engine = getattr(config, "rollout_num_gpus_per_engine", None)
+    if per_engine is not None and per_engine > 1:
+        # one engine per engine bundle runs on its first GPU: the others would generate nothing
+        problems.append(f"--rollout-num-gpus-per-engine {per_engine}: the hf engine runs on one GPU (no tensor "
+                        "parallelism); pass --rollout-num-gpus-per-engine 1 for one engine per rollout GPU")
     on_cpu = getattr(config, "device", None) == "cpu"
     if on_cpu and getattr(config, "hf_decode_attention", None) == "flash":
         problems.append("--hf-decode-attention flash needs a CUDA device (--device cpu given); use sdpa or matmul")
