@@ -106,6 +106,6 @@ def test_options_given_by_name_win_over_the_flags(ps, checkpoint):
 def test_more_than_one_gpu_per_hf_engine_is_refused(ps, checkpoint):
     """One hf engine runs on its bundle's first GPU: with 2 GPUs per engine, half the rollout GPUs idle."""
     args = _config(ps, checkpoint, "--rollout-num-gpus-per-engine", "2")
-    problems = [p for p in config_problems(args, ps) if "--rollout-num-gpus-per-engine" in p]
+    problems = [p for p in config_problems(args, ps) if p.startswith("--rollout-num-gpus-per-engine")]
     assert problems == ["--rollout-num-gpus-per-engine 2: the hf engine runs on one GPU (no tensor parallelism); "
                         "pass --rollout-num-gpus-per-engine 1 for one engine per rollout GPU"]
