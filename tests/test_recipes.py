@@ -232,6 +232,12 @@ def test_fp8_variant(capsys, tmp_path, user_files):
                                         "--hf-checkpoint", str(fp8))
     assert status == 0, err
     assert any("FP8 --hf-checkpoint (block 128×128)" in line for line in plan)
+    # an FP8 format the pushes cannot reproduce stops the dry run on the driver, not the rollout manager
+    for bad, named in (({"weight_block_size": None}, "weight_block_size=None"), ({"fmt": "e5m2"}, "fmt='e5m2'"),
+                       ({"activation_scheme": "static"}, "activation_scheme='static'")):
+        (fp8 / "config.json").write_text(json.dumps({"model_type": "qwen3", "quantization_config": {**quant, **bad}}))
+        status, _, _, err = dry_run(capsys, "--recipe", "qwen3-4b-8xh100-fp8", *user_files[:7], "--hf-checkpoint", str(fp8))
+        assert status == 2 and f"--hf-checkpoint {fp8}: unsupported fp8 quantization_config: {named}" in err, err
 
 
 # --------------------------------------------------------------------------------------------------

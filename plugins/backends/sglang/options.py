@@ -103,14 +103,22 @@ def backend_problems(args) -> list[str]:
 
 
 def _quantization_problems(args) -> list[str]:
-    """``--sglang-quantization`` on a checkpoint that is not quantized: SGLang quantizes it on
-    load, and every weight push would then send BF16 tensors into FP8 parameters (plugrl quantizes
-    pushes only for checkpoints whose config.json holds an FP8 quantization_config)."""
-    method = (getattr(args, "sglang_passthrough", None) or {}).get("quantization")
-    if not method or method is True:
-        return []
+    """An FP8 checkpoint in a format the pushes cannot reproduce (``fp8_config.py``); ``--sglang-quantization``
+    on a checkpoint that is not quantized: SGLang quantizes it on load, and every weight push would then
+    send BF16 tensors into FP8 parameters (plugrl quantizes pushes only for checkpoints whose config.json
+    holds an FP8 quantization_config)."""
     config = _checkpoint_config(getattr(args, "hf_checkpoint", None))
     if config is None:  # not a local directory: the backend decides when it reads the config
+        return []
+    from .fp8_config import fp8_quantization_config
+
+    try:
+        fp8_quantization_config(config)
+    except ValueError as exc:  # an FP8 checkpoint whose pushes plugrl cannot quantize the same way
+        return [f"--hf-checkpoint {args.hf_checkpoint}: {exc}; plugrl pushes block-wise e4m3 weights with dynamic "
+                "activation scales (Qwen3-FP8's format), or train from the BF16 checkpoint"]
+    method = (getattr(args, "sglang_passthrough", None) or {}).get("quantization")
+    if not method or method is True:
         return []
     quant = config.get("quantization_config") or {}
     if quant.get("quant_method") == method:
@@ -129,9 +137,10 @@ def _checkpoint_config(path) -> dict | None:
     if not path or not (Path(path) / "config.json").is_file():
         return None
     try:
-        return json.loads((Path(path) / "config.json").read_text())
+        config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return None
+    return config if isinstance(config, dict) else None  # preflight names a config.json that is no object
 
 
 def server_overrides(args) -> dict:
