@@ -380,3 +380,21 @@ def test_replacing_a_recipe_plugin_drops_its_recipe_values_but_not_the_users(cap
     status, _, _, err = dry_run(capsys, "--recipe", "qwen3-4b-8xh100", *user_files, "--save", "",
                                 "--save-interval", "5")
     assert status == 2 and "--save-interval needs --save DIR" in err  # the user's interval still needs a dir
+
+
+QWEN3_4B_CONFIG = {"model_type": "qwen3", "num_hidden_layers": 36, "hidden_size": 2560, "intermediate_size": 9728,
+                   "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+                   "rope_theta": 1000000, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+                   "max_position_embeddings": 40960}  # Qwen3-4B's config.json (the architecture keys)
+
+
+def test_model_flags_that_contradict_the_checkpoint_stop_the_dry_run(capsys, user_files):
+    """slime's MODEL_ARGS must match the checkpoint; a mismatch is found on the driver, not in the actors."""
+    model = Path(user_files[-1])
+    (model / "config.json").write_text(json.dumps(QWEN3_4B_CONFIG))
+    status, _, _, err = dry_run(capsys, "--recipe", "qwen3-4b-8xh100", *user_files)
+    assert status == 0, err  # the recipe's own model flags are Qwen3-4B's
+    status, _, _, err = dry_run(capsys, "--recipe", "qwen3-4b-8xh100", *user_files, "--num-layers", "28")
+    assert status == 2
+    assert (f"--num-layers 28 contradicts the HF checkpoint's num_hidden_layers (which gives 36) (--hf-checkpoint "
+            f"{model}); drop the flag or correct it") in err

@@ -74,6 +74,31 @@ def vocab_multiple(args, tp: int) -> int:
     return int(getattr(args, "make_vocab_size_divisible_by", None) or DEFAULT_VOCAB_DIVISOR) * int(tp)
 
 
+def _architecture_problems(args) -> list[str]:
+    """Model flags (``--num-layers``, ``--rotary-base``, ...) that contradict a local ``--hf-checkpoint``'s
+    config.json, found before Ray starts (the train actors would raise it after start). A custom model
+    provider builds its own model, so its flags are not compared."""
+    import json
+    from pathlib import Path
+
+    path = getattr(args, "hf_checkpoint", None)
+    if not path or getattr(args, "custom_model_provider_path", None) or not (Path(path) / "config.json").is_file():
+        return []
+    try:
+        hf_config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return []  # preflight names an unreadable config.json
+    from .config_bridge import check_flags
+
+    try:
+        check_flags(hf_config, args)
+    except ValueError as exc:
+        return [f"{exc} (--hf-checkpoint {path}); drop the flag or correct it"]
+    except (KeyError, TypeError, AttributeError):
+        return []  # a config the bridge cannot read (not an object, another architecture): the actor names it
+    return []
+
+
 def backend_problems(args) -> list[str]:
     """What plugrl's megatron backend cannot run, found on the driver before any actor or GPU (and
     again in each train actor). Each problem names the flag and what to use instead."""
@@ -95,6 +120,7 @@ def backend_problems(args) -> list[str]:
         passthrough_overrides(args)
     except ValueError as exc:
         problems.append(str(exc))
+    problems.extend(_architecture_problems(args))
     from plugrl.core.config import import_path_problems
 
     problems.extend(import_path_problems(args, HOOK_FLAGS))
