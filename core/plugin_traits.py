@@ -28,7 +28,7 @@ rollout_backend      check(config) -> list[str]
                                                      plan's bundles; "processes": the manager launches the
                                                      engines and needs their GPU ids; "external": neither
                      external_engines(config) -> list[str]  addresses of running engines (``--dry-run``)
-                     drops_released_weights (False)  ``release_memory(keep_weights=False)`` frees the weights
+                     drops_released_weights (False, or a fn(config) -> bool)  ``release_memory(keep_weights=False)`` frees the weights
                                                      without a host copy; the colocated loop asks for it when a
                                                      full push follows every resume (core/loop.py, memory plan)
 buffer_policy        slime_adapter(path, args, n)    runs a slime ``--buffer-filter-path`` on this policy
@@ -85,8 +85,11 @@ def drops_released_weights(args, plugin_set=None) -> bool:
     """Whether the colocated loop releases the engines' weights without a host copy: the rollout
     backend can, and every resume is followed by a full push (``--update-weights-interval 1``, no
     ``--async``, whose generations may run between pushes)."""
-    return (bool(trait("rollout_backend", getattr(args, "rollout_backend", None), "drops_released_weights", False,
-                       plugin_set))
+    name = getattr(args, "rollout_backend", None)
+    drops = trait("rollout_backend", name, "drops_released_weights", False, plugin_set)
+    if callable(drops):  # it depends on the backend's own flags (SGLang: no --sglang-enable-weights-cpu-backup)
+        drops = drops(plugin_view(args, "rollout_backend", name))
+    return (bool(drops)
             and int(getattr(args, "update_weights_interval", 1) or 1) == 1
             and not getattr(args, "async_train", False))
 

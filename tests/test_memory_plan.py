@@ -87,8 +87,9 @@ def test_4b_recipe_on_one_gpu_plan(tmp_path):
 
 def test_engine_weights_are_planned_on_the_host_only_when_kept(tmp_path):
     """The embedded hf engine drops its released weights when a full push follows every resume
-    (core/plugin_traits.drops_released_weights): no host copy in the plan. Pushing every 2 rollouts,
-    under --async or with SGLang (which declares no such trait here), the per-tensor bf16 copy is planned."""
+    (core/plugin_traits.drops_released_weights): no host copy in the plan. Pushing every 2 rollouts or
+    under --async, the per-tensor bf16 copy is planned. SGLang keeps a copy only with
+    --sglang-enable-weights-cpu-backup (its model_runner.py)."""
     from plugrl.core.plugin_traits import drops_released_weights
 
     shape = ModelShape.from_config(QWEN3_4B)
@@ -109,8 +110,11 @@ def test_engine_weights_are_planned_on_the_host_only_when_kept(tmp_path):
         assert item == [pytest.approx(copy_gib)]
     assert plan_kept.host_gib - plan_dropped.host_gib == pytest.approx(copy_gib)  # the only difference
     sglang = recipe_args(tmp_path)  # the recipe's own rollout backend
-    assert not drops_released_weights(sglang)
-    assert engine_item(sglang)[1] == [pytest.approx(copy_gib)]
+    assert drops_released_weights(sglang)
+    assert engine_item(sglang)[1] == [0.0]
+    backed_up = recipe_args(tmp_path, "--sglang-enable-weights-cpu-backup")
+    assert not drops_released_weights(backed_up)
+    assert engine_item(backed_up)[1] == [pytest.approx(copy_gib)]
 
 
 def test_a_plan_that_cannot_fit_names_the_flags(tmp_path):

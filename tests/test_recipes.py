@@ -398,3 +398,13 @@ def test_model_flags_that_contradict_the_checkpoint_stop_the_dry_run(capsys, use
     assert status == 2
     assert (f"--num-layers 28 contradicts the HF checkpoint's num_hidden_layers (which gives 36) (--hf-checkpoint "
             f"{model}); drop the flag or correct it") in err
+
+
+def test_offloaded_sglang_engines_need_a_push_after_every_resume(capsys, user_files):
+    """SGLang releases colocated engines' weights without a host copy: pushing every 2 rollouts would
+    leave the rollout in between on released memory."""
+    status, _, _, err = dry_run(capsys, "--recipe", "qwen3-4b-8xh100", *user_files, "--update-weights-interval", "2")
+    assert status == 2 and "--update-weights-interval 2 with offloaded SGLang engines" in err
+    status, _, _, err = dry_run(capsys, "--recipe", "qwen3-4b-8xh100", *user_files, "--update-weights-interval", "2",
+                                "--sglang-enable-weights-cpu-backup")
+    assert status != 2, err

@@ -39,6 +39,7 @@ def plugrl_register_rollout_backends(register):
              requires=("sglang_router", "httpx"), extra="sglang",
              description="SGLang servers behind the sglang_router",
              check=sglang_options.backend_problems, machine_check=sglang_options.machine_problems,
+             drops_released_weights=sglang_options.drops_released_weights,
              engine_pool=sglang_options.engine_pool,
              external_engines=sglang_options.external_engines,
              commands={"serve": "plugrl.plugins.backends.sglang.server:main"})

@@ -88,14 +88,16 @@ def _architecture_problems(args) -> list[str]:
         hf_config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return []  # preflight names an unreadable config.json
-    from .config_bridge import check_flags
+    from .config_bridge import _checkpoint_values, check_flags
 
+    try:
+        _checkpoint_values(hf_config)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return []  # a config the bridge cannot read (not an object, another architecture): the actor names it
     try:
         check_flags(hf_config, args)
     except ValueError as exc:
         return [f"{exc} (--hf-checkpoint {path}); drop the flag or correct it"]
-    except (KeyError, TypeError, AttributeError):
-        return []  # a config the bridge cannot read (not an object, another architecture): the actor names it
     return []
 
 

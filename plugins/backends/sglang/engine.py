@@ -367,7 +367,10 @@ class SGLangRolloutBackend:
             launch.wait_until(lambda u=url: self.client.post(u + "/flush_cache").status_code == 200,
                               timeout=60, interval=0.2, what=f"{url}/flush_cache")
 
-    def release_memory(self, tags=None) -> None:
+    def release_memory(self, tags=None, keep_weights: bool = True) -> None:
+        """Release ``tags`` on every engine. Whether SGLang keeps a host copy of the weights is its own
+        ``--enable-weights-cpu-backup`` (off: none, ``options.drops_released_weights``), so
+        ``keep_weights`` asks nothing more of it."""
         tags = compat.resolve_tags(tags)
         self._flush()
         self._each("/release_memory_occupation", {"tags": list(tags)})

@@ -85,6 +85,24 @@ def machine_problems(args) -> list[str]:
     return []
 
 
+def drops_released_weights(config) -> bool:
+    """SGLang keeps no host copy of released weights unless ``--sglang-enable-weights-cpu-backup``
+    (model_runner.py: the weights' memory-saver region backs up to CPU only with that flag)."""
+    return not (getattr(config, "sglang_passthrough", None) or {}).get("enable_weights_cpu_backup")
+
+
+def _released_weights_problems(args) -> list[str]:
+    """Colocated engines release their weights while training; without a host copy every resume must be
+    followed by a push, or the engines would serve released memory."""
+    offloaded = bool(getattr(args, "offload_rollout", False) or getattr(args, "colocate", False))
+    interval = int(getattr(args, "update_weights_interval", 1) or 1)
+    if offloaded and interval > 1 and drops_released_weights(args) and not getattr(args, "async_train", False):
+        return [f"--update-weights-interval {interval} with offloaded SGLang engines: SGLang releases their weights "
+                "without a host copy, so the rollouts between pushes would run on released memory; use "
+                "--update-weights-interval 1, pass --sglang-enable-weights-cpu-backup, or --no-offload-rollout"]
+    return []
+
+
 def backend_problems(args) -> list[str]:
     """slime flags the sglang backend accepts but does not implement, and passed-through words that the
     installed SGLang server or router does not know (``flag_names.py``), refused on the driver."""
@@ -93,6 +111,7 @@ def backend_problems(args) -> list[str]:
         problems.append(f"--sglang-config {args.sglang_config}: server groups (several engine configurations in "
                         "one run) are not implemented; give the engine flags as --sglang-<flag> (one group)")
     problems.extend(_quantization_problems(args))
+    problems.extend(_released_weights_problems(args))
     if getattr(args, "prefill_num_servers", None):
         problems.append(f"--prefill-num-servers {args.prefill_num_servers}: prefill/decode disaggregation is not "
                         "implemented; leave it unset (every engine prefills and decodes)")
