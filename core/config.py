@@ -826,14 +826,6 @@ def _check_cluster(args, plugin_set, problems: list[str]) -> None:
             "--async with --colocate: colocated async cannot keep weights fixed during generation; "
             "drop --colocate or --async"
         )
-    sources = getattr(args, "_sources", None) or {}
-    if (not args.colocate and "--colocate" in sources and not _from_recipe(args, "--colocate")
-            and args.placement == "colocate" and "--placement" not in sources and "--rollout-num-gpus" not in sources):
-        # the placement default stays colocate without --rollout-num-gpus: the engines would share the train
-        # GPUs as before, only without the offloading --colocate turned on
-        problems.append("--no-colocate without --rollout-num-gpus: the engines would still share the train GPUs "
-                        "(placement colocate), now without offloading; give --rollout-num-gpus N to put them on "
-                        "GPUs of their own (decoupled), or drop --no-colocate")
     plan, refused = None, None  # the placement's plan, computed once for the checks below
     registry = plugin_set.registries["placement"]
     if args.placement in registry and not registry.entry(args.placement).missing_requirements():
@@ -843,6 +835,15 @@ def _check_cluster(args, plugin_set, problems: list[str]) -> None:
             pass  # reported by the options check, naming the key
         except ValueError as exc:
             refused = f"--placement {args.placement}: {exc}"
+    sources = getattr(args, "_sources", None) or {}
+    if (not args.colocate and "--colocate" in sources and not _from_recipe(args, "--colocate")
+            and plan is not None and plan.colocated and "--placement" not in sources
+            and "--rollout-num-gpus" not in sources):
+        # the default placement stays colocated without --rollout-num-gpus: the engines would share the train
+        # GPUs as before, only without the offloading --colocate turned on
+        problems.append(f"--no-colocate without --rollout-num-gpus: the engines would still share the train GPUs "
+                        f"(placement {args.placement}), now without offloading; give --rollout-num-gpus N to put "
+                        "them on GPUs of their own (decoupled), or drop --no-colocate")
     if args.colocate and plan is not None and not plan.colocated:
         problems.append(f"--colocate conflicts with --placement {args.placement}, which gives the engines GPUs of "
                         "their own; drop one")
