@@ -84,16 +84,18 @@ def _moved_aside_copies(root: str) -> dict[str, str]:
     return copies
 
 
-def resume_hint(save: str | None) -> str:
-    """How a stopped run (killed actor, Ctrl-C) goes on from ``--save``: the last checkpoint there and the
-    ``--load`` that resumes after it (checkpoints are written atomically, so a cut save leaves the one before)."""
+def stopped_run_hint(output_dir: str, save: str | None) -> str:
+    """What a stopped run (killed actor, Ctrl-C) leaves and how it goes on: its metrics file, the last
+    checkpoint in ``--save`` and the ``--load`` that resumes after it (checkpoints are written atomically,
+    so a cut save leaves the one before)."""
+    kept = f"Metrics so far are in {output_dir}/metrics.jsonl"
     latest = find_latest_checkpoint(save) if save else None
     if latest:
-        return (f"the last checkpoint is {latest} (after rollout {checkpoint_rollout_id(latest)}): "
-                f"resume with --load {save}")
+        return (f"{kept}; the last checkpoint is {latest} (after rollout {checkpoint_rollout_id(latest)}): "
+                f"resume with --load {save}.")
     if save:
-        return f"no checkpoint had been written to {save} yet"
-    return "no checkpoints: pass --save DIR --save-interval N to be able to resume"
+        return f"{kept}; no checkpoint had been written to {save} yet."
+    return f"{kept}; no checkpoints: pass --save DIR --save-interval N to be able to resume."
 
 
 def clean_interrupted_writes(root: str) -> list[str]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .plugin_traits import parallel_sizes, plugin_view, rollout_trait, train_trait
+from .plugin_traits import external_engines, parallel_sizes, train_trait
 
 
 @dataclass(frozen=True)
@@ -190,8 +190,7 @@ def _train_lines(args: argparse.Namespace, plan) -> list[str]:
 def _rollout_lines(args: argparse.Namespace, plan) -> list[str]:
     if args.debug_train_only:
         return ["rollout: none (--debug-train-only)"]
-    declared = rollout_trait(args, "external_engines", None)
-    external = declared(plugin_view(args, "rollout_backend", args.rollout_backend)) if declared else None
+    external = external_engines(args)
     if external:
         return [f"rollout: {args.rollout_backend} backend, external engines {' '.join(external)} (no local engines)"]
     per_engine, per_node = args.rollout_num_gpus_per_engine, args.num_gpus_per_node

@@ -42,7 +42,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from .checkpoint import find_latest_checkpoint, resume_hint, write_checkpoint_atomically
+from .checkpoint import find_latest_checkpoint, stopped_run_hint, write_checkpoint_atomically
 from .flags import without_secrets
 from .host_memory_monitor import HostMemoryMonitor
 from .memory_plan import plan_memory
@@ -93,8 +93,7 @@ def _death_message(exc, args) -> str:
         what, detail = "failed to start", lines[-1]
     else:
         what, detail = "process died", lines[0] if lines else type(exc).__name__
-    return f"the {which} {what}: {detail.rstrip('.')}. " \
-           f"Metrics so far are in {args.output_dir}/metrics.jsonl; {resume_hint(args.save)}."
+    return f"the {which} {what}: {detail.rstrip('.')}. {stopped_run_hint(args.output_dir, args.save)}"
 
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the actor's name in its error text

@@ -104,6 +104,12 @@ def rollout_trait(args, key: str, default: Any = None, plugin_set=None) -> Any:
     return trait("rollout_backend", getattr(args, "rollout_backend", None), key, default, plugin_set)
 
 
+def external_engines(args, plugin_set=None) -> list[str]:
+    """The running engines the selected rollout backend was given (its ``external_engines`` trait), else []."""
+    declared = rollout_trait(args, "external_engines", None, plugin_set)
+    return list(declared(plugin_view(args, "rollout_backend", args.rollout_backend)) or []) if declared else []
+
+
 def plugin_view(args, kind: str, name: str):
     """What plugin ``name`` of ``kind`` is given of the run config: a strict read-only view
     (``core/plugin_config.py``)."""

@@ -83,10 +83,9 @@ def engine_count(args, plugin_set=None) -> int:
     """Engines serving the rollouts: the running ones a backend was given (``external_engines`` trait),
     else ``--rollout-num-gpus`` / ``--rollout-num-gpus-per-engine`` (1 without GPUs). ``--rollout-concurrency``
     (slime's ``--sglang-server-concurrency``) is per engine, so the in-flight limit is it times this."""
-    from .plugin_traits import plugin_view, rollout_trait
+    from .plugin_traits import external_engines
 
-    declared = rollout_trait(args, "external_engines", None, plugin_set)
-    external = declared(plugin_view(args, "rollout_backend", args.rollout_backend)) if declared else None
+    external = external_engines(args, plugin_set)
     if external:
         return len(external)
     total, per_engine = getattr(args, "rollout_num_gpus", None), getattr(args, "rollout_num_gpus_per_engine", None)

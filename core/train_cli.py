@@ -122,10 +122,9 @@ def main(argv: list[str]) -> int:
         return 1
     except KeyboardInterrupt:  # Ctrl-C: the loop's cleanup has stopped the actors; say what is kept
         progress.close()
-        from .checkpoint import resume_hint
+        from .checkpoint import stopped_run_hint
 
-        print(f"\nplugrl train: interrupted. Metrics so far are in {args.output_dir}/metrics.jsonl; "
-              f"{resume_hint(args.save)}.", file=sys.stderr)
+        print(f"\nplugrl train: interrupted. {stopped_run_hint(args.output_dir, args.save)}", file=sys.stderr)
         return 130  # the shell's code for a SIGINT exit
     totals = metrics_logger.reward_totals
     if totals["samples"] and totals["failed"] >= totals["samples"]:

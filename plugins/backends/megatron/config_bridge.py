@@ -147,9 +147,16 @@ def _flag(dest: str) -> str:
 
 def check_flags(hf_config: Any, args: Any = None) -> dict:
     """The checkpoint's architecture values; raises ValueError if an explicit flag contradicts one."""
+    values = _checkpoint_values(hf_config)
+    check_flags_against(values, args)
+    return values
+
+
+def check_flags_against(values: dict, args: Any = None) -> None:
+    """Raise ValueError naming the first explicit flag in ``args`` that contradicts the checkpoint's
+    architecture ``values`` (``_checkpoint_values``)."""
     from .options import MODEL_FLAGS
 
-    values = _checkpoint_values(hf_config)
     for dest, expected in values.items():
         # only values that have a flag can be given (padded sizes and the like are derived, never set)
         given = getattr(args, dest, None) if args is not None and dest in MODEL_FLAGS else None
@@ -167,7 +174,6 @@ def check_flags(hf_config: Any, args: Any = None) -> dict:
             )
     # --group-query-attention with an MHA checkpoint is harmless in Megatron only if the group
     # count equals the head count, which the num_query_groups check above already enforces.
-    return values
 
 
 def derive_model_config(hf_config: Any, args: Any = None) -> MegatronModelConfig:

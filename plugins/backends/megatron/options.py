@@ -78,24 +78,20 @@ def _architecture_problems(args) -> list[str]:
     """Model flags (``--num-layers``, ``--rotary-base``, ...) that contradict a local ``--hf-checkpoint``'s
     config.json, found before Ray starts (the train actors would raise it after start). A custom model
     provider builds its own model, so its flags are not compared."""
-    import json
-    from pathlib import Path
-
     path = getattr(args, "hf_checkpoint", None)
-    if not path or getattr(args, "custom_model_provider_path", None) or not (Path(path) / "config.json").is_file():
+    if not path or getattr(args, "custom_model_provider_path", None):
+        return []
+    from .config_bridge import _checkpoint_values, check_flags_against
+    from .convert import read_hf_config
+
+    try:
+        values = _checkpoint_values(read_hf_config(path))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        # no or an unreadable config.json (preflight names it), or one the bridge cannot read (not an
+        # object, another architecture: the train actor names it)
         return []
     try:
-        hf_config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return []  # preflight names an unreadable config.json
-    from .config_bridge import _checkpoint_values, check_flags
-
-    try:
-        _checkpoint_values(hf_config)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return []  # a config the bridge cannot read (not an object, another architecture): the actor names it
-    try:
-        check_flags(hf_config, args)
+        check_flags_against(values, args)
     except ValueError as exc:
         return [f"{exc} (--hf-checkpoint {path}); drop the flag or correct it"]
     return []
