@@ -145,22 +145,24 @@ def parallel_sizes(args, plugin_set=None):
 
 def backend_problems(args, plugin_set=None) -> list[str]:
     """The selected train and rollout backends' own config checks (driver side, ``--dry-run`` too)."""
-    problems: list[str] = []
-    for kind, name in (("train_backend", getattr(args, "train_backend", None)),
-                       ("rollout_backend", getattr(args, "rollout_backend", None))):
-        check = trait(kind, name, "check", None, plugin_set)
-        if check is not None:
-            problems.extend(_run_check(check, args, kind, name))
-    return problems
+    return _backend_checks(args, "check", plugin_set)
 
 
 def backend_machine_problems(args, plugin_set=None) -> list[str]:
     """The selected backends' ``machine_check`` problems (what this machine lacks; the debug modes skip
     the backend they do not use)."""
+    return _backend_checks(args, "machine_check", plugin_set, skip_unused=True)
+
+
+def _backend_checks(args, key: str, plugin_set=None, *, skip_unused: bool = False) -> list[str]:
+    """The problems the selected train and rollout backends' ``key`` trait reports; ``skip_unused``: not
+    for the backend a debug mode leaves idle (``--debug-rollout-only``: the trainer, and vice versa)."""
     problems: list[str] = []
-    for kind, name, unused in (("train_backend", getattr(args, "train_backend", None), "debug_rollout_only"),
-                               ("rollout_backend", getattr(args, "rollout_backend", None), "debug_train_only")):
-        check = None if getattr(args, unused, False) else trait(kind, name, "machine_check", None, plugin_set)
+    for kind, unused in (("train_backend", "debug_rollout_only"), ("rollout_backend", "debug_train_only")):
+        if skip_unused and getattr(args, unused, False):
+            continue
+        name = getattr(args, kind, None)
+        check = trait(kind, name, key, None, plugin_set)
         if check is not None:
             problems.extend(_run_check(check, args, kind, name))
     return problems

@@ -48,12 +48,17 @@ def push_tensor(client, urls: list[str], buckets: list[list], version: str, *,
 
 def require_local(urls: list[str]) -> None:
     """``tensor`` shares memory by handle: refuse engines that do not run on this host."""
-    remote = [url for url in urls if not _is_local_host(urlsplit(url if "://" in url else f"http://{url}").hostname)]
+    remote = [url for url in urls if not _is_local_host(_hostname(url))]
     if remote:
         raise ValueError(
             f"weight_transport='tensor' shares memory with the engines (CUDA IPC handles / /dev/shm names), so every "
             f"engine must run on this host; not local: {remote}. Use weight_transport='distributed' (what a run "
             f"without --colocate selects: init_weights_update_group + broadcast) for engines on other hosts.")
+
+
+def _hostname(url: str) -> str | None:
+    """The host of an engine address, given as ``http://host:port`` or ``host:port``."""
+    return urlsplit(url if "://" in url else f"http://{url}").hostname
 
 
 @functools.lru_cache(maxsize=256)
@@ -84,8 +89,7 @@ def master_address(urls: list[str], local: str) -> str:
     (the engines' own host, e.g. loopback) when every engine runs here, else this host's address on
     the interface that routes to the first remote engine (a loopback address would make a remote
     engine dial itself until the group's timeout)."""
-    hosts = [urlsplit(url if "://" in url else f"http://{url}").hostname for url in urls]
-    remote = [host for host in hosts if not _is_local_host(host)]
+    remote = [host for host in map(_hostname, urls) if not _is_local_host(host)]
     if not remote:
         return local
     infos = socket.getaddrinfo(remote[0], None, proto=socket.IPPROTO_TCP)
