@@ -542,10 +542,9 @@ def _check_requirements(args, plugin_set, problems: list[str]) -> None:
         missing = entry.missing_requirements()
         if not missing:
             continue
-        extra = entry.metadata.get("extra")
-        install = f"pip install plugrl[{extra}]" if extra else f"pip install {' '.join(missing)}"
-        implied = args._implied.get(kind) if hasattr(args, "_implied") else None
-        shown = ", ".join(implied[:3]) + (f" and {len(implied) - 3} more" if implied and len(implied) > 3 else "")
+        install = entry.install_hint(missing)
+        implied = (args._implied.get(kind) if hasattr(args, "_implied") else None) or []
+        shown = ", ".join(implied[:3]) + (f" and {len(implied) - 3} more" if len(implied) > 3 else "")
         because = f" (implied by {shown})" if implied else ""
         what = f"the {name} backend" if kind.endswith("_backend") else f"{', '.join(missing)}"
         verb = "is" if len(missing) == 1 else "are"

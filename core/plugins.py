@@ -133,14 +133,32 @@ class _Blocklist:
         return out
 
 
+def _allow_list_warnings(allow: list[str] | None, installed: list[str]) -> list[str]:
+    """PLUGRL_LOAD_PLUGINS names that match no installed entry point or distribution: a typo there
+    silently leaves a plugin out, so each one is warned about with the closest installed name."""
+    out = []
+    for name in allow or []:
+        if any(name == n or _normalise_dist(name) == _normalise_dist(n) for n in installed):
+            continue
+        close = difflib.get_close_matches(name, installed, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        out.append(f"PLUGRL_LOAD_PLUGINS: '{name}' matches no installed plugin (entry-point or distribution "
+                   f"name; `plugrl plugins list` shows them){hint}")
+    return out
+
+
 def _load_entry_points(pm, failures: list[LoadFailure], distributions: dict, versions: dict,
-                       blocklist: _Blocklist, known: list[str]) -> None:
+                       blocklist: _Blocklist, known: list[str]) -> list[str]:
+    """Register the ``plugrl`` entry points the environment lets in; returns warnings about the allow-list."""
     allow = _env_list("PLUGRL_LOAD_PLUGINS")
     seen: dict[str, str] = {}
+    installed: list[str] = []
     for ep in importlib.metadata.entry_points(group=PROJECT):
         dist = ep.dist.name if ep.dist is not None else None
         known.extend(n for n in (ep.name, dist) if n)
-        if allow is not None and ep.name not in allow and dist not in allow:
+        installed.extend(n for n in (ep.name, dist) if n)
+        if allow is not None and ep.name not in allow and not any(
+                dist and _normalise_dist(a) == _normalise_dist(dist) for a in allow):
             continue
         if blocklist.blocks(ep.name, dist):
             blocklist.blocked.append(f"{ep.name} ({dist})" if dist else ep.name)
@@ -163,6 +181,7 @@ def _load_entry_points(pm, failures: list[LoadFailure], distributions: dict, ver
         distributions[ep.name] = dist or ""
         if ep.dist is not None and ep.dist.version:
             versions[ep.name] = ep.dist.version
+    return _allow_list_warnings(allow, installed)
 
 
 def _unknown_hooks(pm: pluggy.PluginManager, plugin) -> list[str]:
@@ -171,7 +190,7 @@ def _unknown_hooks(pm: pluggy.PluginManager, plugin) -> list[str]:
         if caller.has_spec():
             continue
         impls = [i for i in caller.get_hookimpls() if i.plugin is plugin]
-        if not any(i.hookimpl_opts.get("optionalhook") for i in impls):
+        if not any(i.optionalhook for i in impls):  # pluggy's HookImpl attribute (its opts dict also holds it)
             names.append(caller.name)
     return names
 
@@ -235,8 +254,7 @@ def make_plugin_manager(
     versions: dict[str, str] = {}
     builtin_modules = builtin_plugin_modules() if builtins else ()
     known: list[str] = list(builtin_modules)
-    if entry_points:
-        _load_entry_points(pm, failures, distributions, versions, blocklist, known)
+    allow_warnings = _load_entry_points(pm, failures, distributions, versions, blocklist, known) if entry_points else []
     builtin_names = _register_builtins(pm, builtin_modules, failures, blocklist) if builtins else set()
     for name, plugin in (extra_plugins or {}).items():
         known.append(name)
@@ -251,7 +269,7 @@ def make_plugin_manager(
     registries = Registries(failures, blocklist.blocked)
     plugin_set = PluginSet(pm, registries, failures, builtin_names, distributions, versions)
     _fill_registries(plugin_set)
-    plugin_set.warnings.extend(blocklist.warnings(known, registries))
+    plugin_set.warnings.extend(allow_warnings + blocklist.warnings(known, registries))
     return plugin_set
 
 

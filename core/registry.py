@@ -116,13 +116,18 @@ class Entry:
             missing = _unimportable([self.obj.partition(":")[0]])
         return missing
 
+    def install_hint(self, missing: list[str]) -> str:
+        """The pip command that brings ``missing`` in: the extra of the distribution that registered this
+        entry (plugrl's own for built-ins), else the missing packages themselves."""
+        extra = self.metadata.get("extra")
+        owner = "plugrl" if self.builtin else self.distribution
+        return f"pip install {owner}[{extra}]" if extra and owner else f"pip install {' '.join(missing)}"
+
     @property
     def status(self) -> str:
         missing = self.missing_requirements()
         if missing:
-            extra = self.metadata.get("extra")
-            hint = f" (pip install plugrl[{extra}])" if extra else ""
-            return f"unavailable: {', '.join(missing)} not importable{hint}"
+            return f"unavailable: {', '.join(missing)} not importable ({self.install_hint(missing)})"
         return "ok"
 
     def load(self) -> Any:

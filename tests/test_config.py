@@ -785,6 +785,26 @@ def test_third_party_plugins_own_flags_too(base):
     assert "\nmyrm reward:" in build_parser(ps).format_help()
 
 
+class MissingRequirementTrainer:
+    @core_hookimpl
+    def plugrl_register_train_backends(self, register):
+        register("needs_xyz", "plugrl.plugins.filters.fifo:FifoBuffer", requires=("plugrl_not_a_real_pkg_xyz",),
+                 extra="xyz")
+
+
+def test_a_third_party_backend_with_a_missing_requirement_is_one_problem(base):
+    """Selected by its flag (nothing implies it), a third-party backend whose package is missing is a config
+    problem naming it, with no pip hint into plugrl's extras (the extra is its own distribution's)."""
+    extra = {name: module for name, module in OPTION_MODULES.items() if name not in BUILTIN_PLUGINS}
+    ps = make_plugin_manager(entry_points=False, extra_plugins={**extra, "xyz": MissingRequirementTrainer()})
+    args = parse_config(base + ["--train-backend", "needs_xyz"], ps)
+    with pytest.raises(ConfigError) as info:
+        validate_config(args, ps)
+    (problem,) = [p for p in info.value.problems if "needs_xyz" in p]
+    assert problem == ("--train-backend needs_xyz requires the needs_xyz backend (pip install plugrl_not_a_real_pkg_xyz):"
+                       " plugrl_not_a_real_pkg_xyz is not importable")
+
+
 def test_generic_flags_do_not_imply_backends(ps):
     args = parse_config(["--rollout-concurrency", "8", "--lr", "1e-5", "--optimizer", "adam", "--clip-grad", "0.5"], ps)
     assert (args.train_backend, args.rollout_backend) == ("torch", "hf") and args.rollout_concurrency == 8

@@ -366,6 +366,33 @@ def test_load_plugins_allow_list(fake_site, monkeypatch):
     assert {"one_reward", "two_reward"} <= set(make_plugin_manager(builtins=False).registries["reward"].names())
 
 
+def test_load_plugins_allow_list_warns_about_a_name_that_matches_nothing(fake_site, monkeypatch):
+    write_dist(fake_site.path, "plugrl-one", "one", f"plugrl_one_{fake_site.tag}", reward="one_reward")
+    monkeypatch.setenv("PLUGRL_LOAD_PLUGINS", "plugrl_one, onee")  # a normalised distribution name, a typo
+    plugin_set = make_plugin_manager(builtins=False)
+    assert set(plugin_set.registries["reward"].names()) == {"one_reward"}
+    assert plugin_set.warnings == ["PLUGRL_LOAD_PLUGINS: 'onee' matches no installed plugin (entry-point or "
+                                   "distribution name; `plugrl plugins list` shows them); did you mean 'one'?"]
+
+
+MISSPELLED_HOOK_SOURCE = '''
+from plugrl import hookimpl
+
+@hookimpl
+def plugrl_on_rollout_ends(rollout_id, metrics):
+    return {}
+'''
+
+
+def test_a_misspelled_hook_in_an_entry_point_fails_that_plugin_only(fake_site):
+    write_dist(fake_site.path, "plugrl-typo", "typo", f"plugrl_typo_{fake_site.tag}", source=MISSPELLED_HOOK_SOURCE)
+    write_dist(fake_site.path, "plugrl-good", "good", f"plugrl_good_{fake_site.tag}", reward="good_reward")
+    plugin_set = make_plugin_manager()
+    assert [f.describe() for f in plugin_set.failures] == [
+        "plugin 'typo' (distribution plugrl-typo) failed to load: unknown hook(s) plugrl_on_rollout_ends (misspelled?)"]
+    assert "good_reward" in plugin_set.registries["reward"] and "deepscaler" in plugin_set.registries["reward"]
+
+
 def test_entry_point_name_collision_between_distributions(fake_site):
     write_dist(fake_site.path / "a", "plugrl-alpha", "same", f"plugrl_alpha_{fake_site.tag}", reward="alpha_reward")
     write_dist(fake_site.path / "b", "plugrl-beta", "same", f"plugrl_beta_{fake_site.tag}", reward="beta_reward")
@@ -444,7 +471,8 @@ def test_register_hooks_fill_one_registry_each():
     from plugrl.plugins.filters.fifo import FifoBuffer
 
     assert plugin_set.get("train_backend", "k_train") is FifoBuffer  # lazy "module:attr" imported on get
-    assert plugin_set.entry("rollout_backend", "k_rollout").status == "unavailable: plugrl_no_such_module not importable"
+    assert plugin_set.entry("rollout_backend", "k_rollout").status == (
+        "unavailable: plugrl_no_such_module not importable (pip install plugrl_no_such_module)")
 
 
 class OptionsPlugin:
@@ -702,3 +730,14 @@ def test_the_plugrl_package_exports_what_plugin_authors_need():
             "        'FilterDecision', 'Sample', 'hookimpl'} <= set(plugrl.__all__);"
             "assert 'torch' not in sys.modules, 'import plugrl must stay light'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_install_hint_names_the_distribution_that_owns_the_extra():
+    from plugrl.core.registry import Entry
+
+    def entry(**kw):
+        return Entry("train_backend", "t", "m:a", "ep", metadata={"extra": "gpu"}, **kw)
+
+    assert entry(builtin=True).install_hint(["x"]) == "pip install plugrl[gpu]"
+    assert entry(builtin=False, distribution="plugrl-thing").install_hint(["x"]) == "pip install plugrl-thing[gpu]"
+    assert entry(builtin=False).install_hint(["x", "y"]) == "pip install x y"  # not installed from a distribution
