@@ -491,9 +491,10 @@ def _selected_names(args: argparse.Namespace) -> list[tuple[str, str, str]]:
         ("rollout_backend", args.rollout_backend),
         ("placement", args.placement),
         ("advantage_estimator", args.advantage_estimator),
-        ("reward", args.rm_type),
         ("filter", args.dynamic_sampling_filter),
     ]
+    if not args.custom_rm_path:  # the path's function scores instead of --rm-type (core/reward_call.py)
+        picks.append(("reward", args.rm_type))
     if not args.buffer_filter_path:
         picks.append(("buffer_policy", args.buffer_filter))
     picks += [("reward_post_processor", name) for name in args.reward_post_process]

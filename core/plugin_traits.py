@@ -47,6 +47,39 @@ from typing import Any
 
 from .registry import UnknownPluginError, import_object
 
+# The keywords a ``register(...)`` call may pass, by kind (the traits above plus what every kind may
+# declare); any other keyword is a load warning naming the closest one, since a misspelled trait would
+# otherwise be ignored without a word.
+COMMON_KEYWORDS = ("options", "check_options", "requires", "extra", "description", "commands")
+REGISTER_KEYWORDS = {
+    "reward": ("batched",),
+    "advantage_estimator": ("needs_critic", "needs_ref_log_probs"),
+    "filter": (),
+    "buffer_policy": ("slime_adapter",),
+    "placement": (),
+    "train_backend": ("check", "machine_check", "supplies_critic", "parallel_sizes", "memory_model", "gpu_bf16_only",
+                      "full_dp_steps", "default_data", "default_checkpoint"),
+    "rollout_backend": ("check", "machine_check", "engine_pool", "external_engines", "drops_released_weights"),
+    "reward_post_processor": ("check", "idle_flags"),
+}
+
+
+def unknown_keyword_warnings(kind: str, name: str, plugin: str, metadata: dict) -> list[str]:
+    """One line per ``register`` keyword that ``kind`` does not read (see ``REGISTER_KEYWORDS``)."""
+    import difflib
+
+    known = [*COMMON_KEYWORDS, *REGISTER_KEYWORDS.get(kind, ())]
+    out = []
+    for key in metadata:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; a {kind.replace('_', ' ')} may declare: {', '.join(known)}"
+        out.append(f"plugin '{plugin}' registered {kind.replace('_', ' ')} '{name}' with keyword '{key}', which "
+                   f"plugrl does not read{hint}")
+    return out
+
+
 # Traits whose value may be a "module:attr" string imported on first use.
 TRAIT_CALLABLES = ("check", "machine_check", "engine_pool", "parallel_sizes", "external_engines", "default_data", "default_checkpoint",
                    "slime_adapter", "options", "check_options")

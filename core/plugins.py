@@ -23,6 +23,7 @@ import pluggy
 
 from . import hookspecs
 from .hookimpl import PROJECT
+from .plugin_traits import unknown_keyword_warnings
 from .registry import KINDS, LoadFailure, PluginError, Registries, _normalise_dist
 
 ENV_VARS = ("PLUGRL_DISABLE_PLUGINS", "PLUGRL_LOAD_PLUGINS", "PLUGRL_STRICT_PLUGINS")
@@ -221,6 +222,7 @@ def _register_callback(registry, plugin_set: PluginSet, plugin_name: str):
         registry.add(name, obj, plugin=plugin_name, builtin=builtin, replace=replace,
                      distribution=plugin_set.distributions.get(plugin_name) or None,
                      version=plugin_set.versions.get(plugin_name), **metadata)
+        plugin_set.warnings.extend(unknown_keyword_warnings(registry.kind, name, plugin_name, metadata))
 
     return register
 

@@ -998,3 +998,15 @@ def test_rollout_concurrency_is_per_engine(ps, base):
     assert engine_count(args, ps) == 3
     args = parse_config(base + ["--rollout-external-engine-addrs", "h:1", "h:2"], ps)
     assert engine_count(args, ps) == 2
+
+
+def test_rm_opt_with_a_custom_rm_path_goes_to_that_function_not_to_rm_type(ps, base, files, monkeypatch):
+    """--custom-rm-path scores instead of --rm-type (core/reward_call.py), so its --rm-opt pairs are checked
+    against nothing else: the deepscaler reward still named by --rm-type must not refuse them."""
+    (files["dir"] / "my_rewards.py").write_text("def rm(args, sample):\n    return float(args.scale)\n")
+    monkeypatch.syspath_prepend(str(files["dir"]))
+    args = parse_config(base + ["--custom-rm-path", "my_rewards:rm", "--rm-opt", "scale=2"], ps)
+    validate_config(args, ps)
+    assert args.rm_opt == {"scale": 2}
+    with pytest.raises(ConfigError, match="reward 'deepscaler' .* has no option 'scale'"):
+        validate_config(parse_config(base + ["--rm-opt", "scale=2"], ps), ps)

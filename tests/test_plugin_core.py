@@ -741,3 +741,33 @@ def test_install_hint_names_the_distribution_that_owns_the_extra():
     assert entry(builtin=True).install_hint(["x"]) == "pip install plugrl[gpu]"
     assert entry(builtin=False, distribution="plugrl-thing").install_hint(["x"]) == "pip install plugrl-thing[gpu]"
     assert entry(builtin=False).install_hint(["x", "y"]) == "pip install x y"  # not installed from a distribution
+
+
+class MisspelledKeywords:
+    @core_hookimpl
+    def plugrl_register_rewards(self, register):
+        register("typo_opts", lambda sample, keyword=1: 0.0, option=dict, batch=True)
+        register("fine", lambda samples: [0.0], batched=True, description="ok")
+
+    @core_hookimpl
+    def plugrl_register_rollout_backends(self, register):
+        register("typo_backend", "plugrl.plugins.filters.fifo:FifoBuffer", engine_pol="external", zzz=1)
+
+
+def test_a_register_keyword_plugrl_does_not_read_is_warned_about():
+    plugin_set = fresh(kw=MisspelledKeywords())
+    assert plugin_set.warnings == [
+        "plugin 'kw' registered reward 'typo_opts' with keyword 'option', which plugrl does not read; "
+        "did you mean 'options'?",
+        "plugin 'kw' registered reward 'typo_opts' with keyword 'batch', which plugrl does not read; "
+        "did you mean 'batched'?",
+        "plugin 'kw' registered rollout backend 'typo_backend' with keyword 'engine_pol', which plugrl does not "
+        "read; did you mean 'engine_pool'?",
+        "plugin 'kw' registered rollout backend 'typo_backend' with keyword 'zzz', which plugrl does not read; "
+        "a rollout backend may declare: options, check_options, requires, extra, description, commands, check, "
+        "machine_check, engine_pool, external_engines, drops_released_weights"]
+    assert "typo_opts" in plugin_set.registries["reward"]  # still registered: a warning, not a load failure
+
+
+def test_every_builtin_registers_with_keywords_plugrl_reads():
+    assert make_plugin_manager(entry_points=False).warnings == []
