@@ -107,12 +107,14 @@ def plugrl_add_options(parser: Any) -> None:
 
 @hookspec(historic=True)
 def plugrl_configure(config: Any) -> None:
-    """Called in every process once the run config is final (historic: plugins registered later
-    still receive it). Validate plugin options here; raise ``ValueError`` naming the flag."""
+    """Called on the driver once the run config is final, before any actor starts (historic: plugins
+    registered later still receive it). Validate plugin options here; raise ``ValueError`` naming the flag."""
 
 
 # --------------------------------------------------------------------------------------------------
 # Observer hooks: driver process only, collect-all; a returned dict adds metrics to the step's line.
+# An observer that raises, returns a non-dict or a key the line already holds is warned about and
+# skipped (core/observers.py): it can neither stop the run nor rewrite core's metrics.
 # --------------------------------------------------------------------------------------------------
 
 

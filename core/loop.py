@@ -46,6 +46,7 @@ from .checkpoint import find_latest_checkpoint, stopped_run_hint, write_checkpoi
 from .flags import without_secrets
 from .host_memory_monitor import HostMemoryMonitor
 from .memory_plan import plan_memory
+from .observers import observe
 from .plugin_traits import drops_released_weights
 from .precision import resolve_precision
 from .rollout_pipeline import RolloutPipeline
@@ -299,7 +300,7 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
         if args.eval_interval and start_rollout == 0 and args.eval_prompt_data:
             phase("eval", -1)
             summary.first_eval = ray.get(cluster.rollout.evaluate.remote(-1))
-            _observe(plugin_set.pm.hook.plugrl_on_eval_end, -1, summary.first_eval)
+            observe(plugin_set.pm.hook.plugrl_on_eval_end, -1, summary.first_eval)
             metrics_logger.log(-1, summary.first_eval, phase="eval")
             accuracies = eval_accuracies(summary.first_eval)
             if accuracies:  # the baseline the rollout lines' accuracies are read against
@@ -318,7 +319,7 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
                 data, metrics = watch(cluster.rollout.generate.remote(rollout_id), cluster.rollout)
             metrics["perf/wait_rollout_time"] = time.perf_counter() - step_started
             metrics["train/tokens"] = sum(len(tokens) for tokens in data["tokens"])  # prompt + response, all ranks
-            _observe(plugin_set.pm.hook.plugrl_on_rollout_end, rollout_id, metrics)
+            observe(plugin_set.pm.hook.plugrl_on_rollout_end, rollout_id, metrics)
             if cluster.colocated_gpu:
                 with _timed(metrics, "offload"):
                     if args.offload_rollout:  # without a host copy of the weights when a full push follows
@@ -373,7 +374,7 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
                 phase("eval", rollout_id)
                 with _timed(metrics, "eval"):
                     summary.last_eval = ray.get(cluster.rollout.evaluate.remote(rollout_id))
-                _observe(plugin_set.pm.hook.plugrl_on_eval_end, rollout_id, summary.last_eval)
+                observe(plugin_set.pm.hook.plugrl_on_eval_end, rollout_id, summary.last_eval)
                 metrics.update(summary.last_eval)
             engines.close()  # the next generation may start
             metrics["perf/step_time"] = time.perf_counter() - step_started
@@ -381,7 +382,7 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
                 metrics["perf/host_mem_peak_gib"] = host_memory.peak_gib()  # since the run started
                 if memory_plan is not None:
                     metrics["perf/host_mem_plan_gib"] = memory_plan.host_gib
-            _observe(plugin_set.pm.hook.plugrl_on_train_step_end, rollout_id, metrics)
+            observe(plugin_set.pm.hook.plugrl_on_train_step_end, rollout_id, metrics)
             metrics_logger.log(rollout_id, metrics, phase="train")
             # Saved after its metrics line, so a kill never leaves a checkpoint whose line is missing.
             if saving:
@@ -437,12 +438,6 @@ def _timed(metrics: dict, name: str):
         yield
     finally:
         metrics[key] = metrics.get(key, 0.0) + time.perf_counter() - started
-
-
-def _observe(hook, rollout_id: int, metrics: dict) -> None:
-    """Call an observer hook; the dicts plugins return are merged into ``metrics``."""
-    for extra in hook(rollout_id=rollout_id, metrics=dict(metrics)):
-        metrics.update(extra or {})
 
 
 def _forced_transport(args) -> str | None:

@@ -538,6 +538,35 @@ def test_observer_hooks_collect_metric_dicts(hook):
     assert merged == {"a/double": 0.5, "a/id": 3, "b/double": 0.5, "b/id": 3}
 
 
+class BadObserver:
+    def __init__(self, answer):
+        self.answer = answer
+
+    @core_hookimpl
+    def plugrl_on_train_step_end(self, metrics):  # takes only one of the hook's arguments, as pluggy allows
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def test_observe_merges_new_numbers_and_warns_about_everything_else(capsys):
+    from plugrl.core.observers import observe
+
+    plugin_set = fresh(good=Observer("g"), raising=BadObserver(RuntimeError("wandb is down")), floaty=BadObserver(1.5),
+                       clash=BadObserver({"loss": -999, "c/text": "hi", "c/ok": 7}))
+    metrics = {"loss": 0.25}
+    observe(plugin_set.pm.hook.plugrl_on_train_step_end, 4, metrics)
+    assert metrics == {"loss": 0.25, "g/double": 0.5, "g/id": 4, "c/ok": 7}  # core's loss kept
+    where = "plugrl train: warning: plugin '{}' plugrl_on_train_step_end (rollout 4)"
+    assert capsys.readouterr().err.splitlines() == [
+        # pluggy's order: the plugin registered last is called first
+        f"{where.format('clash')} returned 'loss', which the step's metrics already hold; kept the existing value "
+        "(name your metrics '<yourplugin>/<name>')",
+        f"{where.format('clash')} returned 'c/text': 'hi' is not a number; left out",
+        f"{where.format('floaty')} returned a float; an observer returns a dict of metrics or None",
+        f"{where.format('raising')} raised RuntimeError: wandb is down; its metrics are left out of this line"]
+
+
 class Bridge:
     def __init__(self, arch, answer):
         self.arch, self.answer = arch, answer

@@ -108,8 +108,23 @@ def test_third_party_options_check_and_configure_run_in_the_dry_run():
     # a function's own keywords get the same suggestion as a declared options type's fields
     assert "--rm-opt strikt=1: reward 'bare' (plugin toy) has no option 'strikt'; allowed: strict; did you mean " \
            "'strict'?" in problems(ps, "--rm-type", "bare", "--rm-opt", "strikt=1")
-    assert "plugrl_configure: toy: level 2 is refused" in problems(ps, "--rm-type", "toy", "--rm-opt", "level=2")
+    assert "plugrl_configure of plugin 'toy': toy: level 2 is refused" in problems(ps, "--rm-type", "toy",
+                                                                                   "--rm-opt", "level=2")
     assert ToyPlugin.configured == ["toy"]
+
+
+class BuggyConfigure:
+    @hookimpl
+    def plugrl_configure(self, config):
+        return config.no_such_setting  # a bug in the plugin, not a ValueError
+
+
+def test_a_configure_hook_that_raises_anything_is_a_problem_naming_its_plugin():
+    ps = make_plugin_manager(entry_points=False, extra_plugins={"buggy": BuggyConfigure(), "toy": ToyPlugin()})
+    found = problems(ps, "--rm-type", "toy", "--rm-opt", "level=2")
+    assert "plugrl_configure of plugin 'toy': toy: level 2 is refused by plugrl_configure" in found
+    assert ("plugrl_configure of plugin 'buggy' raised AttributeError: 'Namespace' object has no attribute "
+            "'no_such_setting'") in found
 
 
 def test_cli_dry_run_exits_2_naming_the_option():

@@ -90,3 +90,40 @@ def test_ctrl_c_names_the_last_checkpoint_and_how_to_resume(tmp_path, env):
     assert latest == f"rollout_{max(done):06d}" or latest == f"rollout_{max(done) - 1:06d}"  # a save may be cut
     assert (f"plugrl train: interrupted. Metrics so far are in {tmp_path / 'out'}/metrics.jsonl; the last checkpoint "
             f"is {ckpt / latest} (after rollout {int(latest.split('_')[1])}): resume with --load {ckpt}.") in err
+
+
+OBSERVER = '''
+from plugrl import hookimpl
+
+@hookimpl
+def plugrl_on_train_step_end(rollout_id, metrics):
+    if rollout_id == 1:
+        raise ConnectionError("the dashboard is down")
+    return {"rollout/raw_reward": -999.0, "dash/seen": 1.0}
+'''
+
+
+def test_an_observer_that_raises_loses_no_rollout(tmp_path, env):
+    """A third-party observer (installed as a distribution) raising at rollout 1 gets a warning; that rollout's
+    metrics line and checkpoint are still written, and its attempt to overwrite core's reward is refused."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "dash_observer.py").write_text(OBSERVER)
+    info = site / "plugrl_dash-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: plugrl-dash\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[plugrl]\ndash = dash_observer\n")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "plugrl.core.cli", *SHORT, "--num-rollout", "2", "--output-dir", str(out),
+         "--save", str(tmp_path / "ckpt"), "--save-interval", "1"], capture_output=True, text=True, timeout=900,
+        env={**env, "PYTHONPATH": f"{site}{os.pathsep}{env.get('PYTHONPATH', '')}"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = train_rows(out)
+    assert [r["rollout_id"] for r in rows] == [0, 1]
+    assert rows[0]["dash/seen"] == 1.0 and "dash/seen" not in rows[1]
+    assert all(0.0 <= r["rollout/raw_reward"] <= 1.0 for r in rows)  # core's value, not the observer's
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("rollout_*")) == ["rollout_000000", "rollout_000001"]
+    assert ("plugin 'dash' plugrl_on_train_step_end (rollout 1) raised ConnectionError: the dashboard is down"
+            in result.stderr)
+    assert "returned 'rollout/raw_reward', which the step's metrics already hold" in result.stderr
