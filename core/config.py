@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .flags import (
+    DEFAULT_BUFFER_POLICY,
     META_KEYS,
     SECRET_DESTS,
     ConfigError,
@@ -568,6 +569,25 @@ def _positive(args, problems: list[str], *dests: str, minimum: int = 1) -> None:
             problems.append(f"--{dest.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
+def _idle_buffer_problems(args) -> list[str]:
+    """A buffer policy the user chose, or its pairs, without --partial-rollout: the buffer only ever holds
+    the groups a rollout aborts with partial rollout (as in slime), so the choice would do nothing."""
+    if args.partial_rollout:
+        return []
+    sources = getattr(args, "_sources", None) or {}
+    chosen = args.buffer_filter != DEFAULT_BUFFER_POLICY  # a saved config.yaml names the default too
+    given = [f"--buffer-filter {args.buffer_filter}" if chosen and "--buffer-filter" in sources
+             and not _from_recipe(args, "--buffer-filter") else None,
+             f"--buffer-filter-path {args.buffer_filter_path}" if args.buffer_filter_path else None,
+             "--buffer-opt " + " ".join(f"{k}={v}" for k, v in args.buffer_opt.items()) if args.buffer_opt else None]
+    given = [g for g in given if g]
+    if not given:
+        return []
+    return [f"{' '.join(given)} without --partial-rollout: the buffer only holds the groups a rollout aborts with "
+            "--partial-rollout, so the policy would never receive one; add --partial-rollout or drop "
+            f"{'them' if len(given) > 1 else 'it'}"]
+
+
 def _check_rollout(args, problems: list[str], plugin_set=None) -> None:
     _positive(args, problems, *POSITIVE_FLAGS)
     _positive(args, problems, "num_rollout", "sft_warmup_steps", minimum=0)
@@ -576,6 +596,7 @@ def _check_rollout(args, problems: list[str], plugin_set=None) -> None:
     if args.max_staleness is not None and (args.max_staleness < 1 or not args.async_train):
         problems.append(f"--max-staleness {args.max_staleness}: it bounds the --async loop and must be >= 1 "
                         "(1 = one step off); add --async or drop it")
+    problems.extend(_idle_buffer_problems(args))
     if args.stale_partial_rollout is not None and args.max_staleness is None:
         problems.append("--stale-partial-rollout only applies with --max-staleness")
     if args.use_fault_tolerance:
@@ -851,6 +872,12 @@ def _check_cluster(args, plugin_set, problems: list[str]) -> None:
         problems.append("--debug-train-only and --debug-rollout-only exclude each other")
     if refused:
         problems.append(refused)
+    elif plan is not None:  # a plugin's plan the loop could not run (core/placement_layout.plan_problems)
+        from .dry_run import placement_request
+        from .placement_layout import plan_problems
+
+        problems.extend(f"--placement {args.placement}: {problem}"
+                        for problem in plan_problems(placement_request(args), plan))
     problems.extend(layout_problems(args))
     from .plugin_traits import backend_problems
 

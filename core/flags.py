@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+DEFAULT_BUFFER_POLICY = "fifo"  # slime's: the buffer hands out groups in the order they were aborted
+
 SIZE_UNITS = {
     "": 1,
     "b": 1,
@@ -342,7 +344,8 @@ def _plugins(p: PlugrlArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="option for the dynamic-sampling filter (repeatable)",
     )
-    g.add_argument("--buffer-filter", default="fifo", metavar="NAME", help="partial-rollout buffer policy plugin")
+    g.add_argument("--buffer-filter", default=DEFAULT_BUFFER_POLICY, metavar="NAME",
+                   help="partial-rollout buffer policy plugin (needs --partial-rollout)")
     g.add_argument(
         "--buffer-opt",
         action=KeyValueAction,

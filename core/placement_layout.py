@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Sequence
 
-from .protocols import PlacementPlan
+from .protocols import PlacementPlan, PlacementRequest
 
 
 def _node_key(node: str, resolve: Callable[[str], str]) -> list[int]:
@@ -85,3 +85,38 @@ def describe_plan(plan: PlacementPlan, name: str | None = None) -> str:
     lines.extend(f"note: {note}" for note in plan.notes)
     lines.append("bundles are ordered by (node IP, GPU id) once the placement group is ready")
     return "\n".join(lines)
+
+
+def plan_problems(request: PlacementRequest, plan: PlacementPlan) -> list[str]:
+    """What makes ``plan`` unusable for ``request``: the checks the driver runs on the selected
+    placement's plan before any actor starts, and ``plugrl.core.testing.check_placement`` runs on a
+    plugin's plans. Each line names the plan field that is wrong."""
+    if not isinstance(plan, PlacementPlan):
+        return [f"returned {type(plan).__name__}; expected PlacementPlan"]
+    bundles = range(plan.num_bundles)
+    actor, rollout = list(plan.actor_bundles), list(plan.rollout_bundles)
+    problems = []
+    if len(actor) != request.actor_gpus or len(set(actor)) != len(actor) or not set(actor) <= set(bundles):
+        problems.append(f"actor_bundles {actor} must be {request.actor_gpus} distinct bundles in 0..{plan.num_bundles - 1}")
+    if not rollout:
+        given = ("--rollout-num-gpus is unset, so the request's rollout_num_gpus is None"
+                 if request.rollout_num_gpus is None else f"--rollout-num-gpus {request.rollout_num_gpus}")
+        problems.append(f"rollout_bundles is empty ({given}): the rollout manager and the engines need at least one "
+                        "GPU; give --rollout-num-gpus N")
+    else:
+        wrong_count = request.rollout_num_gpus is not None and len(rollout) != request.rollout_num_gpus
+        if wrong_count or len(set(rollout)) != len(rollout) or not set(rollout) <= set(bundles):
+            count = f"{request.rollout_num_gpus} " if request.rollout_num_gpus is not None else ""
+            problems.append(f"rollout_bundles {rollout} must be {count}distinct bundles in 0..{plan.num_bundles - 1}")
+    if set(actor) | set(rollout) != set(bundles):
+        problems.append(f"bundles {sorted(set(bundles) - set(actor) - set(rollout))} are unused")
+    if not plan.colocated and set(actor) & set(rollout):
+        problems.append(f"not colocated, yet bundles {sorted(set(actor) & set(rollout))} are shared")
+    engine_size = min(request.rollout_num_gpus_per_engine, request.num_gpus_per_node)
+    if sorted(b for engine in plan.engine_bundles for b in engine) != sorted(rollout):
+        problems.append(f"engine_bundles {plan.engine_bundles} do not partition rollout_bundles {rollout}")
+    if any(len(engine) != engine_size for engine in plan.engine_bundles):
+        problems.append(f"every engine actor must hold {engine_size} bundles: {plan.engine_bundles}")
+    if rollout and plan.rollout_offset != min(rollout):
+        problems.append(f"rollout_offset {plan.rollout_offset} is not the first rollout bundle")
+    return problems

@@ -125,7 +125,14 @@ def build_options(entry, args, pairs: dict | None = None, *, check: bool = True)
             problems.append(f"{source}: option '{key}' of {_describe(entry)}: {why}")
     if problems:
         raise OptionsError(problems)
-    options = cls(**values)
+    try:
+        options = cls(**values)
+    except TypeError as exc:  # a field without a default that nothing filled, or a dataclass __init__ bug
+        missing = [f.name for f in fields.values() if f.name not in values and f.init
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        why = (f"option(s) {', '.join(missing)} have no default and were not given; the plugin must give every "
+               "field of its options dataclass a default" if missing else f"its options dataclass raised {exc}")
+        raise OptionsError([f"{_describe(entry)}: {why}"]) from exc
     if check and check_fn is not None:
         try:
             found = list(check_fn(options) or [])
@@ -162,6 +169,18 @@ def _undeclared(entry, given: dict, flag: str) -> dict:
     return given
 
 
+def _takes_keyword(fn: Any, name: str) -> bool:
+    """Whether calling ``fn(..., name=value)`` binds (True when the signature cannot be read)."""
+    if isinstance(fn, str) or not callable(fn):
+        return True
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is p.VAR_KEYWORD or (p.name == name and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+               for p in params)
+
+
 def as_kwargs(options: Any) -> dict:
     """Keyword arguments for a reward or filter function: the dataclass's fields, or the plain dict."""
     if dataclasses.is_dataclass(options):
@@ -190,6 +209,11 @@ def option_problems(args, selected, plugin_set) -> list[str]:
     for kind, _flag, name in selected:
         if name not in plugin_set.registries[kind]:
             continue  # an unknown name is reported by the name check
+        if kind == "filter" and getattr(args, "reward_key", None) and not _takes_keyword(
+                plugin_set.entry(kind, name).obj, "reward_key"):
+            problems.append(f"--reward-key {args.reward_key}: filter '{name}' is called with reward_key= when "
+                            "--reward-key is set, but its function takes no such keyword (nor **kwargs); add a "
+                            "reward_key=None parameter to it, or drop --reward-key")
         try:
             build_options(plugin_set.entry(kind, name), args)
         except OptionsError as exc:

@@ -176,10 +176,12 @@ class RolloutManager:
         started = time.perf_counter()
         self.generator.reward.new_window()  # this rollout's reward failures, for its metrics and threshold
         # The async loop saves a checkpoint while later rollouts generate (up to --max-staleness of
-        # them): it needs the cursor and buffer as they were before the next one started.
-        window = 2 + int(getattr(args, "max_staleness", None) or 1)
-        saved = {k: v for k, v in getattr(self, "_state_before", {}).items() if k > rollout_id - window}
-        self._state_before = {**saved, rollout_id: self.state_dict()}
+        # them): it needs the cursor and buffer as they were before the next one started. A run that
+        # saves nothing needs no snapshot (the buffer policy's state_dict is then never called).
+        if getattr(args, "save", None):
+            window = 2 + int(getattr(args, "max_staleness", None) or 1)
+            saved = {k: v for k, v in getattr(self, "_state_before", {}).items() if k > rollout_id - window}
+            self._state_before = {**saved, rollout_id: self.state_dict()}
         self.generator.generated = self.generator.rewarded = 0
         engine_before = _engine_counters(self.engine)
         self._progress_total = int(args.rollout_batch_size) * int(args.n_samples_per_prompt)

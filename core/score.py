@@ -12,7 +12,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from .types import Sample
+from .types import Sample, Status
 
 if TYPE_CHECKING:
     from .reward_call import Reward
@@ -26,7 +26,10 @@ Score each row of a JSONL file with a reward plugin and print count, mean and er
 Each row is a JSON object with a response and a label: both keys (--response-key, default
 "response"; --label-key, default "label") are required in every row, and a row missing either is
 reported and left out (write "label": null for a reward that needs none). Optional "prompt" and
-"metadata" keys are passed on; each row becomes a Sample. With --output, every scored row is
+"metadata" keys are passed on; each row becomes a Sample as a finished rollout sample would be: its
+status is "completed" unless the row has a "status" (completed, truncated, aborted, failed), and its
+response_length is the row's "response_length", else the response's token count under the tokenizer of
+--hf-checkpoint, else 0 (a reward that reads lengths needs one of the two). With --output, every scored row is
 written there with a "reward" field added (dict rewards are written as dicts). Rows that are malformed or whose
 reward raised are reported on stderr as FILE:LINE: reason and left out; the others are still scored.
 
@@ -49,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-key", default="label",
                         help="key of the label (ground truth); required in every row, null allowed")
     parser.add_argument("--reward-key", help="key of the scalar in dict rewards (e.g. score for dapo)")
+    parser.add_argument("--hf-checkpoint", metavar="DIR",
+                        help="a model folder whose tokenizer counts each response's tokens (Sample.response_length) "
+                             "for rows without a response_length")
     parser.add_argument("--concurrency", type=int, default=64, help="rows scored at once (default 64)")
     parser.add_argument("--reward-timeout", type=float, metavar="SECONDS",
                         help="seconds one reward call may take (default 60); a row past it is reported as failed")
@@ -74,8 +80,10 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def read_rows(path: str, response_key: str, label_key: str, errors: list) -> list[tuple[int, dict, Sample]]:
-    """(line number, row, sample) for each usable line; (line number, message) in ``errors`` for the others."""
+def read_rows(path: str, response_key: str, label_key: str, errors: list,
+              count_tokens=None) -> list[tuple[int, dict, Sample]]:
+    """(line number, row, sample) for each usable line; (line number, message) in ``errors`` for the others.
+    ``count_tokens(text) -> int`` gives the response length of rows without a ``response_length``."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -97,8 +105,19 @@ def read_rows(path: str, response_key: str, label_key: str, errors: list) -> lis
             if not isinstance(metadata, dict):
                 errors.append((lineno, f"metadata must be an object, got {type(metadata).__name__}"))
                 continue
+            status = row.get("status", Status.COMPLETED.value)
+            if status not in {s.value for s in Status} - {Status.PENDING.value}:
+                errors.append((lineno, f"status {status!r} is not one of completed, truncated, aborted, failed"))
+                continue
+            length = row.get("response_length")
+            if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 0):
+                errors.append((lineno, f"response_length must be a whole number >= 0, got {length!r}"))
+                continue
+            if length is None:
+                response = row[response_key]
+                length = count_tokens(response) if count_tokens is not None and isinstance(response, str) else 0
             sample = Sample(prompt=row.get("prompt", ""), response=row[response_key], label=row[label_key],
-                            metadata=metadata)
+                            metadata=metadata, status=Status(status), response_length=length)
             rows.append((lineno, row, sample))
     return rows
 
@@ -159,6 +178,14 @@ def _scalar(value: Any, reward_key: str | None) -> float | None:
     return float(value)
 
 
+def _token_counter(model_dir: str):
+    """``text -> token count`` under the tokenizer of ``model_dir`` (no special tokens: a response's own)."""
+    from transformers import AutoTokenizer  # only when asked for: it is most of the start-up
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -187,9 +214,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plugrl score: {exc}", file=sys.stderr)
         return 2
 
+    count_tokens = None
+    if args.hf_checkpoint:
+        try:
+            count_tokens = _token_counter(args.hf_checkpoint)
+        except (OSError, ValueError) as exc:
+            print(f"plugrl score: --hf-checkpoint {args.hf_checkpoint}: cannot load its tokenizer: {exc}",
+                  file=sys.stderr)
+            return 2
     errors: list[tuple[int, str]] = []  # (line number or 0, message)
     try:
-        rows = read_rows(args.input, args.response_key, args.label_key, errors)
+        rows = read_rows(args.input, args.response_key, args.label_key, errors, count_tokens)
     except OSError as exc:
         print(f"plugrl score: cannot read {args.input}: {exc}", file=sys.stderr)
         return 2

@@ -297,9 +297,15 @@ def check_filter(fn_or_name: Callable | str, groups: Sequence[Sequence[Sample]] 
     """Run a filter on fake groups (by default four groups of 4 with rewards spread, all 1, all 0 and
     fractional) as the rollout manager calls it: ``fn(group, **kwargs)`` with ``kwargs`` built from
     ``options`` (``--filter-opt`` pairs) like ``check_reward``'s. It must return ``FilterDecision`` or
-    bool, leave the group unchanged and decide the same way twice. Returns the decisions (coerced)."""
+    bool, leave the group unchanged and decide the same way twice, and accept ``reward_key=``. Returns the
+    decisions (coerced)."""
     fn, label, metadata = _resolve("filter", fn_or_name)
     options = _option_kwargs("filter", fn, label, metadata, options, options_type)
+    from .plugin_options import _takes_keyword
+
+    if not _takes_keyword(fn, "reward_key"):
+        raise _fail(label, "takes no reward_key keyword (nor **kwargs): core passes reward_key= when --reward-key is "
+                           "set; add a reward_key=None parameter")
     if groups is None:
         groups = [fake_samples(rewards=r, group_index=g) for g, r in enumerate(FILTER_GROUPS.values())]
     decisions = []
@@ -421,35 +427,18 @@ PLACEMENT_REQUESTS = (
 
 
 def _check_plan(label: str, request: PlacementRequest, plan: Any) -> None:
-    where = f"{label} on {request}"
-    if not isinstance(plan, PlacementPlan):
-        raise AssertionError(f"{where}: returned {type(plan).__name__}; expected PlacementPlan")
-    bundles = range(plan.num_bundles)
-    actor, rollout = list(plan.actor_bundles), list(plan.rollout_bundles)
-    if len(actor) != request.actor_gpus or len(set(actor)) != len(actor) or not set(actor) <= set(bundles):
-        raise AssertionError(f"{where}: actor_bundles {actor} must be {request.actor_gpus} distinct bundles "
-                             f"in 0..{plan.num_bundles - 1}")
-    if len(rollout) != request.rollout_num_gpus or len(set(rollout)) != len(rollout) or not set(rollout) <= set(bundles):
-        raise AssertionError(f"{where}: rollout_bundles {rollout} must be {request.rollout_num_gpus} distinct bundles "
-                             f"in 0..{plan.num_bundles - 1}")
-    if set(actor) | set(rollout) != set(bundles):
-        raise AssertionError(f"{where}: bundles {sorted(set(bundles) - set(actor) - set(rollout))} are unused")
-    if not plan.colocated and set(actor) & set(rollout):
-        raise AssertionError(f"{where}: not colocated, yet bundles {sorted(set(actor) & set(rollout))} are shared")
-    engine_size = min(request.rollout_num_gpus_per_engine, request.num_gpus_per_node)
-    flat = [b for engine in plan.engine_bundles for b in engine]
-    if sorted(flat) != sorted(rollout):
-        raise AssertionError(f"{where}: engine_bundles {plan.engine_bundles} do not partition rollout_bundles {rollout}")
-    if any(len(engine) != engine_size for engine in plan.engine_bundles):
-        raise AssertionError(f"{where}: every engine actor must hold {engine_size} bundles: {plan.engine_bundles}")
-    if plan.rollout_bundles and plan.rollout_offset != min(rollout):
-        raise AssertionError(f"{where}: rollout_offset {plan.rollout_offset} is not the first rollout bundle")
+    from .placement_layout import plan_problems
+
+    problems = plan_problems(request, plan)
+    if problems:
+        raise AssertionError(f"{label} on {request}: " + "; ".join(problems))
 
 
 def check_placement(fn_or_name: Callable | str, requests: Sequence[PlacementRequest] | None = None) -> None:
     """Plan a few clusters (1-16 train GPUs, engines of 1-16 GPUs): bundle counts, disjoint roles unless
     colocated, engines partitioning the rollout GPUs, determinism, a ValueError naming
-    ``--rollout-num-gpus-per-engine`` for indivisible rollout GPUs, and no Ray import."""
+    ``--rollout-num-gpus-per-engine`` for indivisible rollout GPUs, a plan with rollout GPUs or a ValueError
+    naming ``--rollout-num-gpus`` when that flag is not given (``rollout_num_gpus=None``), and no Ray import."""
     fn, label, _ = _resolve("placement", fn_or_name)
     ray_before = "ray" in sys.modules
     for request in requests if requests is not None else PLACEMENT_REQUESTS:
@@ -457,6 +446,15 @@ def check_placement(fn_or_name: Callable | str, requests: Sequence[PlacementRequ
         _check_plan(label, request, plan)
         if _call(label, fn, request) != plan:
             raise AssertionError(f"{label} on {request}: not deterministic")
+    # Without --rollout-num-gpus a placement that is not colocated gets None: it must pick a count itself
+    # or refuse with a ValueError naming the flag, never plan the engines no GPUs.
+    unset = PlacementRequest(actor_num_nodes=1, actor_num_gpus_per_node=2, rollout_num_gpus=None)
+    try:
+        _check_plan(label, unset, fn(unset))
+    except ValueError as exc:
+        if "--rollout-num-gpus" not in str(exc):
+            raise AssertionError(f"{label}: the error for rollout_num_gpus=None (--rollout-num-gpus not given) must "
+                                 f"name --rollout-num-gpus, got: {exc}") from exc
     bad = PlacementRequest(actor_num_nodes=1, actor_num_gpus_per_node=4, rollout_num_gpus=3, rollout_num_gpus_per_engine=2)
     try:
         fn(bad)

@@ -72,7 +72,7 @@ def ps():
 
 
 def test_a_buffer_policy_gets_its_declared_options_as_keywords(ps):
-    args = parse(["--buffer-filter", "capped", "--buffer-opt", "max_groups=2"], ps)
+    args = parse(["--partial-rollout", "--buffer-filter", "capped", "--buffer-opt", "max_groups=2"], ps)
     assert config_problems(args, ps) == []
     buffer = _build_buffer(args, ps)
     assert isinstance(buffer, CappedBuffer) and buffer.max_groups == 2 and buffer.n_samples_per_prompt == args.n_samples_per_prompt
@@ -88,7 +88,7 @@ def test_a_buffer_policy_gets_its_declared_options_as_keywords(ps):
     (["max_groups=0"], "option 'max_groups' must be >= 1, got 0"),
 ])
 def test_bad_buffer_options_are_config_problems_naming_the_key(ps, pairs, expected):
-    argv = ["--buffer-filter", "capped"] + [w for p in pairs for w in ("--buffer-opt", p)]
+    argv = ["--partial-rollout", "--buffer-filter", "capped"] + [w for p in pairs for w in ("--buffer-opt", p)]
     problems = config_problems(parse(argv, ps), ps)
     assert any(expected in p for p in problems), problems
 
@@ -121,3 +121,14 @@ def test_colocate_flag_follows_the_plan_not_the_placements_name(ps):
     assert any("--colocate conflicts with --placement decoupled" in p for p in problems), problems
     # its rollout GPUs default to the train GPUs, as for the bundled colocate
     assert parse(["--placement", "spread", "--actor-num-gpus-per-node", "2"], ps).rollout_num_gpus == 2
+
+
+def test_a_buffer_policy_without_partial_rollout_is_refused(ps):
+    """The buffer only receives groups aborted by --partial-rollout: choosing a policy or its options
+    without it would do nothing, so it is refused; the default named in a saved config.yaml is not."""
+    found = config_problems(parse(["--buffer-filter", "capped", "--buffer-opt", "max_groups=2"], ps), ps)
+    assert ("--buffer-filter capped --buffer-opt max_groups=2 without --partial-rollout: the buffer only holds the "
+            "groups a rollout aborts with --partial-rollout, so the policy would never receive one; add "
+            "--partial-rollout or drop them") in found
+    assert config_problems(parse(["--buffer-filter", "fifo"], ps), ps) == []
+    assert config_problems(parse(["--partial-rollout", "--buffer-filter", "capped"], ps), ps) == []

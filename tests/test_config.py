@@ -1003,10 +1003,38 @@ def test_rollout_concurrency_is_per_engine(ps, base):
 def test_rm_opt_with_a_custom_rm_path_goes_to_that_function_not_to_rm_type(ps, base, files, monkeypatch):
     """--custom-rm-path scores instead of --rm-type (core/reward_call.py), so its --rm-opt pairs are checked
     against nothing else: the deepscaler reward still named by --rm-type must not refuse them."""
-    (files["dir"] / "my_rewards.py").write_text("def rm(args, sample):\n    return float(args.scale)\n")
+    (files["dir"] / "config_test_rewards.py").write_text("def rm(args, sample):\n    return float(args.scale)\n")
     monkeypatch.syspath_prepend(str(files["dir"]))
-    args = parse_config(base + ["--custom-rm-path", "my_rewards:rm", "--rm-opt", "scale=2"], ps)
+    args = parse_config(base + ["--custom-rm-path", "config_test_rewards:rm", "--rm-opt", "scale=2"], ps)
     validate_config(args, ps)
     assert args.rm_opt == {"scale": 2}
     with pytest.raises(ConfigError, match="reward 'deepscaler' .* has no option 'scale'"):
         validate_config(parse_config(base + ["--rm-opt", "scale=2"], ps), ps)
+
+
+class NoEnginePlacement:
+    """The guide's first ``rollout_first`` draft: reads an unset --rollout-num-gpus as 0 engines."""
+
+    @core_hookimpl
+    def plugrl_register_placements(self, register):
+        from plugrl.core.protocols import PlacementPlan
+
+        def rollout_first(request):
+            rollout = request.rollout_num_gpus or 0
+            return PlacementPlan(num_bundles=rollout + request.actor_gpus,
+                                 actor_bundles=tuple(range(rollout, rollout + request.actor_gpus)), rollout_offset=0,
+                                 rollout_bundles=tuple(range(rollout)),
+                                 engine_bundles=tuple((i,) for i in range(rollout)), colocated=False)
+
+        register("rollout_first_draft", rollout_first)
+
+
+def test_a_placement_planning_no_rollout_gpus_is_refused_on_the_driver(base):
+    extra = {name: module for name, module in OPTION_MODULES.items() if name not in BUILTIN_PLUGINS}
+    ps = make_plugin_manager(entry_points=False, extra_plugins={**extra, "draft": NoEnginePlacement()})
+    with pytest.raises(ConfigError) as info:
+        validate_config(parse_config(base + ["--placement", "rollout_first_draft"], ps), ps)
+    assert ("--placement rollout_first_draft: rollout_bundles is empty (--rollout-num-gpus is unset, so the request's "
+            "rollout_num_gpus is None): the rollout manager and the engines need at least one GPU; give "
+            "--rollout-num-gpus N") in info.value.problems
+    validate_config(parse_config(base + ["--placement", "rollout_first_draft", "--rollout-num-gpus", "1"], ps), ps)

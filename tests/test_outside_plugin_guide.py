@@ -116,7 +116,7 @@ def test_score_with_the_guide_reward_and_its_options(guide, tmp_path):
 
 TRAIN = ["train", "--rm-type", "keyword", "--rm-opt", "keyword=boxed", "--advantage-estimator", "mean_baseline",
          "--guide-baseline-scale", "2", "--dynamic-sampling-filter", "min_spread", "--filter-opt", "spread=0.5",
-         "--buffer-filter", "newest_first", "--reward-post-process", "length_cost"]
+         "--partial-rollout", "--buffer-filter", "newest_first", "--reward-post-process", "length_cost"]
 
 
 def test_train_dry_run_checks_the_guide_plugins_options(guide, tmp_path):

@@ -9,6 +9,7 @@ import types
 
 import pluggy
 import pytest
+from plugrl.core.protocols import PlacementRequest
 
 from plugrl.core import hookimpl as core_hookimpl
 from plugrl.core.hookspecs import plugrl_configure
@@ -680,6 +681,16 @@ def test_conformance_failures_name_the_plugin_and_the_rule():
     with pytest.raises(AssertionError, match="not colocated, yet bundles"):
         check_placement(overlapping)
 
+    def no_engines_when_unset(request):  # as an author who reads rollout_num_gpus as 0 when it is None
+        from plugrl.plugins.backends.placement import decoupled
+
+        if request.rollout_num_gpus is None:
+            return type(decoupled(PlacementRequest(1, 2, 2)))(2, (0, 1), 0, (), (), False)
+        return decoupled(request)
+
+    with pytest.raises(AssertionError, match="rollout_bundles is empty \\(--rollout-num-gpus is unset"):
+        check_placement(no_engines_when_unset)
+
     class NoName:
         pass
 
@@ -722,8 +733,9 @@ class OptionedPlugin:
 
     @core_hookimpl
     def plugrl_register_filters(self, register):
-        register("spread_at_least", lambda group, spread=0.5: max(s.reward for s in group) - min(
+        register("spread_at_least", lambda group, spread=0.5, reward_key=None: max(s.reward for s in group) - min(
             s.reward for s in group) >= spread)
+        register("no_reward_key", lambda group, spread=0.5: True)
 
 
 def test_check_reward_passes_declared_options_as_core_does(monkeypatch):
@@ -745,6 +757,8 @@ def test_check_reward_passes_declared_options_as_core_does(monkeypatch):
     assert [d.keep for d in check_filter("spread_at_least", options={"spread": 0.3})] == [True, False, False, True]
     with pytest.raises(AssertionError, match="has no option 'sprad'; allowed: spread"):
         check_filter("spread_at_least", options={"sprad": 0.3})
+    with pytest.raises(AssertionError, match="filter 'no_reward_key' \\(plugin opt\\): takes no reward_key keyword"):
+        check_filter("no_reward_key")
     # A bare function with its options type given directly.
     with pytest.raises(AssertionError, match="raised TypeError"):
         check_reward(_named("bare", lambda sample: 1.0), options_type=ScaleOptions)

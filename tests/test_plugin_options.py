@@ -132,3 +132,30 @@ def test_cli_dry_run_exits_2_naming_the_option():
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "reward 'deepscaler'" in run.stderr and "'timout'" in run.stderr
 
+
+
+@dataclasses.dataclass
+class NoDefaultOptions:
+    needed: int  # no default: the guide says every field needs one
+
+
+class AuthorMistakes:
+    @hookimpl
+    def plugrl_register_rewards(self, register):
+        register("nodefault", lambda sample, needed: 1.0, options=NoDefaultOptions)
+
+    @hookimpl
+    def plugrl_register_filters(self, register):
+        register("strict_filter", lambda group, spread=0.5: True)  # takes no reward_key
+
+
+def test_author_mistakes_are_config_problems_not_tracebacks():
+    ps = make_plugin_manager(entry_points=False, extra_plugins={"oops": AuthorMistakes()})
+    assert ("reward 'nodefault' (plugin oops): option(s) needed have no default and were not given; the plugin must "
+            "give every field of its options dataclass a default") in problems(ps, "--rm-type", "nodefault")
+    check_config(parse_config([*DRY, "--rm-type", "nodefault", "--rm-opt", "needed=1"], ps), ps)  # given: filled
+    found = problems(ps, "--rm-type", "deepscaler", "--dynamic-sampling-filter", "strict_filter",
+                     "--reward-key", "score")
+    assert ("--reward-key score: filter 'strict_filter' is called with reward_key= when --reward-key is set, but its "
+            "function takes no such keyword (nor **kwargs)") in found
+    check_config(parse_config([*DRY, "--rm-type", "deepscaler", "--dynamic-sampling-filter", "strict_filter"], ps), ps)

@@ -155,3 +155,38 @@ def test_console_script(rows_file, tmp_path):
     assert _summary(proc.stdout) == {"count": "3", "mean": "0.666667", "errors": "3"}
     assert f"{rows_file}:7:" in proc.stderr
     assert [r["reward"] for r in _read_jsonl(out_path)] == [1, 0, 1]
+
+
+def test_rows_become_finished_samples_with_lengths(tmp_path, monkeypatch, capsys):
+    """A length- or status-aware reward sees in `plugrl score` what it sees in training: completed samples
+    (or the row's status) whose response_length is the row's, else the --hf-checkpoint tokenizer's count."""
+    from plugrl.plugins.backends.tiny_default import build_tokenizer
+
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer = build_tokenizer([{"prompt": "What is 2 + 3?"}])
+    tokenizer.save_pretrained(tokenizer_dir)
+    (tmp_path / "length_rewards.py").write_text(
+        "def length_and_status(sample):\n"
+        "    return {'length': sample.response_length, 'completed': int(sample.status.value == 'completed')}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps(r) for r in [
+        {"response": "The answer is 42.", "label": None},
+        {"response": "cut off", "label": None, "status": "truncated", "response_length": 7},
+        {"response": "x", "label": None, "status": "pending"},
+        {"response": "x", "label": None, "response_length": -1},
+    ]) + "\n")
+    out = tmp_path / "out.jsonl"
+    code = main(["--custom-rm-path", "length_rewards:length_and_status", "--input", str(rows), "--output", str(out),
+                 "--hf-checkpoint", str(tokenizer_dir), "--reward-key", "length"])
+    err = capsys.readouterr().err
+    assert code == 1  # the two bad rows
+    expected = len(tokenizer("The answer is 42.", add_special_tokens=False)["input_ids"])
+    assert expected > 0
+    assert [r["reward"] for r in _read_jsonl(out)] == [{"length": expected, "completed": 1},
+                                                        {"length": 7, "completed": 0}]
+    assert f"{rows}:3: status 'pending' is not one of completed, truncated, aborted, failed" in err
+    assert f"{rows}:4: response_length must be a whole number >= 0, got -1" in err
+    assert main(["--custom-rm-path", "length_rewards:length_and_status", "--input", str(rows),
+                 "--hf-checkpoint", str(tmp_path / "nowhere")]) == 2
+    assert "--hf-checkpoint" in capsys.readouterr().err
