@@ -112,7 +112,7 @@ PY
     grep -E "(s/step|tok/s|vs |^\|)" "$OUT/train.log" | tail -12
     ;;
   megatron4b)
-    # issue 17's megatron rows at the 4B shape (8 sequences of 1,152 tokens per optimizer step):
+    # issue 17's megatron rows at the 4B shape (sequences of 1,152 tokens; each row says how a step is split):
     # - no recompute over 8 micro-batches of one sequence (peak ~73 GiB: fits an 80 GB card), with the weight
     #   gradients accumulated by the GEMMs (the default) and without
     # - full recompute over 15 micro-batches of 9,216 tokens per optimizer step, the split the recipe's loop

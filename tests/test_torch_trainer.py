@@ -78,7 +78,7 @@ def test_packed_inputs_mark_the_sample_boundaries():
 def test_an_architecture_without_swappable_attention_trains_on_dense_masks(checkpoint, monkeypatch):
     """HF refuses the packed attention for some architectures (ValueError at load): the backend keeps the
     model's own attention and packs with block-diagonal masks; the log-probs are the same."""
-    from plugrl.plugins.backends import hf_packed_attention
+    from plugrl.plugins.backends.hf import packed_attention as hf_packed_attention
 
     seqs, resp = random_sequences(seed=3)
     packed = TorchTrainBackend(make_args(checkpoint), estimator=GRPOEstimator(None))
@@ -93,7 +93,7 @@ def test_an_architecture_without_swappable_attention_trains_on_dense_masks(check
 
 
 def test_the_packed_attention_refuses_a_padding_mask():
-    from plugrl.plugins.backends.hf_packed_attention import packed_attention_forward
+    from plugrl.plugins.backends.hf.packed_attention import packed_attention_forward
 
     q = torch.zeros(2, 4, 3, 8)
     with pytest.raises(ValueError, match="not an attention_mask"):

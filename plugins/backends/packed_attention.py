@@ -1,7 +1,7 @@
 """Causal attention within the samples of a packed row (THD: ``[tokens, heads, dim]`` + cu_seqlens).
 
 Shared by both train backends: the megatron core attention (``megatron/attention.py``) and the torch
-backend's HF attention function (``hf_packed_attention.py``). Implementations:
+backend's HF attention function (``hf/packed_attention.py``). Implementations:
 
 * ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention over cu_seqlens), CUDA only;
 * ``sdpa``: ``scaled_dot_product_attention`` once per packed segment (any device, the CPU path).

@@ -5,7 +5,7 @@ reuse the current ones when there is one optimizer step and no KL, as slime does
 log-probs when a KL needs them, advantages from the estimator, then ``--num-steps-per-rollout``
 optimizer steps over micro-batches. A micro-batch is one packed row: samples concatenated with
 positions restarting per sample, attended by plugrl's packed attention over cu_seqlens
-(``hf_packed_attention``: varlen flash attention on CUDA), so no token attends across samples.
+(``hf/packed_attention.py``: varlen flash attention on CUDA), so no token attends across samples.
 
 Data parallelism (WORLD_SIZE > 1, env rendezvous of ``core/train_group.py``): every rank gets the
 whole rollout and takes a token-balanced share of each optimizer step's samples; it packs its share
@@ -83,7 +83,7 @@ def packed_inputs(token_lists: list[list[int]], device, *, dense_mask: bool = Fa
                   dtype: torch.dtype = torch.float32) -> dict:
     """One row holding every sequence, positions restarting per sequence, so the logits equal those of
     each sequence run alone: the sample boundaries go to the ``plugrl_packed`` attention as
-    ``cu_seq_lens_q`` (``hf_packed_attention``), or, with ``dense_mask`` (models that cannot take
+    ``cu_seq_lens_q`` (``hf/packed_attention.py``), or, with ``dense_mask`` (models that cannot take
     that attention), as a block-diagonal causal ``[1, 1, T, T]`` additive mask in ``dtype`` (0 where
     attended, the dtype's minimum elsewhere: what HF's eager and SDPA attentions both add)."""
     lengths = [len(t) for t in token_lists]
