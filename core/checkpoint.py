@@ -91,8 +91,9 @@ def stopped_run_hint(output_dir: str, save: str | None) -> str:
     kept = f"Metrics so far are in {output_dir}/metrics.jsonl"
     latest = find_latest_checkpoint(save) if save else None
     if latest:
+        # the same --output-dir keeps one metrics history (its later lines are set aside on resume)
         return (f"{kept}; the last checkpoint is {latest} (after rollout {checkpoint_rollout_id(latest)}): "
-                f"resume with --load {save}.")
+                f"resume with --load {save} --output-dir {output_dir}.")
     if save:
         return f"{kept}; no checkpoint had been written to {save} yet."
     return f"{kept}; no checkpoints: pass --save DIR --save-interval N to be able to resume."

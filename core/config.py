@@ -121,6 +121,12 @@ def build_parser(plugin_set=None) -> PlugrlArgumentParser:
     return parser
 
 
+# Flags other trainers have, where the closest spelling is not what is meant (--resume is not --recipe).
+MEANT_FLAGS = {"--resume": "--load DIR (the --save directory to resume from)",
+               "--resume-from-checkpoint": "--load DIR (the --save directory to resume from)",
+               "--output_dir": "--output-dir", "--model": "--hf-checkpoint", "--model-path": "--hf-checkpoint"}
+
+
 def recipe_values(name: str) -> dict:
     """The flag values of recipe ``name`` (a dict, a callable returning one, or its import path)."""
     if name not in RECIPES:
@@ -206,7 +212,9 @@ def parse_config(argv: list[str], plugin_set=None) -> argparse.Namespace:
         setattr(args, dest, False)
     cli_passthrough, unknown = passthrough_words(parser, extras)
     if unknown:
-        close = difflib.get_close_matches(unknown[0].split("=")[0], parser.all_flag_names(), n=1)
+        word = unknown[0].split("=")[0]
+        close = [MEANT_FLAGS[word]] if word in MEANT_FLAGS else difflib.get_close_matches(
+            word, parser.all_flag_names(), n=1)
         hint = f" Did you mean {close[0]}?" if close else " See `plugrl train --help`."
         raise ConfigError(f"unrecognized arguments: {' '.join(unknown)}.{hint}")
 

@@ -136,11 +136,57 @@ def load_problems(args) -> list[str]:
     from .config import _from_recipe
 
     load = getattr(args, "load", None)
-    if not load or Path(load).exists() or same_dir(load, getattr(args, "save", None)) or _from_recipe(args, "--load"):
+    if not load or same_dir(load, getattr(args, "save", None)) or _from_recipe(args, "--load"):
         return []
-    return [f"--load {load} does not exist; to resume a run, give the directory its --save wrote (it holds "
-            "`latest` and rollout_* folders); to start fresh, drop --load, or give --load and --save the same "
-            "directory (the first run then starts fresh and later runs resume)"]
+    fix = ("to resume a run, give the directory its --save wrote (it holds `latest` and rollout_* folders); to "
+           "start fresh, drop --load, or give --load and --save the same directory (the first run then starts "
+           "fresh and later runs resume)")
+    if not Path(load).exists():
+        return [f"--load {load} does not exist; {fix}"]
+    from .checkpoint import find_latest_checkpoint
+
+    if find_latest_checkpoint(load, with_moved_aside=True):
+        return []
+    path = Path(load)
+    if path.name.startswith("rollout_") and path.is_dir():
+        return [f"--load {load} is one checkpoint, not a --save directory: give its parent, --load {path.parent} "
+                f"(it resumes from the checkpoint that directory's `latest` names)"]
+    if _holds_model_weights(path):
+        return []  # slime's first weights (an HF or torch_dist directory), which a train backend may start from
+    what = ("a run's output directory (config.yaml, metrics.jsonl), not a --save directory"
+            if (path / "metrics.jsonl").exists() else "a directory with no checkpoint and no model weights in it")
+    return [f"--load {load} is {what}, so the run would start over; {fix}"]
+
+
+def _holds_model_weights(path: Path) -> bool:
+    """An HF folder (``*.safetensors``) or a megatron torch_dist checkpoint (``metadata.json``, or a save
+    root's ``latest_checkpointed_iteration.txt``)."""
+    if not path.is_dir():
+        return False
+    names = os.listdir(path)
+    return any(n.endswith(".safetensors") for n in names) or bool(
+        {"metadata.json", "latest_checkpointed_iteration.txt"} & set(names))
+
+
+def _resume_point(args) -> tuple[str | None, int | None]:
+    """The checkpoint ``--load`` resumes from (as after the start's tidy-up) and its rollout id."""
+    from .checkpoint import checkpoint_rollout_id, find_latest_checkpoint
+
+    latest = find_latest_checkpoint(args.load, with_moved_aside=True) if getattr(args, "load", None) else None
+    return latest, (checkpoint_rollout_id(latest) if latest else None)
+
+
+def finished_run(args) -> str | None:
+    """Why a run with ``--load`` has nothing to train (its checkpoint is after the last rollout of
+    ``--num-rollout``), or None. ``plugrl train`` then says so and stops before starting Ray."""
+    latest, done = _resume_point(args)
+    total = getattr(args, "num_rollout", None)
+    if done is None or total is None or done + 1 < total:
+        return None
+    from .checkpoint import checkpoint_name
+
+    return (f"--load {args.load}: the run already trained rollouts 0-{done} ({checkpoint_name(latest)}), and "
+            f"--num-rollout is {args.num_rollout}: nothing left to train; raise --num-rollout to go on")
 
 
 def start_point(args) -> str | None:
@@ -148,11 +194,14 @@ def start_point(args) -> str | None:
     load = getattr(args, "load", None)
     if not load:
         return None
-    from .checkpoint import checkpoint_name, checkpoint_rollout_id, find_latest_checkpoint
+    finished = finished_run(args)
+    if finished:
+        return finished
+    from .checkpoint import checkpoint_name
 
-    latest = find_latest_checkpoint(load, with_moved_aside=True)  # as after the start's tidy-up
+    latest, done = _resume_point(args)
     if latest:
-        return f"--load {load}: resumes after rollout {checkpoint_rollout_id(latest)} ({checkpoint_name(latest)})"
+        return f"--load {load}: resumes after rollout {done} ({checkpoint_name(latest)})"
     return f"--load {load}: no checkpoint there (no `latest` file or rollout_* folder), so the run starts at rollout 0"
 
 

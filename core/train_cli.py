@@ -96,6 +96,12 @@ def main(argv: list[str]) -> int:
         from .dry_run import print_dry_run
 
         return print_dry_run(args, plugin_set, missing)
+    from .preflight import finished_run
+
+    finished = finished_run(args)
+    if finished:  # resuming a run that is complete: nothing to start Ray and the model for
+        print(f"plugrl train: {finished}", flush=True)
+        return 0
     from .loop import run_training
     from .metrics import MetricsLogger
 
@@ -107,7 +113,9 @@ def main(argv: list[str]) -> int:
     metrics_logger.write_config(config_to_dict(args))
     metrics_logger.log_meta(run_plugins(args, plugin_set), rollout_id=-1 if resume_from is None else resume_from + 1)
     started = time.time()
-    print(f"plugrl train: {args.num_rollout} rollouts, output in {args.output_dir}", flush=True)
+    todo = (f"{args.num_rollout} rollouts" if resume_from is None else
+            f"rollouts {resume_from + 1}-{args.num_rollout - 1} of {args.num_rollout} (resuming after rollout {resume_from})")
+    print(f"plugrl train: {todo}, output in {args.output_dir}", flush=True)
     from .loop import ActorDiedError
     from .reward_call import RewardError
 

@@ -1,6 +1,7 @@
 """``plugrl train``'s run configuration: flags, YAML, recipes, resolution, validation, serialisation."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -1038,3 +1039,11 @@ def test_a_placement_planning_no_rollout_gpus_is_refused_on_the_driver(base):
             "rollout_num_gpus is None): the rollout manager and the engines need at least one GPU; give "
             "--rollout-num-gpus N") in info.value.problems
     validate_config(parse_config(base + ["--placement", "rollout_first_draft", "--rollout-num-gpus", "1"], ps), ps)
+
+
+@pytest.mark.parametrize("word,meant", [("--resume", "--load DIR (the --save directory to resume from)"),
+                                        ("--model-path", "--hf-checkpoint")])
+def test_flags_of_other_trainers_point_to_ours(ps, word, meant):
+    """The closest spelling of --resume is --recipe; what a user means is --load."""
+    with pytest.raises(ConfigError, match=f"unrecognized arguments: {word} x. Did you mean {re.escape(meant)}\\?"):
+        parse_config([word, "x"], ps)

@@ -89,7 +89,8 @@ def test_ctrl_c_names_the_last_checkpoint_and_how_to_resume(tmp_path, env):
     done = [r["rollout_id"] for r in train_rows(tmp_path / "out")]
     assert latest == f"rollout_{max(done):06d}" or latest == f"rollout_{max(done) - 1:06d}"  # a save may be cut
     assert (f"plugrl train: interrupted. Metrics so far are in {tmp_path / 'out'}/metrics.jsonl; the last checkpoint "
-            f"is {ckpt / latest} (after rollout {int(latest.split('_')[1])}): resume with --load {ckpt}.") in err
+            f"is {ckpt / latest} (after rollout {int(latest.split('_')[1])}): resume with --load {ckpt} --output-dir "
+            f"{tmp_path / 'out'}.") in err
 
 
 OBSERVER = '''

@@ -87,9 +87,41 @@ def test_a_load_path_that_does_not_exist_is_refused_unless_it_is_also_save(tmp_p
     assert "to start fresh, drop --load" in problem
     # slime's --load DIR --save DIR: the first run finds nothing and starts fresh
     assert preflight.load_problems(SimpleNamespace(load=str(typo), save=str(typo) + "/")) == []
-    (tmp_path / "hf_dir").mkdir()  # an existing directory without a checkpoint (e.g. first weights) is allowed
-    assert preflight.load_problems(SimpleNamespace(load=str(tmp_path / "hf_dir"), save=None)) == []
+    hf_dir = tmp_path / "hf_dir"
+    hf_dir.mkdir()  # first weights (slime: an HF or torch_dist directory under --load) are allowed
+    (hf_dir / "model.safetensors").write_bytes(b"")
+    assert preflight.load_problems(SimpleNamespace(load=str(hf_dir), save=None)) == []
+    (tmp_path / "dist").mkdir()
+    (tmp_path / "dist" / "latest_checkpointed_iteration.txt").write_text("release")
+    assert preflight.load_problems(SimpleNamespace(load=str(tmp_path / "dist"), save=None)) == []
     assert preflight.load_problems(SimpleNamespace(load=None, save=None)) == []
+
+
+def test_a_load_path_holding_no_checkpoint_is_refused(tmp_path):
+    """Easy mistakes that would start a long run over: one checkpoint instead of the --save directory, the
+    run's output directory, an empty directory. --load equal to --save stays slime's fresh-then-resume."""
+    save = tmp_path / "ckpt"
+    (save / "rollout_000004").mkdir(parents=True)
+    (save / "rollout_000004" / "model.safetensors").write_bytes(b"")
+    (save / "latest").write_text("rollout_000004")
+
+    def problems(load, save=None):
+        return preflight.load_problems(SimpleNamespace(load=str(load), save=save))
+
+    assert problems(save) == []
+    assert problems(save / "rollout_000004") == [
+        f"--load {save / 'rollout_000004'} is one checkpoint, not a --save directory: give its parent, --load {save} "
+        "(it resumes from the checkpoint that directory's `latest` names)"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    (problem,) = problems(run)
+    assert problem.startswith(f"--load {run} is a run's output directory (config.yaml, metrics.jsonl), not a --save "
+                              "directory, so the run would start over; to resume a run, give the directory its --save")
+    (tmp_path / "empty").mkdir()
+    (problem,) = problems(tmp_path / "empty")
+    assert "is a directory with no checkpoint and no model weights in it" in problem
+    assert problems(tmp_path / "empty", save=str(tmp_path / "empty")) == []
 
 
 def test_where_a_run_with_load_starts(tmp_path):
@@ -110,6 +142,12 @@ def test_where_a_run_with_load_starts(tmp_path):
     assert preflight.start_point(SimpleNamespace(load=str(ckpt))) == (
         f"--load {ckpt}: resumes after rollout 5 (rollout_000005)")
     assert sorted(p.name for p in ckpt.iterdir()) == [".old_rollout_000005.xyz", "latest", "rollout_000002"]
+    # a run that already trained its last rollout has nothing to resume (plugrl train stops before Ray)
+    assert preflight.finished_run(SimpleNamespace(load=str(ckpt), num_rollout=7)) is None
+    finished = (f"--load {ckpt}: the run already trained rollouts 0-5 (rollout_000005), and --num-rollout is 6: "
+                "nothing left to train; raise --num-rollout to go on")
+    assert preflight.finished_run(SimpleNamespace(load=str(ckpt), num_rollout=6)) == finished
+    assert preflight.start_point(SimpleNamespace(load=str(ckpt), num_rollout=6)) == finished
     from plugrl.core.checkpoint import clean_interrupted_writes, find_latest_checkpoint
 
     assert find_latest_checkpoint(str(ckpt)) == str(ckpt / "rollout_000002")  # before the tidy-up

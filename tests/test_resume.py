@@ -339,6 +339,21 @@ def test_resumed_run_appends_to_metrics_jsonl(abc_runs):
     assert [(r["rollout_id"], r["phase"]) for r in new] == [(3, "train"), (4, "train"), (5, "train")]
 
 
+def test_resuming_a_finished_run_says_so_and_starts_nothing(abc_runs, env):
+    """Run C trained rollouts 3-5 of 6: the same command again has nothing to train. It says so, exits 0 and
+    leaves the metrics and checkpoints as they were (no Ray, no model: well under the runs' start-up)."""
+    b_ckpt, b_out = abc_runs["b_ckpt"], abc_runs["b_out"]
+    metrics_before, checkpoints_before = (b_out / "metrics.jsonl").read_text(), checkpoint_ids(b_ckpt)
+    result = subprocess.run([sys.executable, "-m", "plugrl.core.cli", *SHORT, "--num-rollout", "6", "--load", str(b_ckpt),
+                             "--save", str(b_ckpt), "--save-interval", "3", "--output-dir", str(b_out)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (f"plugrl train: --load {b_ckpt}: the run already trained rollouts 0-5 (rollout_000005), and "
+            "--num-rollout is 6: nothing left to train; raise --num-rollout to go on") in result.stdout
+    assert "Ray" not in result.stdout + result.stderr and "rollouts, output in" not in result.stdout
+    assert (b_out / "metrics.jsonl").read_text() == metrics_before and checkpoint_ids(b_ckpt) == checkpoints_before
+
+
 # ---- SIGKILL and resume ----------------------------------------------------------------------------
 
 
