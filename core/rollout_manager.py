@@ -14,6 +14,7 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+from .plugin_call import calling
 from .plugin_config import PluginConfig
 from .registry import import_object
 from .reward_call import rollout_reward_metrics
@@ -44,7 +45,21 @@ def _build_filter(args, plugin_set):
     options = as_kwargs(build_options(plugin_set.entry("filter", name), args))  # the filter's declared options
     if getattr(args, "reward_key", None) and "reward_key" not in options:
         options["reward_key"] = args.reward_key
-    return (lambda group: fn(group, **options)), "dynamic_filter"
+
+    def sample_filter(group):
+        with calling(f"--dynamic-sampling-filter {name} (on a group of {len(group)} samples)"):
+            return fn(group, **options)
+
+    return sample_filter, "dynamic_filter"
+
+
+def _named_call(what: str, fn):
+    """``fn``, whose exceptions name ``what`` (``core/plugin_call.py``)."""
+    def call(*args, **kwargs):
+        with calling(what):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def _build_buffer(args, plugin_set):
@@ -143,7 +158,7 @@ class RolloutManager:
         self.estimator = build_estimator(plugin_set.entry("advantage_estimator", args.advantage_estimator), args)
         # (function, what it is called with): its declared options object, else the run config
         self.post_processors = [
-            (entry.load(), build_plugin_input(entry, args))
+            (_named_call(f"--reward-post-process {entry.name}", entry.load()), build_plugin_input(entry, args))
             for entry in (plugin_set.entry("reward_post_processor", name)
                           for name in (getattr(args, "reward_post_process", None) or []))
         ]
@@ -197,9 +212,10 @@ class RolloutManager:
         for group in result.groups:
             for sample in group:
                 sample.rollout_id = None  # every sample is its own rollout (slime's default)
-        data = samples_to_train_data(result.groups, self.estimator, reward_key=getattr(args, "reward_key", None),
-                                     post_processors=self.post_processors, args=args,
-                                     reward_post_process=self.custom_reward_post_process)
+        with calling(f"the rollout's rewards and advantages (--advantage-estimator {args.advantage_estimator})"):
+            data = samples_to_train_data(result.groups, self.estimator, reward_key=getattr(args, "reward_key", None),
+                                         post_processors=self.post_processors, args=args,
+                                         reward_post_process=self.custom_reward_post_process)
         metrics = dict(result.metrics)
         metrics.update(self._sample_metrics([s for g in result.groups for s in g], getattr(args, "reward_key", None)))
         metrics.update(rollout_reward_metrics(self.generator.reward, rollout_id,

@@ -117,6 +117,7 @@ def main(argv: list[str]) -> int:
             f"rollouts {resume_from + 1}-{args.num_rollout - 1} of {args.num_rollout} (resuming after rollout {resume_from})")
     print(f"plugrl train: {todo}, output in {args.output_dir}", flush=True)
     from .loop import ActorDiedError
+    from .plugin_call import PluginCallError
     from .reward_call import RewardError
 
     progress = ProgressBars()
@@ -124,9 +125,13 @@ def main(argv: list[str]) -> int:
         summary = run_training(args, plugin_set, logger_=metrics_logger, on_phase=progress.on_phase,
                                on_progress=progress.on_progress)
         progress.close()
-    except (ActorDiedError, RewardError) as exc:
+    except (ActorDiedError, RewardError, PluginCallError) as exc:
         cause = getattr(exc, "cause", None)  # Ray wraps an actor's exception; its traceback is in the log above
         print(f"\nplugrl train: error: {cause if isinstance(cause, BaseException) else exc}", file=sys.stderr)
+        if isinstance(exc, PluginCallError):  # (a dead actor's message already says what is kept)
+            from .checkpoint import stopped_run_hint
+
+            print(f"plugrl train: {stopped_run_hint(args.output_dir, args.save)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: the loop's cleanup has stopped the actors; say what is kept
         progress.close()

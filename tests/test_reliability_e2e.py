@@ -93,6 +93,18 @@ def test_ctrl_c_names_the_last_checkpoint_and_how_to_resume(tmp_path, env):
             f"{tmp_path / 'out'}.") in err
 
 
+def install_plugin(tmp_path, name: str, source: str):
+    """A distribution ``plugrl-<name>`` as pip leaves it (module + dist-info with the entry point); its folder."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / f"{name}_plugin.py").write_text(source)
+    info = site / f"plugrl_{name}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: plugrl-{name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[plugrl]\n{name} = {name}_plugin\n")
+    return site
+
+
 OBSERVER = '''
 from plugrl import hookimpl
 
@@ -107,13 +119,7 @@ def plugrl_on_train_step_end(rollout_id, metrics):
 def test_an_observer_that_raises_loses_no_rollout(tmp_path, env):
     """A third-party observer (installed as a distribution) raising at rollout 1 gets a warning; that rollout's
     metrics line and checkpoint are still written, and its attempt to overwrite core's reward is refused."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "dash_observer.py").write_text(OBSERVER)
-    info = site / "plugrl_dash-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: plugrl-dash\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[plugrl]\ndash = dash_observer\n")
+    site = install_plugin(tmp_path, "dash", OBSERVER)
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "plugrl.core.cli", *SHORT, "--num-rollout", "2", "--output-dir", str(out),
@@ -128,3 +134,36 @@ def test_an_observer_that_raises_loses_no_rollout(tmp_path, env):
     assert ("plugin 'dash' plugrl_on_train_step_end (rollout 1) raised ConnectionError: the dashboard is down"
             in result.stderr)
     assert "returned 'rollout/raw_reward', which the step's metrics already hold" in result.stderr
+
+
+RAISING_FILTER = '''
+from plugrl import hookimpl
+
+def fussy(group, reward_key=None):
+    if group[0].group_index >= 4:  # the second rollout's groups
+        raise ZeroDivisionError("spread of nothing")
+    return True
+
+@hookimpl
+def plugrl_register_filters(register):
+    register("fussy", fussy)
+'''
+
+
+def test_a_filter_that_raises_stops_the_run_with_one_line_naming_it(tmp_path, env):
+    """A dynamic-sampling filter raising in rollout 1 stops the run (exit 1) with a line naming the filter and
+    its error, and what is kept (rollout 0's metrics and checkpoint), not Ray's traceback of the actor."""
+    site = install_plugin(tmp_path, "fussy", RAISING_FILTER)
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    result = subprocess.run(
+        [sys.executable, "-m", "plugrl.core.cli", *SHORT, "--num-rollout", "3", "--output-dir", str(out),
+         "--dynamic-sampling-filter", "fussy", "--save", str(ckpt), "--save-interval", "1"],
+        capture_output=True, text=True, timeout=900,
+        env={**env, "PYTHONPATH": f"{site}{os.pathsep}{env.get('PYTHONPATH', '')}"})
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert ("plugrl train: error: --dynamic-sampling-filter fussy (on a group of 2 samples) raised "
+            "ZeroDivisionError: spread of nothing") in result.stderr
+    assert (f"plugrl train: Metrics so far are in {out}/metrics.jsonl; the last checkpoint is {ckpt / 'rollout_000000'} "
+            f"(after rollout 0): resume with --load {ckpt} --output-dir {out}.") in result.stderr
+    assert "Traceback (most recent call last)" not in result.stderr.split("plugrl train: error:")[-1]
+    assert [r["rollout_id"] for r in train_rows(out)] == [0]
