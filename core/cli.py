@@ -32,7 +32,8 @@ def _plugins_command(argv: list[str]) -> int:
                "is registered twice); check 1 on any such problem")
     sub = parser.add_subparsers(dest="action", required=True)
     list_parser = sub.add_parser("list", help="list registered plugins with their origin")
-    list_parser.add_argument("--kind", choices=sorted(KINDS), help="only this kind")
+    list_parser.add_argument("--kind", choices=[*sorted(KINDS), "hooks"],
+                             help="only this kind (hooks: third-party plugins' observer, option and configure hooks)")
     list_parser.add_argument("--json", action="store_true", help="print a JSON array")
     sub.add_parser("check", help="exit 1 on any load failure or duplicate name")
     args = parser.parse_args(argv)
@@ -73,6 +74,8 @@ def _plugin_rows(plugin_set, kind: str | None) -> list[dict]:
         rows.append({"kind": entry.kind, "name": entry.name, "plugin": entry.plugin, "builtin": entry.builtin,
                      "origin": entry.origin, "distribution": "plugrl" if entry.builtin else entry.distribution,
                      "version": entry.version, "qualified_name": entry.qualified_name, "status": status})
+    if not kind or kind == "hooks":
+        rows.extend(_hook_rows(plugin_set))
     for failure in plugin_set.failures:
         rows.append({"kind": None, "name": None, "plugin": failure.plugin, "builtin": failure.distribution == "plugrl",
                      "origin": failure.distribution or failure.plugin, "distribution": failure.distribution,
@@ -80,15 +83,38 @@ def _plugin_rows(plugin_set, kind: str | None) -> list[dict]:
     return rows
 
 
+def _hook_rows(plugin_set) -> list[dict]:
+    """One row (kind ``hooks``) per third-party plugin that implements hooks other than the registration
+    ones (observers, options, configure, model bridges), so a plugin that registers no name shows it loaded."""
+    from .registry import KINDS, Entry
+
+    registration = set(KINDS.values())
+    rows = []
+    for name, plugin in plugin_set.pm.list_name_plugin():
+        if name in plugin_set.builtin_names or plugin is None:
+            continue
+        hooks = sorted(caller.name for caller in plugin_set.pm.get_hookcallers(plugin) or []
+                       if caller.name not in registration)
+        if not hooks:
+            continue
+        owner = Entry("hooks", name, plugin, name, False, distribution=plugin_set.distributions.get(name) or None,
+                      version=plugin_set.versions.get(name))
+        rows.append({"kind": "hooks", "name": name, "plugin": name, "builtin": False, "origin": owner.origin,
+                     "distribution": owner.distribution, "version": owner.version, "qualified_name": None,
+                     "status": "ok: " + ", ".join(hooks)})
+    return rows
+
+
 def _print_plugin_table(rows: list[dict]) -> None:
-    width = max((len(r["name"] or "") for r in rows), default=4)
+    width = max((len(r["name"] or f"'{r['plugin']}'") for r in rows), default=4)
     origin_width = max((len(r["origin"]) for r in rows), default=6)
     current_kind = object()
     for row in rows:
         if row["kind"] != current_kind:
             current_kind = row["kind"]
             print(f"\n[{current_kind or 'load failures'}]")
-        print(f"  {(row['name'] or '-'):<{width}}  {row['origin']:<{origin_width}}  {row['status']}")
+        name = row["name"] or f"'{row['plugin']}'"  # a load failure: the entry point (or module) that failed
+        print(f"  {name:<{width}}  {row['origin']:<{origin_width}}  {row['status']}")
 
 
 # command -> "module:function" taking the remaining argv; imported only when the command runs.

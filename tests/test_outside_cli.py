@@ -19,6 +19,19 @@ def plugrl_register_rewards(register):
 '''
 
 
+OBSERVER_ONLY = '''
+from plugrl import hookimpl
+
+@hookimpl
+def plugrl_on_rollout_end(rollout_id, metrics):
+    return None
+
+@hookimpl
+def plugrl_configure(config):
+    pass
+'''
+
+
 def install(site: Path, dist: str, entry_point: str, module: str, source: str) -> None:
     """A distribution as pip leaves it: a module and a dist-info holding the entry point."""
     site.mkdir(parents=True, exist_ok=True)
@@ -34,7 +47,8 @@ def sites(tmp_path_factory):
     root = tmp_path_factory.mktemp("sites")
     install(root / "broken", "plugrl-cli-broken", "clibroken", "plugrl_cli_broken", BROKEN)
     install(root / "shadow", "plugrl-cli-shadow", "clishadow", "plugrl_cli_shadow", SHADOW)
-    return {"broken": root / "broken", "shadow": root / "shadow", "cache": root / "cache"}
+    install(root / "observer", "plugrl-cli-observer", "cliobserver", "plugrl_cli_observer", OBSERVER_ONLY)
+    return {"broken": root / "broken", "shadow": root / "shadow", "observer": root / "observer", "cache": root / "cache"}
 
 
 def plugrl(sites, *args, site=None, **env) -> subprocess.CompletedProcess:
@@ -118,3 +132,15 @@ def test_help_texts_say_what_the_run_requires_and_refuses(sites):
     text = " ".join(train.stdout.split())
     assert "--custom-loss-function-path MODULE.ATTR not implemented: refused" in text
     assert "custom_loss is not implemented: refused" in text
+
+
+def test_plugins_list_names_a_failed_entry_point_and_shows_hook_only_plugins(sites):
+    broken = plugrl(sites, "plugins", "list", site="broken")
+    (row,) = [line for line in broken.stdout.splitlines() if "failed:" in line]
+    assert row.split()[:2] == ["'clibroken'", "plugrl-cli-broken"]
+    listed = plugrl(sites, "plugins", "list", "--json", "--kind", "hooks", site="observer")
+    assert listed.returncode == 0, listed.stderr
+    assert [(r["name"], r["origin"], r["status"]) for r in json.loads(listed.stdout)] == [
+        ("cliobserver", "plugrl-cli-observer 1.2 (entry point 'cliobserver')",
+         "ok: plugrl_configure, plugrl_on_rollout_end")]
+    assert "[hooks]" in plugrl(sites, "plugins", "list", site="observer").stdout

@@ -85,8 +85,11 @@ def test_every_kind_with_an_example_has_one_in_the_guide():
 def test_the_guide_package_is_listed_with_its_origin(guide):
     result = plugrl(guide["python"], "plugins", "list", "--json")
     assert result.returncode == 0, result.stderr
-    rows = {row["name"]: row for row in json.loads(result.stdout) if (row["distribution"] or "") == "plugrl-guide-example"}
+    mine = [row for row in json.loads(result.stdout) if (row["distribution"] or "") == "plugrl-guide-example"]
+    rows = {row["name"]: row for row in mine if row["kind"] != "hooks"}
     assert {name: row["kind"] for name, row in rows.items()} == GUIDE_NAMES
+    hooks = {row["name"]: row["status"] for row in mine if row["kind"] == "hooks"}  # the observer's entry point too
+    assert hooks["guide_observers"] == "ok: plugrl_on_rollout_end", hooks
     assert rows["keyword"]["origin"] == "plugrl-guide-example 0.1.0 (entry point 'guide_rewards')"
     assert rows["keyword"]["qualified_name"] == "guide_rewards:keyword"
     assert all(row["status"] == "ok" for row in rows.values())
