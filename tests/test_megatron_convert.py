@@ -127,3 +127,35 @@ def test_bad_paths_and_flags_are_one_line_errors(tmp_path, capsys):
     missing.mkdir()
     assert run_command("convert", ["hf-to-megatron", "--hf-checkpoint", str(missing), "--save", str(tmp_path / "o")]) == 1
     assert "no config.json there" in capsys.readouterr().err
+
+
+def test_bad_sizes_and_save_paths_are_refused_before_any_weight_is_read(checkpoint, tmp_path, capsys):
+    """A 0 size (a ZeroDivisionError deep inside), --save a file or the source folder, and a --save that
+    already holds another model's weights (they would load beside the new ones): one line, exit 1."""
+    from plugrl.core.plugin_commands import run_command
+
+    path, _, _ = checkpoint
+
+    def convert(*argv):
+        code = run_command("convert", list(argv))
+        return code, capsys.readouterr().err.strip()
+
+    assert convert("hf-to-megatron", "--hf-checkpoint", str(path), "--save", str(tmp_path / "m"),
+                   "--tensor-model-parallel-size", "0") == (
+        1, "plugrl convert: error: --tensor-model-parallel-size must be >= 1, got 0")
+    afile = tmp_path / "rows.jsonl"
+    afile.write_text("{}\n")
+    assert convert("hf-to-megatron", "--hf-checkpoint", str(path), "--save", str(afile)) == (
+        1, f"plugrl convert: error: --save {afile} is a file; give a directory (a Megatron save root)")
+    mcore = tmp_path / "mcore"
+    assert convert("hf-to-megatron", "--hf-checkpoint", str(path), "--save", str(mcore))[0] == 0
+    assert convert("megatron-to-hf", "--load", str(mcore), "--hf-checkpoint", str(path), "--save", str(tmp_path / "o"),
+                   "--max-shard-bytes", "0") == (1, "plugrl convert: error: --max-shard-bytes must be >= 1, got 0")
+    assert not (tmp_path / "o").exists()  # nothing half-written
+    assert convert("megatron-to-hf", "--load", str(mcore), "--hf-checkpoint", str(path), "--save", str(path)) == (
+        1, f"plugrl convert: error: --save {path} is the --hf-checkpoint directory; write the conversion somewhere else")
+    out = tmp_path / "out"
+    assert convert("megatron-to-hf", "--load", str(mcore), "--hf-checkpoint", str(path), "--save", str(out))[0] == 0
+    code, err = convert("megatron-to-hf", "--load", str(mcore), "--hf-checkpoint", str(path), "--save", str(out))
+    assert (code, err) == (1, f"plugrl convert: error: --save {out} already holds weights (model.safetensors): "
+                              "remove them or choose another --save")

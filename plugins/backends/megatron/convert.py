@@ -81,6 +81,28 @@ def _tensor_args(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--" + dest.replace("_", "-"), action="store_true", default=None, dest=dest)
 
 
+def _positive_flags(args, dests) -> None:
+    """Sizes that must be >= 1, checked before any weight is read (a 0 divides by zero deep inside)."""
+    for dest in dests:
+        value = getattr(args, dest, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{dest.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _writable_save(save: Path, hf_checkpoint: str) -> None:
+    """``--save`` must be a directory this command may fill: not a file, not the source checkpoint, and
+    holding no weights of another model (they would be loaded beside the new ones). Checked first."""
+    if save.exists() and not save.is_dir():
+        raise ValueError(f"--save {save} is a file; give a directory")
+    if save.exists() and Path(hf_checkpoint).exists() and save.resolve() == Path(hf_checkpoint).resolve():
+        raise ValueError(f"--save {save} is the --hf-checkpoint directory; write the conversion somewhere else")
+    if save.is_dir():
+        old = sorted(p.name for p in save.iterdir() if p.name.endswith(WEIGHT_SUFFIXES) or p.name in WEIGHT_INDEXES)
+        if old:
+            raise ValueError(f"--save {save} already holds weights ({', '.join(old[:3])}"
+                             f"{' ...' if len(old) > 3 else ''}): remove them or choose another --save")
+
+
 def checkpoint_dtype(hf_state: dict):
     """The dtype the Megatron model is built in: the HF tensors' own (the promotion of all floating
     dtypes if they are mixed, which holds every value exactly)."""
@@ -118,8 +140,11 @@ def hf_to_megatron_main(argv: list[str]) -> int:
     _tensor_args(parser)
     args = parser.parse_args(argv)
 
+    _positive_flags(args, ("tensor_model_parallel_size", *_INT_FLAGS))
     cfg = derive_model_config(read_hf_config(args.hf_checkpoint), args)  # mismatches fail before any work
     save = Path(args.save)
+    if save.exists() and not save.is_dir():
+        raise ValueError(f"--save {save} is a file; give a directory (a Megatron save root)")
     target = save / RELEASE
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target} is not empty: remove it or choose another --save")
@@ -200,6 +225,8 @@ def megatron_to_hf_main(argv: list[str]) -> int:
     parser.add_argument("--save", required=True)
     parser.add_argument("--max-shard-bytes", type=int, default=5 * 1024**3)
     args = parser.parse_args(argv)
+    _positive_flags(args, ("max_shard_bytes",))
+    _writable_save(Path(args.save), args.hf_checkpoint)
 
     load = Path(args.load)
     if (load / LEGACY_MANIFEST).exists():

@@ -63,8 +63,10 @@ def _require_torch_dist(directory: str | Path) -> Path:
     metadata = path / "metadata.json"
     if not metadata.is_file():
         raise FileNotFoundError(
-            f"{directory} is not a torch_dist checkpoint: no {metadata} (convert an HF checkpoint with "
-            "`plugrl convert hf-to-megatron --hf-checkpoint HF --save DIR`, or pass the HF directory)")
+            f"{directory} is not a torch_dist checkpoint: no {metadata} (make one from an HF checkpoint with "
+            "`plugrl convert hf-to-megatron --hf-checkpoint HF --save DIR`; a train flag such as --ref-load also "
+            "takes the HF directory itself; a plugrl run's checkpoint (rollout_N) is neither: its HF weights come "
+            "from `plugrl train --save-hf`)")
     backend = json.loads(metadata.read_text()).get("sharded_backend")
     if backend != BACKEND:
         raise ValueError(f"{metadata}: sharded_backend {backend!r}, expected {BACKEND!r} (only torch_dist is read)")
