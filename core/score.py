@@ -30,7 +30,8 @@ reported and left out (write "label": null for a reward that needs none). Option
 status is "completed" unless the row has a "status" (completed, truncated, aborted, failed), and its
 response_length is the row's "response_length", else the response's token count under the tokenizer of
 --hf-checkpoint, else 0 (a reward that reads lengths needs one of the two). With --output, every scored row is
-written there with a "reward" field added (dict rewards are written as dicts). Rows that are malformed or whose
+written there with a "reward" field added (dict rewards are written as dicts; a reward of None,
+"not applicable", scores 0 as in training). Ctrl-C writes the rows scored so far to --output (exit 130). Rows that are malformed or whose
 reward raised are reported on stderr as FILE:LINE: reason and left out; the others are still scored.
 
 exit status: 0 every row was scored; 1 some row was malformed or failed; 2 usage error (unknown
@@ -101,6 +102,9 @@ def read_rows(path: str, response_key: str, label_key: str, errors: list,
             if missing:
                 errors.append((lineno, f"missing key {', '.join(repr(k) for k in missing)}"))
                 continue
+            if not isinstance(row[response_key], str):
+                errors.append((lineno, f"{response_key!r} must be a string, got {type(row[response_key]).__name__}"))
+                continue
             metadata = row.get("metadata") or {}
             if not isinstance(metadata, dict):
                 errors.append((lineno, f"metadata must be an object, got {type(metadata).__name__}"))
@@ -115,7 +119,7 @@ def read_rows(path: str, response_key: str, label_key: str, errors: list,
                 continue
             if length is None:
                 response = row[response_key]
-                length = count_tokens(response) if count_tokens is not None and isinstance(response, str) else 0
+                length = count_tokens(response) if count_tokens is not None else 0
             sample = Sample(prompt=row.get("prompt", ""), response=row[response_key], label=row[label_key],
                             metadata=metadata, status=Status(status), response_length=length)
             rows.append((lineno, row, sample))
@@ -123,6 +127,8 @@ def read_rows(path: str, response_key: str, label_key: str, errors: list,
 
 
 def _check_reward(value: Any) -> Any:
+    if value is None:  # "not applicable": scored 0, as training scores it (rollout.scalar_reward)
+        return 0.0
     if isinstance(value, dict) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
         return value
     if isinstance(value, bool):
@@ -130,13 +136,13 @@ def _check_reward(value: Any) -> Any:
     raise TypeError(f"a reward must be a number or a dict, got {type(value).__name__}: {value!r}")
 
 
-async def score_rows(reward: "Reward", rows, concurrency: int, errors: list) -> list:
+async def score_rows(reward: "Reward", rows, concurrency: int, errors: list, results: list | None = None) -> list:
     """The reward of each row (None where it failed or ran past ``reward.timeout``; the failure is
-    added to ``errors``)."""
+    added to ``errors``), filled into ``results`` as they come (kept when the caller is interrupted)."""
     import asyncio
 
     from .reward_call import describe_failure
-    results: list = [None] * len(rows)
+    results = results if results is not None else [None] * len(rows)
     reward.concurrency = max(1, concurrency)
     try:
         if reward.batched:
@@ -176,6 +182,32 @@ def _scalar(value: Any, reward_key: str | None) -> float | None:
             return None
         return float(value[reward_key])
     return float(value)
+
+
+def _output_problem(output: str | None, input_path: str) -> str | None:
+    """Why ``--output`` cannot be written once the rows are scored (checked before scoring them)."""
+    import os
+
+    if not output:
+        return None
+    if os.path.isdir(output):
+        return f"--output {output} is a directory; give a file path"
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        return f"--output {output}: its folder {parent} does not exist"
+    if os.path.exists(input_path) and os.path.exists(output) and os.path.samefile(output, input_path):
+        return f"--output {output} is the --input file; it would be replaced by the scored rows only: write elsewhere"
+    if not os.access(parent, os.W_OK) or (os.path.exists(output) and not os.access(output, os.W_OK)):
+        return f"--output {output} is not writable"
+    return None
+
+
+def _write_scored(path: str, rows, rewards) -> None:
+    """The scored rows (those with a reward), each with its ``reward`` added, as JSONL."""
+    with open(path, "w", encoding="utf-8") as out:
+        for (_, row, _), value in zip(rows, rewards):
+            if value is not None:
+                out.write(json.dumps({**row, "reward": value}, ensure_ascii=False) + "\n")
 
 
 def _token_counter(model_dir: str):
@@ -222,14 +254,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"plugrl score: --hf-checkpoint {args.hf_checkpoint}: cannot load its tokenizer: {exc}",
                   file=sys.stderr)
             return 2
+    problem = _output_problem(args.output, args.input)
+    if problem:
+        print(f"plugrl score: {problem}", file=sys.stderr)
+        return 2
     errors: list[tuple[int, str]] = []  # (line number or 0, message)
     try:
         rows = read_rows(args.input, args.response_key, args.label_key, errors, count_tokens)
     except OSError as exc:
         print(f"plugrl score: cannot read {args.input}: {exc}", file=sys.stderr)
         return 2
+    except UnicodeDecodeError as exc:
+        print(f"plugrl score: cannot read {args.input}: not UTF-8 text (byte {exc.start}: {exc.reason}); give a "
+              "JSONL file", file=sys.stderr)
+        return 2
 
-    rewards = asyncio.run(score_rows(reward, rows, args.concurrency, errors))
+    rewards: list = [None] * len(rows)
+    try:
+        asyncio.run(score_rows(reward, rows, args.concurrency, errors, rewards))
+    except KeyboardInterrupt:  # keep what was scored: a remote reward's calls cost time or money
+        done = sum(value is not None for value in rewards)
+        if args.output:
+            _write_scored(args.output, rows, rewards)
+        where = f"; wrote the {done} scored rows to {args.output}" if args.output else ""
+        print(f"\nplugrl score: interrupted after {done} of {len(rows)} rows{where}", file=sys.stderr)
+        return 130
 
     scalars = []
     dict_without_key = False
@@ -248,10 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             scalars.append(scalar)
 
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as out:
-            for (_, row, _), value in zip(rows, rewards):
-                if value is not None:
-                    out.write(json.dumps({**row, "reward": value}, ensure_ascii=False) + "\n")
+        _write_scored(args.output, rows, rewards)
 
     for lineno, message in sorted(errors, key=lambda e: e[0]):
         where = f"{args.input}:{lineno}" if lineno else args.input

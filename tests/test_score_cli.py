@@ -190,3 +190,57 @@ def test_rows_become_finished_samples_with_lengths(tmp_path, monkeypatch, capsys
     assert main(["--custom-rm-path", "length_rewards:length_and_status", "--input", str(rows),
                  "--hf-checkpoint", str(tmp_path / "nowhere")]) == 2
     assert "--hf-checkpoint" in capsys.readouterr().err
+
+
+def test_bad_inputs_and_outputs_are_refused_before_scoring(tmp_path, monkeypatch, capsys):
+    (tmp_path / "rm_mod.py").write_text("def rm(sample):\n    return None if sample.label == 'na' else 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"response": "a", "label": "na"}\n{"response": 7, "label": "x"}\n{"response": "b", "label": "x"}\n')
+    base = ["--custom-rm-path", "rm_mod:rm", "--input", str(rows)]
+    out = tmp_path / "out.jsonl"
+    assert main([*base, "--output", str(out)]) == 1  # the int response
+    captured = capsys.readouterr()
+    assert f"{rows}:2: 'response' must be a string, got int" in captured.err
+    assert [r["reward"] for r in _read_jsonl(out)] == [0.0, 1.0]  # None: not applicable, scored 0 as in training
+    for output, why in [(tmp_path, f"--output {tmp_path} is a directory; give a file path"),
+                        (tmp_path / "no" / "o.jsonl", f"--output {tmp_path / 'no' / 'o.jsonl'}: its folder "
+                                                       f"{tmp_path / 'no'} does not exist"),
+                        (rows, f"--output {rows} is the --input file; it would be replaced by the scored rows only: "
+                               "write elsewhere")]:
+        assert main([*base, "--output", str(output)]) == 2
+        assert capsys.readouterr().err.strip() == f"plugrl score: {why}"
+    assert rows.read_text().count("\n") == 3  # the input is untouched
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b'{"response": "\xed\xa0"}\n')
+    assert main(["--custom-rm-path", "rm_mod:rm", "--input", str(binary)]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_the_rows_already_scored(tmp_path):
+    """SIGINT while a slow reward is scoring: the rows scored so far are written to --output, exit 130."""
+    import signal
+    import subprocess
+    import time
+
+    (tmp_path / "slow_rm.py").write_text(
+        "import time\n"
+        "def rm(sample):\n"
+        "    if sample.label == 'slow':\n"
+        "        time.sleep(60)\n"
+        "    return 1.0\n")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"response": "r", "label": label}) + "\n"
+                            for label in ["fast", "fast", "slow", "fast"]))
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "plugrl.core.cli", "score", "--custom-rm-path", "slow_rm:rm",
+                             "--input", str(rows), "--output", str(out), "--concurrency", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    time.sleep(8)  # the two fast rows are scored, the slow one is running
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"plugrl score: interrupted after 2 of 4 rows; wrote the 2 scored rows to {out}" in err
+    assert "Traceback" not in err
+    assert [r["reward"] for r in _read_jsonl(out)] == [1.0, 1.0]
