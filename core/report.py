@@ -38,7 +38,9 @@ _SUMMARY_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 # Direction of the "best" column, by name fragment; metrics matching neither (entropy, response length,
 # counts) have no best, since a rise or a fall can be healthy or a symptom depending on the run.
-_NO_DIRECTION = ("entropy", "response_len", "num_")
+_NO_DIRECTION = ("entropy", "response_len", "num_", "reward_samples")
+# failure counts whose names also hold "reward": checked before the higher-is-better fragments
+_FAILURES = ("_errors", "_timeouts", "stuck_threads", "_failed")
 _HIGHER_IS_BETTER = ("reward", "pass@", "acc")
 _LOWER_IS_BETTER = ("loss", "kl", "clipfrac", "truncat", "_time", "grad_norm")
 
@@ -124,6 +126,8 @@ def _best(name: str, points: list[tuple[int, float]]) -> tuple[int, float] | Non
     """(rollout id, value) of the best point, the earliest on ties; None where no direction is known."""
     if any(marker in name for marker in _NO_DIRECTION):
         return None
+    if any(marker in name for marker in _FAILURES):
+        return min(points, key=lambda p: (p[1], p[0]))
     if any(marker in name for marker in _HIGHER_IS_BETTER):
         return max(points, key=lambda p: (p[1], -p[0]))
     if any(marker in name for marker in _LOWER_IS_BETTER):
@@ -196,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     run_dir = Path(args.run_dir)
+    if run_dir.is_file() and run_dir.name.startswith("metrics"):  # the metrics file itself: its run directory
+        run_dir = run_dir.parent
     metrics_path = run_dir / "metrics.jsonl"
     if not run_dir.is_dir():
         print(f"plugrl report: run directory not found: {run_dir}", file=sys.stderr)
@@ -226,8 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     panels = _panels(series)
     title = f"{run_dir.resolve().name}" + (f"\n{summary}" if summary else "")
     image_path = run_dir / "report.png"
-    _plot(image_path, series, panels, title)
-    (run_dir / "report.md").write_text(_markdown(run_dir.resolve(), summary, series, image_path.name), encoding="utf-8")
+    try:
+        _plot(image_path, series, panels, title)
+        (run_dir / "report.md").write_text(_markdown(run_dir.resolve(), summary, series, image_path.name),
+                                           encoding="utf-8")
+    except OSError as exc:  # a read-only run directory, or a folder named report.png
+        print(f"plugrl report: cannot write the report into {run_dir}: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {image_path} and {run_dir / 'report.md'} ({len(rows)} rows, {len(series)} metrics)")
     return 0
 

@@ -108,3 +108,20 @@ def test_report_requires_run_dir_argument():
     with pytest.raises(SystemExit) as excinfo:
         main([])
     assert excinfo.value.code == 2
+
+
+def test_failure_counts_are_best_when_lowest_and_the_metrics_file_names_its_run(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rows = [{"rollout_id": i, "phase": "rollout", "rollout/reward_errors": errors, "rollout/reward_timeouts": errors,
+             "rollout/reward_samples": 16} for i, errors in enumerate([0, 17, 3])]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([str(run_dir / "metrics.jsonl")]) == 0  # the file: its run directory is reported
+    md = (run_dir / "report.md").read_text()
+    assert "| rollout/reward_errors | 0 | 3 | 0 | 0 | 3 |" in md  # not the worst rollout as the best
+    assert "| rollout/reward_timeouts | 0 | 3 | 0 | 0 | 3 |" in md
+    assert "| rollout/reward_samples | 16 | 16 | - | - | 3 |" in md
+    (run_dir / "report.md").unlink()
+    (run_dir / "report.md").mkdir()  # cannot be written
+    assert main([str(run_dir)]) == 2
+    assert f"plugrl report: cannot write the report into {run_dir}" in capsys.readouterr().err
