@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ def server(checkpoint, tmp_path_factory):
     try:
         launch.wait_until(lambda: _ok(url + "/health_generate"), timeout=120, interval=0.3, what="server", child=child)
         with httpx.Client(base_url=url, timeout=120, trust_env=False) as client:
+            client.server_log = child.log_path  # for the tests of what the server prints
             yield client
     finally:
         child.stop()
@@ -239,3 +241,28 @@ def test_serve_names_a_model_path_that_is_not_a_folder(tmp_path):
 
     with pytest.raises(SystemExit, match=rf"--model-path {tmp_path / 'nope'} is not a directory; give a Hugging Face"):
         main(["--model-path", str(tmp_path / "nope")])
+
+
+def test_serve_says_where_it_listens_and_answers_a_non_json_body_with_400(server):
+    assert "plugrl serve: listening on http://127.0.0.1:" in server.server_log.read_text()
+    bad = server.post("/abort_request", content=b"garbage", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and "request body is not JSON" in bad.json()["error"]["message"]
+    assert server.get("/health_generate").status_code == 200  # still serving
+
+
+def test_serve_refuses_bad_flags_before_loading_the_model(checkpoint, tmp_path):
+    from plugrl.plugins.backends.sglang.server import main
+
+    not_hf = tmp_path / "ckpt" / "rollout_000001"
+    not_hf.mkdir(parents=True)
+    cases = [(["--model-path", str(not_hf)], f"--model-path {not_hf}: no config.json there"),
+             (["--model-path", checkpoint, "--port", "99999"], "--port 99999: give a port from 1 to 65535"),
+             (["--model-path", checkpoint, "--context-length", "-5"], "--context-length must be >= 1, got -5"),
+             (["--model-path", checkpoint, "--max-running-requests", "0"], "--max-running-requests must be >= 1, got 0")]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((["--model-path", checkpoint, "--device", "cuda"], "--device cuda: this torch sees no CUDA device"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=re.escape(f"plugrl serve: {message}")):
+            main(argv)

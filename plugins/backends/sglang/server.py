@@ -29,6 +29,7 @@ import asyncio
 import binascii
 import contextlib
 import datetime
+import json
 import logging
 import os
 import pickle
@@ -53,7 +54,11 @@ def _error(message: str, status: int = 400) -> web.Response:
 async def _json(request: web.Request) -> dict:
     if not request.can_read_body:
         return {}
-    body = await request.json()
+    try:
+        body = await request.json()
+    except ValueError as exc:  # not JSON: the client's mistake (400), not the server's (500)
+        raise web.HTTPBadRequest(text=json.dumps({"error": {"message": f"request body is not JSON: {exc}"}}),
+                                 content_type="application/json") from exc
     if body is None:
         return {}
     if not isinstance(body, dict):
@@ -384,20 +389,26 @@ def build_parser() -> argparse.ArgumentParser:
     """SGLang's spelling for every flag the backend passes to ``sglang.launch_server``, so the
     backend can start this server through the same code path; SGLang-only knobs are accepted and
     ignored (they tune GPU kernels the hf engine does not have)."""
-    p = argparse.ArgumentParser(prog="plugrl serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-path", "--hf-checkpoint", dest="model_path", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--random-seed", "--seed", dest="random_seed", type=int, default=0)
-    p.add_argument("--tp-size", type=int, default=1)
-    p.add_argument("--base-gpu-id", type=int, default=0)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--context-length", type=int, default=None)
-    p.add_argument("--max-running-requests", type=int, default=256)
-    p.add_argument("--max-prefill-tokens", type=int, default=16384)
-    p.add_argument("--weight-version", default="default")
-    p.add_argument("--trust-remote-code", action="store_true")
+    p = argparse.ArgumentParser(
+        prog="plugrl serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="An HTTP server speaking the part of SGLang's native API that RL uses (/generate, "
+                    "/update_weights_from_*, /release_memory_occupation, ...), around plugrl's embedded hf engine: "
+                    "one process per engine, where SGLang is not installed. Flags use SGLang's names.")
+    p.add_argument("--model-path", "--hf-checkpoint", dest="model_path", required=True,
+                   help="a Hugging Face checkpoint folder (config.json, tokenizer, weights)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=30000, help="port to listen on (1-65535)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--random-seed", "--seed", dest="random_seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--tp-size", type=int, default=1, help="must be 1 (one device per engine)")
+    p.add_argument("--base-gpu-id", type=int, default=0, help="the CUDA device index with --device cuda")
+    p.add_argument("--dtype", default=None, help="weights dtype (bfloat16, float16, float32); default: the checkpoint's")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="longest prompt + response in tokens; default: the model's max_position_embeddings")
+    p.add_argument("--max-running-requests", type=int, default=256, help="requests decoded together")
+    p.add_argument("--max-prefill-tokens", type=int, default=16384, help="prompt tokens prefilled together")
+    p.add_argument("--weight-version", default="default", help="reported until the first weight update")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own model code")
     for flag in ("--skip-server-warmup", "--enable-memory-saver"):
         p.add_argument(flag, action="store_true", help="accepted for SGLang compatibility")
     p.add_argument("--disable-prefill-cuda-graph", action="store_true", help="accepted for SGLang compatibility")
@@ -408,11 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.tp_size != 1:
-        raise SystemExit("plugrl serve runs one device per engine (--tp-size 1)")
-    if not os.path.isdir(args.model_path):  # transformers would read it as a hub repo id, with a confusing error
-        raise SystemExit(f"plugrl serve: --model-path {args.model_path} is not a directory; give a Hugging Face "
-                         "checkpoint folder (no model hub is used)")
+    problem = _argument_problem(args)
+    if problem:
+        raise SystemExit(f"plugrl serve: {problem}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from plugrl.plugins.backends.hf.engine import HFRolloutEngine
 
@@ -421,14 +430,44 @@ def main(argv: list[str] | None = None) -> int:
         device = f"cuda:{args.base_gpu_id}"
     options = {"weight_version": args.weight_version, "max_prefill_tokens": args.max_prefill_tokens,
                "trust_remote_code": args.trust_remote_code}
-    if args.context_length:
+    if args.context_length is not None:
         options["context_length"] = args.context_length
     engine = HFRolloutEngine(args.model_path, device=device, dtype=args.dtype, seed=args.random_seed,
                              max_batch_size=args.max_running_requests, **options)
     server = EngineServer(engine, model_path=args.model_path, device=str(engine.device), tp_size=1)
+    def started(_aiohttp_line: str) -> None:  # run_app calls it once the socket listens
+        print(f"plugrl serve: listening on http://{args.host}:{args.port} ({args.model_path} on {engine.device})",
+              flush=True)
+
     with contextlib.suppress(KeyboardInterrupt):
-        web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None)
+        web.run_app(server.app(), host=args.host, port=args.port, print=started, access_log=None)
     return 0
+
+
+def _argument_problem(args) -> str | None:
+    """What is wrong with the flags, checked before the model loads (one line, exit 1)."""
+    if args.tp_size != 1:
+        return "runs one device per engine (--tp-size 1)"
+    if not os.path.isdir(args.model_path):  # transformers would read it as a hub repo id, with a confusing error
+        return (f"--model-path {args.model_path} is not a directory; give a Hugging Face checkpoint folder (no model "
+                "hub is used)")
+    if not os.path.isfile(os.path.join(args.model_path, "config.json")):
+        return (f"--model-path {args.model_path}: no config.json there, so it is not a Hugging Face checkpoint "
+                "folder (a plugrl run's checkpoint is exported to one with `plugrl train --save-hf`)")
+    if not 0 < args.port < 65536:
+        return f"--port {args.port}: give a port from 1 to 65535"
+    for flag in ("context_length", "max_running_requests", "max_prefill_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            return f"--{flag.replace('_', '-')} must be >= 1, got {value}"
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return "--device cuda: this torch sees no CUDA device; use --device cpu"
+        if not 0 <= args.base_gpu_id < torch.cuda.device_count():
+            return f"--base-gpu-id {args.base_gpu_id}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
 
 
 if __name__ == "__main__":
