@@ -213,34 +213,48 @@ def _register_builtins(pm: pluggy.PluginManager, modules, failures: list[LoadFai
     return names
 
 
-def _register_callback(registry, plugin_set: PluginSet, plugin_name: str):
-    """The ``register`` callback a plugin receives; it records the plugin's origin with each name.
-    A duplicate name is kept and reported (``plugins check``), never a silent replacement."""
+def _register_callback(registry, plugin_set: PluginSet, plugin_name: str, calls: list):
+    """The ``register`` callback a plugin receives: it records each call in ``calls``, to be added to the
+    registry (with the plugin's origin) once every registration hook of that plugin ran without raising."""
     builtin = plugin_name in plugin_set.builtin_names
 
     def register(name, obj, *, replace: bool = False, **metadata):
-        registry.add(name, obj, plugin=plugin_name, builtin=builtin, replace=replace,
-                     distribution=plugin_set.distributions.get(plugin_name) or None,
-                     version=plugin_set.versions.get(plugin_name), **metadata)
-        plugin_set.warnings.extend(unknown_keyword_warnings(registry.kind, name, plugin_name, metadata))
+        registry.check_name(name, plugin_name)  # raises inside the plugin's hook: a load failure of that plugin
+
+        def add():
+            registry.add(name, obj, plugin=plugin_name, builtin=builtin, replace=replace,
+                         distribution=plugin_set.distributions.get(plugin_name) or None,
+                         version=plugin_set.versions.get(plugin_name), **metadata)
+            plugin_set.warnings.extend(unknown_keyword_warnings(registry.kind, name, plugin_name, metadata))
+
+        calls.append((plugin_name, add))
 
     return register
 
 
 def _fill_registries(plugin_set: PluginSet) -> None:
-    """Call every registration hook implementation separately, so each entry records its plugin."""
+    """Call every registration hook implementation separately, so each entry records its plugin. A plugin
+    whose registration hook raises is a load failure, and none of its names are registered (half of a
+    plugin, e.g. its rewards without its filters, would otherwise stay selectable and shadow others).
+    A duplicate name is kept and reported (``plugins check``), never a silent replacement."""
     pm = plugin_set.pm
+    calls: list = []  # (plugin name, add), in hook order
+    failed: set[str] = set()
     for kind, hook_name in KINDS.items():
         registry = plugin_set.registries[kind]
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             plugin_name = impl.plugin_name
             try:
-                impl.function(register=_register_callback(registry, plugin_set, plugin_name))
+                impl.function(register=_register_callback(registry, plugin_set, plugin_name, calls))
             except Exception as exc:
+                failed.add(plugin_name)
                 plugin_set.failures.append(
                     LoadFailure(plugin_name, plugin_set.distributions.get(plugin_name),
-                                f"{hook_name} raised {type(exc).__name__}: {exc}")
+                                f"{hook_name} raised {type(exc).__name__}: {exc}; none of its names are registered")
                 )
+    for plugin_name, add in calls:
+        if plugin_name not in failed:
+            add()
 
 
 def make_plugin_manager(

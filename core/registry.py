@@ -195,9 +195,7 @@ class Registry:
     def add(self, name: str, obj: Any, *, plugin: str, builtin: bool, replace: bool = False,
             distribution: str | None = None, version: str | None = None, **metadata) -> None:
         """Record ``name``; ``replace=True`` replaces the same plugin's earlier registration only."""
-        if not isinstance(name, str) or not name or ":" in name:
-            raise PluginError(f"plugin '{plugin}' registered a {self.kind} with an invalid name {name!r} "
-                              "(a non-empty string without ':')")
+        self.check_name(name, plugin)
         entry = Entry(self.kind, name, obj, plugin, builtin, dict(metadata), distribution, version)
         candidates = self._entries.setdefault(name, [])
         if replace:
@@ -205,6 +203,12 @@ class Registry:
         if candidates:
             self.duplicates.append(self._ambiguity(name, [*candidates, entry]))
         candidates.append(entry)
+
+    def check_name(self, name: Any, plugin: str) -> None:
+        """Raise ``PluginError`` unless ``name`` is a non-empty string without ':'."""
+        if not isinstance(name, str) or not name or ":" in name:
+            raise PluginError(f"plugin '{plugin}' registered a {self.kind} with an invalid name {name!r} "
+                              "(a non-empty string without ':')")
 
     def _ambiguity(self, name: str, candidates: list[Entry]) -> str:
         candidates = sorted(candidates, key=lambda e: not e.builtin)  # the built-in first

@@ -156,11 +156,41 @@ class RaisingPlugin:
         raise RuntimeError("boom")
 
 
+class HalfFailingPlugin:
+    """Registers a reward under a built-in's name, then its filter hook raises: none of it may stay."""
+
+    @core_hookimpl
+    def plugrl_register_rewards(self, register):
+        register("deepscaler", lambda sample: 1.0)
+        register("half_reward", lambda sample: 1.0)
+
+    @core_hookimpl
+    def plugrl_register_filters(self, register):
+        register("half_filter", lambda group, reward_key=None: True)
+        raise RuntimeError("needs a package")
+
+    @core_hookimpl
+    def plugrl_register_advantage_estimators(self, register):
+        register("bad:name", object)  # refused when called, inside the hook: one more failure of this plugin
+
+
+def test_a_plugin_whose_registration_fails_registers_none_of_its_names():
+    plugin_set = make_plugin_manager(entry_points=False, extra_plugins={"half": HalfFailingPlugin()})
+    assert sorted(f.error for f in plugin_set.failures if f.plugin == "half") == [
+        "plugrl_register_advantage_estimators raised PluginError: plugin 'half' registered a advantage_estimator "
+        "with an invalid name 'bad:name' (a non-empty string without ':'); none of its names are registered",
+        "plugrl_register_filters raised RuntimeError: needs a package; none of its names are registered"]
+    assert "half_reward" not in plugin_set.registries["reward"].names()
+    assert "half_filter" not in plugin_set.registries["filter"].names()
+    assert plugin_set.entry("reward", "deepscaler").builtin and not plugin_set.registries.duplicates
+
+
 def test_raising_register_hook_is_recorded_and_isolated():
     plugin_set = make_plugin_manager(entry_points=False, extra_plugins={
         "good": RewardPlugin("good_reward"), "bad": RaisingPlugin(), "also_good": RewardPlugin("other_reward")})
     assert [f.describe() for f in plugin_set.failures if f.plugin == "bad"] == [
-        "plugin 'bad' failed to load: plugrl_register_rewards raised RuntimeError: boom"]
+        "plugin 'bad' failed to load: plugrl_register_rewards raised RuntimeError: boom; none of its names are "
+        "registered"]
     assert {"good_reward", "other_reward"} <= set(plugin_set.registries["reward"].names())
     assert "nonzero_std" in plugin_set.registries["filter"]  # built-ins unaffected
     with pytest.raises(UnknownPluginError, match="plugin 'bad' failed to load: plugrl_register_rewards raised"):
