@@ -37,6 +37,10 @@ def run_command(name: str, argv: list[str] | None, plugin_set=None) -> int:
     except (ValueError, OSError) as exc:  # bad flags or paths: the command's own message, not a traceback
         print(f"plugrl {name}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line; what the command was writing may be incomplete
+        print(f"\nplugrl {name}: interrupted; an output it was writing may be incomplete: remove it before "
+              "running the command again", file=sys.stderr)
+        return 130
 
 
 def convert(argv: list[str] | None = None) -> int:

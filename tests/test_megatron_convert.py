@@ -159,3 +159,15 @@ def test_bad_sizes_and_save_paths_are_refused_before_any_weight_is_read(checkpoi
     code, err = convert("megatron-to-hf", "--load", str(mcore), "--hf-checkpoint", str(path), "--save", str(out))
     assert (code, err) == (1, f"plugrl convert: error: --save {out} already holds weights (model.safetensors): "
                               "remove them or choose another --save")
+
+
+def test_ctrl_c_in_a_plugin_command_is_one_line(monkeypatch, capsys):
+    from plugrl.core import plugin_commands
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plugin_commands, "command_providers", lambda plugin_set=None: {"convert": (interrupted, "x")})
+    assert plugin_commands.run_command("convert", ["hf-to-megatron"]) == 130
+    assert capsys.readouterr().err == ("\nplugrl convert: interrupted; an output it was writing may be incomplete: "
+                                       "remove it before running the command again\n")
