@@ -86,7 +86,7 @@ def _plugin_rows(plugin_set, kind: str | None) -> list[dict]:
 def _hook_rows(plugin_set) -> list[dict]:
     """One row (kind ``hooks``) per third-party plugin that implements hooks other than the registration
     ones (observers, options, configure, model bridges), so a plugin that registers no name shows it loaded."""
-    from .registry import KINDS, Entry
+    from .registry import KINDS, plugin_origin
 
     registration = set(KINDS.values())
     rows = []
@@ -97,11 +97,10 @@ def _hook_rows(plugin_set) -> list[dict]:
                        if caller.name not in registration)
         if not hooks:
             continue
-        owner = Entry("hooks", name, plugin, name, False, distribution=plugin_set.distributions.get(name) or None,
-                      version=plugin_set.versions.get(name))
-        rows.append({"kind": "hooks", "name": name, "plugin": name, "builtin": False, "origin": owner.origin,
-                     "distribution": owner.distribution, "version": owner.version, "qualified_name": None,
-                     "status": "ok: " + ", ".join(hooks)})
+        distribution, version = plugin_set.distributions.get(name) or None, plugin_set.versions.get(name)
+        rows.append({"kind": "hooks", "name": name, "plugin": name, "builtin": False,
+                     "origin": plugin_origin(name, False, distribution, version), "distribution": distribution,
+                     "version": version, "qualified_name": None, "status": "ok: " + ", ".join(hooks)})
     return rows
 
 

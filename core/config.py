@@ -28,6 +28,7 @@ from .flags import (
     PlugrlArgumentParser,
     ReplaceAppendAction,
     add_core_flags,
+    below_minimum,
     canonical_flag,
     check_reserved,
     cli_flags,
@@ -571,10 +572,7 @@ def _check_choices(args, problems: list[str]) -> None:
 
 
 def _positive(args, problems: list[str], *dests: str, minimum: int = 1) -> None:
-    for dest in dests:
-        value = getattr(args, dest)
-        if value is not None and value < minimum:
-            problems.append(f"--{dest.replace('_', '-')} must be >= {minimum}, got {value}")
+    problems.extend(below_minimum(args, dests, minimum))
 
 
 def _idle_buffer_problems(args) -> list[str]:

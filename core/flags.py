@@ -52,6 +52,14 @@ _SIZE_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[a-zA-Z]*)\s
 # --------------------------------------------------------------------------------------------------
 
 
+def below_minimum(args: Any, dests, minimum: int = 1) -> list[str]:
+    """``--flag must be >= minimum, got V`` for each of ``dests`` (attribute names) set below ``minimum``;
+    unset (None or absent) flags are not checked. Shared by ``plugrl train``'s config check and the
+    plugin commands (``plugrl convert``, ``plugrl serve``)."""
+    return [f"--{dest.replace('_', '-')} must be >= {minimum}, got {value}" for dest in dests
+            if (value := getattr(args, dest, None)) is not None and value < minimum]
+
+
 def parse_size(text: Any) -> int:
     """Bytes from ``512MiB``, ``1GB``, ``1.5GiB`` or a plain integer (KB/MB/GB are powers of 1000,
     KiB/MiB/GiB powers of 1024)."""

@@ -169,7 +169,7 @@ def _undeclared(entry, given: dict, flag: str) -> dict:
     return given
 
 
-def _takes_keyword(fn: Any, name: str) -> bool:
+def takes_keyword(fn: Any, name: str) -> bool:
     """Whether calling ``fn(..., name=value)`` binds (True when the signature cannot be read)."""
     if isinstance(fn, str) or not callable(fn):
         return True
@@ -209,7 +209,7 @@ def option_problems(args, selected, plugin_set) -> list[str]:
     for kind, _flag, name in selected:
         if name not in plugin_set.registries[kind]:
             continue  # an unknown name is reported by the name check
-        if kind == "filter" and getattr(args, "reward_key", None) and not _takes_keyword(
+        if kind == "filter" and getattr(args, "reward_key", None) and not takes_keyword(
                 plugin_set.entry(kind, name).obj, "reward_key"):
             problems.append(f"--reward-key {args.reward_key}: filter '{name}' is called with reward_key= when "
                             "--reward-key is set, but its function takes no such keyword (nor **kwargs); add a "

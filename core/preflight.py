@@ -179,7 +179,10 @@ def _resume_point(args) -> tuple[str | None, int | None]:
 def finished_run(args) -> str | None:
     """Why a run with ``--load`` has nothing to train (its checkpoint is after the last rollout of
     ``--num-rollout``), or None. ``plugrl train`` then says so and stops before starting Ray."""
-    latest, done = _resume_point(args)
+    return _finished_message(args, *_resume_point(args))
+
+
+def _finished_message(args, latest: str | None, done: int | None) -> str | None:
     total = getattr(args, "num_rollout", None)
     if done is None or total is None or done + 1 < total:
         return None
@@ -194,13 +197,13 @@ def start_point(args) -> str | None:
     load = getattr(args, "load", None)
     if not load:
         return None
-    finished = finished_run(args)
+    latest, done = _resume_point(args)
+    finished = _finished_message(args, latest, done)
     if finished:
         return finished
-    from .checkpoint import checkpoint_name
-
-    latest, done = _resume_point(args)
     if latest:
+        from .checkpoint import checkpoint_name
+
         return f"--load {load}: resumes after rollout {done} ({checkpoint_name(latest)})"
     return f"--load {load}: no checkpoint there (no `latest` file or rollout_* folder), so the run starts at rollout 0"
 

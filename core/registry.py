@@ -70,6 +70,16 @@ class LoadFailure:
         return f"plugin '{self.plugin}'{dist} failed to load: {self.error}"
 
 
+def plugin_origin(plugin: str, builtin: bool, distribution: str | None, version: str | None) -> str:
+    """Where a plugin comes from: ``plugrl built-in (module)``, ``DIST VERSION (entry point 'NAME')``, or
+    ``plugin 'NAME'`` (registered in process, e.g. by a test)."""
+    if builtin:
+        return f"plugrl built-in ({plugin})"
+    if distribution:
+        return f"{distribution}{f' {version}' if version else ''} (entry point '{plugin}')"
+    return f"plugin '{plugin}'"
+
+
 @dataclass
 class Entry:
     kind: str
@@ -94,12 +104,7 @@ class Entry:
     @property
     def origin(self) -> str:
         """Where the name comes from, for ``plugins list`` and duplicate errors."""
-        if self.builtin:
-            return f"plugrl built-in ({self.plugin})"
-        if self.distribution:
-            version = f" {self.version}" if self.version else ""
-            return f"{self.distribution}{version} (entry point '{self.plugin}')"
-        return f"plugin '{self.plugin}'"
+        return plugin_origin(self.plugin, self.builtin, self.distribution, self.version)
 
     def answers_to(self, qualifier: str) -> bool:
         norm = _normalise_dist

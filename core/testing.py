@@ -301,9 +301,9 @@ def check_filter(fn_or_name: Callable | str, groups: Sequence[Sequence[Sample]] 
     decisions (coerced)."""
     fn, label, metadata = _resolve("filter", fn_or_name)
     options = _option_kwargs("filter", fn, label, metadata, options, options_type)
-    from .plugin_options import _takes_keyword
+    from .plugin_options import takes_keyword
 
-    if not _takes_keyword(fn, "reward_key"):
+    if not takes_keyword(fn, "reward_key"):
         raise _fail(label, "takes no reward_key keyword (nor **kwargs): core passes reward_key= when --reward-key is "
                            "set; add a reward_key=None parameter")
     if groups is None:

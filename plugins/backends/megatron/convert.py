@@ -83,17 +83,23 @@ def _tensor_args(parser: argparse.ArgumentParser) -> None:
 
 def _positive_flags(args, dests) -> None:
     """Sizes that must be >= 1, checked before any weight is read (a 0 divides by zero deep inside)."""
-    for dest in dests:
-        value = getattr(args, dest, None)
-        if value is not None and value < 1:
-            raise ValueError(f"--{dest.replace('_', '-')} must be >= 1, got {value}")
+    from plugrl.core.flags import below_minimum
+
+    problems = below_minimum(args, dests)
+    if problems:
+        raise ValueError(problems[0])
+
+
+def _save_directory(save: Path, what: str) -> None:
+    """``--save`` may not be an existing file (it would fail only after every weight was read)."""
+    if save.exists() and not save.is_dir():
+        raise ValueError(f"--save {save} is a file; give a directory{what}")
 
 
 def _writable_save(save: Path, hf_checkpoint: str) -> None:
     """``--save`` must be a directory this command may fill: not a file, not the source checkpoint, and
     holding no weights of another model (they would be loaded beside the new ones). Checked first."""
-    if save.exists() and not save.is_dir():
-        raise ValueError(f"--save {save} is a file; give a directory")
+    _save_directory(save, "")
     if save.exists() and Path(hf_checkpoint).exists() and save.resolve() == Path(hf_checkpoint).resolve():
         raise ValueError(f"--save {save} is the --hf-checkpoint directory; write the conversion somewhere else")
     if save.is_dir():
@@ -143,8 +149,7 @@ def hf_to_megatron_main(argv: list[str]) -> int:
     _positive_flags(args, ("tensor_model_parallel_size", *_INT_FLAGS))
     cfg = derive_model_config(read_hf_config(args.hf_checkpoint), args)  # mismatches fail before any work
     save = Path(args.save)
-    if save.exists() and not save.is_dir():
-        raise ValueError(f"--save {save} is a file; give a directory (a Megatron save root)")
+    _save_directory(save, " (a Megatron save root)")
     target = save / RELEASE
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target} is not empty: remove it or choose another --save")

@@ -456,10 +456,11 @@ def _argument_problem(args) -> str | None:
                 "folder (a plugrl run's checkpoint is exported to one with `plugrl train --save-hf`)")
     if not 0 < args.port < 65536:
         return f"--port {args.port}: give a port from 1 to 65535"
-    for flag in ("context_length", "max_running_requests", "max_prefill_tokens"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            return f"--{flag.replace('_', '-')} must be >= 1, got {value}"
+    from plugrl.core.flags import below_minimum
+
+    too_small = below_minimum(args, ("context_length", "max_running_requests", "max_prefill_tokens"))
+    if too_small:
+        return too_small[0]
     if args.device == "cuda":
         import torch
 
