@@ -713,7 +713,11 @@ def test_sglang_reserved_flags_refused(ps):
     for argv, reason in ((["--sglang-tensor-parallel-size", "2"], "it is --sglang-tp-size"),
                          (["--sglang-model", "/x"], "it is --sglang-model-path"),
                          (["--sglang-nccl-init-addr", "h:1"], "it is --sglang-dist-init-addr"),
-                         (["--sglang-host", "0.0.0.0"], "plugrl serves each engine on the rollout manager's host")):
+                         (["--sglang-host", "0.0.0.0"], "plugrl serves each engine on the rollout manager's host"),
+                         # weight pushes address TP ranks only: SGLang refuses DP engines, PP stages would collide
+                         (["--sglang-dp-size", "2"], "SGLang refuses weight pushes to an engine with dp_size > 1"),
+                         (["--sglang-data-parallel-size", "2"], "it is --sglang-dp-size"),
+                         (["--sglang-pipeline-parallel-size", "2"], "it is --sglang-pp-size: the weight-update group")):
         with pytest.raises(ConfigError, match=rf"{argv[0]} is set by plugrl \({reason}"):
             parse_config(argv, ps)
 

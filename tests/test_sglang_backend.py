@@ -37,7 +37,9 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backend(checkpoint):
-    b = SGLangRolloutBackend(checkpoint, device="cpu", seed=0, num_engines=2, launch_command=SERVE,
+    # The engines behave as SGLang 0.5.21 on: weight updates only inside a begin/end weight-update session.
+    b = SGLangRolloutBackend(checkpoint, device="cpu", seed=0, num_engines=2,
+                             launch_command=SERVE + " --weight-update-session required",
                              startup_timeout=180, request_retries=3, retry_interval=0.2,
                              update_weight_buffer_size=64 << 10, router_settings={"log_level": "warn"})
     try:
@@ -120,11 +122,55 @@ def test_weight_update_reaches_both_engines(backend, reference, transport, versi
         assert got == pytest.approx(expected, abs=1e-4)
     assert backend.weight_version == str(version)
     for url in backend.worker_urls:
-        assert httpx.get(url + "/get_weight_version", trust_env=False).json() == {"weight_version": str(version)}
+        assert httpx.get(url + "/get_model_info", trust_env=False).json()["weight_version"] == str(version)
     out = asyncio.run(backend.generate(PROMPT, {"max_new_tokens": 2}))
     assert out["weight_version"] == str(version)
     if transport == "tensor":  # both engines mapped each bucket's /dev/shm file; all of them are gone now
         assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"torch_{os.getpid()}_")]
+
+
+def test_weight_updates_run_inside_sessions_that_are_always_closed(backend, reference):
+    """SGLang 0.5.21 on refuses an update outside a session (400, before reading anything); the backend
+    opens one per push, closes it after a failed push too, and closes a session that a dead run left open."""
+    from plugrl.plugins.backends.sglang import wire
+
+    url = backend.worker_urls[0]
+    outside = httpx.post(url + "/update_weights_from_tensor", trust_env=False, json={
+        "serialized_named_tensors": ["unread"], "load_format": wire.FLATTENED_BUCKET})
+    assert outside.status_code == 400 and "between begin_weight_update() and end_weight_update()" in outside.text
+    assert backend._sessionless == set()  # both engines have sessions
+    new = {n: p.detach().clone() for n, p in reference.model.named_parameters()}
+    bad = {**new, "model.no_such_layer.weight": torch.zeros(2)}
+    backend.transport = "tensor"
+    with pytest.raises(RuntimeError, match="no_such_layer"):
+        backend.update_weights(bad, 30)
+    for engine in backend.worker_urls:  # the failed push closed its sessions: a new one opens (then close it)
+        assert httpx.post(engine + "/begin_weight_update", json={}, trust_env=False).status_code == 200
+        assert httpx.post(engine + "/end_weight_update", json={}, trust_env=False).status_code == 200
+    assert httpx.post(url + "/begin_weight_update", json={}, trust_env=False).status_code == 200  # left open
+    backend.update_weights(new, 31)
+    assert backend.weight_version == "31"
+    assert httpx.post(url + "/end_weight_update", json={}, trust_env=False).status_code == 400  # none left open
+
+
+def test_engines_without_sessions_are_pushed_to_directly(checkpoint, reference):
+    """SGLang before 0.5.21 has no /begin_weight_update (404): the engine is remembered as sessionless."""
+    b = SGLangRolloutBackend(checkpoint, device="cpu", seed=0, num_engines=1, startup_timeout=120,
+                             launch_command=SERVE + " --weight-update-session absent", weight_transport="tensor")
+    original = {n: p.detach().clone() for n, p in reference.model.named_parameters()}
+    try:
+        torch.manual_seed(5)
+        new = {n: p + 0.05 * torch.randn_like(p) for n, p in original.items()}
+        b.update_weights(new, 4)
+        assert b._sessionless == set(b.worker_urls)
+        seq = PROMPT + [7, 8, 9]
+        reference.update_weights(new, 4)
+        assert _per_engine_logprobs(b, seq, 3)[0] == pytest.approx(reference.log_probs_of([seq], [3])[0], abs=1e-4)
+        with pytest.raises(ValueError, match="temperature 1"):
+            b.log_probs_of([seq], [3], 0.8)
+    finally:
+        reference.update_weights(original, "restored")  # the module's reference is shared by later tests
+        b.close()
 
 
 def test_release_and_resume_memory(backend):
@@ -261,3 +307,25 @@ def test_engine_gpu_ids_follow_the_sorted_bundles():
     two_nodes = [("10.0.0.1", 0), ("10.0.0.2", 0)]
     with pytest.raises(ValueError, match="rollout engine 0 has GPUs on .*--rollout-external-engine-addrs"):
         engine_gpu_ids([(0, 1)], [0, 1], two_nodes, launcher_bundle=0)
+
+
+def test_launch_flags_follow_the_installed_sglangs_field_names(checkpoint, tmp_path, monkeypatch):
+    """With SGLang 0.5.20 on installed (fields read from arg_groups/fields, ``cuda_graph_bs`` split per phase),
+    ``--sglang-cuda-graph-bs`` reaches the server as ``--cuda-graph-bs-decode`` (the old flag would kill it)
+    and colocated engines get ``--disable-prefill-cuda-graph``. The installed fields are stood in for here."""
+    from plugrl.plugins.backends.sglang import compat
+
+    monkeypatch.setattr(compat, "installed_server_fields",
+                        lambda: frozenset({"cuda_graph_bs_decode", "cuda_graph_bs_prefill", "disable_prefill_cuda_graph"}))
+    seen = tmp_path / "argv.txt"
+    wrapper = tmp_path / "record_then_serve.sh"
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> "{seen}"\nexec {SERVE} "$@"\n')
+    wrapper.chmod(0o755)
+    b = SGLangRolloutBackend(checkpoint, device="cpu", seed=0, num_engines=1, launch_command=str(wrapper),
+                             memory_saver=True, startup_timeout=120, server_overrides={"cuda_graph_bs": [1, 2, 4]})
+    try:
+        (line,) = seen.read_text().splitlines()
+    finally:
+        b.close()
+    assert "--cuda-graph-bs-decode 1 2 4" in line and "--cuda-graph-bs " not in line
+    assert "--disable-prefill-cuda-graph" in line

@@ -127,6 +127,14 @@ def test_colocation_variables_are_sglangs():
     assert "disable_prefill_cuda_graph" in compat.installed_server_fields()
 
 
+def test_cuda_graph_bs_goes_by_the_installed_servers_name():
+    assert compat.cuda_graph_bs_field(frozenset({"cuda_graph_bs", "tp_size"})) == "cuda_graph_bs"  # 0.5.9
+    # 0.5.15.post1 on: split per phase; from 0.5.20 "--cuda-graph-bs" is an ambiguous prefix that kills the server
+    assert compat.cuda_graph_bs_field(frozenset({"cuda_graph_bs_decode", "cuda_graph_bs_prefill"})) == \
+        "cuda_graph_bs_decode"
+    assert compat.cuda_graph_bs_field(frozenset()) == "cuda_graph_bs"  # no sglang here: the flag as given
+
+
 def test_ue8m0_engines_are_the_sm100_ones_with_jit_deepgemm():
     caps = [(9, 0), (10, 0), (12, 0), None, (10, 3)]
     assert compat.ue8m0_engines(caps, {}) == [1, 4]  # Hopper, sm_120 and unknown GPUs keep float32 scales

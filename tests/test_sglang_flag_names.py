@@ -48,6 +48,32 @@ def test_the_server_source_reader_takes_fields_aliases_and_hand_written_flags(tm
                         "did you mean --sglang-mem-fraction-static?"]
 
 
+FIELDS_PARALLEL = '''
+from typing import Annotated as A, ClassVar
+
+import msgspec
+
+
+class Parallel(msgspec.Struct):
+    _NS_PATH: ClassVar[str] = "parallel"
+    tp_size: A[int, Arg(help="tensor parallel", aliases=["--tensor-parallel-size"])] = 1
+    dp_size: A[int, "data parallel"] = 1
+'''
+
+
+def test_the_reader_takes_the_field_classes_of_sglang_0_5_20_on(tmp_path):
+    """From 0.5.20 ``server_args.py`` declares almost no field: ``ServerArgs`` collects them from the classes
+    in ``arg_groups/fields/*.py``. Reading only ``server_args.py`` refused every passthrough flag there."""
+    srt = tmp_path / "srt"
+    (srt / "arg_groups" / "fields").mkdir(parents=True)
+    (srt / "server_args.py").write_text("class ServerArgs:\n    pass\n\nHAND_WRITTEN = '--config'\n")
+    (srt / "arg_groups" / "fields" / "parallel.py").write_text(FIELDS_PARALLEL)
+    assert flag_names.server_flags_from_package(srt) == {"--config", "--tp-size", "--tensor-parallel-size", "--dp-size"}
+    # a class elsewhere in server_args.py is no field source (only ServerArgs is)
+    (srt / "server_args.py").write_text("class Helper:\n    not_a_flag: int = 0\n")
+    assert "--not-a-flag" not in flag_names.server_flags_from_package(srt)
+
+
 def test_router_words_are_checked_against_the_real_sglang_router():
     pytest.importorskip("sglang_router")
     known = flag_names.installed_router_flags()

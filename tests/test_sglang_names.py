@@ -9,6 +9,7 @@ import ast
 import base64
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -90,10 +91,11 @@ def test_launch_flags_are_server_args_fields():
         launch.server_args(model_path="m", host="h", port=1, tp_size=1, base_gpu_id=0, seed=0,
                            memory_saver=False, device=None, overrides={"port": 2})
     # plugrl serve accepts exactly the SGLang spelling the backend passes
-    from plugrl.plugins.backends.sglang.server import build_parser
+    from plugrl.plugins.backends.sglang.server import SERVE_ONLY_FLAGS, build_parser
 
     dests = {a.dest for a in build_parser()._actions if a.dest != "help"}
-    assert dests <= set(NAMES["server_args"]["fields"])
+    assert dests - set(SERVE_ONLY_FLAGS) <= set(NAMES["server_args"]["fields"])
+    assert not set(SERVE_ONLY_FLAGS) & set(NAMES["server_args"]["fields"])
     build_parser().parse_args(launch.flag_words(values))
 
 
@@ -112,6 +114,8 @@ def test_router_flags_parse_with_the_installed_router():
 def test_names_file_records_commits():
     for path, commit in NAMES["sources"].items():
         assert path.startswith("python/sglang/") and len(commit) == 40
+    for release in NAMES["wheel_sources"]:  # names read in a released wheel instead: its exact version
+        assert re.fullmatch(r"sglang==\d+\.\d+\.\d+(\.post\d+)?", release), release
 
 
 def test_flattened_bucket_names_and_classes_are_sglangs():

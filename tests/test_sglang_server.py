@@ -64,9 +64,13 @@ def _ok(url):
 
 
 def _input_logprobs(client, seq, n):
-    body = client.post("/generate", json={"input_ids": seq, "return_logprob": True, "logprob_start_len": len(seq) - n,
+    """The last ``n`` tokens' log-probs, asked as of a real SGLang: its entry at ``logprob_start_len`` is None."""
+    body = client.post("/generate", json={"input_ids": seq, "return_logprob": True,
+                                          "logprob_start_len": len(seq) - n - 1,
                                           "sampling_params": {"max_new_tokens": 0}}).json()
-    return [p[0] for p in body["meta_info"]["input_token_logprobs"]][-n:]
+    entries = body["meta_info"]["input_token_logprobs"]
+    assert len(entries) == n + 1 and entries[0][0] is None
+    return [p[0] for p in entries[1:]]
 
 
 def _perturbed(reference, scale):
@@ -91,6 +95,24 @@ def test_generate_fields_and_logprobs(server, reference):
     assert got == pytest.approx(reference.log_probs_of([seq], [n])[0], abs=1e-4)
     assert got == pytest.approx(_input_logprobs(server, seq, n), abs=1e-4)
     assert meta["weight_version"] == "default"
+
+
+def test_input_token_logprobs_have_sglangs_shape(server, reference):
+    """SGLang (managers/scheduler_components/logprob_result_processor.py: ``[None] + computed[:-1]``): one
+    entry per token from ``logprob_start_len`` on, the first None, scored at temperature 1 whatever the
+    request's temperature (a plain log-softmax); a start past the prompt is refused."""
+    seq = PROMPT + [3, 4, 8]
+    for start in (0, 2, len(seq) - 1):
+        body = server.post("/generate", json={"input_ids": seq, "return_logprob": True, "logprob_start_len": start,
+                                              "sampling_params": {"max_new_tokens": 0, "temperature": 0.5}}).json()
+        entries = body["meta_info"]["input_token_logprobs"]
+        assert [e[1] for e in entries] == seq[start:] and entries[0][0] is None
+        n = len(seq) - start - 1
+        expected = reference.log_probs_of([seq], [n], 1.0)[0] if n else []
+        assert [e[0] for e in entries[1:]] == pytest.approx(expected, abs=1e-4)
+    too_far = server.post("/generate", json={"input_ids": seq, "return_logprob": True,
+                                             "logprob_start_len": len(seq) + 1, "sampling_params": {"max_new_tokens": 0}})
+    assert too_far.status_code == 400 and "logprob_start_len" in too_far.text
 
 
 def test_generate_defaults_text_and_stop(server):
@@ -120,7 +142,7 @@ def test_status_endpoints(server):
     assert set(loads) >= {"timestamp", "version", "loads"}
     assert loads["loads"][0]["num_running_reqs"] == 0 and loads["loads"][0]["num_waiting_reqs"] == 0
     assert server.post("/flush_cache").status_code == 200 and server.get("/flush_cache").status_code == 200
-    assert set(server.get("/get_weight_version").json()) == {"weight_version"}
+    assert "weight_version" in server.get("/get_model_info").json()  # SGLang's place for it
 
 
 def test_abort_mid_generation_returns_partial(server):
@@ -188,7 +210,7 @@ def test_update_weights_from_tensor(server, reference):
     after = _input_logprobs(server, seq, 3)
     assert after == pytest.approx(reference.log_probs_of([seq], [3])[0], abs=1e-4)
     assert after != pytest.approx(before, abs=1e-4)
-    assert server.get("/get_weight_version").json() == {"weight_version": "7"}
+    assert server.get("/get_model_info").json()["weight_version"] == "7"
     # No load_format, or plugrl's removed by-value one: refused before the payload is read, naming the
     # format it takes. (The payload is a placeholder: a real handle that nobody opens would keep its
     # /dev/shm file until this process exits, which later tests would count as a leak.)
@@ -197,7 +219,7 @@ def test_update_weights_from_tensor(server, reference):
                                                                  "load_format": load_format})
         assert wrong.status_code == 400 and not wrong.json()["success"]
         assert wire.FLATTENED_BUCKET in wrong.json()["message"]
-    assert server.get("/get_weight_version").json() == {"weight_version": "7"}  # refusals changed nothing
+    assert server.get("/get_model_info").json()["weight_version"] == "7"  # refusals changed nothing
 
 
 def test_backend_refuses_remote_engines_for_tensor_transport_at_start(checkpoint):
@@ -227,7 +249,7 @@ def test_update_weights_from_distributed(server, reference):
     reference.update_weights(new, 8)
     seq = PROMPT + [3, 4]
     assert _input_logprobs(server, seq, 2) == pytest.approx(reference.log_probs_of([seq], [2])[0], abs=1e-4)
-    assert server.get("/get_weight_version").json()["weight_version"] == "8"
+    assert server.get("/get_model_info").json()["weight_version"] == "8"
     body = server.post("/generate", json={"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 1}}).json()
     assert body["meta_info"]["weight_version"] == "8"
     nccl = server.post("/init_weights_update_group", json={"master_address": "127.0.0.1", "master_port": 1,

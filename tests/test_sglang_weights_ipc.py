@@ -195,7 +195,7 @@ def _push_and_compare(client, url: str, device: str, version: str, checkpoint: s
     after = _input_logprobs(client, seq, 3)
     assert after == pytest.approx(expected, abs=1e-4)
     assert after != pytest.approx(before, abs=1e-4)
-    assert client.get("/get_weight_version").json() == {"weight_version": version}
+    assert client.get("/get_model_info").json()["weight_version"] == version
 
 
 def test_remote_engines_are_given_a_routable_group_address():

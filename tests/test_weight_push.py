@@ -77,9 +77,9 @@ def test_served_engine_log_probs_equal_trainer_after_shared_memory_push(pair, ch
         out = []
         for seq, n in zip(sequences, lengths):
             body = client.post("/generate", json={"input_ids": seq, "return_logprob": True,
-                                                  "logprob_start_len": len(seq) - n,
+                                                  "logprob_start_len": len(seq) - n - 1,  # SGLang's first is None
                                                   "sampling_params": {"max_new_tokens": 0}}).json()
-            out.append([p[0] for p in body["meta_info"]["input_token_logprobs"][-n:]])
+            out.append([p[0] for p in body["meta_info"]["input_token_logprobs"][1:]])
         return out
 
     try:
@@ -97,7 +97,7 @@ def test_served_engine_log_probs_equal_trainer_after_shared_memory_push(pair, ch
             assert len(buckets) > 1
             push_tensor(client, [url], buckets, "3")
             assert max_abs_diff(served_log_probs(client), expected) < 1e-4
-            assert client.get("/get_weight_version").json() == {"weight_version": "3"}
+            assert client.get("/get_model_info").json()["weight_version"] == "3"
     finally:
         child.stop()
     # Engine and sender both let go of every bucket: no /dev/shm file of this process is left.

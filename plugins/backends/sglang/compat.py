@@ -88,20 +88,22 @@ def installed_version() -> str | None:
         return None
 
 
-def installed_server_fields() -> str:
-    """The text of the installed ``sglang/srt/server_args.py`` (read, not imported), so a launch
-    flag is only passed to a server that has it; empty when sglang is not installed."""
-    from importlib.util import find_spec
-    from pathlib import Path
+def installed_server_fields() -> frozenset[str]:
+    """The ``ServerArgs`` field names of the installed SGLang (``flag_names.py`` reads its source; nothing is
+    imported), so a launch flag is only passed to a server that has it; empty when sglang is not installed."""
+    from .flag_names import installed_server_flags
 
-    try:
-        spec = find_spec("sglang")  # locates the package without running its __init__
-    except (ImportError, ValueError):
-        return ""
-    if spec is None or not spec.submodule_search_locations:
-        return ""
-    path = Path(list(spec.submodule_search_locations)[0]) / "srt" / "server_args.py"
-    return path.read_text(errors="replace") if path.is_file() else ""
+    installed = installed_server_flags()
+    if installed is None:
+        return frozenset()
+    return frozenset(flag[2:].replace("-", "_") for flag in installed[0])
+
+
+def cuda_graph_bs_field(fields: frozenset[str]) -> str:
+    """The field ``--sglang-cuda-graph-bs`` sets on a server with ``fields``: 0.5.9 has ``cuda_graph_bs``;
+    0.5.15.post1 splits it into ``cuda_graph_bs_decode``/``_prefill`` (the old flag a deprecated alias), and
+    from 0.5.20 the old flag is gone (argparse calls it an ambiguous prefix and the server exits at launch)."""
+    return "cuda_graph_bs_decode" if "cuda_graph_bs_decode" in fields else "cuda_graph_bs"
 
 
 def group_layout(tp_sizes: Sequence[int]) -> tuple[int, list[int]]:

@@ -19,7 +19,7 @@ import subprocess
 from typing import Any
 
 from . import compat, launch
-from .weights import DistributedPusher, master_address, push_tensor, require_local
+from .weights import DistributedPusher, master_address, push_tensor, require_local, update_session
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class SGLangRolloutBackend:
         self._children: list[launch.Child] = []
         self._router: launch.Child | None = None
         self._pusher: DistributedPusher | None = None
+        self._sessionless: set[str] = set()  # engines without weight-update sessions (SGLang before 0.5.21)
         self._async_clients: dict[int, Any] = {}  # one AsyncClient per event loop
         self._weight_version = "default"
         # slime §6.5: engines serving an FP8 checkpoint get block-quantized weights on every push.
@@ -140,10 +141,14 @@ class SGLangRolloutBackend:
         n, per = int(self._options.get("num_engines", 1)), int(self._options.get("gpus_per_engine", 1))
         memory_saver = bool(self._options.get("memory_saver", False))
         defaults = {}
-        if memory_saver and "disable_prefill_cuda_graph" in compat.installed_server_fields():
-            # As slime for colocated engines: the prefill graph's memory is not released with the
-            # memory saver's tags (0.5.15.post1 has the flag; 0.5.9 has neither the flag nor the graph by default).
+        overrides = dict(self._options.get("server_overrides") or {})
+        fields = compat.installed_server_fields()  # empty without sglang here: then neither is renamed nor added
+        if memory_saver and "disable_prefill_cuda_graph" in fields:
+            # As slime for colocated engines: the prefill graph's memory is not released with the memory
+            # saver's tags (0.5.15.post1 on have the flag; 0.5.9 has neither the flag nor the graph by default).
             defaults["disable_prefill_cuda_graph"] = True
+        if "cuda_graph_bs" in overrides:  # --sglang-cuda-graph-bs: the installed server's name for it
+            overrides[compat.cuda_graph_bs_field(fields)] = overrides.pop("cuda_graph_bs")
         gpu_ids = self._options.get("engine_gpu_ids")
         if gpu_ids is not None and len(gpu_ids) < n:
             raise ValueError(f"engine_gpu_ids names GPUs for {len(gpu_ids)} engines, {n} are launched")
@@ -162,7 +167,7 @@ class SGLangRolloutBackend:
             values = launch.server_args(
                 model_path=self.hf_checkpoint, host=self.host, port=port, tp_size=per, base_gpu_id=base_gpu_id,
                 seed=self.seed + i * per, memory_saver=memory_saver, device=self.device,
-                overrides=self._options.get("server_overrides"), nccl_port=launch.free_port(self.host),
+                overrides=overrides, nccl_port=launch.free_port(self.host),
                 defaults=defaults)
             child = launch.start(f"engine{i}", [*prefix, *launch.flag_words(values)], log_dir=self.log_dir,
                                  env=env, inherit=False)
@@ -332,8 +337,9 @@ class SGLangRolloutBackend:
         return self._weight_version
 
     def update_weights(self, named_tensors, version: int | str) -> None:
-        """pause -> flush -> push buckets (``update_weight_buffer_size`` each) -> continue. With an
-        FP8 checkpoint the linears go out as float8_e4m3fn + ``weight_scale_inv`` (``fp8.py``)."""
+        """pause -> flush -> begin session (SGLang 0.5.21 on) -> push buckets (``update_weight_buffer_size``
+        each) -> end session -> continue. With an FP8 checkpoint the linears go out as float8_e4m3fn +
+        ``weight_scale_inv`` (``fp8.py``)."""
         from plugrl.plugins.backends.hf.weights import flatten_named_tensors
 
         from .fp8 import fp8_named_tensors
@@ -347,16 +353,17 @@ class SGLangRolloutBackend:
         self._each("/pause_generation", {})
         try:
             self._flush()
-            if self.transport == "tensor":
-                push_tensor(self.client, self.worker_urls, buckets, version, tp_sizes=self._tp_sizes)
-            else:
-                if self._pusher is None:
-                    on_cuda = any(t.is_cuda for _, t in pairs)
-                    host = master_address(self.worker_urls, self.host)  # remote engines dial a routable one
-                    self._pusher = DistributedPusher(self.client, self.worker_urls, host=host,
-                                                     port=launch.free_port(host),
-                                                     backend="nccl" if on_cuda else "gloo", tp_sizes=self._tp_sizes)
-                self._pusher.push(buckets, version)
+            with update_session(self.client, self.worker_urls, self._sessionless):
+                if self.transport == "tensor":
+                    push_tensor(self.client, self.worker_urls, buckets, version, tp_sizes=self._tp_sizes)
+                else:
+                    if self._pusher is None:
+                        on_cuda = any(t.is_cuda for _, t in pairs)
+                        host = master_address(self.worker_urls, self.host)  # remote engines dial a routable one
+                        self._pusher = DistributedPusher(self.client, self.worker_urls, host=host,
+                                                         port=launch.free_port(host), backend="nccl" if on_cuda
+                                                         else "gloo", tp_sizes=self._tp_sizes)
+                    self._pusher.push(buckets, version)
         finally:
             self._each("/continue_generation", {})
         self._weight_version = version
@@ -395,19 +402,30 @@ class SGLangRolloutBackend:
                 raise RuntimeError(f"{url}{path} failed ({response.status_code}): {response.text[:500]}")
 
     def log_probs_of(self, sequences, response_lengths, temperature: float = 1.0, *, worker: int = 0):
-        """Teacher-forced log-probs of the last ``response_lengths[i]`` tokens from one engine
-        (SGLang: ``/generate`` with ``max_new_tokens=0``, ``logprob_start_len`` and
-        ``meta_info.input_token_logprobs``)."""
+        """Teacher-forced log-probs of the last ``response_lengths[i]`` tokens from one engine (SGLang:
+        ``/generate`` with ``max_new_tokens=0``, ``logprob_start_len`` and ``meta_info.input_token_logprobs``).
+        SGLang's entry for the token at ``logprob_start_len`` is always None, so the request starts one token
+        earlier; and it scores input tokens at temperature 1 whatever the sampling temperature, so only
+        ``temperature=1`` can be asked for."""
+        if float(temperature) != 1.0:
+            raise ValueError(f"log_probs_of(temperature={temperature}): SGLang scores input tokens at temperature 1 "
+                             "only (a plain log-softmax); ask for temperature 1")
         if isinstance(response_lengths, int):
             response_lengths = [response_lengths] * len(sequences)
         out = []
         for seq, n in zip(sequences, response_lengths):
-            payload = {"input_ids": list(seq), "return_logprob": True, "logprob_start_len": len(seq) - n,
-                       "sampling_params": {"max_new_tokens": 0, "temperature": temperature}}
+            if not n:
+                out.append([])
+                continue
+            if n >= len(seq):
+                raise ValueError(f"log_probs_of: {n} response tokens of a {len(seq)}-token sequence; the first token "
+                                 "of a sequence has no log-prob, so at most len - 1 can be scored")
+            payload = {"input_ids": list(seq), "return_logprob": True, "logprob_start_len": len(seq) - n - 1,
+                       "sampling_params": {"max_new_tokens": 0}}
             response = self.client.post(self.worker_urls[worker] + "/generate", json=payload)
             response.raise_for_status()
-            pairs = response.json()["meta_info"]["input_token_logprobs"]
-            out.append([float(p[0]) for p in pairs[-n:]] if n else [])
+            entries = response.json()["meta_info"]["input_token_logprobs"]  # [None, lp(seq[-n]), ..., lp(seq[-1])]
+            out.append([float(entry[0]) for entry in entries[-n:]])
         return out
 
     # ------------------------------------------------------------------ status

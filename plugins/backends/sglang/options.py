@@ -38,10 +38,16 @@ RESERVED_SERVER_FLAGS = {
     "nccl-port": "plugrl allocates a free port per engine (engines on one host must not share it)",
     "skip-server-warmup": "plugrl sets it",
     "host": "plugrl serves each engine on the rollout manager's host",
+    # Weight pushes address each engine's TP ranks only (compat.group_layout: rank = offset + tp_rank).
+    "dp-size": "SGLang refuses weight pushes to an engine with dp_size > 1 (without DP attention); for more "
+               "data parallelism run more engines: raise --rollout-num-gpus",
+    "pp-size": "the weight-update group holds one rank per TP rank (rank = offset + tp_rank), so pipeline "
+               "stages would share ranks and the push would hang; use --rollout-num-gpus-per-engine (tensor parallel)",
 }
 # SGLang's other spellings of reserved flags (``aliases=`` in 0.5.15's server_args.py, a second option
 # string in 0.5.9's): given as the alias, the flag would reach the server after plugrl's own and win.
-SERVER_FLAG_ALIASES = {"model": "model-path", "tensor-parallel-size": "tp-size", "nccl-init-addr": "dist-init-addr"}
+SERVER_FLAG_ALIASES = {"model": "model-path", "tensor-parallel-size": "tp-size", "nccl-init-addr": "dist-init-addr",
+                       "data-parallel-size": "dp-size", "pipeline-parallel-size": "pp-size"}
 RESERVED_SERVER_FLAGS.update({alias: f"it is --sglang-{flag}: {RESERVED_SERVER_FLAGS[flag]}"
                               for alias, flag in SERVER_FLAG_ALIASES.items()})
 

@@ -19,7 +19,12 @@ Behaviour kept exactly as SGLang's (the backend must cope with it; the tests rel
     (managers/scheduler_components/weight_updater.py ``release_memory_occupation`` /
     ``resume_memory_occupation``); resuming a tag that is not released raises KeyError in SGLang's
     scheduler, which takes the whole server down: here the server answers 500 and is dead from then on;
-  * the weights update group is joined with SGLang's store naming (``weights.custom_group``).
+  * the weights update group is joined with SGLang's store naming (``weights.custom_group``);
+  * ``input_token_logprobs`` for ``logprob_start_len=s``: one entry per prompt token from s on, the first
+    None, all at temperature 1 (SGLang computes input log-probs with a plain log-softmax);
+  * weight-update sessions (``/begin_weight_update``, ``/end_weight_update``): ``--weight-update-session``
+    picks SGLang 0.5.21's behaviour (``required``: updates outside a session answer 400), the routes'
+    absence before 0.5.21 (``absent``: 404), or both kinds of client (``optional``, the default).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from .weights import custom_group, destroy_group
 
 logger = logging.getLogger(__name__)
 VERSION = SERVE_VERSION
+WEIGHT_UPDATE_SESSIONS = ("optional", "required", "absent")
+SERVE_ONLY_FLAGS = ("weight_update_session",)  # plugrl serve's own; every other flag is SGLang's spelling
 
 
 def _error(message: str, status: int = 400) -> web.Response:
@@ -70,8 +77,15 @@ class EngineServer:
     """Routes of one engine. ``engine`` is an ``HFRolloutEngine``; ``model_path`` is reported by
     ``/get_server_info``."""
 
-    def __init__(self, engine, *, model_path: str, device: str, tp_size: int = 1):
+    def __init__(self, engine, *, model_path: str, device: str, tp_size: int = 1,
+                 weight_update_session: str = "optional"):
+        if weight_update_session not in WEIGHT_UPDATE_SESSIONS:
+            raise ValueError(f"weight_update_session must be one of {WEIGHT_UPDATE_SESSIONS}, got {weight_update_session!r}")
         self.engine, self.model_path, self.device, self.tp_size = engine, model_path, device, tp_size
+        # SGLang up to 0.5.20 has no /begin_weight_update ("absent"); 0.5.21 on refuse updates outside a
+        # session ("required"); "optional" serves both kinds of client.
+        self.weight_update_session = weight_update_session
+        self._session_open = False
         self._resumed = asyncio.Event()
         self._resumed.set()
         self._paused_waiting = 0
@@ -105,9 +119,11 @@ class EngineServer:
         r.add_post("/init_weights_update_group", self.init_group)
         r.add_post("/destroy_weights_update_group", self.destroy_group)
         r.add_post("/update_weights_from_distributed", self.update_from_distributed)
+        if self.weight_update_session != "absent":
+            r.add_post("/begin_weight_update", self.begin_weight_update)
+            r.add_post("/end_weight_update", self.end_weight_update)
         r.add_route("*", "/release_memory_occupation", self.release_memory)
         r.add_route("*", "/resume_memory_occupation", self.resume_memory)
-        r.add_get("/get_weight_version", self.weight_version)
         app.on_cleanup.append(self._cleanup)
         return app
 
@@ -156,19 +172,20 @@ class EngineServer:
             meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(out["log_probs"], out["tokens"])]
             start = body.get("logprob_start_len")
             if start is not None and start >= 0:
-                meta["input_token_logprobs"] = await self._input_logprobs(prompt, int(start), params)
+                if start > len(prompt):  # SGLang aborts such a request with this reason
+                    return _error(f"logprob_start_len={start} is higher than the number of input tokens {len(prompt)}")
+                meta["input_token_logprobs"] = await self._input_logprobs(prompt, int(start))
         return web.json_response({"text": out["text"], "output_ids": out["tokens"], "meta_info": meta})
 
-    async def _input_logprobs(self, prompt: list[int], start: int, params: dict) -> list:
-        """SGLang's ``input_token_logprobs`` from ``logprob_start_len``: one triple per prompt
-        position from ``start``; the first prompt token has no log-prob (None)."""
-        n = len(prompt) - max(start, 1)
-        temperature = float(params.get("temperature") if params.get("temperature") is not None else 1.0)
-        if temperature < 1e-6:  # greedy requests score with T = 1 (SGLang turns them into top_k = 1)
-            temperature = 1.0
-        lps = (await asyncio.to_thread(self.engine.log_probs_of, [prompt], [n], temperature))[0] if n > 0 else []
-        head = [[None, prompt[0], None]] if start == 0 else []
-        return head + [[lp, tok, None] for lp, tok in zip(lps, prompt[len(prompt) - n:])]
+    async def _input_logprobs(self, prompt: list[int], start: int) -> list:
+        """SGLang's ``input_token_logprobs`` for ``logprob_start_len=start``: one triple per prompt token from
+        ``start`` on, the first always None (SGLang computes the positions from ``start`` and shifts them by
+        one: ``[None] + computed[:-1]``), at temperature 1 whatever the request's sampling temperature."""
+        n = len(prompt) - start - 1  # tokens start+1 .. end have a log-prob
+        if n < 0:
+            return []
+        lps = (await asyncio.to_thread(self.engine.log_probs_of, [prompt], [n], 1.0))[0] if n > 0 else []
+        return [[None, prompt[start], None]] + [[lp, tok, None] for lp, tok in zip(lps, prompt[start + 1:])]
 
     def _prompt(self, body: dict) -> list[int]:
         ids, text = body.get("input_ids"), body.get("text")
@@ -249,9 +266,6 @@ class EngineServer:
         return web.json_response({"model_path": self.model_path, "tokenizer_path": self.model_path,
                                   "is_generation": True, "weight_version": self.engine.weight_version})
 
-    async def weight_version(self, request: web.Request) -> web.Response:
-        return web.json_response({"weight_version": self.engine.weight_version})
-
     # ------------------------------------------------------------------ weights and memory
     async def _load(self, pairs, body: dict) -> web.Response:
         if body.get("abort_all_requests"):
@@ -278,8 +292,33 @@ class EngineServer:
 
             torch.cuda.synchronize(self.engine.device)
 
+    async def begin_weight_update(self, request: web.Request) -> web.Response:
+        await _json(request)
+        if self._session_open:
+            return web.json_response({"success": False, "message": (
+                "a weight-update session is already open; call end_weight_update() first")}, status=400)
+        self._session_open = True
+        return web.json_response({"success": True, "message": "Success"})
+
+    async def end_weight_update(self, request: web.Request) -> web.Response:
+        await _json(request)
+        if not self._session_open:
+            return web.json_response({"success": False, "message": (
+                "no weight-update session is open; call begin_weight_update() first")}, status=400)
+        self._session_open = False
+        return web.json_response({"success": True, "message": "Success"})
+
+    def _outside_session(self, endpoint: str) -> web.Response | None:
+        """SGLang 0.5.21 on refuses an update outside a session before reading or joining anything."""
+        if self.weight_update_session == "required" and not self._session_open:
+            return web.json_response({"success": False, "message": (
+                f"{endpoint} must run between begin_weight_update() and end_weight_update()")}, status=400)
+        return None
+
     async def update_from_tensor(self, request: web.Request) -> web.Response:
         body = await _json(request)
+        if refused := self._outside_session("update_weights_from_tensor"):
+            return refused
         load_format = body.get("load_format")
         entries = body.get("serialized_named_tensors")
         if not isinstance(entries, list) or not entries:
@@ -330,6 +369,8 @@ class EngineServer:
 
     async def update_from_distributed(self, request: web.Request) -> web.Response:
         body = await _json(request)
+        if refused := self._outside_session("update_weights_from_distributed"):
+            return refused
         name = body.get("group_name", "weight_update_group")
         if name not in self._groups:
             return web.json_response({"success": False, "message": f"no weights update group {name!r}"}, status=400)
@@ -409,9 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prefill-tokens", type=int, default=16384, help="prompt tokens prefilled together")
     p.add_argument("--weight-version", default="default", help="reported until the first weight update")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own model code")
+    p.add_argument("--weight-update-session", choices=WEIGHT_UPDATE_SESSIONS, default="optional",
+                   help="/begin_weight_update and /end_weight_update as SGLang 0.5.21 on has them (required: weight "
+                        "updates outside a session are refused), as older SGLang (absent: no such routes), or both")
     for flag in ("--skip-server-warmup", "--enable-memory-saver"):
         p.add_argument(flag, action="store_true", help="accepted for SGLang compatibility")
     p.add_argument("--disable-prefill-cuda-graph", action="store_true", help="accepted for SGLang compatibility")
+    for flag in ("--cuda-graph-bs", "--cuda-graph-bs-decode"):  # --sglang-cuda-graph-bs, as each version names it
+        p.add_argument(flag, nargs="+", help="accepted for SGLang compatibility; ignored")
     for flag in ("--gpu-id-step", "--mem-fraction-static", "--log-level", "--nccl-port"):
         p.add_argument(flag, help="accepted for SGLang compatibility; ignored")
     return p
@@ -434,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         options["context_length"] = args.context_length
     engine = HFRolloutEngine(args.model_path, device=device, dtype=args.dtype, seed=args.random_seed,
                              max_batch_size=args.max_running_requests, **options)
-    server = EngineServer(engine, model_path=args.model_path, device=str(engine.device), tp_size=1)
+    server = EngineServer(engine, model_path=args.model_path, device=str(engine.device), tp_size=1,
+                          weight_update_session=args.weight_update_session)
     def started(_aiohttp_line: str) -> None:  # run_app calls it once the socket listens
         print(f"plugrl serve: listening on http://{args.host}:{args.port} ({args.model_path} on {engine.device})",
               flush=True)

@@ -9,7 +9,7 @@ Two transports, as in slime §7.5:
     every TP rank of every engine joins: world = 1 + sum of TP sizes, engine i's ranks start at the
     cumulative offset, ``compat.group_layout``), then per bucket ``POST /update_weights_from_distributed``
     to every engine while this process broadcasts each tensor in the same order.
-The caller brackets either with pause -> flush -> ... -> continue.
+The caller brackets either with pause -> flush -> ``update_session`` -> ... -> continue.
 """
 
 from __future__ import annotations
@@ -44,6 +44,45 @@ def push_tensor(client, urls: list[str], buckets: list[list], version: str, *,
                 _all_ok(client, urls, "/update_weights_from_tensor", payloads)
         finally:
             shared.release()  # every engine answered (or failed): the memory may go
+
+
+@contextlib.contextmanager
+def update_session(client, urls: list[str], sessionless: set[str]):
+    """Hold a weight-update session open on every engine for the pushes inside the block. SGLang 0.5.21 on
+    applies ``update_weights_from_tensor``/``_distributed`` only between ``POST /begin_weight_update`` and
+    ``/end_weight_update`` (and answers 400 otherwise: a distributed push would then broadcast to nobody
+    and hang). Older servers have no such route (404); their URLs go into ``sessionless`` and are not asked
+    again. The sessions are ended even when a push fails, so the engines take the next one."""
+    opened = []
+    try:
+        for url in urls:
+            if url in sessionless:
+                continue
+            if _begin_session(client, url):
+                opened.append(url)
+            else:
+                sessionless.add(url)
+        yield
+    except BaseException:
+        for url in opened:  # the push's own error is the one to report
+            with contextlib.suppress(Exception):
+                _post(client, url, "/end_weight_update", {})
+        raise
+    for url in opened:
+        _post(client, url, "/end_weight_update", {})
+
+
+def _begin_session(client, url: str) -> bool:
+    """Open a session on one engine; False when the engine has none to open (404)."""
+    response = client.post(url + "/begin_weight_update", json={})
+    if response.status_code == 404:
+        return False
+    if response.status_code != 200:
+        # "already open": a run that died mid-push (killed before its end call) left it open on an
+        # engine that outlived it. Close it and open ours; a second refusal is reported.
+        client.post(url + "/end_weight_update", json={})
+        _post(client, url, "/begin_weight_update", {})
+    return True
 
 
 def require_local(urls: list[str]) -> None:
@@ -146,9 +185,11 @@ def _host_for_url(host: str) -> str:
 
 
 class DistributedPusher:
-    """This process's side of the weights update group (rank 0). ``backend`` is ``gloo`` for CPU
-    tensors (plugrl serve) and ``nccl`` for CUDA ones (real SGLang). ``tp_sizes``: TP ranks of each
-    engine (default 1 each); they set the group's world size and each engine's ``rank_offset``."""
+    """This process's side of the weights update group (rank 0). ``backend`` is ``nccl`` when the pushed
+    tensors are on CUDA and ``gloo`` for CPU tensors: the trainer's weights reach the rollout manager through
+    Ray's object store as CPU tensors, so decoupled runs broadcast over gloo (host memory and TCP; SGLang
+    receives into its CUDA parameters either way). ``tp_sizes``: TP ranks of each engine (default 1 each);
+    they set the group's world size and each engine's ``rank_offset``."""
 
     def __init__(self, client, urls: list[str], *, host: str, port: int, backend: str,
                  group_name: str = "weight_update_group", timeout_s: float = 120.0,
