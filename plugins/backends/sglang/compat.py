@@ -35,6 +35,8 @@ COLOCATION_ENV = {
     "SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK": "false",
     "SGLANG_DISABLE_TP_MEMORY_INBALANCE_CHECK": "true",
 }
+# Older spellings kept for the releases that read them (0.5.15.post1 reads both; 0.5.23 only the ENABLE one).
+OLDER_COLOCATION_ENV = ("SGLANG_DISABLE_TP_MEMORY_INBALANCE_CHECK",)
 # torch_memory_saver allocates through its own hook; an inherited expandable-segments allocator
 # setting (common in training environments) breaks its pause/resume, so engines must not see it.
 COLOCATION_ENV_REMOVED = ("PYTORCH_CUDA_ALLOC_CONF",)
