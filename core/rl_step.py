@@ -48,12 +48,13 @@ class PreparedRollout:
 
     def step_scale(self, positions: Sequence[int]) -> float:
         """Weight of a micro-batch loss in its optimizer step: the step objective is (1/G) Σ over the
-        step's rollouts of their reduced loss (or, token-mean, the token mean of the whole step),
+        step's rollouts of their reduced loss (or, token-mean, Σ m ℓ / Σ_i max(1, Σ_t m_it) over the step),
         whatever the micro-batch split or the number of ranks. Called by the trainer once per step,
         before the step's micro-batches."""
         if self.loss_agg_mode == TOKEN_MEAN:
-            # from the host's copy of the masks: no wait for the GPU
-            scale = 1.0 / max(1.0, sum(float(sum(self.data["loss_masks"][p])) for p in positions))
+            # Σ_i max(1, Σ_t m_it), as slime's per-token normaliser: a fully masked sample still counts
+            # one token. From the host's copy of the masks: no wait for the GPU.
+            scale = 1.0 / max(1.0, sum(max(1.0, float(sum(self.data["loss_masks"][p]))) for p in positions))
         else:
             scale = 1.0 / len({self.data["rollout_ids"][p] for p in positions})
         self._scale_of.update(dict.fromkeys(positions, scale))
