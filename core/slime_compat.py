@@ -12,6 +12,7 @@ import functools
 import inspect
 from typing import Any, Callable
 
+from .plugin_call import calling
 from .registry import import_object
 from .types import FilterDecision
 
@@ -38,9 +39,11 @@ def _guess_kind(fn: Callable) -> str:
 def slime_dynamic_sampling_filter(fn_or_path: Callable | str, args: Any) -> Callable:
     """Our filter ``fn(group, **options) -> FilterDecision`` around slime's ``fn(args, samples, **kw)``."""
     fn = _resolve(fn_or_path)
+    label = fn_or_path if isinstance(fn_or_path, str) else getattr(fn, "__qualname__", repr(fn))
 
     @functools.wraps(fn)
     def plugrl_filter(group, **options):
-        return FilterDecision.coerce(fn(args, group, **options))
+        with calling(f"--dynamic-sampling-filter-path {label} (on a group of {len(group)} samples)"):
+            return FilterDecision.coerce(fn(args, group, **options))
 
     return plugrl_filter
