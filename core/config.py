@@ -39,6 +39,7 @@ from .flags import (
 from .plugin_config import flag_owners
 from .precision import precision_problems
 from .registry import SELECTING_FLAG, PluginError, import_object
+from .slime_compat import map_slime_builtins, slime_path_problems
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -395,6 +396,7 @@ def resolve_defaults(args: argparse.Namespace, plugin_set=None) -> None:
         args.sft_warmup_lr = args.lr
     if args.sft_warmup_batch_size is None:
         args.sft_warmup_batch_size = args.rollout_batch_size
+    map_slime_builtins(args)  # slime's own --*-path functions -> plugrl's built-ins (core/slime_compat.py)
     _resolve_batch(args)
 
 
@@ -526,6 +528,7 @@ def _check_plugins(args, plugin_set, problems: list[str]) -> None:
             "--rm-type is required (or --custom-rm-path); `plugrl plugins list --kind reward` lists rewards"
         )
     problems.extend(import_path_problems(args, (*PATH_FLAGS, "rollout_sample_hook_path")))
+    problems.extend(slime_path_problems(args, (*PATH_FLAGS, "rollout_sample_hook_path")))
 
 
 def import_path_problems(args, dests) -> list[str]:

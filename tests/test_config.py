@@ -640,9 +640,9 @@ def test_slime_qwen3_4b_flags_parse_and_fail_fast_on_megatron(ps, files, monkeyp
     verb = "is" if len(missing) == 1 else "are"
     assert f"requires the megatron backend (pip install plugrl[megatron]): {', '.join(missing)} {verb} not importable" \
         in message
-    # (slime's own filter module is not installed here: core/preflight.py says so)
-    other = [p for p in info.value.problems if "megatron" not in p and "sglang" not in p
-             and "No module named 'slime'" not in p]
+    # the guide's slime filter path is plugrl's built-in nonzero_std (core/slime_compat.py)
+    assert args.dynamic_sampling_filter == "nonzero_std" and args.dynamic_sampling_filter_path is None
+    other = [p for p in info.value.problems if "megatron" not in p and "sglang" not in p]
     if not Path("/root/Qwen3-4B_torch_dist").exists():  # the script's --ref-load is the user's conversion
         assert other.pop(0).startswith("--ref-load /root/Qwen3-4B_torch_dist does not exist")
     assert other == []  # everything else of the recipe is valid
@@ -1050,3 +1050,41 @@ def test_flags_of_other_trainers_point_to_ours(ps, word, meant):
     """The closest spelling of --resume is --recipe; what a user means is --load."""
     with pytest.raises(ConfigError, match=f"unrecognized arguments: {word} x. Did you mean {re.escape(meant)}\\?"):
         parse_config([word, "x"], ps)
+
+
+SLIME_HUB = "slime.rollout.filter_hub.dynamic_sampling_filters."
+
+
+@pytest.mark.parametrize("argv, selected", [
+    (["--dynamic-sampling-filter-path", SLIME_HUB + "check_reward_nonzero_std"],
+     {"dynamic_sampling_filter": "nonzero_std", "dynamic_sampling_filter_path": None}),
+    (["--dynamic-sampling-filter-path", SLIME_HUB + "check_reward_nonzero_std_with_fallback"],
+     {"dynamic_sampling_filter": "nonzero_std_with_fallback", "dynamic_sampling_filter_path": None}),
+    (["--buffer-filter-path", "slime.rollout.data_source:pop_first", "--partial-rollout"],
+     {"buffer_filter": "fifo", "buffer_filter_path": None}),
+    (["--custom-rm-path", "slime.rollout.rm_hub.async_rm"], {"rm_type": "deepscaler", "custom_rm_path": None}),
+    (["--group-rm", "--custom-rm-path", "slime.rollout.rm_hub.batched_async_rm"],
+     {"rm_type": "deepscaler", "custom_rm_path": None}),
+    (["--custom-generate-function-path", "slime.rollout.sglang_rollout.generate"],
+     {"custom_generate_function_path": None}),
+])
+def test_slime_builtin_paths_select_plugrl_builtins(ps, base, argv, selected):
+    import importlib.util
+
+    assert importlib.util.find_spec("slime") is None  # slime's own modules are not there to import
+    args = parse_config(base + argv, ps)
+    assert {dest: getattr(args, dest) for dest in selected} == selected
+    validate_config(args, ps)
+
+
+def test_unknown_or_contradicting_slime_paths_say_what_to_use(ps, base):
+    message = problems_of(base + ["--dynamic-sampling-filter-path", SLIME_HUB + "something_else"], ps)
+    assert f"--dynamic-sampling-filter-path {SLIME_HUB}something_else: slime is not installed" in message
+    assert "use --dynamic-sampling-filter NAME" in message and "No module named" not in message
+    message = problems_of(base + ["--custom-rm-path", "slime.rollout.rm_hub.f1.f1_score"], ps)
+    assert "use --rm-type NAME" in message
+    message = problems_of(base + ["--custom-loss-function-path", "slime.x.y", "--loss-type", "custom_loss"], ps)
+    assert "--custom-loss-function-path slime.x.y: slime is not installed" in message
+    message = problems_of(base + ["--partial-rollout", "--buffer-filter", "custom_x",
+                                  "--buffer-filter-path", "slime.rollout.data_source.pop_first"], ps)
+    assert "is plugrl's --buffer-filter fifo, but --buffer-filter custom_x is given; keep one" in message
