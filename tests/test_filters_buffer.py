@@ -22,7 +22,8 @@ from plugrl.plugins.filters.slime_compat import SlimeBufferPolicy, slime_filter_
 @pytest.mark.parametrize(
     "rewards, keep, reason",
     [
-        ([1, 1, 1, 1], False, "zero_std_1.0"),
+        ([1, 1, 1, 1], False, "zero_std_1"),  # an int reward stays an int, as in slime's reason
+        ([1.0, 1.0, 1.0, 1.0], False, "zero_std_1.0"),
         ([0, 1, 0, 0], True, None),
         ([0.0, 0.0, 0.0, 0.0], False, "zero_std_0.0"),
         ([-0.96, -0.96], False, "zero_std_-1.0"),
@@ -45,7 +46,7 @@ def test_threshold_is_unbiased_float64_std():
 
 def test_fallback_sets_keep_when_insufficient():
     dropped = nonzero_std_with_fallback(fake_samples(rewards=[1, 1, 1]))
-    assert dropped == FilterDecision(keep=False, reason="zero_std_1.0", keep_when_insufficient=True)
+    assert dropped == FilterDecision(keep=False, reason="zero_std_1", keep_when_insufficient=True)
     kept = nonzero_std_with_fallback(fake_samples(rewards=[0, 1, 1]))
     assert kept.keep and kept.keep_when_insufficient
 
