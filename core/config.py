@@ -615,6 +615,7 @@ def _check_rollout(args, problems: list[str], plugin_set=None) -> None:
         problems.append(f"--rollout-temperature must be > 0, got {args.rollout_temperature}")
     if args.rollout_top_p is None or not 0 < args.rollout_top_p <= 1:
         problems.append(f"--rollout-top-p must be in (0, 1], got {args.rollout_top_p}")
+    problems.extend(_nucleus_problems(args))
     if (
         args.rollout_batch_size
         and args.over_sampling_batch_size
@@ -640,6 +641,18 @@ def _check_rollout(args, problems: list[str], plugin_set=None) -> None:
     problems.extend(idle_flag_problems(args, _selected_names(args), plugin_set))  # declared by the plugins
     problems.extend(selected_checks(args, _selected_names(args), ("reward_post_processor",), plugin_set))
     _check_batch(args, problems)
+
+
+def _nucleus_problems(args) -> list[str]:
+    """``--rollout-top-p < 1`` for rollouts that are trained on: the train log-probs are over the full
+    vocabulary while the tokens were drawn from the nucleus, so the importance ratio would be off-policy.
+    slime replays each token's nucleus in the train log-probs; plugrl's engines do not record it."""
+    top_p = args.rollout_top_p
+    if top_p is None or not 0 < top_p < 1 or args.debug_rollout_only:
+        return []
+    return [f"--rollout-top-p {top_p:g}: training rollouts must sample the full vocabulary (1.0): train log-probs "
+            "are over the full vocabulary, so a nucleus would make the ratio off-policy (slime replays the rollout's "
+            "nucleus; plugrl does not); use 1.0, and --eval-top-p for evaluation"]
 
 
 def _check_batch(args, problems: list[str]) -> None:

@@ -196,18 +196,16 @@ def test_eval_defaults_follow_rollout_and_explicit_values_win(ps):
         [
             "--rollout-temperature",
             "0.7",
-            "--rollout-top-p",
-            "0.9",
             "--rollout-top-k",
             "20",
             "--eval-top-p",
-            "1.0",
+            "0.9",
             "--reward-key",
             "score",
         ],
         ps,
     )
-    assert (args.eval_temperature, args.eval_top_p, args.eval_top_k) == (0.7, 1.0, 20)
+    assert (args.eval_temperature, args.eval_top_p, args.eval_top_k) == (0.7, 0.9, 20)
     assert args.eval_reward_key == "score"
 
 
@@ -425,6 +423,7 @@ def test_unrecognized_flag_suggests(ps):
 VALIDATION_CASES = [
     (["--rollout-temperature", "0"], "--rollout-temperature must be > 0"),
     (["--rollout-top-p", "1.5"], "--rollout-top-p must be in (0, 1]"),
+    (["--rollout-top-p", "0.9"], "--rollout-top-p 0.9: training rollouts must sample the full vocabulary (1.0)"),
     (["--over-sampling-batch-size", "2"], "--over-sampling-batch-size (2) must be >= --rollout-batch-size (4)"),
     (["--save-interval", "5"], "--save-interval needs --save"),
     (["--eval-interval", "5"], "--eval-interval needs --eval-prompt-data"),
@@ -484,6 +483,11 @@ VALIDATION_CASES = [
 @pytest.mark.parametrize("extra, expected", VALIDATION_CASES, ids=[c[0][0] for c in VALIDATION_CASES])
 def test_validation_rule(ps, base, extra, expected):
     assert expected in problems_of(base + extra, ps)
+
+
+def test_a_nucleus_is_refused_only_for_rollouts_that_are_trained(ps, base):
+    for argv in (["--eval-top-p", "0.9"], ["--rollout-top-p", "0.9", "--debug-rollout-only"], ["--rollout-top-p", "1"]):
+        validate_config(parse_config(base + argv, ps), ps)
 
 
 def test_run_length_required_with_prompt_data(ps, base):
