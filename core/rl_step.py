@@ -88,10 +88,15 @@ class PreparedRollout:
 
 def prepare_rollout(args, data: dict, estimator, device, *, num_steps: int, has_ref: bool,
                     compute_log_probs: Callable[[str], dict[int, torch.Tensor]],
-                    gather: Callable[[dict[int, torch.Tensor], int], list[torch.Tensor]]) -> PreparedRollout:
+                    gather: Callable[[dict[int, torch.Tensor], int], list[torch.Tensor]],
+                    trained: Sequence[int] | None = None) -> PreparedRollout:
     """Log-probs, KL and advantages of one rollout. Old log-probs are recomputed unless the rollout
     engine's are used (``--use-rollout-logprobs``) or, as slime does, there is one optimizer step with
-    no KL and no TIS (then old = current, detached, inside the loss)."""
+    no KL and no TIS (then old = current, detached, inside the loss).
+
+    ``trained``: the positions the optimizer steps train (default all). ``--normalize-advantages``
+    takes its statistics over those only: the samples of rollouts that fill no step are not trained,
+    and slime drops them before its whitening."""
     from .whiten import whiten_advantages
 
     def tensors(rows):
@@ -125,7 +130,11 @@ def prepare_rollout(args, data: dict, estimator, device, *, num_steps: int, has_
         ))
     advantages = [a.to(device).float() for a in advantages]
     if getattr(args, "normalize_advantages", False):
-        advantages = whiten_advantages(advantages, loss_masks)
+        stat_masks = loss_masks
+        if trained is not None and len(set(trained)) < n:
+            keep = set(trained)
+            stat_masks = [m if i in keep else torch.zeros_like(m) for i, m in enumerate(loss_masks)]
+        advantages = whiten_advantages(advantages, stat_masks)
     return PreparedRollout(args=args, data=data, loss_masks=loss_masks, advantages=advantages,
                            rollout_log_probs=tensors(data["rollout_log_probs"]), old_log_probs=old,
                            ref_log_probs=ref, sequence_level=bool(getattr(estimator, "sequence_level_ratio", False)),
