@@ -39,6 +39,7 @@ from .flags import (
 from .plugin_config import flag_owners
 from .precision import precision_problems
 from .registry import SELECTING_FLAG, PluginError, import_object
+from .slime_compat import map_slime_builtins, slime_path_problems
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -395,6 +396,7 @@ def resolve_defaults(args: argparse.Namespace, plugin_set=None) -> None:
         args.sft_warmup_lr = args.lr
     if args.sft_warmup_batch_size is None:
         args.sft_warmup_batch_size = args.rollout_batch_size
+    map_slime_builtins(args)  # slime's own --*-path functions -> plugrl's built-ins (core/slime_compat.py)
     _resolve_batch(args)
 
 
@@ -526,6 +528,7 @@ def _check_plugins(args, plugin_set, problems: list[str]) -> None:
             "--rm-type is required (or --custom-rm-path); `plugrl plugins list --kind reward` lists rewards"
         )
     problems.extend(import_path_problems(args, (*PATH_FLAGS, "rollout_sample_hook_path")))
+    problems.extend(slime_path_problems(args, (*PATH_FLAGS, "rollout_sample_hook_path")))
 
 
 def import_path_problems(args, dests) -> list[str]:
@@ -612,6 +615,7 @@ def _check_rollout(args, problems: list[str], plugin_set=None) -> None:
         problems.append(f"--rollout-temperature must be > 0, got {args.rollout_temperature}")
     if args.rollout_top_p is None or not 0 < args.rollout_top_p <= 1:
         problems.append(f"--rollout-top-p must be in (0, 1], got {args.rollout_top_p}")
+    problems.extend(_nucleus_problems(args))
     if (
         args.rollout_batch_size
         and args.over_sampling_batch_size
@@ -637,6 +641,18 @@ def _check_rollout(args, problems: list[str], plugin_set=None) -> None:
     problems.extend(idle_flag_problems(args, _selected_names(args), plugin_set))  # declared by the plugins
     problems.extend(selected_checks(args, _selected_names(args), ("reward_post_processor",), plugin_set))
     _check_batch(args, problems)
+
+
+def _nucleus_problems(args) -> list[str]:
+    """``--rollout-top-p < 1`` for rollouts that are trained on: the train log-probs are over the full
+    vocabulary while the tokens were drawn from the nucleus, so the importance ratio would be off-policy.
+    slime replays each token's nucleus in the train log-probs; plugrl's engines do not record it."""
+    top_p = args.rollout_top_p
+    if top_p is None or not 0 < top_p < 1 or args.debug_rollout_only:
+        return []
+    return [f"--rollout-top-p {top_p:g}: training rollouts must sample the full vocabulary (1.0): train log-probs "
+            "are over the full vocabulary, so a nucleus would make the ratio off-policy (slime replays the rollout's "
+            "nucleus; plugrl does not); use 1.0, and --eval-top-p for evaluation"]
 
 
 def _check_batch(args, problems: list[str]) -> None:

@@ -16,7 +16,8 @@ Scaling contract (how a trainer turns the per-micro-batch value into the step ob
   gradients over ranks). Then the step objective is ``(1/G) Σ_rollouts mean_t ℓ`` however the samples
   were packed, split into micro-batches or spread over ranks.
 * per-token (``--calculate-per-token-loss`` = ``--loss-agg-mode token-mean``): ``reducer(x) = Σ_i Σ_t
-  m_it x_it``; the trainer divides by the step's total loss-mask tokens, giving ``Σ m ℓ / Σ m`` over the step.
+  m_it x_it``; the trainer divides by the step's loss-mask tokens counted as ``Σ_i max(1, Σ_t m_it)`` (slime's
+  normaliser: a fully masked sample still counts one), giving ``Σ m ℓ / Σ_i max(1, Σ_t m_it)`` over the step.
 * token sums (``--loss-agg-mode seq-mean-token-sum`` / ``seq-mean-token-sum-norm``, Dr.GRPO):
   ``reducer(x) = Σ_i Σ_t m_it x_it / C`` with ``C = 1`` or a constant (``--loss-scale-factor``, default
   ``--rollout-max-response-len``); the trainer divides by G as in the per-sample mode.
@@ -399,7 +400,7 @@ def sample_mean_reducer(
 
 def per_token_reducer(loss_masks: Sequence[torch.Tensor]) -> Reducer:
     """``--calculate-per-token-loss``: ``x ↦ Σ_i Σ_t m_it x_it``; the trainer divides by the step's
-    total loss-mask tokens."""
+    loss-mask tokens, ``Σ_i max(1, Σ_t m_it)``."""
     device = loss_masks[0].device if len(loss_masks) else torch.device("cpu")
     mask = _flat_mask(loss_masks, device, torch.float32)
 

@@ -269,6 +269,7 @@ def import_problems(args) -> list[str]:
     """Each ``--custom-rm-path`` and slime ``--*-path`` function importable here and callable the way
     plugrl calls it."""
     from .registry import import_object
+    from .slime_compat import missing_slime_path
 
     problems = []
     paths = [("custom_rm_path", getattr(args, "custom_rm_path", None))]
@@ -278,6 +279,8 @@ def import_problems(args) -> list[str]:
     for dest, value in paths:
         if not value or not ("." in value or ":" in value):
             continue  # unset, or malformed (config.import_path_problems says so)
+        if missing_slime_path(value):
+            continue  # config.slime_path_problems says what plugrl uses instead
         flag = f"--{dest.replace('_', '-')} {value}"
         try:
             fn = import_object(value)

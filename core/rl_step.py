@@ -48,12 +48,13 @@ class PreparedRollout:
 
     def step_scale(self, positions: Sequence[int]) -> float:
         """Weight of a micro-batch loss in its optimizer step: the step objective is (1/G) Σ over the
-        step's rollouts of their reduced loss (or, token-mean, the token mean of the whole step),
+        step's rollouts of their reduced loss (or, token-mean, Σ m ℓ / Σ_i max(1, Σ_t m_it) over the step),
         whatever the micro-batch split or the number of ranks. Called by the trainer once per step,
         before the step's micro-batches."""
         if self.loss_agg_mode == TOKEN_MEAN:
-            # from the host's copy of the masks: no wait for the GPU
-            scale = 1.0 / max(1.0, sum(float(sum(self.data["loss_masks"][p])) for p in positions))
+            # Σ_i max(1, Σ_t m_it), as slime's per-token normaliser: a fully masked sample still counts
+            # one token. From the host's copy of the masks: no wait for the GPU.
+            scale = 1.0 / max(1.0, sum(max(1.0, float(sum(self.data["loss_masks"][p]))) for p in positions))
         else:
             scale = 1.0 / len({self.data["rollout_ids"][p] for p in positions})
         self._scale_of.update(dict.fromkeys(positions, scale))
@@ -87,10 +88,15 @@ class PreparedRollout:
 
 def prepare_rollout(args, data: dict, estimator, device, *, num_steps: int, has_ref: bool,
                     compute_log_probs: Callable[[str], dict[int, torch.Tensor]],
-                    gather: Callable[[dict[int, torch.Tensor], int], list[torch.Tensor]]) -> PreparedRollout:
+                    gather: Callable[[dict[int, torch.Tensor], int], list[torch.Tensor]],
+                    trained: Sequence[int] | None = None) -> PreparedRollout:
     """Log-probs, KL and advantages of one rollout. Old log-probs are recomputed unless the rollout
     engine's are used (``--use-rollout-logprobs``) or, as slime does, there is one optimizer step with
-    no KL and no TIS (then old = current, detached, inside the loss)."""
+    no KL and no TIS (then old = current, detached, inside the loss).
+
+    ``trained``: the positions the optimizer steps train (default all). ``--normalize-advantages``
+    takes its statistics over those only: the samples of rollouts that fill no step are not trained,
+    and slime drops them before its whitening."""
     from .whiten import whiten_advantages
 
     def tensors(rows):
@@ -124,7 +130,11 @@ def prepare_rollout(args, data: dict, estimator, device, *, num_steps: int, has_
         ))
     advantages = [a.to(device).float() for a in advantages]
     if getattr(args, "normalize_advantages", False):
-        advantages = whiten_advantages(advantages, loss_masks)
+        stat_masks = loss_masks
+        if trained is not None and len(set(trained)) < n:
+            keep = set(trained)
+            stat_masks = [m if i in keep else torch.zeros_like(m) for i, m in enumerate(loss_masks)]
+        advantages = whiten_advantages(advantages, stat_masks)
     return PreparedRollout(args=args, data=data, loss_masks=loss_masks, advantages=advantages,
                            rollout_log_probs=tensors(data["rollout_log_probs"]), old_log_probs=old,
                            ref_log_probs=ref, sequence_level=bool(getattr(estimator, "sequence_level_ratio", False)),

@@ -271,7 +271,7 @@ async def generate_rollout(
                 decision = FilterDecision.coerce(sample_filter(group))
             drop = not decision.keep and not (decision.keep_when_insufficient and remaining <= target)
             if drop:
-                drops[decision.reason or "dropped"] += 1
+                drops[decision.reason or "dropped"] += 1  # slime reports no reason-less drops; plugrl counts them
                 remaining -= 1
             elif len(kept) < target:
                 kept.append(group)

@@ -26,7 +26,7 @@ from .rollout import (
     scalar_reward,
 )
 from .train_data import samples_to_train_data
-from .types import Sample, Status
+from .types import FilterDecision, Sample, Status
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def _build_filter(args, plugin_set):
 
     def sample_filter(group):
         with calling(f"--dynamic-sampling-filter {name} (on a group of {len(group)} samples)"):
-            return fn(group, **options)
+            return FilterDecision.coerce(fn(group, **options))
 
     return sample_filter, "dynamic_filter"
 

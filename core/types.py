@@ -187,16 +187,29 @@ class FilterDecision:
     keep_when_insufficient: bool = False
 
     @classmethod
-    def coerce(cls, value: "FilterDecision | bool") -> "FilterDecision":
-        """Filters may return a bare bool (slime's legacy contract)."""
+    def coerce(cls, value: Any) -> "FilterDecision":
+        """A filter's return value as a decision. As in slime, anything that is not a decision is
+        ``keep=bool(value)``: a bool, a 0-d tensor (the guide's ``torch.tensor(rewards).std() > 0.0``),
+        a numpy bool, an int. An object with ``.keep`` is read as slime's ``DynamicFilterOutput``.
+        ``None`` (a filter that forgot to ``return``) and values whose truth is ambiguous (a tensor or
+        array of several elements) raise ``TypeError``; callers name the filter."""
         if isinstance(value, cls):
             return value
-        if isinstance(value, bool):
-            return cls(keep=value)
-        # duck-typed slime DynamicFilterOutput
-        if hasattr(value, "keep"):
-            return cls(bool(value.keep), getattr(value, "reason", None), bool(getattr(value, "keep_when_insufficient", False)))
-        raise TypeError(f"a filter must return FilterDecision or bool, got {type(value).__name__}")
+        if hasattr(value, "keep"):  # duck-typed slime DynamicFilterOutput
+            return cls(_truth(value.keep, "keep"), getattr(value, "reason", None),
+                       _truth(getattr(value, "keep_when_insufficient", False), "keep_when_insufficient"))
+        return cls(keep=_truth(value, "its return value"))
+
+
+def _truth(value: Any, what: str) -> bool:
+    if value is None:
+        raise TypeError(f"{what} is None (a missing return?); return a bool or FilterDecision")
+    try:
+        return bool(value)
+    except (RuntimeError, ValueError, TypeError) as exc:  # torch/numpy: several elements have no single truth
+        shape = getattr(value, "shape", None)
+        raise TypeError(f"{what} ({type(value).__name__}{'' if shape is None else f' of shape {tuple(shape)}'}) "
+                        f"has no single truth value ({exc}); return one bool per group or a FilterDecision") from exc
 
 
 Group = list[Sample]

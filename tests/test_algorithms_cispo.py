@@ -46,7 +46,8 @@ def objective(args, estimator, raw_rewards, lengths, masks, logits, old_logits, 
 def paper_cispo(raw_rewards, lengths, masks, logits, old_logits, ids, group, eps_low, eps_high, token_mean=False):
     """MiniMax-M1 eq. (4)-(5) from probabilities: r = π/π_old, r̂ = clip(r, 1−ε_low, 1+ε_high),
     J = −mean over responses of the masked token mean of sg(r̂)·Â·log π (``token_mean``: the paper's
-    1/Σ|o_i| over all tokens), Â the GRPO advantage (group mean/std)."""
+    1/Σ|o_i| over all tokens, a fully masked response counting one as in
+    slime), Â the GRPO advantage (group mean/std)."""
     r = torch.tensor(raw_rewards, dtype=torch.float64).reshape(-1, group)
     adv = (r - r.mean(-1, keepdim=True))
     if group > 1:
@@ -60,7 +61,7 @@ def paper_cispo(raw_rewards, lengths, masks, logits, old_logits, ids, group, eps
     for i, n in enumerate(lengths):
         m = masks[i].double()
         s = (terms[start:start + n] * adv[i] * m).sum()
-        total, tokens = total + s, tokens + m.sum()
+        total, tokens = total + s, tokens + m.sum().clamp(min=1)  # slime's per-token count: max(1, Σ m) a sample
         per_sample.append(s / m.sum().clamp(min=1))
         hit = ((p / p_old)[start:start + n] != clipped[start:start + n]).double()
         clip_hits += float((hit * m).sum() / m.sum().clamp(min=1))

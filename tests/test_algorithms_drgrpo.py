@@ -66,7 +66,7 @@ def paper_objective(rewards, lengths, masks, logits, old_logits, ids, mode, std=
     if mode == "seq-mean-token-mean":
         return (sums / counts.clamp(min=1)).mean()
     if mode == "token-mean":
-        return sums.sum() / counts.sum()
+        return sums.sum() / counts.clamp(min=1).sum()  # slime: a fully masked sample counts one token
     if mode == "seq-mean-token-sum":
         return sums.mean()
     return sums.mean() / constant
@@ -185,3 +185,16 @@ def test_an_explicit_mode_overrides_the_estimators_and_sets_the_step_normaliser(
     grpo = prepare_rollout(per_token, _data([0.5, -0.5, 0.5, -0.5], lengths, masks), GRPOEstimator(per_token), "cpu",
                            num_steps=1, has_ref=False, compute_log_probs=None, gather=None)
     assert grpo.loss_agg_mode == "token-mean"
+
+
+def test_per_token_normaliser_counts_a_fully_masked_sample_as_one_token():
+    # slime's --calculate-per-token-loss divides by Σ_i max(1, Σ_t m_it): masks summing to 0, 10, 3 → 1+10+3
+    lengths = [4, 10, 5]
+    masks = [torch.zeros(4, dtype=torch.long), torch.ones(10, dtype=torch.long),
+             torch.tensor([1, 0, 1, 1, 0])]
+    args = SimpleNamespace(eps_clip=EPS, calculate_per_token_loss=True, n_samples_per_prompt=3)
+    prepared = prepare_rollout(args, _data([1.0, 0.0, 0.5], lengths, masks), GRPOEstimator(args), "cpu",
+                               num_steps=1, has_ref=False, compute_log_probs=None, gather=None)
+    assert prepared.step_scale([0, 1, 2]) == pytest.approx(1 / 14)
+    assert prepared.step_scale([0]) == pytest.approx(1.0)  # a step of one fully masked sample: no division by 0
+    assert prepared.step_scale([1, 2]) == pytest.approx(1 / 13)

@@ -196,18 +196,16 @@ def test_eval_defaults_follow_rollout_and_explicit_values_win(ps):
         [
             "--rollout-temperature",
             "0.7",
-            "--rollout-top-p",
-            "0.9",
             "--rollout-top-k",
             "20",
             "--eval-top-p",
-            "1.0",
+            "0.9",
             "--reward-key",
             "score",
         ],
         ps,
     )
-    assert (args.eval_temperature, args.eval_top_p, args.eval_top_k) == (0.7, 1.0, 20)
+    assert (args.eval_temperature, args.eval_top_p, args.eval_top_k) == (0.7, 0.9, 20)
     assert args.eval_reward_key == "score"
 
 
@@ -425,6 +423,7 @@ def test_unrecognized_flag_suggests(ps):
 VALIDATION_CASES = [
     (["--rollout-temperature", "0"], "--rollout-temperature must be > 0"),
     (["--rollout-top-p", "1.5"], "--rollout-top-p must be in (0, 1]"),
+    (["--rollout-top-p", "0.9"], "--rollout-top-p 0.9: training rollouts must sample the full vocabulary (1.0)"),
     (["--over-sampling-batch-size", "2"], "--over-sampling-batch-size (2) must be >= --rollout-batch-size (4)"),
     (["--save-interval", "5"], "--save-interval needs --save"),
     (["--eval-interval", "5"], "--eval-interval needs --eval-prompt-data"),
@@ -484,6 +483,11 @@ VALIDATION_CASES = [
 @pytest.mark.parametrize("extra, expected", VALIDATION_CASES, ids=[c[0][0] for c in VALIDATION_CASES])
 def test_validation_rule(ps, base, extra, expected):
     assert expected in problems_of(base + extra, ps)
+
+
+def test_a_nucleus_is_refused_only_for_rollouts_that_are_trained(ps, base):
+    for argv in (["--eval-top-p", "0.9"], ["--rollout-top-p", "0.9", "--debug-rollout-only"], ["--rollout-top-p", "1"]):
+        validate_config(parse_config(base + argv, ps), ps)
 
 
 def test_run_length_required_with_prompt_data(ps, base):
@@ -640,9 +644,9 @@ def test_slime_qwen3_4b_flags_parse_and_fail_fast_on_megatron(ps, files, monkeyp
     verb = "is" if len(missing) == 1 else "are"
     assert f"requires the megatron backend (pip install plugrl[megatron]): {', '.join(missing)} {verb} not importable" \
         in message
-    # (slime's own filter module is not installed here: core/preflight.py says so)
-    other = [p for p in info.value.problems if "megatron" not in p and "sglang" not in p
-             and "No module named 'slime'" not in p]
+    # the guide's slime filter path is plugrl's built-in nonzero_std (core/slime_compat.py)
+    assert args.dynamic_sampling_filter == "nonzero_std" and args.dynamic_sampling_filter_path is None
+    other = [p for p in info.value.problems if "megatron" not in p and "sglang" not in p]
     if not Path("/root/Qwen3-4B_torch_dist").exists():  # the script's --ref-load is the user's conversion
         assert other.pop(0).startswith("--ref-load /root/Qwen3-4B_torch_dist does not exist")
     assert other == []  # everything else of the recipe is valid
@@ -1054,3 +1058,41 @@ def test_flags_of_other_trainers_point_to_ours(ps, word, meant):
     """The closest spelling of --resume is --recipe; what a user means is --load."""
     with pytest.raises(ConfigError, match=f"unrecognized arguments: {word} x. Did you mean {re.escape(meant)}\\?"):
         parse_config([word, "x"], ps)
+
+
+SLIME_HUB = "slime.rollout.filter_hub.dynamic_sampling_filters."
+
+
+@pytest.mark.parametrize("argv, selected", [
+    (["--dynamic-sampling-filter-path", SLIME_HUB + "check_reward_nonzero_std"],
+     {"dynamic_sampling_filter": "nonzero_std", "dynamic_sampling_filter_path": None}),
+    (["--dynamic-sampling-filter-path", SLIME_HUB + "check_reward_nonzero_std_with_fallback"],
+     {"dynamic_sampling_filter": "nonzero_std_with_fallback", "dynamic_sampling_filter_path": None}),
+    (["--buffer-filter-path", "slime.rollout.data_source:pop_first", "--partial-rollout"],
+     {"buffer_filter": "fifo", "buffer_filter_path": None}),
+    (["--custom-rm-path", "slime.rollout.rm_hub.async_rm"], {"rm_type": "deepscaler", "custom_rm_path": None}),
+    (["--group-rm", "--custom-rm-path", "slime.rollout.rm_hub.batched_async_rm"],
+     {"rm_type": "deepscaler", "custom_rm_path": None}),
+    (["--custom-generate-function-path", "slime.rollout.sglang_rollout.generate"],
+     {"custom_generate_function_path": None}),
+])
+def test_slime_builtin_paths_select_plugrl_builtins(ps, base, argv, selected):
+    import importlib.util
+
+    assert importlib.util.find_spec("slime") is None  # slime's own modules are not there to import
+    args = parse_config(base + argv, ps)
+    assert {dest: getattr(args, dest) for dest in selected} == selected
+    validate_config(args, ps)
+
+
+def test_unknown_or_contradicting_slime_paths_say_what_to_use(ps, base):
+    message = problems_of(base + ["--dynamic-sampling-filter-path", SLIME_HUB + "something_else"], ps)
+    assert f"--dynamic-sampling-filter-path {SLIME_HUB}something_else: slime is not installed" in message
+    assert "use --dynamic-sampling-filter NAME" in message and "No module named" not in message
+    message = problems_of(base + ["--custom-rm-path", "slime.rollout.rm_hub.f1.f1_score"], ps)
+    assert "use --rm-type NAME" in message
+    message = problems_of(base + ["--custom-loss-function-path", "slime.x.y", "--loss-type", "custom_loss"], ps)
+    assert "--custom-loss-function-path slime.x.y: slime is not installed" in message
+    message = problems_of(base + ["--partial-rollout", "--buffer-filter", "custom_x",
+                                  "--buffer-filter-path", "slime.rollout.data_source.pop_first"], ps)
+    assert "is plugrl's --buffer-filter fifo, but --buffer-filter custom_x is given; keep one" in message

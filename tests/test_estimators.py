@@ -318,3 +318,27 @@ def test_estimator_modules_import_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert set(out.stdout.strip().split(",")) >= set(ALL_NAMES)
+
+
+def test_whitening_statistics_cover_only_the_trained_samples():
+    # 3 rollouts with a global batch of 2: the third fills no optimizer step and is not trained on
+    # (slime drops it before whitening), so the trained tokens alone must come out mean 0, variance 1.
+    from plugrl.core.packing import split_into_steps
+    from plugrl.core.rl_step import prepare_rollout
+
+    lengths, rewards = [3, 2, 4], [1.0, -2.0, 50.0]
+    masks = [[1, 1, 0], [1, 1], [1, 1, 1, 1]]
+    data = {"tokens": [[1] * (2 + k) for k in lengths], "response_lengths": lengths, "rewards": rewards,
+            "raw_reward": rewards, "loss_masks": masks, "rollout_log_probs": [[0.0] * k for k in lengths],
+            "rollout_ids": [0, 1, 2], "rollout_mask_sums": [float(sum(m)) for m in masks]}
+    steps = split_into_steps(data["rollout_ids"], 2)
+    trained = [p for step in steps.steps for p in step]
+    assert trained == [0, 1] and steps.dropped_positions == [2]
+    args = SimpleNamespace(normalize_advantages=True, n_samples_per_prompt=1, eps_clip=0.2)
+    prepared = prepare_rollout(args, data, GRPOEstimator(args), "cpu", num_steps=1, has_ref=False,
+                               compute_log_probs=None, gather=None, trained=trained)
+    kept = torch.cat([prepared.advantages[i][torch.tensor(masks[i]).bool()] for i in trained])
+    assert kept.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert kept.var(unbiased=True).item() == pytest.approx(1.0, rel=1e-6)
+    # the trained advantages (1, 1, -2, -2) whitened: mean -0.5, unbiased std sqrt(3)
+    torch.testing.assert_close(prepared.advantages[0][:2], torch.full((2,), 1.5 / math.sqrt(3.0)))

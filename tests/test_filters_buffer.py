@@ -22,7 +22,8 @@ from plugrl.plugins.filters.slime_compat import SlimeBufferPolicy, slime_filter_
 @pytest.mark.parametrize(
     "rewards, keep, reason",
     [
-        ([1, 1, 1, 1], False, "zero_std_1.0"),
+        ([1, 1, 1, 1], False, "zero_std_1"),  # an int reward stays an int, as in slime's reason
+        ([1.0, 1.0, 1.0, 1.0], False, "zero_std_1.0"),
         ([0, 1, 0, 0], True, None),
         ([0.0, 0.0, 0.0, 0.0], False, "zero_std_0.0"),
         ([-0.96, -0.96], False, "zero_std_-1.0"),
@@ -45,7 +46,7 @@ def test_threshold_is_unbiased_float64_std():
 
 def test_fallback_sets_keep_when_insufficient():
     dropped = nonzero_std_with_fallback(fake_samples(rewards=[1, 1, 1]))
-    assert dropped == FilterDecision(keep=False, reason="zero_std_1.0", keep_when_insufficient=True)
+    assert dropped == FilterDecision(keep=False, reason="zero_std_1", keep_when_insufficient=True)
     kept = nonzero_std_with_fallback(fake_samples(rewards=[0, 1, 1]))
     assert kept.keep and kept.keep_when_insufficient
 
@@ -144,6 +145,18 @@ def spread_filter(args, samples, **kwargs):
 def legacy_bool_filter(args, samples, **kwargs):
     return len(samples) == args.n_samples_per_prompt
 
+import torch
+
+def guide_nonzero_std(args, samples, **kwargs):  # the Qwen3-4B guide's filter, verbatim: a 0-d tensor
+    rewards = [sample.reward for sample in samples]
+    return torch.tensor(rewards, dtype=torch.float).std() > 0.0
+
+def per_sample_tensor(args, samples, **kwargs):  # one truth value per sample: ambiguous for a group
+    return torch.tensor([sample.reward for sample in samples]) > 0
+
+def forgot_return(args, samples, **kwargs):
+    pass
+
 def pop_last(args, rollout_id, buffer, num_samples):
     CALLS.append(rollout_id)
     out = []
@@ -194,6 +207,30 @@ def test_slime_buffer_filter(slime_module, sep):
     restored.load_state_dict(json.loads(json.dumps(policy.state_dict())))
     assert _ids(restored.take(3)) == [0]
     check_buffer_policy(lambda **kw: slime_filter_adapter(f"{slime_module}{sep}pop_last", ARGS, **kw))
+
+
+def test_slime_filters_may_return_anything_with_one_truth_value(slime_module):
+    import numpy as np
+    import torch
+
+    guide = slime_filter_adapter(f"{slime_module}.guide_nonzero_std", ARGS)
+    assert guide(fake_samples(rewards=[0, 1, 0, 0])) == FilterDecision(keep=True)
+    assert guide(fake_samples(rewards=[1, 1, 1, 1])) == FilterDecision(keep=False)
+    # slime wraps any other value as keep=value: its truth decides
+    for value, keep in [(torch.tensor(True), True), (torch.tensor(0.0), False), (np.bool_(True), True),
+                        (np.float64(0.0), False), (1, True), (0, False)]:
+        assert FilterDecision.coerce(value) == FilterDecision(keep=keep)
+
+
+def test_a_filter_value_without_one_truth_value_names_the_filter(slime_module):
+    from plugrl.core.plugin_call import PluginCallError
+
+    ambiguous = slime_filter_adapter(f"{slime_module}.per_sample_tensor", ARGS)
+    with pytest.raises(PluginCallError, match=r"per_sample_tensor.*shape \(4,\).*no single truth value"):
+        ambiguous(fake_samples(rewards=[0, 1, 0, 1]))
+    missing = slime_filter_adapter(f"{slime_module}.forgot_return", ARGS)
+    with pytest.raises(PluginCallError, match=r"forgot_return.*None \(a missing return\?\)"):
+        missing(fake_samples(4))
 
 
 def test_slime_buffer_filter_must_pop(slime_module):

@@ -74,11 +74,20 @@ def test_dapo_label_must_be_numeric(rewards):
         rewards["dapo"](Sample(response="Answer: abc", label="abc"))
 
 
-def test_dapo_strict_box_option(rewards):
+def test_dapo_strict_box_option(rewards, caplog):
+    from plugrl.plugins.rewards.dapo import _warn_non_string_label
+
     dapo = rewards["dapo"]
-    sample = Sample(response="The answer is \\boxed{42}", label=42)
+    sample = Sample(response="The answer is \\boxed{42}", label="42")
     assert dapo(sample, strict_box_verify="true") == {"score": 1.0, "acc": True, "pred": "42"}
-    far = Sample(response="\\boxed{42}" + " " * 100, label=42)
+    # slime's strict check compares the boxed text with the label object: an int label never matches
+    numeric = Sample(response="Answer: 42\nThe answer is \\boxed{42}", label=42)
+    _warn_non_string_label.cache_clear()  # warned once per process
+    with caplog.at_level("WARNING"):
+        assert dapo(numeric, strict_box_verify=True) == {"score": -1.0, "acc": False, "pred": "42"}
+    assert "label of type int never equals the boxed text" in caplog.text
+    assert dapo(numeric)["score"] == 1.0  # the default (Minerva) check reads the label as an integer
+    far = Sample(response="\\boxed{42}" + " " * 100, label="42")
     assert dapo(far, strict_box_verify=True) == {"score": -1.0, "acc": False, "pred": None}
     with pytest.raises(ValueError, match="strict_box_verify"):
         dapo(sample, strict_box_verify="maybe")

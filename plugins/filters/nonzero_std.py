@@ -3,7 +3,8 @@
 A group whose rewards are all equal gives every sample a zero advantage under group normalisation,
 so it costs a training step and teaches nothing. Called in the rollout manager once per finished
 group; semantics follow slime's ``check_reward_nonzero_std`` (float64, unbiased std, threshold 1e-6,
-reason ``zero_std_<round(rewards[0], 1)>``).
+reason ``zero_std_<round(rewards[0], 1)>`` of the reward as given: ``zero_std_1`` for an int 1,
+``zero_std_1.0`` for a float).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def nonzero_std(group: list[Sample], reward_key: str | None = None) -> FilterDec
     rewards = group_rewards(group, reward_key)
     if rewards and _unbiased_std(rewards) > STD_THRESHOLD:
         return FilterDecision(keep=True)
-    first = round(rewards[0], 1) if rewards else None
+    # the reward as the reward function gave it (an int stays an int: zero_std_1, as slime names it)
+    first = round(group[0].get_reward_value(reward_key=reward_key), 1) if group else None
     return FilterDecision(keep=False, reason=f"zero_std_{first}")
 
 

@@ -6,19 +6,22 @@ Returns a dict ``{"score": 1.0 | -1.0, "acc": bool, "pred": str | None}``; selec
 a non-numeric label raises ``ValueError``.
 
 Options: ``strict_box_verify`` (default false): instead, the last ``\\boxed{}`` in the final 100
-characters must equal the label's text exactly. slime compares against the raw label object, so an
-int label never matched there; plugrl compares against ``str(label)``.
+characters must equal the label exactly. As in slime, the label is compared as given: an int label
+never equals the boxed text, so strict mode needs string labels (a warning says so once per process).
 """
 
 from __future__ import annotations
 
 import dataclasses
-
+import functools
+import logging
 import re
 
 from plugrl.core import hookimpl
 
 from . import math_utils
+
+logger = logging.getLogger(__name__)
 
 _ANSWER_LINE = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
 
@@ -80,7 +83,15 @@ def strict_box_check(solution: str, label) -> tuple[bool, str | None]:
     tail = solution[-100:]
     start = tail.rfind("\\boxed{")
     pred = math_utils.unbox(math_utils.balanced_span(tail, start)) if start >= 0 else None
-    return pred == str(label), pred
+    if not isinstance(label, str):
+        _warn_non_string_label(type(label).__name__)
+    return pred == label, pred  # the raw label, as slime's strict check: a number never matches
+
+
+@functools.cache
+def _warn_non_string_label(kind: str) -> None:
+    logger.warning("dapo strict_box_verify: a label of type %s never equals the boxed text (compared as given, as in "
+                   "slime), so every such sample scores -1; store labels as strings", kind)
 
 
 def dapo_score(response: str, label, *, strict_box_verify: bool = False) -> dict:

@@ -395,7 +395,7 @@ class MegatronTrainBackend:
         started = synced_clock(self.device)
         prepared = prepare_rollout(args, data, self.estimator, self.device, num_steps=len(step_positions),
                                    has_ref=self.ref_model is not None, compute_log_probs=compute_log_probs,
-                                   gather=self._gather_over_dp)
+                                   gather=self._gather_over_dp, trained=[p for s in step_positions for p in s])
         log_probs_done = synced_clock(self.device)
         self.model.train()
         self.progress = (0, sum(len(step) for step in planned))

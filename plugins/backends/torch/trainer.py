@@ -308,7 +308,7 @@ class TorchTrainBackend:
         started = synced_clock(self.device)
         prepared = prepare_rollout(args, data, self.estimator, self.device, num_steps=len(step_positions),
                                    has_ref=self.ref_model is not None, compute_log_probs=compute_log_probs,
-                                   gather=self._all_gather_samples)
+                                   gather=self._all_gather_samples, trained=[p for s in step_positions for p in s])
         log_probs_done = synced_clock(self.device)
         self.model.train()
         self.grad_cache_bytes = grad_cache_bytes(getattr(args, "log_prob_grad_cache", None), self.device,
