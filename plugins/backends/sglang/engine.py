@@ -23,6 +23,8 @@ from .weights import DistributedPusher, master_address, push_tensor, require_loc
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_STARTUP_TIMEOUT = 1800.0  # seconds an engine may take to answer /health_generate
+
 _OPTIONS = {
     "num_engines", "gpus_per_engine", "external_engine_addrs", "launch_command", "host", "router_url",
     "router_settings", "router_request_timeout_secs", "server_overrides", "memory_saver",
@@ -63,7 +65,7 @@ class SGLangRolloutBackend:
     (router flags without ``--``/``router-``), ``router_request_timeout_secs`` (14400),
     ``server_overrides`` (extra ServerArgs fields), ``memory_saver`` (colocated: SGLang's
     ``--enable-memory-saver``), ``weight_transport`` (``tensor`` | ``distributed``),
-    ``update_weight_buffer_size`` (bytes per bucket, 512 MiB), ``startup_timeout`` (s),
+    ``update_weight_buffer_size`` (bytes per bucket, 512 MiB), ``startup_timeout`` (s, 1800),
     ``request_retries`` (60, 1 s apart, as slime), ``abort_poll_interval`` (s), ``engine_env``,
     ``keep_logs`` (keep the engine/router logs under ``log_dir`` after ``close``; kept anyway when
     startup fails)."""
@@ -129,7 +131,9 @@ class SGLangRolloutBackend:
         return [a if a.startswith("http") else f"http://{a}" for a in self._options.get("external_engine_addrs") or []]
 
     def _start_engines(self) -> list[str]:
-        timeout = float(self._options.get("startup_timeout", 300))
+        # A large model's load and CUDA-graph capture can take many minutes (slime waits as long as the
+        # server process lives); a launched server that exits stops the wait at once (wait_until's child).
+        timeout = float(self._options.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT))
         if urls := self._external_urls():
             for url in urls:
                 launch.wait_until(lambda u=url: self._ok(u + "/health_generate"), timeout=timeout,
