@@ -433,6 +433,9 @@ VALIDATION_CASES = [
     (["--use-dynamic-batch-size"], "--use-dynamic-batch-size needs --max-tokens-per-gpu"),
     (["--advantage-estimator", "reinforce_plus_plus"], "requires --normalize-advantages"),
     (["--advantage-estimator", "rloo", "--n-samples-per-prompt", "1"], "--n-samples-per-prompt >= 2"),
+    (["--n-samples-per-prompt", "1"], "--advantage-estimator grpo with --n-samples-per-prompt 1: each reward minus "
+     "its group's mean is 0, so every advantage would be 0 and nothing would train; use --n-samples-per-prompt 2 or "
+     "more (or --disable-rewards-normalization to train on the raw rewards)"),
     (
         ["--colocate", "--async"],
         "colocated async cannot keep weights fixed during generation; drop --colocate or --async",
@@ -900,7 +903,8 @@ def test_parsing_and_validation_do_not_import_torch_or_backends(tmp_path):
         from plugrl.core.config import parse_config, validate_config
         from plugrl.core.plugins import make_plugin_manager
         ps = make_plugin_manager(entry_points=False)
-        validate_config(parse_config(["--rollout-batch-size", "2", "--rm-type", "deepscaler"], ps), ps)
+        validate_config(parse_config(["--rollout-batch-size", "2", "--n-samples-per-prompt", "2",
+                                      "--rm-type", "deepscaler"], ps), ps)
         try:
             validate_config(parse_config(["--tensor-model-parallel-size", "2", "--sglang-foo", "1"], ps), ps)
         except ValueError:
