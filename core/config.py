@@ -639,7 +639,7 @@ def _check_rollout(args, problems: list[str], plugin_set=None) -> None:
     from .plugin_traits import idle_flag_problems, selected_checks
 
     problems.extend(idle_flag_problems(args, _selected_names(args), plugin_set))  # declared by the plugins
-    problems.extend(selected_checks(args, _selected_names(args), ("reward_post_processor",), plugin_set))
+    problems.extend(selected_checks(args, _selected_names(args), ("reward_post_processor", "filter"), plugin_set))
     _check_batch(args, problems)
 
 

@@ -488,6 +488,18 @@ def test_validation_rule(ps, base, extra, expected):
     assert expected in problems_of(base + extra, ps)
 
 
+def test_nonzero_std_filter_refuses_groups_of_one(ps, base):
+    """A group of one has zero std: nonzero_std would drop every group and the rollout never end (its declared
+    check); the fallback variant keeps groups once too few remain, so it finishes and is allowed."""
+    one = ["--n-samples-per-prompt", "1", "--advantage-estimator", "reinforce_plus_plus", "--normalize-advantages"]
+    message = problems_of(base + one + ["--dynamic-sampling-filter", "nonzero_std"], ps)
+    assert ("--dynamic-sampling-filter nonzero_std with --n-samples-per-prompt 1: a group of one sample has zero "
+            "reward std, so every group would be dropped and the rollout would never end; use --n-samples-per-prompt "
+            "2 or more, or drop the filter") in message
+    validate_config(parse_config(base + one + ["--dynamic-sampling-filter", "nonzero_std_with_fallback"], ps), ps)
+    validate_config(parse_config(base + ["--dynamic-sampling-filter", "nonzero_std"], ps), ps)
+
+
 def test_a_nucleus_is_refused_only_for_rollouts_that_are_trained(ps, base):
     for argv in (["--eval-top-p", "0.9"], ["--rollout-top-p", "0.9", "--debug-rollout-only"], ["--rollout-top-p", "1"]):
         validate_config(parse_config(base + argv, ps), ps)
