@@ -455,6 +455,7 @@ def config_problems(args: argparse.Namespace, plugin_set) -> list[str]:
     _check_rollout(args, problems, plugin_set)
     _check_algorithm(args, plugin_set, problems)
     _check_data_flags(args, problems)
+    problems.extend(_missing_checkpoint_problems(args))
     _check_cluster(args, plugin_set, problems)
     _check_weight_transport(args, plugin_set, problems)
     problems += precision_problems(args)
@@ -753,6 +754,15 @@ def _check_data_flags(args, problems: list[str]) -> None:
         )
     if args.sft_warmup_steps and not args.sft_warmup_data:
         problems.append("--sft-warmup-steps needs --sft-warmup-data (prompt/response JSONL)")
+
+
+def _missing_checkpoint_problems(args) -> list[str]:
+    """``--hf-checkpoint`` is required except on the embedded default run (``plugrl train`` fills in its tiny
+    checkpoint): without it the model would be looked up on huggingface.co, deep in a Ray actor."""
+    if args.hf_checkpoint or args.recipe == DEFAULT_RECIPE:
+        return []
+    return ["--hf-checkpoint is required (the model to train): give a local Hugging Face checkpoint folder "
+            "(config.json, tokenizer, weights), e.g. one saved with save_pretrained or `huggingface-cli download`"]
 
 
 def _check_paths(args, problems: list[str]) -> None:

@@ -469,6 +469,8 @@ VALIDATION_CASES = [
     (["--eval-prompt-data", "aime"], "--eval-prompt-data: aime does not exist"),
     (["--eval-prompt-data", "a", "b", "c"], "--eval-prompt-data takes NAME PATH pairs"),
     (["--sft-warmup-steps", "5"], "--sft-warmup-steps needs --sft-warmup-data"),
+    (["--hf-checkpoint", ""], "--hf-checkpoint is required (the model to train): give a local Hugging Face "
+     "checkpoint folder"),
     (
         ["--tensor-model-parallel-size", "2"],
         (
@@ -910,13 +912,17 @@ def test_config_to_dict_round_trip_tiny_default(ps, files):
 
 
 def test_parsing_and_validation_do_not_import_torch_or_backends(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name, text in (("config.json", "{}"), ("tokenizer.json", "{}"), ("model.safetensors", "")):
+        (model / name).write_text(text)
     code = textwrap.dedent("""
         import sys
         from plugrl.core.config import parse_config, validate_config
         from plugrl.core.plugins import make_plugin_manager
         ps = make_plugin_manager(entry_points=False)
         validate_config(parse_config(["--rollout-batch-size", "2", "--n-samples-per-prompt", "2",
-                                      "--rm-type", "deepscaler"], ps), ps)
+                                      "--rm-type", "deepscaler", "--hf-checkpoint", "model"], ps), ps)
         try:
             validate_config(parse_config(["--tensor-model-parallel-size", "2", "--sglang-foo", "1"], ps), ps)
         except ValueError:
