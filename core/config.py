@@ -82,6 +82,7 @@ POSITIVE_FLAGS = ("rollout_batch_size", "n_samples_per_prompt", "over_sampling_b
                   "update_weights_interval", "rollout_concurrency", "micro_batch_size", "num_epoch", "save_interval",
                   "log_interval", "rollout_max_response_len", "global_batch_size",
                   "num_steps_per_rollout", "max_tokens_per_gpu", "sft_warmup_batch_size")
+SECRET_FLAGS = tuple(f"--{dest.replace('_', '-')}" for dest in SECRET_DESTS)  # never shown in a message
 PATH_FLAGS = (
     "custom_rm_path",
     "dynamic_sampling_filter_path",
@@ -146,6 +147,7 @@ def recipe_values(name: str) -> dict:
 
 
 RECIPE_SOURCE = "recipe:"  # args._sources value prefix of a flag the recipe set
+YAML_SOURCE = "yaml:"  # ... of a flag the --config file set (followed by the file's path)
 
 
 def _recipe_layer(parser: PlugrlArgumentParser, name: str) -> Layer:
@@ -200,7 +202,7 @@ def parse_config(argv: list[str], plugin_set=None) -> argparse.Namespace:
     parser = build_parser(plugin_set)
     pre = _pre_parse(argv)
     yaml_raw = read_yaml(pre.config, "--config") if pre.config else {}
-    yaml_layer = read_layer(parser, yaml_raw, pre.config or "", f"yaml:{pre.config}")
+    yaml_layer = read_layer(parser, yaml_raw, pre.config or "", f"{YAML_SOURCE}{pre.config}")
     argv, switched_off = _negated_switches(parser, argv)
     given = cli_flags(parser, argv) | set(switched_off)
 
@@ -456,6 +458,7 @@ def config_problems(args: argparse.Namespace, plugin_set) -> list[str]:
     _check_algorithm(args, plugin_set, problems)
     _check_data_flags(args, problems)
     problems.extend(_missing_checkpoint_problems(args))
+    problems.extend(_idle_setting_problems(args))
     _check_cluster(args, plugin_set, problems)
     _check_weight_transport(args, plugin_set, problems)
     problems += precision_problems(args)
@@ -754,6 +757,79 @@ def _check_data_flags(args, problems: list[str]) -> None:
         )
     if args.sft_warmup_steps and not args.sft_warmup_data:
         problems.append("--sft-warmup-steps needs --sft-warmup-data (prompt/response JSONL)")
+
+
+def _recipe_value(args, flag: str) -> Any:
+    """The value the run's recipe gives ``flag`` (None without a recipe or when it does not set it)."""
+    if not args.recipe or args.recipe not in RECIPES:
+        return None
+    values = {str(k).lstrip("-").replace("-", "_"): v for k, v in recipe_values(args.recipe).items()}
+    return values.get(flag[2:].replace("-", "_"))
+
+
+def _given_by_user(args, flag: str, neutral: Any = None) -> bool:
+    """Whether the command line or ``--config`` set ``flag`` to something other than ``neutral`` (its default,
+    or the value it derives from) and other than the recipe's value. Only such a value is the user's choice:
+    a recipe's values are not, and a saved config.yaml lists every flag, defaults included."""
+    source = (getattr(args, "_sources", None) or {}).get(flag)
+    if source is None or source.startswith(RECIPE_SOURCE):
+        return False
+    value = getattr(args, flag[2:].replace("-", "_"), None)
+    if value == neutral or value is None:
+        return False
+    return not (source.startswith(YAML_SOURCE) and value == _recipe_value(args, flag))
+
+
+def _given_as(args, flag: str, show_value: bool = True) -> str:
+    """``--flag VALUE``, naming the ``--config`` file when the value came from it."""
+    value = getattr(args, flag[2:].replace("-", "_"), None)
+    shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+    text = f"{flag} {shown}" if show_value and not isinstance(value, bool) else flag
+    source = (getattr(args, "_sources", None) or {}).get(flag, "")
+    if source.startswith(YAML_SOURCE):
+        text += f" (key {flag[2:].replace('-', '_')} in {source[len(YAML_SOURCE):]})"
+    return text
+
+
+def _idle_settings(args) -> list[tuple[str, Any, bool, str]]:
+    """(flag, neutral value, whether the setting does something here, what makes it do something) of the
+    settings that do nothing without another: eval data and interval, the warm-up, loss terms, packing, wandb."""
+    use_tis = bool(args.use_tis)
+    eval_on = bool(args.eval_prompt_data) and args.eval_interval != 0  # (a missing interval is reported once)
+    warmup, wandb = bool(args.sft_warmup_steps), bool(args.use_wandb)
+    return [
+        ("--eval-prompt-data", None, bool(args.eval_interval), "--eval-interval N (eval runs before training and "
+                                                                "every N rollouts, as in slime)"),
+        *[(f"--{dest.replace('_', '-')}", neutral, eval_on, "--eval-prompt-data NAME PATH and --eval-interval N")
+          for dest, neutral in (("n_samples_per_eval_prompt", 1),
+                                ("eval_max_response_len", args.rollout_max_response_len),
+                                ("eval_temperature", args.rollout_temperature), ("eval_top_p", args.rollout_top_p),
+                                ("eval_top_k", args.rollout_top_k), ("eval_input_key", args.input_key),
+                                ("eval_label_key", args.label_key), ("eval_reward_key", args.reward_key))],
+        *[(flag, neutral, warmup, "--sft-warmup-steps N") for flag, neutral in (
+            ("--sft-warmup-data", None), ("--sft-warmup-lr", args.lr),
+            ("--sft-warmup-batch-size", args.rollout_batch_size), ("--sft-warmup-prompt-loss-weight", 0.0))],
+        ("--kl-loss-coef", 0.0, bool(args.use_kl_loss), "--use-kl-loss"),
+        # --use-rs takes its upper bound from --tis-clip unless --rs-upper-bound is given
+        ("--tis-clip", 2.0, use_tis or (bool(args.use_rs) and args.rs_upper_bound is None), "--use-tis"),
+        ("--tis-clip-low", 0.0, use_tis, "--use-tis"),
+        ("--mask-offpolicy-in-partial-rollout", False, bool(args.partial_rollout), "--partial-rollout"),
+        ("--max-tokens-per-gpu", None, bool(args.use_dynamic_batch_size), "--use-dynamic-batch-size"),
+        *[(flag, None, wandb, "--use-wandb") for flag in ("--wandb-project", "--wandb-group", "--wandb-key",
+                                                          "--wandb-mode")],
+    ]
+
+
+def _idle_setting_problems(args) -> list[str]:
+    """Settings the user gave that would do nothing (slime ignores them silently): each names what makes it
+    work. Only the user's values count (``_given_by_user``), not a recipe's or a default."""
+    problems = []
+    for flag, neutral, active, needs in _idle_settings(args):
+        if not active and _given_by_user(args, flag, neutral):
+            shown = _given_as(args, flag, show_value=flag not in SECRET_FLAGS)
+            problems.append(f"{shown} has no effect without {needs}; drop {flag} or add "
+                            f"{'them' if ' and ' in needs else 'it'}")
+    return problems
 
 
 def _missing_checkpoint_problems(args) -> list[str]:

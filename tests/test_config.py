@@ -490,6 +490,60 @@ def test_validation_rule(ps, base, extra, expected):
     assert expected in problems_of(base + extra, ps)
 
 
+IDLE_SETTINGS = [
+    (["--eval-prompt-data", "EVAL"], "--eval-prompt-data EVAL has no effect without --eval-interval N"),
+    (["--eval-prompt-data", "EVAL", "--eval-interval", "0"], "--eval-prompt-data EVAL has no effect without"),
+    (["--eval-temperature", "0.5"], "--eval-temperature 0.5 has no effect without --eval-prompt-data NAME PATH and "
+                                    "--eval-interval N; drop --eval-temperature or add them"),
+    (["--eval-top-k", "5"], "--eval-top-k 5 has no effect without --eval-prompt-data"),
+    (["--eval-top-p", "0.5"], "--eval-top-p 0.5 has no effect without --eval-prompt-data"),
+    (["--n-samples-per-eval-prompt", "4"], "--n-samples-per-eval-prompt 4 has no effect without --eval-prompt-data"),
+    (["--eval-input-key", "q"], "--eval-input-key q has no effect without --eval-prompt-data"),
+    (["--eval-max-response-len", "64"], "--eval-max-response-len 64 has no effect without --eval-prompt-data"),
+    (["--sft-warmup-data", "EVAL"], "--sft-warmup-data EVAL has no effect without --sft-warmup-steps N; drop "
+                                    "--sft-warmup-data or add it"),
+    (["--sft-warmup-lr", "0.01"], "--sft-warmup-lr 0.01 has no effect without --sft-warmup-steps N"),
+    (["--sft-warmup-batch-size", "2"], "--sft-warmup-batch-size 2 has no effect without --sft-warmup-steps N"),
+    (["--kl-loss-coef", "0.1"], "--kl-loss-coef 0.1 has no effect without --use-kl-loss; drop --kl-loss-coef or add it"),
+    (["--tis-clip", "3"], "--tis-clip 3.0 has no effect without --use-tis"),
+    (["--tis-clip-low", "0.5"], "--tis-clip-low 0.5 has no effect without --use-tis"),
+    (["--mask-offpolicy-in-partial-rollout"], "--mask-offpolicy-in-partial-rollout has no effect without "
+                                              "--partial-rollout"),
+    (["--max-tokens-per-gpu", "512"], "--max-tokens-per-gpu 512 has no effect without --use-dynamic-batch-size"),
+    (["--wandb-project", "p"], "--wandb-project p has no effect without --use-wandb"),
+    (["--wandb-key", "s3cret"], "--wandb-key has no effect without --use-wandb"),
+]
+
+
+@pytest.mark.parametrize("extra, expected", IDLE_SETTINGS, ids=[" ".join(c[0]) for c in IDLE_SETTINGS])
+def test_settings_that_would_do_nothing_are_refused(ps, base, files, extra, expected):
+    extra = [files["eval"] if word == "EVAL" else word for word in extra]
+    message = problems_of(base + extra, ps).replace(files["eval"], "EVAL")
+    assert expected in message and "s3cret" not in message
+
+
+def test_idle_settings_count_only_when_the_user_gave_them(ps, base, files):
+    """A value equal to the default (or to what it derives from), a recipe's value, and a saved config.yaml
+    that lists every flag pass; a value with its switch passes."""
+    for argv in (["--kl-loss-coef", "0"], ["--tis-clip", "2"], ["--eval-temperature", "1.0"],
+                 ["--use-kl-loss", "--kl-loss-coef", "0.1"], ["--use-tis", "--tis-clip", "3"],
+                 ["--use-rs", "--tis-clip", "3"], ["--use-dynamic-batch-size", "--max-tokens-per-gpu", "512"],
+                 ["--sft-warmup-steps", "2", "--sft-warmup-data", files["eval"], "--sft-warmup-lr", "0.01"]):
+        check_config(parse_config(base + argv, ps), ps)
+    # the embedded default turns eval off by --eval-interval 0 and the warm-up by --sft-warmup-steps 0
+    args = parse_config(["--recipe", "tiny-default", "--hf-checkpoint", files["ckpt"], "--eval-interval", "0",
+                         "--sft-warmup-steps", "0"], ps)
+    check_config(args, ps)
+    saved = write_yaml(files["dir"] / "saved.yaml", config_to_dict(parse_config(base, ps)))
+    check_config(parse_config(["--config", saved], ps), ps)
+
+
+def test_an_idle_setting_from_the_config_file_names_the_file_and_key(ps, base, files):
+    path = write_yaml(files["dir"] / "run.yaml", {"kl_loss_coef": 0.2})
+    assert f"--kl-loss-coef 0.2 (key kl_loss_coef in {path}) has no effect without --use-kl-loss" in \
+        problems_of(base + ["--config", path], ps)
+
+
 def test_nonzero_std_filter_refuses_groups_of_one(ps, base):
     """A group of one has zero std: nonzero_std would drop every group and the rollout never end (its declared
     check); the fallback variant keeps groups once too few remain, so it finishes and is allowed."""
@@ -502,8 +556,9 @@ def test_nonzero_std_filter_refuses_groups_of_one(ps, base):
     validate_config(parse_config(base + ["--dynamic-sampling-filter", "nonzero_std"], ps), ps)
 
 
-def test_a_nucleus_is_refused_only_for_rollouts_that_are_trained(ps, base):
-    for argv in (["--eval-top-p", "0.9"], ["--rollout-top-p", "0.9", "--debug-rollout-only"], ["--rollout-top-p", "1"]):
+def test_a_nucleus_is_refused_only_for_rollouts_that_are_trained(ps, base, files):
+    evaluated = ["--eval-prompt-data", files["eval"], "--eval-interval", "2"]
+    for argv in ([*evaluated, "--eval-top-p", "0.9"], ["--rollout-top-p", "0.9", "--debug-rollout-only"], ["--rollout-top-p", "1"]):
         validate_config(parse_config(base + argv, ps), ps)
 
 
