@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 import time
 from pathlib import Path
@@ -459,6 +460,7 @@ def config_problems(args: argparse.Namespace, plugin_set) -> list[str]:
     _check_data_flags(args, problems)
     problems.extend(_missing_checkpoint_problems(args))
     problems.extend(_idle_setting_problems(args))
+    problems.extend(_range_problems(args, plugin_set))
     _check_cluster(args, plugin_set, problems)
     _check_weight_transport(args, plugin_set, problems)
     problems += precision_problems(args)
@@ -602,7 +604,7 @@ def _idle_buffer_problems(args) -> list[str]:
 
 
 def _check_rollout(args, problems: list[str], plugin_set=None) -> None:
-    _positive(args, problems, *POSITIVE_FLAGS)
+    _positive(args, problems, *_root_values(args, POSITIVE_FLAGS))
     _positive(args, problems, "num_rollout", "sft_warmup_steps", minimum=0)
     if args.rollout_batch_size is None:
         problems.append("--rollout-batch-size is required (prompts per rollout)")
@@ -615,7 +617,7 @@ def _check_rollout(args, problems: list[str], plugin_set=None) -> None:
     if args.use_fault_tolerance:
         problems.append("--use-fault-tolerance (engine restarts) is not implemented yet: a dying engine stops "
                         "the run with a message naming it; resume with --load from the last --save checkpoint")
-    if args.rollout_temperature is None or args.rollout_temperature <= 0:
+    if args.rollout_temperature is None or not 0 < args.rollout_temperature < math.inf:
         problems.append(f"--rollout-temperature must be > 0, got {args.rollout_temperature}")
     if args.rollout_top_p is None or not 0 < args.rollout_top_p <= 1:
         problems.append(f"--rollout-top-p must be in (0, 1], got {args.rollout_top_p}")
@@ -829,6 +831,89 @@ def _idle_setting_problems(args) -> list[str]:
             shown = _given_as(args, flag, show_value=flag not in SECRET_FLAGS)
             problems.append(f"{shown} has no effect without {needs}; drop {flag} or add "
                             f"{'them' if ' and ' in needs else 'it'}")
+    return problems
+
+
+# Values ``resolve_defaults`` derives from another flag when not given (--eval-top-k from --rollout-top-k, ...):
+# checked only when given, so that a bad value is reported once, at the flag the user set.
+DERIVED_DESTS = frozenset({"over_sampling_batch_size", "global_batch_size", "num_steps_per_rollout",
+                           "sft_warmup_batch_size", "sft_warmup_lr", "eval_max_response_len", "eval_temperature",
+                           "eval_top_p", "eval_top_k", "eps_clip_high", "rollout_max_prompt_len"})
+
+
+def _root_values(args, dests) -> list[str]:
+    """``dests`` less the derived ones the user did not set (see ``DERIVED_DESTS``)."""
+    sources = getattr(args, "_sources", None) or {}
+    return [d for d in dests if d not in DERIVED_DESTS or "--" + d.replace("_", "-") in sources]
+
+
+def _top_k_ok(k) -> bool:
+    return k == -1 or k >= 1
+
+
+# dest -> (whether a value is valid, what the flag takes); NaN fails every comparison, so it is refused too
+RANGES = {
+    "lr": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "min_lr": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "sft_warmup_lr": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_eps": (lambda v: 0 < v < math.inf, "> 0"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "clip_grad": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "lr_warmup_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "lr_warmup_iters": (lambda v: v >= 0, ">= 0"),
+    "lr_decay_iters": (lambda v: v >= 0, ">= 0"),
+    "rollout_top_k": (_top_k_ok, "-1 (no top-k) or >= 1"),
+    "eval_top_k": (_top_k_ok, "-1 (no top-k) or >= 1"),
+    "eval_top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "eval_temperature": (lambda v: 0 <= v < math.inf, ">= 0 (0: greedy)"),
+    "eps_clip": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "eps_clip_high": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "tis_clip": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "tis_clip_low": (lambda v: 0 <= v < math.inf, ">= 0"),
+    # slime allows a negative --entropy-coef (it then lowers entropy); a negative KL weight has no such use
+    "kl_loss_coef": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "kl_coef": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "lambd": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "eval_max_response_len": (lambda v: v >= 1, ">= 1"),
+    "rollout_max_prompt_len": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def _estimator_fields(args, plugin_set) -> set[str]:
+    """The option fields of the selected estimator: it checks their values itself (ppo: --gamma, --lambd)."""
+    import dataclasses
+
+    from .plugin_options import _declared
+
+    try:
+        options_type = _declared(plugin_set.entry("advantage_estimator", args.advantage_estimator))[0]
+    except (PluginError, ImportError, ValueError):
+        return set()
+    return {f.name for f in dataclasses.fields(options_type)} if dataclasses.is_dataclass(options_type) else set()
+
+
+def _range_problems(args, plugin_set) -> list[str]:
+    """Values torch or an engine would refuse in a Ray actor, or that mean nothing (``RANGES``); derived values
+    only when given. ``--rollout-top-p`` and ``--rollout-temperature`` are checked with the rollout flags."""
+    skip = _estimator_fields(args, plugin_set) & {"gamma", "lambd"}
+    problems = []
+    for dest in _root_values(args, RANGES):
+        valid, wanted = RANGES[dest]
+        value = getattr(args, dest, None)
+        if value is not None and dest not in skip and not valid(value):
+            problems.append(f"--{dest.replace('_', '-')} must be {wanted}, got {value}")
+    if args.min_lr is not None and args.lr is not None and args.min_lr > args.lr >= 0:
+        problems.append(f"--min-lr ({args.min_lr}) must be <= --lr ({args.lr}): the schedule decays from --lr to "
+                        "--min-lr; lower --min-lr")
+    if args.tis_clip_low is not None and args.tis_clip is not None and args.tis_clip_low > args.tis_clip >= 0:
+        problems.append(f"--tis-clip-low ({args.tis_clip_low}) must be <= --tis-clip ({args.tis_clip}): they are the "
+                        "lower and upper bound of the TIS weight")
+    if any(stop == "" for stop in args.rollout_stop or []):
+        problems.append("--rollout-stop: an empty string is no stop string (it matches everywhere); drop the \"\" or "
+                        "give the text to stop at")
     return problems
 
 

@@ -422,6 +422,39 @@ def test_unrecognized_flag_suggests(ps):
 
 VALIDATION_CASES = [
     (["--rollout-temperature", "0"], "--rollout-temperature must be > 0"),
+    (["--rollout-temperature", "nan"], "--rollout-temperature must be > 0, got nan"),
+    (["--lr", "-0.001"], "--lr must be >= 0, got -0.001"),
+    (["--lr", "nan"], "--lr must be >= 0, got nan"),
+    (["--adam-beta1", "1"], "--adam-beta1 must be in [0, 1), got 1.0"),
+    (["--adam-beta2", "-0.5"], "--adam-beta2 must be in [0, 1), got -0.5"),
+    (["--adam-eps", "0"], "--adam-eps must be > 0, got 0.0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
+    (["--rollout-top-k", "0"], "--rollout-top-k must be -1 (no top-k) or >= 1, got 0"),
+    (["--rollout-top-k", "-2"], "--rollout-top-k must be -1 (no top-k) or >= 1, got -2"),
+    (["--rollout-stop", ""], "--rollout-stop: an empty string is no stop string (it matches everywhere); drop the"),
+    (["--eps-clip", "-0.2"], "--eps-clip must be >= 0, got -0.2"),
+    (["--eps-clip-high", "-0.2"], "--eps-clip-high must be >= 0, got -0.2"),
+    (["--use-tis", "--tis-clip", "-1"], "--tis-clip must be >= 0, got -1.0"),
+    (["--use-tis", "--tis-clip-low", "3"], "--tis-clip-low (3.0) must be <= --tis-clip (2.0)"),
+    (["--use-kl-loss", "--kl-loss-coef", "-0.1"], "--kl-loss-coef must be >= 0, got -0.1"),
+    (["--kl-coef", "-0.1"], "--kl-coef must be >= 0, got -0.1"),
+    (["--min-lr", "1e-3"], "--min-lr (0.001) must be <= --lr (1e-06): the schedule decays from --lr to --min-lr"),
+    (["--lr-warmup-fraction", "1.5"], "--lr-warmup-fraction must be in [0, 1], got 1.5"),
+    (["--lr-warmup-iters", "-1"], "--lr-warmup-iters must be >= 0, got -1"),
+    (["--lr-decay-iters", "-1"], "--lr-decay-iters must be >= 0, got -1"),
+    (["--gamma", "1.5"], "--gamma must be in [0, 1], got 1.5"),
+    (["--lambd", "-0.5"], "--lambd must be in [0, 1], got -0.5"),
+    (["--clip-grad", "-1"], "--clip-grad must be >= 0, got -1.0"),
+    (["--clip-grad", "0"], "--clip-grad 0: the torch train backend would clip every gradient to norm 0"),
+    (["--rollout-max-prompt-len", "-5"], "--rollout-max-prompt-len must be >= 1, got -5"),
+    (["--sft-warmup-steps", "1", "--sft-warmup-lr", "-1"], "--sft-warmup-lr must be >= 0, got -1.0"),
+    (["--optimizer", "sgd"], "--optimizer sgd: the torch train backend trains with adam (AdamW: --adam-beta1, "
+                             "--adam-beta2, --adam-eps, --weight-decay) only; use --optimizer adam or drop it"),
+    (["--reward-post-process", "overlong_penalty", "--rollout-max-response-len", "8", "--overlong-penalty-factor",
+      "-1"], "--overlong-penalty-factor must be >= 0 (a negative one would reward overlong responses), got -1.0"),
+    (["--train-backend", "megatron", "--attention-dropout", "1.5"], "--attention-dropout must be in [0, 1], got 1.5"),
+    (["--train-backend", "megatron", "--hidden-dropout", "-0.1"], "--hidden-dropout must be in [0, 1], got -0.1"),
+    (["--train-backend", "megatron", "--seq-length", "0"], "--seq-length must be >= 1, got 0"),
     (["--rollout-top-p", "1.5"], "--rollout-top-p must be in (0, 1]"),
     (["--rollout-top-p", "0.9"], "--rollout-top-p 0.9: training rollouts must sample the full vocabulary (1.0)"),
     (["--over-sampling-batch-size", "2"], "--over-sampling-batch-size (2) must be >= --rollout-batch-size (4)"),
@@ -542,6 +575,29 @@ def test_an_idle_setting_from_the_config_file_names_the_file_and_key(ps, base, f
     path = write_yaml(files["dir"] / "run.yaml", {"kl_loss_coef": 0.2})
     assert f"--kl-loss-coef 0.2 (key kl_loss_coef in {path}) has no effect without --use-kl-loss" in \
         problems_of(base + ["--config", path], ps)
+
+
+EVAL_RANGES = [
+    (["--eval-top-p", "0"], "--eval-top-p must be in (0, 1], got 0.0"),
+    (["--eval-top-k", "0"], "--eval-top-k must be -1 (no top-k) or >= 1, got 0"),
+    (["--eval-temperature", "-0.5"], "--eval-temperature must be >= 0 (0: greedy), got -0.5"),
+    (["--eval-max-response-len", "-1"], "--eval-max-response-len must be >= 1, got -1"),
+]
+
+
+@pytest.mark.parametrize("extra, expected", EVAL_RANGES, ids=[c[0][0] for c in EVAL_RANGES])
+def test_eval_sampling_ranges(ps, base, files, extra, expected):
+    evaluated = ["--eval-prompt-data", files["eval"], "--eval-interval", "2"]
+    assert expected in problems_of(base + evaluated + extra, ps)
+    validate_config(parse_config(base + evaluated + ["--eval-temperature", "0"], ps), ps)  # greedy eval
+
+
+def test_a_bad_value_is_reported_at_its_root_not_at_the_flags_derived_from_it(ps, base):
+    message = problems_of(base + ["--rollout-batch-size", "-3"], ps)
+    assert message == "--rollout-batch-size must be >= 1, got -3"
+    message = problems_of(base + ["--rollout-top-k", "0"], ps)
+    assert "--rollout-top-k" in message and "--eval-top-k" not in message
+    validate_config(parse_config(base + ["--entropy-coef", "-0.01"], ps), ps)  # slime allows it (more entropy)
 
 
 def test_nonzero_std_filter_refuses_groups_of_one(ps, base):
