@@ -1031,6 +1031,15 @@ def _check_weight_transport(args, plugin_set, problems: list[str]) -> None:
                         "two ranks on one GPU); this placement is colocated (use cuda_ipc, auto or object_store)")
 
 
+def _colocate_turned_off(args) -> bool:
+    """``--no-colocate`` on the command line, or ``colocate: false`` in ``--config`` over a recipe that turns it
+    on; ``colocate: false`` (or null) alone is the default, as a saved config.yaml writes it."""
+    source = (getattr(args, "_sources", None) or {}).get("--colocate", "")
+    if args.colocate or not source or source.startswith(RECIPE_SOURCE):
+        return False
+    return not source.startswith(YAML_SOURCE) or bool(_recipe_value(args, "--colocate"))
+
+
 def _check_cluster(args, plugin_set, problems: list[str]) -> None:
     from .dry_run import layout_problems, placement_plan
     from .plugin_options import OptionsError
@@ -1050,12 +1059,12 @@ def _check_cluster(args, plugin_set, problems: list[str]) -> None:
         except ValueError as exc:
             refused = f"--placement {args.placement}: {exc}"
     sources = getattr(args, "_sources", None) or {}
-    if (not args.colocate and "--colocate" in sources and not _from_recipe(args, "--colocate")
-            and plan is not None and plan.colocated and "--placement" not in sources
+    if (_colocate_turned_off(args) and plan is not None and plan.colocated and "--placement" not in sources
             and "--rollout-num-gpus" not in sources):
         # the default placement stays colocated without --rollout-num-gpus: the engines would share the train
         # GPUs as before, only without the offloading --colocate turned on
-        problems.append(f"--no-colocate without --rollout-num-gpus: the engines would still share the train GPUs "
+        problems.append(f"{_given_as(args, '--colocate').replace('--colocate', '--no-colocate', 1)} without "
+                        "--rollout-num-gpus: the engines would still share the train GPUs "
                         f"(placement {args.placement}), now without offloading; give --rollout-num-gpus N to put "
                         "them on GPUs of their own (decoupled), or drop --no-colocate")
     if args.colocate and plan is not None and not plan.colocated:

@@ -600,6 +600,17 @@ def test_a_bad_value_is_reported_at_its_root_not_at_the_flags_derived_from_it(ps
     validate_config(parse_config(base + ["--entropy-coef", "-0.01"], ps), ps)  # slime allows it (more entropy)
 
 
+def test_colocate_false_in_the_config_file_is_the_default_not_a_no_colocate(ps, base, files):
+    for value in (False, None):
+        path = write_yaml(files["dir"] / "run.yaml", {"colocate": value})
+        check_config(parse_config(base + ["--config", path], ps), ps)
+    # over a recipe that turns it on, it is a --no-colocate, and the message names the file and key
+    path = write_yaml(files["dir"] / "run.yaml", {"colocate": False, "recipe": "qwen3-4b-8xh100"})
+    with pytest.raises(ConfigError) as info:
+        check_config(parse_config(["--config", path], ps), ps)
+    assert f"--no-colocate (key colocate in {path}) without --rollout-num-gpus" in str(info.value)
+
+
 def test_nonzero_std_filter_refuses_groups_of_one(ps, base):
     """A group of one has zero std: nonzero_std would drop every group and the rollout never end (its declared
     check); the fallback variant keeps groups once too few remain, so it finishes and is allowed."""
