@@ -172,6 +172,16 @@ def _pre_parse(argv: list[str]) -> argparse.Namespace:
     return pre.parse_known_args(argv)[0]
 
 
+def _check_one_config(argv: list[str]) -> None:
+    """One ``--config`` per run: argparse would keep only the last file and drop the others without a word."""
+    words = argv[:argv.index("--")] if "--" in argv else argv
+    files = [w.split("=", 1)[1] if "=" in w else (words[i + 1] if i + 1 < len(words) else "")
+             for i, w in enumerate(words) if w == "--config" or w.startswith("--config=")]
+    if len(files) > 1:
+        raise ConfigError(f"--config given {len(files)} times ({', '.join(files)}): a run reads one config file; "
+                          "merge them into one (or give the extra values as flags, which override the file)")
+
+
 def _negated_switches(parser: PlugrlArgumentParser, argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """``--no-<switch>`` for any on-switch without its own ``--no-`` form: a recipe or YAML may turn a
     switch on (``colocate: true``), and the command line must be able to override it. Returns argv
@@ -201,6 +211,7 @@ def parse_config(argv: list[str], plugin_set=None) -> argparse.Namespace:
     argv = list(argv)
     plugin_set = plugin_set or _default_plugin_set()
     parser = build_parser(plugin_set)
+    _check_one_config(argv)
     pre = _pre_parse(argv)
     yaml_raw = read_yaml(pre.config, "--config") if pre.config else {}
     yaml_layer = read_layer(parser, yaml_raw, pre.config or "", f"{YAML_SOURCE}{pre.config}")

@@ -366,6 +366,27 @@ def test_yaml_not_a_mapping_or_missing(ps, files):
         parse_config(["--config", str(path)], ps)
     with pytest.raises(ConfigError, match="file not found"):
         parse_config(["--config", str(files["dir"] / "nope.yaml")], ps)
+    with pytest.raises(ConfigError, match=r"--config .*: is a directory; give the YAML file itself"):
+        parse_config(["--config", str(files["dir"])], ps)
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line_naming_it(ps, files):
+    path = files["dir"] / "latin1.yaml"
+    path.write_bytes("lr: 0.1  # réglé\n".encode("latin-1"))
+    for flag in ("--config", "--custom-config-path"):
+        with pytest.raises(ConfigError) as info:
+            parse_config([flag, str(path)], ps)
+        assert str(info.value).startswith(f"{flag} {path}: not UTF-8 text (byte ")
+        assert str(info.value).endswith("; save it as UTF-8")
+
+
+def test_a_second_config_is_refused_not_dropped(ps, files):
+    first = write_yaml(files["dir"] / "a.yaml", {"lr": 0.1})
+    second = write_yaml(files["dir"] / "b.yaml", {"seed": 3})
+    for argv in (["--config", first, "--config", second], [f"--config={first}", "--config", second]):
+        with pytest.raises(ConfigError, match=r"--config given 2 times \(.*a.yaml, .*b.yaml\): a run reads one config "
+                                              r"file; merge them into one"):
+            parse_config(argv, ps)
 
 
 def test_recipe_precedence(ps, files, monkeypatch):
