@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 import time
 from pathlib import Path
@@ -82,6 +83,7 @@ POSITIVE_FLAGS = ("rollout_batch_size", "n_samples_per_prompt", "over_sampling_b
                   "update_weights_interval", "rollout_concurrency", "micro_batch_size", "num_epoch", "save_interval",
                   "log_interval", "rollout_max_response_len", "global_batch_size",
                   "num_steps_per_rollout", "max_tokens_per_gpu", "sft_warmup_batch_size")
+SECRET_FLAGS = tuple(f"--{dest.replace('_', '-')}" for dest in SECRET_DESTS)  # never shown in a message
 PATH_FLAGS = (
     "custom_rm_path",
     "dynamic_sampling_filter_path",
@@ -146,6 +148,7 @@ def recipe_values(name: str) -> dict:
 
 
 RECIPE_SOURCE = "recipe:"  # args._sources value prefix of a flag the recipe set
+YAML_SOURCE = "yaml:"  # ... of a flag the --config file set (followed by the file's path)
 
 
 def _recipe_layer(parser: PlugrlArgumentParser, name: str) -> Layer:
@@ -167,6 +170,16 @@ def _pre_parse(argv: list[str]) -> argparse.Namespace:
     pre.add_argument("--config")
     pre.add_argument("--recipe")
     return pre.parse_known_args(argv)[0]
+
+
+def _check_one_config(argv: list[str]) -> None:
+    """One ``--config`` per run: argparse would keep only the last file and drop the others without a word."""
+    words = argv[:argv.index("--")] if "--" in argv else argv
+    files = [w.split("=", 1)[1] if "=" in w else (words[i + 1] if i + 1 < len(words) else "")
+             for i, w in enumerate(words) if w == "--config" or w.startswith("--config=")]
+    if len(files) > 1:
+        raise ConfigError(f"--config given {len(files)} times ({', '.join(files)}): a run reads one config file; "
+                          "merge them into one (or give the extra values as flags, which override the file)")
 
 
 def _negated_switches(parser: PlugrlArgumentParser, argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -198,9 +211,10 @@ def parse_config(argv: list[str], plugin_set=None) -> argparse.Namespace:
     argv = list(argv)
     plugin_set = plugin_set or _default_plugin_set()
     parser = build_parser(plugin_set)
+    _check_one_config(argv)
     pre = _pre_parse(argv)
     yaml_raw = read_yaml(pre.config, "--config") if pre.config else {}
-    yaml_layer = read_layer(parser, yaml_raw, pre.config or "", f"yaml:{pre.config}")
+    yaml_layer = read_layer(parser, yaml_raw, pre.config or "", f"{YAML_SOURCE}{pre.config}")
     argv, switched_off = _negated_switches(parser, argv)
     given = cli_flags(parser, argv) | set(switched_off)
 
@@ -455,6 +469,9 @@ def config_problems(args: argparse.Namespace, plugin_set) -> list[str]:
     _check_rollout(args, problems, plugin_set)
     _check_algorithm(args, plugin_set, problems)
     _check_data_flags(args, problems)
+    problems.extend(_missing_checkpoint_problems(args))
+    problems.extend(_idle_setting_problems(args))
+    problems.extend(_range_problems(args, plugin_set))
     _check_cluster(args, plugin_set, problems)
     _check_weight_transport(args, plugin_set, problems)
     problems += precision_problems(args)
@@ -598,7 +615,7 @@ def _idle_buffer_problems(args) -> list[str]:
 
 
 def _check_rollout(args, problems: list[str], plugin_set=None) -> None:
-    _positive(args, problems, *POSITIVE_FLAGS)
+    _positive(args, problems, *_root_values(args, POSITIVE_FLAGS))
     _positive(args, problems, "num_rollout", "sft_warmup_steps", minimum=0)
     if args.rollout_batch_size is None:
         problems.append("--rollout-batch-size is required (prompts per rollout)")
@@ -611,7 +628,7 @@ def _check_rollout(args, problems: list[str], plugin_set=None) -> None:
     if args.use_fault_tolerance:
         problems.append("--use-fault-tolerance (engine restarts) is not implemented yet: a dying engine stops "
                         "the run with a message naming it; resume with --load from the last --save checkpoint")
-    if args.rollout_temperature is None or args.rollout_temperature <= 0:
+    if args.rollout_temperature is None or not 0 < args.rollout_temperature < math.inf:
         problems.append(f"--rollout-temperature must be > 0, got {args.rollout_temperature}")
     if args.rollout_top_p is None or not 0 < args.rollout_top_p <= 1:
         problems.append(f"--rollout-top-p must be in (0, 1], got {args.rollout_top_p}")
@@ -639,7 +656,7 @@ def _check_rollout(args, problems: list[str], plugin_set=None) -> None:
     from .plugin_traits import idle_flag_problems, selected_checks
 
     problems.extend(idle_flag_problems(args, _selected_names(args), plugin_set))  # declared by the plugins
-    problems.extend(selected_checks(args, _selected_names(args), ("reward_post_processor",), plugin_set))
+    problems.extend(selected_checks(args, _selected_names(args), ("reward_post_processor", "filter"), plugin_set))
     _check_batch(args, problems)
 
 
@@ -755,6 +772,171 @@ def _check_data_flags(args, problems: list[str]) -> None:
         problems.append("--sft-warmup-steps needs --sft-warmup-data (prompt/response JSONL)")
 
 
+def _recipe_value(args, flag: str) -> Any:
+    """The value the run's recipe gives ``flag`` (None without a recipe or when it does not set it)."""
+    if not args.recipe or args.recipe not in RECIPES:
+        return None
+    values = {str(k).lstrip("-").replace("-", "_"): v for k, v in recipe_values(args.recipe).items()}
+    return values.get(flag[2:].replace("-", "_"))
+
+
+def _given_by_user(args, flag: str, neutral: Any = None) -> bool:
+    """Whether the command line or ``--config`` set ``flag`` to something other than ``neutral`` (its default,
+    or the value it derives from) and other than the recipe's value. Only such a value is the user's choice:
+    a recipe's values are not, and a saved config.yaml lists every flag, defaults included."""
+    source = (getattr(args, "_sources", None) or {}).get(flag)
+    if source is None or source.startswith(RECIPE_SOURCE):
+        return False
+    value = getattr(args, flag[2:].replace("-", "_"), None)
+    if value == neutral or value is None:
+        return False
+    return not (source.startswith(YAML_SOURCE) and value == _recipe_value(args, flag))
+
+
+def _given_as(args, flag: str, show_value: bool = True) -> str:
+    """``--flag VALUE``, naming the ``--config`` file when the value came from it."""
+    value = getattr(args, flag[2:].replace("-", "_"), None)
+    shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+    text = f"{flag} {shown}" if show_value and not isinstance(value, bool) else flag
+    source = (getattr(args, "_sources", None) or {}).get(flag, "")
+    if source.startswith(YAML_SOURCE):
+        text += f" (key {flag[2:].replace('-', '_')} in {source[len(YAML_SOURCE):]})"
+    return text
+
+
+def _idle_settings(args) -> list[tuple[str, Any, bool, str]]:
+    """(flag, neutral value, whether the setting does something here, what makes it do something) of the
+    settings that do nothing without another: eval data and interval, the warm-up, loss terms, packing, wandb."""
+    use_tis = bool(args.use_tis)
+    eval_on = bool(args.eval_prompt_data) and args.eval_interval != 0  # (a missing interval is reported once)
+    warmup, wandb = bool(args.sft_warmup_steps), bool(args.use_wandb)
+    return [
+        ("--eval-prompt-data", None, bool(args.eval_interval), "--eval-interval N (eval runs before training and "
+                                                                "every N rollouts, as in slime)"),
+        *[(f"--{dest.replace('_', '-')}", neutral, eval_on, "--eval-prompt-data NAME PATH and --eval-interval N")
+          for dest, neutral in (("n_samples_per_eval_prompt", 1),
+                                ("eval_max_response_len", args.rollout_max_response_len),
+                                ("eval_temperature", args.rollout_temperature), ("eval_top_p", args.rollout_top_p),
+                                ("eval_top_k", args.rollout_top_k), ("eval_input_key", args.input_key),
+                                ("eval_label_key", args.label_key), ("eval_reward_key", args.reward_key))],
+        *[(flag, neutral, warmup, "--sft-warmup-steps N") for flag, neutral in (
+            ("--sft-warmup-data", None), ("--sft-warmup-lr", args.lr),
+            ("--sft-warmup-batch-size", args.rollout_batch_size), ("--sft-warmup-prompt-loss-weight", 0.0))],
+        ("--kl-loss-coef", 0.0, bool(args.use_kl_loss), "--use-kl-loss"),
+        # --use-rs takes its upper bound from --tis-clip unless --rs-upper-bound is given
+        ("--tis-clip", 2.0, use_tis or (bool(args.use_rs) and args.rs_upper_bound is None), "--use-tis"),
+        ("--tis-clip-low", 0.0, use_tis, "--use-tis"),
+        ("--mask-offpolicy-in-partial-rollout", False, bool(args.partial_rollout), "--partial-rollout"),
+        ("--max-tokens-per-gpu", None, bool(args.use_dynamic_batch_size), "--use-dynamic-batch-size"),
+        *[(flag, None, wandb, "--use-wandb") for flag in ("--wandb-project", "--wandb-group", "--wandb-key",
+                                                          "--wandb-mode")],
+    ]
+
+
+def _idle_setting_problems(args) -> list[str]:
+    """Settings the user gave that would do nothing (slime ignores them silently): each names what makes it
+    work. Only the user's values count (``_given_by_user``), not a recipe's or a default."""
+    problems = []
+    for flag, neutral, active, needs in _idle_settings(args):
+        if not active and _given_by_user(args, flag, neutral):
+            shown = _given_as(args, flag, show_value=flag not in SECRET_FLAGS)
+            problems.append(f"{shown} has no effect without {needs}; drop {flag} or add "
+                            f"{'them' if ' and ' in needs else 'it'}")
+    return problems
+
+
+# Values ``resolve_defaults`` derives from another flag when not given (--eval-top-k from --rollout-top-k, ...):
+# checked only when given, so that a bad value is reported once, at the flag the user set.
+DERIVED_DESTS = frozenset({"over_sampling_batch_size", "global_batch_size", "num_steps_per_rollout",
+                           "sft_warmup_batch_size", "sft_warmup_lr", "eval_max_response_len", "eval_temperature",
+                           "eval_top_p", "eval_top_k", "eps_clip_high", "rollout_max_prompt_len"})
+
+
+def _root_values(args, dests) -> list[str]:
+    """``dests`` less the derived ones the user did not set (see ``DERIVED_DESTS``)."""
+    sources = getattr(args, "_sources", None) or {}
+    return [d for d in dests if d not in DERIVED_DESTS or "--" + d.replace("_", "-") in sources]
+
+
+def _top_k_ok(k) -> bool:
+    return k == -1 or k >= 1
+
+
+# dest -> (whether a value is valid, what the flag takes); NaN fails every comparison, so it is refused too
+RANGES = {
+    "lr": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "min_lr": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "sft_warmup_lr": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_eps": (lambda v: 0 < v < math.inf, "> 0"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "clip_grad": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "lr_warmup_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "lr_warmup_iters": (lambda v: v >= 0, ">= 0"),
+    "lr_decay_iters": (lambda v: v >= 0, ">= 0"),
+    "rollout_top_k": (_top_k_ok, "-1 (no top-k) or >= 1"),
+    "eval_top_k": (_top_k_ok, "-1 (no top-k) or >= 1"),
+    "eval_top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "eval_temperature": (lambda v: 0 <= v < math.inf, ">= 0 (0: greedy)"),
+    "eps_clip": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "eps_clip_high": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "tis_clip": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "tis_clip_low": (lambda v: 0 <= v < math.inf, ">= 0"),
+    # slime allows a negative --entropy-coef (it then lowers entropy); a negative KL weight has no such use
+    "kl_loss_coef": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "kl_coef": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "lambd": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "eval_max_response_len": (lambda v: v >= 1, ">= 1"),
+    "rollout_max_prompt_len": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def _estimator_fields(args, plugin_set) -> set[str]:
+    """The option fields of the selected estimator: it checks their values itself (ppo: --gamma, --lambd)."""
+    import dataclasses
+
+    from .plugin_options import _declared
+
+    try:
+        options_type = _declared(plugin_set.entry("advantage_estimator", args.advantage_estimator))[0]
+    except (PluginError, ImportError, ValueError):
+        return set()
+    return {f.name for f in dataclasses.fields(options_type)} if dataclasses.is_dataclass(options_type) else set()
+
+
+def _range_problems(args, plugin_set) -> list[str]:
+    """Values torch or an engine would refuse in a Ray actor, or that mean nothing (``RANGES``); derived values
+    only when given. ``--rollout-top-p`` and ``--rollout-temperature`` are checked with the rollout flags."""
+    skip = _estimator_fields(args, plugin_set) & {"gamma", "lambd"}
+    problems = []
+    for dest in _root_values(args, RANGES):
+        valid, wanted = RANGES[dest]
+        value = getattr(args, dest, None)
+        if value is not None and dest not in skip and not valid(value):
+            problems.append(f"--{dest.replace('_', '-')} must be {wanted}, got {value}")
+    if args.min_lr is not None and args.lr is not None and args.min_lr > args.lr >= 0:
+        problems.append(f"--min-lr ({args.min_lr}) must be <= --lr ({args.lr}): the schedule decays from --lr to "
+                        "--min-lr; lower --min-lr")
+    if args.tis_clip_low is not None and args.tis_clip is not None and args.tis_clip_low > args.tis_clip >= 0:
+        problems.append(f"--tis-clip-low ({args.tis_clip_low}) must be <= --tis-clip ({args.tis_clip}): they are the "
+                        "lower and upper bound of the TIS weight")
+    if any(stop == "" for stop in args.rollout_stop or []):
+        problems.append("--rollout-stop: an empty string is no stop string (it matches everywhere); drop the \"\" or "
+                        "give the text to stop at")
+    return problems
+
+
+def _missing_checkpoint_problems(args) -> list[str]:
+    """``--hf-checkpoint`` is required except on the embedded default run (``plugrl train`` fills in its tiny
+    checkpoint): without it the model would be looked up on huggingface.co, deep in a Ray actor."""
+    if args.hf_checkpoint or args.recipe == DEFAULT_RECIPE:
+        return []
+    return ["--hf-checkpoint is required (the model to train): give a local Hugging Face checkpoint folder "
+            "(config.json, tokenizer, weights), e.g. one saved with save_pretrained or `huggingface-cli download`"]
+
+
 def _check_paths(args, problems: list[str]) -> None:
     for flag, spec in (("--prompt-data", args.prompt_data), ("--sft-warmup-data", args.sft_warmup_data)):
         problem = spec and _data_path_problem(args, flag, spec)
@@ -860,6 +1042,15 @@ def _check_weight_transport(args, plugin_set, problems: list[str]) -> None:
                         "two ranks on one GPU); this placement is colocated (use cuda_ipc, auto or object_store)")
 
 
+def _colocate_turned_off(args) -> bool:
+    """``--no-colocate`` on the command line, or ``colocate: false`` in ``--config`` over a recipe that turns it
+    on; ``colocate: false`` (or null) alone is the default, as a saved config.yaml writes it."""
+    source = (getattr(args, "_sources", None) or {}).get("--colocate", "")
+    if args.colocate or not source or source.startswith(RECIPE_SOURCE):
+        return False
+    return not source.startswith(YAML_SOURCE) or bool(_recipe_value(args, "--colocate"))
+
+
 def _check_cluster(args, plugin_set, problems: list[str]) -> None:
     from .dry_run import layout_problems, placement_plan
     from .plugin_options import OptionsError
@@ -879,12 +1070,12 @@ def _check_cluster(args, plugin_set, problems: list[str]) -> None:
         except ValueError as exc:
             refused = f"--placement {args.placement}: {exc}"
     sources = getattr(args, "_sources", None) or {}
-    if (not args.colocate and "--colocate" in sources and not _from_recipe(args, "--colocate")
-            and plan is not None and plan.colocated and "--placement" not in sources
+    if (_colocate_turned_off(args) and plan is not None and plan.colocated and "--placement" not in sources
             and "--rollout-num-gpus" not in sources):
         # the default placement stays colocated without --rollout-num-gpus: the engines would share the train
         # GPUs as before, only without the offloading --colocate turned on
-        problems.append(f"--no-colocate without --rollout-num-gpus: the engines would still share the train GPUs "
+        problems.append(f"{_given_as(args, '--colocate').replace('--colocate', '--no-colocate', 1)} without "
+                        "--rollout-num-gpus: the engines would still share the train GPUs "
                         f"(placement {args.placement}), now without offloading; give --rollout-num-gpus N to put "
                         "them on GPUs of their own (decoupled), or drop --no-colocate")
     if args.colocate and plan is not None and not plan.colocated:

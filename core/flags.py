@@ -757,6 +757,8 @@ def read_layer(parser: PlugrlArgumentParser, raw: dict, where: str, source: str)
 
 def read_yaml(path: str, what: str) -> dict:
     """A YAML mapping (``--config``, ``--custom-config-path``); ``what`` names the flag in errors."""
+    if Path(path).is_dir():
+        raise ConfigError(f"{what} {path}: is a directory; give the YAML file itself")
     if not Path(path).is_file():
         raise ConfigError(f"{what} {path}: file not found")
     try:
@@ -764,6 +766,8 @@ def read_yaml(path: str, what: str) -> dict:
             data = yaml.safe_load(f)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} {path}: not valid YAML ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -31,6 +31,8 @@ rollout_backend      check(config) -> list[str]
                      drops_released_weights (False, or a fn(config) -> bool)  ``release_memory(keep_weights=False)`` frees the weights
                                                      without a host copy; the colocated loop asks for it when a
                                                      full push follows every resume (core/loop.py, memory plan)
+filter               check(config) -> list[str]     config problems of the run with this filter (nonzero_std:
+                                                     groups of one), on the driver (``--dry-run`` too)
 buffer_policy        slime_adapter(path, args, n)    runs a slime ``--buffer-filter-path`` on this policy
 reward_post_processor check(args) -> list[str] (or declared options); idle_flags (dests that do nothing unless
                      it is selected)
@@ -54,7 +56,7 @@ COMMON_KEYWORDS = ("options", "check_options", "requires", "extra", "description
 REGISTER_KEYWORDS = {
     "reward": ("batched",),
     "advantage_estimator": ("needs_critic", "needs_ref_log_probs"),
-    "filter": (),
+    "filter": ("check",),
     "buffer_policy": ("slime_adapter",),
     "placement": (),
     "train_backend": ("check", "machine_check", "supplies_critic", "parallel_sizes", "memory_model", "gpu_bf16_only",

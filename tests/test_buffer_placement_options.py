@@ -59,7 +59,7 @@ class ThirdParty:
         register("spread", spread, options=SpreadOptions)
 
 
-BASE = ["--rm-type", "deepscaler", "--rollout-batch-size", "4"]
+BASE = ["--rm-type", "deepscaler", "--rollout-batch-size", "4", "--n-samples-per-prompt", "2", "--hf-checkpoint", "model"]
 
 
 def parse(argv, ps):

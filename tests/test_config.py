@@ -366,6 +366,27 @@ def test_yaml_not_a_mapping_or_missing(ps, files):
         parse_config(["--config", str(path)], ps)
     with pytest.raises(ConfigError, match="file not found"):
         parse_config(["--config", str(files["dir"] / "nope.yaml")], ps)
+    with pytest.raises(ConfigError, match=r"--config .*: is a directory; give the YAML file itself"):
+        parse_config(["--config", str(files["dir"])], ps)
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line_naming_it(ps, files):
+    path = files["dir"] / "latin1.yaml"
+    path.write_bytes("lr: 0.1  # réglé\n".encode("latin-1"))
+    for flag in ("--config", "--custom-config-path"):
+        with pytest.raises(ConfigError) as info:
+            parse_config([flag, str(path)], ps)
+        assert str(info.value).startswith(f"{flag} {path}: not UTF-8 text (byte ")
+        assert str(info.value).endswith("; save it as UTF-8")
+
+
+def test_a_second_config_is_refused_not_dropped(ps, files):
+    first = write_yaml(files["dir"] / "a.yaml", {"lr": 0.1})
+    second = write_yaml(files["dir"] / "b.yaml", {"seed": 3})
+    for argv in (["--config", first, "--config", second], [f"--config={first}", "--config", second]):
+        with pytest.raises(ConfigError, match=r"--config given 2 times \(.*a.yaml, .*b.yaml\): a run reads one config "
+                                              r"file; merge them into one"):
+            parse_config(argv, ps)
 
 
 def test_recipe_precedence(ps, files, monkeypatch):
@@ -422,6 +443,39 @@ def test_unrecognized_flag_suggests(ps):
 
 VALIDATION_CASES = [
     (["--rollout-temperature", "0"], "--rollout-temperature must be > 0"),
+    (["--rollout-temperature", "nan"], "--rollout-temperature must be > 0, got nan"),
+    (["--lr", "-0.001"], "--lr must be >= 0, got -0.001"),
+    (["--lr", "nan"], "--lr must be >= 0, got nan"),
+    (["--adam-beta1", "1"], "--adam-beta1 must be in [0, 1), got 1.0"),
+    (["--adam-beta2", "-0.5"], "--adam-beta2 must be in [0, 1), got -0.5"),
+    (["--adam-eps", "0"], "--adam-eps must be > 0, got 0.0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
+    (["--rollout-top-k", "0"], "--rollout-top-k must be -1 (no top-k) or >= 1, got 0"),
+    (["--rollout-top-k", "-2"], "--rollout-top-k must be -1 (no top-k) or >= 1, got -2"),
+    (["--rollout-stop", ""], "--rollout-stop: an empty string is no stop string (it matches everywhere); drop the"),
+    (["--eps-clip", "-0.2"], "--eps-clip must be >= 0, got -0.2"),
+    (["--eps-clip-high", "-0.2"], "--eps-clip-high must be >= 0, got -0.2"),
+    (["--use-tis", "--tis-clip", "-1"], "--tis-clip must be >= 0, got -1.0"),
+    (["--use-tis", "--tis-clip-low", "3"], "--tis-clip-low (3.0) must be <= --tis-clip (2.0)"),
+    (["--use-kl-loss", "--kl-loss-coef", "-0.1"], "--kl-loss-coef must be >= 0, got -0.1"),
+    (["--kl-coef", "-0.1"], "--kl-coef must be >= 0, got -0.1"),
+    (["--min-lr", "1e-3"], "--min-lr (0.001) must be <= --lr (1e-06): the schedule decays from --lr to --min-lr"),
+    (["--lr-warmup-fraction", "1.5"], "--lr-warmup-fraction must be in [0, 1], got 1.5"),
+    (["--lr-warmup-iters", "-1"], "--lr-warmup-iters must be >= 0, got -1"),
+    (["--lr-decay-iters", "-1"], "--lr-decay-iters must be >= 0, got -1"),
+    (["--gamma", "1.5"], "--gamma must be in [0, 1], got 1.5"),
+    (["--lambd", "-0.5"], "--lambd must be in [0, 1], got -0.5"),
+    (["--clip-grad", "-1"], "--clip-grad must be >= 0, got -1.0"),
+    (["--clip-grad", "0"], "--clip-grad 0: the torch train backend would clip every gradient to norm 0"),
+    (["--rollout-max-prompt-len", "-5"], "--rollout-max-prompt-len must be >= 1, got -5"),
+    (["--sft-warmup-steps", "1", "--sft-warmup-lr", "-1"], "--sft-warmup-lr must be >= 0, got -1.0"),
+    (["--optimizer", "sgd"], "--optimizer sgd: the torch train backend trains with adam (AdamW: --adam-beta1, "
+                             "--adam-beta2, --adam-eps, --weight-decay) only; use --optimizer adam or drop it"),
+    (["--reward-post-process", "overlong_penalty", "--rollout-max-response-len", "8", "--overlong-penalty-factor",
+      "-1"], "--overlong-penalty-factor must be >= 0 (a negative one would reward overlong responses), got -1.0"),
+    (["--train-backend", "megatron", "--attention-dropout", "1.5"], "--attention-dropout must be in [0, 1], got 1.5"),
+    (["--train-backend", "megatron", "--hidden-dropout", "-0.1"], "--hidden-dropout must be in [0, 1], got -0.1"),
+    (["--train-backend", "megatron", "--seq-length", "0"], "--seq-length must be >= 1, got 0"),
     (["--rollout-top-p", "1.5"], "--rollout-top-p must be in (0, 1]"),
     (["--rollout-top-p", "0.9"], "--rollout-top-p 0.9: training rollouts must sample the full vocabulary (1.0)"),
     (["--over-sampling-batch-size", "2"], "--over-sampling-batch-size (2) must be >= --rollout-batch-size (4)"),
@@ -433,6 +487,9 @@ VALIDATION_CASES = [
     (["--use-dynamic-batch-size"], "--use-dynamic-batch-size needs --max-tokens-per-gpu"),
     (["--advantage-estimator", "reinforce_plus_plus"], "requires --normalize-advantages"),
     (["--advantage-estimator", "rloo", "--n-samples-per-prompt", "1"], "--n-samples-per-prompt >= 2"),
+    (["--n-samples-per-prompt", "1"], "--advantage-estimator grpo with --n-samples-per-prompt 1: each reward minus "
+     "its group's mean is 0, so every advantage would be 0 and nothing would train; use --n-samples-per-prompt 2 or "
+     "more (or --disable-rewards-normalization to train on the raw rewards)"),
     (
         ["--colocate", "--async"],
         "colocated async cannot keep weights fixed during generation; drop --colocate or --async",
@@ -466,6 +523,8 @@ VALIDATION_CASES = [
     (["--eval-prompt-data", "aime"], "--eval-prompt-data: aime does not exist"),
     (["--eval-prompt-data", "a", "b", "c"], "--eval-prompt-data takes NAME PATH pairs"),
     (["--sft-warmup-steps", "5"], "--sft-warmup-steps needs --sft-warmup-data"),
+    (["--hf-checkpoint", ""], "--hf-checkpoint is required (the model to train): give a local Hugging Face "
+     "checkpoint folder"),
     (
         ["--tensor-model-parallel-size", "2"],
         (
@@ -485,8 +544,109 @@ def test_validation_rule(ps, base, extra, expected):
     assert expected in problems_of(base + extra, ps)
 
 
-def test_a_nucleus_is_refused_only_for_rollouts_that_are_trained(ps, base):
-    for argv in (["--eval-top-p", "0.9"], ["--rollout-top-p", "0.9", "--debug-rollout-only"], ["--rollout-top-p", "1"]):
+IDLE_SETTINGS = [
+    (["--eval-prompt-data", "EVAL"], "--eval-prompt-data EVAL has no effect without --eval-interval N"),
+    (["--eval-prompt-data", "EVAL", "--eval-interval", "0"], "--eval-prompt-data EVAL has no effect without"),
+    (["--eval-temperature", "0.5"], "--eval-temperature 0.5 has no effect without --eval-prompt-data NAME PATH and "
+                                    "--eval-interval N; drop --eval-temperature or add them"),
+    (["--eval-top-k", "5"], "--eval-top-k 5 has no effect without --eval-prompt-data"),
+    (["--eval-top-p", "0.5"], "--eval-top-p 0.5 has no effect without --eval-prompt-data"),
+    (["--n-samples-per-eval-prompt", "4"], "--n-samples-per-eval-prompt 4 has no effect without --eval-prompt-data"),
+    (["--eval-input-key", "q"], "--eval-input-key q has no effect without --eval-prompt-data"),
+    (["--eval-max-response-len", "64"], "--eval-max-response-len 64 has no effect without --eval-prompt-data"),
+    (["--sft-warmup-data", "EVAL"], "--sft-warmup-data EVAL has no effect without --sft-warmup-steps N; drop "
+                                    "--sft-warmup-data or add it"),
+    (["--sft-warmup-lr", "0.01"], "--sft-warmup-lr 0.01 has no effect without --sft-warmup-steps N"),
+    (["--sft-warmup-batch-size", "2"], "--sft-warmup-batch-size 2 has no effect without --sft-warmup-steps N"),
+    (["--kl-loss-coef", "0.1"], "--kl-loss-coef 0.1 has no effect without --use-kl-loss; drop --kl-loss-coef or add it"),
+    (["--tis-clip", "3"], "--tis-clip 3.0 has no effect without --use-tis"),
+    (["--tis-clip-low", "0.5"], "--tis-clip-low 0.5 has no effect without --use-tis"),
+    (["--mask-offpolicy-in-partial-rollout"], "--mask-offpolicy-in-partial-rollout has no effect without "
+                                              "--partial-rollout"),
+    (["--max-tokens-per-gpu", "512"], "--max-tokens-per-gpu 512 has no effect without --use-dynamic-batch-size"),
+    (["--wandb-project", "p"], "--wandb-project p has no effect without --use-wandb"),
+    (["--wandb-key", "s3cret"], "--wandb-key has no effect without --use-wandb"),
+]
+
+
+@pytest.mark.parametrize("extra, expected", IDLE_SETTINGS, ids=[" ".join(c[0]) for c in IDLE_SETTINGS])
+def test_settings_that_would_do_nothing_are_refused(ps, base, files, extra, expected):
+    extra = [files["eval"] if word == "EVAL" else word for word in extra]
+    message = problems_of(base + extra, ps).replace(files["eval"], "EVAL")
+    assert expected in message and "s3cret" not in message
+
+
+def test_idle_settings_count_only_when_the_user_gave_them(ps, base, files):
+    """A value equal to the default (or to what it derives from), a recipe's value, and a saved config.yaml
+    that lists every flag pass; a value with its switch passes."""
+    for argv in (["--kl-loss-coef", "0"], ["--tis-clip", "2"], ["--eval-temperature", "1.0"],
+                 ["--use-kl-loss", "--kl-loss-coef", "0.1"], ["--use-tis", "--tis-clip", "3"],
+                 ["--use-rs", "--tis-clip", "3"], ["--use-dynamic-batch-size", "--max-tokens-per-gpu", "512"],
+                 ["--sft-warmup-steps", "2", "--sft-warmup-data", files["eval"], "--sft-warmup-lr", "0.01"]):
+        check_config(parse_config(base + argv, ps), ps)
+    # the embedded default turns eval off by --eval-interval 0 and the warm-up by --sft-warmup-steps 0
+    args = parse_config(["--recipe", "tiny-default", "--hf-checkpoint", files["ckpt"], "--eval-interval", "0",
+                         "--sft-warmup-steps", "0"], ps)
+    check_config(args, ps)
+    saved = write_yaml(files["dir"] / "saved.yaml", config_to_dict(parse_config(base, ps)))
+    check_config(parse_config(["--config", saved], ps), ps)
+
+
+def test_an_idle_setting_from_the_config_file_names_the_file_and_key(ps, base, files):
+    path = write_yaml(files["dir"] / "run.yaml", {"kl_loss_coef": 0.2})
+    assert f"--kl-loss-coef 0.2 (key kl_loss_coef in {path}) has no effect without --use-kl-loss" in \
+        problems_of(base + ["--config", path], ps)
+
+
+EVAL_RANGES = [
+    (["--eval-top-p", "0"], "--eval-top-p must be in (0, 1], got 0.0"),
+    (["--eval-top-k", "0"], "--eval-top-k must be -1 (no top-k) or >= 1, got 0"),
+    (["--eval-temperature", "-0.5"], "--eval-temperature must be >= 0 (0: greedy), got -0.5"),
+    (["--eval-max-response-len", "-1"], "--eval-max-response-len must be >= 1, got -1"),
+]
+
+
+@pytest.mark.parametrize("extra, expected", EVAL_RANGES, ids=[c[0][0] for c in EVAL_RANGES])
+def test_eval_sampling_ranges(ps, base, files, extra, expected):
+    evaluated = ["--eval-prompt-data", files["eval"], "--eval-interval", "2"]
+    assert expected in problems_of(base + evaluated + extra, ps)
+    validate_config(parse_config(base + evaluated + ["--eval-temperature", "0"], ps), ps)  # greedy eval
+
+
+def test_a_bad_value_is_reported_at_its_root_not_at_the_flags_derived_from_it(ps, base):
+    message = problems_of(base + ["--rollout-batch-size", "-3"], ps)
+    assert message == "--rollout-batch-size must be >= 1, got -3"
+    message = problems_of(base + ["--rollout-top-k", "0"], ps)
+    assert "--rollout-top-k" in message and "--eval-top-k" not in message
+    validate_config(parse_config(base + ["--entropy-coef", "-0.01"], ps), ps)  # slime allows it (more entropy)
+
+
+def test_colocate_false_in_the_config_file_is_the_default_not_a_no_colocate(ps, base, files):
+    for value in (False, None):
+        path = write_yaml(files["dir"] / "run.yaml", {"colocate": value})
+        check_config(parse_config(base + ["--config", path], ps), ps)
+    # over a recipe that turns it on, it is a --no-colocate, and the message names the file and key
+    path = write_yaml(files["dir"] / "run.yaml", {"colocate": False, "recipe": "qwen3-4b-8xh100"})
+    with pytest.raises(ConfigError) as info:
+        check_config(parse_config(["--config", path], ps), ps)
+    assert f"--no-colocate (key colocate in {path}) without --rollout-num-gpus" in str(info.value)
+
+
+def test_nonzero_std_filter_refuses_groups_of_one(ps, base):
+    """A group of one has zero std: nonzero_std would drop every group and the rollout never end (its declared
+    check); the fallback variant keeps groups once too few remain, so it finishes and is allowed."""
+    one = ["--n-samples-per-prompt", "1", "--advantage-estimator", "reinforce_plus_plus", "--normalize-advantages"]
+    message = problems_of(base + one + ["--dynamic-sampling-filter", "nonzero_std"], ps)
+    assert ("--dynamic-sampling-filter nonzero_std with --n-samples-per-prompt 1: a group of one sample has zero "
+            "reward std, so every group would be dropped and the rollout would never end; use --n-samples-per-prompt "
+            "2 or more, or drop the filter") in message
+    validate_config(parse_config(base + one + ["--dynamic-sampling-filter", "nonzero_std_with_fallback"], ps), ps)
+    validate_config(parse_config(base + ["--dynamic-sampling-filter", "nonzero_std"], ps), ps)
+
+
+def test_a_nucleus_is_refused_only_for_rollouts_that_are_trained(ps, base, files):
+    evaluated = ["--eval-prompt-data", files["eval"], "--eval-interval", "2"]
+    for argv in ([*evaluated, "--eval-top-p", "0.9"], ["--rollout-top-p", "0.9", "--debug-rollout-only"], ["--rollout-top-p", "1"]):
         validate_config(parse_config(base + argv, ps), ps)
 
 
@@ -895,12 +1055,17 @@ def test_config_to_dict_round_trip_tiny_default(ps, files):
 
 
 def test_parsing_and_validation_do_not_import_torch_or_backends(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name, text in (("config.json", "{}"), ("tokenizer.json", "{}"), ("model.safetensors", "")):
+        (model / name).write_text(text)
     code = textwrap.dedent("""
         import sys
         from plugrl.core.config import parse_config, validate_config
         from plugrl.core.plugins import make_plugin_manager
         ps = make_plugin_manager(entry_points=False)
-        validate_config(parse_config(["--rollout-batch-size", "2", "--rm-type", "deepscaler"], ps), ps)
+        validate_config(parse_config(["--rollout-batch-size", "2", "--n-samples-per-prompt", "2",
+                                      "--rm-type", "deepscaler", "--hf-checkpoint", "model"], ps), ps)
         try:
             validate_config(parse_config(["--tensor-model-parallel-size", "2", "--sglang-foo", "1"], ps), ps)
         except ValueError:

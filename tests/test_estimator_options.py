@@ -105,6 +105,18 @@ def test_wrong_types_and_failed_checks_name_the_estimator(ps):
     assert "rloo needs --n-samples-per-prompt >= 2, got 1" in message
 
 
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "gspo", "cispo", "reinforce_plus_plus_baseline"])
+def test_group_centring_estimators_refuse_groups_of_one(ps, name):
+    """Reward minus the group mean is 0 for a group of one: the run would train on zero advantages."""
+    extra = ["--normalize-advantages"] if name.startswith("reinforce") else []
+    message = problems(ps, "--advantage-estimator", name, "--n-samples-per-prompt", "1", *extra)
+    assert f"--advantage-estimator {name} with --n-samples-per-prompt 1: each reward minus its group's mean is 0" \
+        in message and "use --n-samples-per-prompt 2 or more" in message
+    # without the centring the raw rewards train, one sample per prompt is fine
+    check_config(args_for(ps, "--advantage-estimator", name, "--n-samples-per-prompt", "1",
+                          "--disable-rewards-normalization", *extra), ps)
+
+
 def test_a_pair_overrides_the_flag_and_reaches_the_estimator(ps):
     args = args_for(ps, "--advantage-estimator", "reinforce_plus_plus", "--normalize-advantages",
                     "--gamma", "0.5", "--adv-opt", "gamma=0.9")

@@ -139,7 +139,7 @@ def test_the_train_worker_builds_the_backend_with_its_view(tmp_path):
     from plugrl.core.plugin_traits import default_checkpoint
     from plugrl.core.train_worker import TrainWorker
 
-    args = parse_config(["--hf-checkpoint", str(default_checkpoint())])
+    args = parse_config(["--hf-checkpoint", str(default_checkpoint()), "--n-samples-per-prompt", "2"])
     config = {**vars(args), "device": "cpu", "rollout_device": "cpu", "engine_gpu_ids": None, "engine_placement": None}
     worker = TrainWorker(config, total_optimizer_steps=1)
     backend_config = worker.backend.args

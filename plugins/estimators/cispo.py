@@ -65,7 +65,10 @@ def check_cispo(options: CISPOOptions) -> list[str]:
 class CISPOEstimator(GRPOEstimator):
     name: ClassVar[str] = "cispo"
     options_type: ClassVar[type] = CISPOOptions
-    check_options = staticmethod(check_cispo)
+
+    @classmethod
+    def check_options(cls, options: CISPOOptions) -> list[str]:
+        return check_cispo(options) + super().check_options(options)
 
     def policy_loss(self, log_probs, ppo_kl, advantages, args: Any = None):
         """Train actors, per micro-batch (from ``compute_rl_loss``): the CISPO term instead of PPO's."""

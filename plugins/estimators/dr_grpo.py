@@ -9,7 +9,8 @@ two normalisations, which bias the update towards long wrong answers and easy/ha
   ``(1/G) Σ_i Σ_t m_it ℓ_it / C``. Declared as ``loss_agg_mode``; ``--loss-agg-mode`` overrides it.
 
 ``grpo --disable-grpo-std-normalization --loss-agg-mode seq-mean-token-sum-norm`` is the same run.
-Options (``DrGRPOOptions``): ``disable_rewards_normalization`` (flag or ``--adv-opt``).
+Options (``DrGRPOOptions``): ``disable_rewards_normalization`` (flag or ``--adv-opt``) and the run's group
+size (``--n-samples-per-prompt``, at least 2 while the rewards are centred).
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ from typing import ClassVar
 
 from plugrl.core import hookimpl
 from plugrl.core.loss_options import SEQ_MEAN_TOKEN_SUM_NORM
+from plugrl.core.plugin_options import RUN_SETTING
 
 from .grpo import GRPOEstimator
 
 
 @dataclasses.dataclass
 class DrGRPOOptions:
+    n_samples_per_prompt: int | None = dataclasses.field(default=None, metadata={
+        "help": "samples per prompt (--n-samples-per-prompt); at least 2 unless disable_rewards_normalization",
+        RUN_SETTING: True})
     disable_rewards_normalization: bool = dataclasses.field(default=False, metadata={
         "help": "train on the raw rewards (no centering)"})
 

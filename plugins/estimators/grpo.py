@@ -3,7 +3,8 @@
 Rollout side (``shape_rewards``, in the rollout manager): within each group of ``n`` samples of one
 prompt, ``r ← r − mean``; then, unless ``--disable-grpo-std-normalization`` (Dr.GRPO) or ``n == 1``,
 ``r ← r / (std + 1e-6)`` with the unbiased (N−1) std taken after centering.
-``--disable-rewards-normalization`` skips all of it.
+``--disable-rewards-normalization`` skips all of it. With ``n == 1`` and the centring on, every
+advantage is 0 (nothing trains): the driver refuses that (``group_size_problems``).
 Train side (``compute``, in the train actors): ``A_t = R_t = r`` for every response token; the
 reward-shaping KL (``--kl-coef``) never enters GRPO advantages (use ``--use-kl-loss``).
 Options (``GRPOOptions``; also ``gspo``'s and the base of ``cispo``'s): the three flags above, each also
@@ -31,6 +32,19 @@ class GRPOOptions:
         "help": "train on the raw rewards (no group normalisation)"})
     disable_grpo_std_normalization: bool = dataclasses.field(default=False, metadata={
         "help": "center on the group mean only, no std division (Dr.GRPO)"})
+
+
+def group_size_problems(name: str, options) -> list[str]:
+    """Driver check of an estimator that centres each reward on its group's mean: a group of one sample
+    centres every reward to 0, so the run would train on all-zero advantages (loss 0, grad norm 0).
+    ``--disable-rewards-normalization`` (where the estimator has it) skips the centring, so n=1 is fine."""
+    n = getattr(options, "n_samples_per_prompt", None)
+    if n is None or n >= 2 or getattr(options, "disable_rewards_normalization", False):
+        return []
+    raw = " (or --disable-rewards-normalization to train on the raw rewards)" if hasattr(
+        options, "disable_rewards_normalization") else ""
+    return [f"--advantage-estimator {name} with --n-samples-per-prompt {n}: each reward minus its group's mean is "
+            f"0, so every advantage would be 0 and nothing would train; use --n-samples-per-prompt 2 or more{raw}"]
 
 
 def as_groups(rewards):
@@ -72,6 +86,10 @@ class GRPOEstimator(OptionsEstimator):
     normalizes_group_rewards: ClassVar[bool] = True
     # The trainer uses ``getattr(estimator, "sequence_level_ratio", False)`` to pick the PPO ratio.
     sequence_level_ratio: ClassVar[bool] = False
+
+    @classmethod
+    def check_options(cls, options) -> list[str]:
+        return group_size_problems(cls.name, options)
 
     def std_normalize(self, group_size: int) -> bool:
         if self.options.disable_grpo_std_normalization:

@@ -48,6 +48,9 @@ class ReinforceBaselineOptions:
     normalize_advantages: bool = dataclasses.field(default=False, metadata=NORMALIZE)
     disable_rewards_normalization: bool = dataclasses.field(default=False, metadata={
         "help": "train on the raw rewards (no group-mean centering)"})
+    n_samples_per_prompt: int | None = dataclasses.field(default=None, metadata={
+        "help": "samples per prompt (--n-samples-per-prompt); at least 2 unless disable_rewards_normalization",
+        RUN_SETTING: True})
 
 
 def check_kl_options(args: Any) -> None:
@@ -109,6 +112,12 @@ class ReinforcePlusPlusBaselineEstimator(_ReinforceBase):
     name: ClassVar[str] = "reinforce_plus_plus_baseline"
     options_type: ClassVar[type] = ReinforceBaselineOptions
     normalizes_group_rewards: ClassVar[bool] = True
+
+    @classmethod
+    def check_options(cls, options: ReinforceBaselineOptions) -> list[str]:
+        from .grpo import group_size_problems
+
+        return super().check_options(options) + group_size_problems(cls.name, options)
 
     def shape_rewards(self, rewards):
         from .grpo import group_normalize

@@ -5,6 +5,10 @@ so it costs a training step and teaches nothing. Called in the rollout manager o
 group; semantics follow slime's ``check_reward_nonzero_std`` (float64, unbiased std, threshold 1e-6,
 reason ``zero_std_<round(rewards[0], 1)>`` of the reward as given: ``zero_std_1`` for an int 1,
 ``zero_std_1.0`` for a float).
+
+A group of one sample has no spread, so ``nonzero_std`` would drop every group and the rollout would never
+end: the driver refuses it with ``--n-samples-per-prompt 1`` (``group_size_problems``, the filter's declared
+``check``). ``nonzero_std_with_fallback`` still finishes (it keeps groups once too few remain), so it is allowed.
 """
 
 from __future__ import annotations
@@ -53,9 +57,20 @@ class RewardKeyOptions:
     reward_key: str | None = dataclasses.field(default=None, metadata={"help": "key of a dict reward"})
 
 
+def group_size_problems(config) -> list[str]:
+    """Driver check of ``nonzero_std`` (its ``check`` trait): a group of one has zero std, so every group
+    would be dropped and dynamic sampling would generate forever."""
+    n = getattr(config, "n_samples_per_prompt", None)
+    if n is None or n >= 2:
+        return []
+    return [f"--dynamic-sampling-filter nonzero_std with --n-samples-per-prompt {n}: a group of one sample has zero "
+            "reward std, so every group would be dropped and the rollout would never end; use "
+            "--n-samples-per-prompt 2 or more, or drop the filter"]
+
+
 @hookimpl
 def plugrl_register_filters(register):
-    register("nonzero_std", nonzero_std, options=RewardKeyOptions,
+    register("nonzero_std", nonzero_std, options=RewardKeyOptions, check=group_size_problems,
              description="drop groups whose rewards all agree (std <= 1e-6); option reward_key")
     register("nonzero_std_with_fallback", nonzero_std_with_fallback, options=RewardKeyOptions,
              description="nonzero_std, but keep zero-std groups rather than over-sample again")

@@ -85,6 +85,9 @@ def check_overlong(options: OverlongOptions) -> list[str]:
         return ["--reward-post-process overlong_penalty needs --rollout-max-response-len"]
     if not 1 <= options.buffer_len() <= max_len:
         return [f"--overlong-buffer-len must be in 1..{max_len} (--rollout-max-response-len), got {options.buffer_len()}"]
+    factor = options.overlong_penalty_factor
+    if factor is not None and not 0 <= float(factor) < float("inf"):
+        return [f"--overlong-penalty-factor must be >= 0 (a negative one would reward overlong responses), got {factor}"]
     return []
 
 

@@ -97,6 +97,17 @@ def _architecture_problems(args) -> list[str]:
     return []
 
 
+def _range_problems(args) -> list[str]:
+    """Model flags megatron-core would refuse (or misuse) in a train actor, long after start."""
+    problems = [f"--{dest.replace('_', '-')} must be in [0, 1], got {value}"
+                for dest in ("attention_dropout", "hidden_dropout")
+                if (value := getattr(args, dest, None)) is not None and not 0 <= value <= 1]
+    seq_length = getattr(args, "seq_length", None)
+    if seq_length is not None and seq_length < 1:
+        problems.append(f"--seq-length must be >= 1, got {seq_length}")
+    return problems
+
+
 def backend_problems(args) -> list[str]:
     """What plugrl's megatron backend cannot run, found on the driver before any actor or GPU (and
     again in each train actor). Each problem names the flag and what to use instead."""
@@ -119,6 +130,7 @@ def backend_problems(args) -> list[str]:
     except ValueError as exc:
         problems.append(str(exc))
     problems.extend(_architecture_problems(args))
+    problems.extend(_range_problems(args))
     from plugrl.core.config import import_path_problems
 
     problems.extend(import_path_problems(args, HOOK_FLAGS))

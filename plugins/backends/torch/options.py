@@ -77,9 +77,24 @@ def grad_cache_bytes(value, device, entropy_coef: float) -> int:
     return int(min(AUTO_GRAD_CACHE_GIB * 2**30, free // 2))
 
 
+def optimizer_problems(config) -> list[str]:
+    """The torch backend always builds AdamW (``trainer.py``): another --optimizer would be ignored; and its
+    clip_grad_norm_ scales every gradient to 0 at --clip-grad 0 (Megatron reads 0 as 'no clipping')."""
+    problems = []
+    optimizer = getattr(config, "optimizer", None)
+    if optimizer not in (None, "adam"):
+        problems.append(f"--optimizer {optimizer}: the torch train backend trains with adam (AdamW: --adam-beta1, "
+                        "--adam-beta2, --adam-eps, --weight-decay) only; use --optimizer adam or drop it")
+    if getattr(config, "clip_grad", None) == 0:
+        problems.append("--clip-grad 0: the torch train backend would clip every gradient to norm 0 (no update); "
+                        "give a large value such as 1e9 to turn clipping off")
+    return problems
+
+
 def backend_problems(config) -> list[str]:
     """The torch backend's config check, on the driver (``--dry-run`` too)."""
     problems = liger.driver_problems(config.liger_kernels, config.device)
+    problems.extend(optimizer_problems(config))
     try:
         grad_cache_gib(getattr(config, "log_prob_grad_cache", None))
     except ValueError as exc:
