@@ -47,6 +47,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -245,17 +246,18 @@ def set_aside_rows(output_dir: str | os.PathLike, from_rollout: int) -> int:
         return 0
     _drop_partial_last_line(path)
     keep, moved = [], []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+    # surrogateescape: a damaged (non-UTF-8) byte in some line is carried through unchanged, not a crash
+    for line in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines(keepends=True):
         try:
             rollout_id = json.loads(line).get("rollout_id")
         except (ValueError, AttributeError):
             rollout_id = None
         (moved if isinstance(rollout_id, int) and rollout_id >= from_rollout else keep).append(line)
     if moved:
-        with open(Path(output_dir) / "metrics.superseded.jsonl", "a", encoding="utf-8") as f:
+        with open(Path(output_dir) / "metrics.superseded.jsonl", "a", encoding="utf-8", errors="surrogateescape") as f:
             f.writelines(moved)
         tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(keep), encoding="utf-8")
+        tmp.write_text("".join(keep), encoding="utf-8", errors="surrogateescape")
         os.replace(tmp, path)  # atomic: a kill now leaves either file whole
     return len(moved)
 
@@ -286,14 +288,20 @@ def start_fresh_metrics(output_dir: str | os.PathLike) -> Path | None:
 
 
 def _drop_partial_last_line(path: Path) -> None:
-    """A run killed mid-write leaves a cut-off last line; drop it so a resumed run appends whole lines."""
+    """A run killed mid-write leaves a cut-off last line; move it out so a resumed run appends whole lines.
+    The cut bytes are appended to ``<name>.cut`` beside the file (kept, not read as metrics)."""
     if not path.exists() or path.stat().st_size == 0:
         return
     with open(path, "rb+") as f:
         data = f.read()
         if data.endswith(b"\n"):
             return
-        f.truncate(data.rfind(b"\n") + 1)
+        end = data.rfind(b"\n") + 1
+        with open(path.with_name(path.name + ".cut"), "ab") as cut:
+            cut.write(data[end:] + b"\n")
+        f.truncate(end)
+    warnings.warn(f"{path}: its last line was cut off (the run was killed while writing it); moved it to "
+                  f"{path.name}.cut", stacklevel=2)
 
 
 class MetricsLogger:

@@ -287,7 +287,8 @@ def test_resumed_logger_drops_a_cut_off_last_line(tmp_path):
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"rollout_id": 0, "phase": "train", "x": 1}\n{"rollout_id": 1, "pha')
-    logger = MetricsLogger(tmp_path)
+    with pytest.warns(UserWarning, match="moved it to metrics.jsonl.cut"):
+        logger = MetricsLogger(tmp_path)
     logger.log(1, {"x": 2}, phase="train")
     logger.close()
     rows = read_metrics(path)

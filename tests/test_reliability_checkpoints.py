@@ -84,6 +84,20 @@ def test_resume_moves_lines_of_rollouts_to_be_rerun_aside(tmp_path):
     assert [r["rollout_id"] for r in read_metrics(tmp_path / "metrics.superseded.jsonl")] == [2, 3]
 
 
+def test_resume_keeps_a_cut_last_line_and_damaged_bytes(tmp_path):
+    """A run killed mid-write cuts its last line: it goes to metrics.jsonl.cut (with a warning), not away.
+    A non-UTF-8 byte in a kept line is carried through unchanged instead of failing the resume."""
+    metrics_file(tmp_path / "metrics.jsonl", [0, 1, 2])
+    damaged = (tmp_path / "metrics.jsonl").read_bytes().replace(b'"phase": "sft"', b'"phase": "s\xfft"')
+    (tmp_path / "metrics.jsonl").write_bytes(damaged + b'{"rollout_id": 3, "pha')
+    with pytest.warns(UserWarning, match="last line was cut off"):
+        assert set_aside_rows(tmp_path, 2) == 1
+    assert (tmp_path / "metrics.jsonl.cut").read_bytes() == b'{"rollout_id": 3, "pha\n'
+    assert b"s\xfft" in (tmp_path / "metrics.jsonl").read_bytes()
+    assert [r["rollout_id"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [-1, 0, 1]
+    assert [r["rollout_id"] for r in read_metrics(tmp_path / "metrics.superseded.jsonl")] == [2]
+
+
 def test_prepare_dirs_on_resume_and_on_a_fresh_run(tmp_path, capsys):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     out.mkdir()
