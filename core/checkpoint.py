@@ -140,6 +140,33 @@ def delete_checkpoints(root: str) -> list[str]:
     return removed
 
 
+def checkpoint_damage(path: str) -> str | None:
+    """What is wrong with a finished checkpoint directory, or None when it looks whole: ``meta.json`` and
+    ``rollout_state.json`` must parse, and every ``*.pt`` must be a complete torch zip archive (its central
+    directory is written last, so a cut file has none). Checked on the driver before a resume; cheap
+    (reads no tensor). Our own writes are atomic, so damage means the files were changed afterwards."""
+    import zipfile
+
+    if checkpoint_rollout_id(path) is None:
+        return "its meta.json is missing or unreadable"
+    try:
+        with open(os.path.join(path, "rollout_state.json")) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return "its rollout_state.json is missing or unreadable"
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".pt") and not zipfile.is_zipfile(os.path.join(path, name)):
+            return f"its {name} is cut short or damaged (not a complete torch archive)"
+    return None
+
+
+def newest_whole_checkpoint(root: str) -> str | None:
+    """The highest ``rollout_*`` of ``root`` without ``checkpoint_damage``, else None."""
+    names = sorted((n for n in os.listdir(root) if n.startswith("rollout_") and os.path.isdir(os.path.join(root, n))),
+                   reverse=True) if root and os.path.isdir(root) else []
+    return next((os.path.join(root, n) for n in names if checkpoint_damage(os.path.join(root, n)) is None), None)
+
+
 def checkpoint_rollout_id(path: str) -> int | None:
     """The rollout id a checkpoint directory was saved after (its ``meta.json``), None if unreadable."""
     try:
@@ -147,3 +174,45 @@ def checkpoint_rollout_id(path: str) -> int | None:
             return int(json.load(f)["rollout_id"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+LOCK_NAME = ".plugrl-run.lock"
+
+
+class SaveDirLock:
+    """Held by the driver for a whole run so that two runs never write checkpoints into one ``--save``
+    (their ``rollout_*`` folders would interleave, and the second one's start-up tidying would delete the
+    first one's checkpoint in progress). An OS file lock (``flock``): it goes away with the process, so a
+    killed run leaves nothing to clean up. On a filesystem without locks the run goes on unguarded."""
+
+    def __init__(self, root: str):
+        self.path = os.path.join(root, LOCK_NAME)
+        self._file = None
+
+    def acquire(self, owner: str) -> str | None:
+        """Take the lock; None when taken, else who holds it (what that run wrote into the lock file)."""
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        f = open(self.path, "a+")  # noqa: SIM115 (held open for the run)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            return holder
+        except OSError:  # no locking on this filesystem (some network mounts)
+            f.close()
+            return None
+        f.seek(0)
+        f.truncate()
+        f.write(owner + "\n")
+        f.flush()
+        self._file = f
+        return None
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None

@@ -11,6 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from plugrl.core.checkpoint import (
+    SaveDirLock,
+    checkpoint_damage,
+    newest_whole_checkpoint,
     checkpoint_rollout_id,
     clean_interrupted_writes,
     delete_checkpoints,
@@ -29,6 +32,34 @@ def save(root, rollout_id, text="weights"):
         Path(tmp, "meta.json").write_text(json.dumps({"rollout_id": rollout_id}))
 
     return write_checkpoint_atomically(str(root), rollout_id, write)
+
+
+def whole_checkpoint(root, rollout_id):
+    """A checkpoint with the files the loop and the torch backend write (a real torch archive)."""
+    import torch
+
+    def write(tmp):
+        torch.save({"w": torch.arange(4.0)}, Path(tmp, "train_state.pt"))
+        Path(tmp, "rollout_state.json").write_text(json.dumps({"offset": rollout_id}))
+        Path(tmp, "meta.json").write_text(json.dumps({"rollout_id": rollout_id}))
+
+    return Path(write_checkpoint_atomically(str(root), rollout_id, write))
+
+
+def test_damaged_checkpoints_are_named_and_the_newest_whole_one_found(tmp_path):
+    whole_checkpoint(tmp_path, 3)
+    newest = whole_checkpoint(tmp_path, 5)
+    assert checkpoint_damage(str(newest)) is None
+    archive = (newest / "train_state.pt").read_bytes()
+    (newest / "train_state.pt").write_bytes(archive[: len(archive) // 2])  # a cut copy
+    assert checkpoint_damage(str(newest)) == "its train_state.pt is cut short or damaged (not a complete torch archive)"
+    assert newest_whole_checkpoint(str(tmp_path)) == str(tmp_path / "rollout_000003")
+    (newest / "train_state.pt").write_bytes(archive)
+    (newest / "meta.json").unlink()
+    assert checkpoint_damage(str(newest)) == "its meta.json is missing or unreadable"
+    (newest / "meta.json").write_text(json.dumps({"rollout_id": 5}))
+    (newest / "rollout_state.json").write_text("{cut")
+    assert checkpoint_damage(str(newest)) == "its rollout_state.json is missing or unreadable"
 
 
 def test_orphan_temp_folders_are_removed_and_checkpoints_kept(tmp_path):
@@ -189,3 +220,28 @@ def test_checkpoints_follow_save_interval_and_the_last_rollout(save, interval, e
 
     args = SimpleNamespace(save=save, save_interval=interval)
     assert [r for r in range(5) if saves_after(args, r, last_rollout=4)] == expected
+
+
+def test_one_run_at_a_time_holds_a_save_directory(tmp_path):
+    """A second holder (here another process, as a second run would be) is refused and told who holds it;
+    the lock goes away with its holder, also when that process dies without releasing it."""
+    import subprocess
+    import sys
+
+    hold = ("import sys, time; from plugrl.core.checkpoint import SaveDirLock; "
+            "lock = SaveDirLock(sys.argv[1]); assert lock.acquire('run A (pid 1, output runs/a)') is None; "
+            "print('held', flush=True); time.sleep(60)")
+    other = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        assert SaveDirLock(str(tmp_path)).acquire("run B") == "run A (pid 1, output runs/a)"
+    finally:
+        other.kill()  # dies holding it
+        other.wait()
+    lock = SaveDirLock(str(tmp_path))
+    assert lock.acquire("run B") is None
+    second = SaveDirLock(str(tmp_path))
+    assert second.acquire("run C") == "run B"  # a second open in one process is refused too
+    lock.release()
+    assert second.acquire("run C") is None
+    second.release()
