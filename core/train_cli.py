@@ -119,6 +119,7 @@ def main(argv: list[str]) -> int:
     from .loop import ActorDiedError
     from .plugin_call import PluginCallError
     from .reward_call import RewardError
+    from ray.exceptions import RayTaskError
 
     progress = ProgressBars()
     try:
@@ -132,6 +133,13 @@ def main(argv: list[str]) -> int:
             from .checkpoint import stopped_run_hint
 
             print(f"plugrl train: {stopped_run_hint(args.output_dir, args.save)}", file=sys.stderr)
+        return 1
+    except RayTaskError as exc:  # anything else an actor method raised: one line, the traceback in a file
+        progress.close()
+        print(f"\nplugrl train: error: {actor_failure_line(exc, args.output_dir)}", file=sys.stderr)
+        from .checkpoint import stopped_run_hint
+
+        print(f"plugrl train: {stopped_run_hint(args.output_dir, args.save)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: the loop's cleanup has stopped the actors; say what is kept
         progress.close()
@@ -155,6 +163,16 @@ def main(argv: list[str]) -> int:
         else:
             print(f"{key}: last eval {last:.3f}")
     return 0
+
+
+def actor_failure_line(exc, output_dir: str) -> str:
+    """The error line for an exception an actor method raised (after the loop stopped the actors and
+    closed the metrics file): which actor and method, the original exception, and where its full
+    traceback was written."""
+    from .run_errors import task_error_line, write_error_log
+
+    log = write_error_log(output_dir, exc)
+    return task_error_line(exc) + (f" (full traceback in {log})" if log else "")
 
 
 def warn_plugin_problems(plugin_set) -> None:
