@@ -3,8 +3,9 @@ the file (and line) and what to do.
 
 ``value_problems`` (the values alone: the same on every machine) feeds ``config_problems``;
 ``machine_problems`` (files and imports this machine must have) feeds ``environment_problems``, so both
-``plugrl train --dry-run`` and the start of ``plugrl train`` report them. Nothing here imports torch,
-transformers or Ray: reading a config.json, a few directory listings and the data files is enough.
+``plugrl train --dry-run`` and the start of ``plugrl train`` report them. Nothing here imports torch
+or Ray; transformers only for the model's tokenizer, to measure the prompts after the chat template
+(``core/prompt_check.py``).
 """
 
 from __future__ import annotations
@@ -318,7 +319,7 @@ def _signature_problem(dest: str, fn) -> str | None:
 
 def data_problems(args) -> list[str]:
     """Prompt, eval and SFT files read and parsed here, so a bad row is reported as ``file, line N: ...``
-    before any actor starts (chat templates are applied later, in the rollout manager)."""
+    before any actor starts; then the prompts' lengths after the chat template (``length_problems``)."""
     from .data import DataError, load_prompt_dataset
 
     problems = []
@@ -333,18 +334,41 @@ def data_problems(args) -> list[str]:
     for spec in eval_paths:
         specs.append(("--eval-prompt-data", spec, getattr(args, "eval_input_key", None) or args.input_key,
                       getattr(args, "eval_label_key", None) or args.label_key))
+    readable = []
     for flag, spec, input_key, label_key in specs:
         if not _exists(spec):
             continue  # config._check_paths names it
         try:
             load_prompt_dataset(spec, input_key=input_key, label_key=label_key, **common)
+            readable.append((flag, spec, input_key, label_key))
         except DataError as exc:
             problems.append(f"{flag}: {exc}")
         except Exception as exc:  # noqa: BLE001 - unreadable file, parquet error, ...
             problems.append(f"{flag} {spec}: cannot read it ({type(exc).__name__}: {exc})")
+    problems += length_problems(args, readable, common)
     sft = getattr(args, "sft_warmup_data", None)
     if sft and getattr(args, "sft_warmup_steps", 0) and _exists(sft):
         problems += sft_data_problems(sft)
+    return problems
+
+
+def length_problems(args, specs: list[tuple[str, str, str, str | None]], common: dict) -> list[str]:
+    """The parsed prompt files, templated and tokenized with the model's tokenizer (``core/prompt_check.py``):
+    prompts the model's context cannot hold, a ``--rollout-max-prompt-len`` that drops every prompt.
+    Skipped when the model folder has no usable tokenizer (``model_problems`` says why)."""
+    if not specs or model_problems(args) or not getattr(args, "hf_checkpoint", None):
+        return []
+    from .prompt_check import load_tokenizer, prompt_length_problems
+
+    tokenizer = load_tokenizer(args.hf_checkpoint)
+    if tokenizer is None:
+        return []
+    problems = []
+    for flag, spec, input_key, label_key in specs:
+        data_kwargs = {**common, "input_key": input_key, "label_key": label_key,
+                       "apply_chat_template": bool(getattr(args, "apply_chat_template", False)),
+                       "apply_chat_template_kwargs": getattr(args, "apply_chat_template_kwargs", None) or None}
+        problems += prompt_length_problems(args, flag, spec, data_kwargs, tokenizer, filtered=flag == "--prompt-data")
     return problems
 
 
