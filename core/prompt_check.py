@@ -168,3 +168,54 @@ def prompt_length_problems(args, flag: str, spec: str, data_kwargs: dict, tokeni
     if context is not None and not problems[0]:
         problems.append(over_context_problem(flag, scan, args, context, filtered=filtered))
     return [p for p in problems if p]
+
+
+# ---- run length ---------------------------------------------------------------------------------------
+def run_length_problems(args) -> list[str]:
+    """How long to train must be known on the driver (slime requires --num-rollout or --num-epoch):
+    without --prompt-data only --num-rollout can say it (an epoch is a pass over --prompt-data)."""
+    if getattr(args, "prompt_data", None) or getattr(args, "num_rollout", None) is not None:
+        return []
+    if getattr(args, "num_epoch", None) is not None:
+        return [f"--num-epoch {args.num_epoch} counts passes over --prompt-data, which is not given; give "
+                "--prompt-data, or --num-rollout N for N rollouts"]
+    return ["--num-rollout is required without --prompt-data (how many rollouts to train); --num-epoch counts "
+            "passes over --prompt-data instead"]
+
+
+def training_prompt_count(args) -> int:
+    """Prompts the rollout manager will load from --prompt-data: rows that parse, less those over
+    ``--rollout-max-prompt-len`` (then every row is tokenized, as the rollout manager does at start)."""
+    from .data import load_prompt_dataset
+
+    common = {"input_key": args.input_key, "label_key": args.label_key,
+              "metadata_key": getattr(args, "metadata_key", "metadata") or "metadata",
+              "tool_key": getattr(args, "tool_key", "tools") or "tools",
+              "skip_bad_rows": bool(getattr(args, "skip_bad_rows", False))}
+    limit = getattr(args, "rollout_max_prompt_len", None)
+    if limit is None:
+        return len(load_prompt_dataset(args.prompt_data, **common))
+    scan = getattr(args, "_prompt_scan", None)
+    if scan is None or not scan.complete:
+        common.update(apply_chat_template=bool(getattr(args, "apply_chat_template", False)),
+                      apply_chat_template_kwargs=getattr(args, "apply_chat_template_kwargs", None) or None)
+        scan = scan_prompts(args.prompt_data, load_tokenizer(args.hf_checkpoint), common, rows=None)
+    return len(scan.kept(limit))
+
+
+def resolve_num_rollout(args) -> str | None:
+    """``--num-epoch E`` without ``--num-rollout`` (on the driver, after the checks): sets ``num_rollout =
+    (prompts // --rollout-batch-size) * E`` as slime does, and ``_rollouts_per_epoch``. Returns a problem
+    when an epoch is shorter than one rollout, else None."""
+    if args.num_rollout is not None or args.num_epoch is None or not args.prompt_data:
+        return None
+    prompts = training_prompt_count(args)
+    per_epoch = prompts // int(args.rollout_batch_size)
+    if per_epoch < 1:
+        return (f"--num-epoch {args.num_epoch}: --prompt-data {args.prompt_data} has {prompts} prompts"
+                f"{' after --rollout-max-prompt-len' if getattr(args, 'rollout_max_prompt_len', None) else ''}, "
+                f"fewer than one rollout of --rollout-batch-size {args.rollout_batch_size}; lower "
+                "--rollout-batch-size or give --num-rollout")
+    args.num_rollout = per_epoch * int(args.num_epoch)
+    args._rollouts_per_epoch, args._epoch_prompts = per_epoch, prompts
+    return None

@@ -89,6 +89,8 @@ def main(argv: list[str]) -> int:
             missing = environment_problems(args, plugin_set)
         else:
             validate_config(args, plugin_set)
+        if not (args.dry_run and missing):  # the data is there to count
+            run_length(args)
     except (ConfigError, PluginError) as exc:
         print(f"plugrl train: error: {exc}", file=sys.stderr)
         return 2
@@ -163,6 +165,17 @@ def main(argv: list[str]) -> int:
         else:
             print(f"{key}: last eval {last:.3f}")
     return 0
+
+
+def run_length(args) -> None:
+    """``--num-epoch`` without ``--num-rollout``: the number of rollouts, from the prompts the run will load
+    (on the driver, so the start line, the dry run and the LR schedule know it)."""
+    from .flags import ConfigError
+    from .prompt_check import resolve_num_rollout
+
+    problem = resolve_num_rollout(args)
+    if problem:
+        raise ConfigError(problem)
 
 
 def actor_failure_line(exc, output_dir: str) -> str:
