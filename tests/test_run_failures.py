@@ -65,3 +65,22 @@ def test_a_task_error_mid_run_is_one_line_with_the_stop_hint_and_keeps_metrics(m
     assert "ray::RolloutManager.generate()" in log and "ValueError: prompt of 1202 tokens does not fit" in log
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["rollout_id"] for r in rows if r["phase"] == "train"] == [0]
+
+
+def test_a_wrong_reward_key_names_the_flag_and_the_keys_the_reward_returned():
+    from plugrl.core.plugin_call import PluginCallError, calling
+    from plugrl.core.train_data import shaped_rewards
+    from plugrl.core.types import Sample
+
+    sample = Sample(prompt="1+1", reward={"acc": 1.0, "pred": 2.0})
+    message = ("--reward-key score: the reward returned a dict without that key (its keys: 'acc', 'pred'); "
+               "pass --reward-key with one of them")
+    with pytest.raises(ValueError) as raised:
+        sample.get_reward_value(reward_key="score")
+    assert str(raised.value) == message
+    assert sample.get_reward_value(reward_key="acc") == 1.0
+    # in the rollout manager it surfaces as the one line of the rewards-and-advantages step
+    with pytest.raises(PluginCallError, match=r"raised ValueError: --reward-key score: the reward returned a dict "
+                                              r"without that key \(its keys: 'acc', 'pred'\)"):
+        with calling("the rollout's rewards and advantages (--advantage-estimator grpo)"):
+            shaped_rewards([[sample, sample]], None, "score")
