@@ -188,8 +188,6 @@ def _train_lines(args: argparse.Namespace, plan) -> list[str]:
 
 
 def _rollout_lines(args: argparse.Namespace, plan) -> list[str]:
-    if args.debug_train_only:
-        return ["rollout: none (--debug-train-only)"]
     external = external_engines(args)
     if external:
         return [f"rollout: {args.rollout_backend} backend, external engines {' '.join(external)} (no local engines)"]

@@ -35,7 +35,8 @@ CHECKPOINT_MARKERS = ("latest",)
 
 # ---- values -------------------------------------------------------------------------------------------
 def value_problems(args) -> list[str]:
-    """Reward limits: ``--reward-timeout`` > 0 and ``--reward-error-threshold`` in (0, 1]; a run length."""
+    """Reward limits: ``--reward-timeout`` > 0 and ``--reward-error-threshold`` in (0, 1]; a run length;
+    the debug modes (``core/debug_modes.py``)."""
     problems = []
     timeout = getattr(args, "reward_timeout", None)
     if timeout is not None and not timeout > 0:
@@ -43,9 +44,11 @@ def value_problems(args) -> list[str]:
     threshold = getattr(args, "reward_error_threshold", None)
     if threshold is not None and not 0 < threshold <= 1:
         problems.append(f"--reward-error-threshold is a fraction of a rollout's samples in (0, 1], got {threshold:g}")
+    from .debug_modes import debug_mode_problems
     from .prompt_check import run_length_problems
 
     problems += run_length_problems(args)
+    problems += debug_mode_problems(args)
     return problems
 
 
