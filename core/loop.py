@@ -136,7 +136,9 @@ class Cluster:
             init_kwargs = {"runtime_env": {"env_vars": env}, "include_dashboard": False, "log_to_driver": True,
                            "configure_logging": True, "logging_level": logging.WARNING}
             if args.ray_address:
-                ray.init(address=args.ray_address, **init_kwargs)
+                from .ray_connect import join_cluster
+
+                join_cluster(args.ray_address, **init_kwargs)
             else:
                 # One logical CPU per train rank plus the rollout manager, even on a 2-core box: the
                 # ranks split the real cores between them (TrainWorker.build).

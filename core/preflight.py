@@ -46,7 +46,9 @@ def value_problems(args) -> list[str]:
         problems.append(f"--reward-error-threshold is a fraction of a rollout's samples in (0, 1], got {threshold:g}")
     from .debug_modes import debug_mode_problems
     from .prompt_check import run_length_problems
+    from .ray_connect import ray_address_problems
 
+    problems += ray_address_problems(args)
     problems += run_length_problems(args)
     problems += debug_mode_problems(args)
     return problems
@@ -55,13 +57,17 @@ def value_problems(args) -> list[str]:
 # ---- this machine ------------------------------------------------------------------------------------
 def machine_problems(args, plugin_set=None) -> list[str]:
     """Everything this machine must offer the run: writable --save, an existing --load, a complete model
-    folder, importable ``--*-path`` functions with the right signature, readable and parseable data files."""
+    folder, importable ``--*-path`` functions with the right signature, readable and parseable data files, a
+    Ray cluster at ``--ray-address``."""
     problems = []
     problems += save_problems(args)
     problems += load_problems(args)
     problems += model_problems(args)
     problems += import_problems(args)
     problems += data_problems(args)
+    from .ray_connect import ray_reachability_problems
+
+    problems += ray_reachability_problems(args)  # a cluster that is not there: before the run writes anything
     return problems
 
 

@@ -123,6 +123,8 @@ def main(argv: list[str]) -> int:
     from .reward_call import RewardError
     from ray.exceptions import RayTaskError
 
+    from .ray_connect import ClusterConnectError
+
     progress = ProgressBars()
     try:
         summary = run_training(args, plugin_set, logger_=metrics_logger, on_phase=progress.on_phase,
@@ -135,6 +137,10 @@ def main(argv: list[str]) -> int:
             from .checkpoint import stopped_run_hint
 
             print(f"plugrl train: {stopped_run_hint(args.output_dir, args.save)}", file=sys.stderr)
+        return 1
+    except ClusterConnectError as exc:  # --ray-address: no cluster to join (nothing ran, nothing to resume)
+        progress.close()
+        print(f"\nplugrl train: error: {exc}", file=sys.stderr)
         return 1
     except RayTaskError as exc:  # anything else an actor method raised: one line, the traceback in a file
         progress.close()
