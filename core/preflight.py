@@ -281,7 +281,6 @@ def _missing_shards(path: Path, flag: str) -> list[str]:
 def import_problems(args) -> list[str]:
     """Each ``--custom-rm-path`` and slime ``--*-path`` function importable here and callable the way
     plugrl calls it."""
-    from .registry import import_object
     from .slime_compat import missing_slime_path
 
     problems = []
@@ -294,28 +293,38 @@ def import_problems(args) -> list[str]:
             continue  # unset, or malformed (config.import_path_problems says so)
         if missing_slime_path(value):
             continue  # config.slime_path_problems says what plugrl uses instead
-        flag = f"--{dest.replace('_', '-')} {value}"
-        try:
-            fn = import_object(value)
-        except Exception as exc:  # noqa: BLE001 - the user's module may raise anything at import
-            problems.append(f"{flag}: cannot import it ({type(exc).__name__}: {exc}); check the module is on "
-                            "PYTHONPATH and the name is spelled right")
-            continue
-        if not callable(fn):
-            problems.append(f"{flag} is not callable (a {type(fn).__name__}: {repr(fn)[:60]}); point it at a function")
-            continue
-        problem = _signature_problem(dest, fn)
+        problem = import_path_problem(dest, value)
         if problem:
-            problems.append(f"{flag}: {problem}")
+            problems.append(problem)
     return problems
 
 
-def _signature_problem(dest: str, fn) -> str | None:
+def import_path_problem(dest: str, value: str, calls: tuple[int, tuple[str, ...], str] | None = None) -> str | None:
+    """Why the function at import path ``value`` (the value of flag ``--<dest>``) cannot be called as plugrl
+    calls it, else None. ``calls``: (positional count, keywords, shown signature) for a flag outside
+    ``PATH_SIGNATURES`` (a plugin's own ``--*-path`` flags; only the user's module is imported)."""
+    from .registry import import_object
+
+    flag = f"--{dest.replace('_', '-')} {value}"
+    try:
+        fn = import_object(value)
+    except Exception as exc:  # noqa: BLE001 - the user's module may raise anything at import
+        return (f"{flag}: cannot import it ({type(exc).__name__}: {exc}); check the module is on PYTHONPATH and "
+                "the name is spelled right")
+    if not callable(fn):
+        return f"{flag} is not callable (a {type(fn).__name__}: {repr(fn)[:60]}); point it at a function"
+    problem = _signature_problem(dest, fn, calls)
+    return f"{flag}: {problem}" if problem else None
+
+
+def _signature_problem(dest: str, fn, calls: tuple[int, tuple[str, ...], str] | None = None) -> str | None:
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
         return None  # builtins without a signature: cannot tell
-    if dest == "custom_rm_path":
+    if calls is not None:
+        count, keywords, expected = calls
+    elif dest == "custom_rm_path":
         params = list(signature.parameters)
         slime = bool(params) and params[0] == "args"
         count, keywords = (2, ()) if slime else (1, ())
