@@ -84,3 +84,32 @@ def test_a_wrong_reward_key_names_the_flag_and_the_keys_the_reward_returned():
                                               r"without that key \(its keys: 'acc', 'pred'\)"):
         with calling("the rollout's rewards and advantages (--advantage-estimator grpo)"):
             shaped_rewards([[sample, sample]], None, "score")
+
+
+@pytest.mark.slow
+def test_a_real_actor_exception_is_one_line_not_a_traceback(model, tmp_path):
+    """Real Ray: a --custom-generate-function-path that raises inside the rollout manager's generate."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "broken_generate.py").write_text(
+        "async def generate(args, sample, sampling_params):\n"
+        "    raise LookupError('no engine named foo')\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+           "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "plugrl.core.cli", "train", "--hf-checkpoint", str(model), "--prompt-data",
+         "plugins/backends/torch/data/toy_math_train.jsonl@[0:8]", "--input-key", "prompt", "--label-key", "label",
+         "--rm-type", "deepscaler", "--rollout-batch-size", "4", "--n-samples-per-prompt", "2", "--num-rollout", "2",
+         "--rollout-max-response-len", "8", "--custom-generate-function-path", "broken_generate.generate",
+         "--output-dir", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("plugrl train: error:")]
+    assert errors == [f"plugrl train: error: the rollout manager's generate raised LookupError: no engine named foo "
+                      f"(full traceback in {out}/error.log)"], result.stderr[-3000:]
+    after = result.stderr.split("plugrl train: error:")[-1]
+    assert "Traceback (most recent call last)" not in after
+    assert f"plugrl train: Metrics so far are in {out}/metrics.jsonl" in after
+    assert "broken_generate.py" in (out / "error.log").read_text()
