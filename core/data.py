@@ -73,8 +73,11 @@ class PromptDataset:
         path: str,
         skipped: dict[str, int] | None = None,
         dropped_too_long: int = 0,
+        source_lines: list[int] | None = None,
     ):
         self.path = path
+        # the file line (jsonl) or row (parquet, datasets) of each of ``original_samples``, for messages
+        self.source_lines: tuple[int, ...] = tuple(source_lines or ())
         self.original_samples: tuple[Sample, ...] = tuple(samples)
         self.samples: list[Sample] = list(samples)
         self.skipped: dict[str, int] = dict(skipped or {})
@@ -282,6 +285,7 @@ def load_prompt_dataset(
 
     skipped: Counter[str] = Counter()
     samples: list[Sample] = []
+    lines: list[int] = []  # the line of each sample
     rows_read = 0
 
     lineno = 0
@@ -362,10 +366,13 @@ def load_prompt_dataset(
                 continue
         label = row[label_key] if label_key is not None else None
         samples.append(Sample(prompt=prompt, label=label, metadata=metadata))
+        lines.append(lineno)
 
     dropped = 0
     if max_prompt_len is not None:
+        line_of = {id(s): line for s, line in zip(samples, lines)}
         samples, dropped = _drop_long_prompts(samples, tokenizer, max_prompt_len)
+        lines = [line_of[id(s)] for s in samples]
 
     if skipped:
         logger.warning("%s: skipped %d bad rows %s", display, sum(skipped.values()), dict(skipped))
@@ -378,7 +385,7 @@ def load_prompt_dataset(
         if dropped:
             parts.append(f"{dropped} longer than --rollout-max-prompt-len {max_prompt_len}")
         raise DataError(f"{display}: no prompts left ({'; '.join(parts)})", path=display)
-    return PromptDataset(samples, path=display, skipped=dict(skipped), dropped_too_long=dropped)
+    return PromptDataset(samples, path=display, skipped=dict(skipped), dropped_too_long=dropped, source_lines=lines)
 
 
 def _drop_long_prompts(samples: list[Sample], tokenizer: Any, max_len: int, chunk: int = 1024) -> tuple[list[Sample], int]:

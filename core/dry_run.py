@@ -188,8 +188,6 @@ def _train_lines(args: argparse.Namespace, plan) -> list[str]:
 
 
 def _rollout_lines(args: argparse.Namespace, plan) -> list[str]:
-    if args.debug_train_only:
-        return ["rollout: none (--debug-train-only)"]
     external = external_engines(args)
     if external:
         return [f"rollout: {args.rollout_backend} backend, external engines {' '.join(external)} (no local engines)"]
@@ -287,7 +285,13 @@ def _batch_lines(args: argparse.Namespace) -> list[str]:
         if dp > 1:
             deal = "Karmarkar-Karp on estimated compute (--balance-data)" if args.balance_data else "round robin"
             lines.append(f"  dealt to DP ranks by {deal}; {size / dp:g} samples per DP rank per step on average")
-    if args.num_rollout is not None:
+    per_epoch = getattr(args, "_rollouts_per_epoch", None)
+    if per_epoch:  # resolved on the driver from the prompt count (core/prompt_check.resolve_num_rollout)
+        length = (f"{args.num_rollout} rollouts (--num-epoch {args.num_epoch} × {per_epoch} per epoch: "
+                  f"{args._epoch_prompts} prompts // --rollout-batch-size {args.rollout_batch_size})")
+        if steps:
+            length += f" = {args.num_rollout * steps} optimizer steps"
+    elif args.num_rollout is not None:
         length = f"{args.num_rollout} rollouts (--num-rollout)"
         if steps:
             length += f" = {args.num_rollout * steps} optimizer steps"

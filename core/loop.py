@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 
 from .checkpoint import find_latest_checkpoint, stopped_run_hint, write_checkpoint_atomically
+from .debug_modes import rollouts_only
 from .flags import without_secrets
 from .host_memory_monitor import HostMemoryMonitor
 from .memory_plan import plan_memory
@@ -135,7 +136,9 @@ class Cluster:
             init_kwargs = {"runtime_env": {"env_vars": env}, "include_dashboard": False, "log_to_driver": True,
                            "configure_logging": True, "logging_level": logging.WARNING}
             if args.ray_address:
-                ray.init(address=args.ray_address, **init_kwargs)
+                from .ray_connect import join_cluster
+
+                join_cluster(args.ray_address, **init_kwargs)
             else:
                 # One logical CPU per train rank plus the rollout manager, even on a 2-core box: the
                 # ranks split the real cores between them (TrainWorker.build).
@@ -158,7 +161,9 @@ class Cluster:
                          "engine_placement": self.engine_placement, "bf16": self.precision.dtype == "bf16",
                          "fp32": self.precision.dtype == "fp32"}
         self.rollout = remote_actor_class(RolloutManager).options(**rollout_options).remote(worker_config)
-        self.train = TrainGroup(remote_actor_class(TrainWorker), worker_config, total_optimizer_steps, train_options)
+        if not rollouts_only(args):  # --debug-rollout-only: no train actors (their backend may not even be installed)
+            self.train = TrainGroup(remote_actor_class(TrainWorker), worker_config, total_optimizer_steps,
+                                    train_options)
         ray.get(self.rollout.__ray_ready__.remote())
         self.colocated_gpu = use_gpu and self.plan.colocated
 
@@ -277,6 +282,9 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
             memory_plan = plan_memory(args, colocated=cluster.plan.colocated)
             for line in memory_plan.lines() if memory_plan else []:
                 print(f"plugrl train: {line}", flush=True)
+        if rollouts_only(args):
+            _generate_only(cluster, args, plugin_set, metrics_logger, summary, phase, watch)
+            return summary
         start_rollout = 0
         if args.load and find_latest_checkpoint(args.load):
             start_rollout = _restore(cluster, args.load) + 1
@@ -410,6 +418,44 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
         if cluster is not None:
             cluster.shutdown()
     return summary
+
+
+def _generate_only(cluster, args, plugin_set, metrics_logger, summary, phase, watch) -> None:
+    """``--debug-rollout-only`` (slime's): every rollout generated, scored and logged, evals as scheduled;
+    no training, weight pushes, warm-up or checkpoints (the engines keep the --hf-checkpoint weights)."""
+    import ray
+
+    from .metrics import console_line, eval_accuracies
+
+    print("plugrl train: --debug-rollout-only: generating only (no train actors, training, weight pushes or "
+          "checkpoints)", flush=True)
+    last_rollout = args.num_rollout - 1
+    if args.eval_interval and args.eval_prompt_data:
+        phase("eval", -1)
+        summary.first_eval = ray.get(cluster.rollout.evaluate.remote(-1))
+        observe(plugin_set.pm.hook.plugrl_on_eval_end, -1, summary.first_eval)
+        metrics_logger.log(-1, summary.first_eval, phase="eval")
+        accuracies = eval_accuracies(summary.first_eval)
+        if accuracies:
+            print(" | ".join(["before training", *accuracies]), flush=True)
+    for rollout_id in range(args.num_rollout):
+        step_started = time.perf_counter()
+        phase("generate", rollout_id)
+        _, metrics = watch(cluster.rollout.generate.remote(rollout_id), cluster.rollout)
+        metrics["perf/wait_rollout_time"] = time.perf_counter() - step_started
+        observe(plugin_set.pm.hook.plugrl_on_rollout_end, rollout_id, metrics)
+        if args.eval_prompt_data and _due(args.eval_interval, rollout_id, rollout_id == last_rollout):
+            phase("eval", rollout_id)
+            with _timed(metrics, "eval"):
+                summary.last_eval = ray.get(cluster.rollout.evaluate.remote(rollout_id))
+            observe(plugin_set.pm.hook.plugrl_on_eval_end, rollout_id, summary.last_eval)
+            metrics.update(summary.last_eval)
+        metrics["perf/step_time"] = time.perf_counter() - step_started
+        metrics_logger.log(rollout_id, metrics, phase="train")  # one line per rollout, as in a training run
+        phase("log", rollout_id + 1)
+        if (rollout_id + 1) % int(getattr(args, "log_interval", 1) or 1) == 0 or rollout_id == last_rollout:
+            print(console_line(rollout_id, metrics), flush=True)
+        summary.rollouts += 1
 
 
 def _rollout_pipeline(cluster, args, start_rollout: int, version: int):

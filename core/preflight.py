@@ -3,8 +3,9 @@ the file (and line) and what to do.
 
 ``value_problems`` (the values alone: the same on every machine) feeds ``config_problems``;
 ``machine_problems`` (files and imports this machine must have) feeds ``environment_problems``, so both
-``plugrl train --dry-run`` and the start of ``plugrl train`` report them. Nothing here imports torch,
-transformers or Ray: reading a config.json, a few directory listings and the data files is enough.
+``plugrl train --dry-run`` and the start of ``plugrl train`` report them. Nothing here imports torch
+or Ray; transformers only for the model's tokenizer, to measure the prompts after the chat template
+(``core/prompt_check.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ CHECKPOINT_MARKERS = ("latest",)
 
 # ---- values -------------------------------------------------------------------------------------------
 def value_problems(args) -> list[str]:
-    """Reward limits: ``--reward-timeout`` > 0 and ``--reward-error-threshold`` in (0, 1]."""
+    """Reward limits: ``--reward-timeout`` > 0 and ``--reward-error-threshold`` in (0, 1]; a run length;
+    the debug modes (``core/debug_modes.py``)."""
     problems = []
     timeout = getattr(args, "reward_timeout", None)
     if timeout is not None and not timeout > 0:
@@ -42,19 +44,30 @@ def value_problems(args) -> list[str]:
     threshold = getattr(args, "reward_error_threshold", None)
     if threshold is not None and not 0 < threshold <= 1:
         problems.append(f"--reward-error-threshold is a fraction of a rollout's samples in (0, 1], got {threshold:g}")
+    from .debug_modes import debug_mode_problems
+    from .prompt_check import run_length_problems
+    from .ray_connect import ray_address_problems
+
+    problems += ray_address_problems(args)
+    problems += run_length_problems(args)
+    problems += debug_mode_problems(args)
     return problems
 
 
 # ---- this machine ------------------------------------------------------------------------------------
 def machine_problems(args, plugin_set=None) -> list[str]:
     """Everything this machine must offer the run: writable --save, an existing --load, a complete model
-    folder, importable ``--*-path`` functions with the right signature, readable and parseable data files."""
+    folder, importable ``--*-path`` functions with the right signature, readable and parseable data files, a
+    Ray cluster at ``--ray-address``."""
     problems = []
     problems += save_problems(args)
     problems += load_problems(args)
     problems += model_problems(args)
     problems += import_problems(args)
     problems += data_problems(args)
+    from .ray_connect import ray_reachability_problems
+
+    problems += ray_reachability_problems(args)  # a cluster that is not there: before the run writes anything
     return problems
 
 
@@ -268,7 +281,6 @@ def _missing_shards(path: Path, flag: str) -> list[str]:
 def import_problems(args) -> list[str]:
     """Each ``--custom-rm-path`` and slime ``--*-path`` function importable here and callable the way
     plugrl calls it."""
-    from .registry import import_object
     from .slime_compat import missing_slime_path
 
     problems = []
@@ -281,28 +293,38 @@ def import_problems(args) -> list[str]:
             continue  # unset, or malformed (config.import_path_problems says so)
         if missing_slime_path(value):
             continue  # config.slime_path_problems says what plugrl uses instead
-        flag = f"--{dest.replace('_', '-')} {value}"
-        try:
-            fn = import_object(value)
-        except Exception as exc:  # noqa: BLE001 - the user's module may raise anything at import
-            problems.append(f"{flag}: cannot import it ({type(exc).__name__}: {exc}); check the module is on "
-                            "PYTHONPATH and the name is spelled right")
-            continue
-        if not callable(fn):
-            problems.append(f"{flag} is not callable (a {type(fn).__name__}: {repr(fn)[:60]}); point it at a function")
-            continue
-        problem = _signature_problem(dest, fn)
+        problem = import_path_problem(dest, value)
         if problem:
-            problems.append(f"{flag}: {problem}")
+            problems.append(problem)
     return problems
 
 
-def _signature_problem(dest: str, fn) -> str | None:
+def import_path_problem(dest: str, value: str, calls: tuple[int, tuple[str, ...], str] | None = None) -> str | None:
+    """Why the function at import path ``value`` (the value of flag ``--<dest>``) cannot be called as plugrl
+    calls it, else None. ``calls``: (positional count, keywords, shown signature) for a flag outside
+    ``PATH_SIGNATURES`` (a plugin's own ``--*-path`` flags; only the user's module is imported)."""
+    from .registry import import_object
+
+    flag = f"--{dest.replace('_', '-')} {value}"
+    try:
+        fn = import_object(value)
+    except Exception as exc:  # noqa: BLE001 - the user's module may raise anything at import
+        return (f"{flag}: cannot import it ({type(exc).__name__}: {exc}); check the module is on PYTHONPATH and "
+                "the name is spelled right")
+    if not callable(fn):
+        return f"{flag} is not callable (a {type(fn).__name__}: {repr(fn)[:60]}); point it at a function"
+    problem = _signature_problem(dest, fn, calls)
+    return f"{flag}: {problem}" if problem else None
+
+
+def _signature_problem(dest: str, fn, calls: tuple[int, tuple[str, ...], str] | None = None) -> str | None:
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
         return None  # builtins without a signature: cannot tell
-    if dest == "custom_rm_path":
+    if calls is not None:
+        count, keywords, expected = calls
+    elif dest == "custom_rm_path":
         params = list(signature.parameters)
         slime = bool(params) and params[0] == "args"
         count, keywords = (2, ()) if slime else (1, ())
@@ -318,7 +340,7 @@ def _signature_problem(dest: str, fn) -> str | None:
 
 def data_problems(args) -> list[str]:
     """Prompt, eval and SFT files read and parsed here, so a bad row is reported as ``file, line N: ...``
-    before any actor starts (chat templates are applied later, in the rollout manager)."""
+    before any actor starts; then the prompts' lengths after the chat template (``length_problems``)."""
     from .data import DataError, load_prompt_dataset
 
     problems = []
@@ -333,18 +355,41 @@ def data_problems(args) -> list[str]:
     for spec in eval_paths:
         specs.append(("--eval-prompt-data", spec, getattr(args, "eval_input_key", None) or args.input_key,
                       getattr(args, "eval_label_key", None) or args.label_key))
+    readable = []
     for flag, spec, input_key, label_key in specs:
         if not _exists(spec):
             continue  # config._check_paths names it
         try:
             load_prompt_dataset(spec, input_key=input_key, label_key=label_key, **common)
+            readable.append((flag, spec, input_key, label_key))
         except DataError as exc:
             problems.append(f"{flag}: {exc}")
         except Exception as exc:  # noqa: BLE001 - unreadable file, parquet error, ...
             problems.append(f"{flag} {spec}: cannot read it ({type(exc).__name__}: {exc})")
+    problems += length_problems(args, readable, common)
     sft = getattr(args, "sft_warmup_data", None)
     if sft and getattr(args, "sft_warmup_steps", 0) and _exists(sft):
         problems += sft_data_problems(sft)
+    return problems
+
+
+def length_problems(args, specs: list[tuple[str, str, str, str | None]], common: dict) -> list[str]:
+    """The parsed prompt files, templated and tokenized with the model's tokenizer (``core/prompt_check.py``):
+    prompts the model's context cannot hold, a ``--rollout-max-prompt-len`` that drops every prompt.
+    Skipped when the model folder has no usable tokenizer (``model_problems`` says why)."""
+    if not specs or model_problems(args) or not getattr(args, "hf_checkpoint", None):
+        return []
+    from .prompt_check import load_tokenizer, prompt_length_problems
+
+    tokenizer = load_tokenizer(args.hf_checkpoint)
+    if tokenizer is None:
+        return []
+    problems = []
+    for flag, spec, input_key, label_key in specs:
+        data_kwargs = {**common, "input_key": input_key, "label_key": label_key,
+                       "apply_chat_template": bool(getattr(args, "apply_chat_template", False)),
+                       "apply_chat_template_kwargs": getattr(args, "apply_chat_template_kwargs", None) or None}
+        problems += prompt_length_problems(args, flag, spec, data_kwargs, tokenizer, filtered=flag == "--prompt-data")
     return problems
 
 

@@ -232,6 +232,23 @@ def _is_slime_signature(fn: Callable) -> bool:
     return bool(params) and params[0] == "args"
 
 
+def needs_reward(args) -> bool:
+    """Whether the run scores its samples: the policy loss learns from rewards; ``--loss-type sft_loss`` /
+    ``custom_loss`` without ``--rm-type`` or ``--custom-rm-path`` do not (the config check allows it)."""
+    return bool(getattr(args, "rm_type", None) or getattr(args, "custom_rm_path", None)
+                or getattr(args, "loss_type", "policy_loss") == "policy_loss")
+
+
+def _no_reward(sample) -> float:
+    return 0.0
+
+
+def no_reward(args) -> Reward:
+    """The reward of a run that names none (``needs_reward`` is false): every sample scores 0, so the
+    rollout metrics keep their shape and nothing resolves a reward plugin."""
+    return Reward(_no_reward, {}, name=f"no reward (--loss-type {getattr(args, 'loss_type', None)} without --rm-type)")
+
+
 def resolve_reward(args: argparse.Namespace, options: dict) -> Reward:
     """The reward named by ``--custom-rm-path`` or ``--rm-type``; raises ``PluginError``/``ImportError``."""
     timeout = getattr(args, "reward_timeout", None)

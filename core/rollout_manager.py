@@ -128,7 +128,7 @@ class RolloutManager:
 
         from .data import PromptDataSource, load_eval_datasets, load_prompt_dataset
         from .plugins import load_plugins
-        from .reward_call import resolve_reward
+        from .reward_call import needs_reward, no_reward, resolve_reward
 
         self.args = args = SimpleNamespace(**config)
         plugin_set = load_plugins()
@@ -174,7 +174,8 @@ class RolloutManager:
         self.engine = engine_cls(args.hf_checkpoint, device=getattr(args, "rollout_device", None),
                                  seed=int(args.rollout_seed),
                                  max_batch_size=int(getattr(args, "rollout_max_batch_size", 256) or 256), **extra)
-        reward = resolve_reward(SimpleNamespace(**{**config, "rm_type": args.rm_type}), dict(args.rm_opt or {}))
+        reward = (resolve_reward(SimpleNamespace(**{**config, "rm_type": args.rm_type}), dict(args.rm_opt or {}))
+                  if needs_reward(args) else no_reward(args))
         self.loop = EventLoopThread()
         concurrency = int(getattr(args, "rollout_concurrency", None) or 512) * engine_count(args, plugin_set)
         self.generator = self.loop.run(self._make_generator(reward, concurrency))

@@ -89,6 +89,8 @@ def main(argv: list[str]) -> int:
             missing = environment_problems(args, plugin_set)
         else:
             validate_config(args, plugin_set)
+        if not (args.dry_run and missing):  # the data is there to count
+            run_length(args)
     except (ConfigError, PluginError) as exc:
         print(f"plugrl train: error: {exc}", file=sys.stderr)
         return 2
@@ -119,6 +121,9 @@ def main(argv: list[str]) -> int:
     from .loop import ActorDiedError
     from .plugin_call import PluginCallError
     from .reward_call import RewardError
+    from ray.exceptions import RayTaskError
+
+    from .ray_connect import ClusterConnectError
 
     progress = ProgressBars()
     try:
@@ -132,6 +137,17 @@ def main(argv: list[str]) -> int:
             from .checkpoint import stopped_run_hint
 
             print(f"plugrl train: {stopped_run_hint(args.output_dir, args.save)}", file=sys.stderr)
+        return 1
+    except ClusterConnectError as exc:  # --ray-address: no cluster to join (nothing ran, nothing to resume)
+        progress.close()
+        print(f"\nplugrl train: error: {exc}", file=sys.stderr)
+        return 1
+    except RayTaskError as exc:  # anything else an actor method raised: one line, the traceback in a file
+        progress.close()
+        print(f"\nplugrl train: error: {actor_failure_line(exc, args.output_dir)}", file=sys.stderr)
+        from .checkpoint import stopped_run_hint
+
+        print(f"plugrl train: {stopped_run_hint(args.output_dir, args.save)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: the loop's cleanup has stopped the actors; say what is kept
         progress.close()
@@ -155,6 +171,27 @@ def main(argv: list[str]) -> int:
         else:
             print(f"{key}: last eval {last:.3f}")
     return 0
+
+
+def run_length(args) -> None:
+    """``--num-epoch`` without ``--num-rollout``: the number of rollouts, from the prompts the run will load
+    (on the driver, so the start line, the dry run and the LR schedule know it)."""
+    from .flags import ConfigError
+    from .prompt_check import resolve_num_rollout
+
+    problem = resolve_num_rollout(args)
+    if problem:
+        raise ConfigError(problem)
+
+
+def actor_failure_line(exc, output_dir: str) -> str:
+    """The error line for an exception an actor method raised (after the loop stopped the actors and
+    closed the metrics file): which actor and method, the original exception, and where its full
+    traceback was written."""
+    from .run_errors import task_error_line, write_error_log
+
+    log = write_error_log(output_dir, exc)
+    return task_error_line(exc) + (f" (full traceback in {log})" if log else "")
 
 
 def warn_plugin_problems(plugin_set) -> None:

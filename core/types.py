@@ -110,6 +110,10 @@ class Sample:
                 raise ValueError(
                     f"reward is a dict with keys {sorted(self.reward)}; pass --reward-key to pick the scalar"
                 )
+            if key not in self.reward:  # a mistyped --reward-key: name it and what the reward gave
+                raise ValueError(f"--reward-key {key}: the reward returned a dict without that key (its keys: "
+                                 f"{', '.join(repr(k) for k in sorted(self.reward, key=str))}); pass --reward-key "
+                                 "with one of them")
             return self.reward[key]
         return self.reward
 

@@ -1064,8 +1064,8 @@ def test_parsing_and_validation_do_not_import_torch_or_backends(tmp_path):
         from plugrl.core.config import parse_config, validate_config
         from plugrl.core.plugins import make_plugin_manager
         ps = make_plugin_manager(entry_points=False)
-        validate_config(parse_config(["--rollout-batch-size", "2", "--n-samples-per-prompt", "2",
-                                      "--rm-type", "deepscaler", "--hf-checkpoint", "model"], ps), ps)
+        validate_config(parse_config(["--rollout-batch-size", "2", "--n-samples-per-prompt", "2", "--rm-type",
+                                      "deepscaler", "--hf-checkpoint", "model", "--num-rollout", "1"], ps), ps)
         try:
             validate_config(parse_config(["--tensor-model-parallel-size", "2", "--sglang-foo", "1"], ps), ps)
         except ValueError:

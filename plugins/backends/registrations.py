@@ -24,7 +24,8 @@ def plugrl_register_train_backends(register):
     register("megatron", "plugrl.plugins.backends.megatron.backend:MegatronTrainBackend",
              requires=("torch", "megatron.core"), extra="megatron",
              description="megatron-core GPTModel with TP/PP/CP, distributed optimizer",
-             check=megatron_options.backend_problems, memory_model="megatron", gpu_bf16_only=True,
+             check=megatron_options.backend_problems, machine_check=megatron_options.machine_problems,
+             memory_model="megatron", gpu_bf16_only=True,
              parallel_sizes=megatron_options.parallel_sizes,
              full_dp_steps=True, commands={"convert": "plugrl.plugins.backends.megatron.convert:main"})
 

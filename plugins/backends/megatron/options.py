@@ -39,6 +39,15 @@ MODEL_FLAGS = (
 HOOK_FLAGS = ("custom_model_provider_path", "custom_megatron_init_path", "custom_megatron_before_log_prob_hook_path",
               "custom_megatron_before_train_step_hook_path")  # megatron/custom_hooks.py
 
+# how megatron/custom_hooks.py calls each hook: (positional count, keywords, shown signature)
+HOOK_CALLS = {
+    "custom_model_provider_path": (0, ("pre_process", "post_process"), "fn(pre_process, post_process[, vp_stage])"),
+    "custom_megatron_init_path": (1, (), "fn(args)"),
+    "custom_megatron_before_log_prob_hook_path": (3, (), "fn(args, model, store_prefix)"),
+    "custom_megatron_before_train_step_hook_path": (6, (), "fn(args, rollout_id, step_id, model, optimizer, "
+                                                           "opt_param_scheduler)"),
+}
+
 UNSUPPORTED_PARALLELISM = ("pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size",
                            "expert_tensor_parallel_size")
 
@@ -153,6 +162,46 @@ def backend_problems(args) -> list[str]:
     return problems
 
 
+def machine_problems(args) -> list[str]:
+    """On the driver, before Ray starts (the backend's ``machine_check``): each hook flag's module imported
+    and its function callable the way the backend calls it, as core's ``--*-path`` flags are checked.
+    Only the user's module is imported, not megatron."""
+    from plugrl.core.preflight import import_path_problem
+
+    problems = []
+    for dest in HOOK_FLAGS:
+        value = getattr(args, dest, None)
+        if value and ("." in value or ":" in value):  # a malformed one is backend_problems' to name
+            problem = import_path_problem(dest, value, HOOK_CALLS[dest])
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def typed_override(where: str, field: str, value, default):
+    """``value`` of TransformerConfig ``field`` typed by its ``default``; a value that is not one raises
+    ``ValueError`` naming ``where`` (the flag, or the config file) and what to give."""
+    if isinstance(default, bool) or value is True:
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word in TRUE_WORDS + FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise ValueError(f"{where}: {field} is true or false; give one of {', '.join(TRUE_WORDS + FALSE_WORDS)} "
+                         "(or the bare flag for true)")
+    for kind, name in ((int, "a whole number"), (float, "a number")):
+        if isinstance(default, kind):
+            try:
+                return kind(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: {field} is {name} (megatron's default {default}); give {name}") from None
+    return value
+
+
 def passthrough_overrides(args) -> dict:
     """``--megatron-<field> [value]`` flags -> megatron-core ``TransformerConfig`` overrides, typed by
     the field's default (plugrl builds the config itself instead of running Megatron's parser). An
@@ -181,15 +230,9 @@ def passthrough_overrides(args) -> dict:
                          "TransformerConfig it builds)")
     overrides = {}
     for key, value in given.items():
-        default = fields[key].default
-        if isinstance(default, bool) or value is True:
-            overrides[key] = value is True or str(value).lower() in ("1", "true", "yes")
-        elif isinstance(default, int) and not isinstance(default, bool):
-            overrides[key] = int(value)
-        elif isinstance(default, float):
-            overrides[key] = float(value)
-        else:
-            overrides[key] = value
+        where = (f"--megatron-{key.replace('_', '-')} {value}" if key in from_flags
+                 else f"--megatron-config-path {args.megatron_config_path} ({key}: {value!r})")
+        overrides[key] = typed_override(where, key, value, fields[key].default)
     return overrides
 
 
