@@ -216,3 +216,22 @@ class SaveDirLock:
         if self._file is not None:
             self._file.close()  # closing drops the flock
             self._file = None
+
+
+def lock_run_dirs(load: str | None, save: str | None, owner: str) -> tuple[list[SaveDirLock], str | None]:
+    """Lock ``--save`` and an existing ``--load`` for this run (the start tidies both). Returns the locks
+    taken and, when another run holds one, the problem (after releasing what was taken)."""
+    locks = []
+    for flag, root in (("--save", save), ("--load", load)):
+        if not root or (flag == "--load" and (not os.path.isdir(root) or (save and os.path.abspath(root) ==
+                                                                          os.path.abspath(save)))):
+            continue
+        lock = SaveDirLock(root)
+        holder = lock.acquire(owner)
+        if holder is not None:
+            for taken in locks:
+                taken.release()
+            return [], (f"{flag} {root} is in use by another run ({holder}): two runs would mix their checkpoints; "
+                        f"wait for it to end, or give this run another {flag}")
+        locks.append(lock)
+    return locks, None

@@ -537,7 +537,10 @@ def _check_plugins(args, plugin_set, problems: list[str]) -> None:
             problems.append(f"{flag}: {registry.unknown_message(name)}")
     from .plugin_options import option_problems
 
-    problems.extend(option_problems(args, _selected_names(args), plugin_set))  # each plugin's declared options
+    selected = _selected_names(args)
+    if args.debug_rollout_only:  # nothing trains: the estimator's rules (e.g. groups of two or more) do not apply
+        selected = [pick for pick in selected if pick[0] not in ("advantage_estimator", "train_backend")]
+    problems.extend(option_problems(args, selected, plugin_set))  # each plugin's declared options
     if args.dynamic_sampling_filter and args.dynamic_sampling_filter_path:
         problems.append("--dynamic-sampling-filter and --dynamic-sampling-filter-path both given; keep one")
     if not (args.rm_type or args.custom_rm_path) and args.loss_type == "policy_loss" and not args.debug_train_only:

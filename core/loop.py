@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -112,6 +113,11 @@ class Cluster:
         self.engine_gpu_ids = None  # on GPU, launched engines: the physical GPU ids of engine i
         self.engine_placement = None  # on GPU, in-process engines: the bundles the engine actors take
         self.weight_sync = None  # core/weight_sync.WeightSync, chosen once the actors report where they are
+        from .plugin_traits import engine_pool
+
+        # Engines that are processes of their own (SGLang servers, the router) must be stopped by the rollout
+        # manager before it is killed; in-process engines die with it.
+        self.launches_processes = engine_pool(args, plugin_set) == "processes"
         try:
             self._start(args, plugin_set, total_optimizer_steps)
         except BaseException:
@@ -212,14 +218,21 @@ class Cluster:
             self.engine_gpu_ids = engine_gpu_ids(plan.engine_bundles, physical, infos, plan.rollout_bundles[0])
         return rollout_options, train_options
 
-    def shutdown(self) -> None:
+    def shutdown(self, interrupted: bool = False) -> None:
+        """Stop every actor. ``interrupted`` (Ctrl-C, SIGTERM): the close call would queue behind the rollout
+        manager's running generate or eval (up to a minute of silence), so it is only waited for where the
+        engine launched processes that would otherwise outlive the run, and the wait is announced."""
         import ray
 
         if self.rollout is not None:
-            try:  # let the engine stop what it launched (SGLang servers, router) before the kill
-                ray.get(self.rollout.close.remote(), timeout=60)
-            except Exception as exc:  # noqa: BLE001 - a dead actor has nothing left to close
-                logger.debug("rollout manager close failed: %s", exc)
+            if interrupted and self.launches_processes:
+                print("plugrl train: stopping: waiting up to 60 s for the rollout manager to stop its engines",
+                      flush=True)
+            if not interrupted or self.launches_processes:
+                try:  # let the engine stop what it launched (SGLang servers, router) before the kill
+                    ray.get(self.rollout.close.remote(), timeout=60)
+                except Exception as exc:  # noqa: BLE001 - a dead actor has nothing left to close
+                    logger.debug("rollout manager close failed: %s", exc)
             ray.kill(self.rollout)
         if self.train is not None:
             self.train.kill()
@@ -414,9 +427,11 @@ def run_training(args, plugin_set, *, logger_=None, on_phase=None, on_progress=N
             print(f"plugrl train: host memory peak {host_memory.peak_gib():.1f} GiB in use on this machine "
                   f"({host_memory.peak_above_baseline_gib():.1f} GiB above its use before the run); "
                   f"planned {memory_plan.host_gib:.1f} GiB", flush=True)
-        metrics_logger.close()
-        if cluster is not None:
-            cluster.shutdown()
+        try:  # a full disk fails the last flush: the actors must still be stopped
+            metrics_logger.close()
+        finally:
+            if cluster is not None:
+                cluster.shutdown(interrupted=isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit)))
     return summary
 
 

@@ -62,6 +62,9 @@ def machine_problems(args, plugin_set=None) -> list[str]:
     problems = []
     problems += save_problems(args)
     problems += load_problems(args)
+    from .resume_check import resume_problems
+
+    problems += resume_problems(args)  # a damaged checkpoint, data smaller than its cursor: before anything moves
     problems += model_problems(args)
     problems += import_problems(args)
     problems += data_problems(args)

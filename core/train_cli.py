@@ -7,6 +7,8 @@ and cached), the bundled toy math data, a short format warm-up, then GRPO with t
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 import time
 
@@ -107,6 +109,13 @@ def main(argv: list[str]) -> int:
     from .loop import run_training
     from .metrics import MetricsLogger
 
+    from .checkpoint import lock_run_dirs
+
+    owner = f"plugrl train, pid {os.getpid()}, output {args.output_dir}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    _locks, busy = lock_run_dirs(args.load, args.save, owner)  # held until this process exits
+    if busy:
+        print(f"plugrl train: error: {busy}", file=sys.stderr)
+        return 2
     resume_from = prepare_dirs(args)
     metrics_logger = MetricsLogger(args.output_dir, use_tensorboard=bool(args.use_tensorboard),
                                    use_wandb=bool(args.use_wandb), wandb_project=args.wandb_project,
@@ -149,12 +158,28 @@ def main(argv: list[str]) -> int:
 
         print(f"plugrl train: {stopped_run_hint(args.output_dir, args.save)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: the loop's cleanup has stopped the actors; say what is kept
+    except OSError as exc:  # this machine's files: a full or read-only --output-dir (metrics) on the driver
+        progress.close()
+        from .checkpoint import stopped_run_hint
+        from .run_errors import write_error_log
+
+        log = write_error_log(args.output_dir, exc)
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"\nplugrl train: error: a file operation on the driver failed{where}: {exc.strerror or exc}"
+              f"{f' (full traceback in {log})' if log else ''}", file=sys.stderr)
+        print(f"plugrl train: {stopped_run_hint(args.output_dir, args.save)}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, SystemExit) as exc:  # the loop's cleanup has stopped the actors; say what is kept
+        # Ray's driver turns SIGTERM (kill, timeout, a scheduler's preemption) into sys.exit(SIGTERM)
+        terminated = isinstance(exc, SystemExit)
+        if terminated and exc.code != signal.SIGTERM:
+            raise
         progress.close()
         from .checkpoint import stopped_run_hint
 
-        print(f"\nplugrl train: interrupted. {stopped_run_hint(args.output_dir, args.save)}", file=sys.stderr)
-        return 130  # the shell's code for a SIGINT exit
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"\nplugrl train: {what}. {stopped_run_hint(args.output_dir, args.save)}", file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else 130  # the shell's codes for these signals
     totals = metrics_logger.reward_totals
     if totals["samples"] and totals["failed"] >= totals["samples"]:
         print(f"plugrl train: error: every reward call of the run failed ({totals['failed']} of {totals['samples']} "

@@ -59,7 +59,8 @@ class ThirdParty:
         register("spread", spread, options=SpreadOptions)
 
 
-BASE = ["--rm-type", "deepscaler", "--rollout-batch-size", "4", "--n-samples-per-prompt", "2", "--hf-checkpoint", "model"]
+BASE = ["--rm-type", "deepscaler", "--rollout-batch-size", "4", "--n-samples-per-prompt", "2", "--hf-checkpoint", "model",
+        "--num-rollout", "1"]
 
 
 def parse(argv, ps):

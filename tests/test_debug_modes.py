@@ -46,6 +46,16 @@ def test_debug_rollout_only_refuses_what_needs_a_trainer(model, tmp_path, capsys
             f"--save {tmp_path / 'ckpt'} (or --debug-rollout-only)") in err
 
 
+def test_debug_rollout_only_samples_one_per_prompt_without_estimator_rules(model, tmp_path, capsys):
+    """Nothing trains, so grpo's groups-of-two rule does not apply; a training run is still refused."""
+    one = argv(model, tmp_path)
+    one[one.index("--n-samples-per-prompt") + 1] = "1"
+    assert train_main([*one, "--rm-type", "deepscaler", "--num-rollout", "1", "--debug-rollout-only", "--dry-run"]) == 0
+    capsys.readouterr()
+    assert train_main([*one, "--rm-type", "deepscaler", "--num-rollout", "1", "--dry-run"]) == 2
+    assert "--advantage-estimator grpo with --n-samples-per-prompt 1" in capsys.readouterr().err
+
+
 def test_a_run_without_rm_type_needs_no_reward_unless_it_learns_from_rewards():
     assert not needs_reward(SimpleNamespace(rm_type=None, custom_rm_path=None, loss_type="sft_loss"))
     assert needs_reward(SimpleNamespace(rm_type="deepscaler", custom_rm_path=None, loss_type="sft_loss"))

@@ -91,7 +91,7 @@ def test_a_limit_that_drops_every_prompt_is_refused_once_before_ray(model, tmp_p
 
 def test_eval_prompts_too_long_for_the_model_are_named(model, tmp_path, capsys):
     prompts = data_with_a_long_row(tmp_path)
-    code, out, _ = train(model, tmp_path, capsys, "--dry-run", "--eval-prompt-data", "toy", prompts,
+    code, out, _ = train(model, tmp_path, capsys, "--dry-run", "--eval-prompt-data", "toy", prompts, "--eval-interval", "1",
                          "--rollout-max-prompt-len", "255")
     assert f"--eval-prompt-data {prompts}, line 3: the prompt has" in out
     assert "(eval prompts are not filtered by --rollout-max-prompt-len)" in out

@@ -48,7 +48,7 @@ def test_an_address_nobody_listens_on_is_refused_at_once(model, tmp_path, capsys
     out = tmp_path / "out"
     code = train_main(["--hf-checkpoint", str(model), "--prompt-data",
                        "plugins/backends/torch/data/toy_math_train.jsonl", "--input-key", "prompt", "--label-key",
-                       "label", "--rm-type", "deepscaler", "--rollout-batch-size", "4", "--num-rollout", "1",
+                       "label", "--rm-type", "deepscaler", "--rollout-batch-size", "4", "--n-samples-per-prompt", "2", "--num-rollout", "1",
                        "--ray-address", f"127.0.0.1:{port}", "--output-dir", str(out)])
     err = capsys.readouterr().err
     assert code == 2
@@ -60,7 +60,7 @@ def test_an_address_nobody_listens_on_is_refused_at_once(model, tmp_path, capsys
 
 def test_garbage_is_refused_before_the_run_writes_anything(model, tmp_path, capsys):
     out = tmp_path / "out"
-    code = train_main(["--hf-checkpoint", str(model), "--rm-type", "deepscaler", "--rollout-batch-size", "4",
+    code = train_main(["--hf-checkpoint", str(model), "--rm-type", "deepscaler", "--rollout-batch-size", "4", "--n-samples-per-prompt", "2",
                        "--num-rollout", "1", "--ray-address", "garbage", "--output-dir", str(out)])
     assert code == 2 and "plugrl train: error: --ray-address garbage: not a Ray address" in capsys.readouterr().err
     assert not out.exists()
@@ -88,7 +88,7 @@ def test_plugrl_train_prints_a_refused_join_as_one_line(model, tmp_path, capsys,
         raise ray_connect.ClusterConnectError("--ray-address auto: cannot join the Ray cluster (...)")
 
     monkeypatch.setattr(loop, "run_training", run_training)
-    code = train_main(["--hf-checkpoint", str(model), "--rm-type", "deepscaler", "--rollout-batch-size", "4",
+    code = train_main(["--hf-checkpoint", str(model), "--rm-type", "deepscaler", "--rollout-batch-size", "4", "--n-samples-per-prompt", "2",
                        "--num-rollout", "1", "--ray-address", "auto", "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err

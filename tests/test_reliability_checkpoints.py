@@ -245,3 +245,57 @@ def test_one_run_at_a_time_holds_a_save_directory(tmp_path):
     lock.release()
     assert second.acquire("run C") is None
     second.release()
+
+
+def test_a_second_run_on_the_same_save_directory_is_refused(tmp_path):
+    from plugrl.core.checkpoint import lock_run_dirs
+
+    save, other = tmp_path / "ckpt", tmp_path / "other"
+    other.mkdir()
+    first, problem = lock_run_dirs(str(other), str(save), "run A")
+    assert problem is None and len(first) == 2  # --save, and a different existing --load (the start tidies both)
+    assert lock_run_dirs(None, str(save), "run B") == ([], f"--save {save} is in use by another run (run A): two runs "
+                                                           "would mix their checkpoints; wait for it to end, or give "
+                                                           "this run another --save")
+    _, problem = lock_run_dirs(str(other), str(tmp_path / "third"), "run C")
+    assert problem.startswith(f"--load {other} is in use by another run (run A)")
+    assert SaveDirLock(str(tmp_path / "third")).acquire("probe") is None  # C's --save lock was given back
+    for lock in first:
+        lock.release()
+    taken, problem = lock_run_dirs(str(save), str(save), "run B")
+    assert problem is None and len(taken) == 1  # --load == --save: one lock
+
+
+def _resume_args(load, prompt_data=None):
+    return SimpleNamespace(load=str(load), prompt_data=prompt_data, input_key="prompt", label_key="label",
+                           rollout_max_prompt_len=None, skip_bad_rows=False)
+
+
+def test_resuming_from_a_damaged_checkpoint_is_refused_before_anything_moves(tmp_path):
+    from plugrl.core.resume_check import resume_problems
+
+    whole_checkpoint(tmp_path, 3)
+    newest = whole_checkpoint(tmp_path, 5)
+    assert resume_problems(_resume_args(tmp_path)) == []
+    (newest / "meta.json").unlink()
+    (problem,) = resume_problems(_resume_args(tmp_path))
+    assert problem == (f"--load {tmp_path}: the checkpoint to resume from, rollout_000005, is damaged: its meta.json is "
+                       f"missing or unreadable; move it out of the way (mv {newest} {tmp_path}/damaged_rollout_000005) "
+                       "to resume from rollout_000003, the newest whole checkpoint there")
+    newest.rename(tmp_path / "damaged_rollout_000005")  # what the message says to do
+    assert resume_problems(_resume_args(tmp_path)) == []
+
+
+def test_resuming_past_the_end_of_smaller_prompt_data_is_refused(tmp_path):
+    from plugrl.core.resume_check import resume_problems
+
+    ckpt = whole_checkpoint(tmp_path / "ckpt", 1)
+    (ckpt / "rollout_state.json").write_text(json.dumps({"data_source": {"offset": 8, "dataset_size": 40}}))
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "label": "1"}) + "\n" for i in range(5)))
+    (problem,) = resume_problems(_resume_args(tmp_path / "ckpt", str(data)))
+    assert problem == (f"--load {tmp_path / 'ckpt'}: rollout_000001 was saved 8 prompts into an epoch of 40 prompts, "
+                       f"but --prompt-data {data} now has 5; resume with the prompt data it was saved with, or start "
+                       "a new run (another --save, no --load)")
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "label": "1"}) + "\n" for i in range(12)))
+    assert resume_problems(_resume_args(tmp_path / "ckpt", str(data))) == []

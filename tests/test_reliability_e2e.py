@@ -66,9 +66,12 @@ def test_a_reward_that_always_raises_stops_the_run_non_zero(tmp_path, env):
     assert train_rows(tmp_path / "out") == []  # it stopped before training on a rollout of zeros
 
 
-def test_ctrl_c_names_the_last_checkpoint_and_how_to_resume(tmp_path, env):
-    # Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the driver and the Ray
-    # processes it started. A new session makes the test's process group the run's alone.
+@pytest.mark.parametrize("stop", ["ctrl_c", "sigterm"])
+def test_a_stopped_run_names_the_last_checkpoint_and_how_to_resume(tmp_path, env, stop):
+    """Ctrl-C in a terminal sends SIGINT to the whole foreground process group (the driver and the Ray
+    processes it started; a new session makes the group the run's alone); ``kill``, ``timeout`` and job
+    schedulers send SIGTERM to the driver only. Both end in one line naming the last checkpoint. While the
+    run holds its --save, a second run on the same directory is refused."""
     ckpt = tmp_path / "ckpt"
     proc = subprocess.Popen([sys.executable, "-m", "plugrl.core.cli", *SHORT, "--num-rollout", "500", "--save", str(ckpt),
                              "--save-interval", "1", "--output-dir", str(tmp_path / "out")],
@@ -78,17 +81,28 @@ def test_ctrl_c_names_the_last_checkpoint_and_how_to_resume(tmp_path, env):
         while not (ckpt / "latest").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert proc.poll() is None, "the run ended before its first checkpoint"
-        os.killpg(proc.pid, signal.SIGINT)
+        if stop == "ctrl_c":
+            # (a --save that holds checkpoints is refused anyway without --load: the resume of the same directory
+            # is what would mix the two runs' checkpoints and tidy away the first one's save in progress)
+            second = subprocess.run([sys.executable, "-m", "plugrl.core.cli", *SHORT, "--num-rollout", "600", "--load",
+                                     str(ckpt), "--save", str(ckpt), "--output-dir", str(tmp_path / "out2")],
+                                    capture_output=True, text=True, env=env, timeout=300)
+            assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+            assert f"--save {ckpt} is in use by another run (plugrl train, pid {proc.pid}," in second.stderr
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert proc.returncode == (130 if stop == "ctrl_c" else 143), out[-2000:] + err[-2000:]
     assert "Traceback" not in err, err[-3000:]
     latest = (ckpt / "latest").read_text().strip()  # the checkpoint the message must name
     done = [r["rollout_id"] for r in train_rows(tmp_path / "out")]
     assert latest == f"rollout_{max(done):06d}" or latest == f"rollout_{max(done) - 1:06d}"  # a save may be cut
-    assert (f"plugrl train: interrupted. Metrics so far are in {tmp_path / 'out'}/metrics.jsonl; the last checkpoint "
+    what = "interrupted" if stop == "ctrl_c" else "terminated (SIGTERM)"
+    assert (f"plugrl train: {what}. Metrics so far are in {tmp_path / 'out'}/metrics.jsonl; the last checkpoint "
             f"is {ckpt / latest} (after rollout {int(latest.split('_')[1])}): resume with --load {ckpt} --output-dir "
             f"{tmp_path / 'out'}.") in err
 

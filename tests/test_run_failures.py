@@ -67,6 +67,45 @@ def test_a_task_error_mid_run_is_one_line_with_the_stop_hint_and_keeps_metrics(m
     assert [r["rollout_id"] for r in rows if r["phase"] == "train"] == [0]
 
 
+def test_a_full_disk_on_the_driver_is_one_line(model, tmp_path, capsys, monkeypatch):
+    """The metrics file's flush fails (ENOSPC) and so does its close in the cleanup (ordered as core/loop.py's:
+    the shutdown in a ``finally`` after the close): one line naming the file and the cause, then the stop
+    hint; the stand-in cluster records that it was stopped."""
+    out, stopped = tmp_path / "out", []
+
+    class Cluster:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def shutdown(self, interrupted=False):
+            stopped.append(interrupted)
+
+    class FullLogger:
+        def close(self):
+            raise OSError(28, "No space left on device", str(out / "metrics.jsonl"))
+
+    def run_training(args, plugin_set, *, logger_, **_):
+        cluster = Cluster()
+        try:
+            raise OSError(28, "No space left on device", str(out / "metrics.jsonl"))
+        finally:  # the loop's own cleanup, as core/loop.py orders it
+            try:
+                FullLogger().close()
+            finally:
+                cluster.shutdown()
+
+    monkeypatch.setattr(loop, "run_training", run_training)
+    code = train_main(["--hf-checkpoint", str(model), "--prompt-data",
+                       "plugins/backends/torch/data/toy_math_train.jsonl", "--input-key", "prompt", "--label-key",
+                       "label", "--rm-type", "deepscaler", "--rollout-batch-size", "4", "--n-samples-per-prompt", "2",
+                       "--num-rollout", "2", "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and stopped == [False] and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("plugrl train: error:")]
+    assert errors == [f"plugrl train: error: a file operation on the driver failed ({out}/metrics.jsonl): No space left "
+                      f"on device (full traceback in {out}/error.log)"]
+
+
 def test_a_wrong_reward_key_names_the_flag_and_the_keys_the_reward_returned():
     from plugrl.core.plugin_call import PluginCallError, calling
     from plugrl.core.train_data import shaped_rewards
