@@ -148,7 +148,15 @@ class Cluster:
             else:
                 # One logical CPU per train rank plus the rollout manager, even on a 2-core box: the
                 # ranks split the real cores between them (TrainWorker.build).
-                ray.init(num_cpus=max(2, os.cpu_count() or 2, world_size + 1), **init_kwargs)
+                try:
+                    ray.init(num_cpus=max(2, os.cpu_count() or 2, world_size + 1), **init_kwargs)
+                except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception when its node fails to start
+                    from .ray_connect import ClusterConnectError
+
+                    raise ClusterConnectError(
+                        f"could not start a local Ray cluster ({type(exc).__name__}: {str(exc).strip()[:300]}); Ray "
+                        "writes its logs under /tmp/ray/session_latest/logs. Check free disk space and memory there "
+                        "(and file-size limits, `ulimit -f`), or join a running cluster with --ray-address") from exc
         config = vars(args)
         device = "cuda" if use_gpu else "cpu"
         if use_gpu:

@@ -93,3 +93,24 @@ def test_plugrl_train_prints_a_refused_join_as_one_line(model, tmp_path, capsys,
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == "plugrl train: error: --ray-address auto: cannot join the Ray cluster (...)"
+
+
+def test_a_local_cluster_that_fails_to_start_is_one_line(model, tmp_path, capsys, monkeypatch):
+    """Ray answers a node that cannot start (full /tmp, a file-size limit) with a bare Exception after its
+    start-up timeout: one line saying where Ray's logs are, not a traceback."""
+    import ray
+
+    def fail(**_):
+        raise Exception("The current node timed out during startup. This could happen because some of the Ray "
+                        "processes failed to startup.")
+
+    monkeypatch.setattr(ray, "init", fail)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    code = train_main(["--hf-checkpoint", str(model), "--rm-type", "deepscaler", "--rollout-batch-size", "4",
+                       "--n-samples-per-prompt", "2", "--num-rollout", "1", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(
+        "plugrl train: error: could not start a local Ray cluster (Exception: The current node timed out during "
+        "startup.")
+    assert "/tmp/ray/session_latest/logs" in err
