@@ -755,6 +755,28 @@ def read_layer(parser: PlugrlArgumentParser, raw: dict, where: str, source: str)
     return layer
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word; for flags (``rollout_batch_size`` and
+    ``rollout-batch-size`` name the same one) that silently drops a setting, so a repeat is an error."""
+
+
+def _mapping_without_repeats(loader, node, deep=False):
+    seen: dict = {}
+    for key_node, _value in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        same = key.replace("-", "_") if isinstance(key, str) else key
+        if same in seen:
+            first, line = seen[same]
+            also = "" if first == key else f" (as {first!r})"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{key!r} is given twice: also on line {line}{also}; keep one", key_node.start_mark)
+        seen[same] = (key, key_node.start_mark.line + 1)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
 def read_yaml(path: str, what: str) -> dict:
     """A YAML mapping (``--config``, ``--custom-config-path``); ``what`` names the flag in errors."""
     if Path(path).is_dir():
@@ -763,7 +785,7 @@ def read_yaml(path: str, what: str) -> dict:
         raise ConfigError(f"{what} {path}: file not found")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} {path}: not valid YAML ({exc})") from exc
     except UnicodeDecodeError as exc:

@@ -159,6 +159,8 @@ def load_problems(args) -> list[str]:
            "fresh and later runs resume)")
     if not Path(load).exists():
         return [f"--load {load} does not exist; {fix}"]
+    if not Path(load).is_dir():
+        return [f"--load {load} is a file, not a directory; {fix}"]
     from .checkpoint import find_latest_checkpoint
 
     if find_latest_checkpoint(load, with_moved_aside=True):
@@ -311,6 +313,9 @@ def import_path_problem(dest: str, value: str, calls: tuple[int, tuple[str, ...]
     flag = f"--{dest.replace('_', '-')} {value}"
     try:
         fn = import_object(value)
+    except SystemExit as exc:  # a script-style module that exits when imported would end plugrl silently
+        return (f"{flag}: importing it called sys.exit({exc.code!r}); move the module's script code under "
+                "`if __name__ == \"__main__\":`")
     except Exception as exc:  # noqa: BLE001 - the user's module may raise anything at import
         return (f"{flag}: cannot import it ({type(exc).__name__}: {exc}); check the module is on PYTHONPATH and "
                 "the name is spelled right")

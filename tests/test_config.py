@@ -380,6 +380,20 @@ def test_a_config_file_that_is_not_utf8_is_one_line_naming_it(ps, files):
         assert str(info.value).endswith("; save it as UTF-8")
 
 
+def test_a_key_given_twice_in_a_config_file_is_refused_not_dropped(ps, files):
+    """PyYAML keeps the last of two equal keys; two spellings of one flag (underscores, dashes) too."""
+    path = files["dir"] / "twice.yaml"
+    for text, message in (("rollout_batch_size: 8\nseed: 1\nrollout-batch-size: 16\n",
+                           "'rollout-batch-size' is given twice: also on line 1 (as 'rollout_batch_size'); keep one"),
+                          ("lr: 0.1\nlr: 0.2\n", "'lr' is given twice: also on line 1; keep one")):
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            parse_config(["--config", str(path)], ps)
+        assert str(info.value).startswith(f"--config {path}: not valid YAML ({message}")
+    path.write_text("rm_opt: {a: 1}\nfilter_opt: {a: 2}\n")  # the same key in two mappings is fine
+    parse_config(["--config", str(path)], ps)
+
+
 def test_a_second_config_is_refused_not_dropped(ps, files):
     first = write_yaml(files["dir"] / "a.yaml", {"lr": 0.1})
     second = write_yaml(files["dir"] / "b.yaml", {"seed": 3})

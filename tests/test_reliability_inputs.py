@@ -122,6 +122,9 @@ def test_a_load_path_holding_no_checkpoint_is_refused(tmp_path):
     (problem,) = problems(tmp_path / "empty")
     assert "is a directory with no checkpoint and no model weights in it" in problem
     assert problems(tmp_path / "empty", save=str(tmp_path / "empty")) == []
+    (tmp_path / "a_file").write_text("x")
+    (problem,) = problems(tmp_path / "a_file")
+    assert problem.startswith(f"--load {tmp_path / 'a_file'} is a file, not a directory; to resume a run, give")
 
 
 def test_where_a_run_with_load_starts(tmp_path):
@@ -238,6 +241,10 @@ def test_custom_paths_importable_with_the_right_signature(tmp_path, monkeypatch)
     assert "has no attribute 'nothing_here'" in attr
     assert problems(custom_rm_path="user_fns:NOT_CALLABLE") == ["--custom-rm-path user_fns:NOT_CALLABLE is not "
                                                                "callable (a int: 3); point it at a function"]
+    (tmp_path / "script_fns.py").write_text("import sys\ndef rm(sample):\n    return 1.0\nsys.exit(3)\n")
+    assert problems(custom_rm_path="script_fns:rm") == [
+        "--custom-rm-path script_fns:rm: importing it called sys.exit(3); move the module's script code under "
+        '`if __name__ == "__main__":`']
     (hooks,) = problems(rollout_sample_hook_path=["user_fns:hook", "user_fns:rm"])
     assert hooks.startswith("--rollout-sample-hook-path user_fns:rm: takes (args, sample), but plugrl calls "
                             "fn(args, sample, *, rollout_id, evaluation)")
