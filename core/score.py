@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -224,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.rm_type and not args.custom_rm_path:
         parser.print_usage(sys.stderr)
         print("plugrl score: give --rm-type NAME or --custom-rm-path module:attr", file=sys.stderr)
+        return 2
+    if args.concurrency < 1:
+        print(f"plugrl score: --concurrency must be at least 1 (rows scored at once), got {args.concurrency}",
+              file=sys.stderr)
+        return 2
+    if args.hf_checkpoint and not os.path.isdir(args.hf_checkpoint):  # else transformers reads it as a hub repo id
+        print(f"plugrl score: --hf-checkpoint {args.hf_checkpoint} is not a directory; give the model folder whose "
+              "tokenizer counts the response tokens (no model hub is used)", file=sys.stderr)
         return 2
     if args.reward_timeout is not None and not args.reward_timeout > 0:
         print(f"plugrl score: --reward-timeout must be > 0 seconds, got {args.reward_timeout:g}", file=sys.stderr)

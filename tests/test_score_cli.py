@@ -211,6 +211,11 @@ def test_bad_inputs_and_outputs_are_refused_before_scoring(tmp_path, monkeypatch
         assert main([*base, "--output", str(output)]) == 2
         assert capsys.readouterr().err.strip() == f"plugrl score: {why}"
     assert rows.read_text().count("\n") == 3  # the input is untouched
+    for flags, why in [(["--concurrency", "0"], "--concurrency must be at least 1 (rows scored at once), got 0"),
+                       (["--hf-checkpoint", str(tmp_path / "nope")], f"--hf-checkpoint {tmp_path / 'nope'} is not a "
+                                                                       "directory; give the model folder whose tokenizer")]:
+        assert main([*base, "--output", str(out), *flags]) == 2
+        assert capsys.readouterr().err.strip().startswith(f"plugrl score: {why}")
     binary = tmp_path / "bin.jsonl"
     binary.write_bytes(b'{"response": "\xed\xa0"}\n')
     assert main(["--custom-rm-path", "rm_mod:rm", "--input", str(binary)]) == 2

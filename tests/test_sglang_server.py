@@ -280,7 +280,9 @@ def test_serve_refuses_bad_flags_before_loading_the_model(checkpoint, tmp_path):
     cases = [(["--model-path", str(not_hf)], f"--model-path {not_hf}: no config.json there"),
              (["--model-path", checkpoint, "--port", "99999"], "--port 99999: give a port from 1 to 65535"),
              (["--model-path", checkpoint, "--context-length", "-5"], "--context-length must be >= 1, got -5"),
-             (["--model-path", checkpoint, "--max-running-requests", "0"], "--max-running-requests must be >= 1, got 0")]
+             (["--model-path", checkpoint, "--max-running-requests", "0"], "--max-running-requests must be >= 1, got 0"),
+             (["--model-path", checkpoint, "--dtype", "float8"], "--dtype float8: give one of auto, bfloat16, bf16,"),
+             (["--model-path", checkpoint, "--host", "999.1.1.1"], "--host 999.1.1.1: not an address of this machine")]
     import torch
 
     if not torch.cuda.is_available():

@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 VERSION = SERVE_VERSION
 WEIGHT_UPDATE_SESSIONS = ("optional", "required", "absent")
 SERVE_ONLY_FLAGS = ("weight_update_session",)  # plugrl serve's own; every other flag is SGLang's spelling
+# the hf engine's names for --dtype (unset: the checkpoint's)
+SERVE_DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
 
 
 def _error(message: str, status: int = 400) -> web.Response:
@@ -503,6 +505,14 @@ def _argument_problem(args) -> str | None:
                 "folder (a plugrl run's checkpoint is exported to one with `plugrl train --save-hf`)")
     if not 0 < args.port < 65536:
         return f"--port {args.port}: give a port from 1 to 65535"
+    if args.dtype is not None and args.dtype not in SERVE_DTYPES:
+        return f"--dtype {args.dtype}: give one of {', '.join(SERVE_DTYPES)}"
+    import socket
+
+    try:
+        socket.getaddrinfo(args.host, args.port)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"--host {args.host}: not an address of this machine's network ({exc}); e.g. 127.0.0.1 or 0.0.0.0"
     from plugrl.core.flags import below_minimum
 
     too_small = below_minimum(args, ("context_length", "max_running_requests", "max_prefill_tokens"))
