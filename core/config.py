@@ -826,6 +826,9 @@ def _idle_settings(args) -> list[tuple[str, Any, bool, str]]:
             ("--sft-warmup-data", None), ("--sft-warmup-lr", args.lr),
             ("--sft-warmup-batch-size", args.rollout_batch_size), ("--sft-warmup-prompt-loss-weight", 0.0))],
         ("--kl-loss-coef", 0.0, bool(args.use_kl_loss), "--use-kl-loss"),
+        ("--use-unbiased-kl", False, bool(args.use_kl_loss), "--use-kl-loss"),
+        # the KL estimator serves the KL loss and the reward's KL penalty (--kl-coef) alike
+        ("--kl-loss-type", "k1", bool(args.use_kl_loss) or bool(args.kl_coef), "--use-kl-loss or --kl-coef"),
         # --use-rs takes its upper bound from --tis-clip unless --rs-upper-bound is given
         ("--tis-clip", 2.0, use_tis or (bool(args.use_rs) and args.rs_upper_bound is None), "--use-tis"),
         ("--tis-clip-low", 0.0, use_tis, "--use-tis"),

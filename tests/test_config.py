@@ -573,6 +573,8 @@ IDLE_SETTINGS = [
     (["--sft-warmup-lr", "0.01"], "--sft-warmup-lr 0.01 has no effect without --sft-warmup-steps N"),
     (["--sft-warmup-batch-size", "2"], "--sft-warmup-batch-size 2 has no effect without --sft-warmup-steps N"),
     (["--kl-loss-coef", "0.1"], "--kl-loss-coef 0.1 has no effect without --use-kl-loss; drop --kl-loss-coef or add it"),
+    (["--use-unbiased-kl"], "--use-unbiased-kl has no effect without --use-kl-loss"),
+    (["--kl-loss-type", "k3"], "--kl-loss-type k3 has no effect without --use-kl-loss or --kl-coef"),
     (["--tis-clip", "3"], "--tis-clip 3.0 has no effect without --use-tis"),
     (["--tis-clip-low", "0.5"], "--tis-clip-low 0.5 has no effect without --use-tis"),
     (["--mask-offpolicy-in-partial-rollout"], "--mask-offpolicy-in-partial-rollout has no effect without "
@@ -595,6 +597,7 @@ def test_idle_settings_count_only_when_the_user_gave_them(ps, base, files):
     that lists every flag pass; a value with its switch passes."""
     for argv in (["--kl-loss-coef", "0"], ["--tis-clip", "2"], ["--eval-temperature", "1.0"],
                  ["--use-kl-loss", "--kl-loss-coef", "0.1"], ["--use-tis", "--tis-clip", "3"],
+                 ["--kl-coef", "0.01", "--kl-loss-type", "k3"], ["--use-kl-loss", "--use-unbiased-kl"],
                  ["--use-rs", "--tis-clip", "3"], ["--use-dynamic-batch-size", "--max-tokens-per-gpu", "512"],
                  ["--sft-warmup-steps", "2", "--sft-warmup-data", files["eval"], "--sft-warmup-lr", "0.01"]):
         check_config(parse_config(base + argv, ps), ps)
