@@ -771,6 +771,17 @@ def _check_data_flags(args, problems: list[str]) -> None:
         problems.append(
             f"--eval-prompt-data takes NAME PATH pairs (or one PATH), got {len(args.eval_prompt_data)} values"
         )
+    pairs = list(args.eval_prompt_data or [])
+    names = pairs[0::2] if len(pairs) > 1 and not len(pairs) % 2 else []
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # their metrics (eval/NAME/...) would be logged under one name, one set overwriting the other
+        problems.append(f"--eval-prompt-data names {', '.join(repeated)} more than once; give each eval set its own "
+                        "name (its metrics are logged as eval/NAME/...)")
+    posts = list(args.reward_post_process or [])
+    twice = sorted({name for name in posts if posts.count(name) > 1})
+    if twice:
+        problems.append(f"--reward-post-process {', '.join(twice)} is given more than once (each would apply its "
+                        "change again); give it once")
     if args.sft_warmup_steps and not args.sft_warmup_data:
         problems.append("--sft-warmup-steps needs --sft-warmup-data (prompt/response JSONL)")
 
