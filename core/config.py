@@ -825,8 +825,9 @@ def _idle_settings(args) -> list[tuple[str, Any, bool, str]]:
     eval_on = bool(args.eval_prompt_data) and args.eval_interval != 0  # (a missing interval is reported once)
     warmup, wandb = bool(args.sft_warmup_steps), bool(args.use_wandb)
     return [
-        ("--eval-prompt-data", None, bool(args.eval_interval), "--eval-interval N (eval runs before training and "
-                                                                "every N rollouts, as in slime)"),
+        # an explicit --eval-interval 0 turns eval off on purpose (e.g. over a recipe's eval set): no complaint
+        ("--eval-prompt-data", None, args.eval_interval is not None, "--eval-interval N (eval runs before training "
+                                                                     "and every N rollouts, as in slime)"),
         *[(f"--{dest.replace('_', '-')}", neutral, eval_on, "--eval-prompt-data NAME PATH and --eval-interval N")
           for dest, neutral in (("n_samples_per_eval_prompt", 1),
                                 ("eval_max_response_len", args.rollout_max_response_len),

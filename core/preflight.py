@@ -256,6 +256,26 @@ def model_problems(args) -> list[str]:
         problems.append(f"{flag} has no weights (*.safetensors or pytorch_model*.bin); save the model there with "
                         "model.save_pretrained")
     problems += _missing_shards(path, flag)
+    problems += _response_length_problems(args, flag)
+    return problems
+
+
+def _response_length_problems(args, flag: str) -> list[str]:
+    """A response limit the model's context cannot hold even after an empty prompt: the engine would cut every
+    response short of it without a word (hf) or refuse the requests (SGLang)."""
+    from .prompt_check import model_context_length
+
+    context = model_context_length(getattr(args, "hf_checkpoint", None))
+    problems = []
+    given = getattr(args, "_sources", None) or {}
+    for dest in ("rollout_max_response_len", "eval_max_response_len"):
+        if dest == "eval_max_response_len" and "--eval-max-response-len" not in given:
+            continue  # derived from --rollout-max-response-len: reported there once
+        value = getattr(args, dest, None)
+        if context is not None and isinstance(value, int) and value >= context:
+            problems.append(f"--{dest.replace('_', '-')} {value}: the model's context is {context} tokens "
+                            f"(max_position_embeddings in {flag}/config.json) and must hold the prompt too; give "
+                            f"at most {context - 1} (less the longest prompt)")
     return problems
 
 

@@ -565,7 +565,6 @@ def test_validation_rule(ps, base, extra, expected):
 
 IDLE_SETTINGS = [
     (["--eval-prompt-data", "EVAL"], "--eval-prompt-data EVAL has no effect without --eval-interval N"),
-    (["--eval-prompt-data", "EVAL", "--eval-interval", "0"], "--eval-prompt-data EVAL has no effect without"),
     (["--eval-temperature", "0.5"], "--eval-temperature 0.5 has no effect without --eval-prompt-data NAME PATH and "
                                     "--eval-interval N; drop --eval-temperature or add them"),
     (["--eval-top-k", "5"], "--eval-top-k 5 has no effect without --eval-prompt-data"),
@@ -603,6 +602,7 @@ def test_idle_settings_count_only_when_the_user_gave_them(ps, base, files):
     for argv in (["--kl-loss-coef", "0"], ["--tis-clip", "2"], ["--eval-temperature", "1.0"],
                  ["--use-kl-loss", "--kl-loss-coef", "0.1"], ["--use-tis", "--tis-clip", "3"],
                  ["--kl-coef", "0.01", "--kl-loss-type", "k3"], ["--use-kl-loss", "--use-unbiased-kl"],
+                 ["--eval-prompt-data", "toy", files["eval"], "--eval-interval", "0"],  # eval off on purpose
                  ["--use-rs", "--tis-clip", "3"], ["--use-dynamic-batch-size", "--max-tokens-per-gpu", "512"],
                  ["--sft-warmup-steps", "2", "--sft-warmup-data", files["eval"], "--sft-warmup-lr", "0.01"]):
         check_config(parse_config(base + argv, ps), ps)
