@@ -249,6 +249,7 @@ def parse_config(argv: list[str], plugin_set=None) -> argparse.Namespace:
 
     args.recipe = recipe
     args._sources = sources
+    args._yaml_values = dict(yaml_layer.values)  # dest -> value as the --config file gives it
     args._flag_dests = sorted({a.dest for a in parser.flag_actions()} | set(passthrough))
     args._flag_owners = flag_owners(parser)  # what each plugin may read of the config (core/plugin_config.py)
     if args.custom_config_path:
@@ -794,17 +795,34 @@ def _recipe_value(args, flag: str) -> Any:
     return values.get(flag[2:].replace("-", "_"))
 
 
+# Values ``resolve_defaults`` derives when not given: dest -> the dest it is derived from. A saved config.yaml
+# holds both; when the command line then changes the root (--lr over a saved file), the file's derived value
+# equals the file's root, not the new one, and is still not the user's choice.
+DERIVED_FROM = {"sft_warmup_lr": "lr", "sft_warmup_batch_size": "rollout_batch_size",
+                "eval_max_response_len": "rollout_max_response_len", "eval_temperature": "rollout_temperature",
+                "eval_top_p": "rollout_top_p", "eval_top_k": "rollout_top_k", "eval_input_key": "input_key",
+                "eval_label_key": "label_key", "eval_reward_key": "reward_key"}
+
+
 def _given_by_user(args, flag: str, neutral: Any = None) -> bool:
     """Whether the command line or ``--config`` set ``flag`` to something other than ``neutral`` (its default,
     or the value it derives from) and other than the recipe's value. Only such a value is the user's choice:
-    a recipe's values are not, and a saved config.yaml lists every flag, defaults included."""
+    a recipe's values are not, and a saved config.yaml lists every flag, defaults included (a derived value
+    there equal to the file's own root value is the derivation, written out)."""
     source = (getattr(args, "_sources", None) or {}).get(flag)
     if source is None or source.startswith(RECIPE_SOURCE):
         return False
-    value = getattr(args, flag[2:].replace("-", "_"), None)
+    dest = flag[2:].replace("-", "_")
+    value = getattr(args, dest, None)
     if value == neutral or value is None:
         return False
-    return not (source.startswith(YAML_SOURCE) and value == _recipe_value(args, flag))
+    if not source.startswith(YAML_SOURCE):
+        return True
+    in_file = getattr(args, "_yaml_values", None) or {}
+    root = DERIVED_FROM.get(dest)
+    if root is not None and root in in_file and in_file[root] == value:
+        return False
+    return value != _recipe_value(args, flag)
 
 
 def _given_as(args, flag: str, show_value: bool = True) -> str:

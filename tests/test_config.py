@@ -612,6 +612,10 @@ def test_idle_settings_count_only_when_the_user_gave_them(ps, base, files):
     check_config(args, ps)
     saved = write_yaml(files["dir"] / "saved.yaml", config_to_dict(parse_config(base, ps)))
     check_config(parse_config(["--config", saved], ps), ps)
+    # a saved config.yaml with one root flag changed: its derived values (sft_warmup_lr = lr, eval_* = rollout_*)
+    # are the file's derivation, not settings the user gave
+    check_config(parse_config(["--config", saved, "--lr", "2e-6", "--rollout-temperature", "0.8",
+                               "--rollout-max-response-len", "32"], ps), ps)
 
 
 def test_an_idle_setting_from_the_config_file_names_the_file_and_key(ps, base, files):
