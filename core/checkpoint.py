@@ -189,12 +189,33 @@ class SaveDirLock:
         self.path = os.path.join(root, LOCK_NAME)
         self._file = None
 
-    def acquire(self, owner: str) -> str | None:
-        """Take the lock; None when taken, else who holds it (what that run wrote into the lock file)."""
+    def holder(self) -> str | None:
+        """Who holds the lock now (without taking it), or None."""
         import fcntl
 
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        f = open(self.path, "a+")  # noqa: SIM115 (held open for the run)
+        try:
+            f = open(self.path)  # noqa: SIM115
+        except OSError:  # no lock file, or unreadable: nobody to name
+            return None
+        with f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return f.read().strip() or "another process"
+            except OSError:
+                return None
+            return None
+
+    def acquire(self, owner: str) -> str | None:
+        """Take the lock; None when taken (or when this filesystem cannot lock or be written: the run goes on
+        unguarded, and the save itself reports an unwritable directory), else who holds it."""
+        import fcntl
+
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            f = open(self.path, "a+")  # noqa: SIM115 (held open for the run)
+        except OSError:
+            return None
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -212,6 +233,10 @@ class SaveDirLock:
         self._file = f
         return None
 
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
     def release(self) -> None:
         if self._file is not None:
             self._file.close()  # closing drops the flock
@@ -219,19 +244,27 @@ class SaveDirLock:
 
 
 def lock_run_dirs(load: str | None, save: str | None, owner: str) -> tuple[list[SaveDirLock], str | None]:
-    """Lock ``--save`` and an existing ``--load`` for this run (the start tidies both). Returns the locks
-    taken and, when another run holds one, the problem (after releasing what was taken)."""
-    locks = []
-    for flag, root in (("--save", save), ("--load", load)):
-        if not root or (flag == "--load" and (not os.path.isdir(root) or (save and os.path.abspath(root) ==
-                                                                          os.path.abspath(save)))):
-            continue
-        lock = SaveDirLock(root)
+    """Lock ``--save`` for this run. ``--load`` is not locked: it may be a shared first-weights directory many
+    runs start from, or read-only; a run still writing checkpoints into it holds it as its own ``--save``, so
+    a resume from it while that run lives is refused here too (``load``, when it holds checkpoints). Returns
+    the locks taken and, when another run holds one, the problem."""
+    locks: list[SaveDirLock] = []
+    if save:
+        lock = SaveDirLock(save)
         holder = lock.acquire(owner)
+        if holder is not None:
+            return [], (f"--save {save} is in use by another run ({holder}): two runs would mix their checkpoints; "
+                        "wait for it to end, or give this run another --save")
+        if lock.held:
+            locks.append(lock)
+    from .preflight import same_dir
+
+    if load and not (save and same_dir(load, save)) and find_latest_checkpoint(load) is not None:
+        probe = SaveDirLock(load)
+        holder = probe.holder()
         if holder is not None:
             for taken in locks:
                 taken.release()
-            return [], (f"{flag} {root} is in use by another run ({holder}): two runs would mix their checkpoints; "
-                        f"wait for it to end, or give this run another {flag}")
-        locks.append(lock)
+            return [], (f"--load {load} is the --save of a run still writing checkpoints there ({holder}); wait "
+                        "for it to end, or resume from it afterwards")
     return locks, None

@@ -250,20 +250,28 @@ def test_one_run_at_a_time_holds_a_save_directory(tmp_path):
 def test_a_second_run_on_the_same_save_directory_is_refused(tmp_path):
     from plugrl.core.checkpoint import lock_run_dirs
 
-    save, other = tmp_path / "ckpt", tmp_path / "other"
-    other.mkdir()
-    first, problem = lock_run_dirs(str(other), str(save), "run A")
-    assert problem is None and len(first) == 2  # --save, and a different existing --load (the start tidies both)
-    assert lock_run_dirs(None, str(save), "run B") == ([], f"--save {save} is in use by another run (run A): two runs "
+    save, base = tmp_path / "ckpt", tmp_path / "first_weights"
+    base.mkdir()
+    first, problem = lock_run_dirs(str(base), str(save), "run A")
+    assert problem is None and len(first) == 1  # only --save: a --load of first weights is shared by many runs
+    sweep, problem = lock_run_dirs(str(base), str(tmp_path / "exp2"), "run B")
+    assert problem is None  # another experiment from the same first weights
+    assert lock_run_dirs(None, str(save), "run C") == ([], f"--save {save} is in use by another run (run A): two runs "
                                                            "would mix their checkpoints; wait for it to end, or give "
                                                            "this run another --save")
-    _, problem = lock_run_dirs(str(other), str(tmp_path / "third"), "run C")
-    assert problem.startswith(f"--load {other} is in use by another run (run A)")
-    assert SaveDirLock(str(tmp_path / "third")).acquire("probe") is None  # C's --save lock was given back
-    for lock in first:
+    whole_checkpoint(save, 1)  # run A has written a checkpoint: resuming from it elsewhere must wait
+    _, problem = lock_run_dirs(str(save), str(tmp_path / "elsewhere"), "run D")
+    assert problem.startswith(f"--load {save} is the --save of a run still writing checkpoints there (run A)")
+    assert SaveDirLock(str(tmp_path / "elsewhere")).acquire("probe") is None  # D's --save lock was given back
+    link = tmp_path / "ckpt_link"
+    link.symlink_to(save)
+    for lock in first + sweep:
         lock.release()
-    taken, problem = lock_run_dirs(str(save), str(save), "run B")
-    assert problem is None and len(taken) == 1  # --load == --save: one lock
+    taken, problem = lock_run_dirs(str(link), str(save), "run E")  # --load is --save through a link: one lock
+    assert problem is None and len(taken) == 1
+    blocked = tmp_path / "a_file"
+    blocked.write_text("x")
+    assert lock_run_dirs(None, str(blocked / "sub"), "run F") == ([], None)  # cannot lock there: unguarded, no crash
 
 
 def _resume_args(load, prompt_data=None):
