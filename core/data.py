@@ -388,15 +388,30 @@ def load_prompt_dataset(
     return PromptDataset(samples, path=display, skipped=dict(skipped), dropped_too_long=dropped, source_lines=lines)
 
 
+def chat_prompt_ids(tokenizer: Any, messages: list) -> list[int]:
+    """A message prompt's token ids through the tokenizer's chat template, with the generation prompt.
+    transformers 5 returns a ``BatchEncoding`` (a Mapping, not a dict) where 4.x returned the ids."""
+    from collections.abc import Mapping
+
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+
+
+def string_prompt_lengths(tokenizer: Any, texts: list[str], chunk: int = 1024) -> list[int]:
+    """Token counts of string prompts (no special tokens, as they are generated from), tokenized in chunks:
+    batched calls are much faster than one per row, and only the counts are kept."""
+    lengths: list[int] = []
+    for lo in range(0, len(texts), chunk):
+        lengths += [len(ids) for ids in tokenizer(texts[lo : lo + chunk], add_special_tokens=False)["input_ids"]]
+    return lengths
+
+
 def _drop_long_prompts(samples: list[Sample], tokenizer: Any, max_len: int, chunk: int = 1024) -> tuple[list[Sample], int]:
     """Drop string prompts with more than ``max_len`` tokens (slime's ``filter_long_prompt``; message
     prompts are kept). Tokenised in chunks: batched calls are much faster than one call per row."""
-    too_long: set[int] = set()
     string_rows = [i for i, s in enumerate(samples) if isinstance(s.prompt, str)]
-    for lo in range(0, len(string_rows), chunk):
-        idx = string_rows[lo : lo + chunk]
-        ids = tokenizer([samples[i].prompt for i in idx], add_special_tokens=False)["input_ids"]
-        too_long.update(i for i, toks in zip(idx, ids) if len(toks) > max_len)
+    lengths = string_prompt_lengths(tokenizer, [samples[i].prompt for i in string_rows], chunk)
+    too_long = {i for i, n in zip(string_rows, lengths) if n > max_len}
     return [s for i, s in enumerate(samples) if i not in too_long], len(too_long)
 
 

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SCAN_ROWS = 20_000
+SCAN_ROWS = 5_000
 
 
 @dataclass
@@ -86,7 +86,7 @@ def scan_prompts(spec: str, tokenizer, data_kwargs: dict, rows: int | None = SCA
     """Template and tokenize the prompts of ``spec`` as the rollout manager does (``load_prompt_dataset``
     with the chat template; ``SampleGenerator.prompt_ids``: no special tokens, message prompts through the
     tokenizer's chat template). Raises what ``load_prompt_dataset`` raises."""
-    from .data import load_prompt_dataset
+    from .data import DataError, chat_prompt_ids, load_prompt_dataset, string_prompt_lengths
 
     limited, whole = bounded_spec(spec, rows)
     dataset = load_prompt_dataset(limited, tokenizer=tokenizer, **data_kwargs)
@@ -94,14 +94,18 @@ def scan_prompts(spec: str, tokenizer, data_kwargs: dict, rows: int | None = SCA
     scan = PromptScan(spec, complete, lines=list(dataset.source_lines))
     texts = [s.prompt for s in dataset.original_samples]
     scan.filterable = [isinstance(t, str) for t in texts]
-    strings = [t for t in texts if isinstance(t, str)]
-    counts = iter([len(ids) for ids in tokenizer(strings, add_special_tokens=False)["input_ids"]] if strings else [])
-    for text in texts:
+    counts = iter(string_prompt_lengths(tokenizer, [t for t in texts if isinstance(t, str)]))
+    for row, text in enumerate(texts):
         if isinstance(text, str):
             scan.lengths.append(next(counts))
-        else:
-            ids = tokenizer.apply_chat_template(text, tokenize=True, add_generation_prompt=True)
-            scan.lengths.append(len(ids["input_ids"] if isinstance(ids, dict) else ids))
+            continue
+        try:
+            scan.lengths.append(len(chat_prompt_ids(tokenizer, text)))
+        except Exception as exc:  # noqa: BLE001 - the tokenizer's template (jinja) may raise anything
+            line = scan.lines[row] if row < len(scan.lines) else row + 1
+            raise DataError(f"{spec}, line {line}: the tokenizer's chat template fails on this message prompt "
+                            f"({type(exc).__name__}: {exc}); give the model a chat template that takes these "
+                            "messages, or plain-text prompts", path=spec) from exc
     return scan
 
 
@@ -159,8 +163,8 @@ def prompt_length_problems(args, flag: str, spec: str, data_kwargs: dict, tokeni
 
     try:
         scan = scan_prompts(spec, tokenizer, data_kwargs)
-    except DataError:
-        return []  # the parse check names the row
+    except DataError as exc:  # the file parsed without the template (length_problems' files): the template failed
+        return [f"{flag}: {exc}"]
     if filtered:
         args._prompt_scan = scan
     problems = [all_dropped_problem(flag, scan, args) if filtered else None]

@@ -30,17 +30,26 @@ def resume_problems(args) -> list[str]:
     if cursor is None or not getattr(args, "prompt_data", None):
         return []
     offset, saved_size = cursor
-    from .prompt_check import training_prompt_count
-
-    try:
-        prompts = training_prompt_count(args)
-    except (OSError, ValueError):  # the data checks report an unreadable file
+    prompts = _row_count(args)
+    if prompts is None or offset <= prompts:
         return []
-    if offset <= prompts:
-        return []
+    # (rows as parsed, before --rollout-max-prompt-len: tokenizing a large file on every resume costs too much,
+    # and a cursor past the parsed rows is past the filtered ones too)
     return [f"--load {load}: {checkpoint_name(latest)} was saved {offset} prompts into an epoch of {saved_size} "
             f"prompts, but --prompt-data {args.prompt_data} now has {prompts}; resume with the prompt data it was "
             "saved with, or start a new run (another --save, no --load)"]
+
+
+def _row_count(args) -> int | None:
+    """Prompts ``--prompt-data`` parses to (no tokenizer: before any length filter); None when unreadable (the
+    data checks report that)."""
+    from .data import load_prompt_dataset
+
+    try:
+        return len(load_prompt_dataset(args.prompt_data, input_key=args.input_key, label_key=args.label_key,
+                                       skip_bad_rows=bool(getattr(args, "skip_bad_rows", False))))
+    except Exception:  # noqa: BLE001 - DataError, OSError, parquet errors: data_problems names them
+        return None
 
 
 def damaged_checkpoint_problem(load: str, latest: str, damage: str) -> str:

@@ -130,8 +130,9 @@ class SampleGenerator:
         if sample.tokens:  # a partial rollout continues from prompt + partial response
             return list(sample.tokens)
         if isinstance(sample.prompt, list):
-            ids = self.tokenizer.apply_chat_template(sample.prompt, tokenize=True, add_generation_prompt=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            from .data import chat_prompt_ids
+
+            return chat_prompt_ids(self.tokenizer, sample.prompt)
         return self.tokenizer.encode(sample.prompt, add_special_tokens=False)
 
     async def generate_sample(self, sample: Sample, sampling_params: dict, *, evaluation: bool = False,

@@ -106,3 +106,44 @@ def test_the_scan_is_bounded(model, tmp_path, monkeypatch):
     assert (len(scan.lengths), scan.lines, scan.complete) == (5, [1, 2, 3, 4, 5], False)
     scan = prompt_check.scan_prompts(f"{TOY}@[798:]", AutoTokenizer.from_pretrained(str(model)), kwargs, rows=5)
     assert (scan.lines, scan.complete) == ([799, 800], True)
+
+
+def test_message_prompts_are_counted_through_the_chat_template(model, tmp_path, capsys):
+    """Message prompts (no --apply-chat-template: the rollout manager templates them itself): transformers 5
+    returns a BatchEncoding (a Mapping, not a dict) from apply_chat_template, which was read as 2 tokens (its
+    keys) here and as the token ids ['input_ids', 'attention_mask'] by the rollout manager."""
+    from transformers import AutoTokenizer
+
+    from plugrl.core.data import chat_prompt_ids
+    from plugrl.core.rollout import SampleGenerator
+    from plugrl.core.types import Sample
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    messages = [{"role": "user", "content": "What is 3 - 3 + 5?"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert chat_prompt_ids(tokenizer, messages) == expected
+    generator = SampleGenerator.__new__(SampleGenerator)  # prompt_ids reads only the tokenizer
+    generator.tokenizer = tokenizer
+    assert generator.prompt_ids(Sample(index=0, prompt=messages)) == expected
+    rows = [{"prompt": [{"role": "user", "content": "7" * 1200}], "label": "7"}] + [
+        {"prompt": [{"role": "user", "content": f"What is {i} + 0?"}], "label": str(i)} for i in range(8)]
+    path = tmp_path / "messages.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = train(model, tmp_path, capsys, "--dry-run", prompts=str(path))
+    assert code != 0 and f"--prompt-data {path}, line 1: the prompt has" in err
+
+
+def test_a_chat_template_that_fails_on_a_message_prompt_is_one_line(model, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken_template"
+    shutil.copytree(model, broken)
+    (broken / "chat_template.jinja").write_text("{{ raise_exception('this template takes no system messages') }}")
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + 0?"}], "label": str(i)} for i in range(8)]
+    path = tmp_path / "messages.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = train(broken, tmp_path, capsys, "--dry-run", prompts=str(path))
+    assert code != 0 and "Traceback" not in err
+    assert (f"--prompt-data: {path}, line 1: the tokenizer's chat template fails on this message prompt "
+            "(TemplateError: this template takes no system messages)") in err
