@@ -375,6 +375,9 @@ def resolve_defaults(args: argparse.Namespace, plugin_set=None) -> None:
     args.placement_opt = dict(args.placement_opt or {})
     args.apply_chat_template_kwargs = dict(args.apply_chat_template_kwargs or {})
     args.reward_post_process = list(args.reward_post_process or [])
+    from .debug_modes import drop_recipe_trainer_paths
+
+    drop_recipe_trainer_paths(args)  # --debug-rollout-only over a recipe's --load/--save: no trainer state
     args.rollout_sample_hook_path = list(args.rollout_sample_hook_path or [])
     for dest, default in DEFAULT_BACKENDS.items():
         if getattr(args, dest) is None:

@@ -33,3 +33,16 @@ def debug_mode_problems(args) -> list[str]:
 def rollouts_only(args) -> bool:
     """The loop generates (and evaluates) only: no train actors are started."""
     return bool(getattr(args, "debug_rollout_only", False))
+
+
+def drop_recipe_trainer_paths(args) -> None:
+    """``--debug-rollout-only`` over a recipe that names ``--load``/``--save``/``--save-hf``: the run has no
+    trainer state, so those values are dropped (a resume point, the run lock and the start-up tidying of
+    ``--save`` would otherwise act on them); values the user typed are refused by ``debug_mode_problems``."""
+    if not getattr(args, "debug_rollout_only", False):
+        return
+    from .config import _from_recipe
+
+    for flag, dest in (("--load", "load"), ("--save", "save"), ("--save-hf", "save_hf")):
+        if getattr(args, dest, None) and _from_recipe(args, flag):
+            setattr(args, dest, None)

@@ -98,3 +98,15 @@ def test_sft_loss_without_rm_type_trains(model, tmp_path, env):
     assert "rpartition" not in result.stderr
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["rollout/raw_reward"] for r in rows if r["phase"] == "train"] == [0.0]
+
+
+def test_debug_rollout_only_drops_a_recipes_checkpoint_paths():
+    """Over the 4B recipe (--load/--save /root/...): no resume point, run lock or --save tidying acts on them."""
+    from plugrl.core.config import parse_config
+    from plugrl.core.plugins import make_plugin_manager
+
+    ps = make_plugin_manager(entry_points=False)
+    recipe = parse_config(["--recipe", "qwen3-4b-8xh100"], ps)
+    assert recipe.load and recipe.save  # the recipe names them
+    only = parse_config(["--recipe", "qwen3-4b-8xh100", "--debug-rollout-only"], ps)
+    assert (only.load, only.save, only.save_hf) == (None, None, None)
