@@ -152,23 +152,11 @@ def main(argv: list[str]) -> int:
         print(f"\nplugrl train: error: {exc}", file=sys.stderr)
         return 1
     except RayTaskError as exc:  # anything else an actor method raised: one line, the traceback in a file
-        progress.close()
-        print(f"\nplugrl train: error: {actor_failure_line(exc, args.output_dir)}", file=sys.stderr)
-        from .checkpoint import stopped_run_hint
+        from .run_errors import task_error_line
 
-        print(f"plugrl train: {stopped_run_hint(args.output_dir, args.save)}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # this machine's files: a full or read-only --output-dir (metrics) on the driver
-        progress.close()
-        from .checkpoint import stopped_run_hint
-        from .run_errors import write_error_log
-
-        log = write_error_log(args.output_dir, exc)
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"\nplugrl train: error: a file operation on the driver failed{where}: {exc.strerror or exc}"
-              f"{f' (full traceback in {log})' if log else ''}", file=sys.stderr)
-        print(f"plugrl train: {stopped_run_hint(args.output_dir, args.save)}", file=sys.stderr)
-        return 1
+        return _stopped_with(args, progress, task_error_line(exc), exc)
+    except OSError as exc:  # on the driver: its files (a full or read-only --output-dir), or a wait that ran out
+        return _stopped_with(args, progress, driver_error_line(exc), exc)
     except (KeyboardInterrupt, SystemExit) as exc:  # the loop's cleanup has stopped the actors; say what is kept
         # Ray's driver turns SIGTERM (kill, timeout, a scheduler's preemption) into sys.exit(SIGTERM)
         terminated = isinstance(exc, SystemExit)
@@ -198,6 +186,30 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def driver_error_line(exc: OSError) -> str:
+    """An ``OSError`` raised on the driver, in one line: a file operation (its path and the system's reason),
+    a timed-out wait (Ray's ``GetTimeoutError`` is a ``TimeoutError``, an ``OSError``), or another."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, TimeoutError):
+        return f"waiting on the actors timed out ({type(exc).__name__}: {text})"
+    if exc.errno is not None and not isinstance(exc, ConnectionError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"a file operation on the driver failed{where}: {exc.strerror or text}"
+    return f"{type(exc).__name__} on the driver: {text}"
+
+
+def _stopped_with(args, progress, line: str, exc: BaseException) -> int:
+    """Print ``line`` as the run's error (the full traceback to ``error.log``) and the stop hint; exit 1."""
+    progress.close()
+    from .checkpoint import stopped_run_hint
+    from .run_errors import write_error_log
+
+    log = write_error_log(args.output_dir, exc)
+    print(f"\nplugrl train: error: {line}{f' (full traceback in {log})' if log else ''}", file=sys.stderr)
+    print(f"plugrl train: {stopped_run_hint(args.output_dir, args.save)}", file=sys.stderr)
+    return 1
+
+
 def run_length(args) -> None:
     """``--num-epoch`` without ``--num-rollout``: the number of rollouts, from the prompts the run will load
     (on the driver, so the start line, the dry run and the LR schedule know it)."""
@@ -207,16 +219,6 @@ def run_length(args) -> None:
     problem = resolve_num_rollout(args)
     if problem:
         raise ConfigError(problem)
-
-
-def actor_failure_line(exc, output_dir: str) -> str:
-    """The error line for an exception an actor method raised (after the loop stopped the actors and
-    closed the metrics file): which actor and method, the original exception, and where its full
-    traceback was written."""
-    from .run_errors import task_error_line, write_error_log
-
-    log = write_error_log(output_dir, exc)
-    return task_error_line(exc) + (f" (full traceback in {log})" if log else "")
 
 
 def warn_plugin_problems(plugin_set) -> None:

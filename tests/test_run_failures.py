@@ -106,6 +106,20 @@ def test_a_full_disk_on_the_driver_is_one_line(model, tmp_path, capsys, monkeypa
                       f"on device (full traceback in {out}/error.log)"]
 
 
+def test_driver_errors_say_what_failed():
+    """Ray's GetTimeoutError is a TimeoutError, hence an OSError: it is a timed-out wait, not a file error."""
+    from ray.exceptions import GetTimeoutError
+
+    from plugrl.core.train_cli import driver_error_line
+
+    assert driver_error_line(OSError(28, "No space left on device", "/runs/a/metrics.jsonl")) == (
+        "a file operation on the driver failed (/runs/a/metrics.jsonl): No space left on device")
+    assert driver_error_line(GetTimeoutError("Get timed out: some object(s) not ready.")) == (
+        "waiting on the actors timed out (GetTimeoutError: Get timed out: some object(s) not ready.)")
+    assert driver_error_line(ConnectionResetError(104, "Connection reset by peer")) == (
+        "ConnectionResetError on the driver: [Errno 104] Connection reset by peer")
+
+
 def test_a_wrong_reward_key_names_the_flag_and_the_keys_the_reward_returned():
     from plugrl.core.plugin_call import PluginCallError, calling
     from plugrl.core.train_data import shaped_rewards
