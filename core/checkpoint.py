@@ -154,9 +154,18 @@ def checkpoint_damage(path: str) -> str | None:
             json.load(f)
     except (OSError, ValueError):
         return "its rollout_state.json is missing or unreadable"
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".pt") and not zipfile.is_zipfile(os.path.join(path, name)):
-            return f"its {name} is cut short or damaged (not a complete torch archive)"
+    for folder, _dirs, names in sorted(os.walk(path)):  # a backend may write into sub-folders (megatron/)
+        for name in sorted(names):
+            file = os.path.join(folder, name)
+            shown = os.path.relpath(file, path)
+            if name.endswith(".pt") and not zipfile.is_zipfile(file):
+                return f"its {shown} is cut short or damaged (not a complete torch archive)"
+            if name.endswith(".json") and folder != path:
+                try:
+                    with open(file) as f:
+                        json.load(f)
+                except (OSError, ValueError):
+                    return f"its {shown} is unreadable"
     return None
 
 

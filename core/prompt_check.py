@@ -213,7 +213,11 @@ def resolve_num_rollout(args) -> str | None:
     when an epoch is shorter than one rollout, else None."""
     if args.num_rollout is not None or args.num_epoch is None or not args.prompt_data:
         return None
-    prompts = training_prompt_count(args)
+    try:
+        prompts = training_prompt_count(args)
+    except (ValueError, OSError) as exc:  # e.g. no tokenizer to apply --rollout-max-prompt-len with
+        return (f"--num-epoch {args.num_epoch}: cannot count the prompts of --prompt-data {args.prompt_data} "
+                f"({exc}); give --num-rollout N instead")
     per_epoch = prompts // int(args.rollout_batch_size)
     if per_epoch < 1:
         return (f"--num-epoch {args.num_epoch}: --prompt-data {args.prompt_data} has {prompts} prompts"

@@ -60,6 +60,15 @@ def test_damaged_checkpoints_are_named_and_the_newest_whole_one_found(tmp_path):
     (newest / "meta.json").write_text(json.dumps({"rollout_id": 5}))
     (newest / "rollout_state.json").write_text("{cut")
     assert checkpoint_damage(str(newest)) == "its rollout_state.json is missing or unreadable"
+    (newest / "rollout_state.json").write_text("{}")
+    backend = newest / "megatron"  # the megatron backend's files live in a sub-folder
+    backend.mkdir()
+    (backend / "model_rank00000.pt").write_bytes(archive[:100])
+    assert checkpoint_damage(str(newest)) == ("its megatron/model_rank00000.pt is cut short or damaged (not a complete "
+                                              "torch archive)")
+    (backend / "model_rank00000.pt").write_bytes(archive)
+    (backend / "meta.json").write_text('{"iteration": ')
+    assert checkpoint_damage(str(newest)) == "its megatron/meta.json is unreadable"
 
 
 def test_orphan_temp_folders_are_removed_and_checkpoints_kept(tmp_path):
