@@ -157,6 +157,7 @@ class Cluster:
                         f"could not start a local Ray cluster ({type(exc).__name__}: {str(exc).strip()[:300]}); Ray "
                         "writes its logs under /tmp/ray/session_latest/logs. Check free disk space and memory there "
                         "(and file-size limits, `ulimit -f`), or join a running cluster with --ray-address") from exc
+            _graceful_sigterm()
         config = vars(args)
         device = "cuda" if use_gpu else "cpu"
         if use_gpu:
@@ -227,9 +228,10 @@ class Cluster:
         return rollout_options, train_options
 
     def shutdown(self, interrupted: bool = False) -> None:
-        """Stop every actor. ``interrupted`` (Ctrl-C, SIGTERM): the close call would queue behind the rollout
-        manager's running generate or eval (up to a minute of silence), so it is only waited for where the
-        engine launched processes that would otherwise outlive the run, and the wait is announced."""
+        """Stop every actor. The rollout manager's ``stop`` (its engine's ``close``) runs in a concurrency group of
+        its own, so it does not queue behind a running generate or eval. ``interrupted`` (Ctrl-C, SIGTERM): it is
+        called only where the engine launched processes that would otherwise outlive the run (in-process engines
+        die with the actor), and the wait is announced."""
         import ray
 
         if self.rollout is not None:
@@ -237,8 +239,9 @@ class Cluster:
                 print("plugrl train: stopping: waiting up to 60 s for the rollout manager to stop its engines",
                       flush=True)
             if not interrupted or self.launches_processes:
-                try:  # let the engine stop what it launched (SGLang servers, router) before the kill
-                    ray.get(self.rollout.close.remote(), timeout=60)
+                try:  # let the engine stop what it launched (SGLang servers, router) before the kill; ``stop``
+                    # runs in its own concurrency group, beside a generate that is still running
+                    ray.get(self.rollout.stop.remote(), timeout=60)
                 except Exception as exc:  # noqa: BLE001 - a dead actor has nothing left to close
                     logger.debug("rollout manager close failed: %s", exc)
             ray.kill(self.rollout)
@@ -248,6 +251,29 @@ class Cluster:
             from ray.util.placement_group import remove_placement_group
 
             remove_placement_group(self.placement_group)
+
+
+SIGTERM_RECEIVED: list[int] = []  # set by the handler below; ``plugrl train`` reads it to name the signal
+
+
+def _graceful_sigterm() -> None:
+    """After ``ray.init`` (main thread): SIGTERM stops the run the way Ctrl-C does. The handler first cancels the
+    alarm that Ray's native failure-signal handler arms when it sees the signal (it aborts the process a few
+    seconds later, exit -6, while the run is still stopping its actors and engines), then raises
+    KeyboardInterrupt: Ray's blocking calls turn that into an interruption, where the SystemExit that Ray's own
+    handler raises could end the process with exit 1 and no word."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def on_sigterm(signum, _frame):
+        signal.alarm(0)
+        SIGTERM_RECEIVED.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _due(interval, rollout_id: int, last: bool) -> bool:

@@ -158,9 +158,12 @@ def main(argv: list[str]) -> int:
     except OSError as exc:  # on the driver: its files (a full or read-only --output-dir), or a wait that ran out
         return _stopped_with(args, progress, driver_error_line(exc), exc)
     except (KeyboardInterrupt, SystemExit) as exc:  # the loop's cleanup has stopped the actors; say what is kept
-        # Ray's driver turns SIGTERM (kill, timeout, a scheduler's preemption) into sys.exit(SIGTERM)
-        terminated = isinstance(exc, SystemExit)
-        if terminated and exc.code != signal.SIGTERM:
+        # SIGTERM (kill, timeout, a scheduler's preemption): the loop's handler raises KeyboardInterrupt and
+        # records it; before that handler is installed, Ray's own turns it into sys.exit(SIGTERM)
+        from .loop import SIGTERM_RECEIVED
+
+        terminated = bool(SIGTERM_RECEIVED) or isinstance(exc, SystemExit)
+        if isinstance(exc, SystemExit) and exc.code != signal.SIGTERM:
             raise
         progress.close()
         from .checkpoint import stopped_run_hint

@@ -53,7 +53,7 @@ def remote_actor_class(cls):
     """``cls`` as a Ray actor class whose ``progress`` method has a concurrency group of its own."""
     import ray
 
-    return ray.remote(concurrency_groups={"progress": 1})(_threads(cls))
+    return ray.remote(concurrency_groups={"progress": 1, "stop": 1})(_threads(cls))
 
 
 def _threads(cls):
@@ -80,6 +80,14 @@ def _threads(cls):
         @ray.method(concurrency_group="progress")
         def progress(self) -> dict:
             return cls.progress(self)
+
+        # Also a group of its own: on Ctrl-C / SIGTERM the driver must stop the processes an engine launched
+        # (SGLang servers, the router) while a generate still runs in the default group.
+        @ray.method(concurrency_group="stop")
+        def stop(self) -> None:
+            closer = getattr(cls, "close", None)
+            if closer is not None:
+                closer(self)
 
     WithThreads.__name__ = cls.__name__
     WithThreads.__qualname__ = cls.__qualname__

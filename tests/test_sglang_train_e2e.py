@@ -124,3 +124,50 @@ def test_train_through_sglang_router_pushes_weights_every_step(tmp_path_factory)
         for key in [k for k in seen if _alive(k)]:
             with contextlib.suppress(psutil.Error):
                 psutil.Process(key[0]).kill()
+
+
+def test_a_terminated_run_stops_the_engines_it_launched(tmp_path_factory):
+    """SIGTERM (a scheduler's preemption) while rollouts run: one line with the resume hint (exit 143), and the
+    rollout manager stops its SGLang servers and router itself (``stop`` runs in its own concurrency group,
+    beside a generate still running); the servers live in sessions of their own, so a bare kill of the
+    actor would leave them holding their GPUs."""
+    import signal
+
+    cache = os.environ.get("PLUGRL_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    out = tmp_path_factory.mktemp("sglang_term")
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "PLUGRL_CACHE": cache, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+           "PLUGRL_SGLANG_LAUNCH_COMMAND": SERVE, MARKER: marker}
+    command = [sys.executable, "-m", "plugrl.core.cli", "train", "--rollout-backend", "sglang",
+               "--rollout-num-gpus", "2", "--num-rollout", "200", "--sft-warmup-steps", "0",
+               "--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--global-batch-size", "16",
+               "--rollout-max-response-len", "64", "--eval-interval", "0", "--output-dir", str(out)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen: dict = {}
+    try:
+        deadline = time.monotonic() + 600
+        metrics = out / "metrics.jsonl"
+        while time.monotonic() < deadline and proc.poll() is None:  # until a rollout has trained
+            seen.update(_launched(marker))
+            if metrics.exists() and '"phase": "train"' in metrics.read_text():
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the run ended before its first rollout"
+        seen.update(_launched(marker))
+        assert sorted(seen.values()) == ["engine", "engine", "router"]
+        os.kill(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 143, stdout[-2000:] + stderr[-3000:]
+        assert "plugrl train: stopping: waiting up to 60 s for the rollout manager to stop its engines" in stdout
+        assert f"plugrl train: terminated (SIGTERM). Metrics so far are in {out}/metrics.jsonl" in stderr
+        deadline = time.monotonic() + 20
+        while any(_alive(key) for key in seen) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [seen[key] for key in seen if _alive(key)]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for key in [k for k in seen if _alive(k)]:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(key[0]).kill()
