@@ -268,9 +268,10 @@ def _response_length_problems(args, flag: str) -> list[str]:
     context = model_context_length(getattr(args, "hf_checkpoint", None))
     problems = []
     given = getattr(args, "_sources", None) or {}
+    eval_on = bool(getattr(args, "eval_prompt_data", None)) and bool(getattr(args, "eval_interval", None))
     for dest in ("rollout_max_response_len", "eval_max_response_len"):
-        if dest == "eval_max_response_len" and "--eval-max-response-len" not in given:
-            continue  # derived from --rollout-max-response-len: reported there once
+        if dest == "eval_max_response_len" and (not eval_on or "--eval-max-response-len" not in given):
+            continue  # no eval, or derived from --rollout-max-response-len: reported there once
         value = getattr(args, dest, None)
         if context is not None and isinstance(value, int) and value >= context:
             problems.append(f"--{dest.replace('_', '-')} {value}: the model's context is {context} tokens "

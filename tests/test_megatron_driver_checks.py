@@ -33,20 +33,20 @@ def test_a_hook_module_that_does_not_import_is_refused_on_the_driver(capsys):
 def test_hooks_are_checked_against_the_way_the_backend_calls_them(tmp_path, monkeypatch):
     from plugrl.plugins.backends.megatron.options import machine_problems
 
-    (tmp_path / "my_hooks.py").write_text(textwrap.dedent("""
+    (tmp_path / "megatron_driver_check_hooks.py").write_text(textwrap.dedent("""
         def init(args): pass
         def provider(pre_process, post_process, vp_stage=None): pass
         def bad_step(args, model): pass
         NOT_A_FUNCTION = 3
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert machine_problems(hook_args(custom_megatron_init_path="my_hooks.init",
-                                      custom_model_provider_path="my_hooks:provider")) == []
-    problems = machine_problems(hook_args(custom_megatron_before_train_step_hook_path="my_hooks.bad_step",
-                                          custom_megatron_init_path="my_hooks.NOT_A_FUNCTION"))
-    assert problems[0] == "--custom-megatron-init-path my_hooks.NOT_A_FUNCTION is not callable (a int: 3); point it " \
+    assert machine_problems(hook_args(custom_megatron_init_path="megatron_driver_check_hooks.init",
+                                      custom_model_provider_path="megatron_driver_check_hooks:provider")) == []
+    problems = machine_problems(hook_args(custom_megatron_before_train_step_hook_path="megatron_driver_check_hooks.bad_step",
+                                          custom_megatron_init_path="megatron_driver_check_hooks.NOT_A_FUNCTION"))
+    assert problems[0] == "--custom-megatron-init-path megatron_driver_check_hooks.NOT_A_FUNCTION is not callable (a int: 3); point it " \
                           "at a function"
-    assert problems[1].startswith("--custom-megatron-before-train-step-hook-path my_hooks.bad_step: takes (args, "
+    assert problems[1].startswith("--custom-megatron-before-train-step-hook-path megatron_driver_check_hooks.bad_step: takes (args, "
                                   "model), but plugrl calls fn(args, rollout_id, step_id, model, optimizer, "
                                   "opt_param_scheduler)")
 

@@ -19,7 +19,8 @@ def _script(tmp_path, *args, **env):
 
 
 def test_dry_run_of_every_command(tmp_path):
-    proc = _script(tmp_path, DRY_RUN="1")
+    # (the tiny model's context is 256 tokens: the 4B runs' 1024-token responses would not fit it)
+    proc = _script(tmp_path, DRY_RUN="1", RESPONSE="64")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     out = proc.stdout
     assert [line for line in out.splitlines() if " rc " in line] == [
@@ -31,7 +32,7 @@ def test_dry_run_of_every_command(tmp_path):
     assert out.count("recipe values dropped (their plugin was replaced): --sglang-mem-fraction-static") == 3
     assert (tmp_path / ".tiny_torch_dist.done").exists()  # the guide's convert step ran
     # ENGINE=serve keeps the recipe's sglang backend (plugrl serve engines behind the real router)
-    proc = _script(tmp_path, DRY_RUN="1", ENGINE="serve", RUNS="colocated-tp2")
+    proc = _script(tmp_path, DRY_RUN="1", ENGINE="serve", RUNS="colocated-tp2", RESPONSE="64")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "rollout: sglang backend, 8 engines × 1 GPU" in proc.stdout and "recipe values dropped" not in proc.stdout
 
