@@ -21,3 +21,20 @@ def tiny_config_problems():
         return ""
 
     return problems
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """The embedded default's tiny Qwen3-architecture checkpoint, built once per test module."""
+    from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture
+def no_ray_started():
+    """For driver-side checks: the test must not have started Ray (they run before any actor)."""
+    yield
+    import sys
+
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized(), "a check started Ray"

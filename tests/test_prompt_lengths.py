@@ -3,26 +3,21 @@ prompts the model's context cannot hold and a prompt limit that drops every prom
 the flag, the file, the first offending line and the fix, in ``--dry-run`` and at the start of a run."""
 
 import json
-import sys
 
 import pytest
 
 from plugrl.core import prompt_check
 from plugrl.core.train_cli import main as train_main
-from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
 
 TOY = "plugins/backends/torch/data/toy_math_train.jsonl"
 
 
+pytestmark = pytest.mark.usefixtures("no_ray_started")
+
+
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture(autouse=True)
-def no_ray():
-    yield
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized(), "a check started Ray"
+def model(tiny_model):
+    return tiny_model
 
 
 def context(model) -> int:

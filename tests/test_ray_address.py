@@ -2,25 +2,20 @@
 line naming the flag, on the driver, before the run writes its directory; a refused ``ray.init`` too."""
 
 import socket
-import sys
 from types import SimpleNamespace
 
 import pytest
 
 from plugrl.core import ray_connect
 from plugrl.core.train_cli import main as train_main
-from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
+
+
+pytestmark = pytest.mark.usefixtures("no_ray_started")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture(autouse=True)
-def no_ray():
-    yield
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized(), "a check started Ray"
+def model(tiny_model):
+    return tiny_model
 
 
 def free_port() -> int:

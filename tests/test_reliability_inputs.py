@@ -11,18 +11,14 @@ import pytest
 
 from plugrl.core import preflight
 from plugrl.core.train_cli import main as train_main
-from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
+
+
+pytestmark = pytest.mark.usefixtures("no_ray_started")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture(autouse=True)
-def no_ray():
-    yield
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized(), "a check started Ray"
+def model(tiny_model):
+    return tiny_model
 
 
 def write_jsonl(path, rows):

@@ -16,6 +16,13 @@ def model(tmp_path_factory):
     return build_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
 
 
+def short_run(model, out) -> list[str]:
+    """A two-rollout run of the tiny model on the toy data (its run is stood in for by each test)."""
+    return ["--hf-checkpoint", str(model), "--prompt-data", "plugins/backends/torch/data/toy_math_train.jsonl",
+            "--input-key", "prompt", "--label-key", "label", "--rm-type", "deepscaler", "--rollout-batch-size", "4",
+            "--n-samples-per-prompt", "2", "--num-rollout", "2", "--output-dir", str(out)]
+
+
 def ray_task_error(actor_method: str, cause: BaseException):
     """What ``ray.get`` raises when an actor method raised ``cause`` (built as Ray builds it)."""
     from ray.exceptions import RayTaskError
@@ -49,10 +56,7 @@ def test_a_task_error_mid_run_is_one_line_with_the_stop_hint_and_keeps_metrics(m
         raise ray_task_error("RolloutManager.generate", ValueError("prompt of 1202 tokens does not fit"))
 
     monkeypatch.setattr(loop, "run_training", run_training)
-    code = train_main(["--hf-checkpoint", str(model), "--prompt-data",
-                       "plugins/backends/torch/data/toy_math_train.jsonl", "--input-key", "prompt", "--label-key",
-                       "label", "--rm-type", "deepscaler", "--rollout-batch-size", "4", "--n-samples-per-prompt", "2",
-                       "--num-rollout", "2", "--output-dir", str(out)])
+    code = train_main(short_run(model, out))
     err = capsys.readouterr().err
     assert code == 1
     errors = [line for line in err.splitlines() if line.startswith("plugrl train: error:")]
@@ -95,10 +99,7 @@ def test_a_full_disk_on_the_driver_is_one_line(model, tmp_path, capsys, monkeypa
                 cluster.shutdown()
 
     monkeypatch.setattr(loop, "run_training", run_training)
-    code = train_main(["--hf-checkpoint", str(model), "--prompt-data",
-                       "plugins/backends/torch/data/toy_math_train.jsonl", "--input-key", "prompt", "--label-key",
-                       "label", "--rm-type", "deepscaler", "--rollout-batch-size", "4", "--n-samples-per-prompt", "2",
-                       "--num-rollout", "2", "--output-dir", str(out)])
+    code = train_main(short_run(model, out))
     err = capsys.readouterr().err
     assert code == 1 and stopped == [False] and "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("plugrl train: error:")]

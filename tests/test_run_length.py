@@ -4,26 +4,21 @@
 keeps its 100 rollouts."""
 
 import json
-import sys
 
 import pytest
 
 from plugrl.core import loop
 from plugrl.core.train_cli import main as train_main
-from plugrl.plugins.backends.tiny_default import build_tiny_checkpoint
 
 TOY = "plugins/backends/torch/data/toy_math_train.jsonl"
 
 
+pytestmark = pytest.mark.usefixtures("no_ray_started")
+
+
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture(autouse=True)
-def no_ray():
-    yield
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized(), "a check started Ray"
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture
