@@ -56,16 +56,22 @@ def _alive(key) -> bool:
         return False
 
 
-def test_train_through_sglang_router_pushes_weights_every_step(tmp_path_factory):
+def _sglang_run(tmp_path_factory, out, *extra) -> tuple[str, dict, list[str]]:
+    """(marker, environment, command) of an embedded-default run through two ``plugrl serve`` engines; the
+    marker tells this run's engines from a concurrent run's."""
     cache = os.environ.get("PLUGRL_CACHE") or str(tmp_path_factory.mktemp("cache"))
-    out = tmp_path_factory.mktemp("sglang_run")
     marker = uuid.uuid4().hex
     env = {**os.environ, "PLUGRL_CACHE": cache, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
            "PLUGRL_SGLANG_LAUNCH_COMMAND": SERVE, MARKER: marker}
     command = [sys.executable, "-m", "plugrl.core.cli", "train", "--rollout-backend", "sglang",
-               "--rollout-num-gpus", "2", "--num-rollout", "3", "--sft-warmup-steps", "20",
-               "--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--global-batch-size", "16",
-               "--eval-interval", "0", "--output-dir", str(out)]
+               "--rollout-num-gpus", "2", "--rollout-batch-size", "4", "--n-samples-per-prompt", "4",
+               "--global-batch-size", "16", "--eval-interval", "0", "--output-dir", str(out), *extra]
+    return marker, env, command
+
+
+def test_train_through_sglang_router_pushes_weights_every_step(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sglang_run")
+    marker, env, command = _sglang_run(tmp_path_factory, out, "--num-rollout", "3", "--sft-warmup-steps", "20")
 
     seen: dict = {}
     log_dirs: set = set()
@@ -133,15 +139,9 @@ def test_a_terminated_run_stops_the_engines_it_launched(tmp_path_factory):
     actor would leave them holding their GPUs."""
     import signal
 
-    cache = os.environ.get("PLUGRL_CACHE") or str(tmp_path_factory.mktemp("cache"))
     out = tmp_path_factory.mktemp("sglang_term")
-    marker = uuid.uuid4().hex
-    env = {**os.environ, "PLUGRL_CACHE": cache, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-           "PLUGRL_SGLANG_LAUNCH_COMMAND": SERVE, MARKER: marker}
-    command = [sys.executable, "-m", "plugrl.core.cli", "train", "--rollout-backend", "sglang",
-               "--rollout-num-gpus", "2", "--num-rollout", "200", "--sft-warmup-steps", "0",
-               "--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--global-batch-size", "16",
-               "--rollout-max-response-len", "64", "--eval-interval", "0", "--output-dir", str(out)]
+    marker, env, command = _sglang_run(tmp_path_factory, out, "--num-rollout", "200", "--sft-warmup-steps", "0",
+                                       "--rollout-max-response-len", "64")
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     seen: dict = {}
