@@ -66,6 +66,7 @@ def machine_problems(args, plugin_set=None) -> list[str]:
 
     problems += resume_problems(args)  # a damaged checkpoint, data smaller than its cursor: before anything moves
     problems += model_problems(args)
+    problems += _response_length_problems(args)
     problems += import_problems(args)
     problems += data_problems(args)
     from .ray_connect import ray_reachability_problems
@@ -256,15 +257,16 @@ def model_problems(args) -> list[str]:
         problems.append(f"{flag} has no weights (*.safetensors or pytorch_model*.bin); save the model there with "
                         "model.save_pretrained")
     problems += _missing_shards(path, flag)
-    problems += _response_length_problems(args, flag)
     return problems
 
 
-def _response_length_problems(args, flag: str) -> list[str]:
+def _response_length_problems(args) -> list[str]:
     """A response limit the model's context cannot hold even after an empty prompt: the engine would cut every
-    response short of it without a word (hf) or refuse the requests (SGLang)."""
+    response short of it without a word (hf) or refuse the requests (SGLang). Not a fault of the model folder,
+    so it stays out of ``model_problems`` (whose result also gates the prompt-length scan)."""
     from .prompt_check import model_context_length
 
+    flag = f"--hf-checkpoint {getattr(args, 'hf_checkpoint', None)}"
     context = model_context_length(getattr(args, "hf_checkpoint", None))
     problems = []
     given = getattr(args, "_sources", None) or {}
